@@ -1,0 +1,1 @@
+"""The device side of the paged KV cache: pool arrays, cache writes, memory planning, attention metadata."""

@@ -1,0 +1,69 @@
+"""Loading real checkpoints (HF safetensors directories, GGUF files) into the model's param layout.
+
+`load_checkpoint(path)` returns a `Checkpoint`: the ModelConfig, the params as float32 numpy
+arrays in the layout of `jaxinfer.model.llama` (`[in, out]`), and the Tokenizer. Casting to the
+engine dtype and placing on devices is the caller's (see `jaxinfer.model.sharding`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from jaxinfer.checkpoint.default_model import default_model_path
+from jaxinfer.errors import CheckpointError
+from jaxinfer.model.config import ModelConfig
+from jaxinfer.model.llama import param_shapes
+from jaxinfer.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    config: ModelConfig
+    params: dict
+    tokenizer: Tokenizer
+    source: str
+
+
+def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
+    """Loads an HF checkpoint directory or a GGUF file; None loads the default model."""
+    from jaxinfer.checkpoint import gguf_loader, hf_loader
+
+    path = Path(path) if path is not None else default_model_path()
+    if not path.exists():
+        raise CheckpointError(f"model path {path} does not exist; pass an HF checkpoint directory or a .gguf file")
+    if path.is_file() and path.suffix == ".gguf":
+        checkpoint = gguf_loader.load(path)
+    elif path.is_dir() and (path / "config.json").is_file():
+        checkpoint = hf_loader.load(path)
+    else:
+        raise CheckpointError(
+            f"{path} is neither a .gguf file nor a directory with config.json (an HF checkpoint)")
+    check_params_match_config(checkpoint.params, checkpoint.config)
+    return checkpoint
+
+
+def check_params_match_config(params: dict, cfg: ModelConfig) -> None:
+    """Raises CheckpointError naming the first tensor whose shape contradicts the config."""
+    expected = param_shapes(cfg)
+
+    def compare(exp, got, where):
+        if isinstance(exp, dict):
+            missing = sorted(set(exp) - set(got))
+            if missing:
+                raise CheckpointError(f"checkpoint lacks tensor(s) {where}{missing}")
+            for key in exp:
+                compare(exp[key], got[key], f"{where}{key}.")
+        elif isinstance(exp, list):
+            if len(got) != len(exp):
+                raise CheckpointError(f"config says {len(exp)} layers but the checkpoint has {len(got)}")
+            for i, (e, g) in enumerate(zip(exp, got)):
+                compare(e, g, f"{where}{i}.")
+        elif tuple(np.shape(got)) != exp:
+            raise CheckpointError(
+                f"tensor {where.rstrip('.')} has shape {tuple(np.shape(got))} but the config implies {exp}; "
+                "the config and the weights do not belong together")
+
+    compare(expected, params, "")

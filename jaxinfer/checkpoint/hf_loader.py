@@ -1,0 +1,60 @@
+"""HF checkpoint directories: config.json, one or many *.safetensors (with the index), tokenizer files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from jaxinfer.checkpoint.tensor_names import assemble_params
+from jaxinfer.errors import CheckpointError
+from jaxinfer.model.config import ModelConfig
+from jaxinfer.tokenizer import Tokenizer
+
+
+def load(directory: Path):
+    from jaxinfer.checkpoint import Checkpoint
+
+    try:
+        hf_config = json.loads((directory / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{directory / 'config.json'} is not valid JSON: {err}") from None
+    cfg = ModelConfig.from_hf(hf_config, name=directory.name)
+    files = _safetensors_files(directory)
+    where = {}
+    handles = {}
+    try:
+        for file in files:
+            # "flax" rather than "numpy": numpy has no bfloat16, a common checkpoint dtype.
+            handles[file] = safe_open(str(file), framework="flax")
+            for key in handles[file].keys():
+                where[key] = file
+
+        def fetch(name: str, ours: str):
+            if name not in where:
+                return None
+            array = handles[where[name]].get_tensor(name)
+            return np.asarray(array, dtype=np.float32)
+
+        params = assemble_params(cfg.num_layers, fetch, "hf")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"cannot read safetensors in {directory}: {err}; the file may be truncated") from None
+    tokenizer = Tokenizer.from_hf_dir(directory, cfg.eos_token_ids)
+    return Checkpoint(cfg, params, tokenizer, str(directory))
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({directory / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index.name} names shard(s) {missing} that are not in {directory}")
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory} has no *.safetensors weights (jaxinfer does not read .bin/.pt files)")
+    return files

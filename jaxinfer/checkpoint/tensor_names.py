@@ -1,0 +1,69 @@
+"""The one table from checkpoint tensor names (HF and GGUF) to our parameter names.
+
+Both formats store linear weights as `[out, in]`; our params are `[in, out]`, so those are
+transposed on load (`transpose=True`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorName:
+    ours: str
+    hf: str
+    gguf: str
+    transpose: bool = False
+
+
+GLOBAL_TENSORS = (
+    TensorName("embed", "model.embed_tokens.weight", "token_embd.weight"),
+    TensorName("final_norm", "model.norm.weight", "output_norm.weight"),
+    TensorName("lm_head", "lm_head.weight", "output.weight", transpose=True),
+)
+
+# Per layer: HF names are prefixed `model.layers.{i}.`, GGUF names `blk.{i}.`.
+LAYER_TENSORS = (
+    TensorName("attn_norm", "input_layernorm.weight", "attn_norm.weight"),
+    TensorName("wq", "self_attn.q_proj.weight", "attn_q.weight", transpose=True),
+    TensorName("wk", "self_attn.k_proj.weight", "attn_k.weight", transpose=True),
+    TensorName("wv", "self_attn.v_proj.weight", "attn_v.weight", transpose=True),
+    TensorName("bq", "self_attn.q_proj.bias", "attn_q.bias"),
+    TensorName("bk", "self_attn.k_proj.bias", "attn_k.bias"),
+    TensorName("bv", "self_attn.v_proj.bias", "attn_v.bias"),
+    TensorName("wo", "self_attn.o_proj.weight", "attn_output.weight", transpose=True),
+    TensorName("mlp_norm", "post_attention_layernorm.weight", "ffn_norm.weight"),
+    TensorName("w_gate", "mlp.gate_proj.weight", "ffn_gate.weight", transpose=True),
+    TensorName("w_up", "mlp.up_proj.weight", "ffn_up.weight", transpose=True),
+    TensorName("w_down", "mlp.down_proj.weight", "ffn_down.weight", transpose=True),
+)
+
+
+def hf_layer_name(i: int, name: TensorName) -> str:
+    return f"model.layers.{i}.{name.hf}"
+
+
+def gguf_layer_name(i: int, name: TensorName) -> str:
+    return f"blk.{i}.{name.gguf}"
+
+
+def assemble_params(num_layers: int, fetch, checkpoint_format: str) -> dict:
+    """Builds the param pytree from `fetch(checkpoint_name, our_name) -> np.ndarray | None` (None:
+    the tensor is absent, e.g. biases of a model without them or the head of a tied model)."""
+    def name_of(name: TensorName, layer: int | None) -> str:
+        if checkpoint_format == "hf":
+            return name.hf if layer is None else hf_layer_name(layer, name)
+        return name.gguf if layer is None else gguf_layer_name(layer, name)
+
+    def collect(names, layer):
+        out = {}
+        for name in names:
+            array = fetch(name_of(name, layer), name.ours)
+            if array is not None:
+                out[name.ours] = array.T if name.transpose else array
+        return out
+
+    params = collect(GLOBAL_TENSORS, None)
+    params["layers"] = [collect(LAYER_TENSORS, i) for i in range(num_layers)]
+    return params

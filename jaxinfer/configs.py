@@ -1,0 +1,28 @@
+"""Loads the YAML defaults under `configs/` (the one place for dtypes, bucket ladders, sharding
+rules and engine defaults) into plain Python values."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@functools.cache
+def load_config(name: str) -> dict[str, Any]:
+    """Reads `configs/<name>.yaml`."""
+    return yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+
+
+def default_dtype(backend: str | None = None) -> str:
+    """The engine dtype for a backend ("cpu", "gpu", "tpu"); the default backend when None."""
+    return load_config("defaults")["dtype"][backend or jax.default_backend()]
+
+
+def logical_axis_rules() -> tuple[tuple[str, str | None], ...]:
+    return tuple(load_config("sharding")["logical_axis_rules"].items())

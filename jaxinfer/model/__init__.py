@@ -1,0 +1,1 @@
+"""The Llama-family model: config, pure forward pass, and sharding rules."""

@@ -1,0 +1,129 @@
+"""ModelConfig: the architecture hyper-parameters of a Llama-family model, from any checkpoint format.
+
+One frozen dataclass describes Llama 2, Llama 3/3.1 (`llama3` RoPE scaling), Mistral, Qwen2/2.5
+(q/k/v bias) and SmolLM2 (tied embeddings). Loaders fill it from an HF `config.json` or from GGUF
+metadata; `validate` checks it against the tensors actually present.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from jaxinfer.errors import CheckpointError
+
+# HF `architectures` entries we can run, and the attention-bias default each implies.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": False,
+    "MistralForCausalLM": False,
+    "Qwen2ForCausalLM": True,
+}
+SUPPORTED_ROPE_SCALING = ("linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. `kind` "linear" divides positions by `factor`; "llama3" rescales
+    low frequencies (Llama 3.1), with the remaining fields as in HF's config."""
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    rope_scaling: RopeScaling | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    name: str = ""
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise CheckpointError(
+                f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads="
+                f"{self.num_kv_heads}; the checkpoint config is inconsistent")
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def num_params(self) -> int:
+        attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * (attn + mlp + 2 * self.hidden_size) + embed + self.hidden_size
+
+    def with_padded_heads(self, multiple: int) -> ModelConfig:
+        """The config with KV heads padded up to a multiple of `multiple` (the tensor-parallel size),
+        keeping `q_per_kv`; padded heads carry zero weights and contribute exactly nothing."""
+        kv = math.ceil(self.num_kv_heads / multiple) * multiple
+        return dataclasses.replace(self, num_kv_heads=kv, num_heads=kv * self.q_per_kv)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], name: str = "") -> ModelConfig:
+        """From the dict of an HF `config.json`."""
+        archs = hf.get("architectures") or ["LlamaForCausalLM"]
+        arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise CheckpointError(
+                f"unsupported architecture {arch!r}; jaxinfer runs {sorted(SUPPORTED_ARCHITECTURES)}")
+        try:
+            num_heads = int(hf["num_attention_heads"])
+            hidden = int(hf["hidden_size"])
+            rope_params = hf.get("rope_parameters") or {}
+            rope_theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+            scaling = hf.get("rope_scaling") or (rope_params if rope_params.get("rope_type", "default")
+                                                 != "default" else None)
+            eos = hf.get("eos_token_id")
+            return cls(
+                architecture=arch,
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(hf["intermediate_size"]),
+                num_layers=int(hf["num_hidden_layers"]),
+                num_heads=num_heads,
+                num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+                head_dim=int(hf.get("head_dim") or hidden // num_heads),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(rope_theta),
+                max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                attention_bias=bool(hf.get("attention_bias", SUPPORTED_ARCHITECTURES[arch])),
+                rope_scaling=_rope_scaling(scaling),
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+                name=name,
+            )
+        except KeyError as missing:
+            raise CheckpointError(f"config.json lacks the required field {missing}") from None
+
+
+def _rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type") or scaling.get("type")
+    if kind == "default":
+        return None
+    if kind not in SUPPORTED_ROPE_SCALING:
+        raise CheckpointError(
+            f"unsupported rope_scaling type {kind!r}; jaxinfer supports {SUPPORTED_ROPE_SCALING}")
+    fields = {f.name for f in dataclasses.fields(RopeScaling)} - {"kind"}
+    return RopeScaling(kind=kind, **{k: v for k, v in scaling.items() if k in fields})

@@ -1,0 +1,73 @@
+"""The numerical building blocks of a Llama layer: linear, RMSNorm, RoPE, SwiGLU.
+
+Pure functions of arrays. Activations are `[..., features]` in the engine dtype (float32 or
+bfloat16); every matmul accumulates in float32 (`preferred_element_type`), because XLA:CPU is
+slow on bf16-output dots and because it is the accurate choice everywhere.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.model.config import ModelConfig
+
+
+def linear(x: jax.Array, w) -> jax.Array:
+    """`x [..., in] @ w [in, out] -> [..., out]` in x's dtype.
+
+    Plain weight arrays are handled here; quantized weights (jaxinfer.quant) carry their own
+    kernel as a `matmul` method.
+    """
+    if isinstance(w, (jax.Array, np.ndarray)):
+        y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        return y.astype(x.dtype)
+    return w.matmul(x)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, computed in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """The `[head_dim // 2]` float32 inverse frequencies, with the config's RoPE scaling applied."""
+    exponents = np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** exponents)
+    scaling = cfg.rope_scaling
+    if scaling is not None and scaling.kind == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif scaling is not None and scaling.kind == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between
+        # interpolated smoothly.
+        old_len = scaling.original_max_position_embeddings
+        wavelen = 2 * np.pi / inv_freq
+        low_wavelen = old_len / scaling.low_freq_factor
+        high_wavelen = old_len / scaling.high_freq_factor
+        smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+        inv_freq = np.where(wavelen > low_wavelen, inv_freq / scaling.factor,
+                            np.where(wavelen < high_wavelen, inv_freq, interpolated))
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotary embedding in HF's half-split layout. x `[..., heads, head_dim]`, positions `[...]` int32."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    cos = jnp.cos(angles)[..., None, :]
+    sin = jnp.sin(angles)[..., None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def swiglu_mlp(x: jax.Array, w_gate, w_up, w_down) -> jax.Array:
+    """down(silu(gate(x)) * up(x)) for x `[..., hidden]`."""
+    gate = linear(x, w_gate)
+    up = linear(x, w_up)
+    return linear(jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * up, w_down)

@@ -1,0 +1,73 @@
+"""Placing params on a device mesh: the ('data', 'model') mesh, logical-axis shardings, and the
+head padding that lets any tensor-parallel size divide the attention heads.
+
+The mapping from logical axes (`jaxinfer.model.llama.param_logical_axes`) to mesh axes comes from
+configs/sharding.yaml through Flax's logical partitioning. When the KV heads are not a multiple of
+the tensor-parallel size (SmolLM2 has 3 KV heads), heads are padded with zero weights: a padded
+query head attends to a padded KV head whose values are zero, and its rows of `wo` are zero, so it
+adds exactly nothing to the output.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxinfer.configs import logical_axis_rules
+from jaxinfer.errors import EngineError
+from jaxinfer.model.config import ModelConfig
+from jaxinfer.model.llama import param_logical_axes
+
+
+def make_mesh(tp: int = 1) -> Mesh:
+    devices = jax.devices()
+    if tp < 1 or len(devices) < tp:
+        raise EngineError(f"tensor parallelism {tp} needs {tp} devices but {len(devices)} are visible "
+                          "(on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    return Mesh(np.asarray(devices[:tp]).reshape(1, tp), ("data", "model"))
+
+
+def logical_sharding(mesh: Mesh, logical_axes: tuple[str | None, ...]) -> NamedSharding:
+    return nn.logical_to_mesh_sharding(PartitionSpec(*logical_axes), mesh, logical_axis_rules())
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh):
+    return jax.tree.map(lambda axes: logical_sharding(mesh, axes), param_logical_axes(cfg),
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def pad_heads(params: dict, cfg: ModelConfig, tp: int) -> tuple[dict, ModelConfig]:
+    """Pads q/k/v/o (and biases) so the head counts divide by `tp`. Works on numpy params."""
+    padded = cfg.with_padded_heads(tp)
+    if padded == cfg:
+        return params, cfg
+    extra_q = (padded.num_heads - cfg.num_heads) * cfg.head_dim
+    extra_kv = (padded.num_kv_heads - cfg.num_kv_heads) * cfg.head_dim
+    # Query heads map to KV heads in groups of q_per_kv, so appending whole groups at the end keeps
+    # every real head with its real KV head.
+    pads = {"wq": (1, extra_q), "bq": (0, extra_q), "wk": (1, extra_kv), "bk": (0, extra_kv),
+            "wv": (1, extra_kv), "bv": (0, extra_kv), "wo": (0, extra_q)}
+
+    def pad(name, array):
+        if name not in pads:
+            return array
+        axis, amount = pads[name]
+        widths = [(0, 0)] * array.ndim
+        widths[axis] = (0, amount)
+        return np.pad(array, widths)
+
+    layers = [{name: pad(name, array) for name, array in layer.items()} for layer in params["layers"]]
+    return {**params, "layers": layers}, padded
+
+
+def place_params(params: dict, cfg: ModelConfig, mesh: Mesh, dtype: str) -> tuple[dict, ModelConfig]:
+    """Pads heads for the mesh's tensor-parallel size, casts every array to `dtype` and puts it on
+    the mesh with its logical sharding."""
+    params, cfg = pad_heads(params, cfg, mesh.shape["model"])
+    shardings = param_shardings(cfg, mesh)
+    params = jax.tree.map(lambda array, sharding: jax.device_put(jnp.asarray(array, dtype=dtype), sharding),
+                          params, shardings)
+    return params, cfg

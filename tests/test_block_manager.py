@@ -93,11 +93,14 @@ def test_prefix_lookup_leaves_the_last_token_to_compute():
 def test_hash_chain_needs_the_whole_prefix_to_match():
     rng = np.random.default_rng(4)
     bm = BlockManager(num_blocks=16, block_size=BLOCK_SIZE)
-    shared_block = random_tokens(rng, BLOCK_SIZE)
-    first = make_seq(random_tokens(rng, BLOCK_SIZE) + shared_block + [5])
+    head, other_head, shared_block = (random_tokens(rng, BLOCK_SIZE) for _ in range(3))
+    first = make_seq(head + shared_block + [5])
     prefill(bm, first)
-    other_head = make_seq(random_tokens(rng, BLOCK_SIZE) + shared_block + [5])
-    assert bm.find_cached_prefix(other_head) == []
+    assert bm.find_cached_prefix(make_seq(other_head + shared_block + [5])) == []
+    # Equal tokens after a different prefix have other K/V: that block must not be reused.
+    second = make_seq(other_head + shared_block + [6])
+    prefill(bm, second)
+    assert bm.find_cached_prefix(make_seq(other_head + shared_block + [7])) == second.block_table[:2]
 
 
 def test_evictable_blocks_are_reused_last_and_least_recently_used_first():

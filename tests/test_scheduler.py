@@ -1,11 +1,12 @@
 """Scheduler: budgets, decode-first chunked prefill, preemption, prefix sharing, forks, aborts.
 
-The oracle is a simulated device pool: a numpy array holding, in each KV slot, the id of the token
-whose K/V was written there. A fake runner performs the step's block copies, writes every
-scheduled token into its slot and checks that each scheduled sequence reads back exactly its own
-tokens through its block table; after every step, every running sequence's computed context must
-still be intact. Any wrong prefix hit, missing or misdirected copy-on-write, or block reused while
-still referenced shows up as a token mismatch.
+The oracle is a simulated device pool: a numpy array holding, in each KV slot, what a real K/V
+entry depends on, the fingerprint of the whole prefix up to and including that token. A fake runner
+performs the step's block copies, writes every scheduled token's fingerprint into its slot and
+checks that each scheduled sequence reads back exactly its own prefix through its block table;
+after every step, every running sequence's computed context must still be intact. A wrong prefix
+hit (even one with equal tokens after a different prefix), a missing or misdirected copy-on-write,
+or a block reused while still referenced shows up as a mismatch.
 """
 
 import numpy as np
@@ -20,8 +21,17 @@ EOS = 1
 VOCAB = 40
 
 
+def prefix_fingerprints(token_ids) -> list[int]:
+    """Entry p identifies token_ids[:p + 1] (a polynomial hash modulo a Mersenne prime)."""
+    fingerprints, value = [], 0
+    for token in token_ids:
+        value = (value * 1_000_003 + token + 1) % (2**61 - 1)
+        fingerprints.append(value)
+    return fingerprints
+
+
 class FakeRunner:
-    """Stands in for the model runner: a pool of token ids per KV slot and a random sampler."""
+    """Stands in for the model runner: prefix fingerprints per KV slot and a random sampler."""
 
     def __init__(self, num_blocks: int, rng):
         self.pool = np.full((num_blocks, BLOCK_SIZE), -1, dtype=np.int64)
@@ -35,18 +45,22 @@ class FakeRunner:
         written = set()
         for entry in output.scheduled:
             assert NULL_BLOCK not in entry.block_table
-            for position, token in enumerate(entry.token_ids, start=entry.start_position):
+            end = entry.start_position + entry.num_new_tokens
+            assert entry.token_ids == entry.seq.token_ids[entry.start_position:end]
+            fingerprints = prefix_fingerprints(entry.seq.token_ids[:end])
+            for position in range(entry.start_position, end):
                 slot = (entry.block_table[position // BLOCK_SIZE], position % BLOCK_SIZE)
                 assert slot not in written, "two tokens of one step write the same KV slot"
                 written.add(slot)
-                self.pool[slot] = token
+                self.pool[slot] = fingerprints[position]
         for entry in output.scheduled:
-            end = entry.start_position + entry.num_new_tokens
-            assert self.context(entry.block_table, end) == entry.seq.token_ids[:end]
+            self.check_context(entry.seq, entry.block_table, entry.start_position + entry.num_new_tokens)
         return [self.sample(entry.num_samples) for entry in output.scheduled]
 
-    def context(self, block_table, num_tokens) -> list:
-        return [int(self.pool[block_table[p // BLOCK_SIZE], p % BLOCK_SIZE]) for p in range(num_tokens)]
+    def check_context(self, seq, block_table, num_tokens) -> None:
+        """The first `num_tokens` slots of `block_table` hold exactly `seq`'s prefix."""
+        held = [int(self.pool[block_table[p // BLOCK_SIZE], p % BLOCK_SIZE]) for p in range(num_tokens)]
+        assert held == prefix_fingerprints(seq.token_ids[:num_tokens]), f"KV content of {seq!r} is corrupted"
 
     def sample(self, num_samples):
         tokens = self.rng.integers(EOS, VOCAB, size=num_samples).tolist()
@@ -82,7 +96,8 @@ def check_invariants(scheduler, runner):
     for seq in scheduler.running:
         assert seq.status is SequenceStatus.RUNNING
         np.add.at(expected, seq.block_table, 1)
-        assert runner.context(seq.block_table, seq.num_computed_tokens) == seq.token_ids[:seq.num_computed_tokens]
+        runner.check_context(seq, seq.block_table, seq.num_computed_tokens)
+        assert seq.num_cached_tokens % BLOCK_SIZE == 0 and seq.num_cached_tokens < seq.num_prompt_tokens
     for seq in scheduler.waiting:
         assert seq.status is SequenceStatus.WAITING and seq.block_table == [] and seq.num_computed_tokens == 0
     assert [bm.ref_count(b) for b in range(bm.num_blocks)] == expected.tolist()
@@ -100,6 +115,10 @@ def check_step_shape(scheduler, output, remaining_before):
     scheduled = {id(e.seq) for e in output.scheduled} | {id(s) for s in output.preempted + output.failed}
     if not all(is_decode):
         assert all(key in scheduled for key, remaining in remaining_before.items() if remaining == 1)
+    if output.preempted:
+        preempted = {id(seq) for seq in output.preempted}
+        assert all(id(e.seq) in remaining_before and id(e.seq) not in preempted for e in output.scheduled), \
+            "admitted in a preempting step"
     for entry in output.scheduled:
         assert (entry.num_samples > 0) == (entry.start_position + entry.num_new_tokens == entry.seq.num_tokens)
         if not entry.num_samples:
@@ -133,6 +152,8 @@ def random_params(rng):
     (1, 20, 4, 12, True),  # a tight pool: preemptions
     (2, 96, 8, 40, False),
     (3, 10, 3, 7, True),  # a pool smaller than max_model_len: preemptions, oversized sequences fail
+    (4, 30, 16, 64, True),
+    (5, 16, 8, 5, True),  # fewer budget tokens than running sequences
 ])
 def test_random_workload_keeps_kv_content_and_returns_every_block(seed, num_blocks, max_num_seqs, budget,
                                                                    chunked):
@@ -244,10 +265,13 @@ def test_forked_samples_share_the_prompt_and_copy_its_partial_block():
 
 
 def test_preemption_takes_the_newest_and_requeues_it_first():
-    rng, scheduler, runner = setup(13, num_blocks=9, max_model_len=64)
+    rng, scheduler, runner = setup(13, num_blocks=9, max_num_seqs=2, max_model_len=64)
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     old = scheduler.add_request("old", random_prompt(rng, BLOCK_SIZE * 2), params, arrival_time=0.0)
     new = scheduler.add_request("new", random_prompt(rng, BLOCK_SIZE * 2), params, arrival_time=1.0)
+    step(scheduler, runner)
+    # Ranked before "new" by arrival time, but a preempted sequence resumes first.
+    earlier = scheduler.add_request("earlier", random_prompt(rng, 3), params, arrival_time=0.5)
     preempted = []
     while not preempted:
         output, _ = step(scheduler, runner)
@@ -257,7 +281,7 @@ def test_preemption_takes_the_newest_and_requeues_it_first():
     while scheduler.num_unfinished_requests:
         step(scheduler, runner)
         check_invariants(scheduler, runner)
-    assert [seq.num_output_tokens for seq in (old, new)] == [20, 20]
+    assert [seq.num_output_tokens for seq in (old, new, earlier)] == [20, 20, 20]
     assert scheduler.metrics().num_preemptions >= 1 and new.num_preemptions >= 1
     check_all_blocks_back(scheduler)
 

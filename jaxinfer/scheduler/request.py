@@ -48,8 +48,8 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         # Why the scheduler itself failed the sequence (e.g. it cannot fit in the KV pool).
         self.error: str | None = None
-        # Prompt tokens served by prefix-cache hits at first admission; None until then.
-        self.num_cached_tokens: int | None = None
+        # Prompt tokens served by prefix-cache hits at its first admission (usage reporting).
+        self.num_cached_tokens = 0
         self.num_preemptions = 0
 
     @property

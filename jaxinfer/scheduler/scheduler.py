@@ -112,12 +112,12 @@ def _waiting_key(seq: Sequence) -> tuple:
     return (seq.priority, seq.num_preemptions == 0) + seq.rank[1:]
 
 
-def _rank_key(seq: Sequence) -> tuple:
-    return seq.rank
-
-
 class Scheduler:
-    """FCFS-with-priority continuous-batching scheduler over a `BlockManager`."""
+    """FCFS-with-priority continuous-batching scheduler over a `BlockManager`.
+
+    `eos_token_ids` are the model's end-of-sequence tokens (several for some chat models); they
+    finish a sequence with reason "stop" unless its SamplingParams set `ignore_eos`.
+    """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, enable_chunked_prefill: bool = True,
@@ -299,9 +299,9 @@ class Scheduler:
                 continue
             self._waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
-            if seq.num_cached_tokens is None:
+            if not seq.num_preemptions:
                 seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
-            bisect.insort(self._running, seq, key=_rank_key)
+            bisect.insort(self._running, seq, key=operator.attrgetter("rank"))
             num_seq_slots += seq.fanout
             step.add(seq, seq.num_computed_tokens, num_new, [])
 
@@ -326,7 +326,7 @@ class Scheduler:
     def _fork(self, parent: Sequence, seq_index: int) -> Sequence:
         child = parent.fork(seq_index)
         self.block_manager.fork(parent, child)
-        bisect.insort(self._running, child, key=_rank_key)
+        bisect.insort(self._running, child, key=operator.attrgetter("rank"))
         self._live[parent.request_id].append(child)
         return child
 

@@ -1,0 +1,86 @@
+"""Benchmark workloads: lists of `BenchRequest` (prompt token ids, number of tokens to generate).
+
+Random workloads draw prompt and output lengths uniformly from inclusive ranges and prompt tokens
+uniformly from the vocabulary, all from one seeded numpy Generator, so a seed fixes the workload.
+JSONL workloads hold one object per line: `{"prompt": str}` or `{"prompt_token_ids": [int]}`,
+optionally with `"max_tokens": int`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from jaxinfer.errors import RequestError
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchRequest:
+    prompt_token_ids: tuple[int, ...]
+    max_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthRange:
+    """An inclusive range of token counts, written `N` or `LO:HI` on the command line."""
+
+    low: int
+    high: int
+
+    def __post_init__(self):
+        if not 1 <= self.low <= self.high:
+            raise RequestError(f"length range {self.low}:{self.high} must satisfy 1 <= low <= high")
+
+    @classmethod
+    def parse(cls, text: str) -> LengthRange:
+        parts = text.split(":")
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise RequestError(f"length {text!r} is neither N nor LO:HI (positive integers)") from None
+        if len(values) not in (1, 2):
+            raise RequestError(f"length {text!r} is neither N nor LO:HI")
+        return cls(values[0], values[-1])
+
+    def __str__(self) -> str:
+        return f"{self.low}" if self.low == self.high else f"{self.low}:{self.high}"
+
+
+def random_requests(num_requests: int, input_len: LengthRange, output_len: LengthRange,
+                    vocab_size: int, seed: int) -> list[BenchRequest]:
+    """`num_requests` requests with uniform random lengths and prompt tokens in [0, vocab_size)."""
+    rng = np.random.default_rng(seed)
+    prompt_lens = rng.integers(input_len.low, input_len.high + 1, size=num_requests)
+    output_lens = rng.integers(output_len.low, output_len.high + 1, size=num_requests)
+    return [BenchRequest(tuple(int(t) for t in rng.integers(0, vocab_size, size=int(n))), int(m))
+            for n, m in zip(prompt_lens, output_lens)]
+
+
+def jsonl_requests(path: Path, encode: Callable[[str], list[int]], default_max_tokens: int) -> list[BenchRequest]:
+    """Requests from a JSONL file; text prompts are tokenized with `encode`."""
+    if not path.is_file():
+        raise RequestError(f"dataset file {path} does not exist; pass a JSONL file of prompts")
+    requests = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            ids = row["prompt_token_ids"] if "prompt_token_ids" in row else encode(row["prompt"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise RequestError(f"{path}:{number} is not a JSON object with 'prompt' or 'prompt_token_ids'") from None
+        requests.append(BenchRequest(tuple(int(t) for t in ids), int(row.get("max_tokens", default_max_tokens))))
+    if not requests:
+        raise RequestError(f"dataset file {path} holds no requests")
+    return requests
+
+
+def workload_summary(requests: list[BenchRequest]) -> dict:
+    """Counts describing a workload, for the JSON results."""
+    return {"num_requests": len(requests),
+            "input_tokens": sum(len(r.prompt_token_ids) for r in requests),
+            "output_tokens": sum(r.max_tokens for r in requests)}

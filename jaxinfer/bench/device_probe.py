@@ -1,0 +1,46 @@
+"""Measuring the device the roofline is drawn for: memory copy bandwidth and matmul rate.
+
+Bandwidth is bytes read + written per second copying a large float32 array (the better of a
+numpy copy and a jitted jax scale, which XLA may spread over several threads); the matmul rate
+is FLOP/s of a jitted float32 `[rows, k] @ [k, n]` with device-resident operands. Both report
+the median of several timed repetitions after a warm-up.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def copy_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 7) -> float:
+    """Bytes per second (read + written) of copying a `num_bytes` float32 array."""
+    source = np.random.default_rng(0).standard_normal(num_bytes // 4, dtype=np.float32)
+    target = np.empty_like(source)
+    numpy_s = median_seconds(lambda: np.copyto(target, source), repeats)
+    device_source = jax.device_put(source)
+    scale = jax.jit(lambda x: x * jnp.float32(1.0001))
+    jax_s = median_seconds(lambda: scale(device_source).block_until_ready(), repeats)
+    return 2 * source.nbytes / min(numpy_s, jax_s)
+
+
+def matmul_rate(rows: int = 256, k: int = 2048, n: int = 2048, repeats: int = 7) -> float:
+    """FLOP/s of a float32 matmul of shape [rows, k] @ [k, n]."""
+    rng = np.random.default_rng(0)
+    x = jax.device_put(rng.standard_normal((rows, k), dtype=np.float32))
+    w = jax.device_put(rng.standard_normal((k, n), dtype=np.float32))
+    matmul = jax.jit(jnp.matmul)
+    return 2 * rows * k * n / median_seconds(lambda: matmul(x, w).block_until_ready(), repeats)

@@ -1,0 +1,116 @@
+"""Serving metrics (TTFT, TPOT, ITL, percentiles, goodput), arrival schedules and workloads,
+checked against plain-Python recomputations on random synthetic timings."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxinfer.bench.arrivals import arrival_offsets
+from jaxinfer.bench.dataset import LengthRange, jsonl_requests, random_requests
+from jaxinfer.bench.metrics import RequestTiming, parse_slo, run_metrics, summarize
+from jaxinfer.errors import RequestError
+
+
+def percentile_oracle(values, q):
+    """Linear interpolation between closest ranks, written out."""
+    ordered = sorted(values)
+    rank = q / 100 * (len(ordered) - 1)
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def random_timings(rng, count):
+    timings = []
+    for _ in range(count):
+        timing = RequestTiming(arrival=float(rng.uniform(0, 10)), num_prompt_tokens=int(rng.integers(1, 100)))
+        now = timing.arrival
+        for _ in range(int(rng.integers(1, 20))):
+            now += float(rng.exponential(0.05))
+            timing.add_chunk(now, int(rng.integers(1, 3)))
+        timings.append(timing)
+    return timings
+
+
+def test_summary_percentiles_match_oracle():
+    rng = np.random.default_rng(0)
+    values = list(rng.exponential(1.0, size=int(rng.integers(5, 200))))
+    summary = summarize(values)
+    assert summary["mean"] == pytest.approx(sum(values) / len(values))
+    assert summary["median"] == pytest.approx(percentile_oracle(values, 50))
+    assert summary["p90"] == pytest.approx(percentile_oracle(values, 90))
+    assert summary["p99"] == pytest.approx(percentile_oracle(values, 99))
+    assert summarize([]) == {"count": 0}
+
+
+def test_request_metrics_follow_their_definitions():
+    rng = np.random.default_rng(1)
+    for timing in random_timings(rng, 50):
+        tokens = timing.num_output_tokens
+        assert timing.ttft == timing.chunk_times[0] - timing.arrival
+        assert timing.e2e == timing.chunk_times[-1] - timing.arrival
+        expected_tpot = (timing.e2e - timing.ttft) / (tokens - 1) if tokens > 1 else None
+        assert timing.tpot == (pytest.approx(expected_tpot) if expected_tpot is not None else None)
+        gaps = [b - a for a, b in zip(timing.chunk_times, timing.chunk_times[1:])]
+        assert timing.itls == pytest.approx(gaps)
+
+
+def test_run_metrics_throughput_and_goodput():
+    rng = np.random.default_rng(2)
+    timings = random_timings(rng, 80)
+    slo = parse_slo("ttft=60ms, tpot=0.08")
+    assert slo == {"ttft": pytest.approx(0.06), "tpot": 0.08}
+    metrics = run_metrics(timings, duration=12.5, slo=slo)
+    outputs = sum(sum(t.chunk_tokens) for t in timings)
+    assert metrics["output_tokens_per_s"] == pytest.approx(outputs / 12.5)
+    assert metrics["requests_per_s"] == pytest.approx(80 / 12.5)
+    good = [t for t in timings if t.ttft <= 0.06 and (t.tpot is None or t.tpot <= 0.08)]
+    assert 0 < len(good) < len(timings)
+    assert metrics["goodput_requests_per_s"] == pytest.approx(len(good) / 12.5)
+    assert metrics["ttft_s"]["p99"] == pytest.approx(percentile_oracle([t.ttft for t in timings], 99))
+
+
+@pytest.mark.parametrize("text", ["ttft", "ttft=fast", "latency=3", "tpot=-1"])
+def test_bad_slo_is_refused(text):
+    with pytest.raises(RequestError, match="SLO"):
+        parse_slo(text)
+
+
+def test_arrivals_have_the_requested_rate_and_shape():
+    for burstiness in (0.5, 1.0, 4.0):
+        offsets = arrival_offsets(20000, rate=8.0, burstiness=burstiness, seed=3)
+        gaps = np.diff(offsets)
+        assert offsets[0] == 0 and (gaps >= 0).all()
+        assert gaps.mean() == pytest.approx(1 / 8.0, rel=0.03)
+        # A gamma distribution's coefficient of variation is 1 / sqrt(shape).
+        assert gaps.std() / gaps.mean() == pytest.approx(1 / np.sqrt(burstiness), rel=0.05)
+    assert (arrival_offsets(5, rate=float("inf"), burstiness=1.0, seed=0) == 0).all()
+    np.testing.assert_array_equal(arrival_offsets(50, 2.0, 1.0, seed=9), arrival_offsets(50, 2.0, 1.0, seed=9))
+
+
+def test_random_workload_is_deterministic_and_in_range():
+    first = random_requests(64, LengthRange(16, 512), LengthRange.parse("16:256"), vocab_size=1000, seed=5)
+    assert first == random_requests(64, LengthRange(16, 512), LengthRange(16, 256), vocab_size=1000, seed=5)
+    assert first != random_requests(64, LengthRange(16, 512), LengthRange(16, 256), vocab_size=1000, seed=6)
+    assert all(16 <= len(r.prompt_token_ids) <= 512 and 16 <= r.max_tokens <= 256 for r in first)
+    assert all(0 <= t < 1000 for r in first for t in r.prompt_token_ids)
+    assert len({len(r.prompt_token_ids) for r in first}) > 20
+
+
+def test_length_range_parsing():
+    assert LengthRange.parse("7") == LengthRange(7, 7)
+    for bad in ("0", "9:3", "a:b", "1:2:3"):
+        with pytest.raises(RequestError):
+            LengthRange.parse(bad)
+
+
+def test_jsonl_workload(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in [
+        {"prompt": "ab"}, {"prompt_token_ids": [5, 6, 7], "max_tokens": 3}]) + "\n\n")
+    requests = jsonl_requests(path, encode=lambda text: [ord(c) for c in text], default_max_tokens=9)
+    assert [(r.prompt_token_ids, r.max_tokens) for r in requests] == [((97, 98), 9), ((5, 6, 7), 3)]
+    path.write_text('{"text": "no prompt"}\n')
+    with pytest.raises(RequestError, match="prompts.jsonl:1"):
+        jsonl_requests(path, encode=list, default_max_tokens=1)

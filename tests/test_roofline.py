@@ -1,0 +1,85 @@
+"""The roofline calculator against counts re-derived from the model's own parameter shapes."""
+
+import math
+
+import numpy as np
+import pytest
+
+from jaxinfer.bench import roofline
+from jaxinfer.model.config import ModelConfig
+from jaxinfer.model.llama import param_shapes
+
+def random_config(rng: np.random.Generator, tie: bool) -> ModelConfig:
+    kv_heads = int(rng.integers(1, 4))
+    return ModelConfig(
+        architecture="LlamaForCausalLM", vocab_size=int(rng.integers(100, 1000)),
+        hidden_size=int(rng.integers(16, 128)), intermediate_size=int(rng.integers(16, 256)),
+        num_layers=int(rng.integers(1, 6)), num_heads=kv_heads * int(rng.integers(1, 4)),
+        num_kv_heads=kv_heads, head_dim=int(rng.integers(4, 32)), rms_norm_eps=1e-5,
+        rope_theta=1e4, max_position_embeddings=512, tie_word_embeddings=tie)
+
+
+def all_shapes(cfg: ModelConfig) -> list[tuple[int, ...]]:
+    shapes = param_shapes(cfg)
+    return [s for k, s in shapes.items() if k != "layers"] + [s for layer in shapes["layers"] for s in layer.values()]
+
+
+def matmul_flops_per_token_oracle(cfg: ModelConfig) -> int:
+    """2 x in x out for every 2-D layer weight a token's hidden state is multiplied by."""
+    return sum(2 * math.prod(s) for layer in param_shapes(cfg)["layers"] for s in layer.values() if len(s) == 2)
+
+
+def logits_flops_oracle(cfg: ModelConfig) -> int:
+    shapes = param_shapes(cfg)
+    return 2 * math.prod(shapes.get("lm_head", shapes["embed"]))
+
+
+def attention_flops_oracle(cfg: ModelConfig, query_positions: range) -> int:
+    """Explicit loop: each query at position p scores and mixes p + 1 keys, in every head and layer."""
+    total = 0
+    for p in query_positions:
+        for _ in range(cfg.num_layers * cfg.num_heads):
+            total += 2 * cfg.head_dim * (p + 1) * 2
+    return total
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_counts_match_parameter_shapes(tie):
+    rng = np.random.default_rng(7 + tie)
+    for _ in range(5):
+        cfg = random_config(rng, tie)
+        assert roofline.weight_bytes(cfg, 2) == 2 * sum(math.prod(s) for s in all_shapes(cfg))
+        context = int(rng.integers(1, 300))
+        assert roofline.decode_flops_per_token(cfg, context) == (
+            matmul_flops_per_token_oracle(cfg) + logits_flops_oracle(cfg)
+            + attention_flops_oracle(cfg, range(context - 1, context)))
+        prompt = int(rng.integers(1, 64))
+        assert roofline.prefill_flops(cfg, prompt) == (
+            prompt * matmul_flops_per_token_oracle(cfg) + logits_flops_oracle(cfg)
+            + attention_flops_oracle(cfg, range(prompt)))
+
+
+def test_default_model_kv_bytes_and_batch1_roofline():
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                      num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                      rope_theta=1e5, max_position_embeddings=8192, tie_word_embeddings=True)
+    # SmolLM2-135M: 2 (K, V) x 30 layers x 3 kv heads x 64 dims x 4 bytes.
+    assert roofline.kv_bytes_per_token(cfg, 4) == 2 * 30 * 3 * 64 * 4
+    device = roofline.Device(bandwidth_bytes_per_s=30e9, flops_per_s=100e9)
+    report = roofline.roofline_report(cfg, device, batch=1, context_len=128, dtype="float32", kv_dtype="float32")
+    # 134.5M f32 parameters streamed at 30 GB/s: about 56 tokens/s at batch 1 (the guide's figure).
+    assert report["batch1_decode_bandwidth_bound_tokens_per_s"] == pytest.approx(30e9 / (4 * cfg.num_params))
+    assert 55 < report["batch1_decode_bandwidth_bound_tokens_per_s"] < 57
+    assert report["decode_step"]["bound"] == "bandwidth"
+
+
+def test_step_estimates_take_the_slower_bound():
+    cfg = random_config(np.random.default_rng(3), tie=False)
+    device = roofline.Device(bandwidth_bytes_per_s=20e9, flops_per_s=50e9)
+    for batch in (1, 4, 256):
+        step = roofline.decode_step(cfg, device, batch, 100, 4, 2)
+        kv_bytes = batch * 101 * roofline.kv_bytes_per_token(cfg, 2)
+        assert step.bytes == roofline.weight_bytes(cfg, 4) + kv_bytes
+        assert step.flops == batch * roofline.decode_flops_per_token(cfg, 101)
+        assert step.time_s == max(step.flops / 50e9, step.bytes / 20e9)
+        assert step.intensity == step.flops / step.bytes

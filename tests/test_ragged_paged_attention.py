@@ -1,0 +1,206 @@
+"""Ragged paged attention: the XLA path and the Pallas kernel (interpret mode) against the dense reference.
+
+Every case uses fresh random inputs, physical blocks shuffled across the pool, padding tokens and
+padding sequences, and fills every pool row no sequence owns (the null block included) with NaN.
+Pallas interpret mode starts each output buffer as NaN, so an output row the kernel forgets to write
+fails the comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer.cache.attention_metadata import AttentionMetadata
+from jaxinfer.cache.kv_pool import LayerKVCache, init_layer_cache, write_kv
+from pallas_kernels import ragged_paged_attention as rpa
+from pallas_kernels.query_tiles import num_query_tiles, query_tiles
+from pallas_kernels.ragged_paged_attention_xla import KV_CHUNK_TOKENS, choose_query_tile
+
+HEAD_DIM = 64
+SM_SCALE = HEAD_DIM ** -0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    q: jax.Array
+    cache: LayerKVCache
+    metadata: AttentionMetadata
+    num_real_tokens: int
+
+
+def make_batch(seed: int, chunks: list[tuple[int, int]], *, block_size: int, num_q_heads: int, num_kv_heads: int,
+               head_dim: int = HEAD_DIM, kv_dtype: str = "float32", q_dtype=jnp.float32, padding_tokens: int = 3,
+               padding_seqs: int = 1, spare_blocks: int = 3) -> Batch:
+    """chunks: (new tokens, context length including them) per sequence."""
+    rng = np.random.default_rng(seed)
+    blocks_per_seq = [-(-context // block_size) for _, context in chunks]
+    num_seqs, width = len(chunks) + padding_seqs, max(blocks_per_seq) + 1
+    num_blocks = 1 + sum(blocks_per_seq) + spare_blocks
+    physical = iter(rng.permutation(np.arange(1, num_blocks)))
+    block_tables = np.zeros((num_seqs, width), np.int32)
+    for seq, count in enumerate(blocks_per_seq):
+        block_tables[seq, :count] = [next(physical) for _ in range(count)]
+
+    cache = init_layer_cache(num_blocks, block_size, num_kv_heads, head_dim, kv_dtype)
+    poisoned = {name: jnp.full_like(value, jnp.nan) for name, value in vars(cache).items()
+                if value is not None and jnp.issubdtype(value.dtype, jnp.floating)}
+    cache = dataclasses.replace(cache, **poisoned)
+    positions = [(seq, pos) for seq, (_, context) in enumerate(chunks) for pos in range(context)]
+    slots = np.array([block_tables[seq, pos // block_size] * block_size + pos % block_size for seq, pos in positions],
+                     np.int32)
+    kv_shape = (len(slots), num_kv_heads, head_dim)
+    cache = write_kv(cache, jnp.asarray(rng.standard_normal(kv_shape), q_dtype),
+                     jnp.asarray(rng.standard_normal(kv_shape), q_dtype), jnp.asarray(slots))
+
+    q_lens = [q_len for q_len, _ in chunks]
+    num_real = sum(q_lens)
+    starts = np.concatenate([[0], np.cumsum(q_lens), np.full(padding_seqs, num_real)]).astype(np.int32)
+    seq_lens = np.array([context for _, context in chunks] + [0] * padding_seqs, np.int32)
+    metadata = AttentionMetadata(slot_mapping=jnp.zeros(num_real + padding_tokens, jnp.int32),
+                                 block_tables=jnp.asarray(block_tables), seq_lens=jnp.asarray(seq_lens),
+                                 query_start_loc=jnp.asarray(starts))
+    q = jnp.asarray(rng.standard_normal((num_real + padding_tokens, num_q_heads, head_dim)), q_dtype)
+    return Batch(q, cache, metadata, num_real)
+
+
+@functools.cache
+def _compiled(implementation: str, soft_cap: float | None):
+    return jax.jit(functools.partial(rpa.ragged_paged_attention, sm_scale=SM_SCALE, soft_cap=soft_cap,
+                                     implementation=implementation))
+
+
+def check_against_reference(batch: Batch, implementation: str, *, tolerance: float, soft_cap: float | None = None):
+    out = np.asarray(_compiled(implementation, soft_cap)(batch.q, batch.cache, batch.metadata), np.float32)
+    ref = np.asarray(_compiled("reference", soft_cap)(batch.q, batch.cache, batch.metadata), np.float32)
+    assert out.dtype == ref.dtype and out.shape == batch.q.shape
+    assert np.isfinite(ref).all()
+    assert np.isfinite(out).all(), f"{implementation}: non-finite rows {np.unique(np.nonzero(~np.isfinite(out))[0])}"
+    np.testing.assert_array_equal(out[batch.num_real_tokens:], 0.0)
+    relative_error = np.max(np.abs(out - ref)) / np.max(np.abs(ref))
+    assert relative_error <= tolerance, f"{implementation}: relative error {relative_error:.2e} > {tolerance:.0e}"
+
+
+def mixed_chunks(block_size: int) -> list[tuple[int, int]]:
+    """Decodes at lengths 1, block-1, block, block+1 and long, beside prefill chunks at several offsets."""
+    long = 4 * block_size + 3
+    return [(1, 1), (block_size + 1, block_size + 1), (1, block_size - 1), (2, block_size), (1, block_size + 1),
+            (block_size - 1, long), (1, long), (3, 2 * block_size + 2)]
+
+
+@pytest.mark.parametrize("implementation", ["xla", "interpret"])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(2, 2), (3, 1), (8, 2), (8, 1)])
+def test_mixed_batch_matches_reference(implementation, block_size, num_q_heads, num_kv_heads):
+    batch = make_batch(block_size * 10 + num_q_heads, mixed_chunks(block_size), block_size=block_size,
+                       num_q_heads=num_q_heads, num_kv_heads=num_kv_heads)
+    check_against_reference(batch, implementation, tolerance=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "interpret"])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_decode_batch_matches_reference(implementation, block_size):
+    lengths = [1, block_size - 1, block_size, block_size + 1, 5 * block_size + 2, 2 * KV_CHUNK_TOKENS + 1]
+    batch = make_batch(block_size, [(1, length) for length in lengths], block_size=block_size, num_q_heads=9,
+                       num_kv_heads=3, padding_tokens=1)
+    check_against_reference(batch, implementation, tolerance=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "interpret"])
+@pytest.mark.parametrize("kv_dtype,q_dtype,tolerance", [("int8", jnp.float32, 1e-5), ("fp8", jnp.float32, 1e-5),
+                                                        ("bfloat16", jnp.bfloat16, 1e-2), ("fp8", jnp.bfloat16, 1e-2)])
+def test_storage_dtypes_match_reference(implementation, kv_dtype, q_dtype, tolerance):
+    batch = make_batch(7, mixed_chunks(16), block_size=16, num_q_heads=6, num_kv_heads=2, kv_dtype=kv_dtype,
+                       q_dtype=q_dtype)
+    check_against_reference(batch, implementation, tolerance=tolerance)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "interpret"])
+def test_soft_cap_and_head_dim_128(implementation):
+    batch = make_batch(11, mixed_chunks(16), block_size=16, num_q_heads=4, num_kv_heads=1, head_dim=128)
+    check_against_reference(batch, implementation, tolerance=1e-5, soft_cap=0.5)
+
+
+def test_long_prefill_chunks_match_reference():
+    """Long chunks beside a decode: the XLA path takes long query tiles over several KV chunks."""
+    chunks = [(150, 700), (130, 130), (1, 300)]
+    batch = make_batch(5, chunks, block_size=16, num_q_heads=9, num_kv_heads=3)
+    assert choose_query_tile(batch.q.shape[0], batch.metadata.num_seqs) >= 32
+    assert 700 > 2 * KV_CHUNK_TOKENS
+    check_against_reference(batch, "xla", tolerance=1e-5)
+
+
+def test_reference_matches_numpy_loop():
+    """The oracle itself against a per-token numpy loop over the block table."""
+    batch = make_batch(3, [(2, 5), (1, 9), (3, 3)], block_size=4, num_q_heads=4, num_kv_heads=2, head_dim=8)
+    out = np.asarray(rpa.reference_ragged_paged_attention(batch.q, batch.cache, batch.metadata, sm_scale=0.3))
+    q, k_pool, v_pool = (np.asarray(a, np.float64) for a in (batch.q, batch.cache.k, batch.cache.v))
+    starts, seq_lens = np.asarray(batch.metadata.query_start_loc), np.asarray(batch.metadata.seq_lens)
+    tables = np.asarray(batch.metadata.block_tables)
+    expected = np.zeros_like(q)
+    for seq in range(len(seq_lens)):
+        for token in range(starts[seq], starts[seq + 1]):
+            position = seq_lens[seq] - (starts[seq + 1] - starts[seq]) + token - starts[seq]
+            slots = [(tables[seq, p // 4], p % 4) for p in range(position + 1)]
+            for head in range(4):
+                keys = np.stack([k_pool[b, o, head // 2] for b, o in slots])
+                values = np.stack([v_pool[b, o, head // 2] for b, o in slots])
+                logits = keys @ q[token, head] * 0.3
+                weights = np.exp(logits - logits.max())
+                expected[token, head] = weights @ values / weights.sum()
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_query_tiles_cover_each_token_once():
+    starts = np.array([0, 5, 5, 6, 23, 23], np.int32)
+    seq_lens = np.array([9, 0, 1, 40, 0], np.int32)
+    num_tokens, tile = 27, 4
+    metadata = AttentionMetadata(jnp.zeros(num_tokens, jnp.int32), jnp.zeros((5, 3), jnp.int32),
+                                 jnp.asarray(seq_lens), jnp.asarray(starts))
+    tiles = jax.tree.map(np.asarray, vars(query_tiles(metadata, num_tokens, tile)))
+    assert len(tiles["seq"]) == num_query_tiles(num_tokens, 5, tile)
+    for token in range(num_tokens):
+        seq = np.searchsorted(starts, token, side="right") - 1
+        owner, row = tiles["token_tile"][token], tiles["token_row"][token]
+        assert tiles["start"][owner] + row == token and row < tiles["count"][owner]
+        if token < starts[-1]:
+            position = seq_lens[seq] - (starts[seq + 1] - starts[seq]) + token - starts[seq]
+            assert tiles["seq"][owner] == seq and tiles["first_pos"][owner] + row == position
+            assert tiles["kv_len"][owner] == tiles["first_pos"][owner] + tiles["count"][owner]
+        else:
+            assert tiles["kv_len"][owner] == 0
+    assert tiles["count"].sum() == num_tokens
+
+
+def test_default_implementation_never_interprets(monkeypatch):
+    assert rpa.default_implementation("gpu") == "pallas"
+    assert rpa.default_implementation("cpu") == "xla"
+
+    def no_pallas(*args, **kwargs):
+        raise AssertionError("the default implementation on CPU must not call pallas_call")
+
+    monkeypatch.setattr(rpa.pl, "pallas_call", no_pallas)
+    batch = make_batch(2, [(1, 5), (2, 7)], block_size=8, num_q_heads=2, num_kv_heads=1)
+    out = rpa.ragged_paged_attention(batch.q, batch.cache, batch.metadata, sm_scale=SM_SCALE)
+    assert np.isfinite(np.asarray(out)).all()
+
+
+def test_bad_arguments_raise_clear_errors():
+    batch = make_batch(4, [(1, 5)], block_size=8, num_q_heads=2, num_kv_heads=1)
+    call = functools.partial(rpa.ragged_paged_attention, cache=batch.cache, metadata=batch.metadata,
+                             sm_scale=SM_SCALE)
+    with pytest.raises(ValueError, match="compiles for GPU only"):
+        call(batch.q, implementation="pallas")
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        call(batch.q, implementation="triton")
+    with pytest.raises(ValueError, match="num_q_heads a multiple of num_kv_heads"):
+        call(batch.q[:, :, :32])
+    with pytest.raises(ValueError, match="metadata.slot_mapping"):
+        call(batch.q[:2])
+    with pytest.raises(ValueError, match="soft_cap"):
+        call(batch.q, soft_cap=0.0)

@@ -79,6 +79,15 @@ def jsonl_requests(path: Path, encode: Callable[[str], list[int]], default_max_t
     return requests
 
 
+def fresh_prefixes(requests: list[BenchRequest], run_index: int, vocab_size: int) -> list[BenchRequest]:
+    """The workload with each prompt's first token shifted by `run_index`: the same lengths and
+    work, but no block hash shared with another run's prompts, so a run over the same engine
+    never profits from the prefix cache a previous run filled."""
+    return [dataclasses.replace(r, prompt_token_ids=((r.prompt_token_ids[0] + run_index) % vocab_size,
+                                                     *r.prompt_token_ids[1:]))
+            for r in requests]
+
+
 def workload_summary(requests: list[BenchRequest]) -> dict:
     """Counts describing a workload, for the JSON results."""
     return {"num_requests": len(requests),

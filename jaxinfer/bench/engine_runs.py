@@ -1,0 +1,55 @@
+"""Driving an in-process LLMEngine through a workload, with continuous or static batching.
+
+`drive(engine, requests, offsets, static_batch)` submits request i at `offsets[i]` seconds after
+the start (all zeros: offline, everything submitted at once) and steps the engine until every
+request has finished, returning one `RequestTiming` per request (in workload order) and the wall
+time of the run. Generation is greedy with `ignore_eos`, so every request produces exactly its
+`max_tokens` tokens in every system compared.
+
+Static batching (`static_batch=B`) is the pre-Orca baseline on the same compiled model: it
+admits up to B requests that have arrived, steps until all of them finish, then admits the next
+batch; continuous batching (`static_batch=None`) admits every arrived request before each step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+from jaxinfer.bench.dataset import BenchRequest
+from jaxinfer.bench.metrics import RequestTiming
+from jaxinfer.engine.llm_engine import LLMEngine
+from jaxinfer.sampling_params import SamplingParams
+
+
+def bench_params(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def drive(engine: LLMEngine, requests: Sequence[BenchRequest], offsets: Sequence[float],
+          static_batch: int | None = None) -> tuple[list[RequestTiming], float]:
+    start = time.perf_counter()
+    timings = [RequestTiming(start + float(offset), len(r.prompt_token_ids)) for r, offset in zip(requests, offsets)]
+    # Requests in arrival order; `admitted` counts how many have been handed to the engine.
+    order = sorted(range(len(requests)), key=lambda i: timings[i].arrival)
+    admitted = 0
+    while admitted < len(order) or engine.has_unfinished_requests():
+        now = time.perf_counter()
+        arrived = admitted
+        while arrived < len(order) and timings[order[arrived]].arrival <= now:
+            arrived += 1
+        if static_batch is not None:
+            arrived = admitted if engine.has_unfinished_requests() else min(arrived, admitted + static_batch)
+        for i in order[admitted:arrived]:
+            engine.add_request(f"bench-{i}", prompt_token_ids=requests[i].prompt_token_ids,
+                               params=bench_params(requests[i].max_tokens), arrival_time=time.monotonic())
+        admitted = arrived
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, timings[order[admitted]].arrival - time.perf_counter()))
+            continue
+        outputs = engine.step()
+        now = time.perf_counter()
+        for output in outputs:
+            timings[int(output.request_id.removeprefix("bench-"))].add_chunk(
+                now, len(output.outputs[0].delta_token_ids))
+    return timings, time.perf_counter() - start

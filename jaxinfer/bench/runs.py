@@ -1,0 +1,208 @@
+"""The `jaxinfer bench` subcommands (parsed in jaxinfer.commands.bench): each builds the workload,
+runs jaxinfer and the requested baselines on it, prints the side-by-side table and writes JSON
+(and PNG charts with --plot). Arguments are the argparse Namespaces described there.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jaxinfer.bench import latency, plots
+from jaxinfer.bench.arrivals import arrival_offsets
+from jaxinfer.bench.dataset import (BenchRequest, LengthRange, fresh_prefixes, jsonl_requests, random_requests,
+                                    workload_summary)
+from jaxinfer.bench.device_probe import copy_bandwidth
+from jaxinfer.bench.engine_runs import drive
+from jaxinfer.bench.hf_baseline import checkpoint_source, run_hf_job
+from jaxinfer.bench.metrics import RequestTiming, run_metrics
+from jaxinfer.bench.results import Column, comparison_table, write_results
+from jaxinfer.engine.create import create_engine
+from jaxinfer.errors import RequestError
+
+THROUGHPUT_COLUMNS = [
+    Column(("requests_per_s",), "requests/s", True),
+    Column(("input_tokens_per_s",), "input tokens/s", True, "{:.1f}"),
+    Column(("output_tokens_per_s",), "output tokens/s", True, "{:.1f}"),
+    Column(("duration_s",), "wall s", False, "{:.1f}"),
+]
+SERVE_COLUMNS = [
+    Column(("output_tokens_per_s",), "output tokens/s", True, "{:.1f}"),
+    Column(("ttft_s", "median"), "TTFT p50 s", False, "{:.3f}"),
+    Column(("ttft_s", "p99"), "TTFT p99 s", False, "{:.3f}"),
+    Column(("tpot_s", "median"), "TPOT p50 s", False, "{:.4f}"),
+    Column(("tpot_s", "p99"), "TPOT p99 s", False, "{:.4f}"),
+    Column(("itl_s", "p99"), "ITL p99 s", False, "{:.4f}"),
+    Column(("e2e_s", "median"), "E2E p50 s", False, "{:.2f}"),
+]
+
+
+
+# -- shared steps -------------------------------------------------------------------------------
+
+def _engine(args, max_num_seqs: int | None = None):
+    return create_engine(args.model, progress=True, dtype=args.dtype,
+                         max_num_seqs=max_num_seqs or args.max_num_seqs,
+                         max_num_batched_tokens=args.max_num_batched_tokens,
+                         max_model_len=args.max_model_len, kv_memory=args.kv_memory)
+
+
+def _workload(args, vocab_size: int, encode) -> list[BenchRequest]:
+    if args.dataset is not None:
+        return jsonl_requests(args.dataset, encode, args.output_len.high)[:args.num_requests]
+    return random_requests(args.num_requests, args.input_len, args.output_len, vocab_size, args.seed)
+
+
+def _warm_up(engine) -> None:
+    """A few short requests through every step kind, so first-call costs stay out of the figures."""
+    warm = random_requests(4, LengthRange(8, 40), LengthRange(4, 4), engine.model_cfg.vocab_size, seed=12345)
+    drive(engine, warm, [0.0] * len(warm))
+
+
+def _run_engine(engine, requests, offsets, run_index: int, static_batch: int | None = None,
+                slo: dict | None = None) -> tuple[dict, list[RequestTiming]]:
+    workload = fresh_prefixes(requests, run_index, engine.model_cfg.vocab_size)
+    timings, duration = drive(engine, workload, offsets, static_batch)
+    return run_metrics(timings, duration, slo), timings
+
+
+def _samples(timings: list[RequestTiming]) -> dict[str, list[float]]:
+    return {"ttft": [t.ttft for t in timings], "itl": [gap for t in timings for gap in t.itls]}
+
+
+# -- throughput -----------------------------------------------------------------------------------
+
+def throughput_main(args) -> None:
+    engine = _engine(args)
+    requests = _workload(args, engine.model_cfg.vocab_size, engine.tokenizer.encode)
+    _warm_up(engine)
+    offsets = [0.0] * len(requests)
+    systems, samples = {}, {}
+    systems["jaxinfer"], timings = _run_engine(engine, requests, offsets, run_index=1)
+    samples["jaxinfer"] = _samples(timings)
+    if "static" in args.baseline:
+        batch = args.static_batch or engine.engine_cfg.max_num_seqs
+        name = f"static batching (B={batch})"
+        systems[name], timings = _run_engine(engine, requests, offsets, run_index=2, static_batch=batch)
+        samples[name] = _samples(timings)
+    if "hf" in args.baseline:
+        subset = requests[:args.hf_num_requests or len(requests)]
+        result = run_hf_job(args.hf_python, {
+            "job": "throughput", "model": checkpoint_source(args.model), "batch_size": args.hf_batch_size,
+            "requests": [[list(r.prompt_token_ids), r.max_tokens] for r in subset]})
+        systems[f"hf transformers (B={args.hf_batch_size}, {len(subset)} requests)"] = _rates(result)
+    print(comparison_table(systems, THROUGHPUT_COLUMNS, reference="jaxinfer"))
+    write_results(args.output, {"workload": {**workload_summary(requests), "input_len": str(args.input_len),
+                                             "output_len": str(args.output_len), "seed": args.seed},
+                                "engine_config": vars(engine.engine_cfg), "systems": systems})
+    if args.plot:
+        plots.bar_chart({name.split(" (")[0]: s["output_tokens_per_s"] for name, s in systems.items()},
+                        "output tokens/s", "Offline throughput", args.output.with_suffix(".png"))
+        plots.distributions(samples, args.output.with_name(args.output.stem + "_distributions.png"))
+
+
+def _rates(totals: dict) -> dict:
+    duration = totals["duration_s"]
+    return {**totals, "requests_per_s": totals["num_requests"] / duration,
+            "input_tokens_per_s": totals["input_tokens"] / duration,
+            "output_tokens_per_s": totals["output_tokens"] / duration}
+
+
+# -- latency --------------------------------------------------------------------------------------
+
+def latency_main(args) -> None:
+    engine = _engine(args, max_num_seqs=args.max_num_seqs or max(args.batch_sizes))
+    _warm_up(engine)
+    bandwidth = args.bandwidth * 1e9 if args.bandwidth else copy_bandwidth()
+    ours = {"ttft_s": {str(n): latency.ttft(engine, n, args.repeats, args.seed + n) for n in args.prompt_lens},
+            "decode_tokens_per_s": {str(b): latency.decode_rate(engine, b, 16, args.decode_tokens, args.seed + b)
+                                    for b in args.batch_sizes}}
+    stream_rate = latency.weight_stream_rate(engine, bandwidth)
+    systems = {"jaxinfer": ours}
+    if "hf" in args.baseline:
+        vocab = engine.model_cfg.vocab_size
+        systems["hf transformers"] = run_hf_job(args.hf_python, {
+            "job": "latency", "model": checkpoint_source(args.model), "decode_tokens": args.decode_tokens,
+            "batch_sizes": args.batch_sizes,
+            "ttft_prompts": {str(n): [list(r.prompt_token_ids) for r in random_requests(
+                args.repeats, LengthRange(n, n), LengthRange(1, 1), vocab, args.seed + n)] for n in args.prompt_lens},
+            "decode_prompts": [list(r.prompt_token_ids) for r in random_requests(
+                max(args.batch_sizes), LengthRange(16, 16), LengthRange(1, 1), vocab, args.seed)]})
+    columns = ([Column(("ttft_s", str(n)), f"TTFT@{n} s", False, "{:.4f}") for n in args.prompt_lens]
+               + [Column(("decode_tokens_per_s", str(b)), f"decode tok/s @B={b}", True, "{:.1f}")
+                  for b in args.batch_sizes])
+    print(comparison_table(systems, columns, reference="jaxinfer"))
+    batch1 = ours["decode_tokens_per_s"].get("1")
+    roofline_fields = {"copy_bandwidth_gb_per_s": bandwidth / 1e9, "weight_stream_tokens_per_s": stream_rate}
+    if batch1 is not None:
+        roofline_fields["batch1_roofline_ratio"] = batch1 / stream_rate
+        print(f"batch-1 decode {batch1:.1f} tokens/s = {batch1 / stream_rate:.2f} of the memory-bandwidth roofline "
+              f"({stream_rate:.1f} tokens/s at {bandwidth / 1e9:.1f} GB/s copy bandwidth)")
+    write_results(args.output, {"engine_config": vars(engine.engine_cfg), "roofline": roofline_fields,
+                                "systems": systems})
+    if args.plot:
+        first = str(args.batch_sizes[0])
+        bars = {name: s["decode_tokens_per_s"][first] for name, s in systems.items()}
+        if first == "1":
+            bars["bandwidth roofline"] = stream_rate
+        plots.bar_chart(bars, "tokens/s", f"Decode at batch {first}", args.output.with_suffix(".png"))
+
+
+# -- serve ----------------------------------------------------------------------------------------
+
+def serve_main(args) -> None:
+    if args.concurrency and not args.target:
+        raise RequestError("--concurrency drives a gRPC server: give --target HOST:PORT (or use --request-rate)")
+    if args.target and args.baseline:
+        raise RequestError("--baseline static runs an in-process engine; drop --target to compare against it")
+    points = [("concurrency", c) for c in args.concurrency] if args.concurrency else \
+        [("request_rate", r) for r in args.request_rate]
+    curves: dict[str, list[dict]] = {}
+    samples = {}
+    if args.target:
+        from jaxinfer.bench.grpc_load import model_vocab_size, run_load
+
+        vocab_size = model_vocab_size(args.target)
+        requests = _workload(args, vocab_size, _no_text_prompts)
+        runs = {"jaxinfer serve": lambda index, offsets, concurrency: run_load(
+            args.target, fresh_prefixes(requests, index, vocab_size), offsets, concurrency)}
+    else:
+        engine = _engine(args)
+        requests = _workload(args, engine.model_cfg.vocab_size, engine.tokenizer.encode)
+        _warm_up(engine)
+        static_batch = args.static_batch or engine.engine_cfg.max_num_seqs
+        runs = {"jaxinfer": lambda index, offsets, _: drive(
+            engine, fresh_prefixes(requests, index, engine.model_cfg.vocab_size), offsets)}
+        if "static" in args.baseline:
+            runs[f"static batching (B={static_batch})"] = lambda index, offsets, _: drive(
+                engine, fresh_prefixes(requests, index, engine.model_cfg.vocab_size), offsets, static_batch)
+    index = 0
+    for kind, value in points:
+        offsets = arrival_offsets(len(requests), value, args.burstiness, args.seed) if kind == "request_rate" else None
+        point = {}
+        for name, run in runs.items():
+            index += 1
+            timings, duration = run(index, offsets, value if kind == "concurrency" else None)
+            point[name] = {kind: value, **run_metrics(timings, duration, args.slo)}
+            curves.setdefault(name, []).append(point[name])
+            samples[name] = _samples(timings)
+        print(f"\n{kind} = {value}")
+        print(comparison_table(point, SERVE_COLUMNS, reference=next(iter(runs))))
+    _print_tpot_growth(curves)
+    write_results(args.output, {"workload": workload_summary(requests), "burstiness": args.burstiness,
+                                "slo": args.slo, "curves": curves})
+    if args.plot:
+        plots.latency_throughput_curve(curves, args.output.with_suffix(".png"))
+        plots.distributions(samples, args.output.with_name(args.output.stem + "_distributions.png"))
+
+
+def _no_text_prompts(text: str) -> list[int]:
+    raise RequestError("with --target, a --dataset must hold prompt_token_ids (the client does not tokenize)")
+
+
+def _print_tpot_growth(curves: dict[str, list[dict]]) -> None:
+    """Median TPOT at each point relative to the first (lightest) point of the sweep."""
+    for name, runs in curves.items():
+        base = runs[0]["tpot_s"].get("median")
+        if base:
+            growth = ", ".join(f"{run['tpot_s'].get('median', float('nan')) / base:.2f}x" for run in runs)
+            print(f"{name}: p50 TPOT relative to the first point: {growth}", file=sys.stdout)

@@ -1,0 +1,121 @@
+"""`jaxinfer bench throughput|latency|serve`: measured like the field, baselines in the same run.
+
+throughput  offline: the whole workload submitted at once; requests/s, input/output tokens/s
+latency     batch-1 TTFT per prompt length, decode tokens/s per batch size, roofline ratio
+serve       timed arrivals (Poisson/gamma at --request-rate, or --concurrency) against a gRPC
+            server (--target) or an in-process engine; TTFT/TPOT/ITL/E2E percentiles, goodput
+
+Baselines (`--baseline`, repeatable): `static` (the same compiled engine, fixed batches that
+wait for their longest member) and `hf` (HF transformers generate in the --hf-python env).
+Every command writes JSON (--output) and, with --plot, PNG charts beside it.
+`add_bench_parsers(subparsers)` registers `bench` and `roofline` on the CLI; this module imports
+nothing heavy, the subcommands run in jaxinfer.bench.runs and jaxinfer.commands.roofline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from jaxinfer.bench.dataset import LengthRange
+from jaxinfer.bench.metrics import parse_slo
+
+DEFAULT_HF_PYTHON = ".venv-hf/bin/python"
+RESULTS_DIR = Path("benchmarks/results")
+# -- argument parsing ---------------------------------------------------------------------------
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", help="engine directory, HF checkpoint directory or .gguf "
+                                                 "(default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"])
+    parser.add_argument("--max-num-seqs", type=int)
+    parser.add_argument("--max-num-batched-tokens", type=int)
+    parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--kv-memory", help="KV pool size, e.g. 1GiB")
+
+
+def _add_workload_args(parser: argparse.ArgumentParser, num_requests: int) -> None:
+    parser.add_argument("--num-requests", type=int, default=num_requests)
+    parser.add_argument("--input-len", type=LengthRange.parse, default=LengthRange(16, 512),
+                        help="prompt tokens: N or LO:HI (uniform)")
+    parser.add_argument("--output-len", type=LengthRange.parse, default=LengthRange(16, 256),
+                        help="generated tokens: N or LO:HI (uniform)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dataset", type=Path, help="JSONL of prompts instead of random requests")
+
+
+def _add_output_args(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / f"{name}.json", help="JSON results file")
+    parser.add_argument("--plot", action="store_true", help="also write PNG charts beside the JSON")
+
+
+def _add_hf_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hf-python", default=DEFAULT_HF_PYTHON,
+                        help="python of a venv with torch + transformers (scripts/setup_baselines.sh)")
+
+
+def add_bench_parsers(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="throughput, latency and serving benchmarks with baselines")
+    modes = bench.add_subparsers(dest="bench_command", required=True)
+
+    throughput = modes.add_parser("throughput", help="offline: all requests at once")
+    _add_engine_args(throughput)
+    _add_workload_args(throughput, num_requests=256)
+    throughput.add_argument("--baseline", action="append", choices=["static", "hf"], default=[])
+    throughput.add_argument("--static-batch", type=int, help="static batch size (default: max_num_seqs)")
+    _add_hf_args(throughput)
+    throughput.add_argument("--hf-num-requests", type=int,
+                            help="run HF on the first N requests only (it is slow); default all")
+    throughput.add_argument("--hf-batch-size", type=int, default=8)
+    _add_output_args(throughput, "throughput")
+    throughput.set_defaults(run="jaxinfer.bench.runs:throughput_main")
+
+    lat = modes.add_parser("latency", help="batch-1 TTFT, decode tokens/s and the roofline ratio")
+    _add_engine_args(lat)
+    lat.add_argument("--prompt-lens", type=_int_list, default=[16, 128, 512])
+    lat.add_argument("--batch-sizes", type=_int_list, default=[1, 8])
+    lat.add_argument("--decode-tokens", type=int, default=64)
+    lat.add_argument("--repeats", type=int, default=3)
+    lat.add_argument("--bandwidth", type=float, help="copy bandwidth in GB/s (measured when not given)")
+    lat.add_argument("--seed", type=int, default=0)
+    lat.add_argument("--baseline", action="append", choices=["hf"], default=[])
+    _add_hf_args(lat)
+    _add_output_args(lat, "latency")
+    lat.set_defaults(run="jaxinfer.bench.runs:latency_main")
+
+    serve = modes.add_parser("serve", help="timed arrivals against --target HOST:PORT or an in-process engine")
+    _add_engine_args(serve)
+    serve.add_argument("--target", help="HOST:PORT of a `jaxinfer serve` gRPC server (else in-process MODEL)")
+    _add_workload_args(serve, num_requests=64)
+    load = serve.add_mutually_exclusive_group()
+    load.add_argument("--request-rate", type=_float_list, default=[math.inf],
+                      help="requests/s, comma-separated for a sweep (inf: all at once)")
+    load.add_argument("--concurrency", type=_int_list, help="requests in flight, comma-separated (--target only)")
+    serve.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 is Poisson, <1 burstier")
+    serve.add_argument("--slo", type=parse_slo, default={}, help="e.g. ttft=500ms,tpot=50ms (goodput)")
+    serve.add_argument("--baseline", action="append", choices=["static"], default=[],
+                       help="static batching on the same in-process engine")
+    serve.add_argument("--static-batch", type=int, help="static batch size (default: max_num_seqs)")
+    _add_output_args(serve, "serve")
+    serve.set_defaults(run="jaxinfer.bench.runs:serve_main")
+
+    roofline = subparsers.add_parser("roofline", help="first-principles roofline of a model on this device")
+    roofline.add_argument("--model", help="HF checkpoint directory or .gguf (default: SmolLM2-135M-Instruct)")
+    roofline.add_argument("--engine", help="built engine directory (model, dtype and kv dtype from its manifest)")
+    roofline.add_argument("--dtype", default="float32", help="weight dtype: float32, bfloat16, int8, int4, fp8")
+    roofline.add_argument("--kv-dtype", help="KV dtype (default: --dtype)")
+    roofline.add_argument("--batch", type=int, default=1)
+    roofline.add_argument("--context", type=int, default=512, help="context (decode) and prompt (prefill) length")
+    roofline.add_argument("--bandwidth", type=float, help="copy bandwidth in GB/s (measured when not given)")
+    roofline.add_argument("--flops", type=float, help="matmul rate in GFLOP/s (measured when not given)")
+    roofline.add_argument("--output", type=Path, default=RESULTS_DIR / "roofline.json")
+    roofline.set_defaults(run="jaxinfer.commands.roofline:main")

@@ -1,0 +1,64 @@
+"""`jaxinfer roofline`: the first-principles calculator for a model on this device.
+
+Prints weight bytes, KV bytes per token, FLOPs per token (prefill and decode), arithmetic
+intensity, and the predicted compute- and bandwidth-bound times of a decode step and of a
+prefill at --batch/--context, against the copy bandwidth and matmul rate measured here (or
+given with --bandwidth GB/s and --flops GFLOP/s). Writes the figures as JSON (--output).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jaxinfer.bench import device_probe
+from jaxinfer.bench.results import write_results
+from jaxinfer.bench.roofline import Device, roofline_report
+from jaxinfer.checkpoint import load_checkpoint
+from jaxinfer.errors import EngineError
+from jaxinfer.model.config import ModelConfig, RopeScaling
+
+
+def _model_and_dtypes(args) -> tuple[ModelConfig, str, str]:
+    if args.engine:
+        manifest_path = Path(args.engine) / "manifest.json"
+        if not manifest_path.is_file():
+            raise EngineError(f"{args.engine} has no manifest.json; pass an engine directory made by `jaxinfer build`")
+        manifest = json.loads(manifest_path.read_text())
+        fields = dict(manifest["model_config"])
+        if fields.get("rope_scaling"):
+            fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+        fields["eos_token_ids"] = tuple(fields.get("eos_token_ids", ()))
+        engine = manifest["engine_config"]
+        return ModelConfig(**fields), engine.get("quant") or engine["dtype"], engine["kv_dtype"]
+    return load_checkpoint(args.model).config, args.dtype, args.kv_dtype or args.dtype
+
+
+def main(args) -> None:
+    cfg, dtype, kv_dtype = _model_and_dtypes(args)
+    bandwidth = args.bandwidth * 1e9 if args.bandwidth else device_probe.copy_bandwidth()
+    flops = args.flops * 1e9 if args.flops else device_probe.matmul_rate()
+    report = roofline_report(cfg, Device(bandwidth, flops), args.batch, args.context, dtype, kv_dtype)
+    report["device"]["measured"] = {"bandwidth": args.bandwidth is None, "flops": args.flops is None}
+    print(format_report(report))
+    write_results(args.output, report)
+
+
+def format_report(report: dict) -> str:
+    device, decode, prefill = report["device"], report["decode_step"], report["prefill_step"]
+    return "\n".join([
+        f"model {report['model']['name'] or '?'}: {report['model']['num_params'] / 1e6:.1f}M parameters, "
+        f"weights {report['dtype']}, KV {report['kv_dtype']}",
+        f"device: copy bandwidth {device['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
+        f"matmul {device['flops_per_s'] / 1e9:.1f} GFLOP/s",
+        f"weight bytes             {report['weight_bytes'] / 1e6:10.1f} MB",
+        f"KV bytes per token       {report['kv_bytes_per_token']:10.0f} B",
+        f"decode FLOPs per token   {report['decode_flops_per_token'] / 1e6:10.1f} MFLOP (context {report['context_len']})",
+        f"prefill FLOPs per token  {report['prefill_flops_per_token'] / 1e6:10.1f} MFLOP (prompt {report['context_len']})",
+        *(f"{label} step, batch {report['batch']}: {step['flops'] / 1e9:.2f} GFLOP, {step['bytes'] / 1e6:.1f} MB, "
+          f"intensity {step['intensity_flops_per_byte']:.1f} FLOP/B; compute {1e3 * step['compute_time_s']:.2f} ms, "
+          f"bandwidth {1e3 * step['memory_time_s']:.2f} ms -> {step['bound']}-bound, {rate:.1f} tokens/s"
+          for label, step, rate in (("decode ", decode, report["decode_tokens_per_s"]),
+                                    ("prefill", prefill, report["prefill_tokens_per_s"]))),
+        f"batch-1 decode bandwidth bound: {report['batch1_decode_bandwidth_bound_tokens_per_s']:.1f} tokens/s",
+    ])

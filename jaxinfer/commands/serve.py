@@ -1,0 +1,37 @@
+"""`jaxinfer serve [ENGINE_DIR]`: the gRPC server (serving/server.py) over one engine.
+
+ENGINE_DIR may also be an HF checkpoint directory or a .gguf file (compiled at start). Without
+it, the default model's engine is built once into the user cache directory and served from there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from jaxinfer.engine.build import build_engine
+from jaxinfer.engine.create import create_engine, is_engine_dir
+from serving.server import ServerConfig, run_server
+
+
+def default_engine_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "jaxinfer" / "engines" / "default"
+
+
+def _load_engine(engine_dir: str | None):
+    if engine_dir is None:
+        engine_dir = default_engine_dir()
+        if not is_engine_dir(engine_dir):
+            print(f"jaxinfer: building the default model's engine into {engine_dir}", file=sys.stderr, flush=True)
+            build_engine(None, engine_dir)
+    return create_engine(engine_dir)
+
+
+def main(args) -> int:
+    config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port,
+                          model_name=args.served_model_name or "", tls_cert=args.tls_cert, tls_key=args.tls_key,
+                          auth_token_file=args.auth_token_file, max_queued_requests=args.max_queued_requests,
+                          drain_timeout_s=args.drain_timeout)
+    return run_server(lambda: _load_engine(args.engine_dir), config)

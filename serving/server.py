@@ -1,0 +1,147 @@
+"""The gRPC server process: jaxinfer.v1, KServe v2, grpc.health.v1 and reflection on one port,
+Prometheus metrics on another, and the engine thread behind them.
+
+Lifecycle: bind and start (health NOT_SERVING) -> the engine thread loads the engine -> SERVING
+-> on SIGTERM/SIGINT drain: NOT_SERVING, new requests UNAVAILABLE, in-flight requests finish or
+are aborted after `drain_timeout_s` -> stop, exit code 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from importlib import metadata
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from jaxinfer.engine.llm_engine import LLMEngine
+from serving.engine_loop import EngineLoop
+from serving.handlers import add_service
+from serving.jaxinfer_service import JaxinferServicer
+from serving.kserve_service import KServeServicer
+from serving.metrics import ServerMetrics
+from serving.protos import jaxinfer_pb2, kserve_v2_pb2
+from serving.security import BearerTokenInterceptor, read_token, server_credentials
+
+log = logging.getLogger(__name__)
+
+SERVICES = (jaxinfer_pb2.DESCRIPTOR.services_by_name["Jaxinfer"],
+            kserve_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"])
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port (printed on stderr)
+    metrics_port: int | None = None  # None: no metrics endpoint; 0 picks a free port
+    model_name: str = ""  # "" uses the engine's model name
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    auth_token_file: str | None = None
+    max_queued_requests: int = 256  # requests held by the server; more get RESOURCE_EXHAUSTED
+    max_message_bytes: int = 4 * 2**20
+    drain_timeout_s: float = 30.0
+
+
+def _version() -> str:
+    try:
+        return metadata.version("jaxinfer")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class _Server:
+    def __init__(self, engine_factory: Callable[[], LLMEngine], config: ServerConfig):
+        if (config.tls_cert is None) != (config.tls_key is None):
+            raise ValueError("give both --tls-cert and --tls-key, or neither")
+        self.config = config
+        self.metrics: ServerMetrics | None = None
+        self.engine_loop = EngineLoop(engine_factory, config.max_queued_requests, self._observe)
+        self.health = health.aio.HealthServicer()
+        self.stopping = asyncio.Event()
+
+    def _observe(self, output, stream) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(output, stream)
+
+    async def _set_health(self, status) -> None:
+        for name in ("", *(service.full_name for service in SERVICES)):
+            await self.health.set(name, status)
+
+    def _grpc_server(self, model_name: str) -> tuple[grpc.aio.Server, JaxinferServicer, KServeServicer]:
+        config = self.config
+        interceptors = [BearerTokenInterceptor(read_token(config.auth_token_file))] if config.auth_token_file else []
+        server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes)])
+        jaxinfer_servicer = JaxinferServicer(self.engine_loop, model_name)
+        kserve_servicer = KServeServicer(self.engine_loop, model_name, _version())
+        add_service(server, SERVICES[0], jaxinfer_servicer)
+        add_service(server, SERVICES[1], kserve_servicer)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [*(s.full_name for s in SERVICES), health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert:
+            port = server.add_secure_port(address, server_credentials(config.tls_cert, config.tls_key))
+        else:
+            port = server.add_insecure_port(address)
+        self.port = port
+        return server, jaxinfer_servicer, kserve_servicer
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        server, jaxinfer_servicer, kserve_servicer = self._grpc_server(self.config.model_name)
+        await server.start()
+        print(f"jaxinfer: gRPC listening on {self.config.host}:{self.port} "
+              f"({'TLS' if self.config.tls_cert else 'plaintext'}), loading the engine", file=sys.stderr, flush=True)
+        engine_task = asyncio.create_task(self.engine_loop.start())
+        stop_task = asyncio.create_task(self.stopping.wait())
+        await asyncio.wait([engine_task, stop_task], return_when=asyncio.FIRST_COMPLETED)
+        if not engine_task.done():
+            engine_task.cancel()
+            await server.stop(grace=None)
+            return 0
+        engine = engine_task.result()
+        model_name = self.config.model_name or engine.model_cfg.name or "model"
+        jaxinfer_servicer.model_name = kserve_servicer.model_name = model_name
+        if self.config.metrics_port is not None:
+            self.metrics = ServerMetrics(model_name, lambda: self.engine_loop.snapshot)
+            metrics_port = self.metrics.serve_http(self.config.host, self.config.metrics_port)
+            print(f"jaxinfer: metrics on http://{self.config.host}:{metrics_port}/metrics", file=sys.stderr, flush=True)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        print(f"jaxinfer: serving {model_name!r}", file=sys.stderr, flush=True)
+        await stop_task
+        await self._drain(server)
+        return 0
+
+    async def _drain(self, server: grpc.aio.Server) -> None:
+        print("jaxinfer: draining", file=sys.stderr, flush=True)
+        self.engine_loop.admitting = False
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        deadline = asyncio.get_running_loop().time() + self.config.drain_timeout_s
+        while self.engine_loop.num_active and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.engine_loop.num_active:
+            print(f"jaxinfer: aborting {self.engine_loop.num_active} requests still running after "
+                  f"{self.config.drain_timeout_s} s", file=sys.stderr, flush=True)
+            self.engine_loop.abort_all()
+        await server.stop(grace=1.0)
+        self.engine_loop.stop()
+        print("jaxinfer: stopped", file=sys.stderr, flush=True)
+
+
+def run_server(engine_factory: Callable[[], LLMEngine], config: ServerConfig) -> int:
+    """Serves until SIGTERM/SIGINT, then drains; returns the exit code (0 after a clean drain).
+    The engine is built by `engine_factory` on the engine thread, after the port is open."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return asyncio.run(_Server(engine_factory, config).run())

@@ -1,0 +1,283 @@
+"""The jaxinfer.v1 gRPC API against a real server (child process, loopback port, tiny checkpoint):
+streamed and unary greedy replies equal the offline engine's, tokenizer RPCs equal the tokenizer,
+every bad input gets its status while the server keeps serving, cancellation / deadline / Abort
+give the KV blocks back, the queue limit answers RESOURCE_EXHAUSTED, reflection and metrics."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.child_server import ChildServer
+from serving.protos import jaxinfer_pb2 as pb
+from serving.protos import jaxinfer_pb2_grpc
+
+TINY = "tests/checkpoints/tiny-llama3"
+ENGINE = {"max_num_seqs": 8, "max_num_batched_tokens": 64, "max_model_len": 256, "kv_memory": "8MiB"}
+MAX_QUEUED = 12
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ChildServer({"model": TINY, **ENGINE}, {"metrics_port": 0, "max_queued_requests": MAX_QUEUED}) as child:
+        yield child
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with server.channel() as channel:
+        yield jaxinfer_pb2_grpc.JaxinferStub(channel)
+
+
+@pytest.fixture(scope="module")
+def offline_engine():
+    from jaxinfer.engine.create import create_engine
+
+    return create_engine(TINY, progress=False, **ENGINE)
+
+
+def offline_greedy(engine, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], str]:
+    from jaxinfer.sampling_params import SamplingParams
+
+    engine.add_request("oracle", params=SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
+                       prompt_token_ids=prompt_ids)
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            last = output
+    return last.outputs[0].token_ids, last.outputs[0].text
+
+
+def greedy(max_tokens: int, **fields) -> pb.SamplingParameters:
+    return pb.SamplingParameters(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **fields)
+
+
+def random_prompt(rng: np.random.Generator, length: int) -> pb.TokenIds:
+    return pb.TokenIds(ids=rng.integers(3, 512, size=length).tolist())
+
+
+def scrape(server) -> dict[str, float]:
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if not sample.labels.get("le")}
+
+
+def wait_kv_free(server, timeout_s: float = 10.0) -> dict[str, float]:
+    """Waits until no request runs or waits and no KV block is referenced; returns the metrics."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        metrics = scrape(server)
+        idle = (metrics["jaxinfer:num_requests_running"] == 0 and metrics["jaxinfer:num_requests_waiting"] == 0
+                and metrics["jaxinfer:kv_cache_usage_perc"] == 0)
+        if idle or time.monotonic() > deadline:
+            return metrics
+        time.sleep(0.05)
+
+
+def test_health_and_reflection(server):
+    assert server.health() == health_pb2.HealthCheckResponse.SERVING
+    assert server.health("jaxinfer.v1.Jaxinfer") == health_pb2.HealthCheckResponse.SERVING
+    with server.channel() as channel:
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        [reply] = list(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in reply.list_services_response.service}
+        [reply] = list(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="jaxinfer.v1.Jaxinfer")])))
+    assert {"jaxinfer.v1.Jaxinfer", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+    assert reply.file_descriptor_response.file_descriptor_proto
+
+
+def test_stream_and_unary_equal_offline_greedy(stub, offline_engine):
+    rng = np.random.default_rng(1)
+    for length, max_tokens in ((5, 12), (70, 20), (1, 3)):  # 70 > token budget: chunked prefill
+        prompt = random_prompt(rng, length)
+        want_ids, want_text = offline_greedy(offline_engine, list(prompt.ids), max_tokens)
+        responses = list(stub.Generate(pb.GenerateRequest(token_ids=prompt, sampling=greedy(max_tokens))))
+        streamed = [t for r in responses for c in r.outputs for t in c.token_ids]
+        assert streamed == want_ids
+        assert "".join(c.text for r in responses for c in r.outputs) == want_text
+        final = responses[-1]
+        assert final.finished and not any(r.finished for r in responses[:-1])
+        assert final.outputs[0].finish_reason == pb.FINISH_REASON_LENGTH
+        assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (length, max_tokens)
+        unary = stub.GenerateUnary(pb.GenerateRequest(token_ids=prompt, sampling=greedy(max_tokens)))
+        assert list(unary.outputs[0].token_ids) == want_ids and unary.outputs[0].text == want_text
+        assert unary.usage.cached_tokens <= length  # the stream left the same prompt in the prefix cache
+
+
+def test_text_chat_n_and_logprobs(stub, server, offline_engine):
+    tokenizer = offline_engine.tokenizer
+    chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hello there")])
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hello there"}])
+    assert list(stub.Tokenize(pb.TokenizeRequest(chat=chat)).token_ids) == tokenizer.encode(rendered)
+    from_chat = stub.GenerateUnary(pb.GenerateRequest(chat=chat, sampling=greedy(6)))
+    from_text = stub.GenerateUnary(pb.GenerateRequest(text=rendered, sampling=greedy(6)))
+    assert list(from_chat.outputs[0].token_ids) == list(from_text.outputs[0].token_ids)
+    assert from_chat.usage.prompt_tokens == len(tokenizer.encode(rendered))
+
+    sampled = stub.GenerateUnary(pb.GenerateRequest(text="once upon", sampling=pb.SamplingParameters(
+        n=3, seed=7, max_tokens=5, ignore_eos=True, logprobs=2)))
+    assert sorted(c.index for c in sampled.outputs) == [0, 1, 2]
+    for completion in sampled.outputs:
+        assert len(completion.logprobs) == len(completion.token_ids) == 5
+        for token, position in zip(completion.token_ids, completion.logprobs):
+            assert position.entries[0].token_id == token
+            assert all(e.logprob <= 0 and math.isfinite(e.logprob) for e in position.entries)
+            assert 2 <= len(position.entries) <= 3
+    assert sampled.usage.completion_tokens == 15
+
+
+def test_tokenize_detokenize_model_info(stub, offline_engine):
+    tokenizer, cfg = offline_engine.tokenizer, offline_engine.engine_cfg
+    text = "To be, or not to be"
+    ids = list(stub.Tokenize(pb.TokenizeRequest(text=text)).token_ids)
+    assert ids == tokenizer.encode(text)
+    assert list(stub.Tokenize(pb.TokenizeRequest(text=text, add_special_tokens=False)).token_ids) == \
+        tokenizer.encode(text, add_special_tokens=False)
+    assert stub.Detokenize(pb.DetokenizeRequest(token_ids=ids)).text == tokenizer.decode(ids)
+    info = stub.ModelInfo(pb.ModelInfoRequest())
+    assert (info.vocab_size, info.num_layers, info.max_model_len) == (
+        offline_engine.model_cfg.vocab_size, offline_engine.model_cfg.num_layers, cfg.max_model_len)
+    assert (info.engine.max_num_seqs, info.engine.block_size, info.engine.dtype) == (
+        cfg.max_num_seqs, cfg.block_size, cfg.dtype)
+    assert info.max_queued_requests == MAX_QUEUED and info.num_kv_blocks == offline_engine.runner.num_blocks
+
+
+BAD_REQUESTS = {
+    "no prompt": pb.GenerateRequest(sampling=greedy(4)),
+    "empty text": pb.GenerateRequest(text="", sampling=greedy(4)),
+    "empty token ids": pb.GenerateRequest(token_ids=pb.TokenIds(), sampling=greedy(4)),
+    "empty chat": pb.GenerateRequest(chat=pb.ChatMessages(), sampling=greedy(4)),
+    "prompt too long": pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 300), sampling=greedy(4)),
+    "prompt + max_tokens too long": pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 200), sampling=greedy(100)),
+    "max_tokens 0": pb.GenerateRequest(text="hi", sampling=pb.SamplingParameters(max_tokens=0)),
+    "max_tokens negative": pb.GenerateRequest(text="hi", sampling=pb.SamplingParameters(max_tokens=-3)),
+    "max_tokens beyond limit": pb.GenerateRequest(text="hi", sampling=pb.SamplingParameters(max_tokens=10**6)),
+    "temperature negative": pb.GenerateRequest(text="hi", sampling=pb.SamplingParameters(temperature=-0.5)),
+    "temperature NaN": pb.GenerateRequest(text="hi", sampling=pb.SamplingParameters(temperature=math.nan)),
+    "top_p 0": pb.GenerateRequest(text="hi", sampling=pb.SamplingParameters(top_p=0.0)),
+    "top_p above 1": pb.GenerateRequest(text="hi", sampling=pb.SamplingParameters(top_p=1.5)),
+    "top_k -2": pb.GenerateRequest(text="hi", sampling=pb.SamplingParameters(top_k=-2)),
+    "n too large": pb.GenerateRequest(text="hi", sampling=pb.SamplingParameters(n=64)),
+    "unknown token id": pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 512, 7]), sampling=greedy(4)),
+    "unknown stop token id": pb.GenerateRequest(text="hi", sampling=pb.SamplingParameters(stop_token_ids=[9999])),
+    "too many logprobs": pb.GenerateRequest(text="hi", sampling=pb.SamplingParameters(logprobs=50)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_request_is_invalid_argument_and_server_keeps_serving(stub, case):
+    for call in (lambda r: list(stub.Generate(r)), stub.GenerateUnary):
+        with pytest.raises(grpc.RpcError) as err:
+            call(BAD_REQUESTS[case])
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert len(err.value.details()) > 20
+    assert stub.GenerateUnary(pb.GenerateRequest(text="still", sampling=greedy(2))).usage.completion_tokens == 2
+
+
+def test_malformed_utf8_and_oversized_messages(server, stub):
+    valid = pb.GenerateRequest(text="Xy", sampling=greedy(2)).SerializeToString()
+    malformed = valid.replace(b"Xy", b"\xff\xfe")  # same lengths, so the framing stays valid
+    with server.channel() as channel:
+        raw_generate = channel.unary_unary("/jaxinfer.v1.Jaxinfer/GenerateUnary",
+                                           request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        assert pb.GenerateResponse.FromString(raw_generate(valid)).finished
+        with pytest.raises(grpc.RpcError) as err:
+            raw_generate(malformed)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GenerateUnary(pb.GenerateRequest(text="x" * (5 * 2**20)))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert server.health() == health_pb2.HealthCheckResponse.SERVING
+
+
+def long_request(request_id: str = "", max_tokens: int = 200) -> pb.GenerateRequest:
+    return pb.GenerateRequest(request_id=request_id, text="a long one", sampling=greedy(max_tokens))
+
+
+def test_cancel_deadline_and_abort_return_kv_blocks(server, stub):
+    call = stub.Generate(long_request())
+    next(call), next(call)
+    assert scrape(server)["jaxinfer:kv_cache_usage_perc"] > 0
+    call.cancel()
+    assert wait_kv_free(server)["jaxinfer:kv_cache_usage_perc"] == 0
+
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(long_request(), timeout=0.5))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_kv_free(server)["jaxinfer:kv_cache_usage_perc"] == 0
+
+    call = stub.Generate(long_request("to-abort"))
+    next(call)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(long_request("to-abort")))
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert stub.Abort(pb.AbortRequest(request_id="to-abort")).found
+    rest = list(call)
+    assert rest[-1].finished and rest[-1].outputs[0].finish_reason == pb.FINISH_REASON_ABORT
+    assert not stub.Abort(pb.AbortRequest(request_id="to-abort")).found
+    assert wait_kv_free(server)["jaxinfer:kv_cache_usage_perc"] == 0
+
+
+def test_queue_limit_is_resource_exhausted(server, stub):
+    calls = [stub.Generate(long_request(f"hold-{i}")) for i in range(MAX_QUEUED)]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # all held: 8 running, the rest waiting in the engine
+        metrics = scrape(server)
+        if metrics["jaxinfer:num_requests_running"] + metrics["jaxinfer:num_requests_waiting"] == MAX_QUEUED:
+            break
+        time.sleep(0.02)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(long_request("one-too-many")))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for call in calls:
+        call.cancel()
+    assert wait_kv_free(server)["jaxinfer:kv_cache_usage_perc"] == 0
+    assert stub.GenerateUnary(pb.GenerateRequest(text="after", sampling=greedy(2))).finished
+
+
+def test_concurrent_streams_equal_offline(stub, offline_engine):
+    rng = np.random.default_rng(2)
+    prompts = [random_prompt(rng, int(n)) for n in rng.integers(2, 40, size=6)]
+    want = [offline_greedy(offline_engine, list(p.ids), 16)[0] for p in prompts]
+    got = [None] * len(prompts)
+
+    def run(i):
+        got[i] = [t for r in stub.Generate(pb.GenerateRequest(token_ids=prompts[i], sampling=greedy(16)))
+                  for c in r.outputs for t in c.token_ids]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert got == want
+
+
+def test_metrics_count_requests(server, stub):
+    before = scrape(server)
+    prompt = pb.TokenIds(ids=list(range(10, 27)))
+    for _ in range(2):  # the second is a prefix-cache hit
+        stub.GenerateUnary(pb.GenerateRequest(token_ids=prompt, sampling=greedy(5)))
+    after = wait_kv_free(server)
+
+    def delta(name):
+        return after[name] - before.get(name, 0.0)
+
+    assert delta("jaxinfer:prompt_tokens_total") == 34
+    assert delta("jaxinfer:generation_tokens_total") == 10
+    assert delta("jaxinfer:time_to_first_token_seconds_count") == 2
+    assert delta("jaxinfer:e2e_request_latency_seconds_count") == 2
+    assert delta("jaxinfer:request_queue_time_seconds_count") == 2
+    assert delta("jaxinfer:inter_token_latency_seconds_count") == 8
+    assert delta("jaxinfer:prefix_cache_queries_total") >= 34
+    assert delta("jaxinfer:prefix_cache_hits_total") >= 16
+    assert after["jaxinfer:num_requests_running"] == 0

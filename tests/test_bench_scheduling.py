@@ -1,0 +1,60 @@
+"""Static versus continuous batching through the bench driver, on a tiny checkpoint.
+
+Oracles are the definitions: every request yields exactly its max_tokens; static batches of B
+(in arrival order) never overlap in time; continuous batching starts a waiting request before
+the longest member of the first full batch finishes, and needs fewer engine steps; with timed
+arrivals no request produces a token before it arrived.
+"""
+
+import pytest
+
+from conftest import CHECKPOINTS_DIR
+from jaxinfer.bench.arrivals import arrival_offsets
+from jaxinfer.bench.dataset import LengthRange, fresh_prefixes, random_requests
+from jaxinfer.bench.engine_runs import drive
+from jaxinfer.bench.metrics import run_metrics
+from jaxinfer.engine.create import create_engine
+
+MAX_NUM_SEQS = 8
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return create_engine(CHECKPOINTS_DIR / "tiny-llama3", progress=False, dtype="float32",
+                         max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=64, max_model_len=256, kv_memory="8MiB")
+
+
+@pytest.fixture(scope="module")
+def requests(engine):
+    return random_requests(12, LengthRange(4, 40), LengthRange(2, 24), engine.model_cfg.vocab_size, seed=11)
+
+
+def test_static_batches_wait_for_their_longest_member(engine, requests):
+    batch = 4
+    steps_before = engine.num_steps
+    timings, _ = drive(engine, fresh_prefixes(requests, 1, engine.model_cfg.vocab_size), [0.0] * 12, static_batch=batch)
+    static_steps = engine.num_steps - steps_before
+    assert [t.num_output_tokens for t in timings] == [r.max_tokens for r in requests]
+    groups = [timings[i:i + batch] for i in range(0, len(timings), batch)]
+    for earlier, later in zip(groups, groups[1:]):
+        assert max(t.chunk_times[-1] for t in earlier) <= min(t.chunk_times[0] for t in later)
+
+    steps_before = engine.num_steps
+    timings, duration = drive(engine, fresh_prefixes(requests, 2, engine.model_cfg.vocab_size), [0.0] * 12)
+    continuous_steps = engine.num_steps - steps_before
+    assert [t.num_output_tokens for t in timings] == [r.max_tokens for r in requests]
+    first_full_batch, waiting = timings[:MAX_NUM_SEQS], timings[MAX_NUM_SEQS:]
+    assert min(t.chunk_times[0] for t in waiting) < max(t.chunk_times[-1] for t in first_full_batch)
+    assert continuous_steps < static_steps
+    metrics = run_metrics(timings, duration)
+    assert metrics["output_tokens"] == sum(r.max_tokens for r in requests)
+    assert not engine.has_unfinished_requests()
+
+
+def test_timed_arrivals_are_respected(engine, requests):
+    offsets = arrival_offsets(len(requests), rate=200.0, burstiness=1.0, seed=4)
+    timings, duration = drive(engine, fresh_prefixes(requests, 3, engine.model_cfg.vocab_size), offsets)
+    start = timings[0].arrival
+    assert [t.arrival - start for t in timings] == pytest.approx(list(offsets))
+    assert all(t.ttft > 0 and t.num_output_tokens == r.max_tokens for t, r in zip(timings, requests))
+    assert duration >= offsets[-1]

@@ -5,8 +5,6 @@ runs jaxinfer and the requested baselines on it, prints the side-by-side table a
 
 from __future__ import annotations
 
-import sys
-
 from jaxinfer.bench import latency, plots
 from jaxinfer.bench.arrivals import arrival_offsets
 from jaxinfer.bench.dataset import (BenchRequest, LengthRange, fresh_prefixes, jsonl_requests, random_requests,
@@ -184,7 +182,7 @@ def serve_main(args) -> None:
             timings, duration = run(index, offsets, value if kind == "concurrency" else None)
             point[name] = {kind: value, **run_metrics(timings, duration, args.slo)}
             curves.setdefault(name, []).append(point[name])
-            samples[name] = _samples(timings)
+            samples[name] = _samples(timings)  # the distributions chart shows the last point
         print(f"\n{kind} = {value}")
         print(comparison_table(point, SERVE_COLUMNS, reference=next(iter(runs))))
     _print_tpot_growth(curves)
@@ -205,4 +203,4 @@ def _print_tpot_growth(curves: dict[str, list[dict]]) -> None:
         base = runs[0]["tpot_s"].get("median")
         if base:
             growth = ", ".join(f"{run['tpot_s'].get('median', float('nan')) / base:.2f}x" for run in runs)
-            print(f"{name}: p50 TPOT relative to the first point: {growth}", file=sys.stdout)
+            print(f"{name}: p50 TPOT relative to the first point: {growth}")

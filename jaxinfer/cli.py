@@ -1,0 +1,64 @@
+"""The `jaxinfer` command line: generate, build, serve, client, bench, roofline, eval.
+
+Each subcommand lives with the code it drives; this module only parses arguments and dispatches.
+Generated text goes to stdout; logs and progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxinfer.errors import JaxinferError
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="HF checkpoint directory, .gguf file or built engine directory "
+                                        "(default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="engine dtype (default per backend)")
+    parser.add_argument("--tp", type=int, help="tensor-parallel size")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxinfer", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate text from a prompt, streamed to stdout")
+    _add_model_args(generate)
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="raw prompt text")
+    prompt.add_argument("--chat", help="a user message, rendered with the model's chat template")
+    generate.add_argument("--max-tokens", type=int, default=None)
+    generate.add_argument("--temperature", type=float, default=None)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=-1)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.set_defaults(run="jaxinfer.commands.generate:main")
+
+    build = commands.add_parser("build", help="compile an engine directory ahead of time")
+    _add_model_args(build)
+    build.add_argument("--output", required=True, help="engine directory to write")
+    build.add_argument("--kv-dtype", choices=["auto", "float32", "bfloat16", "int8", "fp8"])
+    build.add_argument("--max-num-seqs", type=int)
+    build.add_argument("--max-num-batched-tokens", type=int)
+    build.add_argument("--max-model-len", type=int)
+    build.add_argument("--block-size", type=int)
+    build.add_argument("--kv-memory", help="KV pool size (e.g. 1GiB) or fraction of device memory (0.9)")
+    build.add_argument("--quant", choices=["int8", "int4", "int4-awq", "w8a8", "fp8"])
+    build.set_defaults(run="jaxinfer.engine.build:main")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    module_name, function_name = args.run.split(":")
+    module = __import__(module_name, fromlist=[function_name])
+    try:
+        return getattr(module, function_name)(args) or 0
+    except JaxinferError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

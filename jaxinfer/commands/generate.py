@@ -1,0 +1,24 @@
+"""`jaxinfer generate`: stream a completion of one prompt to stdout (logs go to stderr)."""
+
+from __future__ import annotations
+
+import sys
+
+from jaxinfer.configs import load_config
+from jaxinfer.llm import LLM
+from jaxinfer.sampling_params import SamplingParams
+
+
+def main(args) -> None:
+    defaults = load_config("defaults")
+    # One request at a time: a small engine compiles fastest.
+    llm = LLM(args.model, dtype=args.dtype, tp=args.tp, max_num_seqs=1, max_num_batched_tokens=128)
+    prompt = llm.chat_prompt(args.chat) if args.chat is not None else args.prompt
+    params = SamplingParams(
+        max_tokens=args.max_tokens or defaults["max_tokens"],
+        temperature=defaults["temperature"] if args.temperature is None else args.temperature,
+        top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    for text in llm.stream(prompt, params):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")

@@ -1,0 +1,159 @@
+"""Engine directories: everything a ready engine needs, written by `jaxinfer build`, loaded with
+no compilation.
+
+Layout:
+    manifest.json        format version, jax/jaxlib versions, backend and device kind, mesh,
+                         model config, engine (build) config, buckets, KV plan, sha256 of every file
+    weights/             orbax checkpoint of the params in their serving layout and dtype
+                         (heads already padded for the mesh, quantized weights already quantized)
+    tokenizer.json       the tokenizer; tokenizer_meta.json: eos/bos ids and the chat template
+    executables/<bucket>.bin   the serialized compiled step of each bucket
+
+Loading checks the manifest before touching anything else: another jax version, backend, device
+kind or device count is refused with a message that says to rebuild; a missing or corrupted file
+(sha256 mismatch) is named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pickle
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jaxlib
+import orbax.checkpoint as ocp
+import tokenizers
+from jax.experimental import serialize_executable
+from jax.sharding import Mesh
+
+from jaxinfer.engine.config import EngineConfig
+from jaxinfer.engine.create import ENGINE_MANIFEST
+from jaxinfer.engine.llm_engine import LLMEngine
+from jaxinfer.errors import EngineError
+from jaxinfer.model.config import ModelConfig, RopeScaling
+from jaxinfer.model.sharding import make_mesh, param_shardings
+from jaxinfer.runner.buckets import Bucket
+from jaxinfer.runner.model_runner import ModelRunner, allocate_kv_caches
+from jaxinfer.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+
+
+def environment() -> dict:
+    """What a compiled executable is tied to."""
+    device = jax.devices()[0]
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "backend": jax.default_backend(),
+            "device_kind": device.device_kind, "num_devices": jax.device_count()}
+
+
+def save_engine(output: Path, engine: LLMEngine, source: str) -> Path:
+    """Writes the engine directory for a ready in-process engine (its executables compiled)."""
+    output = output.resolve()
+    if output.exists():
+        shutil.rmtree(output)
+    (output / "executables").mkdir(parents=True)
+    runner = engine.runner
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(output / "weights", runner.params)
+    checkpointer.wait_until_finished()
+    engine.tokenizer.backend.save(str(output / "tokenizer.json"))
+    tok = engine.tokenizer
+    (output / "tokenizer_meta.json").write_text(json.dumps({
+        "eos_token_ids": list(tok.eos_token_ids), "bos_token_id": tok.bos_token_id,
+        "add_bos_token": tok.add_bos_token, "chat_template": tok.chat_template}))
+    for bucket, compiled in runner.executables.items():
+        payload = serialize_executable.serialize(compiled)
+        (output / "executables" / f"{bucket.name}.bin").write_bytes(pickle.dumps(payload))
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "environment": environment(),
+        "source": source,
+        "model_config": dataclasses.asdict(engine.model_cfg),
+        "engine_config": dataclasses.asdict(engine.engine_cfg),
+        "mesh": dict(runner.mesh.shape),
+        "num_kv_blocks": runner.num_blocks,
+        "buckets": [dataclasses.asdict(b) for b in runner.executables],
+        "files": {str(p.relative_to(output)): _sha256(p) for p in sorted(output.rglob("*")) if p.is_file()},
+    }
+    (output / ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return output
+
+
+def read_manifest(directory: Path) -> dict:
+    path = directory / ENGINE_MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise EngineError(f"{path} is missing or unreadable ({err}); rebuild the engine with `jaxinfer build`") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise EngineError(f"{directory} has engine format {manifest.get('format_version')}, this jaxinfer reads "
+                          f"format {FORMAT_VERSION}; rebuild the engine with `jaxinfer build`")
+    built, here = manifest["environment"], environment()
+    for key in ("jax", "jaxlib", "backend", "device_kind", "num_devices"):
+        if built.get(key) != here[key]:
+            raise EngineError(f"{directory} was built for {key}={built.get(key)!r} but this machine has "
+                              f"{key}={here[key]!r}; compiled engines are tied to them: rebuild it here with "
+                              "`jaxinfer build`")
+    return manifest
+
+
+def verify_files(directory: Path, manifest: dict) -> None:
+    for name, digest in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise EngineError(f"engine file {path} is missing; rebuild the engine with `jaxinfer build`")
+        if _sha256(path) != digest:
+            raise EngineError(f"engine file {path} is corrupted (sha256 mismatch); rebuild the engine with "
+                              "`jaxinfer build`")
+
+
+def load_engine(directory: Path, progress: bool = True) -> LLMEngine:
+    start = time.perf_counter()
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    model = dict(manifest["model_config"])
+    if model["rope_scaling"]:
+        model["rope_scaling"] = RopeScaling(**model["rope_scaling"])
+    model["eos_token_ids"] = tuple(model["eos_token_ids"])
+    cfg = ModelConfig(**model)
+    engine_cfg = EngineConfig(**manifest["engine_config"])
+    mesh = make_mesh(manifest["mesh"]["model"])
+    params = _restore_weights(directory / "weights", cfg, mesh, engine_cfg.dtype)
+    kv_caches = allocate_kv_caches(cfg, engine_cfg, mesh, manifest["num_kv_blocks"])
+    executables = {}
+    for entry in manifest["buckets"]:
+        bucket = Bucket(**entry)
+        payload = pickle.loads((directory / "executables" / f"{bucket.name}.bin").read_bytes())
+        executables[bucket] = serialize_executable.deserialize_and_load(
+            *payload, execution_devices=list(mesh.devices.flat))
+    meta = json.loads((directory / "tokenizer_meta.json").read_text())
+    tokenizer = Tokenizer(tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json")),
+                          tuple(meta["eos_token_ids"]), meta["bos_token_id"], meta["add_bos_token"],
+                          meta["chat_template"])
+    runner = ModelRunner(cfg, engine_cfg, mesh, params, kv_caches, executables, tokenizer.eos_token_ids)
+    if progress:
+        print(f"loaded engine {directory} ({len(executables)} buckets, {manifest['num_kv_blocks']} KV blocks) "
+              f"in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    return LLMEngine(runner, tokenizer, cfg, engine_cfg)
+
+
+def _restore_weights(path: Path, cfg: ModelConfig, mesh: Mesh, dtype: str):
+    from jaxinfer.model.llama import param_shapes
+
+    target = jax.tree.map(lambda shape, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding),
+                          param_shapes(cfg), param_shardings(cfg, mesh), is_leaf=lambda x: isinstance(x, tuple))
+    return ocp.StandardCheckpointer().restore(path.resolve(), target)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

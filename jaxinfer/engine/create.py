@@ -1,0 +1,56 @@
+"""Creating a ready engine: from a built engine directory (no compilation), or from a checkpoint
+(weights placed on the mesh, KV pool planned and allocated, every bucket compiled in-process)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from jaxinfer.cache.kv_pool import plan_kv_memory
+from jaxinfer.checkpoint import Checkpoint, load_checkpoint
+from jaxinfer.engine.config import EngineConfig
+from jaxinfer.engine.llm_engine import LLMEngine
+from jaxinfer.model.sharding import make_mesh, place_params
+from jaxinfer.runner.model_runner import ModelRunner, allocate_kv_caches, compile_steps
+
+ENGINE_MANIFEST = "manifest.json"
+
+
+def is_engine_dir(path: str | Path | None) -> bool:
+    return path is not None and (Path(path) / ENGINE_MANIFEST).is_file()
+
+
+def create_engine(model: str | Path | None = None, progress: bool = True, **overrides) -> LLMEngine:
+    """An engine for `model` (engine directory, HF directory, .gguf, or None for the default
+    model); keyword overrides are EngineConfig fields (ignored for a built engine, whose build
+    config is fixed)."""
+    if is_engine_dir(model):
+        from jaxinfer.engine.artifact import load_engine
+
+        return load_engine(Path(model), progress=progress)
+    checkpoint = load_checkpoint(model)
+    return engine_from_checkpoint(checkpoint, EngineConfig.create(**overrides), progress)
+
+
+def prepare_device_state(checkpoint: Checkpoint, engine_cfg: EngineConfig, progress: bool):
+    """Places weights on the mesh and allocates the planned KV pool; returns
+    (model config as served, engine config, mesh, params, kv caches)."""
+    cfg = checkpoint.config
+    if engine_cfg.max_model_len > cfg.max_position_embeddings:
+        engine_cfg = dataclasses.replace(engine_cfg, max_model_len=cfg.max_position_embeddings)
+    mesh = make_mesh(engine_cfg.tp)
+    params, cfg = place_params(checkpoint.params, cfg, mesh, engine_cfg.dtype)
+    plan = plan_kv_memory(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, engine_cfg.kv_dtype,
+                          engine_cfg.block_size, engine_cfg.kv_budget_bytes())
+    if progress:
+        print(plan.describe(), file=sys.stderr)
+    kv_caches = allocate_kv_caches(cfg, engine_cfg, mesh, plan.num_blocks)
+    return cfg, engine_cfg, mesh, params, kv_caches
+
+
+def engine_from_checkpoint(checkpoint: Checkpoint, engine_cfg: EngineConfig, progress: bool = True) -> LLMEngine:
+    cfg, engine_cfg, mesh, params, kv_caches = prepare_device_state(checkpoint, engine_cfg, progress)
+    executables = compile_steps(cfg, engine_cfg, mesh, params, kv_caches, progress)
+    runner = ModelRunner(cfg, engine_cfg, mesh, params, kv_caches, executables, checkpoint.tokenizer.eos_token_ids)
+    return LLMEngine(runner, checkpoint.tokenizer, cfg, engine_cfg)

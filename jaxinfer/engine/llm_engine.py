@@ -1,0 +1,170 @@
+"""LLMEngine: the request loop that ties the scheduler to the compiled model step.
+
+The contract (one engine, one thread drives it):
+    add_request(request_id, prompt | prompt_token_ids, SamplingParams, priority)  validates and queues
+    step() -> list[RequestOutput]   runs one scheduled model step and reports every request that
+                                    got tokens or finished (incremental `delta_*` and cumulative text)
+    abort(request_id) -> RequestOutput | None   ends a request now; its KV blocks return at once
+    has_unfinished_requests() / metrics()
+
+Stop strings are matched on detokenized text (jaxinfer.detokenizer) here, after the step; token
+stops (eos, stop ids, max_tokens) are the scheduler's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from typing import Sequence as Seq
+
+from jaxinfer.detokenizer import IncrementalDetokenizer
+from jaxinfer.engine.config import EngineConfig
+from jaxinfer.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jaxinfer.errors import RequestError
+from jaxinfer.model.config import ModelConfig
+from jaxinfer.runner.model_runner import ModelRunner, SampledToken
+from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.scheduler.block_manager import BlockManager
+from jaxinfer.scheduler.request import Sequence
+from jaxinfer.scheduler.scheduler import Scheduler, SchedulerMetrics
+from jaxinfer.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class _RequestState:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int
+    metrics: RequestMetrics
+    completions: dict[int, CompletionOutput] = dataclasses.field(default_factory=dict)
+    detokenizers: dict[int, IncrementalDetokenizer] = dataclasses.field(default_factory=dict)
+    seqs: dict[int, Sequence] = dataclasses.field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        seqs = self.seqs.values()
+        return all(s.is_finished for s in seqs) and (
+            len(self.seqs) == self.params.n or any(s.finish_reason == "abort" for s in seqs))
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, model_cfg: ModelConfig,
+                 engine_cfg: EngineConfig, enable_prefix_caching: bool = True):
+        self.runner, self.tokenizer = runner, tokenizer
+        self.model_cfg, self.engine_cfg = model_cfg, engine_cfg
+        block_manager = BlockManager(runner.num_blocks, engine_cfg.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(block_manager, engine_cfg.max_num_seqs, engine_cfg.max_num_batched_tokens,
+                                   engine_cfg.max_model_len, eos_token_ids=tokenizer.eos_token_ids)
+        self._requests: dict[str, _RequestState] = {}
+        self.num_steps = 0
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
+                    prompt_token_ids: Seq[int] | None = None, priority: int = 0,
+                    arrival_time: float | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise RequestError(f"request id {request_id!r} is already in use; give each request a unique id")
+        if (prompt is None) == (prompt_token_ids is None):
+            raise RequestError("give exactly one of a text prompt or prompt token ids")
+        ids = self.tokenizer.encode(prompt) if prompt is not None else [int(t) for t in prompt_token_ids]
+        vocab = self.model_cfg.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        limit = self.engine_cfg.max_model_len
+        if len(ids) + params.max_tokens > limit:
+            raise RequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len ({limit}); "
+                "shorten the prompt or lower max_tokens")
+        now = time.monotonic() if arrival_time is None else arrival_time
+        seq = self.scheduler.add_request(request_id, ids, params, priority, now)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        state = _RequestState(ids, params, seed, RequestMetrics(now))
+        self._requests[request_id] = state
+        self._track(state, seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        state = self._requests.get(request_id)
+        if state is None:
+            return None
+        for seq in self.scheduler.abort(request_id):
+            state.completions[seq.seq_index].finish_reason = "abort"
+        return self._report(request_id, state)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def metrics(self) -> SchedulerMetrics:
+        return self.scheduler.metrics()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        changed: dict[str, None] = {}  # request ids in order of first change
+        for seq in out.failed:
+            state = self._requests[seq.request_id]
+            state.error = seq.error
+            state.completions[seq.seq_index].finish_reason = "abort"
+            changed[seq.request_id] = None
+        if not out.is_empty:
+            now = time.monotonic()
+            for entry in out.scheduled:
+                metrics = self._requests[entry.seq.request_id].metrics
+                metrics.first_scheduled_time = metrics.first_scheduled_time or now
+            sampled = self.runner.execute(out, lambda rid: self._requests[rid].seed)
+            self.num_steps += 1
+            by_seq = {(e.seq.request_id, e.seq.seq_index + j): token
+                      for e, tokens in zip(out.scheduled, sampled) for j, token in enumerate(tokens)}
+            now = time.monotonic()
+            for seq in self.scheduler.update(out, [[t.token_id for t in tokens] for tokens in sampled]):
+                self._on_token(seq, by_seq[seq.seq_id], now)
+                changed[seq.request_id] = None
+        return [self._report(rid, self._requests[rid]) for rid in changed]
+
+    def _track(self, state: _RequestState, seq: Sequence) -> None:
+        state.seqs[seq.seq_index] = seq
+        if seq.seq_index not in state.completions:
+            params = state.params
+            state.completions[seq.seq_index] = CompletionOutput(
+                seq.seq_index, logprobs=[] if params.logprobs is not None else None)
+            state.detokenizers[seq.seq_index] = IncrementalDetokenizer(
+                self.tokenizer.backend, state.prompt_token_ids, skip_special_tokens=True, stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output)
+
+    def _on_token(self, seq: Sequence, token: SampledToken, now: float) -> None:
+        state = self._requests[seq.request_id]
+        self._track(state, seq)
+        completion = state.completions[seq.seq_index]
+        completion.token_ids.append(token.token_id)
+        completion.delta_token_ids.append(token.token_id)
+        if completion.logprobs is not None:
+            top = {int(i): float(lp) for i, lp in zip(token.top_ids[:state.params.logprobs],
+                                                      token.top_logprobs[:state.params.logprobs])}
+            completion.logprobs.append({token.token_id: token.logprob, **top})
+        text, stop_hit = state.detokenizers[seq.seq_index].add_tokens([token.token_id])
+        completion.text += text
+        completion.delta_text += text
+        if stop_hit is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "stop")
+        if seq.is_finished:
+            completion.finish_reason = seq.finish_reason
+        state.metrics.first_token_time = state.metrics.first_token_time or now
+        state.metrics.last_token_time = now
+
+    def _report(self, request_id: str, state: _RequestState) -> RequestOutput:
+        finished = state.finished
+        if finished:
+            state.metrics.finished_time = time.monotonic()
+            del self._requests[request_id]
+        outputs = [dataclasses.replace(state.completions[i], token_ids=list(state.completions[i].token_ids))
+                   for i in sorted(state.completions)]
+        for completion in state.completions.values():
+            completion.delta_text, completion.delta_token_ids = "", []
+        first = state.seqs[0]
+        return RequestOutput(request_id, state.prompt_token_ids, outputs, finished,
+                             first.num_cached_tokens or 0, state.metrics, state.error)

@@ -1,0 +1,1 @@
+"""The model runner: shape buckets, host-side batch building, the compiled step and in-graph sampling."""

@@ -1,0 +1,65 @@
+"""Shape buckets: the fixed (tokens, sequences) shapes the model step is compiled for.
+
+A step of `num_tokens` new tokens from `num_seqs` sequences (and `num_samples` sampled rows,
+more than num_seqs when a request with n > 1 fans out) runs at the smallest bucket that holds it:
+decode-only steps (every sequence contributes one token) at `(S, S)` from the sequence ladder,
+steps with prefill chunks at `(T, min(T, max_num_seqs))` from the token ladder. The ladders end
+exactly at `max_num_seqs` and `max_num_batched_tokens`, so no schedulable step lacks a bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Bucket:
+    num_tokens: int
+    num_seqs: int
+
+    @property
+    def name(self) -> str:
+        return f"t{self.num_tokens}_s{self.num_seqs}"
+
+
+def ladder(smallest: int, largest: int) -> list[int]:
+    """Powers of two from `smallest` below `largest`, then `largest` itself."""
+    steps, size = [], smallest
+    while size < largest:
+        steps.append(size)
+        size *= 2
+    return steps + [largest]
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketLadder:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    min_token_bucket: int
+
+    def __post_init__(self):
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                             f"max_num_seqs ({self.max_num_seqs}): every running sequence needs a token per step")
+
+    @property
+    def decode_buckets(self) -> list[Bucket]:
+        return [Bucket(s, s) for s in ladder(1, self.max_num_seqs)]
+
+    @property
+    def mixed_buckets(self) -> list[Bucket]:
+        smallest = min(self.min_token_bucket, self.max_num_batched_tokens)
+        return [Bucket(t, min(t, self.max_num_seqs)) for t in ladder(smallest, self.max_num_batched_tokens)]
+
+    @property
+    def all_buckets(self) -> list[Bucket]:
+        return sorted(set(self.decode_buckets) | set(self.mixed_buckets))
+
+    def select(self, num_tokens: int, num_seqs: int, num_samples: int) -> Bucket:
+        rows = max(num_seqs, num_samples)
+        # Mixed buckets also catch a decode step whose fan-out outgrows the sequence ladder.
+        candidates = (self.decode_buckets if num_tokens == num_seqs else []) + self.mixed_buckets
+        for bucket in candidates:
+            if bucket.num_tokens >= num_tokens and bucket.num_seqs >= rows:
+                return bucket
+        raise ValueError(f"no bucket holds {num_tokens} tokens / {rows} rows; the scheduler exceeded its budget")

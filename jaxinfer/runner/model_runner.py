@@ -1,0 +1,125 @@
+"""ModelRunner: the device state of an engine (params, KV pool) and its compiled step per bucket.
+
+`execute(scheduler_output)` picks the bucket, builds the padded inputs on the host, runs the
+compiled step (the KV pool is donated and updated in place) and returns, per scheduled sequence,
+the tokens it sampled. Executables are either compiled here (`compile_steps`) or loaded from an
+engine directory (jaxinfer.engine.artifact); the runner does not care which, and never compiles
+while serving: a missing bucket is an error, not a silent recompilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from jaxinfer.cache.kv_pool import LayerKVCache, init_layer_cache
+from jaxinfer.engine.config import EngineConfig
+from jaxinfer.errors import EngineError
+from jaxinfer.model.config import ModelConfig
+from jaxinfer.model.sharding import logical_sharding
+from jaxinfer.runner.batch import build_step_inputs
+from jaxinfer.runner.buckets import Bucket
+from jaxinfer.runner.sampling import build_sampling_metadata
+from jaxinfer.runner.step import model_step
+from jaxinfer.scheduler.scheduler import SchedulerOutput
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: float
+    top_ids: np.ndarray       # [MAX_LOGPROBS] int32
+    top_logprobs: np.ndarray  # [MAX_LOGPROBS] float32
+
+
+def kv_cache_shardings(mesh: Mesh, quantized: bool) -> LayerKVCache:
+    values = logical_sharding(mesh, (None, None, "kv_heads", None))
+    scales = logical_sharding(mesh, (None, None, "kv_heads")) if quantized else None
+    return LayerKVCache(values, values, scales, scales)
+
+
+def allocate_kv_caches(cfg: ModelConfig, engine_cfg: EngineConfig, mesh: Mesh, num_blocks: int) -> list[LayerKVCache]:
+    """One zeroed pool per layer, created directly in its sharded layout."""
+    quantized = engine_cfg.kv_dtype in ("int8", "fp8")
+    init = jax.jit(functools.partial(init_layer_cache, num_blocks, engine_cfg.block_size, cfg.num_kv_heads,
+                                     cfg.head_dim, engine_cfg.kv_dtype),
+                   out_shardings=kv_cache_shardings(mesh, quantized))
+    return [init() for _ in range(cfg.num_layers)]
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, engine_cfg: EngineConfig, mesh: Mesh, params, kv_caches,
+                 executables: dict[Bucket, Callable], eos_token_ids: tuple[int, ...]):
+        self.cfg, self.engine_cfg, self.mesh = cfg, engine_cfg, mesh
+        self.params, self.kv_caches = params, kv_caches
+        self.executables = executables
+        self.eos_token_ids = eos_token_ids
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_caches[0].num_blocks
+
+    def execute(self, out: SchedulerOutput, seed_of: Callable[[str], int]) -> list[list[SampledToken]]:
+        """Runs one step; returns the sampled tokens of each scheduled entry (aligned with
+        `out.scheduled`, empty for mid-prompt chunks)."""
+        chunks = out.scheduled
+        ecfg = self.engine_cfg
+        bucket = ecfg.ladder.select(sum(c.num_new_tokens for c in chunks), len(chunks),
+                                    sum(c.num_samples for c in chunks))
+        if bucket not in self.executables:
+            raise EngineError(f"no compiled step for bucket {bucket.name}; the engine was built with other buckets")
+        inputs, rows = build_step_inputs(chunks, out.block_copies, bucket, ecfg.block_size, ecfg.max_blocks_per_seq)
+        sampling = self._sampling_metadata(chunks, rows, bucket, seed_of)
+        result, self.kv_caches = self.executables[bucket](self.params, self.kv_caches, inputs, sampling)
+        result = jax.device_get(result)
+        sampled: list[list[SampledToken]] = [[] for _ in chunks]
+        for row, (entry, _) in enumerate(rows):
+            sampled[entry].append(SampledToken(int(result.token_ids[row]), float(result.logprobs[row]),
+                                               result.top_ids[row], result.top_logprobs[row]))
+        return sampled
+
+    def _sampling_metadata(self, chunks, rows, bucket: Bucket, seed_of: Callable[[str], int]):
+        seqs = [chunks[entry].seq for entry, _ in rows]
+        return build_sampling_metadata(
+            [seq.sampling_params for seq in seqs], [seq.prompt_token_ids for seq in seqs],
+            [seq.output_token_ids for seq in seqs], [seed_of(seq.request_id) for seq in seqs],
+            # At a fan-out (the parent's first sample) sample j becomes child j.
+            [seq.seq_index + sample for (_, sample), seq in zip(rows, seqs)],
+            num_seqs_bucket=bucket.num_seqs, vocab_size=self.cfg.vocab_size,
+            history_len=self.engine_cfg.max_model_len, eos_token_ids=self.eos_token_ids)
+
+
+def step_function(cfg: ModelConfig, mesh: Mesh, kv_caches):
+    """The jitted step with its shardings fixed: inputs and outputs replicated, the KV pool donated
+    and kept in its sharded layout."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    cache_shardings = [jax.tree.map(lambda a: a.sharding, cache) for cache in kv_caches]
+    return jax.jit(functools.partial(model_step, cfg=cfg), donate_argnums=(1,),
+                   out_shardings=(replicated, cache_shardings))
+
+
+def abstract_step_inputs(cfg: ModelConfig, ecfg: EngineConfig, bucket: Bucket, mesh: Mesh):
+    """ShapeDtypeStructs of a bucket's step inputs and sampling metadata (replicated)."""
+    inputs, _ = build_step_inputs((), (), bucket, ecfg.block_size, ecfg.max_blocks_per_seq)
+    sampling = build_sampling_metadata([], [], [], [], [], num_seqs_bucket=bucket.num_seqs,
+                                       vocab_size=cfg.vocab_size, history_len=ecfg.max_model_len)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), (inputs, sampling))
+
+
+def compile_steps(cfg: ModelConfig, engine_cfg: EngineConfig, mesh: Mesh, params, kv_caches,
+                  progress: bool = True) -> dict[Bucket, jax.stages.Compiled]:
+    """Lowers and compiles the step for every bucket of the engine's ladder."""
+    step = step_function(cfg, mesh, kv_caches)
+    buckets = engine_cfg.ladder.all_buckets
+    compiled = {}
+    for bucket in tqdm(buckets, desc="compiling buckets", unit="bucket", disable=not progress):
+        inputs, sampling = abstract_step_inputs(cfg, engine_cfg, bucket, mesh)
+        compiled[bucket] = step.lower(params, kv_caches, inputs, sampling).compile()
+    return compiled

@@ -1,0 +1,59 @@
+"""The compiled model step: one forward pass over a flat ragged batch, then sampling.
+
+`model_step(params, kv_caches, inputs, sampling)` is a pure function; the engine compiles it ahead
+of time once per shape bucket (T tokens, S rows) with the KV caches donated, so the pool is updated
+in place. Shapes:
+
+    inputs.tokens          [T] int32     new tokens of all scheduled sequences, end to end, padded
+    inputs.positions       [T] int32     their positions in their sequences
+    inputs.attention       AttentionMetadata (slot mapping, block tables [S, B_max], lengths)
+    inputs.logits_indices  [S] int32     flat index of the token whose logits each sampled row uses
+                                         (a request fanning out to n samples has n rows on one index)
+    inputs.block_copies    [S, 2] int32  (src, dst) block copies for copy-on-write, done before
+                                         attention; padding rows copy the null block onto itself
+    sampling               SamplingMetadata with [S] rows (jaxinfer.runner.sampling)
+
+Returns the SamplerOutput (token ids, logprobs, top logprobs per row) and the updated caches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+
+from jaxinfer.cache.attention_metadata import AttentionMetadata
+from jaxinfer.cache.kv_pool import write_kv
+from jaxinfer.model.config import ModelConfig
+from jaxinfer.model.llama import compute_logits, forward
+from jaxinfer.runner.sampling import SamplingMetadata, sample
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    tokens: jax.Array
+    positions: jax.Array
+    attention: AttentionMetadata
+    logits_indices: jax.Array
+    block_copies: jax.Array
+
+
+def paged_attend(q, k, v, cache, *, metadata: AttentionMetadata, sm_scale: float):
+    cache = write_kv(cache, k, v, metadata.slot_mapping)
+    return ragged_paged_attention(q, cache, metadata, sm_scale=sm_scale), cache
+
+
+def copy_blocks(cache, block_copies: jax.Array):
+    src, dst = block_copies[:, 0], block_copies[:, 1]
+    return jax.tree.map(lambda pool: pool.at[dst].set(pool[src]), cache)
+
+
+def model_step(params, kv_caches, inputs: StepInputs, sampling: SamplingMetadata, *, cfg: ModelConfig):
+    kv_caches = [copy_blocks(cache, inputs.block_copies) for cache in kv_caches]
+    attend = functools.partial(paged_attend, metadata=inputs.attention, sm_scale=cfg.head_dim ** -0.5)
+    hidden, kv_caches = forward(params, cfg, inputs.tokens, inputs.positions, kv_caches, attend)
+    logits = compute_logits(params, hidden[inputs.logits_indices])
+    return sample(logits, sampling), kv_caches

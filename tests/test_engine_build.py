@@ -1,0 +1,96 @@
+"""`jaxinfer build` engine directories: round trip, no compilation after load, clear refusals."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import CHECKPOINTS_DIR
+from jaxinfer.engine.artifact import load_engine
+from jaxinfer.engine.build import build_engine
+from jaxinfer.errors import EngineError
+from jaxinfer.sampling_params import SamplingParams
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory):
+    return build_engine(CHECKPOINTS_DIR / "tiny-smollm2", tmp_path_factory.mktemp("engines") / "tiny",
+                        progress=False, dtype="float32", max_num_seqs=4, max_num_batched_tokens=32,
+                        max_model_len=128, kv_memory="2MiB")
+
+
+class CompileCounter:
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, event, duration, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            self.count += 1
+
+
+def generate(engine, prompts, params):
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt_token_ids=prompt, params=params[i])
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs
+    return [finished[f"r{i}"] for i in range(len(prompts))]
+
+
+def test_loaded_engine_runs_a_mixed_workload_without_compiling(engine_dir):
+    engine = load_engine(engine_dir, progress=False)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 512, rng.integers(1, 100)).tolist() for _ in range(9)]
+    params = [SamplingParams(temperature=float(rng.choice([0.0, 0.8])), seed=i, n=int(rng.integers(1, 3)),
+                             max_tokens=int(rng.integers(1, 28)), top_p=0.9, repetition_penalty=1.1,
+                             logprobs=3) for i in range(len(prompts))]
+    counter = CompileCounter()
+    jax.monitoring.register_event_duration_secs_listener(counter)
+    try:
+        outputs = generate(engine, prompts, params)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(counter)
+    assert counter.count == 0
+    assert all(len(o) == p.n for o, p in zip(outputs, params))
+    assert engine.scheduler.block_manager.metrics().num_used_blocks == 0
+
+
+def test_loaded_engine_matches_the_in_process_build(engine_dir):
+    from jaxinfer.engine.create import create_engine
+
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 512, 30).tolist() for _ in range(3)]
+    params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)] * 3
+    fresh = create_engine(CHECKPOINTS_DIR / "tiny-smollm2", progress=False, dtype="float32", max_num_seqs=4,
+                          max_num_batched_tokens=32, max_model_len=128, kv_memory="2MiB")
+    loaded = create_engine(engine_dir, progress=False)
+    assert [o[0].token_ids for o in generate(loaded, prompts, params)] == \
+           [o[0].token_ids for o in generate(fresh, prompts, params)]
+
+
+def test_corrupted_or_missing_file_is_named(engine_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(engine_dir, broken)
+    executable = next((broken / "executables").iterdir())
+    executable.write_bytes(executable.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(EngineError, match=f"{executable.name} is corrupted"):
+        load_engine(broken, progress=False)
+    executable.unlink()
+    with pytest.raises(EngineError, match=f"{executable.name} is missing"):
+        load_engine(broken, progress=False)
+
+
+def test_engine_from_another_jax_version_is_refused(engine_dir, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(engine_dir, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["environment"]["jax"] = "0.0.1"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match="rebuild"):
+        load_engine(other, progress=False)

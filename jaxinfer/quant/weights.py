@@ -1,0 +1,124 @@
+"""Quantized weight pytrees: what `quantize_weight` returns and what the model's `linear` multiplies by.
+
+Each class stands for a logical weight `w [in, out]` (the layout `linear(x [..., in], w) -> [..., out]`
+uses) and offers
+    matmul(x [..., in] float32/bfloat16) -> [..., out] in x.dtype   (through its pallas_kernels module)
+    dequantize() -> [in, out] float32                                 (the weight it stands for)
+    shape -> (in, out)
+The classes are registered dataclass pytrees whose fields are all arrays (or None), so they pass
+through `jit`, `device_put` and sharding like the plain arrays they replace.
+
+| class        | mode          | fields                                                              |
+| ------------ | ------------- | ------------------------------------------------------------------- |
+| Int8Weight   | "int8" W8A16  | q [in, out] int8, scale [out] f32                                   |
+| Int4Weight   | "int4" W4A16  | packed [in/2, out] uint8, scale [in/G, out] f16, offset [in/G, out] f16 |
+| W8A8Weight   | "w8a8", "fp8" | q [in, out] int8 or float8_e4m3fn, scale [out] f32 (fp8 per-tensor: [] f32) |
+All carry `input_scale [in] f32 | None`: the weight was quantized as `input_scale[:, None] * w`
+(AWQ / SmoothQuant migrate activation range into the weight this way), so `matmul` divides x by it.
+A later pass may fold `1 / input_scale` into the preceding RMSNorm weight and set it to None.
+
+Tensor parallelism (mesh axis "tp"): every array keeps the weight's `in`/`out` axis positions, so
+one PartitionSpec rule per layout covers all fields:
+    column-parallel (out sharded): q, packed, 2-D scale/offset P(None, "tp"); [out] scales P("tp");
+                                   input_scale P(None); a per-tensor [] scale P().
+    row-parallel (in sharded):     q, packed, 2-D scale/offset P("tp", None); [out] scales P(None);
+                                   input_scale P("tp"); a per-tensor [] scale P().
+Row-parallel int4 needs each shard to hold whole groups (in / tp a multiple of G). In row-parallel
+W8A8 each shard quantizes its slice of the activations with its own per-token scale before the
+all-reduce, which is exact bookkeeping (each partial sum carries its own scale).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.int4_matmul import dequantize_int4, int4_matmul
+from pallas_kernels.int8_matmul import int8_matmul
+from pallas_kernels.w8a8_matmul import w8a8_matmul
+
+
+class _QuantizedMatmul:
+    """`matmul` over any leading dims for a weight class that defines `_matmul_rows(x [M, in])`."""
+
+    input_scale: jax.Array | None
+
+    def matmul(self, x: jax.Array) -> jax.Array:
+        """`x [..., in]` (float32/bfloat16) times this weight -> `[..., out]` in x.dtype."""
+        in_features, _ = self.shape
+        if x.shape[-1] != in_features:
+            raise ValueError(
+                f"activation has {x.shape[-1]} features but this {type(self).__name__} expects {in_features} "
+                f"(shape {self.shape}); check that the weight is stored as [in, out]"
+            )
+        rows = x.reshape(-1, in_features)
+        if self.input_scale is not None:
+            rows = (rows / self.input_scale).astype(x.dtype)
+        return self._matmul_rows(rows).reshape(*x.shape[:-1], -1)
+
+    def _unscale_input(self, w: jax.Array) -> jax.Array:
+        return w if self.input_scale is None else w / self.input_scale[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScaledWeight(_QuantizedMatmul):
+    """An 8-bit `q [in, out]` times a per-output-channel `scale [out]` (or per-tensor `[]`)."""
+
+    q: jax.Array
+    scale: jax.Array
+    input_scale: jax.Array | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape
+
+    def dequantize(self) -> jax.Array:
+        return self._unscale_input(self.q.astype(jnp.float32) * self.scale)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Int8Weight(_ScaledWeight):
+    """Weight-only int8 (W8A16): `w ~= q * scale[None, :]`, activations stay float."""
+
+    def _matmul_rows(self, x: jax.Array) -> jax.Array:
+        return int8_matmul(x, self.q, self.scale)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Int4Weight(_QuantizedMatmul):
+    """Group-wise int4 (W4A16): `w ~= q * scale + offset` per group of G input rows, q in [0, 15] packed two per byte."""
+
+    packed: jax.Array
+    scale: jax.Array
+    offset: jax.Array
+    input_scale: jax.Array | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return 2 * self.packed.shape[0], self.packed.shape[1]
+
+    @property
+    def group_size(self) -> int:
+        return self.shape[0] // self.scale.shape[0]
+
+    def _matmul_rows(self, x: jax.Array) -> jax.Array:
+        return int4_matmul(x, self.packed, self.scale, self.offset)
+
+    def dequantize(self) -> jax.Array:
+        return self._unscale_input(dequantize_int4(self.packed, self.scale, self.offset, jnp.float32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class W8A8Weight(_ScaledWeight):
+    """8-bit weights and per-token dynamically quantized 8-bit activations, int8 or float8_e4m3fn: `w ~= q * scale`."""
+
+    def _matmul_rows(self, x: jax.Array) -> jax.Array:
+        return w8a8_matmul(x, self.q, self.scale)
+
+
+QuantizedWeight = Int8Weight | Int4Weight | W8A8Weight

@@ -1,0 +1,137 @@
+"""8-bit weights x 8-bit activations: W8A8-INT8 and W8A8-FP8 matmuls with row and column scales.
+
+    w8a8_matmul(x [M, K] float, w_q [K, N], w_scale [N] or [], *, implementation) -> [M, N] x.dtype
+The activations are quantized per token (row) on the fly to the weight's dtype
+(`activation_quant.quantize_per_token`), then
+    out = (x_q @ w_q) * x_scale[:, None] * w_scale[None, :]
+int8: int8 x int8 products accumulated exactly in int32. float8_e4m3fn: fp8 x fp8 products
+accumulated in float32 (native on Hopper/Ada GPUs, emulated elsewhere). `w_scale` is per output
+channel `[N]`, or one per-tensor scale `[]` (fp8 per-tensor).
+
+    quantized_dot(x_q [M, K], w_q [K, N], *, implementation) -> [M, N] int32 (int8) / float32 (fp8)
+is the unscaled core, exposed so tests can check the integer accumulation exactly.
+
+Implementations (`implementation=`):
+    "pallas"     the Triton-style Pallas kernel below (GPU), the scales applied in its epilogue. For
+                 fp8 it needs Triton's fp8 dot (compute capability 8.9+: Ada, Hopper); elsewhere
+                 None picks "xla" for fp8 weights.
+    "interpret"  the same kernel in Pallas interpret mode (tests on CPU; slow).
+    "xla"        the fastest XLA:CPU formulation measured (benchmarks/bench_quant_matmul.py): int8
+                 `dot` with int32 accumulation; fp8 converted to bf16 (exact) and dotted with f32
+                 accumulation. One-row inputs are padded to two rows, where XLA:CPU dots are fast.
+    "reference"  exact integer (int8) / highest-precision f32 (fp8) math, then the scales.
+    None         "pallas" on GPU, "xla" elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.activation_quant import quantize_per_token
+from pallas_kernels.quant_tiling import accumulate_over_k, block_depth, dispatch, pad_rows, pallas_supports, tiled_matmul_call
+
+# XLA:CPU runs a 1-row int8 or bf16 dot an order of magnitude slower than a 2-row one.
+_CPU_MIN_ROWS = 2
+# Triton multiplies float8_e4m3fn tiles natively from compute capability 8.9 (Ada, Hopper) on.
+_FP8_DOT_MIN_COMPUTE_CAPABILITY = 8.9
+
+
+def accumulator_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """int32 for int8 operands, float32 for float8_e4m3fn ones."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.int8:
+        return jnp.dtype(jnp.int32)
+    if dtype == jnp.float8_e4m3fn:
+        return jnp.dtype(jnp.float32)
+    raise ValueError(f"W8A8 weights are int8 or float8_e4m3fn, not {dtype}")
+
+
+def gpu_has_fp8_dot() -> bool:
+    """Whether the default device is a GPU whose tensor cores multiply fp8 (else fp8 runs through XLA)."""
+    compute_capability = getattr(jax.devices()[0], "compute_capability", None)
+    return compute_capability is not None and float(compute_capability) >= _FP8_DOT_MIN_COMPUTE_CAPABILITY
+
+
+def _pallas_can_run(w_q: jax.Array) -> bool:
+    return pallas_supports(*w_q.shape) and (w_q.dtype != jnp.float8_e4m3fn or gpu_has_fp8_dot())
+
+
+def _w8a8_kernel(x_ref, *refs, block_k: int, scaled: bool):
+    if scaled:
+        x_scale_ref, w_ref, w_scale_ref, out_ref = refs
+    else:
+        w_ref, out_ref = refs
+    acc_dtype = accumulator_dtype(w_ref.dtype)
+
+    def step(k, acc):
+        depth = pl.ds(pl.multiple_of(k * block_k, block_k), block_k)
+        return acc + jnp.dot(x_ref[:, depth], w_ref[depth, :], preferred_element_type=acc_dtype)
+
+    acc = accumulate_over_k(x_ref.shape[1] // block_k, step, jnp.zeros(out_ref.shape, acc_dtype))
+    if scaled:
+        acc = acc.astype(jnp.float32) * x_scale_ref[...][:, None] * w_scale_ref[...][None, :]
+    out_ref[...] = acc.astype(out_ref.dtype)
+
+
+def _pallas_call(x_q, w_q, scales, out_dtype, *, interpret: bool = False):
+    kernel = functools.partial(_w8a8_kernel, block_k=block_depth(x_q.shape[1]), scaled=scales is not None)
+    if scales is None:
+        return tiled_matmul_call(kernel, [x_q], [w_q], out_dtype=out_dtype, interpret=interpret)
+    x_scale, w_scale = scales
+    w_scale = jnp.broadcast_to(w_scale.astype(jnp.float32), (w_q.shape[1],))
+    return tiled_matmul_call(kernel, [x_q, x_scale], [w_q, w_scale], out_dtype=out_dtype, interpret=interpret)
+
+
+def quantized_dot_reference(x_q: jax.Array, w_q: jax.Array) -> jax.Array:
+    acc_dtype = accumulator_dtype(w_q.dtype)
+    return jnp.dot(x_q.astype(acc_dtype), w_q.astype(acc_dtype), precision=lax.Precision.HIGHEST)
+
+
+def quantized_dot_xla(x_q: jax.Array, w_q: jax.Array) -> jax.Array:
+    m = x_q.shape[0]
+    acc_dtype = accumulator_dtype(w_q.dtype)
+    if w_q.dtype == jnp.float8_e4m3fn:
+        # Every float8_e4m3fn value is exact in bf16: an exact emulation of the fp8 dot.
+        x_q, w_q = x_q.astype(jnp.bfloat16), w_q.astype(jnp.bfloat16)
+    x_q = pad_rows(x_q, _CPU_MIN_ROWS) if m < _CPU_MIN_ROWS else x_q
+    return jnp.dot(x_q, w_q, preferred_element_type=acc_dtype)[:m]
+
+
+def _then_scale(quantized_dot_fn):
+    """A `(x_q, w_q, scales, out_dtype)` implementation from an unscaled dot: scales applied after it."""
+
+    def run(x_q, w_q, scales, out_dtype):
+        acc = quantized_dot_fn(x_q, w_q)
+        if scales is None:
+            return acc
+        x_scale, w_scale = scales
+        return (acc.astype(jnp.float32) * x_scale[:, None] * w_scale.astype(jnp.float32)).astype(out_dtype)
+
+    return run
+
+
+def _implementation(implementation: str | None, w_q: jax.Array):
+    """`f(x_q, w_q, scales: (x_scale, w_scale) | None, out_dtype)` for the implementation named."""
+    return dispatch(
+        implementation,
+        tileable=_pallas_can_run(w_q),
+        pallas=_pallas_call,
+        xla=_then_scale(quantized_dot_xla),
+        reference=_then_scale(quantized_dot_reference),
+    )
+
+
+def quantized_dot(x_q: jax.Array, w_q: jax.Array, *, implementation: str | None = None) -> jax.Array:
+    """Unscaled `x_q [M, K] @ w_q [K, N]` in the accumulator dtype (int32 for int8, f32 for fp8)."""
+    return _implementation(implementation, w_q)(x_q, w_q, None, accumulator_dtype(w_q.dtype))
+
+
+def w8a8_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, implementation: str | None = None) -> jax.Array:
+    """`x [M, K]` (f32/bf16) quantized per token to `w_q.dtype`, times `w_q [K, N]`, rescaled -> `[M, N]` x.dtype."""
+    x_q, x_scale = quantize_per_token(x, w_q.dtype)
+    return _implementation(implementation, w_q)(x_q, w_q, (x_scale, w_scale), x.dtype)

@@ -1,0 +1,156 @@
+"""jaxinfer.quant: quantize_weight round trips within each mode's error bound, and the weight pytrees' matmul.
+
+Bounds come from the rounding each mode does (half a quantization step; fp8's 3 mantissa bits),
+checked on random weights with a different range per output channel.
+"""
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer.quant import Int4Weight, Int8Weight, W8A8Weight, default_group_size, quantize_weight
+from pallas_kernels.int4_matmul import unpack_int4
+
+IN, OUT = 192, 48
+
+
+@pytest.fixture
+def rng(request):
+    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
+
+
+@pytest.fixture
+def weight(rng):
+    return (rng.standard_normal((IN, OUT)) * rng.uniform(0.01, 0.2, OUT)).astype(np.float32)
+
+
+def column_absmax(w):
+    return np.max(np.abs(w), axis=0, keepdims=True)
+
+
+@pytest.mark.parametrize("mode", ["int8", "w8a8"])
+def test_int8_round_trip_within_half_step(weight, mode):
+    q = quantize_weight(weight, mode)
+    assert type(q) is (Int8Weight if mode == "int8" else W8A8Weight)
+    assert q.q.dtype == jnp.int8 and q.q.shape == (IN, OUT) and q.scale.shape == (OUT,)
+    error = np.abs(np.asarray(q.dequantize()) - weight)
+    assert np.all(error <= column_absmax(weight) / 127 / 2 * (1 + 1e-5))
+    # The largest magnitude of each column maps to +-127 exactly.
+    np.testing.assert_array_equal(np.max(np.abs(np.asarray(q.q, np.int32)), axis=0), 127)
+
+
+@pytest.mark.parametrize("group_size", [None, 32, 96])
+def test_int4_round_trip_within_half_step(weight, group_size):
+    q = quantize_weight(weight, "int4", group_size=group_size)
+    g = default_group_size(IN) if group_size is None else group_size
+    assert isinstance(q, Int4Weight) and q.group_size == g and q.shape == (IN, OUT)
+    assert q.packed.dtype == jnp.uint8 and q.packed.shape == (IN // 2, OUT)
+    assert q.scale.shape == q.offset.shape == (IN // g, OUT) and q.scale.dtype == jnp.float16
+    step = np.repeat(np.asarray(q.scale, np.float64), g, axis=0)
+    error = np.abs(np.asarray(q.dequantize(), np.float64) - weight)
+    # Half a step, plus the float16 rounding of the stored offset and step.
+    assert np.all(error <= step / 2 * 1.01 + 1e-6)
+    codes = np.asarray(unpack_int4(q.packed, g))
+    assert codes.max() == 15 and codes.min() == 0
+
+
+def test_int4_default_group_sizes():
+    assert default_group_size(1536) == 128
+    assert default_group_size(576) == 64  # SmolLM2's hidden size
+    with pytest.raises(ValueError, match="group_size"):
+        default_group_size(100)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_fp8_round_trip_within_mantissa_precision(weight, per_channel):
+    q = quantize_weight(weight, "fp8", per_channel=per_channel)
+    assert isinstance(q, W8A8Weight) and q.q.dtype == jnp.float8_e4m3fn
+    assert q.scale.shape == ((OUT,) if per_channel else ())
+    absmax = column_absmax(weight) if per_channel else np.max(np.abs(weight))
+    error = np.abs(np.asarray(q.dequantize(), np.float64) - weight)
+    # e4m3: half-ulp is 2^-4 relative; below the normal range the step is 2^-9 of absmax / 448.
+    assert np.all(error <= np.maximum(np.abs(weight) * 2.0**-4, absmax / 448 * 2.0**-10) * (1 + 1e-6))
+    assert not np.any(np.isnan(np.asarray(q.q, np.float32)))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "w8a8", "fp8"])
+def test_input_scale_is_folded_into_weight_and_divided_out_of_activations(rng, weight, mode):
+    input_scale = rng.uniform(0.25, 4.0, IN).astype(np.float32)
+    q = quantize_weight(weight, mode, input_scale=input_scale)
+    plain = quantize_weight(weight * input_scale[:, None], mode)
+    # The stored codes are those of diag(input_scale) @ w ...
+    for folded, unfolded in zip(jax.tree_util.tree_leaves(q)[:-1], jax.tree_util.tree_leaves(plain)):
+        np.testing.assert_array_equal(np.asarray(folded, np.float32), np.asarray(unfolded, np.float32))
+    # ... and the weight still stands for w: dequantize and matmul undo the scaling.
+    np.testing.assert_allclose(np.asarray(q.dequantize()), np.asarray(plain.dequantize()) / input_scale[:, None], rtol=1e-6)
+    x = jnp.asarray(rng.standard_normal((3, IN)), jnp.float32)
+    expected = plain.matmul(x / input_scale)
+    np.testing.assert_allclose(np.asarray(q.matmul(x)), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "w8a8", "fp8"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matmul_takes_leading_dims_under_jit(rng, weight, mode, dtype):
+    q = jax.device_put(quantize_weight(weight, mode))
+    x = jnp.asarray(rng.standard_normal((2, 3, IN)) + 0.1, dtype)
+    out = jax.jit(lambda w, x: w.matmul(x))(q, x)
+    assert out.shape == (2, 3, OUT) and out.dtype == dtype
+    rows = np.asarray(q.matmul(x.reshape(6, IN)), np.float32)
+    # Eager and jitted XLA may round the activation split differently; a reshape bug moves whole rows.
+    np.testing.assert_allclose(np.asarray(out.reshape(6, OUT), np.float32), rows, atol=2.0**-7 * np.abs(rows).max())
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_weight_only_matmul_matches_dequantized_weight(rng, weight, mode):
+    q = quantize_weight(weight, mode)
+    w = np.asarray(q.dequantize(), np.float64)
+    for m in (1, 7):
+        x = rng.standard_normal((m, IN)) + 0.1
+        out = np.asarray(q.matmul(jnp.asarray(x, jnp.float32)), np.float64)
+        # Float activations: only the CPU path's bf16 / split-int8 rounding, far below 1% of |x| @ |w|.
+        bound = 2.0**-7 * (np.abs(x) @ np.abs(w))
+        assert np.all(np.abs(out - x @ w) <= bound)
+
+
+@pytest.mark.parametrize("mode, x_step", [("w8a8", 1 / 254), ("fp8", 2.0**-4)])
+def test_w8a8_matmul_error_from_activation_quantization(rng, weight, mode, x_step):
+    q = quantize_weight(weight, mode)
+    w = np.asarray(q.dequantize(), np.float64)
+    x = rng.standard_normal((5, IN)) + 0.1
+    out = np.asarray(q.matmul(jnp.asarray(x, jnp.float32)), np.float64)
+    # int8: each activation moves by at most half a step of its row's absmax / 127;
+    # fp8: by 2^-4 of itself (normal range) or a subnormal half-step of absmax / 448.
+    row_absmax = np.max(np.abs(x), axis=1, keepdims=True)
+    if mode == "w8a8":
+        x_error = np.broadcast_to(row_absmax * x_step, x.shape)
+    else:
+        x_error = np.maximum(np.abs(x) * x_step, row_absmax / 448 * 2.0**-10)
+    bound = x_error @ np.abs(w) + 1e-5 * (np.abs(x) @ np.abs(w))
+    assert np.all(np.abs(out - x @ w) <= bound)
+
+
+def test_quantized_weights_are_pytrees_of_arrays(weight):
+    q = quantize_weight(weight, "int4")
+    leaves, treedef = jax.tree_util.tree_flatten(q)
+    assert [leaf.shape for leaf in leaves] == [(IN // 2, OUT), (IN // 64, OUT), (IN // 64, OUT)]
+    assert jax.tree_util.tree_unflatten(treedef, leaves) == q
+
+
+def test_bad_input_is_refused_with_a_message(weight):
+    with pytest.raises(ValueError, match="unknown quantization mode"):
+        quantize_weight(weight, "int3")
+    with pytest.raises(ValueError, match=r"2-D \[in, out\]"):
+        quantize_weight(weight[0], "int8")
+    with pytest.raises(ValueError, match="group_size must be even and divide"):
+        quantize_weight(weight, "int4", group_size=80)
+    with pytest.raises(ValueError, match="input_scale must have shape"):
+        quantize_weight(weight, "w8a8", input_scale=np.ones(OUT))
+    with pytest.raises(ValueError, match="positive and finite"):
+        quantize_weight(weight, "int4", input_scale=-np.ones(IN))
+    with pytest.raises(TypeError, match="group_size"):
+        quantize_weight(weight, "int8", group_size=64)
+    with pytest.raises(ValueError, match=r"expects 192.*\[in, out\]"):
+        quantize_weight(weight, "int8").matmul(jnp.ones((2, OUT)))

@@ -42,7 +42,8 @@ def oracle_probs(penalized, params):
         probs = np.exp(values - values[0]) / np.sum(np.exp(values - values[0]))
         nucleus_size = np.argmax(np.cumsum(probs) >= params.top_p) + 1 if probs.sum() >= params.top_p else len(values)
         kept &= scaled >= values[nucleus_size - 1]
-    kept &= scaled - scaled.max() >= np.log(params.min_p) if params.min_p > 0 else True
+    if params.min_p > 0:
+        kept &= scaled - scaled.max() >= np.log(params.min_p)
     weights = np.where(kept, np.exp(scaled - scaled.max()), 0.0)
     return weights / weights.sum()
 

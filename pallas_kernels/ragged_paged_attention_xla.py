@@ -58,6 +58,9 @@ class _GroupedHeads:
     num_kv_heads: int
     group: int
 
+    def value_width(self, head_dim: int) -> int:
+        return head_dim
+
     def query_rows(self, q_tiles: jax.Array) -> jax.Array:
         tiles, tile, _, head_dim = q_tiles.shape
         grouped = q_tiles.reshape(tiles, tile, self.num_kv_heads, self.group, head_dim)
@@ -90,6 +93,9 @@ class _BlockDiagonalHeads:
     num_kv_heads: int
     group: int
 
+    def value_width(self, head_dim: int) -> int:
+        return self.num_kv_heads * head_dim
+
     def query_rows(self, q_tiles: jax.Array) -> jax.Array:
         tiles, tile, num_heads, head_dim = q_tiles.shape
         own_head = (jnp.arange(num_heads) // self.group)[:, None] == jnp.arange(self.num_kv_heads)[None, :]
@@ -121,21 +127,19 @@ class _BlockDiagonalHeads:
 
 def xla_ragged_paged_attention(q: jax.Array, cache: LayerKVCache, metadata: AttentionMetadata, *,
                                sm_scale: float, soft_cap: float | None = None) -> jax.Array:
+    """See the module docstring; arguments as `ragged_paged_attention`, already checked."""
     num_tokens, num_heads, _ = q.shape
     tile = choose_query_tile(num_tokens, metadata.num_seqs)
     tiles = query_tiles(metadata, num_tokens, tile)
-    block_diagonal = tile == 1
-    layout = (_BlockDiagonalHeads if block_diagonal else _GroupedHeads)(cache.num_kv_heads,
-                                                                       num_heads // cache.num_kv_heads)
+    layout = (_BlockDiagonalHeads if tile == 1 else _GroupedHeads)(cache.num_kv_heads, num_heads // cache.num_kv_heads)
     token_rows = jnp.minimum(tiles.start[:, None] + jnp.arange(tile), num_tokens - 1)
     rows = layout.query_rows(q.astype(jnp.float32)[token_rows] * sm_scale)
-    value_width = cache.head_dim * (cache.num_kv_heads if block_diagonal else 1)
 
     blocks_per_chunk = max(1, min(KV_CHUNK_TOKENS // cache.block_size, metadata.block_tables.shape[1]))
     chunk = blocks_per_chunk * cache.block_size
     step = _chunk_step(cache, metadata.block_tables, tiles, tile, blocks_per_chunk, layout, rows, soft_cap)
     state = jax.lax.fori_loop(0, -(-jnp.max(tiles.kv_len) // chunk), step,
-                              online_softmax.initial_state(rows.shape[:-1], value_width))
+                              online_softmax.initial_state(rows.shape[:-1], layout.value_width(cache.head_dim)))
     out_tiles = layout.output(online_softmax.finish(state), tile)
     return out_tiles[tiles.token_tile, tiles.token_row].astype(q.dtype)
 

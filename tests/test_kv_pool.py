@@ -55,7 +55,8 @@ def test_quantized_write_matches_numpy_absmax_quantizer(kv_dtype, numpy_dtype, l
     k, v, slots = random_write(3, 9)
     after = write_kv(before, jnp.asarray(k), jnp.asarray(v), jnp.asarray(slots))
     for values_before, scales_before, values_after, scales_after, rows in (
-            (before.k, before.k_scale, after.k, after.k_scale, k), (before.v, before.v_scale, after.v, after.v_scale, v)):
+            (before.k, before.k_scale, after.k, after.k_scale, k),
+            (before.v, before.v_scale, after.v, after.v_scale, v)):
         scale = np.abs(rows).max(axis=-1) / limit
         scaled = rows / scale[..., None]
         expected_values = np.asarray(values_before).reshape(-1, KV_HEADS, HEAD_DIM).copy()

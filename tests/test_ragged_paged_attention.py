@@ -204,3 +204,49 @@ def test_bad_arguments_raise_clear_errors():
         call(batch.q[:2])
     with pytest.raises(ValueError, match="soft_cap"):
         call(batch.q, soft_cap=0.0)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_pallas_kernel_lowers_to_valid_triton_ir(monkeypatch):
+    """No GPU here: lower the kernel for CUDA (as if on an H100) through jax's Triton lowering rules and verify
+    the Triton module, float32 dots included (they must not fall back to TF32). This does not compile PTX."""
+    gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
+    triton_lowering = pytest.importorskip("jax._src.pallas.triton.lowering")
+    monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info.GpuInfo(
+        gpu_version=gpu_info.GpuVersion.H100, arch_name="9.0", compute_capability=90))
+    modules = []
+    lower_module = triton_lowering.lower_jaxpr_to_triton_module
+
+    def recording_lowering(*args, **kwargs):
+        result = lower_module(*args, **kwargs)
+        modules.append(result.module)
+        return result
+
+    monkeypatch.setattr(triton_lowering, "lower_jaxpr_to_triton_module", recording_lowering)
+    for block_size, kv_dtype, q_dtype in ((8, "float32", jnp.float32), (16, "fp8", jnp.bfloat16),
+                                          (64, "int8", jnp.float32)):
+        batch = make_batch(block_size, mixed_chunks(block_size), block_size=block_size, num_q_heads=9, num_kv_heads=3,
+                           kv_dtype=kv_dtype, q_dtype=q_dtype)
+        kernel = functools.partial(rpa.pallas_ragged_paged_attention, sm_scale=SM_SCALE, soft_cap=20.0)
+        jax.jit(kernel).trace(batch.q, batch.cache, batch.metadata).lower(lowering_platforms=("cuda",))
+    assert len(modules) == 3
+    for module in modules:
+        assert module.operation.verify()
+        assert str(module).count("tt.dot") == 2 and "tf32" not in str(module)
+
+
+@pytest.mark.parametrize("chunks", [[(1, 20), (1, 3), (1, 41)], mixed_chunks(8)], ids=["decode", "mixed"])
+def test_xla_path_with_kv_heads_sharded_across_devices(chunks):
+    """Tensor parallelism shards q heads and the pool's kv_heads axis (forced CPU devices, tests/conftest.py)."""
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 devices")
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]).reshape(1, 2), ("data", "model"))
+    batch = make_batch(9, chunks, block_size=8, num_q_heads=6, num_kv_heads=2, kv_dtype="int8")
+    shard = functools.partial(jax.sharding.NamedSharding, mesh)
+    heads = jax.sharding.PartitionSpec(None, "model", None)
+    q = jax.device_put(batch.q, shard(heads))
+    cache = LayerKVCache(*(jax.device_put(array, shard(jax.sharding.PartitionSpec(None, None, "model")))
+                           for array in vars(batch.cache).values()))
+    out = _compiled("xla", None)(q, cache, batch.metadata)
+    ref = _compiled("reference", None)(batch.q, batch.cache, batch.metadata)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))

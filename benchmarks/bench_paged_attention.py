@@ -1,0 +1,127 @@
+"""Decode attention on CPU: the paged XLA path against a contiguous-cache dense reference.
+
+For each (batch, context) it times one decode-attention call (one query token per sequence, every
+sequence at the full context) three ways, in interleaved rounds so that load from other processes
+hits all of them alike:
+    contiguous  dense attention over a contiguous cache [B, context, kv_heads, head_dim], the formula of
+                jaxinfer.reference (einsum, length mask, softmax): what attention costs without paging.
+    paged       ragged_paged_attention(implementation="xla") over a pool whose blocks are shuffled.
+    in-order    the same paged call, with each sequence's blocks adjacent in the pool (locality only).
+and prints medians, paged / contiguous (the cost of paging; the target is < 1.2) and the K/V bytes
+read per second by the paged call.
+
+    .venv/bin/python benchmarks/bench_paged_attention.py [--batches 8,32] [--contexts 512,2048]
+        [--kv-dtype float32] [--block-size 16] [--rounds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.cache.attention_metadata import AttentionMetadata
+from jaxinfer.cache.kv_pool import LayerKVCache, dequantize_kv, init_layer_cache, storage_dtype, write_kv
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 9, 3, 64  # SmolLM2-135M
+SM_SCALE = HEAD_DIM ** -0.5
+
+
+def contiguous_decode_attention(q: jax.Array, cache: LayerKVCache, lengths: jax.Array) -> jax.Array:
+    """q [B, heads, hd], a contiguous cache (k/v [B, context, kv_heads, hd], scales [B, context, kv_heads]
+    when quantized), lengths [B] -> [B, heads, hd], float32 math."""
+    batch, context = cache.k.shape[:2]
+    k, v = dequantize_kv(cache.k, cache.k_scale), dequantize_kv(cache.v, cache.v_scale)
+    grouped = q.astype(jnp.float32).reshape(batch, NUM_KV_HEADS, NUM_Q_HEADS // NUM_KV_HEADS, HEAD_DIM)
+    scores = jnp.einsum("bkgd,blkd->bkgl", grouped, k) * SM_SCALE
+    visible = jnp.arange(context)[None, :] < lengths[:, None]
+    probs = jax.nn.softmax(jnp.where(visible[:, None, None, :], scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bkgl,blkd->bkgd", probs, v).reshape(q.shape).astype(q.dtype)
+
+
+def decode_case(batch: int, context: int, block_size: int, kv_dtype: str, shuffled: bool, seed: int = 0):
+    """(q, paged cache, metadata, contiguous cache) holding the same random K/V; the contiguous cache is a
+    LayerKVCache with one block of `context` tokens per sequence."""
+    rng = np.random.default_rng(seed)
+    blocks_per_seq = -(-context // block_size)
+    physical = np.arange(1, batch * blocks_per_seq + 1)
+    if shuffled:
+        physical = rng.permutation(physical)
+    tables = physical.reshape(batch, blocks_per_seq).astype(np.int32)
+    positions = np.arange(context)
+    slots = (tables[:, positions // block_size] * block_size + positions % block_size).reshape(-1)
+    shape = (batch * context, NUM_KV_HEADS, HEAD_DIM)
+    k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2))
+    cache = write_kv(init_layer_cache(batch * blocks_per_seq + 1, block_size, NUM_KV_HEADS, HEAD_DIM, kv_dtype),
+                     k, v, jnp.asarray(slots, jnp.int32))
+    metadata = AttentionMetadata(
+        slot_mapping=jnp.asarray(slots.reshape(batch, context)[:, -1]),
+        block_tables=jnp.asarray(tables), seq_lens=jnp.full((batch,), context, jnp.int32),
+        query_start_loc=jnp.arange(batch + 1, dtype=jnp.int32))
+    q = jnp.asarray(rng.standard_normal((batch, NUM_Q_HEADS, HEAD_DIM)), jnp.float32)
+
+    def contiguous(pool: jax.Array | None) -> jax.Array | None:
+        if pool is None:
+            return None
+        rows = pool.reshape((-1,) + pool.shape[2:])[slots]
+        return jax.device_put(rows.reshape((batch, context) + pool.shape[2:]))
+
+    return q, cache, metadata, LayerKVCache(**{name: contiguous(pool) for name, pool in vars(cache).items()})
+
+
+def interleaved_medians(calls: dict, rounds: int) -> dict[str, float]:
+    """Median seconds per call, timing every call once per round."""
+    for call in calls.values():
+        jax.block_until_ready(call())
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", default="8,32")
+    parser.add_argument("--contexts", default="512,2048")
+    parser.add_argument("--kv-dtype", default="float32", choices=["float32", "bfloat16", "int8", "fp8"])
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=20)
+    args = parser.parse_args()
+    storage_dtype(args.kv_dtype)
+
+    paged_attention = jax.jit(functools.partial(ragged_paged_attention, sm_scale=SM_SCALE, implementation="xla"))
+    contiguous_attention = jax.jit(contiguous_decode_attention)
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f}; heads {NUM_Q_HEADS}/{NUM_KV_HEADS}/{HEAD_DIM}, block {args.block_size}, "
+          f"kv {args.kv_dtype}, median of {args.rounds} interleaved rounds")
+    print(f"{'batch':>5} {'context':>7} {'contiguous ms':>13} {'paged ms':>9} {'in-order ms':>11} "
+          f"{'paged/contig':>12} {'paged/in-order':>14} {'paged KV GB/s':>13}")
+    for batch in map(int, args.batches.split(",")):
+        for context in map(int, args.contexts.split(",")):
+            q, cache, metadata, contiguous = decode_case(batch, context, args.block_size, args.kv_dtype, shuffled=True)
+            _, ordered_cache, ordered_metadata, _ = decode_case(batch, context, args.block_size, args.kv_dtype,
+                                                                   shuffled=False)
+            lengths = metadata.seq_lens
+            outputs = {"contiguous": lambda: contiguous_attention(q, contiguous, lengths),
+                       "paged": lambda: paged_attention(q, cache, metadata),
+                       "in-order": lambda: paged_attention(q, ordered_cache, ordered_metadata)}
+            np.testing.assert_allclose(outputs["paged"](), outputs["contiguous"](), rtol=1e-4, atol=1e-5)
+            seconds = interleaved_medians(outputs, args.rounds)
+            kv_bytes = sum(x.nbytes for x in jax.tree.leaves(cache)) * batch * context / (
+                cache.num_blocks * cache.block_size)
+            print(f"{batch:>5} {context:>7} {seconds['contiguous'] * 1e3:>13.3f} {seconds['paged'] * 1e3:>9.3f} "
+                  f"{seconds['in-order'] * 1e3:>11.3f} {seconds['paged'] / seconds['contiguous']:>12.2f} "
+                  f"{seconds['paged'] / seconds['in-order']:>14.2f} {kv_bytes / seconds['paged'] / 1e9:>13.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,19 +6,24 @@
 
 The batch is cut into query tiles (`query_tiles`): one token per tile for decode batches, up to 64
 tokens of one sequence for prefill chunks. A `lax.fori_loop` then walks the KV context in chunks of
-~256 positions up to the longest tile's context (a dynamic trip count, so short batches do not pay for
+128 positions up to the longest tile's context (a dynamic trip count, so short batches do not pay for
 the block table's full width): each step gathers the chunk's blocks for every tile ([W, C, kvh, hd],
 small enough to stay in cache, dequantized to float32) and folds it into the online softmax. Memory
 stays O(W * C) whatever the context length.
 
-Two layouts of the per-step products, chosen by tile size from measurements on a 2-core CPU
-(benchmarks/bench_paged_attention.py):
+Two layouts of the per-step products, chosen by tile size from one-off interleaved timings on the
+project's 2-core CPU (9/3/64 heads, block 16, float32; benchmarks/bench_paged_attention.py times the
+chosen path):
 - one-token tiles (decode): every query head against all kv heads' concatenated features, with the
   other heads' features zeroed in q ("block-diagonal" q). Three times the flops of grouped heads for
   9/3 heads, but the gathered blocks are used as they lie, without a transpose; decode is bound by
-  memory and by per-op overhead, and this ran 1.2-1.6x faster than grouped heads.
+  memory and by per-op overhead, and this ran 1.3-1.7x faster than grouped heads at batch 32 (even
+  at batch 8). Under GSPMD tensor parallelism its contraction spans the sharded kv_heads axis, so
+  XLA adds all-reduces; call it inside `shard_map` over kv_heads to keep every shard local.
 - longer tiles (prefill): kv heads as a batch axis, each with its group of query heads ("grouped");
-  2-5x faster than block-diagonal there, where flops dominate.
+  1.5-5x faster than block-diagonal there, where flops dominate.
+KV chunks of 64-256 positions timed alike (within noise) for prefill; 128 was best or near it for
+decode batches of 8-32, where a chunk's gathered blocks ([W, C, kvh * hd] float32) should stay in cache.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pallas_kernels import online_softmax
 from pallas_kernels.query_tiles import QueryTiles, query_tiles
 
 # KV positions per loop step, and the largest query tile: measured, see the module docstring.
-KV_CHUNK_TOKENS = 256
+KV_CHUNK_TOKENS = 128
 MAX_QUERY_TILE = 64
 
 

@@ -3,7 +3,7 @@ engine overrides, learn its ports from its stderr, wait until the health service
 stop it with SIGTERM.
 
     with ChildServer({"model": "tests/checkpoints/tiny-llama3", "max_num_seqs": 8, ...},
-                     {"metrics_port": 0}) as server:
+                     {"metrics_port": 0}) as server:  # or .launch() ... .wait_serving() ... .stop()
         channel = grpc.insecure_channel(server.address)
 
 The child runs `python -m serving.child_server ENGINE_JSON CONFIG_JSON` (create_engine kwargs,
@@ -57,13 +57,17 @@ class ChildServer:
             if (match := _METRICS.search(line)) is not None:
                 self.metrics_url = match.group(1)
 
-    def start(self) -> ChildServer:
+    def launch(self) -> ChildServer:
+        """Starts the child without waiting (overlap its engine build with other work)."""
         env = dict(os.environ)
         env.pop("XLA_FLAGS", None)  # the test session's 8 fake devices only slow a tp=1 server
         self.process = subprocess.Popen(
             [sys.executable, "-m", "serving.child_server", json.dumps(self.engine_kwargs), json.dumps(self.config)],
             cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True)
         threading.Thread(target=self._read_stderr, daemon=True).start()
+        return self
+
+    def wait_serving(self) -> ChildServer:
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -73,6 +77,9 @@ class ChildServer:
             time.sleep(0.2)
         self.stop()
         raise TimeoutError(f"the server was not SERVING within {self.start_timeout_s} s:\n{self.log}")
+
+    def start(self) -> ChildServer:
+        return self.launch().wait_serving()
 
     @property
     def log(self) -> str:

@@ -111,7 +111,12 @@ class _Server:
             engine_task.cancel()
             await server.stop(grace=None)
             return 0
-        engine = engine_task.result()
+        try:
+            engine = engine_task.result()
+        except Exception as err:
+            print(f"jaxinfer: the engine failed to load: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            await server.stop(grace=None)
+            return 1
         model_name = self.config.model_name or engine.model_cfg.name or "model"
         jaxinfer_servicer.model_name = kserve_servicer.model_name = model_name
         if self.config.metrics_port is not None:

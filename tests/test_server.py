@@ -1,4 +1,4 @@
-"""The jaxinfer.v1 gRPC API against a real server (child process, loopback port, tiny checkpoint):
+"""The jaxinfer.v1 gRPC API and the KServe v2 API (through tritonclient) against a real server (child process, loopback port, tiny checkpoint):
 streamed and unary greedy replies equal the offline engine's, tokenizer RPCs equal the tokenizer,
 every bad input gets its status while the server keeps serving, cancellation / deadline / Abort
 give the KV blocks back, the queue limit answers RESOURCE_EXHAUSTED, reflection and metrics."""
@@ -10,9 +10,13 @@ import threading
 import time
 import urllib.request
 
+import queue
+
 import grpc
 import numpy as np
 import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -27,9 +31,26 @@ MAX_QUEUED = 12
 
 
 @pytest.fixture(scope="module")
-def server():
-    with ChildServer({"model": TINY, **ENGINE}, {"metrics_port": 0, "max_queued_requests": MAX_QUEUED}) as child:
-        yield child
+def server_and_oracle():
+    """The server, and the offline engine as the oracle, built at the same time."""
+    from jaxinfer.engine.create import create_engine
+
+    child = ChildServer({"model": TINY, **ENGINE}, {"metrics_port": 0, "max_queued_requests": MAX_QUEUED}).launch()
+    try:
+        engine = create_engine(TINY, progress=False, **ENGINE)
+        yield child.wait_serving(), engine
+    finally:
+        child.stop()
+
+
+@pytest.fixture(scope="module")
+def server(server_and_oracle):
+    return server_and_oracle[0]
+
+
+@pytest.fixture(scope="module")
+def offline_engine(server_and_oracle):
+    return server_and_oracle[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +59,10 @@ def stub(server):
         yield jaxinfer_pb2_grpc.JaxinferStub(channel)
 
 
-@pytest.fixture(scope="module")
-def offline_engine():
-    from jaxinfer.engine.create import create_engine
-
-    return create_engine(TINY, progress=False, **ENGINE)
-
-
-def offline_greedy(engine, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], str]:
+def offline_greedy(engine, prompt_ids: list[int], max_tokens: int, ignore_eos: bool = True) -> tuple[list[int], str]:
     from jaxinfer.sampling_params import SamplingParams
 
-    engine.add_request("oracle", params=SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
+    engine.add_request("oracle", params=SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos),
                        prompt_token_ids=prompt_ids)
     while engine.has_unfinished_requests():
         for output in engine.step():
@@ -281,3 +295,93 @@ def test_metrics_count_requests(server, stub):
     assert delta("jaxinfer:prefix_cache_queries_total") >= 34
     assert delta("jaxinfer:prefix_cache_hits_total") >= 16
     assert after["jaxinfer:num_requests_running"] == 0
+
+
+# -- KServe v2 through tritonclient ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def triton_client(server):
+    client = triton.InferenceServerClient(url=server.address)
+    yield client
+    client.close()
+
+
+def triton_inputs(text: bytes, max_tokens: int, **scalars) -> list[triton.InferInput]:
+    arrays = {"text_input": np.array([[text]], dtype=object), "max_tokens": np.array([[max_tokens]], dtype=np.int32)}
+    arrays.update({name: np.array([[value]]) for name, value in scalars.items()})
+    datatypes = {np.dtype(object): "BYTES", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT32",
+                 np.dtype(np.float64): "FP32", np.dtype(bool): "BOOL"}
+    inputs = []
+    for name, array in arrays.items():
+        datatype = datatypes[array.dtype]
+        tensor = triton.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array.astype({"INT32": np.int32, "FP32": np.float32}.get(datatype, array.dtype)))
+        inputs.append(tensor)
+    return inputs
+
+
+def test_kserve_health_and_metadata(triton_client, offline_engine):
+    name = offline_engine.model_cfg.name
+    assert triton_client.is_server_live() and triton_client.is_server_ready()
+    assert triton_client.is_model_ready(name)
+    assert triton_client.get_server_metadata().name == "jaxinfer"
+    metadata = triton_client.get_model_metadata(name)
+    assert {"text_input", "max_tokens", "temperature", "top_k", "top_p", "stream"} <= {t.name for t in metadata.inputs}
+    assert [t.name for t in metadata.outputs] == ["text_output"]
+    with pytest.raises(InferenceServerException) as err:
+        triton_client.get_model_metadata("no-such-model")
+    assert "NOT_FOUND" in err.value.status()
+
+
+def test_kserve_infer_equals_offline_greedy(triton_client, offline_engine):
+    prompt = "The quick brown fox"
+    want_ids, want_text = offline_greedy(offline_engine, offline_engine.tokenizer.encode(prompt), 10, ignore_eos=False)
+    result = triton_client.infer(offline_engine.model_cfg.name, triton_inputs(prompt.encode(), 10, temperature=0.0),
+                                 outputs=[triton.InferRequestedOutput("text_output")])
+    assert result.as_numpy("text_output").reshape(-1)[0].decode() == want_text
+
+
+def test_kserve_stream_infer_equals_offline_greedy(triton_client, offline_engine):
+    name = offline_engine.model_cfg.name
+    prompts = ["Once upon a time", "To be or not"]
+    want = [offline_greedy(offline_engine, offline_engine.tokenizer.encode(p), 12, ignore_eos=False)[1] for p in prompts]
+    results: queue.Queue = queue.Queue()
+    triton_client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        for i, prompt in enumerate(prompts):
+            triton_client.async_stream_infer(name, triton_inputs(prompt.encode(), 12, temperature=0.0, stream=True),
+                                             request_id=str(i), enable_empty_final_response=True)
+        triton_client.async_stream_infer(name, triton_inputs(b"\xff\xfe bad", 4), request_id="bad")
+        texts, finals, errors = {"0": "", "1": ""}, set(), []
+        while len(finals) < 2 or not errors:
+            result, error = results.get(timeout=30)
+            if error is not None:
+                errors.append(str(error))
+                continue
+            response = result.get_response()
+            assert response.id not in finals, "a response after the final one"
+            if response.parameters["triton_final_response"].bool_param:
+                finals.add(response.id)
+            else:
+                texts[response.id] += result.as_numpy("text_output").reshape(-1)[0].decode()
+    finally:
+        triton_client.stop_stream()
+    assert [texts["0"], texts["1"]] == want
+    assert len(errors) == 1 and "INVALID_ARGUMENT" in errors[0] and "UTF-8" in errors[0]
+
+
+@pytest.mark.parametrize("case", ["malformed UTF-8", "no max_tokens", "top_p above 1", "unknown input",
+                                  "unknown model", "beam search"])
+def test_kserve_bad_request(triton_client, offline_engine, case):
+    name = offline_engine.model_cfg.name
+    inputs = {"malformed UTF-8": triton_inputs(b"ok \xc3\x28", 4),
+              "no max_tokens": triton_inputs(b"hi", 4)[:1],
+              "top_p above 1": triton_inputs(b"hi", 4, top_p=1.5),
+              "unknown input": triton_inputs(b"hi", 4, bogus=1),
+              "unknown model": triton_inputs(b"hi", 4),
+              "beam search": triton_inputs(b"hi", 4, beam_width=4)}[case]
+    with pytest.raises(InferenceServerException) as err:
+        triton_client.infer("other-model" if case == "unknown model" else name, inputs)
+    assert ("NOT_FOUND" if case == "unknown model" else "INVALID_ARGUMENT") in err.value.status()
+    assert triton_client.is_server_ready()

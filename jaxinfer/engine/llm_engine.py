@@ -146,11 +146,14 @@ class LLMEngine:
             top = {int(i): float(lp) for i, lp in zip(token.top_ids[:state.params.logprobs],
                                                       token.top_logprobs[:state.params.logprobs])}
             completion.logprobs.append({token.token_id: token.logprob, **top})
-        text, stop_hit = state.detokenizers[seq.seq_index].add_tokens([token.token_id])
+        detokenizer = state.detokenizers[seq.seq_index]
+        text, stop_hit = detokenizer.add_tokens([token.token_id])
+        if stop_hit is not None:
+            self.scheduler.finish(seq, "stop")
+        elif seq.is_finished:  # eos, stop id or length: release text held back for a possible stop string
+            text += detokenizer.finish()[0]
         completion.text += text
         completion.delta_text += text
-        if stop_hit is not None and not seq.is_finished:
-            self.scheduler.finish(seq, "stop")
         if seq.is_finished:
             completion.finish_reason = seq.finish_reason
         state.metrics.first_token_time = state.metrics.first_token_time or now

@@ -1,0 +1,177 @@
+"""Load test of `jaxinfer serve` over loopback (a script, not a timed test).
+
+1. Starts a server in a child process (default model, or --model with engine overrides).
+2. Profile: engine step time with the engine alone (in this process, 64 requests) vs inside the
+   server with 64 streaming gRPC clients (the server's jaxinfer:engine_step_seconds / _steps).
+3. Load: --requests greedy requests (mixed prompt and output lengths) at --concurrency streams,
+   a --cancel-fraction of them cancelled by the client after a random number of messages.
+4. Checks: every request completed or was cancelled by the client; each completed stream's
+   tokens equal the offline engine's greedy tokens (no wrong, lost or duplicated token); the KV
+   pool is whole again (no running/waiting request, no block in use); the server's RSS after
+   the load is within --rss-slack-mib of its RSS after a warm-up round.
+
+    .venv/bin/python benchmarks/load_test.py                      # default model
+    .venv/bin/python benchmarks/load_test.py --model tests/checkpoints/tiny-llama3 \\
+        --engine '{"max_num_seqs": 32, "max_num_batched_tokens": 128, "max_model_len": 256, "kv_memory": "64MiB"}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import grpc  # noqa: E402
+import psutil  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from serving.child_server import ChildServer  # noqa: E402
+from serving.protos import jaxinfer_pb2 as pb  # noqa: E402
+from serving.protos import jaxinfer_pb2_grpc  # noqa: E402
+
+
+def scrape(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if "le" not in s.labels}
+
+
+def workload(count: int, seed: int, vocab: int, max_prompt: int, max_output: int, cancel_fraction: float):
+    """(prompt ids, max_tokens, messages to read before cancelling or None) per request."""
+    rng = random.Random(seed)
+    return [([rng.randrange(3, vocab) for _ in range(rng.randint(1, max_prompt))], rng.randint(1, max_output),
+             rng.randint(1, 8) if rng.random() < cancel_fraction else None) for _ in range(count)]
+
+
+def offline_greedy(engine, requests) -> tuple[list[list[int]], float, int]:
+    """Greedy tokens of every request run together on the engine alone; step seconds and count."""
+    from jaxinfer.sampling_params import SamplingParams
+
+    for i, (ids, max_tokens, _) in enumerate(requests):
+        engine.add_request(str(i), params=SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
+                           prompt_token_ids=ids)
+    tokens, seconds, steps = {}, 0.0, 0
+    while engine.has_unfinished_requests():
+        start = time.perf_counter()
+        outputs = engine.step()
+        seconds, steps = seconds + time.perf_counter() - start, steps + 1
+        for output in outputs:
+            if output.finished:
+                tokens[int(output.request_id)] = output.outputs[0].token_ids
+    return [tokens[i] for i in range(len(requests))], seconds, steps
+
+
+async def one_request(stub, ids, max_tokens, cancel_after):
+    """('done', tokens, latency) or ('cancelled', tokens so far, latency)."""
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParameters(
+        temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+    start, tokens = time.perf_counter(), []
+    call = stub.Generate(request)
+    async for response in call:
+        tokens += [t for c in response.outputs for t in c.token_ids]
+        if cancel_after is not None and not response.finished and len(tokens) >= cancel_after:
+            call.cancel()
+            return "cancelled", tokens, time.perf_counter() - start
+    return "done", tokens, time.perf_counter() - start
+
+
+async def run_load(address: str, requests, concurrency: int):
+    semaphore = asyncio.Semaphore(concurrency)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = jaxinfer_pb2_grpc.JaxinferStub(channel)
+
+        async def bounded(request):
+            async with semaphore:
+                try:
+                    return await one_request(stub, *request)
+                except grpc.aio.AioRpcError as err:
+                    return f"error {err.code().name}: {err.details()}", [], 0.0
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(bounded(r) for r in requests))
+        return results, time.perf_counter() - start
+
+
+def step_profile(server: ChildServer, engine, requests) -> None:
+    _, alone_s, alone_steps = offline_greedy(engine, requests)
+    before = scrape(server.metrics_url)
+    asyncio.run(run_load(server.address, requests, len(requests)))
+    after = scrape(server.metrics_url)
+    served_s = after["jaxinfer:engine_step_seconds_total"] - before["jaxinfer:engine_step_seconds_total"]
+    served_steps = after["jaxinfer:engine_steps_total"] - before["jaxinfer:engine_steps_total"]
+    alone, served = alone_s / alone_steps * 1e3, served_s / served_steps * 1e3
+    print(f"engine step, {len(requests)} requests: alone {alone:.2f} ms/step ({alone_steps} steps), "
+          f"in the server with {len(requests)} streaming clients {served:.2f} ms/step ({int(served_steps)} steps), "
+          f"ratio {served / alone:.2f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="checkpoint or engine dir (default model if omitted)")
+    parser.add_argument("--engine", default="{}", help="EngineConfig overrides as JSON")
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=128)
+    parser.add_argument("--cancel-fraction", type=float, default=0.1)
+    parser.add_argument("--max-prompt", type=int, default=96)
+    parser.add_argument("--max-output", type=int, default=48)
+    parser.add_argument("--rss-slack-mib", type=float, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from jaxinfer.engine.create import create_engine
+
+    overrides = json.loads(args.engine)
+    server = ChildServer({"model": args.model, **overrides},
+                         {"metrics_port": 0, "max_queued_requests": args.requests + 1}).launch()
+    try:
+        engine = create_engine(args.model, progress=False, **overrides)
+        server.wait_serving()
+        vocab = engine.model_cfg.vocab_size
+        step_profile(server, engine, workload(64, args.seed + 1, vocab, args.max_prompt, args.max_output, 0.0))
+
+        warmup = workload(args.concurrency, args.seed + 2, vocab, args.max_prompt, args.max_output, 0.0)
+        asyncio.run(run_load(server.address, warmup, args.concurrency))
+        rss_before = psutil.Process(server.process.pid).memory_info().rss
+
+        requests = workload(args.requests, args.seed, vocab, args.max_prompt, args.max_output, args.cancel_fraction)
+        results, wall = asyncio.run(run_load(server.address, requests, args.concurrency))
+        rss_after = psutil.Process(server.process.pid).memory_info().rss
+        time.sleep(0.5)
+        metrics = scrape(server.metrics_url)
+    finally:
+        server.stop()
+
+    want, _, _ = offline_greedy(engine, [r for r in requests])
+    done = [i for i, r in enumerate(results) if r[0] == "done"]
+    cancelled = [i for i, r in enumerate(results) if r[0] == "cancelled"]
+    failed = [r[0] for r in results if r[0] not in ("done", "cancelled")]
+    wrong = [i for i in done if results[i][1] != want[i]]
+    wrong_prefix = [i for i in cancelled if results[i][1] != want[i][:len(results[i][1])]]
+    tokens = sum(len(results[i][1]) for i in done)
+    latencies = sorted(results[i][2] for i in done)
+    print(f"{args.requests} requests at concurrency {args.concurrency}: {len(done)} done, "
+          f"{len(cancelled)} cancelled by the client, {len(failed)} failed {failed[:3]}")
+    print(f"wall {wall:.1f} s, {len(done) / wall:.1f} requests/s, {tokens / wall:.0f} streamed tokens/s, "
+          f"latency median {statistics.median(latencies):.2f} s, p99 {latencies[int(0.99 * len(latencies))]:.2f} s")
+    print(f"greedy tokens differing from the offline engine: {len(wrong)} completed, {len(wrong_prefix)} cancelled")
+    kv_whole = (metrics["jaxinfer:num_requests_running"], metrics["jaxinfer:num_requests_waiting"],
+                metrics["jaxinfer:kv_cache_usage_perc"]) == (0, 0, 0)
+    print(f"KV pool whole again: {kv_whole} (running {metrics['jaxinfer:num_requests_running']:.0f}, waiting "
+          f"{metrics['jaxinfer:num_requests_waiting']:.0f}, usage {metrics['jaxinfer:kv_cache_usage_perc']:.3f})")
+    growth = (rss_after - rss_before) / 2**20
+    print(f"server RSS after warm-up {rss_before / 2**20:.0f} MiB, after the load {rss_after / 2**20:.0f} MiB "
+          f"({growth:+.1f} MiB)")
+    ok = not failed and not wrong and not wrong_prefix and kv_whole and growth <= args.rss_slack_mib
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

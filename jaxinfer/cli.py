@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxinfer.commands.bench import add_bench_parsers
 from jaxinfer.errors import JaxinferError
 
 
@@ -46,6 +47,37 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--kv-memory", help="KV pool size (e.g. 1GiB) or fraction of device memory (0.9)")
     build.add_argument("--quant", choices=["int8", "int4", "int4-awq", "w8a8", "fp8"])
     build.set_defaults(run="jaxinfer.engine.build:main")
+
+    serve = commands.add_parser("serve", help="serve an engine over gRPC (jaxinfer.v1, KServe v2, health, metrics)")
+    serve.add_argument("engine_dir", nargs="?", help="engine directory, HF checkpoint or .gguf (default: build "
+                                                     "the default model's engine once and serve it)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus metrics over HTTP on this port")
+    serve.add_argument("--tls-cert")
+    serve.add_argument("--tls-key")
+    serve.add_argument("--auth-token-file", help="require `authorization: Bearer <token>` metadata")
+    serve.add_argument("--served-model-name")
+    serve.add_argument("--max-queued-requests", type=int, default=256)
+    serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
+    serve.set_defaults(run="jaxinfer.commands.serve:main")
+
+    client = commands.add_parser("client", help="stream a reply from a running `jaxinfer serve`")
+    client.add_argument("--address", default="127.0.0.1:50051")
+    message = client.add_mutually_exclusive_group(required=True)
+    message.add_argument("--prompt")
+    message.add_argument("--chat")
+    client.add_argument("--max-tokens", type=int)
+    client.add_argument("--temperature", type=float)
+    client.add_argument("--top-p", type=float)
+    client.add_argument("--top-k", type=int)
+    client.add_argument("--seed", type=int)
+    client.add_argument("--tls-ca")
+    client.add_argument("--auth-token-file")
+    client.add_argument("--timeout", type=float)
+    client.set_defaults(run="jaxinfer.commands.client:main")
+
+    add_bench_parsers(commands)
     return parser
 
 

@@ -11,8 +11,10 @@ from jaxinfer.sampling_params import SamplingParams
 
 def main(args) -> None:
     defaults = load_config("defaults")
-    # One request at a time: a small engine compiles fastest.
-    llm = LLM(args.model, dtype=args.dtype, tp=args.tp, max_num_seqs=1, max_num_batched_tokens=128)
+    # One request at a time: an engine of two buckets (decode, and 64-token prefill chunks) compiles
+    # fastest. A built engine directory ignores these and loads its own buckets.
+    llm = LLM(args.model, dtype=args.dtype, tp=args.tp, max_num_seqs=1, max_num_batched_tokens=64,
+              min_token_bucket=64)
     prompt = llm.chat_prompt(args.chat) if args.chat is not None else args.prompt
     params = SamplingParams(
         max_tokens=args.max_tokens or defaults["max_tokens"],

@@ -71,10 +71,13 @@ class LLMEngine:
         if (prompt is None) == (prompt_token_ids is None):
             raise RequestError("give exactly one of a text prompt or prompt token ids")
         ids = self.tokenizer.encode(prompt) if prompt is not None else [int(t) for t in prompt_token_ids]
+        if not ids:
+            raise RequestError("the prompt is empty; it needs at least one token")
         vocab = self.model_cfg.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        for what, tokens in (("prompt token ids", ids), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in tokens if not 0 <= t < vocab]
+            if bad:
+                raise RequestError(f"{what} {bad[:5]} are outside the vocabulary [0, {vocab})")
         limit = self.engine_cfg.max_model_len
         if len(ids) + params.max_tokens > limit:
             raise RequestError(
@@ -164,8 +167,9 @@ class LLMEngine:
         if finished:
             state.metrics.finished_time = time.monotonic()
             del self._requests[request_id]
-        outputs = [dataclasses.replace(state.completions[i], token_ids=list(state.completions[i].token_ids))
-                   for i in sorted(state.completions)]
+        outputs = [dataclasses.replace(c, token_ids=list(c.token_ids),
+                                       logprobs=None if c.logprobs is None else list(c.logprobs))
+                   for c in (state.completions[i] for i in sorted(state.completions))]
         for completion in state.completions.values():
             completion.delta_text, completion.delta_token_ids = "", []
         first = state.seqs[0]

@@ -224,8 +224,9 @@ def test_cancel_deadline_and_abort_return_kv_blocks(server, stub):
     call.cancel()
     assert wait_kv_free(server)["jaxinfer:kv_cache_usage_perc"] == 0
 
+    # 240 tokens take 240 engine steps: far longer than the deadline, however idle the machine.
     with pytest.raises(grpc.RpcError) as err:
-        list(stub.Generate(long_request(), timeout=0.5))
+        list(stub.Generate(long_request(max_tokens=240), timeout=0.05))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_kv_free(server)["jaxinfer:kv_cache_usage_perc"] == 0
 

@@ -16,10 +16,15 @@ prefill chunks mix freely in one call.
   float32. K/V stored as int8/fp8 are dequantized with their per-token-per-head scales in the kernel.
 - Rows of padding tokens (index >= query_start_loc[-1]) are zeros. Masking is by `jnp.where`, never a
   multiply, so whatever unused or null blocks hold (NaN included) never reaches the result.
+- Tensor parallelism: heads are independent, so run this inside `jax.shard_map` with q's head axis and
+  the pool's kv_heads axis sharded alike and the metadata replicated. GSPMD does not partition a
+  pallas_call (it would gather the whole pool onto every device), and the XLA decode layout contracts
+  across kv heads (all-reduces); under shard_map both stay local.
 
 `implementation`:
     None         the backend's choice: "pallas" on GPU, "xla" elsewhere (never interpret mode).
-    "pallas"     the Pallas kernel through the Triton lowering (sm80+; fp8 storage needs sm89+).
+    "pallas"     the Pallas kernel through the Triton lowering (sm80+; fp8 storage likely needs sm89+,
+                 where Triton converts e4m3 natively; unverified, no GPU was available).
     "xla"        the XLA path of `ragged_paged_attention_xla`, the one that serves on CPU.
     "interpret"  the Pallas kernel in Pallas interpret mode: for tests on CPU only (5-60x slower).
     "reference"  `reference_ragged_paged_attention`, dense and simple: the oracle of the tests.

@@ -16,14 +16,17 @@ project's 2-core CPU (9/3/64 heads, block 16, float32; benchmarks/bench_paged_at
 chosen path):
 - one-token tiles (decode): every query head against all kv heads' concatenated features, with the
   other heads' features zeroed in q ("block-diagonal" q). Three times the flops of grouped heads for
-  9/3 heads, but the gathered blocks are used as they lie, without a transpose; decode is bound by
-  memory and by per-op overhead, and this ran 1.3-1.7x faster than grouped heads at batch 32 (even
-  at batch 8). Under GSPMD tensor parallelism its contraction spans the sharded kv_heads axis, so
-  XLA adds all-reduces; call it inside `shard_map` over kv_heads to keep every shard local.
+  9/3 heads, but the gathered blocks are used as they lie, without a transpose, and each dot has 9
+  rows instead of 3 (few-row matmuls are slow on XLA:CPU): 1.2-1.6x faster than grouped heads for
+  batches of 8-32 at contexts of 512-2048 (an elementwise multiply-and-reduce form was in between).
+  Under GSPMD tensor parallelism its contraction spans the sharded kv_heads axis, so XLA adds
+  all-reduces (correct, but slower); under `shard_map` over kv_heads every shard stays local.
 - longer tiles (prefill): kv heads as a batch axis, each with its group of query heads ("grouped");
   1.5-5x faster than block-diagonal there, where flops dominate.
 KV chunks of 64-256 positions timed alike (within noise) for prefill; 128 was best or near it for
 decode batches of 8-32, where a chunk's gathered blocks ([W, C, kvh * hd] float32) should stay in cache.
+Storage dtypes on CPU: bf16 and int8 pools decode about as fast as float32 ones or faster; fp8 is
+slower (XLA:CPU converts e4m3 to float32 at about 1 ns per element), so prefer int8 for a CPU KV cache.
 """
 
 from __future__ import annotations

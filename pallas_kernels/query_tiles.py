@@ -5,10 +5,11 @@ paged context, so a tile reads its KV blocks once for all its rows. The tokens a
 `query_start_loc[-1]` (batch padding) form one more pseudo-sequence with an empty context, so every
 one of the T tokens lies in exactly one tile and every output row gets written (padding rows: zeros).
 
-The number of tiles is bounded statically: each non-empty sequence (S real + 1 padding) adds at most
-one partial tile, and each tile holds at least one token, so
-    num_tiles = min(T, S + 1 + ceil(T / tile_size)).
-Tiles past the real count are empty (`count` 0) and write nothing.
+The number of tiles is bounded statically. Each of the S + 1 groups (sequences and padding) ends in
+at most one partial tile; p partial tiles hold at least p tokens and the full ones tile_size each, so
+    num_tiles <= min(T, S + 1 + floor((T - S - 1) / tile_size))    (<= S + ceil(T / tile_size)),
+reached when every group's length is 1 more than a multiple of tile_size. Tiles past the real count
+are empty (`count` 0) and write nothing.
 
 `query_tiles(metadata, num_tokens, tile_size)` returns a `QueryTiles` of int32 arrays:
     seq        [W]  sequence of the tile (row of block_tables; padding tiles use row 0, never read)
@@ -48,7 +49,7 @@ class QueryTiles:
 
 def num_query_tiles(num_tokens: int, num_seqs: int, tile_size: int) -> int:
     """The static tile count W for T tokens of at most S sequences (see the module docstring)."""
-    return min(num_tokens, num_seqs + 1 + -(-num_tokens // tile_size))
+    return min(num_tokens, num_seqs + 1 + (num_tokens - num_seqs - 1) // tile_size)
 
 
 def query_tiles(metadata: AttentionMetadata, num_tokens: int, tile_size: int) -> QueryTiles:

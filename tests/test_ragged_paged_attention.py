@@ -156,14 +156,17 @@ def test_reference_matches_numpy_loop():
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_query_tiles_cover_each_token_once():
-    starts = np.array([0, 5, 5, 6, 23, 23], np.int32)
-    seq_lens = np.array([9, 0, 1, 40, 0], np.int32)
-    num_tokens, tile = 27, 4
-    metadata = AttentionMetadata(jnp.zeros(num_tokens, jnp.int32), jnp.zeros((5, 3), jnp.int32),
+@pytest.mark.parametrize("starts,seq_lens,num_tokens", [
+    ([0, 5, 5, 6, 23, 23], [9, 0, 1, 40, 0], 27),  # empty sequences, padding tokens, a padding sequence
+    ([0, 5, 10], [5, 12], 15),  # every group 1 past a multiple of the tile: the static bound is reached
+], ids=["ragged", "worst-case"])
+def test_query_tiles_cover_each_token_once(starts, seq_lens, num_tokens):
+    tile, num_seqs = 4, len(seq_lens)
+    starts, seq_lens = np.array(starts, np.int32), np.array(seq_lens, np.int32)
+    metadata = AttentionMetadata(jnp.zeros(num_tokens, jnp.int32), jnp.zeros((num_seqs, 3), jnp.int32),
                                  jnp.asarray(seq_lens), jnp.asarray(starts))
     tiles = jax.tree.map(np.asarray, vars(query_tiles(metadata, num_tokens, tile)))
-    assert len(tiles["seq"]) == num_query_tiles(num_tokens, 5, tile)
+    assert len(tiles["seq"]) == num_query_tiles(num_tokens, num_seqs, tile)
     for token in range(num_tokens):
         seq = np.searchsorted(starts, token, side="right") - 1
         owner, row = tiles["token_tile"][token], tiles["token_row"][token]

@@ -135,11 +135,12 @@ def write_kv(cache: LayerKVCache, k: jax.Array, v: jax.Array, slot_mapping: jax.
     if k.shape != expected or v.shape != expected:
         raise ValueError(f"write_kv: k {k.shape} and v {v.shape} must both be [T, num_kv_heads, head_dim] = "
                          f"{expected} to match slot_mapping {slot_mapping.shape} and the pool {cache.k.shape}")
-    num_slots = cache.num_blocks * cache.block_size
+    blocks, offsets = slot_mapping // cache.block_size, slot_mapping % cache.block_size
 
     def scatter(pool: jax.Array, rows: jax.Array) -> jax.Array:
-        flat = pool.reshape((num_slots,) + pool.shape[2:])
-        return flat.at[slot_mapping].set(rows).reshape(pool.shape)
+        # Indexing (block, offset) rather than a reshaped flat view: XLA:CPU then updates the
+        # donated pool in place; through the reshape it copied the whole pool every step.
+        return pool.at[blocks, offsets].set(rows)
 
     if not cache.quantized:
         return LayerKVCache(k=scatter(cache.k, k.astype(cache.k.dtype)), v=scatter(cache.v, v.astype(cache.v.dtype)))

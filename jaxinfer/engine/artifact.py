@@ -38,6 +38,7 @@ from jaxinfer.engine.llm_engine import LLMEngine
 from jaxinfer.errors import EngineError
 from jaxinfer.model.config import ModelConfig, RopeScaling
 from jaxinfer.model.sharding import make_mesh, param_shardings
+from jaxinfer.quant.apply import abstract_quantized_params
 from jaxinfer.runner.buckets import Bucket
 from jaxinfer.runner.model_runner import ModelRunner, allocate_kv_caches
 from jaxinfer.tokenizer import Tokenizer
@@ -124,7 +125,7 @@ def load_engine(directory: Path, progress: bool = True) -> LLMEngine:
     cfg = ModelConfig(**model)
     engine_cfg = EngineConfig(**manifest["engine_config"])
     mesh = make_mesh(manifest["mesh"]["model"])
-    params = _restore_weights(directory / "weights", cfg, mesh, engine_cfg.dtype)
+    params = _restore_weights(directory / "weights", cfg, mesh, engine_cfg)
     kv_caches = allocate_kv_caches(cfg, engine_cfg, mesh, manifest["num_kv_blocks"])
     executables = {}
     for entry in manifest["buckets"]:
@@ -143,11 +144,15 @@ def load_engine(directory: Path, progress: bool = True) -> LLMEngine:
     return LLMEngine(runner, tokenizer, cfg, engine_cfg)
 
 
-def _restore_weights(path: Path, cfg: ModelConfig, mesh: Mesh, dtype: str):
+def _restore_weights(path: Path, cfg: ModelConfig, mesh: Mesh, engine_cfg: EngineConfig):
     from jaxinfer.model.llama import param_shapes
 
-    target = jax.tree.map(lambda shape, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding),
-                          param_shapes(cfg), param_shardings(cfg, mesh), is_leaf=lambda x: isinstance(x, tuple))
+    structs = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, engine_cfg.dtype), param_shapes(cfg),
+                           is_leaf=lambda x: isinstance(x, tuple))
+    if engine_cfg.quant:
+        structs = abstract_quantized_params(structs, cfg, engine_cfg.quant)
+    target = jax.tree.map(lambda struct, sharding: jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=sharding),
+                          structs, param_shardings(cfg, mesh, structs))
     return ocp.StandardCheckpointer().restore(path.resolve(), target)
 
 

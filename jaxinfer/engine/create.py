@@ -11,7 +11,9 @@ from jaxinfer.cache.kv_pool import plan_kv_memory
 from jaxinfer.checkpoint import Checkpoint, load_checkpoint
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.llm_engine import LLMEngine
-from jaxinfer.model.sharding import make_mesh, place_params
+from jaxinfer.model.sharding import make_mesh, pad_heads, place_params
+from jaxinfer.quant.apply import calibrate, quantize_params
+from jaxinfer.quant.apply import describe as describe_quantization
 from jaxinfer.runner.model_runner import ModelRunner, allocate_kv_caches, compile_steps
 
 ENGINE_MANIFEST = "manifest.json"
@@ -40,7 +42,13 @@ def prepare_device_state(checkpoint: Checkpoint, engine_cfg: EngineConfig, progr
     if engine_cfg.max_model_len > cfg.max_position_embeddings:
         engine_cfg = dataclasses.replace(engine_cfg, max_model_len=cfg.max_position_embeddings)
     mesh = make_mesh(engine_cfg.tp)
-    params, cfg = place_params(checkpoint.params, cfg, mesh, engine_cfg.dtype)
+    params, cfg = pad_heads(checkpoint.params, cfg, engine_cfg.tp)
+    if engine_cfg.quant:
+        params = quantize_params(params, cfg, engine_cfg.quant,
+                                 calibrate(params, cfg, checkpoint.tokenizer, engine_cfg.quant))
+    params, cfg = place_params(params, cfg, mesh, engine_cfg.dtype)
+    if progress and engine_cfg.quant:
+        print(describe_quantization(params, engine_cfg.quant, engine_cfg.dtype), file=sys.stderr)
     plan = plan_kv_memory(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, engine_cfg.kv_dtype,
                           engine_cfg.block_size, engine_cfg.kv_budget_bytes())
     if progress:

@@ -20,6 +20,7 @@ from jaxinfer.configs import logical_axis_rules
 from jaxinfer.errors import EngineError
 from jaxinfer.model.config import ModelConfig
 from jaxinfer.model.llama import param_logical_axes
+from jaxinfer.quant.apply import is_quantized, quantized_logical_axes
 
 
 def make_mesh(tp: int = 1) -> Mesh:
@@ -34,8 +35,13 @@ def logical_sharding(mesh: Mesh, logical_axes: tuple[str | None, ...]) -> NamedS
     return nn.logical_to_mesh_sharding(PartitionSpec(*logical_axes), mesh, logical_axis_rules())
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh):
-    return jax.tree.map(lambda axes: logical_sharding(mesh, axes), param_logical_axes(cfg),
+def param_shardings(cfg: ModelConfig, mesh: Mesh, params=None):
+    """NamedShardings in the structure of `param_logical_axes`, or of `params` when given: a
+    quantized weight (jaxinfer.quant) gets one sharding per field, derived from its layer's axes."""
+    axes = param_logical_axes(cfg)
+    if params is not None:
+        axes = quantized_logical_axes(params, axes)
+    return jax.tree.map(lambda leaf_axes: logical_sharding(mesh, leaf_axes), axes,
                         is_leaf=lambda x: isinstance(x, tuple))
 
 
@@ -64,10 +70,12 @@ def pad_heads(params: dict, cfg: ModelConfig, tp: int) -> tuple[dict, ModelConfi
 
 
 def place_params(params: dict, cfg: ModelConfig, mesh: Mesh, dtype: str) -> tuple[dict, ModelConfig]:
-    """Pads heads for the mesh's tensor-parallel size, casts every array to `dtype` and puts it on
-    the mesh with its logical sharding."""
+    """Pads heads for the mesh's tensor-parallel size, casts every float array to `dtype` (quantized
+    weights keep their storage dtypes) and puts it on the mesh with its logical sharding."""
     params, cfg = pad_heads(params, cfg, mesh.shape["model"])
-    shardings = param_shardings(cfg, mesh)
-    params = jax.tree.map(lambda array, sharding: jax.device_put(jnp.asarray(array, dtype=dtype), sharding),
-                          params, shardings)
-    return params, cfg
+    shardings = param_shardings(cfg, mesh, params)
+
+    def place(param, sharding):
+        return jax.device_put(param if is_quantized(param) else jnp.asarray(param, dtype=dtype), sharding)
+
+    return jax.tree.map(place, params, shardings, is_leaf=is_quantized), cfg

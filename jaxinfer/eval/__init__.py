@@ -1,0 +1,1 @@
+"""Model quality evaluation: perplexity and KL divergence over the shipped corpus (jaxinfer.eval.perplexity)."""

@@ -1,0 +1,164 @@
+"""Quantizing a model's params: which weights, in which mode, with which input scales, and the
+layout (logical axes, restore structure) that the quantized pytrees get. Every such decision of
+the engine lives here.
+
+    quantize_params(params, cfg, mode, calibration=None) -> params      (numpy/jax float in, on host)
+    abstract_quantized_params(structs, cfg, mode) -> ShapeDtypeStruct pytree of the same structure
+    quantized_logical_axes(params, axes) -> logical axes with quantized weights expanded per field
+    calibrate(params, cfg, tokenizer, mode) -> Calibration | None        (only the modes that need it)
+
+Quantized: the seven linear weights of every layer (wq, wk, wv, wo, w_gate, w_up, w_down), which
+hold nearly all of the bytes. Kept in the engine dtype: embeddings, norms, biases and the LM head
+(tied to the embeddings in SmolLM2), because they are small and precision-sensitive.
+
+| mode       | weight (jaxinfer.quant)  | input_scale                           |
+| ---------- | ------------------------ | ------------------------------------- |
+| "int8"     | Int8Weight (W8A16)       | none                                  |
+| "int4"     | Int4Weight (W4A16, RTN)  | none                                  |
+| "int4-awq" | Int4Weight (W4A16)       | AWQ search on calibration activations |
+| "w8a8"     | W8A8Weight int8          | SmoothQuant (alpha 0.5)               |
+| "fp8"      | W8A8Weight float8_e4m3fn | none                                  |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.errors import EngineError
+from jaxinfer.eval.corpus import CALIBRATION, corpus_windows
+from jaxinfer.model.config import ModelConfig
+from jaxinfer.quant.calibration import LINEAR_WEIGHTS, Calibration, capture_activations
+from jaxinfer.quant.quantize import quantize_weight
+from jaxinfer.quant.scaling import awq_search, smoothquant_scale
+from jaxinfer.quant.weights import Int4Weight, Int8Weight, W8A8Weight
+
+# mode -> (quantize_weight mode, input-scale method or None)
+QUANT_MODES = {"int8": ("int8", None), "int4": ("int4", None), "int4-awq": ("int4", "awq"),
+               "w8a8": ("w8a8", "smoothquant"), "fp8": ("fp8", None)}
+CALIBRATION_WINDOWS = 8
+CALIBRATION_WINDOW_LEN = 256
+# int4 groups: the largest of these that divides the input size (SmolLM2: 64 for 576, 128 for 1536).
+INT4_GROUP_SIZES = (128, 64, 32)
+
+
+def is_quantized(leaf) -> bool:
+    return isinstance(leaf, (Int8Weight, Int4Weight, W8A8Weight))
+
+
+def _weight_options(weight_mode: str, in_features: int) -> dict:
+    if weight_mode != "int4":
+        return {}
+    fitting = [size for size in INT4_GROUP_SIZES if in_features % size == 0]
+    if not fitting:
+        raise EngineError(f"int4 needs an input size divisible by one of the group sizes {INT4_GROUP_SIZES}; "
+                          f"a weight has {in_features} inputs: use int8 for this model")
+    return {"group_size": fitting[0]}
+
+
+def _check_mode(mode: str) -> tuple[str, str | None]:
+    if mode not in QUANT_MODES:
+        raise EngineError(f"unknown quantization mode {mode!r}; choose one of {tuple(QUANT_MODES)}")
+    return QUANT_MODES[mode]
+
+
+def needs_calibration(mode: str) -> bool:
+    return _check_mode(mode)[1] is not None
+
+
+def calibrate(params, cfg: ModelConfig, tokenizer, mode: str) -> Calibration | None:
+    """Activation statistics from data/corpus/calibration.txt when `mode` uses input scales."""
+    if not needs_calibration(mode):
+        return None
+    windows = corpus_windows(tokenizer, CALIBRATION, CALIBRATION_WINDOW_LEN, CALIBRATION_WINDOWS)
+    return capture_activations(params, cfg, windows)
+
+
+def _input_scale(method: str | None, w: np.ndarray, stats, options: dict) -> np.ndarray | None:
+    if method is None:
+        return None
+    if method == "awq":
+        return awq_search(w, stats, options["group_size"]).input_scale
+    return smoothquant_scale(w, stats)
+
+
+def _map_linears(params, transform):
+    layers = [{name: transform((i, name), w) if name in LINEAR_WEIGHTS else w for name, w in layer.items()}
+              for i, layer in enumerate(params["layers"])]
+    return {**params, "layers": layers}
+
+
+def quantize_params(params, cfg: ModelConfig, mode: str, calibration: Calibration | None = None):
+    """`params` with every linear weight quantized in `mode` (the rest untouched). The modes with
+    input scales need `calibration` (from `calibrate` or `capture_activations`)."""
+    weight_mode, method = _check_mode(mode)
+    if method is not None and calibration is None:
+        raise EngineError(f"quantization mode {mode!r} computes {method} scales from calibration activations: "
+                          "pass calibration=calibrate(params, cfg, tokenizer, mode)")
+
+    def quantize(key, w):
+        w = np.asarray(w, np.float32)
+        options = _weight_options(weight_mode, w.shape[0])
+        stats = None if calibration is None else calibration[key]
+        return quantize_weight(w, weight_mode, input_scale=_input_scale(method, w, stats, options), **options)
+
+    return _map_linears(params, quantize)
+
+
+def abstract_quantized_params(structs, cfg: ModelConfig, mode: str):
+    """The structure, shapes and dtypes `quantize_params` gives for float params shaped like
+    `structs` (a ShapeDtypeStruct pytree), found by tracing the same quantizers: the restore target
+    of a quantized engine's weights."""
+    weight_mode, method = _check_mode(mode)
+
+    def quantize_abstract(key, w):
+        # Unit scales stand for calibrated ones (same shape); evaluated eagerly because the
+        # quantizers check input_scale values.
+        scale = None if method is None else np.ones(w.shape[0], np.float32)
+
+        def quantize(w):
+            with jax.ensure_compile_time_eval():
+                return quantize_weight(w, weight_mode, input_scale=scale,
+                                       **_weight_options(weight_mode, w.shape[0]))
+        return jax.eval_shape(quantize, w)
+
+    return _map_linears(structs, quantize_abstract)
+
+
+def quantized_logical_axes(params, axes):
+    """`axes` (from `param_logical_axes`) with each quantized weight of `params` replaced by the
+    same weight class holding one logical-axes tuple per field: 2-D fields keep the weight's
+    (in, out) axes, `input_scale [in]` takes the in axis, other 1-D scales the out axis, a
+    per-tensor scale none (see jaxinfer.quant.weights)."""
+    def expand(param, param_axes):
+        if not is_quantized(param):
+            return param_axes
+        in_axis, out_axis = param_axes
+
+        def field_axes(name: str, array):
+            if array is None:
+                return None
+            if array.ndim == 2:
+                return param_axes
+            if array.ndim == 0:
+                return ()
+            return (in_axis,) if name == "input_scale" else (out_axis,)
+        return dataclasses.replace(param, **{f.name: field_axes(f.name, getattr(param, f.name))
+                                             for f in dataclasses.fields(param)})
+
+    return jax.tree.map(expand, params, axes, is_leaf=is_quantized)
+
+
+def weight_bytes(params) -> int:
+    return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(params))
+
+
+def describe(params, mode: str, dtype: str) -> str:
+    """The build-time line that says what was quantized and what was kept in the engine dtype."""
+    kept = sorted(name for name in params if name != "layers")
+    count = sum(is_quantized(w) for layer in params["layers"] for w in layer.values())
+    return (f"quantization {mode}: {count} linear weights ({', '.join(LINEAR_WEIGHTS)}) quantized; "
+            f"{', '.join(kept)}, norms and biases kept in {dtype}; weights {weight_bytes(params) / 2**20:.1f} MiB")

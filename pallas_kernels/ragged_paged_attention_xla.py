@@ -136,6 +136,14 @@ class _BlockDiagonalHeads:
 def xla_ragged_paged_attention(q: jax.Array, cache: LayerKVCache, metadata: AttentionMetadata, *,
                                sm_scale: float, soft_cap: float | None = None) -> jax.Array:
     """See the module docstring; arguments as `ragged_paged_attention`, already checked."""
+    # The pool usually arrives fresh from `write_kv`, whose one-token scatter XLA lowers to a
+    # dynamic-update-slice. Without a barrier XLA's fusion duplicates that update into the block
+    # gather below (the gather then reads the pool as it was *before* the write and redoes the
+    # update itself), so the real in-place update must wait for a reader of the old buffer and
+    # copy-insertion copies the whole donated pool instead: temp memory = the V pools, decode
+    # time growing with the pool size. The barrier makes the gathers read the written pool,
+    # which XLA then updates in place.
+    cache = jax.lax.optimization_barrier(cache)
     num_tokens, num_heads, _ = q.shape
     tile = choose_query_tile(num_tokens, metadata.num_seqs)
     tiles = query_tiles(metadata, num_tokens, tile)

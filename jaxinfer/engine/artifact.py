@@ -116,16 +116,7 @@ def verify_files(directory: Path, manifest: dict) -> None:
 
 def load_engine(directory: Path, progress: bool = True) -> LLMEngine:
     start = time.perf_counter()
-    manifest = read_manifest(directory)
-    verify_files(directory, manifest)
-    model = dict(manifest["model_config"])
-    if model["rope_scaling"]:
-        model["rope_scaling"] = RopeScaling(**model["rope_scaling"])
-    model["eos_token_ids"] = tuple(model["eos_token_ids"])
-    cfg = ModelConfig(**model)
-    engine_cfg = EngineConfig(**manifest["engine_config"])
-    mesh = make_mesh(manifest["mesh"]["model"])
-    params = _restore_weights(directory / "weights", cfg, mesh, engine_cfg)
+    manifest, cfg, engine_cfg, mesh, params = load_engine_weights(directory)
     kv_caches = allocate_kv_caches(cfg, engine_cfg, mesh, manifest["num_kv_blocks"])
     executables = {}
     for entry in manifest["buckets"]:
@@ -142,6 +133,21 @@ def load_engine(directory: Path, progress: bool = True) -> LLMEngine:
         print(f"loaded engine {directory} ({len(executables)} buckets, {manifest['num_kv_blocks']} KV blocks) "
               f"in {time.perf_counter() - start:.2f} s", file=sys.stderr)
     return LLMEngine(runner, tokenizer, cfg, engine_cfg)
+
+
+def load_engine_weights(directory: Path):
+    """An engine directory's checked manifest, model and engine configs, mesh and restored params
+    (no KV pool, no executables): what evaluating its weights needs."""
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    model = dict(manifest["model_config"])
+    if model["rope_scaling"]:
+        model["rope_scaling"] = RopeScaling(**model["rope_scaling"])
+    model["eos_token_ids"] = tuple(model["eos_token_ids"])
+    cfg = ModelConfig(**model)
+    engine_cfg = EngineConfig(**manifest["engine_config"])
+    mesh = make_mesh(manifest["mesh"]["model"])
+    return manifest, cfg, engine_cfg, mesh, _restore_weights(directory / "weights", cfg, mesh, engine_cfg)
 
 
 def _restore_weights(path: Path, cfg: ModelConfig, mesh: Mesh, engine_cfg: EngineConfig):

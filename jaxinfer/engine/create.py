@@ -42,19 +42,26 @@ def prepare_device_state(checkpoint: Checkpoint, engine_cfg: EngineConfig, progr
     if engine_cfg.max_model_len > cfg.max_position_embeddings:
         engine_cfg = dataclasses.replace(engine_cfg, max_model_len=cfg.max_position_embeddings)
     mesh = make_mesh(engine_cfg.tp)
-    params, cfg = pad_heads(checkpoint.params, cfg, engine_cfg.tp)
-    if engine_cfg.quant:
-        params = quantize_params(params, cfg, engine_cfg.quant,
-                                 calibrate(params, cfg, checkpoint.tokenizer, engine_cfg.quant))
-    params, cfg = place_params(params, cfg, mesh, engine_cfg.dtype)
-    if progress and engine_cfg.quant:
-        print(describe_quantization(params, engine_cfg.quant, engine_cfg.dtype), file=sys.stderr)
+    params, cfg = serving_params(checkpoint, engine_cfg, mesh, progress)
     plan = plan_kv_memory(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, engine_cfg.kv_dtype,
                           engine_cfg.block_size, engine_cfg.kv_budget_bytes())
     if progress:
         print(plan.describe(), file=sys.stderr)
     kv_caches = allocate_kv_caches(cfg, engine_cfg, mesh, plan.num_blocks)
     return cfg, engine_cfg, mesh, params, kv_caches
+
+
+def serving_params(checkpoint: Checkpoint, engine_cfg: EngineConfig, mesh, progress: bool = True):
+    """The checkpoint's params as the engine serves them: heads padded for the mesh, linear
+    weights quantized when `engine_cfg.quant` is set, cast and placed; returns (params, config)."""
+    params, cfg = pad_heads(checkpoint.params, checkpoint.config, engine_cfg.tp)
+    if engine_cfg.quant:
+        params = quantize_params(params, cfg, engine_cfg.quant,
+                                 calibrate(params, cfg, checkpoint.tokenizer, engine_cfg.quant))
+    params, cfg = place_params(params, cfg, mesh, engine_cfg.dtype)
+    if progress and engine_cfg.quant:
+        print(describe_quantization(params, engine_cfg.quant, engine_cfg.dtype), file=sys.stderr)
+    return params, cfg
 
 
 def engine_from_checkpoint(checkpoint: Checkpoint, engine_cfg: EngineConfig, progress: bool = True) -> LLMEngine:

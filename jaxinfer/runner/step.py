@@ -47,8 +47,13 @@ def paged_attend(q, k, v, cache, *, metadata: AttentionMetadata, sm_scale: float
 
 
 def copy_blocks(cache, block_copies: jax.Array):
-    src, dst = block_copies[:, 0], block_copies[:, 1]
-    return jax.tree.map(lambda pool: pool.at[dst].set(pool[src]), cache)
+    """Copies whole blocks src -> dst in order. A loop of dynamic slices keeps the donated pool
+    updated in place; a gather + scatter over the pool made XLA copy all of it every step."""
+    def copy_one(i, pool):
+        block = jax.lax.dynamic_index_in_dim(pool, block_copies[i, 0], axis=0, keepdims=True)
+        return jax.lax.dynamic_update_index_in_dim(pool, block, block_copies[i, 1], axis=0)
+
+    return jax.tree.map(lambda pool: jax.lax.fori_loop(0, block_copies.shape[0], copy_one, pool), cache)
 
 
 def model_step(params, kv_caches, inputs: StepInputs, sampling: SamplingMetadata, *, cfg: ModelConfig):

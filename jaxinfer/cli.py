@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from jaxinfer.commands.bench import add_bench_parsers
+from jaxinfer.commands.eval import add_eval_parsers
 from jaxinfer.errors import JaxinferError
 
 
@@ -78,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     client.set_defaults(run="jaxinfer.commands.client:main")
 
     add_bench_parsers(commands)
+    add_eval_parsers(commands)
     return parser
 
 

@@ -14,6 +14,7 @@ int4 is asymmetric per group of `group_size` input rows (`scale = (max - min) / 
 both stored as float16 and used exactly as stored); fp8 scales so that the largest magnitude maps
 to 448, the largest float8_e4m3fn. `input_scale [in]` (positive; AWQ / SmoothQuant) is folded in:
 the quantized matrix is `input_scale[:, None] * w`, and the weight's `matmul` divides x by it.
+Quantization runs eagerly at build time (it validates `input_scale` values), not under `jit`.
 """
 
 from __future__ import annotations

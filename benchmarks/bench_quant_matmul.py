@@ -19,6 +19,7 @@ alone would fit the L3 cache and make later formulations look faster than earlie
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import time
@@ -32,7 +33,7 @@ from jaxinfer.quant import quantize_weight
 from pallas_kernels.activation_quant import quantize_per_token
 from pallas_kernels.int4_matmul import dequantize_int4, dequantized_bf16_dot, int4_matmul, split_activation_group_dot
 from pallas_kernels.int8_matmul import int8_matmul
-from pallas_kernels.quant_tiling import pad_rows
+from pallas_kernels.quant_tiling import after_activations, pad_rows
 from pallas_kernels.w8a8_matmul import w8a8_matmul
 
 DEFAULT_SHAPES = ("576x1536", "1536x576", "576x49152")
@@ -64,6 +65,18 @@ def _two_row_dot_f32_acc(x: jax.Array, w: jax.Array) -> jax.Array:
     return _dot_f32_acc(pad_rows(x.astype(jnp.bfloat16), 2), w)[: x.shape[0]]
 
 
+def _tied_to_activations(fn: Callable) -> Callable:
+    """`fn` with its weight tied to the activation, as the dispatchers tie theirs (see
+    `quant_tiling.after_activations`), so that formulations differ in their arithmetic only."""
+
+    def run(x, w):
+        leaves, treedef = jax.tree_util.tree_flatten(w)
+        x, leaves = after_activations(x, *leaves)
+        return fn(x, jax.tree_util.tree_unflatten(treedef, leaves))
+
+    return run
+
+
 def candidates(mode: str) -> dict[str, Callable]:
     """Formulations of `mode` keyed by name, each `f(x, weight_pytree) -> [M, out]`; "xla" first."""
     xla = {
@@ -91,15 +104,25 @@ def candidates(mode: str) -> dict[str, Callable]:
             "fp8->f32 dot": lambda x, w: _per_token_dot(x, w, lambda x_q, w_q: x_q.astype(jnp.float32) @ w_q.astype(jnp.float32)),
         },
     }[mode]
-    return {"xla": xla, **others}
+    return {"xla": xla, **{name: _tied_to_activations(fn) for name, fn in others.items()}}
+
+
+def _chained(fn: Callable, x: jax.Array, copies: list) -> list[jax.Array]:
+    """`fn(x_i, w_i)` for every copy, each x_i depending on the previous output as a layer's input does
+    (so XLA can neither share work between copies nor start on a copy's weight ahead of its turn)."""
+    outputs = []
+    for w in copies:
+        outputs.append(fn(x, w))
+        x = x + 0.0 * outputs[-1][:, :1]
+    return outputs
 
 
 def interleaved_median_ms(calls: list[tuple[Callable, list]], x: jax.Array, *, reps: int) -> list[float]:
-    """Median ms per weight copy of each `(fn, weight_copies)`: one jitted call applies `fn(x, w)` to
-    every copy. The calls take turns in a random order each round, so a load change on this shared
+    """Median ms per weight copy of each `(fn, weight_copies)`: one jitted call applies `fn` to every
+    copy in a chain (`_chained`). The calls take turns in a random order each round, so a load change on this shared
     machine hits all alike; the cache is flushed before each, so no call finds the weights the one
     before it read."""
-    compiled = [jax.jit(lambda x, copies, fn=fn: [fn(x, w) for w in copies]) for fn, _ in calls]
+    compiled = [jax.jit(functools.partial(_chained, fn)) for fn, _ in calls]
     for run, (_, copies) in zip(compiled, calls):
         jax.block_until_ready(run(x, copies))
     cache_sized = jnp.ones(CACHE_FLUSH_BYTES // 4, jnp.float32)

@@ -33,7 +33,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.activation_quant import merge_split_rows, split_per_token_int8
-from pallas_kernels.quant_tiling import MIN_BLOCK, accumulate_over_k, dispatch, pallas_supports, tiled_matmul_call
+from pallas_kernels.quant_tiling import (
+    MIN_BLOCK,
+    accumulate_over_k,
+    after_activations,
+    dispatch,
+    pallas_supports,
+    tiled_matmul_call,
+)
 
 INT4_LEVELS = 16
 # Up to this many activation rows the split-activation batched int8 dot is the faster XLA:CPU
@@ -131,7 +138,8 @@ def dequantized_bf16_dot(x: jax.Array, packed: jax.Array, scale: jax.Array, offs
 
 def int4_matmul_xla(x: jax.Array, packed: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
     formulation = split_activation_group_dot if x.shape[0] <= SPLIT_DOT_MAX_ROWS else dequantized_bf16_dot
-    return formulation(x, packed, scale, offset).astype(x.dtype)
+    x_after, (packed, scale, offset) = after_activations(x, packed, scale, offset)
+    return formulation(x_after, packed, scale, offset).astype(x.dtype)
 
 
 def int4_matmul(

@@ -6,10 +6,12 @@ Per-output-channel scales are applied once after the K reduction (`(x @ w_q) * w
 Implementations (`int8_matmul(..., implementation=)`):
     "pallas"     the Triton-style Pallas kernel below (GPU).
     "interpret"  the same kernel in Pallas interpret mode (tests on CPU; slow).
-    "xla"        the fastest XLA:CPU formulation measured (benchmarks/bench_quant_matmul.py): the
-                 activations split into two int8 levels (`activation_quant.split_per_token_int8`)
-                 and one int8 x int8 -> int32 dot over 2M rows. Converting the int8 weight to float
-                 instead is not fused into the dot on XLA:CPU and materializes a float copy of it.
+    "xla"        the XLA:CPU formulation chosen by measurement (benchmarks/bench_quant_matmul.py):
+                 the activations split into two int8 levels (`activation_quant.split_per_token_int8`)
+                 and one int8 x int8 -> int32 dot over 2M rows. Converting the weight to float
+                 instead is not fused into the dot on XLA:CPU: it writes a float copy of the weight,
+                 3-5x slower on the 576x49152 LM-head shape at every M; on the per-layer shapes it
+                 wins some M in isolation but ties in a whole SmolLM2 decode step (batch 1 and 8).
     "reference"  dequantize to float32, then an f32 dot at highest precision (the oracle).
     None         "pallas" on GPU, "xla" elsewhere.
 """

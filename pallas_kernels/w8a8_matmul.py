@@ -33,7 +33,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.activation_quant import quantize_per_token
-from pallas_kernels.quant_tiling import accumulate_over_k, block_depth, dispatch, pad_rows, pallas_supports, tiled_matmul_call
+from pallas_kernels.quant_tiling import (
+    accumulate_over_k,
+    after_activations,
+    block_depth,
+    dispatch,
+    pad_rows,
+    pallas_supports,
+    tiled_matmul_call,
+)
 
 # XLA:CPU runs a 1-row int8 or bf16 dot an order of magnitude slower than a 2-row one.
 _CPU_MIN_ROWS = 2
@@ -97,6 +105,7 @@ def quantized_dot_xla(x_q: jax.Array, w_q: jax.Array) -> jax.Array:
     acc_dtype = accumulator_dtype(w_q.dtype)
     if w_q.dtype == jnp.float8_e4m3fn:
         # Every float8_e4m3fn value is exact in bf16: an exact emulation of the fp8 dot.
+        x_q, (w_q,) = after_activations(x_q, w_q)
         x_q, w_q = x_q.astype(jnp.bfloat16), w_q.astype(jnp.bfloat16)
     x_q = pad_rows(x_q, _CPU_MIN_ROWS) if m < _CPU_MIN_ROWS else x_q
     return jnp.dot(x_q, w_q, preferred_element_type=acc_dtype)[:m]

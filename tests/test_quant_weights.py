@@ -154,3 +154,23 @@ def test_bad_input_is_refused_with_a_message(weight):
         quantize_weight(weight, "int8", group_size=64)
     with pytest.raises(ValueError, match=r"expects 192.*\[in, out\]"):
         quantize_weight(weight, "int8").matmul(jnp.ones((2, OUT)))
+
+
+@pytest.mark.parametrize("mode", ["int4", "fp8"])
+def test_cpu_path_keeps_one_converted_weight_live_at_a_time(rng, mode):
+    # Unpacked / converted weights must not all be hoisted to the start of a multi-layer program
+    # (quant_tiling.after_activations): the temporaries of a chain stay near one layer's worth.
+    size, layers = 256, 8
+    weights = [quantize_weight(rng.standard_normal((size, size)).astype(np.float32), mode) for _ in range(layers)]
+
+    def chain(weights, x):
+        for w in weights:
+            x = w.matmul(x)
+        return x
+
+    compiled = jax.jit(chain).lower(weights, jnp.ones((1, size), jnp.float32)).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        pytest.skip("this backend reports no memory analysis")
+    one_converted_weight = size * size * 2  # bf16 (fp8 path); int4 unpacks to int8, half of it
+    assert analysis.temp_size_in_bytes < 2 * one_converted_weight

@@ -31,10 +31,11 @@ import numpy as np
 
 from jaxinfer.quant import quantize_weight
 from pallas_kernels.activation_quant import quantize_per_token
-from pallas_kernels.int4_matmul import dequantize_int4, dequantized_bf16_dot, int4_matmul, split_activation_group_dot
-from pallas_kernels.int8_matmul import int8_matmul
-from pallas_kernels.quant_tiling import after_activations, pad_rows
+from pallas_kernels.int4_matmul import dequantize_int4, int4_matmul, split_activation_group_dot
+from pallas_kernels.int8_matmul import int8_matmul, split_activation_dot
+from pallas_kernels.quant_tiling import pad_rows
 from pallas_kernels.w8a8_matmul import w8a8_matmul
+from pallas_kernels.xla_cpu import after_activations
 
 DEFAULT_SHAPES = ("576x1536", "1536x576", "576x49152")
 DEFAULT_ROWS = (1, 2, 16, 64)
@@ -67,7 +68,7 @@ def _two_row_dot_f32_acc(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def _tied_to_activations(fn: Callable) -> Callable:
     """`fn` with its weight tied to the activation, as the dispatchers tie theirs (see
-    `quant_tiling.after_activations`), so that formulations differ in their arithmetic only."""
+    `xla_cpu.after_activations`), so that formulations differ in their arithmetic only."""
 
     def run(x, w):
         leaves, treedef = jax.tree_util.tree_flatten(w)
@@ -87,13 +88,14 @@ def candidates(mode: str) -> dict[str, Callable]:
     }[mode]
     others = {
         "int8": {
-            "dequant f32 dot": lambda x, w: x @ (w.q.astype(jnp.float32) * w.scale),
-            "dequant bf16 dot": lambda x, w: _two_row_dot_f32_acc(x, (w.q.astype(jnp.float32) * w.scale).astype(jnp.bfloat16)),
+            "split-act int8 dot": lambda x, w: split_activation_dot(x, w.q, w.scale),
+            "dequant f32 dot": lambda x, w: (x @ w.q.astype(jnp.float32)) * w.scale,
+            "dequant bf16 dot": lambda x, w: _two_row_dot_f32_acc(x, w.q.astype(jnp.bfloat16)) * w.scale,
         },
         "int4": {
             "split-act group dot": lambda x, w: split_activation_group_dot(x, w.packed, w.scale, w.offset),
-            "dequant bf16 dot": lambda x, w: dequantized_bf16_dot(x, w.packed, w.scale, w.offset),
             "dequant f32 dot": lambda x, w: x @ dequantize_int4(w.packed, w.scale, w.offset, jnp.float32),
+            "dequant bf16 dot": lambda x, w: _two_row_dot_f32_acc(x, dequantize_int4(w.packed, w.scale, w.offset, jnp.bfloat16)),
         },
         "w8a8": {
             "int8 dot, 1 row unpadded": lambda x, w: _per_token_dot(x, w, _dot_i32),

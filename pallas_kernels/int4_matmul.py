@@ -15,10 +15,11 @@ computes `(x_g @ q_g) * scale[g] + sum(x_g) * offset[g]`: the scale multiplies a
 rather than each weight. Implementations:
     "pallas"     the Triton-style Pallas kernel below (GPU); one K-loop step per group.
     "interpret"  the same kernel in Pallas interpret mode (tests on CPU; slow).
-    "xla"        the fastest XLA:CPU formulation measured (benchmarks/bench_quant_matmul.py): for a
-                 few rows, the activations split into two int8 levels and one batched
-                 int8 x int8 -> int32 dot over the groups; for more rows, dequantize to bf16 and one
-                 dot with f32 accumulation (the batched dot stops scaling with rows on XLA:CPU).
+    "xla"        the XLA:CPU formulation chosen by measurement (benchmarks/bench_quant_matmul.py,
+                 and whole SmolLM2 decode steps): dequantize in XLA and dot
+                 (`xla_cpu.dequantized_dot`), except for a weight too large for its f32 copy to stay
+                 in cache at <= 2 activation rows: there the activations split into two int8 levels
+                 and one batched int8 x int8 -> int32 dot over the groups runs on the unpacked codes.
     "reference"  dequantize to float32, then an f32 dot at highest precision (the oracle).
     None         "pallas" on GPU, "xla" elsewhere.
 """
@@ -33,18 +34,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.activation_quant import merge_split_rows, split_per_token_int8
-from pallas_kernels.quant_tiling import (
-    MIN_BLOCK,
-    accumulate_over_k,
-    after_activations,
-    dispatch,
-    pallas_supports,
-    tiled_matmul_call,
-)
+from pallas_kernels.quant_tiling import MIN_BLOCK, accumulate_over_k, dispatch, pallas_supports, tiled_matmul_call
+from pallas_kernels.xla_cpu import after_activations, cache_resident_as_f32, dequantized_dot
 
 INT4_LEVELS = 16
-# Up to this many activation rows the split-activation batched int8 dot is the faster XLA:CPU
-# formulation; beyond it, dequantize-then-dot (see benchmarks/bench_quant_matmul.py).
+# For a weight too large to convert in cache, the split-activation batched int8 dot is the faster
+# XLA:CPU formulation up to this many activation rows (see benchmarks/bench_quant_matmul.py).
 SPLIT_DOT_MAX_ROWS = 2
 
 
@@ -131,15 +126,13 @@ def split_activation_group_dot(x: jax.Array, packed: jax.Array, scale: jax.Array
     return jnp.einsum("gmn,gn->mn", code_dot, scale.astype(jnp.float32)) + x_group_sum @ offset.astype(jnp.float32)
 
 
-def dequantized_bf16_dot(x: jax.Array, packed: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
-    w = dequantize_int4(packed, scale, offset, jnp.bfloat16)
-    return jnp.dot(x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32)
-
-
 def int4_matmul_xla(x: jax.Array, packed: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
-    formulation = split_activation_group_dot if x.shape[0] <= SPLIT_DOT_MAX_ROWS else dequantized_bf16_dot
     x_after, (packed, scale, offset) = after_activations(x, packed, scale, offset)
-    return formulation(x_after, packed, scale, offset).astype(x.dtype)
+    if x.shape[0] <= SPLIT_DOT_MAX_ROWS and not cache_resident_as_f32(2 * packed.shape[0], packed.shape[1]):
+        out = split_activation_group_dot(x_after, packed, scale, offset)
+    else:
+        out = dequantized_dot(x_after, dequantize_int4(packed, scale, offset, jnp.float32))
+    return out.astype(x.dtype)
 
 
 def int4_matmul(

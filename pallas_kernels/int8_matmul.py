@@ -6,12 +6,12 @@ Per-output-channel scales are applied once after the K reduction (`(x @ w_q) * w
 Implementations (`int8_matmul(..., implementation=)`):
     "pallas"     the Triton-style Pallas kernel below (GPU).
     "interpret"  the same kernel in Pallas interpret mode (tests on CPU; slow).
-    "xla"        the XLA:CPU formulation chosen by measurement (benchmarks/bench_quant_matmul.py):
-                 the activations split into two int8 levels (`activation_quant.split_per_token_int8`)
-                 and one int8 x int8 -> int32 dot over 2M rows. Converting the weight to float
-                 instead is not fused into the dot on XLA:CPU: it writes a float copy of the weight,
-                 3-5x slower on the 576x49152 LM-head shape at every M; on the per-layer shapes it
-                 wins some M in isolation but ties in a whole SmolLM2 decode step (batch 1 and 8).
+    "xla"        the XLA:CPU formulation chosen by measurement (benchmarks/bench_quant_matmul.py,
+                 and whole SmolLM2 decode steps): a weight whose f32 copy stays in cache (every
+                 per-layer weight) is converted and dotted (`xla_cpu.dequantized_dot`); a larger
+                 one (the 576x49152 LM-head shape) is not converted: the activations are split
+                 into two int8 levels (`activation_quant.split_per_token_int8`) for one
+                 int8 x int8 -> int32 dot over 2M rows, 3-5x faster there than converting.
     "reference"  dequantize to float32, then an f32 dot at highest precision (the oracle).
     None         "pallas" on GPU, "xla" elsewhere.
 """
@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.activation_quant import merge_split_rows, split_per_token_int8
 from pallas_kernels.quant_tiling import accumulate_over_k, block_depth, dispatch, pallas_supports, tiled_matmul_call
+from pallas_kernels.xla_cpu import after_activations, cache_resident_as_f32, dequantized_dot
 
 
 def _int8_kernel(x_ref, w_ref, scale_ref, out_ref, *, block_k: int):
@@ -50,10 +51,20 @@ def int8_matmul_reference(x: jax.Array, w_q: jax.Array, w_scale: jax.Array) -> j
     return jnp.dot(x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST).astype(x.dtype)
 
 
-def int8_matmul_xla(x: jax.Array, w_q: jax.Array, w_scale: jax.Array) -> jax.Array:
+def split_activation_dot(x: jax.Array, w_q: jax.Array, w_scale: jax.Array) -> jax.Array:
+    """`[M, N]` float32 from one int8 x int8 -> int32 dot over the two-level split of x's rows."""
     x_split, split_scale = split_per_token_int8(x)
     acc = jnp.dot(x_split, w_q, preferred_element_type=jnp.int32)
-    return (merge_split_rows(acc, split_scale) * w_scale.astype(jnp.float32)[None, :]).astype(x.dtype)
+    return merge_split_rows(acc, split_scale) * w_scale.astype(jnp.float32)[None, :]
+
+
+def int8_matmul_xla(x: jax.Array, w_q: jax.Array, w_scale: jax.Array) -> jax.Array:
+    x_after, (w_q, w_scale) = after_activations(x, w_q, w_scale)
+    if cache_resident_as_f32(*w_q.shape):
+        out = dequantized_dot(x_after, w_q) * w_scale.astype(jnp.float32)[None, :]
+    else:
+        out = split_activation_dot(x_after, w_q, w_scale)
+    return out.astype(x.dtype)
 
 
 def int8_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, implementation: str | None = None) -> jax.Array:

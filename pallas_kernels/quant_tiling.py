@@ -101,17 +101,6 @@ def pad_rows(x: jax.Array, multiple: int) -> jax.Array:
     return jnp.pad(x, [(0, padding)] + [(0, 0)] * (x.ndim - 1))
 
 
-def after_activations(x: jax.Array, *weights: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    """`x` and `weights` unchanged, but XLA may not start on the weights before `x` exists.
-
-    For the XLA formulations that unpack or convert a weight before the dot: such a step depends
-    only on parameters, so XLA:CPU hoists all of them to the start of the program and keeps every
-    converted copy live at once (117 MB of temporaries for an int4 SmolLM2 decode step, page-faulted
-    afresh on each call: 3x slower). Tied to the activation, the copies live one layer at a time.
-    """
-    return lax.optimization_barrier((x, weights))
-
-
 def accumulate_over_k(num_steps: int, step: Callable[[int, jax.Array], jax.Array], init: jax.Array) -> jax.Array:
     """`init` updated by `step(k_index, acc)` for k_index in 0..num_steps-1 (the kernel's K loop)."""
     return lax.fori_loop(0, num_steps, step, init)

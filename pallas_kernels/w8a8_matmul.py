@@ -35,13 +35,13 @@ from jax.experimental import pallas as pl
 from pallas_kernels.activation_quant import quantize_per_token
 from pallas_kernels.quant_tiling import (
     accumulate_over_k,
-    after_activations,
     block_depth,
     dispatch,
     pad_rows,
     pallas_supports,
     tiled_matmul_call,
 )
+from pallas_kernels.xla_cpu import after_activations
 
 # XLA:CPU runs a 1-row int8 or bf16 dot an order of magnitude slower than a 2-row one.
 _CPU_MIN_ROWS = 2

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import activation_quant
+from pallas_kernels import activation_quant, xla_cpu
 from pallas_kernels.int4_matmul import (
     SPLIT_DOT_MAX_ROWS,
     dequantize_int4,
@@ -57,6 +57,11 @@ def split_bound(x, w_magnitude):
     """What splitting each row of x into two int8 levels can change in x @ w (per output)."""
     row_absmax = np.max(np.abs(np.asarray(x, np.float64)), axis=1, keepdims=True)
     return row_absmax * SPLIT_ERROR * np.sum(np.asarray(w_magnitude, np.float64), axis=0)[None, :]
+
+
+def dequantized_dot_error(m):
+    """Relative rounding of `xla_cpu.dequantized_dot`: f32 up to F32_DOT_MAX_ROWS rows, else bf16."""
+    return F32_ERROR if m <= xla_cpu.F32_DOT_MAX_ROWS else BF16_ERROR
 
 
 def test_default_implementation_on_cpu_is_xla_never_interpret():
@@ -154,17 +159,34 @@ def int8_weight(rng, k, n):
 
 
 @pytest.mark.parametrize("m", ROWS)
-def test_int8_matmul_interpret_and_xla_match_reference(rng, m):
+def test_int8_matmul_interpret_matches_reference(rng, m):
     k, n = 96, 80
     x = activations(rng, m, k)
     w_q, w_scale = int8_weight(rng, k, n)
     expected = int8_matmul(x, w_q, w_scale, implementation="reference")
-    w = np.asarray(w_q, np.float64) * np.asarray(w_scale)
     interpreted = int8_matmul(x, w_q, w_scale, implementation="interpret")
     assert interpreted.shape == (m, n) and interpreted.dtype == jnp.float32
+    w = np.asarray(w_q, np.float64) * np.asarray(w_scale)
     assert_within(interpreted, expected, F32_ERROR * dot_magnitude(x, w), "int8 interpret")
+
+
+@pytest.mark.parametrize("weight_in_cache", [True, False])
+@pytest.mark.parametrize("m", ROWS)
+def test_int8_matmul_on_cpu_matches_reference(rng, monkeypatch, m, weight_in_cache):
+    if not weight_in_cache:  # what a weight like the 576x49152 LM head gets
+        monkeypatch.setattr(xla_cpu, "CACHE_RESIDENT_BYTES", 0)
+    k, n = 96, 80
+    x = activations(rng, m, k)
+    w_q, w_scale = int8_weight(rng, k, n)
+    expected = int8_matmul(x, w_q, w_scale, implementation="reference")
     on_cpu = int8_matmul(x, w_q, w_scale, implementation=None)
-    assert_within(on_cpu, expected, split_bound(x, np.abs(w)) + F32_ERROR * dot_magnitude(x, w), "int8 xla")
+    assert on_cpu.shape == (m, n) and on_cpu.dtype == jnp.float32
+    w = np.asarray(w_q, np.float64) * np.asarray(w_scale)
+    if not weight_in_cache:
+        bound = split_bound(x, np.abs(w)) + F32_ERROR * dot_magnitude(x, w)
+    else:  # int8 codes are exact in bf16: only x may be rounded
+        bound = dequantized_dot_error(m) * dot_magnitude(x, w)
+    assert_within(on_cpu, expected, bound, "int8 xla")
 
 
 def test_int8_matmul_bf16_activations(rng):
@@ -192,21 +214,34 @@ def int4_weight(rng, k, n, group_size):
 
 @pytest.mark.parametrize("group_size", [32, 64])
 @pytest.mark.parametrize("m", ROWS)
-def test_int4_matmul_interpret_and_xla_match_reference(rng, m, group_size):
+def test_int4_matmul_interpret_matches_reference(rng, m, group_size):
     k, n = 128, 48
     x = activations(rng, m, k)
     packed, scale, offset = int4_weight(rng, k, n, group_size)
     expected = int4_matmul(x, packed, scale, offset, implementation="reference")
-    w = np.asarray(dequantize_int4(packed, scale, offset, jnp.float32), np.float64)
     interpreted = int4_matmul(x, packed, scale, offset, implementation="interpret")
     assert interpreted.shape == (m, n) and interpreted.dtype == jnp.float32
+    w = dequantize_int4(packed, scale, offset, jnp.float32)
     assert_within(interpreted, expected, F32_ERROR * dot_magnitude(x, w), "int4 interpret")
-    on_cpu = int4_matmul(x, packed, scale, offset, implementation="xla")
-    if m <= SPLIT_DOT_MAX_ROWS:  # split activations times codes * scale, at most 15 * scale
+
+
+@pytest.mark.parametrize("weight_in_cache", [True, False])
+@pytest.mark.parametrize("m", ROWS)
+def test_int4_matmul_on_cpu_matches_reference(rng, monkeypatch, m, weight_in_cache):
+    if not weight_in_cache:
+        monkeypatch.setattr(xla_cpu, "CACHE_RESIDENT_BYTES", 0)
+    k, n, group_size = 128, 48, 32
+    x = activations(rng, m, k)
+    packed, scale, offset = int4_weight(rng, k, n, group_size)
+    expected = int4_matmul(x, packed, scale, offset, implementation="reference")
+    on_cpu = int4_matmul(x, packed, scale, offset, implementation=None)
+    assert on_cpu.shape == (m, n) and on_cpu.dtype == jnp.float32
+    w = dequantize_int4(packed, scale, offset, jnp.float32)
+    if not weight_in_cache and m <= SPLIT_DOT_MAX_ROWS:  # split x times codes * scale (at most 15 * scale)
         code_magnitude = 15 * np.repeat(np.asarray(scale, np.float64), group_size, axis=0)
         bound = split_bound(x, code_magnitude) + F32_ERROR * dot_magnitude(x, w)
-    else:  # bf16 activations and bf16 dequantized weights
-        bound = 2 * BF16_ERROR * dot_magnitude(x, w)
+    else:  # the dequantized weight may be rounded to bf16 as well as x
+        bound = 2 * dequantized_dot_error(m) * dot_magnitude(x, w)
     assert_within(on_cpu, expected, bound, "int4 xla")
 
 

@@ -159,7 +159,7 @@ def test_bad_input_is_refused_with_a_message(weight):
 @pytest.mark.parametrize("mode", ["int4", "fp8"])
 def test_cpu_path_keeps_one_converted_weight_live_at_a_time(rng, mode):
     # Unpacked / converted weights must not all be hoisted to the start of a multi-layer program
-    # (quant_tiling.after_activations): the temporaries of a chain stay near one layer's worth.
+    # (xla_cpu.after_activations): the temporaries of a chain stay near one layer's worth.
     size, layers = 256, 8
     weights = [quantize_weight(rng.standard_normal((size, size)).astype(np.float32), mode) for _ in range(layers)]
 
@@ -172,5 +172,6 @@ def test_cpu_path_keeps_one_converted_weight_live_at_a_time(rng, mode):
     analysis = compiled.memory_analysis()
     if analysis is None:
         pytest.skip("this backend reports no memory analysis")
-    one_converted_weight = size * size * 2  # bf16 (fp8 path); int4 unpacks to int8, half of it
+    # One row: int4 dequantizes to an f32 copy, fp8 converts to bf16 (xla_cpu, w8a8_matmul).
+    one_converted_weight = size * size * {"int4": 4, "fp8": 2}[mode]
     assert analysis.temp_size_in_bytes < 2 * one_converted_weight

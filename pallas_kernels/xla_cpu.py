@@ -5,7 +5,8 @@ benchmarks/bench_quant_matmul.py and the figures in each kernel module).
   layer instead of all at the start of the program.
 - `cache_resident_as_f32(k, n)`: whether a `[K, N]` weight's float32 copy fits the cache.
 - `dequantized_dot(x [M, K], w [K, N]) -> [M, N] float32`: x times a weight converted to float in
-  XLA (int8, fp8 or dequantized int4), in f32 for few rows and in bf16 (f32 accumulation) for many.
+  XLA (int8, fp8 or dequantized int4), in x's precision: f32 activations stay f32 (the engine's
+  dtype is a promise), bf16 ones run as bf16 with f32 accumulation, except for few rows.
 XLA:CPU does not fuse a weight conversion into the dot: the converted copy is written out and read
 back. That is cheap when the copy stays in cache (SmolLM2's per-layer weights, 3.5 MB as f32) and
 expensive when it does not (the 576x49152 LM head, 113 MB: there an int8 x int8 dot on split
@@ -21,7 +22,8 @@ from jax import lax
 # Half of the 32 MiB L3 cache: a converted copy this small is still cached when the dot reads it.
 CACHE_RESIDENT_BYTES = 16 * 2**20
 # Up to this many rows an f32 dot is as fast as a bf16 one on XLA:CPU; beyond it bf16 (with f32
-# accumulation) is up to 2x faster. One-row bf16 dots are an order of magnitude slower.
+# accumulation) is up to 2x faster. One-row bf16 dots are an order of magnitude slower, so bf16
+# activations are dotted in f32 up to here.
 F32_DOT_MAX_ROWS = 16
 
 
@@ -42,6 +44,7 @@ def cache_resident_as_f32(k: int, n: int) -> bool:
 
 
 def dequantized_dot(x: jax.Array, w: jax.Array) -> jax.Array:
-    """`x [M, K] @ w [K, N]` -> `[M, N]` float32, w converted in XLA (f32 up to 16 rows, else bf16)."""
-    dtype = jnp.float32 if x.shape[0] <= F32_DOT_MAX_ROWS else jnp.bfloat16
+    """`x [M, K] @ w [K, N]` -> `[M, N]` float32, w converted in XLA to x's dtype (f32 for few rows)."""
+    bf16_pays = x.dtype == jnp.bfloat16 and x.shape[0] > F32_DOT_MAX_ROWS
+    dtype = jnp.bfloat16 if bf16_pays else jnp.float32
     return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)

@@ -59,11 +59,6 @@ def split_bound(x, w_magnitude):
     return row_absmax * SPLIT_ERROR * np.sum(np.asarray(w_magnitude, np.float64), axis=0)[None, :]
 
 
-def dequantized_dot_error(m):
-    """Relative rounding of `xla_cpu.dequantized_dot`: f32 up to F32_DOT_MAX_ROWS rows, else bf16."""
-    return F32_ERROR if m <= xla_cpu.F32_DOT_MAX_ROWS else BF16_ERROR
-
-
 def test_default_implementation_on_cpu_is_xla_never_interpret():
     assert jax.default_backend() == "cpu"
     assert resolve_implementation(None) == "xla"
@@ -184,14 +179,15 @@ def test_int8_matmul_on_cpu_matches_reference(rng, monkeypatch, m, weight_in_cac
     w = np.asarray(w_q, np.float64) * np.asarray(w_scale)
     if not weight_in_cache:
         bound = split_bound(x, np.abs(w)) + F32_ERROR * dot_magnitude(x, w)
-    else:  # int8 codes are exact in bf16: only x may be rounded
-        bound = dequantized_dot_error(m) * dot_magnitude(x, w)
+    else:  # f32 activations: the converted weight is dotted in f32
+        bound = F32_ERROR * dot_magnitude(x, w)
     assert_within(on_cpu, expected, bound, "int8 xla")
 
 
-def test_int8_matmul_bf16_activations(rng):
+@pytest.mark.parametrize("m", [5, 40])  # dotted in f32 / in bf16 with f32 accumulation
+def test_int8_matmul_bf16_activations(rng, m):
     k, n = 160, 48
-    x = activations(rng, 5, k, jnp.bfloat16)
+    x = activations(rng, m, k, jnp.bfloat16)
     w_q, w_scale = int8_weight(rng, k, n)
     expected = int8_matmul(x, w_q, w_scale, implementation="reference")
     w = np.asarray(w_q, np.float64) * np.asarray(w_scale)
@@ -240,8 +236,8 @@ def test_int4_matmul_on_cpu_matches_reference(rng, monkeypatch, m, weight_in_cac
     if not weight_in_cache and m <= SPLIT_DOT_MAX_ROWS:  # split x times codes * scale (at most 15 * scale)
         code_magnitude = 15 * np.repeat(np.asarray(scale, np.float64), group_size, axis=0)
         bound = split_bound(x, code_magnitude) + F32_ERROR * dot_magnitude(x, w)
-    else:  # the dequantized weight may be rounded to bf16 as well as x
-        bound = 2 * dequantized_dot_error(m) * dot_magnitude(x, w)
+    else:  # f32 activations: the dequantized weight is dotted in f32
+        bound = 2 * F32_ERROR * dot_magnitude(x, w)
     assert_within(on_cpu, expected, bound, "int4 xla")
 
 

@@ -11,7 +11,7 @@ from jaxinfer.bench.dataset import (BenchRequest, LengthRange, fresh_prefixes, j
                                     workload_summary)
 from jaxinfer.bench.device_probe import copy_bandwidth
 from jaxinfer.bench.engine_runs import drive
-from jaxinfer.bench.hf_baseline import checkpoint_source, run_hf_job
+from jaxinfer.bench.baselines import BASELINES, checkpoint_source, run_job
 from jaxinfer.bench.metrics import RequestTiming, run_metrics
 from jaxinfer.bench.results import Column, comparison_table, write_results
 from jaxinfer.engine.create import create_engine
@@ -63,6 +63,16 @@ def _run_engine(engine, requests, offsets, run_index: int, static_batch: int | N
     return run_metrics(timings, duration, slo), timings
 
 
+def _external_baselines(args) -> list:
+    return [BASELINES[name] for name in args.baseline if name in BASELINES]
+
+
+def _run_baseline(args, baseline, job: dict) -> dict:
+    """The job on the same weights in the baseline's own Python (--NAME-python)."""
+    return run_job(baseline, getattr(args, f"{baseline.name}_python"),
+                   {**job, "model": checkpoint_source(args.model, baseline)})
+
+
 def _samples(timings: list[RequestTiming]) -> dict[str, list[float]]:
     return {"ttft": [t.ttft for t in timings], "itl": [gap for t in timings for gap in t.itls]}
 
@@ -82,12 +92,13 @@ def throughput_main(args) -> None:
         name = f"static batching (B={batch})"
         systems[name], timings = _run_engine(engine, requests, offsets, run_index=2, static_batch=batch)
         samples[name] = _samples(timings)
-    if "hf" in args.baseline:
-        subset = requests[:args.hf_num_requests or len(requests)]
-        result = run_hf_job(args.hf_python, {
-            "job": "throughput", "model": checkpoint_source(args.model), "batch_size": args.hf_batch_size,
+    for baseline in _external_baselines(args):
+        subset = requests[:getattr(args, f"{baseline.name}_num_requests") or len(requests)]
+        batch = getattr(args, f"{baseline.name}_batch_size") if baseline.batched else 1
+        result = _run_baseline(args, baseline, {
+            "job": "throughput", "batch_size": batch,
             "requests": [[list(r.prompt_token_ids), r.max_tokens] for r in subset]})
-        systems[f"hf transformers (B={args.hf_batch_size}, {len(subset)} requests)"] = _rates(result)
+        systems[f"{baseline.label} (B={batch}, {len(subset)} requests)"] = _rates(result)
     print(comparison_table(systems, THROUGHPUT_COLUMNS, reference="jaxinfer"))
     write_results(args.output, {"workload": {**workload_summary(requests), "input_len": str(args.input_len),
                                              "output_len": str(args.output_len), "seed": args.seed},
@@ -116,11 +127,12 @@ def latency_main(args) -> None:
                                     for b in args.batch_sizes}}
     stream_rate = latency.weight_stream_rate(engine, bandwidth)
     systems = {"jaxinfer": ours}
-    if "hf" in args.baseline:
-        vocab = engine.model_cfg.vocab_size
-        systems["hf transformers"] = run_hf_job(args.hf_python, {
-            "job": "latency", "model": checkpoint_source(args.model), "decode_tokens": args.decode_tokens,
-            "batch_sizes": args.batch_sizes,
+    vocab = engine.model_cfg.vocab_size
+    for baseline in _external_baselines(args):
+        systems[baseline.label] = _run_baseline(args, baseline, {
+            "job": "latency", "decode_tokens": args.decode_tokens,
+            # one at a time, a baseline that does not batch has only a batch-1 decode rate
+            "batch_sizes": [b for b in args.batch_sizes if baseline.batched or b == 1],
             "ttft_prompts": {str(n): [list(r.prompt_token_ids) for r in random_requests(
                 args.repeats, LengthRange(n, n), LengthRange(1, 1), vocab, args.seed + n)] for n in args.prompt_lens},
             "decode_prompts": [list(r.prompt_token_ids) for r in random_requests(

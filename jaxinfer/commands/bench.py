@@ -6,7 +6,9 @@ serve       timed arrivals (Poisson/gamma at --request-rate, or --concurrency) a
             server (--target) or an in-process engine; TTFT/TPOT/ITL/E2E percentiles, goodput
 
 Baselines (`--baseline`, repeatable): `static` (the same compiled engine, fixed batches that
-wait for their longest member) and `hf` (HF transformers generate in the --hf-python env).
+wait for their longest member), `hf` (HF transformers generate in the --hf-python env) and
+`llamacpp` (llama.cpp through llama-cpp-python in the --llamacpp-python env, on the GGUF file);
+jaxinfer.bench.baselines describes the external ones.
 Every command writes JSON (--output) and, with --plot, PNG charts beside it.
 `add_bench_parsers(subparsers)` registers `bench` and `roofline` on the CLI; this module imports
 nothing heavy, the subcommands run in jaxinfer.bench.runs and jaxinfer.commands.roofline.
@@ -18,10 +20,10 @@ import argparse
 import math
 from pathlib import Path
 
+from jaxinfer.bench.baselines import BASELINES
 from jaxinfer.bench.dataset import LengthRange
 from jaxinfer.bench.metrics import parse_slo
 
-DEFAULT_HF_PYTHON = ".venv-hf/bin/python"
 RESULTS_DIR = Path("benchmarks/results")
 # -- argument parsing ---------------------------------------------------------------------------
 
@@ -58,9 +60,19 @@ def _add_output_args(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--plot", action="store_true", help="also write PNG charts beside the JSON")
 
 
-def _add_hf_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hf-python", default=DEFAULT_HF_PYTHON,
-                        help="python of a venv with torch + transformers (scripts/setup_baselines.sh)")
+def _add_baseline_args(parser: argparse.ArgumentParser, workload: bool) -> None:
+    """--baseline and, per external baseline, --NAME-python; with a workload of requests, also
+    --baseline static, --NAME-num-requests and, for the baselines that batch, --NAME-batch-size."""
+    choices = ["static", *BASELINES] if workload else list(BASELINES)
+    parser.add_argument("--baseline", action="append", choices=choices, default=[])
+    for b in BASELINES.values():
+        parser.add_argument(f"--{b.name}-python", default=b.default_python,
+                            help=f"python of a venv with {b.module}: {b.setup_hint}")
+        if workload:
+            parser.add_argument(f"--{b.name}-num-requests", type=int,
+                                help=f"run {b.label} on the first N requests only; default all")
+            if b.batched:
+                parser.add_argument(f"--{b.name}-batch-size", type=int, default=8)
 
 
 def add_bench_parsers(subparsers) -> None:
@@ -70,12 +82,8 @@ def add_bench_parsers(subparsers) -> None:
     throughput = modes.add_parser("throughput", help="offline: all requests at once")
     _add_engine_args(throughput)
     _add_workload_args(throughput, num_requests=256)
-    throughput.add_argument("--baseline", action="append", choices=["static", "hf"], default=[])
+    _add_baseline_args(throughput, workload=True)
     throughput.add_argument("--static-batch", type=int, help="static batch size (default: max_num_seqs)")
-    _add_hf_args(throughput)
-    throughput.add_argument("--hf-num-requests", type=int,
-                            help="run HF on the first N requests only (it is slow); default all")
-    throughput.add_argument("--hf-batch-size", type=int, default=8)
     _add_output_args(throughput, "throughput")
     throughput.set_defaults(run="jaxinfer.bench.runs:throughput_main")
 
@@ -87,8 +95,7 @@ def add_bench_parsers(subparsers) -> None:
     lat.add_argument("--repeats", type=int, default=3)
     lat.add_argument("--bandwidth", type=float, help="copy bandwidth in GB/s (measured when not given)")
     lat.add_argument("--seed", type=int, default=0)
-    lat.add_argument("--baseline", action="append", choices=["hf"], default=[])
-    _add_hf_args(lat)
+    _add_baseline_args(lat, workload=False)
     _add_output_args(lat, "latency")
     lat.set_defaults(run="jaxinfer.bench.runs:latency_main")
 

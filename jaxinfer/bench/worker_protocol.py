@@ -1,0 +1,88 @@
+"""What every baseline worker does with a job, whatever library generates: the job format, the
+timing method and the results. Standard library only: it runs inside the baselines' own Pythons,
+imported by the worker scripts beside it (hf_worker.py, llamacpp_worker.py) as a top-level module.
+
+    PYTHON jaxinfer/bench/<name>_worker.py JOB.json   ->  results JSON on stdout
+
+JOB.json: {"model": checkpoint path, "threads": int, "job": "throughput" | "latency", ...}
+  throughput: "requests": [[prompt ids, max_tokens], ...], "batch_size": B
+      Consecutive batches of B requests, each generating exactly the longest max_tokens of its
+      batch (EOS ignored); only each request's own max_tokens count as output.
+      -> {"duration_s", "input_tokens", "output_tokens", "num_requests", "batch_size"}
+  latency: "ttft_prompts": {length: [[ids], ...]}, "decode_prompts": [[ids], ...], "decode_tokens": N,
+           "batch_sizes": [1, 8]
+      TTFT: median time of a 1-token generation per prompt length. Decode rate at batch b:
+      b x (N - 1) tokens over the time an N-token generation takes beyond a 1-token one.
+      -> {"ttft_s": {length: s}, "decode_tokens_per_s": {b: tokens/s}}
+Both results also carry the worker's `info` (library versions) and "threads".
+
+A worker calls `serve(load)`, where `load(job)` returns a Backend: `generate(prompts, new_tokens)`
+runs one greedy generation of exactly `new_tokens` tokens for a batch of prompts (token id lists).
+"""
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
+
+WARM_UP_TOKENS = 2
+
+
+class Backend(Protocol):
+    info: dict
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> None: ...
+
+
+def timed_generate(backend: Backend, prompts: list[list[int]], new_tokens: int,
+                   clock: Callable[[], float] = time.perf_counter) -> float:
+    start = clock()
+    backend.generate(prompts, new_tokens)
+    return clock() - start
+
+
+def throughput(backend: Backend, job: dict, clock: Callable[[], float] = time.perf_counter) -> dict:
+    requests, batch = job["requests"], job["batch_size"]
+    start = clock()
+    for first in range(0, len(requests), batch):
+        group = requests[first:first + batch]
+        backend.generate([ids for ids, _ in group], max(tokens for _, tokens in group))
+    return {"duration_s": clock() - start, "num_requests": len(requests), "batch_size": batch,
+            "input_tokens": sum(len(ids) for ids, _ in requests),
+            "output_tokens": sum(tokens for _, tokens in requests)}
+
+
+def latency(backend: Backend, job: dict, clock: Callable[[], float] = time.perf_counter) -> dict:
+    ttft = {length: statistics.median(timed_generate(backend, [ids], 1, clock) for ids in prompts)
+            for length, prompts in job["ttft_prompts"].items()}
+    n = job["decode_tokens"]
+    rates = {}
+    for b in job["batch_sizes"]:
+        prompts = job["decode_prompts"][:b]
+        timed_generate(backend, prompts, WARM_UP_TOKENS, clock)  # warm-up for this batch shape
+        decode_s = timed_generate(backend, prompts, n, clock) - timed_generate(backend, prompts, 1, clock)
+        rates[str(b)] = b * (n - 1) / decode_s
+    return {"ttft_s": ttft, "decode_tokens_per_s": rates}
+
+
+def max_sequence_len(job: dict) -> int:
+    """The longest prompt + generated tokens the job runs, warm-up included: a context to size for."""
+    if job["job"] == "throughput":
+        return max(len(ids) + tokens for ids, tokens in job["requests"])
+    prompts = [ids for group in job["ttft_prompts"].values() for ids in group] + job["decode_prompts"]
+    return max(len(ids) for ids in prompts) + max(job["decode_tokens"], WARM_UP_TOKENS)
+
+
+JOBS = {"throughput": throughput, "latency": latency}
+
+
+def serve(load: Callable[[dict], Backend]) -> None:
+    """The worker's main: the job file named on the command line in, its results on stdout."""
+    job = json.loads(Path(sys.argv[1]).read_text())
+    backend = load(job)
+    timed_generate(backend, [[1, 2, 3]], WARM_UP_TOKENS)  # first-call overheads stay out of the figures
+    result = JOBS[job["job"]](backend, job)
+    json.dump({**result, **backend.info, "threads": job["threads"]}, sys.stdout)

@@ -1,0 +1,167 @@
+"""The external baselines without their libraries: the worker protocol's arithmetic against a fake
+backend on a fake clock, the llama.cpp worker run end to end on a stand-in `llama_cpp` module,
+the environment checks that name the setup command, and the CLI flags per baseline."""
+
+import argparse
+import json
+import sys
+
+import pytest
+
+from jaxinfer.bench import worker_protocol
+from jaxinfer.bench.baselines import BASELINES, checkpoint_source, run_job
+from jaxinfer.commands.bench import add_bench_parsers
+from jaxinfer.errors import EngineError
+
+PREFILL_S = 0.001   # fake cost per prompt token of the longest prompt in the batch (first token included)
+STEP_S = 0.01       # fake cost of one decode step at batch 1
+BATCH_SLOWDOWN = 0.25  # each extra sequence in the batch makes a step this much slower
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeBackend:
+    """Generation costs fake-clock time: prefill by prompt length, then one step per further token."""
+
+    info = {"fake": "1"}
+
+    def __init__(self, clock: FakeClock):
+        self.clock = clock
+        self.calls = []
+
+    def generate(self, prompts, new_tokens):
+        self.calls.append(([list(p) for p in prompts], new_tokens))
+        self.clock.now += PREFILL_S * max(len(p) for p in prompts) + step_s(len(prompts)) * (new_tokens - 1)
+
+
+def step_s(batch: int) -> float:
+    return STEP_S * (1 + BATCH_SLOWDOWN * (batch - 1))
+
+
+def test_latency_protocol_recovers_the_backend_costs():
+    clock = FakeClock()
+    backend = FakeBackend(clock)
+    prompts_16 = [[7] * 16 for _ in range(4)]
+    job = {"job": "latency", "decode_tokens": 32, "batch_sizes": [1, 4],
+           "ttft_prompts": {"8": [[1] * 8] * 3, "64": [[2] * 64] * 3}, "decode_prompts": prompts_16}
+    result = worker_protocol.latency(backend, job, clock)
+    assert result["ttft_s"] == {"8": pytest.approx(8 * PREFILL_S), "64": pytest.approx(64 * PREFILL_S)}
+    assert result["decode_tokens_per_s"] == {"1": pytest.approx(1 / step_s(1)), "4": pytest.approx(4 / step_s(4))}
+    decode_calls = [(len(prompts), tokens) for prompts, tokens in backend.calls if prompts[0] == prompts_16[0]]
+    assert decode_calls == [(1, 2), (1, 32), (1, 1), (4, 2), (4, 32), (4, 1)]
+
+
+def test_throughput_protocol_batches_in_order_and_counts_only_requested_tokens():
+    clock = FakeClock()
+    backend = FakeBackend(clock)
+    requests = [[[1] * 10, 5], [[2] * 30, 9], [[3] * 20, 2], [[4] * 5, 4], [[5] * 8, 1]]
+    result = worker_protocol.throughput(backend, {"job": "throughput", "requests": requests, "batch_size": 2}, clock)
+    assert [(len(prompts), tokens) for prompts, tokens in backend.calls] == [(2, 9), (2, 4), (1, 1)]
+    expected_s = sum(PREFILL_S * width + step_s(b) * (tokens - 1) for b, width, tokens in [(2, 30, 9), (2, 20, 4), (1, 8, 1)])
+    assert result == {"duration_s": pytest.approx(expected_s), "num_requests": 5, "batch_size": 2,
+                      "input_tokens": 73, "output_tokens": 21}
+
+
+def test_max_sequence_len_covers_every_generation():
+    assert worker_protocol.max_sequence_len(
+        {"job": "throughput", "requests": [[[1] * 10, 50], [[1] * 40, 30], [[1] * 3, 2]]}) == 70
+    latency_job = {"job": "latency", "decode_tokens": 1, "ttft_prompts": {"5": [[1] * 5], "9": [[1] * 9]},
+                   "decode_prompts": [[1] * 16]}
+    assert worker_protocol.max_sequence_len(latency_job) == 16 + worker_protocol.WARM_UP_TOKENS
+    assert worker_protocol.max_sequence_len({**latency_job, "decode_tokens": 64}) == 16 + 64
+
+
+FAKE_LLAMA_CPP = '''
+"""Stands in for llama_cpp: records what the worker asks of it, yields token 7 forever (never EOS)."""
+import atexit, json, os
+
+__version__ = "0.0-fake"
+LOG = []
+atexit.register(lambda: open(os.environ["FAKE_LLAMA_LOG"], "w").write(json.dumps(LOG)))
+
+
+class Llama:
+    def __init__(self, model_path, n_ctx, n_threads, n_threads_batch, verbose):
+        LOG.append({"init": [model_path, n_ctx, n_threads, n_threads_batch]})
+        self.n_tokens = 5  # state left by some earlier generation
+
+    def reset(self):
+        self.n_tokens = 0
+
+    def generate(self, tokens, temp, reset):
+        entry = {"prompt_len": len(tokens), "after_reset": self.n_tokens == 0, "temp": temp, "pulled": 0}
+        LOG.append(entry)
+        while True:
+            entry["pulled"] += 1
+            self.n_tokens += 1
+            yield 7
+'''
+
+
+def test_llamacpp_worker_generates_exactly_the_requested_tokens(tmp_path, monkeypatch):
+    (tmp_path / "llama_cpp.py").write_text(FAKE_LLAMA_CPP)
+    log = tmp_path / "log.json"
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("FAKE_LLAMA_LOG", str(log))
+    requests = [[[3] * 12, 6], [[4] * 20, 3]]
+    result = run_job(BASELINES["llamacpp"], sys.executable,
+                     {"job": "throughput", "model": "m.gguf", "batch_size": 1, "requests": requests, "threads": 2})
+    assert result["num_requests"] == 2 and result["output_tokens"] == 9 and result["input_tokens"] == 32
+    assert result["llama_cpp_python"] == "0.0-fake" and result["threads"] == 2
+    init, *generations = json.loads(log.read_text())
+    assert init == {"init": ["m.gguf", 20 + 3, 2, 2]}
+    # the warm-up, then each request alone from an empty cache, greedy, exactly max_tokens pulled
+    assert [(g["prompt_len"], g["pulled"]) for g in generations] == [(3, 2), (12, 6), (20, 3)]
+    assert all(g["after_reset"] and g["temp"] == 0.0 for g in generations)
+
+
+def test_llamacpp_worker_refuses_batches(tmp_path, monkeypatch):
+    (tmp_path / "llama_cpp.py").write_text(FAKE_LLAMA_CPP)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("FAKE_LLAMA_LOG", str(tmp_path / "log.json"))
+    with pytest.raises(EngineError, match="one sequence at a time"):
+        run_job(BASELINES["llamacpp"], sys.executable,
+                {"job": "throughput", "model": "m.gguf", "batch_size": 2, "requests": [[[1], 1], [[2], 1]]})
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_python_without_the_library_names_the_setup_command(tmp_path, name):
+    # -S: no site-packages, so neither torch/transformers nor llama_cpp can be found whatever is installed
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+    python.chmod(0o755)
+    with pytest.raises(EngineError, match=f"has no {BASELINES[name].module}; run scripts/setup_baselines.sh {name}"):
+        run_job(BASELINES[name], python, {"job": "latency"})
+    with pytest.raises(EngineError, match=f"does not exist; run scripts/setup_baselines.sh {name}"):
+        run_job(BASELINES[name], tmp_path / "missing" / "python", {"job": "latency"})
+
+
+def test_llamacpp_needs_a_gguf_file(tmp_path):
+    assert checkpoint_source(None, BASELINES["llamacpp"]).endswith(".gguf")
+    assert checkpoint_source(tmp_path, BASELINES["hf"]) == str(tmp_path)
+    with pytest.raises(EngineError, match="loads .gguf files only"):
+        checkpoint_source(tmp_path, BASELINES["llamacpp"])
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_bench_parsers(parser.add_subparsers())
+    return parser.parse_args(argv)
+
+
+def test_cli_flags_per_baseline():
+    args = parse(["bench", "throughput", "--baseline", "llamacpp", "--baseline", "hf",
+                  "--llamacpp-python", "/x/python", "--llamacpp-num-requests", "16"])
+    assert args.baseline == ["llamacpp", "hf"]
+    assert (args.llamacpp_python, args.llamacpp_num_requests) == ("/x/python", 16)
+    assert (args.hf_python, args.hf_batch_size) == (".venv-hf/bin/python", 8)
+    assert not hasattr(args, "llamacpp_batch_size")  # it generates one request at a time
+    assert parse(["bench", "latency", "--baseline", "llamacpp"]).llamacpp_python == ".venv-llamacpp/bin/python"
+    with pytest.raises(SystemExit):  # static batching needs a workload of requests
+        parse(["bench", "latency", "--baseline", "static"])

@@ -162,6 +162,8 @@ def test_cli_flags_per_baseline():
     assert (args.llamacpp_python, args.llamacpp_num_requests) == ("/x/python", 16)
     assert (args.hf_python, args.hf_batch_size) == (".venv-hf/bin/python", 8)
     assert not hasattr(args, "llamacpp_batch_size")  # it generates one request at a time
-    assert parse(["bench", "latency", "--baseline", "llamacpp"]).llamacpp_python == ".venv-llamacpp/bin/python"
+    assert args.baseline_threads is None
+    args = parse(["bench", "latency", "--baseline", "llamacpp", "--baseline-threads", "1"])
+    assert (args.llamacpp_python, args.baseline_threads) == (".venv-llamacpp/bin/python", 1)
     with pytest.raises(SystemExit):  # static batching needs a workload of requests
         parse(["bench", "latency", "--baseline", "static"])

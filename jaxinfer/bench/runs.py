@@ -69,8 +69,9 @@ def _external_baselines(args) -> list:
 
 def _run_baseline(args, baseline, job: dict) -> dict:
     """The job on the same weights in the baseline's own Python (--NAME-python)."""
+    threads = {"threads": args.baseline_threads} if args.baseline_threads else {}
     return run_job(baseline, getattr(args, f"{baseline.name}_python"),
-                   {**job, "model": checkpoint_source(args.model, baseline)})
+                   {**job, **threads, "model": checkpoint_source(args.model, baseline)})
 
 
 def _samples(timings: list[RequestTiming]) -> dict[str, list[float]]:

@@ -65,6 +65,10 @@ def _add_baseline_args(parser: argparse.ArgumentParser, workload: bool) -> None:
     --baseline static, --NAME-num-requests and, for the baselines that batch, --NAME-batch-size."""
     choices = ["static", *BASELINES] if workload else list(BASELINES)
     parser.add_argument("--baseline", action="append", choices=choices, default=[])
+    # llama.cpp's threads spin at barriers: on a core shared with other jobs, 2 threads can run
+    # several times slower than 1, so a busy machine may call for fewer threads than cores.
+    parser.add_argument("--baseline-threads", type=int,
+                        help=f"threads of the {' and '.join(BASELINES)} baselines (default: all cores)")
     for b in BASELINES.values():
         parser.add_argument(f"--{b.name}-python", default=b.default_python,
                             help=f"python of a venv with {b.module}: {b.setup_hint}")

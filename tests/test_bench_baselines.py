@@ -1,6 +1,7 @@
 """The external baselines without their libraries: the worker protocol's arithmetic against a fake
 backend on a fake clock, the llama.cpp worker run end to end on a stand-in `llama_cpp` module,
-the environment checks that name the setup command, and the CLI flags per baseline."""
+the environment checks that name the setup command, the CLI flags per baseline and the
+ratios against ours."""
 
 import argparse
 import json
@@ -10,6 +11,7 @@ import pytest
 
 from jaxinfer.bench import worker_protocol
 from jaxinfer.bench.baselines import BASELINES, checkpoint_source, run_job
+from jaxinfer.bench.results import Column, advantages, comparison_table
 from jaxinfer.commands.bench import add_bench_parsers
 from jaxinfer.errors import EngineError
 
@@ -167,3 +169,14 @@ def test_cli_flags_per_baseline():
     assert (args.llamacpp_python, args.baseline_threads) == (".venv-llamacpp/bin/python", 1)
     with pytest.raises(SystemExit):  # static batching needs a workload of requests
         parse(["bench", "latency", "--baseline", "static"])
+
+
+def test_advantages_in_table_and_json_agree():
+    columns = [Column(("ttft_s", "128"), "TTFT@128 s", False, "{:.4f}"),
+               Column(("decode_tokens_per_s", "1"), "decode tok/s @B=1", True, "{:.1f}"),
+               Column(("decode_tokens_per_s", "8"), "decode tok/s @B=8", True, "{:.1f}")]
+    systems = {"jaxinfer": {"ttft_s": {"128": 0.5}, "decode_tokens_per_s": {"1": 20.0, "8": 60.0}},
+               "llama.cpp": {"ttft_s": {"128": 0.25}, "decode_tokens_per_s": {"1": 80.0}}}
+    assert advantages(systems, columns, "jaxinfer") == {"llama.cpp": {"TTFT@128 s": 0.5, "decode tok/s @B=1": 0.25}}
+    row = comparison_table(systems, columns, "jaxinfer").splitlines()[2]
+    assert row.split()[1:] == ["0.2500", "(0.50x)", "80.0", "(0.25x)", "-"]

@@ -46,6 +46,20 @@ class Column:
             results = results[key]
         return results
 
+    def advantage(self, ours: dict, theirs: dict) -> float | None:
+        """Our advantage in this figure (> 1: ours is better); None unless both have it."""
+        mine, value = self.value(ours), self.value(theirs)
+        if not mine or not value:
+            return None
+        return mine / value if self.higher_is_better else value / mine
+
+
+def advantages(systems: dict[str, dict], columns: list[Column], reference: str) -> dict[str, dict[str, float]]:
+    """For the JSON results: per other system, the reference's advantage per column header."""
+    ours = systems[reference]
+    return {name: {c.header: ratio for c in columns if (ratio := c.advantage(ours, results)) is not None}
+            for name, results in systems.items() if name != reference}
+
 
 def comparison_table(systems: dict[str, dict], columns: list[Column], reference: str) -> str:
     """One row per system; each cell is the figure, and for other systems `(ours/theirs x)`."""
@@ -55,10 +69,10 @@ def comparison_table(systems: dict[str, dict], columns: list[Column], reference:
     for name, results in systems.items():
         cells = []
         for column in columns:
-            value, mine = column.value(results), column.value(ours)
+            value = column.value(results)
             cell = "-" if value is None else column.fmt.format(value)
-            if name != reference and value and mine:
-                ratio = mine / value if column.higher_is_better else value / mine
+            ratio = column.advantage(ours, results) if name != reference else None
+            if ratio is not None:
                 cell += f" ({ratio:.2f}x)"
             cells.append(cell.rjust(24))
         lines.append(name.ljust(width) + "".join(cells))

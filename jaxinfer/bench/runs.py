@@ -13,7 +13,7 @@ from jaxinfer.bench.device_probe import copy_bandwidth
 from jaxinfer.bench.engine_runs import drive
 from jaxinfer.bench.baselines import BASELINES, checkpoint_source, run_job
 from jaxinfer.bench.metrics import RequestTiming, run_metrics
-from jaxinfer.bench.results import Column, comparison_table, write_results
+from jaxinfer.bench.results import Column, advantages, comparison_table, write_results
 from jaxinfer.engine.create import create_engine
 from jaxinfer.errors import RequestError
 
@@ -103,7 +103,8 @@ def throughput_main(args) -> None:
     print(comparison_table(systems, THROUGHPUT_COLUMNS, reference="jaxinfer"))
     write_results(args.output, {"workload": {**workload_summary(requests), "input_len": str(args.input_len),
                                              "output_len": str(args.output_len), "seed": args.seed},
-                                "engine_config": vars(engine.engine_cfg), "systems": systems})
+                                "engine_config": vars(engine.engine_cfg), "systems": systems,
+                                "jaxinfer_advantage": advantages(systems, THROUGHPUT_COLUMNS, "jaxinfer")})
     if args.plot:
         plots.bar_chart({name.split(" (")[0]: s["output_tokens_per_s"] for name, s in systems.items()},
                         "output tokens/s", "Offline throughput", args.output.with_suffix(".png"))
@@ -149,7 +150,7 @@ def latency_main(args) -> None:
         print(f"batch-1 decode {batch1:.1f} tokens/s = {batch1 / stream_rate:.2f} of the memory-bandwidth roofline "
               f"({stream_rate:.1f} tokens/s at {bandwidth / 1e9:.1f} GB/s copy bandwidth)")
     write_results(args.output, {"engine_config": vars(engine.engine_cfg), "roofline": roofline_fields,
-                                "systems": systems})
+                                "systems": systems, "jaxinfer_advantage": advantages(systems, columns, "jaxinfer")})
     if args.plot:
         first = str(args.batch_sizes[0])
         bars = {name: s["decode_tokens_per_s"][first] for name, s in systems.items()}

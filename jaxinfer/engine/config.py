@@ -13,6 +13,7 @@ from typing import Any
 from jaxinfer.cache.kv_pool import device_kv_budget
 from jaxinfer.configs import default_dtype, load_config
 from jaxinfer.errors import EngineError
+from jaxinfer.quant.apply import QUANT_MODES
 from jaxinfer.runner.buckets import BucketLadder
 
 KV_DTYPES = ("float32", "bfloat16", "int8", "fp8")
@@ -38,6 +39,9 @@ class EngineConfig:
             raise EngineError(f"dtype {self.dtype!r} is not one of {DTYPES}")
         if self.kv_dtype not in KV_DTYPES:
             raise EngineError(f"kv_dtype {self.kv_dtype!r} is not one of {KV_DTYPES} (or 'auto')")
+        if self.quant is not None and self.quant not in QUANT_MODES:
+            raise EngineError(f"quant {self.quant!r} is not a quantization mode; valid modes: "
+                              f"{', '.join(QUANT_MODES)} (or None for unquantized weights)")
         if not 8 <= self.block_size <= 256 or self.block_size & (self.block_size - 1):
             raise EngineError(f"block_size {self.block_size} must be a power of two between 8 and 256")
         for name in ("tp", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "min_token_bucket"):

@@ -13,6 +13,7 @@ from jaxinfer.engine.artifact import load_engine
 from jaxinfer.engine.build import build_engine
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.create import engine_from_checkpoint
+from jaxinfer.errors import EngineError
 from jaxinfer.eval.corpus import CALIBRATION, corpus_windows
 from jaxinfer.model.sharding import make_mesh, param_shardings
 from jaxinfer.quant.apply import is_quantized, quantize_params
@@ -72,6 +73,13 @@ def test_quantized_engine_matches_the_model_on_dequantized_weights(checkpoint, p
     assert engine_greedy(engine, prompts) == greedy.generate(prompts, NEW_TOKENS)
 
 
+@pytest.mark.parametrize("quant", ["int3", "INT8", "awq", ""])
+def test_engine_config_refuses_unknown_quant_modes_listing_the_valid_ones(quant):
+    with pytest.raises(EngineError, match="int8, int4, int4-awq, w8a8, fp8"):
+        EngineConfig.create(quant=quant, **SETTINGS)
+    assert EngineConfig.create(quant="int4-awq", **SETTINGS).quant == "int4-awq"
+
+
 def test_built_int8_engine_restores_quantized_weights_and_generates(checkpoint, prompts, tmp_path):
     path = build_engine(CHECKPOINT, tmp_path / "int8", progress=False, quant="int8", **SETTINGS)
     engine = load_engine(path, progress=False)
@@ -106,3 +114,17 @@ def test_awq_lowers_the_calibration_output_error_of_rtn(checkpoint):
     choice = awq_search(checkpoint.params["layers"][1]["w_gate"], stats, group_size=32)
     assert choice.alpha > 0
     assert choice.error < choice.rtn_error
+    # AWQ's clipping lowers the error of the scaled weight further, with some groups clipped.
+    unclipped = awq_search(checkpoint.params["layers"][1]["w_gate"], stats, group_size=32, clips=(1.0,))
+    assert np.all(unclipped.clip == 1.0) and np.any(choice.clip < 1.0)
+    assert choice.error < unclipped.error and choice.alpha == unclipped.alpha
+
+
+def test_calibration_mean_square_is_over_every_row(checkpoint):
+    cfg = checkpoint.config
+    windows = corpus_windows(checkpoint.tokenizer, CALIBRATION, 16, 2)
+    # One sampled row per window plus the full statistics: the mean square is over all 32 rows.
+    stats = capture_activations(checkpoint.params, cfg, windows, sample_rows=2)[(0, "w_down")]
+    full = capture_activations(checkpoint.params, cfg, windows, sample_rows=32)[(0, "w_down")]
+    np.testing.assert_allclose(stats.mean_square, np.mean(full.sample.astype(np.float64) ** 2, axis=0), rtol=1e-5)
+    assert np.all(stats.mean_square >= stats.mean_abs ** 2 * (1 - 1e-5))

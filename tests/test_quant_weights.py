@@ -76,6 +76,59 @@ def test_fp8_round_trip_within_mantissa_precision(weight, per_channel):
     assert not np.any(np.isnan(np.asarray(q.q, np.float32)))
 
 
+def importance_weighted_error(q, weight, importance):
+    return np.sum(importance[:, None] * (np.asarray(q.dequantize(), np.float64) - weight) ** 2, axis=0)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_fp8_importance_search_lowers_the_weighted_error(rng, per_channel):
+    # Light-tailed weights (uniform, like SmolLM2's): mapping the largest magnitude to 448 puts it
+    # in e4m3's coarsest octave, which a searched scale can avoid.
+    weight = (rng.uniform(-1, 1, (IN, OUT)) * rng.uniform(0.01, 0.2, OUT)).astype(np.float32)
+    importance = rng.uniform(0.1, 10, IN).astype(np.float32)
+    plain = quantize_weight(weight, "fp8", per_channel=per_channel)
+    searched = quantize_weight(weight, "fp8", per_channel=per_channel, importance=importance)
+    assert searched.scale.shape == plain.scale.shape and searched.q.dtype == jnp.float8_e4m3fn
+    assert not np.any(np.isnan(np.asarray(searched.q, np.float32)))
+    # The plain scale is one of the candidates, so no channel gets worse, and the total improves
+    # (less for one shared scale, which has a single choice to make).
+    plain_error = importance_weighted_error(plain, weight, importance)
+    searched_error = importance_weighted_error(searched, weight, importance)
+    if per_channel:
+        assert np.all(searched_error <= plain_error * (1 + 1e-6))
+    assert searched_error.sum() < (0.8 if per_channel else 0.95) * plain_error.sum()
+
+
+def test_fp8_importance_is_taken_for_the_scaled_activations(rng, weight):
+    # With an input_scale the quantized matrix multiplies x / input_scale: the search must weigh
+    # row i by importance_i / input_scale_i^2, i.e. the same as unit importance scaled this way.
+    input_scale = rng.uniform(0.3, 3, IN).astype(np.float32)
+    importance = rng.uniform(0.1, 10, IN).astype(np.float32)
+    q = quantize_weight(weight, "fp8", input_scale=input_scale, importance=importance)
+    folded = quantize_weight(weight * input_scale[:, None], "fp8", importance=importance / input_scale**2)
+    np.testing.assert_array_equal(np.asarray(q.scale), np.asarray(folded.scale))
+
+
+def test_int4_clip_bounds_each_group_and_one_is_no_clip(rng, weight):
+    g = 32
+    ratio = rng.uniform(0.5, 0.9, (IN // g, OUT)).astype(np.float32)
+    plain = quantize_weight(weight, "int4", group_size=g)
+    unclipped = quantize_weight(weight, "int4", group_size=g, clip=np.ones_like(ratio))
+    np.testing.assert_array_equal(np.asarray(unclipped.packed), np.asarray(plain.packed))
+    np.testing.assert_array_equal(np.asarray(unclipped.scale), np.asarray(plain.scale))
+    clipped = quantize_weight(weight, "int4", group_size=g, clip=ratio)
+    bound = np.repeat(ratio * np.max(np.abs(weight.reshape(IN // g, g, OUT)), axis=1), g, axis=0)
+    restored = np.asarray(clipped.dequantize(), np.float64)
+    step = np.repeat(np.asarray(clipped.scale, np.float64), g, axis=0)
+    assert np.all(np.abs(restored) <= bound + step / 2 * 1.01 + 1e-6)
+    # Inside the clipped range the usual half-step bound holds.
+    inside = np.abs(weight) <= bound
+    assert np.all(np.abs(restored - weight)[inside] <= step[inside] / 2 * 1.01 + 1e-6)
+    assert np.all(step <= np.repeat(np.asarray(plain.scale, np.float64), g, axis=0) * 1.001)
+    with pytest.raises(ValueError, match="clip"):
+        quantize_weight(weight, "int4", group_size=g, clip=ratio[:, :-1])
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4", "w8a8", "fp8"])
 def test_input_scale_is_folded_into_weight_and_divided_out_of_activations(rng, weight, mode):
     input_scale = rng.uniform(0.25, 4.0, IN).astype(np.float32)

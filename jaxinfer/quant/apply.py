@@ -11,13 +11,13 @@ Quantized: the seven linear weights of every layer (wq, wk, wv, wo, w_gate, w_up
 hold nearly all of the bytes. Kept in the engine dtype: embeddings, norms, biases and the LM head
 (tied to the embeddings in SmolLM2), because they are small and precision-sensitive.
 
-| mode       | weight (jaxinfer.quant)  | input_scale                           |
-| ---------- | ------------------------ | ------------------------------------- |
-| "int8"     | Int8Weight (W8A16)       | none                                  |
-| "int4"     | Int4Weight (W4A16, RTN)  | none                                  |
-| "int4-awq" | Int4Weight (W4A16)       | AWQ search on calibration activations |
-| "w8a8"     | W8A8Weight int8          | SmoothQuant (alpha 0.5)               |
-| "fp8"      | W8A8Weight float8_e4m3fn | none                                  |
+| mode       | weight (jaxinfer.quant)  | from calibration activations                        |
+| ---------- | ------------------------ | --------------------------------------------------- |
+| "int8"     | Int8Weight (W8A16)       | nothing                                             |
+| "int4"     | Int4Weight (W4A16, RTN)  | nothing                                             |
+| "int4-awq" | Int4Weight (W4A16)       | AWQ input_scale and per-group clip search           |
+| "w8a8"     | W8A8Weight int8          | SmoothQuant input_scale (alpha 0.5)                 |
+| "fp8"      | W8A8Weight float8_e4m3fn | per-channel weight scales weighted by mean x^2      |
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ from jaxinfer.quant.quantize import quantize_weight
 from jaxinfer.quant.scaling import awq_search, smoothquant_scale
 from jaxinfer.quant.weights import Int4Weight, Int8Weight, W8A8Weight
 
-# mode -> (quantize_weight mode, input-scale method or None)
+# mode -> (quantize_weight mode, calibrated method or None)
 QUANT_MODES = {"int8": ("int8", None), "int4": ("int4", None), "int4-awq": ("int4", "awq"),
-               "w8a8": ("w8a8", "smoothquant"), "fp8": ("fp8", None)}
+               "w8a8": ("w8a8", "smoothquant"), "fp8": ("fp8", "weighted-scale")}
+# The methods that fold an input_scale into the weight (a field of the quantized pytree).
+INPUT_SCALE_METHODS = ("awq", "smoothquant")
 CALIBRATION_WINDOWS = 8
 CALIBRATION_WINDOW_LEN = 256
 # int4 groups: the largest of these that divides the input size (SmolLM2: 64 for 576, 128 for 1536).
@@ -70,19 +72,22 @@ def needs_calibration(mode: str) -> bool:
 
 
 def calibrate(params, cfg: ModelConfig, tokenizer, mode: str) -> Calibration | None:
-    """Activation statistics from data/corpus/calibration.txt when `mode` uses input scales."""
+    """Activation statistics from data/corpus/calibration.txt when `mode` calibrates."""
     if not needs_calibration(mode):
         return None
     windows = corpus_windows(tokenizer, CALIBRATION, CALIBRATION_WINDOW_LEN, CALIBRATION_WINDOWS)
     return capture_activations(params, cfg, windows)
 
 
-def _input_scale(method: str | None, w: np.ndarray, stats, options: dict) -> np.ndarray | None:
+def _calibrated_options(method: str | None, w: np.ndarray, stats, options: dict) -> dict:
     if method is None:
-        return None
+        return {}
     if method == "awq":
-        return awq_search(w, stats, options["group_size"]).input_scale
-    return smoothquant_scale(w, stats)
+        choice = awq_search(w, stats, options["group_size"])
+        return {"input_scale": choice.input_scale, "clip": choice.clip}
+    if method == "smoothquant":
+        return {"input_scale": smoothquant_scale(w, stats)}
+    return {"importance": stats.mean_square}
 
 
 def _map_linears(params, transform):
@@ -92,8 +97,8 @@ def _map_linears(params, transform):
 
 
 def quantize_params(params, cfg: ModelConfig, mode: str, calibration: Calibration | None = None):
-    """`params` with every linear weight quantized in `mode` (the rest untouched). The modes with
-    input scales need `calibration` (from `calibrate` or `capture_activations`)."""
+    """`params` with every linear weight quantized in `mode` (the rest untouched). The calibrated
+    modes need `calibration` (from `calibrate` or `capture_activations`)."""
     weight_mode, method = _check_mode(mode)
     if method is not None and calibration is None:
         raise EngineError(f"quantization mode {mode!r} computes {method} scales from calibration activations: "
@@ -103,7 +108,7 @@ def quantize_params(params, cfg: ModelConfig, mode: str, calibration: Calibratio
         w = np.asarray(w, np.float32)
         options = _weight_options(weight_mode, w.shape[0])
         stats = None if calibration is None else calibration[key]
-        return quantize_weight(w, weight_mode, input_scale=_input_scale(method, w, stats, options), **options)
+        return quantize_weight(w, weight_mode, **_calibrated_options(method, w, stats, options), **options)
 
     return _map_linears(params, quantize)
 
@@ -117,7 +122,7 @@ def abstract_quantized_params(structs, cfg: ModelConfig, mode: str):
     def quantize_abstract(key, w):
         # Unit scales stand for calibrated ones (same shape); evaluated eagerly because the
         # quantizers check input_scale values.
-        scale = None if method is None else np.ones(w.shape[0], np.float32)
+        scale = np.ones(w.shape[0], np.float32) if method in INPUT_SCALE_METHODS else None
 
         def quantize(w):
             with jax.ensure_compile_time_eval():

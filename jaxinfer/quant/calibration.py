@@ -6,7 +6,8 @@
 The model runs eagerly with every linear weight wrapped in a recorder whose `matmul` (the hook
 `jaxinfer.model.layers.linear` calls for non-array weights) notes its input and then multiplies
 by the float weight, so the forward pass itself is unchanged. AWQ needs a sample of input rows
-(its scale search minimizes the output error on them); SmoothQuant needs per-channel maxima.
+(its scale search minimizes the output error on them); SmoothQuant needs per-channel maxima; the
+fp8 scale search weighs each input channel's weight error by the mean square of its activations.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class ActivationStats:
 
     mean_abs: np.ndarray   # [in] f32, over every calibration row
     max_abs: np.ndarray    # [in] f32, over every calibration row
+    mean_square: np.ndarray  # [in] f32, over every calibration row
     sample: np.ndarray     # [sample_rows, in] f32, rows drawn evenly from every window
 
 
@@ -39,17 +41,19 @@ Calibration = dict[tuple[int, str], ActivationStats]
 class _Accumulator:
     def __init__(self, rows_per_window: int, rng: np.random.Generator):
         self.rows_per_window, self.rng = rows_per_window, rng
-        self.abs_sum, self.max_abs, self.count, self.samples = 0.0, 0.0, 0, []
+        self.abs_sum, self.square_sum, self.max_abs, self.count, self.samples = 0.0, 0.0, 0.0, 0, []
 
     def add(self, x: np.ndarray) -> None:
         magnitude = np.abs(x)
         self.abs_sum = self.abs_sum + magnitude.sum(axis=0)
+        self.square_sum = self.square_sum + np.square(magnitude, dtype=np.float64).sum(axis=0)
         self.max_abs = np.maximum(self.max_abs, magnitude.max(axis=0))
         self.count += len(x)
         self.samples.append(x[self.rng.choice(len(x), min(self.rows_per_window, len(x)), replace=False)])
 
     def stats(self) -> ActivationStats:
         return ActivationStats((self.abs_sum / self.count).astype(np.float32), self.max_abs.astype(np.float32),
+                               (self.square_sum / self.count).astype(np.float32),
                                np.concatenate(self.samples).astype(np.float32))
 
 

@@ -5,14 +5,19 @@
 | mode   | result                    | options                                                      |
 | ------ | ------------------------- | ------------------------------------------------------------ |
 | "int8" | Int8Weight (W8A16)        | input_scale                                                  |
-| "int4" | Int4Weight (W4A16)        | group_size (default 128, or 64 when in % 128 != 0), input_scale |
+| "int4" | Int4Weight (W4A16)        | group_size (default 128, or 64 when in % 128 != 0), input_scale, clip |
 | "w8a8" | W8A8Weight, int8          | input_scale (SmoothQuant smoothing factors)                  |
-| "fp8"  | W8A8Weight, float8_e4m3fn | per_channel (default True; False: one per-tensor scale), input_scale |
+| "fp8"  | W8A8Weight, float8_e4m3fn | per_channel (default True; False: one per-tensor scale), input_scale, importance |
 
 All round to nearest. int8 and w8a8 are symmetric per output channel (`scale = max|w[:, n]| / 127`);
 int4 is asymmetric per group of `group_size` input rows (`scale = (max - min) / 15`, `offset = min`,
-both stored as float16 and used exactly as stored); fp8 scales so that the largest magnitude maps
-to 448, the largest float8_e4m3fn. `input_scale [in]` (positive; AWQ / SmoothQuant) is folded in:
+both stored as float16 and used exactly as stored); `clip [in/G, out]` in (0, 1] (AWQ's clipping)
+first clamps each group to +-clip * max|group|, trading the saturated outliers for a finer step. fp8 without `importance` scales so that the
+largest magnitude maps to 448, the largest float8_e4m3fn. With `importance [in]` (the mean square
+of each input channel's activations, from calibration) it picks, per channel (or for the tensor),
+the scale among FP8_SCALE_CANDIDATES that map the largest magnitude to 448 * 2^(-k/16), k < 16,
+with the smallest importance-weighted squared error: e4m3's relative grid repeats every octave,
+so one octave of candidates covers every alignment of the weights with it. `input_scale [in]` (positive; AWQ / SmoothQuant) is folded in:
 the quantized matrix is `input_scale[:, None] * w`, and the weight's `matmul` divides x by it.
 Quantization runs eagerly at build time (it validates `input_scale` values), not under `jit`.
 """
@@ -28,6 +33,7 @@ from pallas_kernels.activation_quant import FP8_E4M3_MAX, INT8_MAX
 from pallas_kernels.int4_matmul import INT4_LEVELS, pack_int4
 
 DEFAULT_GROUP_SIZE = 128
+FP8_SCALE_CANDIDATES = 16
 SMALL_GROUP_SIZE = 64
 
 
@@ -67,13 +73,49 @@ def quantize_w8a8(w: jax.Array, *, input_scale: jax.Array | None = None) -> W8A8
     return W8A8Weight(*_int8_per_channel(w), input_scale=input_scale)
 
 
-def quantize_fp8(w: jax.Array, *, per_channel: bool = True, input_scale: jax.Array | None = None) -> W8A8Weight:
-    w, input_scale = _prepare(w, input_scale)
-    absmax = jnp.max(jnp.abs(w), axis=0) if per_channel else jnp.max(jnp.abs(w))
-    scale = _nonzero(absmax / FP8_E4M3_MAX)
+def _fp8_round_trip(w: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(q, q * scale)`: `w / scale` as float8_e4m3fn and the weight it stands for."""
     # float8_e4m3fn has no infinity: a value rounding past 448 would become NaN.
     q = jnp.clip(w / scale, -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(jnp.float8_e4m3fn)
-    return W8A8Weight(q, scale, input_scale=input_scale)
+    return q, q.astype(jnp.float32) * scale
+
+
+def _searched_fp8_scale(w: jax.Array, absmax: jax.Array, importance: jax.Array) -> jax.Array:
+    """The candidate scale (per entry of `absmax`) with the smallest `importance`-weighted error.
+
+    Per channel the error is summed over the input rows; a per-tensor `absmax []` sums it over
+    the whole weight. Light-tailed weights (SmolLM2's) lose most to e4m3's coarse top octave, so
+    where the largest magnitude lands on the grid decides much of the error.
+    """
+    best_scale, best_error = None, None
+    for k in range(FP8_SCALE_CANDIDATES):
+        scale = _nonzero(absmax / (FP8_E4M3_MAX * 2.0 ** (-k / FP8_SCALE_CANDIDATES)))
+        _, restored = _fp8_round_trip(w, scale)
+        error = jnp.sum(importance[:, None] * (w - restored) ** 2, axis=0)
+        error = error if absmax.ndim else jnp.sum(error)
+        if best_scale is None:
+            best_scale, best_error = scale, error
+        else:
+            better = error < best_error
+            best_scale, best_error = jnp.where(better, scale, best_scale), jnp.where(better, error, best_error)
+    return best_scale
+
+
+def quantize_fp8(w: jax.Array, *, per_channel: bool = True, input_scale: jax.Array | None = None,
+                 importance: jax.Array | None = None) -> W8A8Weight:
+    w, input_scale = _prepare(w, input_scale)
+    absmax = jnp.max(jnp.abs(w), axis=0) if per_channel else jnp.max(jnp.abs(w))
+    if importance is None:
+        scale = _nonzero(absmax / FP8_E4M3_MAX)
+    else:
+        importance = jnp.asarray(importance, jnp.float32)
+        if importance.shape != (w.shape[0],):
+            raise ValueError(f"importance must have shape [in] = ({w.shape[0]},), got {importance.shape}")
+        # The quantized matrix multiplies x / input_scale, whose mean square is importance / input_scale^2.
+        if input_scale is not None:
+            importance = importance / input_scale ** 2
+        scale = _searched_fp8_scale(w, absmax, importance)
+    return W8A8Weight(_fp8_round_trip(w, scale)[0], scale, input_scale=input_scale)
 
 
 def default_group_size(in_features: int) -> int:
@@ -88,7 +130,8 @@ def default_group_size(in_features: int) -> int:
 
 
 def quantize_int4(
-    w: jax.Array, *, group_size: int | None = None, input_scale: jax.Array | None = None
+    w: jax.Array, *, group_size: int | None = None, input_scale: jax.Array | None = None,
+    clip: jax.Array | None = None,
 ) -> Int4Weight:
     w, input_scale = _prepare(w, input_scale)
     in_features, out_features = w.shape
@@ -99,6 +142,12 @@ def quantize_int4(
         )
     groups = w.reshape(in_features // group_size, group_size, out_features)
     low, high = jnp.min(groups, axis=1), jnp.max(groups, axis=1)
+    if clip is not None:
+        clip = jnp.asarray(clip, jnp.float32)
+        if clip.shape != low.shape:
+            raise ValueError(f"clip must have shape [in/G, out] = {low.shape}, got {clip.shape}")
+        bound = clip * jnp.maximum(-low, high)
+        low, high = jnp.maximum(low, -bound), jnp.minimum(high, bound)
     # Rounded to float16 before the codes are chosen, so the codes fit the scales actually stored.
     scale = _nonzero((high - low) / (INT4_LEVELS - 1)).astype(jnp.float16)
     offset = low.astype(jnp.float16)

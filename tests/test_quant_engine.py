@@ -17,8 +17,8 @@ from jaxinfer.errors import EngineError
 from jaxinfer.eval.corpus import CALIBRATION, corpus_windows
 from jaxinfer.model.sharding import make_mesh, param_shardings
 from jaxinfer.quant.apply import is_quantized, quantize_params
-from jaxinfer.quant.calibration import capture_activations
-from jaxinfer.quant.scaling import awq_search
+from jaxinfer.quant.calibration import ActivationStats, capture_activations
+from jaxinfer.quant.scaling import awq_search, smoothquant_scale
 from jaxinfer.reference import ReferenceGenerator
 from jaxinfer.sampling_params import SamplingParams
 
@@ -118,6 +118,16 @@ def test_awq_lowers_the_calibration_output_error_of_rtn(checkpoint):
     unclipped = awq_search(checkpoint.params["layers"][1]["w_gate"], stats, group_size=32, clips=(1.0,))
     assert np.all(unclipped.clip == 1.0) and np.any(choice.clip < 1.0)
     assert choice.error < unclipped.error and choice.alpha == unclipped.alpha
+
+
+def test_smoothquant_balances_activation_and_weight_ranges():
+    # alpha 0.5: after migration each input channel's activation maximum equals its weight maximum.
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((96, 40)).astype(np.float32) * rng.uniform(0.01, 1, (96, 1)).astype(np.float32)
+    max_abs = rng.uniform(0.1, 50, 96).astype(np.float32)
+    stats = ActivationStats(max_abs / 4, max_abs, max_abs ** 2 / 8, rng.standard_normal((4, 96)).astype(np.float32))
+    scale = smoothquant_scale(w, stats)
+    np.testing.assert_allclose(max_abs / scale, np.abs(w).max(axis=1) * scale, rtol=1e-5)
 
 
 def test_calibration_mean_square_is_over_every_row(checkpoint):

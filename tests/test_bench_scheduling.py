@@ -1,7 +1,8 @@
 """Static versus continuous batching through the bench driver, on a tiny checkpoint.
 
 Oracles are the definitions: every request yields exactly its max_tokens; static batches of B
-(in arrival order) never overlap in time; continuous batching starts a waiting request before
+(in arrival order) never overlap in time and are rectangles (left-padded prompts, the longest
+output for all); continuous batching starts a waiting request before
 the longest member of the first full batch finishes, and needs fewer engine steps; with timed
 arrivals no request produces a token before it arrived.
 """
@@ -11,7 +12,7 @@ import pytest
 from conftest import CHECKPOINTS_DIR
 from jaxinfer.bench.arrivals import arrival_offsets
 from jaxinfer.bench.dataset import LengthRange, fresh_prefixes, random_requests
-from jaxinfer.bench.engine_runs import drive
+from jaxinfer.bench.engine_runs import drive, static_rectangle
 from jaxinfer.bench.metrics import run_metrics
 from jaxinfer.engine.create import create_engine
 
@@ -29,8 +30,12 @@ def requests(engine):
     return random_requests(12, LengthRange(4, 40), LengthRange(2, 24), engine.model_cfg.vocab_size, seed=11)
 
 
-def test_static_batches_wait_for_their_longest_member(engine, requests):
+def test_static_batches_wait_for_their_longest_member(engine, requests, monkeypatch):
     batch = 4
+    generated = []
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: [generated.append(len(o.outputs[0].delta_token_ids)) or o
+                                                 for o in step()])
     steps_before = engine.num_steps
     timings, _ = drive(engine, fresh_prefixes(requests, 1, engine.model_cfg.vocab_size), [0.0] * 12, static_batch=batch)
     static_steps = engine.num_steps - steps_before
@@ -38,6 +43,10 @@ def test_static_batches_wait_for_their_longest_member(engine, requests):
     groups = [timings[i:i + batch] for i in range(0, len(timings), batch)]
     for earlier, later in zip(groups, groups[1:]):
         assert max(t.chunk_times[-1] for t in earlier) <= min(t.chunk_times[0] for t in later)
+    # Each batch decodes for its longest member: every member generates that many tokens.
+    longest = [max(r.max_tokens for r in requests[i:i + batch]) for i in range(0, 12, batch)]
+    assert static_steps >= sum(longest) and sum(generated) == batch * sum(longest)
+    monkeypatch.undo()
 
     steps_before = engine.num_steps
     timings, duration = drive(engine, fresh_prefixes(requests, 2, engine.model_cfg.vocab_size), [0.0] * 12)
@@ -49,6 +58,18 @@ def test_static_batches_wait_for_their_longest_member(engine, requests):
     metrics = run_metrics(timings, duration)
     assert metrics["output_tokens"] == sum(r.max_tokens for r in requests)
     assert not engine.has_unfinished_requests()
+
+
+def test_static_rectangle_pads_prompts_left_and_outputs_to_the_longest(requests):
+    batch = requests[:5]
+    padded = static_rectangle(batch)
+    longest_prompt = max(len(r.prompt_token_ids) for r in batch)
+    for original, rect in zip(batch, padded):
+        pad = longest_prompt - len(original.prompt_token_ids)
+        assert len(rect.prompt_token_ids) == longest_prompt
+        assert rect.prompt_token_ids[pad:] == tuple(original.prompt_token_ids)
+        assert set(rect.prompt_token_ids[:pad]) <= {original.prompt_token_ids[0]}
+        assert rect.max_tokens == max(r.max_tokens for r in batch)
 
 
 def test_timed_arrivals_are_respected(engine, requests):

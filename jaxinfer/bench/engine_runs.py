@@ -7,12 +7,18 @@ time of the run. Generation is greedy with `ignore_eos`, so every request produc
 `max_tokens` tokens in every system compared.
 
 Static batching (`static_batch=B`) is the pre-Orca baseline on the same compiled model: it
-admits up to B requests that have arrived, steps until all of them finish, then admits the next
-batch; continuous batching (`static_batch=None`) admits every arrived request before each step.
+admits up to B requests that have arrived as one batch, steps until the batch finishes, then admits
+the next; continuous batching (`static_batch=None`) admits every arrived request before each step.
+A static batch is a rectangle, as in `generate` with padding: every member's prompt is left-padded
+to the batch's longest prompt and every member decodes for the batch's longest output, so the batch
+keeps its size until its longest member finishes. Only a member's own tokens are counted and timed
+(its last one ends its latency); the padding is the work static batching does and wastes. (Letting
+finished members leave and the batch shrink is in-flight batching's first half, not the baseline.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Sequence
 
@@ -24,6 +30,17 @@ from jaxinfer.sampling_params import SamplingParams
 
 def bench_params(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def static_rectangle(batch: Sequence[BenchRequest]) -> list[BenchRequest]:
+    """The batch as static batching runs it: prompts left-padded to the longest (each with its own
+    first token, so that no two members share a prefix-cache block) and every output as long as the
+    longest."""
+    prompt_len = max(len(r.prompt_token_ids) for r in batch)
+    max_tokens = max(r.max_tokens for r in batch)
+    return [dataclasses.replace(r, max_tokens=max_tokens, prompt_token_ids=(
+        (r.prompt_token_ids[0],) * (prompt_len - len(r.prompt_token_ids)) + tuple(r.prompt_token_ids)))
+        for r in batch]
 
 
 def drive(engine: LLMEngine, requests: Sequence[BenchRequest], offsets: Sequence[float],
@@ -40,9 +57,12 @@ def drive(engine: LLMEngine, requests: Sequence[BenchRequest], offsets: Sequence
             arrived += 1
         if static_batch is not None:
             arrived = admitted if engine.has_unfinished_requests() else min(arrived, admitted + static_batch)
-        for i in order[admitted:arrived]:
-            engine.add_request(f"bench-{i}", prompt_token_ids=requests[i].prompt_token_ids,
-                               params=bench_params(requests[i].max_tokens), arrival_time=time.monotonic())
+        admitting = [requests[i] for i in order[admitted:arrived]]
+        if static_batch is not None and admitting:
+            admitting = static_rectangle(admitting)
+        for i, request in zip(order[admitted:arrived], admitting):
+            engine.add_request(f"bench-{i}", prompt_token_ids=request.prompt_token_ids,
+                               params=bench_params(request.max_tokens), arrival_time=time.monotonic())
         admitted = arrived
         if not engine.has_unfinished_requests():
             time.sleep(max(0.0, timings[order[admitted]].arrival - time.perf_counter()))
@@ -50,6 +70,7 @@ def drive(engine: LLMEngine, requests: Sequence[BenchRequest], offsets: Sequence
         outputs = engine.step()
         now = time.perf_counter()
         for output in outputs:
-            timings[int(output.request_id.removeprefix("bench-"))].add_chunk(
-                now, len(output.outputs[0].delta_token_ids))
+            i = int(output.request_id.removeprefix("bench-"))
+            own_tokens_left = requests[i].max_tokens - timings[i].num_output_tokens
+            timings[i].add_chunk(now, min(own_tokens_left, len(output.outputs[0].delta_token_ids)))
     return timings, time.perf_counter() - start

@@ -5,8 +5,8 @@ latency     batch-1 TTFT per prompt length, decode tokens/s per batch size, roof
 serve       timed arrivals (Poisson/gamma at --request-rate, or --concurrency) against a gRPC
             server (--target) or an in-process engine; TTFT/TPOT/ITL/E2E percentiles, goodput
 
-Baselines (`--baseline`, repeatable): `static` (the same compiled engine, fixed batches that
-wait for their longest member), `hf` (HF transformers generate in the --hf-python env) and
+Baselines (`--baseline`, repeatable): `static` (the same compiled engine, fixed-size batches, padded
+prompts, that wait for their longest member), `hf` (HF transformers generate in the --hf-python env) and
 `llamacpp` (llama.cpp through llama-cpp-python in the --llamacpp-python env, on the GGUF file);
 jaxinfer.bench.baselines describes the external ones.
 Every command writes JSON (--output) and, with --plot, PNG charts beside it.

@@ -12,17 +12,21 @@
 All round to nearest. int8 and w8a8 are symmetric per output channel (`scale = max|w[:, n]| / 127`);
 int4 is asymmetric per group of `group_size` input rows (`scale = (max - min) / 15`, `offset = min`,
 both stored as float16 and used exactly as stored); `clip [in/G, out]` in (0, 1] (AWQ's clipping)
-first clamps each group to +-clip * max|group|, trading the saturated outliers for a finer step. fp8 without `importance` scales so that the
-largest magnitude maps to 448, the largest float8_e4m3fn. With `importance [in]` (the mean square
+first clamps each group to +-clip * max|group|, trading the saturated outliers for a finer step.
+fp8 without `importance` scales so that the largest magnitude maps to 448, the largest
+float8_e4m3fn. With `importance [in]` (the mean square
 of each input channel's activations, from calibration) it picks, per channel (or for the tensor),
 the scale among FP8_SCALE_CANDIDATES that map the largest magnitude to 448 * 2^(-k/16), k < 16,
 with the smallest importance-weighted squared error: e4m3's relative grid repeats every octave,
-so one octave of candidates covers every alignment of the weights with it. `input_scale [in]` (positive; AWQ / SmoothQuant) is folded in:
+so one octave of candidates covers every alignment of the weights with it.
+`input_scale [in]` (positive; AWQ / SmoothQuant) is folded in:
 the quantized matrix is `input_scale[:, None] * w`, and the weight's `matmul` divides x by it.
 Quantization runs eagerly at build time (it validates `input_scale` values), not under `jit`.
 """
 
 from __future__ import annotations
+
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -87,18 +91,26 @@ def _searched_fp8_scale(w: jax.Array, absmax: jax.Array, importance: jax.Array) 
     the whole weight. Light-tailed weights (SmolLM2's) lose most to e4m3's coarse top octave, so
     where the largest magnitude lands on the grid decides much of the error.
     """
-    best_scale, best_error = None, None
-    for k in range(FP8_SCALE_CANDIDATES):
+    def candidate(k: int) -> tuple[jax.Array, jax.Array]:
         scale = _nonzero(absmax / (FP8_E4M3_MAX * 2.0 ** (-k / FP8_SCALE_CANDIDATES)))
         _, restored = _fp8_round_trip(w, scale)
         error = jnp.sum(importance[:, None] * (w - restored) ** 2, axis=0)
-        error = error if absmax.ndim else jnp.sum(error)
-        if best_scale is None:
-            best_scale, best_error = scale, error
+        return scale, error if absmax.ndim else jnp.sum(error)
+
+    return best_per_entry(map(candidate, range(FP8_SCALE_CANDIDATES)))
+
+
+def best_per_entry(candidates: Iterable[tuple[jax.Array, jax.Array]]) -> jax.Array:
+    """Of `(value, error)` pairs of one shape, each entry's value where its error is smallest
+    (the first candidate on ties): a grid search run for every channel or group at once."""
+    best_value, best_error = None, None
+    for value, error in candidates:
+        if best_value is None:
+            best_value, best_error = value, error
         else:
             better = error < best_error
-            best_scale, best_error = jnp.where(better, scale, best_scale), jnp.where(better, error, best_error)
-    return best_scale
+            best_value, best_error = jnp.where(better, value, best_value), jnp.where(better, error, best_error)
+    return best_value
 
 
 def quantize_fp8(w: jax.Array, *, per_channel: bool = True, input_scale: jax.Array | None = None,

@@ -9,8 +9,9 @@ keeps the alpha whose int4 weight gives the smallest mean squared output error o
 calibration sample. Then, on the scaled weight, AWQ's clipping: per group and output channel, the
 clip ratio of CLIP_GRID (1 = none) whose int4 group gives the smallest squared error of that
 group's share of the output on the sample. alpha = 0 with no clipping is plain round-to-nearest
-and every step keeps the best candidate, so the choice is never worse than RTN on that sample. SmoothQuant: s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), which balances the
-per-channel ranges of activations and weights before both are quantized to int8.
+and every step keeps the best candidate, so the choice is never worse than RTN on that sample.
+SmoothQuant: s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), which balances the per-channel ranges
+of activations and weights before both are quantized to int8.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.quant.calibration import ActivationStats
-from jaxinfer.quant.quantize import quantize_weight
+from jaxinfer.quant.quantize import best_per_entry, quantize_weight
 
 ALPHA_GRID = tuple(np.linspace(0.0, 1.0, 21).round(2))
 # AWQ's clip grid: the group's largest magnitude shrunk by up to 45% in 5% steps.
@@ -66,18 +67,14 @@ def _clip_search(w: np.ndarray, sample: np.ndarray, input_scale: np.ndarray, gro
     w = jnp.asarray(w, jnp.float32)
     rows, in_features = sample.shape
     groups = jnp.asarray(sample).reshape(rows, in_features // group_size, group_size)
-    best_clip, best_error = None, None
-    for ratio in clips:
+
+    def candidate(ratio: float) -> tuple[jax.Array, jax.Array]:
         clip = jnp.full((in_features // group_size, w.shape[1]), ratio, jnp.float32)
         quantized = quantize_weight(w, "int4", input_scale=input_scale, group_size=group_size, clip=clip)
         error = _int4_error(w, quantized).reshape(in_features // group_size, group_size, -1)
-        error = jnp.mean(jnp.einsum("rgi,gio->rgo", groups, error) ** 2, axis=0)
-        if best_clip is None:
-            best_clip, best_error = clip, error
-        else:
-            better = error < best_error
-            best_clip, best_error = jnp.where(better, clip, best_clip), jnp.where(better, error, best_error)
-    return np.asarray(best_clip)
+        return clip, jnp.mean(jnp.einsum("rgi,gio->rgo", groups, error) ** 2, axis=0)
+
+    return np.asarray(best_per_entry(map(candidate, clips)))
 
 
 def awq_search(w: np.ndarray, stats: ActivationStats, group_size: int, alphas=ALPHA_GRID,

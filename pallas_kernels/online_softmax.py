@@ -6,6 +6,10 @@ State per query row (any leading batch axes `...`):
 same shape; masked entries get probability 0 through `jnp.where`, so NaN or Inf behind the mask (from
 unused pool blocks) never reaches the result. The values must be masked the same way by the caller:
 `weighted_sum(probs, values)` multiplies them, and 0 * NaN is NaN.
+
+The split form, for work lists whose items may belong to any state entry: `chunk_softmax` turns one
+item's logits into a partial state of its own (same layout, leading axis = items), and
+`merge_partials` folds a batch of them into the state rows `index` [items] names, repeats allowed.
 """
 
 from __future__ import annotations
@@ -41,6 +45,25 @@ def online_softmax_step(state: SoftmaxState, logits: jax.Array, mask: jax.Array,
     probs = jnp.where(mask, jnp.exp(logits - new_max[..., None]), 0.0)
     return (new_max, denominator * rescale + jnp.sum(probs, axis=-1),
             accumulator * rescale[..., None] + weighted_sum(probs, values))
+
+
+def chunk_softmax(logits: jax.Array, mask: jax.Array, values: jax.Array,
+                  weighted_sum: Callable[[jax.Array, jax.Array], jax.Array]) -> SoftmaxState:
+    """The softmax state of one chunk alone: `online_softmax_step` from the initial state."""
+    chunk_max = jnp.max(jnp.where(mask, logits, MASK_VALUE), axis=-1)
+    probs = jnp.where(mask, jnp.exp(logits - chunk_max[..., None]), 0.0)
+    return chunk_max, jnp.sum(probs, axis=-1), weighted_sum(probs, values)
+
+
+def merge_partials(state: SoftmaxState, index: jax.Array, partials: SoftmaxState) -> SoftmaxState:
+    """Fold partial states [items, ...] into state rows `index` [items]; items sharing a row all count."""
+    running_max, denominator, accumulator = state
+    part_max, part_denominator, part_accumulator = partials
+    new_max = running_max.at[index].max(part_max)
+    rescale = jnp.exp(running_max - new_max)
+    part_rescale = jnp.exp(part_max - new_max[index])
+    return (new_max, (denominator * rescale).at[index].add(part_denominator * part_rescale),
+            (accumulator * rescale[..., None]).at[index].add(part_accumulator * part_rescale[..., None]))
 
 
 def finish(state: SoftmaxState) -> jax.Array:

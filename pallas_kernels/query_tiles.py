@@ -52,8 +52,14 @@ def num_query_tiles(num_tokens: int, num_seqs: int, tile_size: int) -> int:
     return min(num_tokens, num_seqs + 1 + (num_tokens - num_seqs - 1) // tile_size)
 
 
-def query_tiles(metadata: AttentionMetadata, num_tokens: int, tile_size: int) -> QueryTiles:
-    """Tiles of up to tile_size tokens covering the flat batch of num_tokens (traceable)."""
+def query_tiles(metadata: AttentionMetadata, num_tokens: int, tile_size: int, *,
+                selected: jax.Array | None = None, num_tiles: int | None = None) -> QueryTiles:
+    """Tiles of up to tile_size tokens covering the flat batch of num_tokens (traceable).
+
+    With `selected` (bool [S]) only the selected sequences' tokens are tiled: no padding pseudo-sequence,
+    and `token_tile`/`token_row` are meaningful for their tokens only. The caller then passes the static
+    `num_tiles` bound that holds for its selection.
+    """
     num_seqs = metadata.num_seqs
     qsl = metadata.query_start_loc.astype(jnp.int32)
     # Sequence S is the padding pseudo-sequence: tokens qsl[S]..T, no context.
@@ -61,12 +67,15 @@ def query_tiles(metadata: AttentionMetadata, num_tokens: int, tile_size: int) ->
     seq_counts = jnp.append(qsl[1:] - qsl[:-1], num_tokens - qsl[-1])
     context_starts = jnp.append(metadata.seq_lens.astype(jnp.int32) - seq_counts[:-1], 0)
     has_context = jnp.arange(num_seqs + 1) < num_seqs
+    if selected is not None:
+        seq_counts = jnp.where(jnp.append(selected, False), seq_counts, 0)
 
     tiles_per_seq = -(-seq_counts // tile_size)
     tiles_end = jnp.cumsum(tiles_per_seq)
     tiles_begin = tiles_end - tiles_per_seq
 
-    num_tiles = num_query_tiles(num_tokens, num_seqs, tile_size)
+    if num_tiles is None:
+        num_tiles = num_query_tiles(num_tokens, num_seqs, tile_size)
     tile_ids = jnp.arange(num_tiles, dtype=jnp.int32)
     # Empty tiles (past the last real one) land on index S + 1; clamp and zero their count.
     tile_seq = jnp.minimum(jnp.searchsorted(tiles_end, tile_ids, side="right"), num_seqs)

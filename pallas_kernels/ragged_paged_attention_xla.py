@@ -1,15 +1,19 @@
-"""The XLA (CPU) path of ragged paged attention: query tiles x KV chunks with an online softmax.
+"""The XLA (CPU) path of ragged paged attention: a work list of (query tile, KV chunk) pairs.
 
     xla_ragged_paged_attention(q [T, num_q_heads, head_dim], cache: LayerKVCache,
                                metadata: AttentionMetadata, *, sm_scale, soft_cap=None)
         -> [T, num_q_heads, head_dim] in q's dtype (semantics: `ragged_paged_attention`).
 
-The batch is cut into query tiles (`query_tiles`): one token per tile for decode batches, up to 64
-tokens of one sequence for prefill chunks. A `lax.fori_loop` then walks the KV context in chunks of
-128 positions up to the longest tile's context (a dynamic trip count, so short batches do not pay for
-the block table's full width): each step gathers the chunk's blocks for every tile ([W, C, kvh, hd],
-small enough to stay in cache, dequantized to float32) and folds it into the online softmax. Memory
-stays O(W * C) whatever the context length.
+The batch is cut into query tiles (`query_tiles`) twice: the decodes (1-token chunks) into one-token
+tiles, the prefill chunks (>= 2 tokens) into tiles of PREFILL_QUERY_TILE tokens of one sequence, so
+a step that mixes a long prefill chunk with many decodes gives each its own shape. Each tile needs
+ceil(kv_len / 128) KV chunks of 128 positions; every (tile, chunk) pair is one work item, and a
+`lax.fori_loop` with a dynamic trip count takes the items a few at a time: it gathers their chunks'
+blocks ([items, C, kvh, hd], dequantized to float32), computes each item's softmax over its chunk, and
+merges the partial softmaxes into their tiles' states (`online_softmax.merge_partials`). The work is
+what the contexts need, not tiles x the batch's longest context: for a 256-token step mixing a
+230-token chunk with 25 decodes at contexts of 16-768, that is 6.7 ms per layer instead of 14 ms when
+every tile walked to the longest context (one-off timings, 9/3 heads, block 16, float32).
 
 Two layouts of the per-step products, chosen by tile size from one-off interleaved timings on the
 project's 2-core CPU (9/3/64 heads, block 16, float32; benchmarks/bench_paged_attention.py times the
@@ -23,8 +27,9 @@ chosen path):
   all-reduces (correct, but slower); under `shard_map` over kv_heads every shard stays local.
 - longer tiles (prefill): kv heads as a batch axis, each with its group of query heads ("grouped");
   1.5-5x faster than block-diagonal there, where flops dominate.
-KV chunks of 64-256 positions timed alike (within noise) for prefill; 128 was best or near it for
-decode batches of 8-32, where a chunk's gathered blocks ([W, C, kvh * hd] float32) should stay in cache.
+KV chunks of 64-256 positions, prefill tiles of 16-64 tokens and 2-32 work items per loop step all timed
+alike (within noise) on decode, prefill and mixed steps; 128 positions, 32 tokens, 16 decode and 4
+prefill items per step are the middle of that range.
 Storage dtypes on CPU: bf16 and int8 pools decode about as fast as float32 ones or faster; fp8 is
 slower (XLA:CPU converts e4m3 to float32 at about 1 ns per element), so prefer int8 for a CPU KV cache.
 """
@@ -41,22 +46,12 @@ from jaxinfer.cache.kv_pool import LayerKVCache, dequantize_kv
 from pallas_kernels import online_softmax
 from pallas_kernels.query_tiles import QueryTiles, query_tiles
 
-# KV positions per loop step, and the largest query tile: measured, see the module docstring.
+# KV positions per work item, query tokens per prefill tile, and work items per loop step: measured,
+# see the module docstring.
 KV_CHUNK_TOKENS = 128
-MAX_QUERY_TILE = 64
-
-
-def choose_query_tile(num_tokens: int, num_seqs: int) -> int:
-    """Tokens per query tile: about the mean tokens per sequence (a power of two, 1..64).
-
-    Decode batches (T <= S + 1) get 1; a long prefill chunk gets 64. Tiles only hold one sequence's
-    tokens, so a tile much longer than the typical chunk would compute mostly padding rows.
-    """
-    mean_tokens = num_tokens // (num_seqs + 1)
-    tile = 1
-    while tile * 2 <= min(mean_tokens, MAX_QUERY_TILE):
-        tile *= 2
-    return tile
+PREFILL_QUERY_TILE = 32
+DECODE_PAIRS_PER_STEP = 16
+PREFILL_PAIRS_PER_STEP = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +128,14 @@ class _BlockDiagonalHeads:
         return jnp.take_along_axis(per_kv_head, own_head, axis=3)[:, :, :, 0]
 
 
+def split_tile_bounds(num_tokens: int, num_seqs: int) -> tuple[int, int]:
+    """Static tile counts for T tokens of S sequences: one-token tiles of the decodes, and
+    PREFILL_QUERY_TILE-token tiles of the chunks of >= 2 tokens (n <= min(S, T // 2) such chunks, holding
+    c_i tokens, need sum ceil(c_i / tile) <= n + (T - n) // tile tiles, nondecreasing in n)."""
+    prefill_seqs = min(num_seqs, num_tokens // 2)
+    return min(num_tokens, num_seqs), prefill_seqs + (num_tokens - prefill_seqs) // PREFILL_QUERY_TILE
+
+
 def xla_ragged_paged_attention(q: jax.Array, cache: LayerKVCache, metadata: AttentionMetadata, *,
                                sm_scale: float, soft_cap: float | None = None) -> jax.Array:
     """See the module docstring; arguments as `ragged_paged_attention`, already checked."""
@@ -145,42 +148,68 @@ def xla_ragged_paged_attention(q: jax.Array, cache: LayerKVCache, metadata: Atte
     # which XLA then updates in place.
     cache = jax.lax.optimization_barrier(cache)
     num_tokens, num_heads, _ = q.shape
-    tile = choose_query_tile(num_tokens, metadata.num_seqs)
-    tiles = query_tiles(metadata, num_tokens, tile)
-    layout = (_BlockDiagonalHeads if tile == 1 else _GroupedHeads)(cache.num_kv_heads, num_heads // cache.num_kv_heads)
+    num_seqs, group = metadata.num_seqs, num_heads // cache.num_kv_heads
+    q_lens = metadata.query_start_loc[1:] - metadata.query_start_loc[:-1]
+    scaled_q = q.astype(jnp.float32) * sm_scale
+
+    num_decode_tiles, num_prefill_tiles = split_tile_bounds(num_tokens, num_seqs)
+    is_decode = q_lens == 1
+    decode_tiles = query_tiles(metadata, num_tokens, 1, selected=is_decode, num_tiles=num_decode_tiles)
+    decode_out = _attend_tiles(scaled_q, cache, metadata.block_tables, decode_tiles, 1,
+                               _BlockDiagonalHeads(cache.num_kv_heads, group), DECODE_PAIRS_PER_STEP, soft_cap)
+    if num_tokens == num_seqs:  # a decode bucket: no sequence can have two tokens
+        return decode_out.astype(q.dtype)
+
+    prefill_tiles = query_tiles(metadata, num_tokens, PREFILL_QUERY_TILE, selected=q_lens > 1,
+                                num_tiles=num_prefill_tiles)
+    prefill_out = _attend_tiles(scaled_q, cache, metadata.block_tables, prefill_tiles, PREFILL_QUERY_TILE,
+                                _GroupedHeads(cache.num_kv_heads, group), PREFILL_PAIRS_PER_STEP, soft_cap)
+    token_seq = jnp.searchsorted(metadata.query_start_loc[1:], jnp.arange(num_tokens), side="right")
+    token_is_decode = jnp.append(is_decode, False)[token_seq]
+    return jnp.where(token_is_decode[:, None, None], decode_out, prefill_out).astype(q.dtype)
+
+
+def _attend_tiles(scaled_q: jax.Array, cache: LayerKVCache, block_tables: jax.Array, tiles: QueryTiles, tile: int,
+                  layout, pairs_per_step: int, soft_cap: float | None) -> jax.Array:
+    """Attention of the tokens `tiles` covers -> [T, heads, head_dim] f32 (zeros for the tokens it does not).
+
+    The work list is every (tile, KV chunk) pair the tiles' contexts need, tile-major; a loop with a
+    dynamic trip count folds `pairs_per_step` pairs per step into the tiles' softmax states.
+    """
+    num_tokens = scaled_q.shape[0]
     token_rows = jnp.minimum(tiles.start[:, None] + jnp.arange(tile), num_tokens - 1)
-    rows = layout.query_rows(q.astype(jnp.float32)[token_rows] * sm_scale)
-
-    blocks_per_chunk = max(1, min(KV_CHUNK_TOKENS // cache.block_size, metadata.block_tables.shape[1]))
-    chunk = blocks_per_chunk * cache.block_size
-    step = _chunk_step(cache, metadata.block_tables, tiles, tile, blocks_per_chunk, layout, rows, soft_cap)
-    state = jax.lax.fori_loop(0, -(-jnp.max(tiles.kv_len) // chunk), step,
-                              online_softmax.initial_state(rows.shape[:-1], layout.value_width(cache.head_dim)))
-    out_tiles = layout.output(online_softmax.finish(state), tile)
-    return out_tiles[tiles.token_tile, tiles.token_row].astype(q.dtype)
-
-
-def _chunk_step(cache: LayerKVCache, block_tables: jax.Array, tiles: QueryTiles, tile: int,
-                blocks_per_chunk: int, layout, rows: jax.Array, soft_cap: float | None):
-    """The fori_loop body folding KV chunk `index` (blocks_per_chunk blocks) of every tile into the state."""
-    chunk = blocks_per_chunk * cache.block_size
-    # Whole chunks only: a dynamic_slice running past the table's end would be shifted back, not cut.
-    padded_width = -(-block_tables.shape[1] // blocks_per_chunk) * blocks_per_chunk
-    tile_tables = jnp.pad(block_tables, ((0, 0), (0, padded_width - block_tables.shape[1])))[tiles.seq]
+    rows = layout.query_rows(scaled_q[token_rows])
     row_pos = tiles.first_pos[:, None] + jnp.arange(tile)
+
+    blocks_per_chunk = max(1, min(KV_CHUNK_TOKENS // cache.block_size, block_tables.shape[1]))
+    chunk = blocks_per_chunk * cache.block_size
+    # Whole chunks only: a dynamic index running past the table's end would be clamped, not cut.
+    padded_width = -(-block_tables.shape[1] // blocks_per_chunk) * blocks_per_chunk
+    chunk_tables = jnp.pad(block_tables, ((0, 0), (0, padded_width - block_tables.shape[1]))).reshape(
+        block_tables.shape[0], -1, blocks_per_chunk)
+    chunks_per_tile = -(-tiles.kv_len // chunk)
+    pairs_end = jnp.cumsum(chunks_per_tile)
+    num_pairs = pairs_end[-1]
 
     def gather(pool: jax.Array, scale: jax.Array | None, blocks: jax.Array) -> jax.Array:
         values = dequantize_kv(pool[blocks], None if scale is None else scale[blocks])
         return values.reshape(blocks.shape[0], chunk, cache.num_kv_heads, cache.head_dim)
 
     def step(index, state):
-        blocks = jax.lax.dynamic_slice_in_dim(tile_tables, index * blocks_per_chunk, blocks_per_chunk, axis=1)
-        kv_pos = index * chunk + jnp.arange(chunk)
-        in_context = kv_pos[None, :] < tiles.kv_len[:, None]
-        causal = (kv_pos[None, None, :] <= row_pos[:, :, None]) & in_context[:, None, :]
+        pair = index * pairs_per_step + jnp.arange(pairs_per_step)
+        pair_tile = jnp.minimum(jnp.searchsorted(pairs_end, pair, side="right"), tiles.num_tiles - 1)
+        pair_chunk = pair - (pairs_end - chunks_per_tile)[pair_tile]
+        blocks = chunk_tables[tiles.seq[pair_tile], jnp.minimum(pair_chunk, chunk_tables.shape[1] - 1)]
+        kv_pos = pair_chunk[:, None] * chunk + jnp.arange(chunk)
+        in_context = (kv_pos < tiles.kv_len[pair_tile][:, None]) & (pair < num_pairs)[:, None]
+        causal = (kv_pos[:, None, :] <= row_pos[pair_tile][:, :, None]) & in_context[:, None, :]
         k = layout.kv(gather(cache.k, cache.k_scale, blocks))
         v = layout.kv(jnp.where(in_context[:, :, None, None], gather(cache.v, cache.v_scale, blocks), 0.0))
-        logits = online_softmax.cap_logits(layout.logits(rows, k), soft_cap)
-        return online_softmax.online_softmax_step(state, logits, layout.row_mask(causal), v, layout.weighted_sum)
+        logits = online_softmax.cap_logits(layout.logits(rows[pair_tile], k), soft_cap)
+        partials = online_softmax.chunk_softmax(logits, layout.row_mask(causal), v, layout.weighted_sum)
+        return online_softmax.merge_partials(state, pair_tile, partials)
 
-    return step
+    state = jax.lax.fori_loop(0, -(-num_pairs // pairs_per_step), step,
+                              online_softmax.initial_state(rows.shape[:-1], layout.value_width(cache.head_dim)))
+    out_tiles = layout.output(online_softmax.finish(state), tile)
+    return out_tiles[tiles.token_tile, tiles.token_row]

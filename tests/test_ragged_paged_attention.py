@@ -20,7 +20,7 @@ from jaxinfer.cache.attention_metadata import AttentionMetadata
 from jaxinfer.cache.kv_pool import LayerKVCache, init_layer_cache, write_kv
 from pallas_kernels import ragged_paged_attention as rpa
 from pallas_kernels.query_tiles import num_query_tiles, query_tiles
-from pallas_kernels.ragged_paged_attention_xla import KV_CHUNK_TOKENS, choose_query_tile
+from pallas_kernels.ragged_paged_attention_xla import KV_CHUNK_TOKENS, PREFILL_QUERY_TILE, split_tile_bounds
 
 HEAD_DIM = 64
 SM_SCALE = HEAD_DIM ** -0.5
@@ -130,7 +130,7 @@ def test_long_prefill_chunks_match_reference():
     """Long chunks beside a decode: the XLA path takes long query tiles over several KV chunks."""
     chunks = [(150, 700), (130, 130), (1, 300)]
     batch = make_batch(5, chunks, block_size=16, num_q_heads=9, num_kv_heads=3)
-    assert choose_query_tile(batch.q.shape[0], batch.metadata.num_seqs) >= 32
+    assert 150 > 4 * PREFILL_QUERY_TILE
     assert 700 > 2 * KV_CHUNK_TOKENS
     check_against_reference(batch, "xla", tolerance=1e-5)
 
@@ -178,6 +178,33 @@ def test_query_tiles_cover_each_token_once(starts, seq_lens, num_tokens):
         else:
             assert tiles["kv_len"][owner] == 0
     assert tiles["count"].sum() == num_tokens
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_split_tiles_cover_decodes_and_chunks_within_their_bounds(seed):
+    """The XLA path's decode tiles (1 token) and prefill tiles (chunks of >= 2 tokens) each cover their
+    tokens once, also for worst cases: every chunk 2 tokens, or one past a multiple of the tile."""
+    rng = np.random.default_rng(seed)
+    num_seqs, num_tokens = 32, 256
+    tile = PREFILL_QUERY_TILE
+    lengths = [rng.choice([1, 2, tile + 1, int(rng.integers(1, 3 * tile))]) for _ in range(num_seqs)]
+    worst = [2] * (num_seqs - 1) + [num_tokens - 2 * (num_seqs - 1)]  # 38 tiles of the bound's 39
+    q_lens = np.array(lengths if seed else worst)
+    while q_lens.sum() > num_tokens - seed:  # seed tokens of batch padding
+        q_lens[np.argmax(q_lens)] -= 1
+    starts = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    seq_lens = (q_lens + rng.integers(0, 100, num_seqs)).astype(np.int32)
+    metadata = AttentionMetadata(jnp.zeros(num_tokens, jnp.int32), jnp.zeros((num_seqs, 3), jnp.int32),
+                                 jnp.asarray(seq_lens), jnp.asarray(starts))
+    bounds = split_tile_bounds(num_tokens, num_seqs)
+    for tile_size, selected, bound in ((1, q_lens == 1, bounds[0]), (tile, q_lens > 1, bounds[1])):
+        tiles = jax.tree.map(np.asarray, vars(query_tiles(metadata, num_tokens, tile_size,
+                                                          selected=jnp.asarray(selected), num_tiles=bound)))
+        tokens = [t for s in np.nonzero(selected)[0] for t in range(starts[s], starts[s + 1])]
+        assert tiles["count"].sum() == len(tokens)
+        for token in tokens:
+            owner, row = tiles["token_tile"][token], tiles["token_row"][token]
+            assert tiles["start"][owner] + row == token and row < tiles["count"][owner]
 
 
 def test_default_implementation_never_interprets(monkeypatch):

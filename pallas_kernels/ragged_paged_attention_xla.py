@@ -152,26 +152,33 @@ def xla_ragged_paged_attention(q: jax.Array, cache: LayerKVCache, metadata: Atte
     q_lens = metadata.query_start_loc[1:] - metadata.query_start_loc[:-1]
     scaled_q = q.astype(jnp.float32) * sm_scale
 
+    token_seq = jnp.searchsorted(metadata.query_start_loc[1:], jnp.arange(num_tokens), side="right")
+
+    def tokens_of(selected: jax.Array) -> jax.Array:
+        """[T, 1, 1] bool: the token belongs to a selected sequence (batch padding never does)."""
+        return jnp.append(selected, False)[token_seq][:, None, None]
+
+    # Each pass's output is kept only for its own tokens: the rows of the others are not its to write.
     num_decode_tiles, num_prefill_tiles = split_tile_bounds(num_tokens, num_seqs)
     is_decode = q_lens == 1
     decode_tiles = query_tiles(metadata, num_tokens, 1, selected=is_decode, num_tiles=num_decode_tiles)
-    decode_out = _attend_tiles(scaled_q, cache, metadata.block_tables, decode_tiles, 1,
-                               _BlockDiagonalHeads(cache.num_kv_heads, group), DECODE_PAIRS_PER_STEP, soft_cap)
+    out = jnp.where(tokens_of(is_decode), _attend_tiles(
+        scaled_q, cache, metadata.block_tables, decode_tiles, 1, _BlockDiagonalHeads(cache.num_kv_heads, group),
+        DECODE_PAIRS_PER_STEP, soft_cap), 0.0)
     if num_tokens == num_seqs:  # a decode bucket: no sequence can have two tokens
-        return decode_out.astype(q.dtype)
+        return out.astype(q.dtype)
 
-    prefill_tiles = query_tiles(metadata, num_tokens, PREFILL_QUERY_TILE, selected=q_lens > 1,
+    is_prefill = q_lens > 1
+    prefill_tiles = query_tiles(metadata, num_tokens, PREFILL_QUERY_TILE, selected=is_prefill,
                                 num_tiles=num_prefill_tiles)
-    prefill_out = _attend_tiles(scaled_q, cache, metadata.block_tables, prefill_tiles, PREFILL_QUERY_TILE,
-                                _GroupedHeads(cache.num_kv_heads, group), PREFILL_PAIRS_PER_STEP, soft_cap)
-    token_seq = jnp.searchsorted(metadata.query_start_loc[1:], jnp.arange(num_tokens), side="right")
-    token_is_decode = jnp.append(is_decode, False)[token_seq]
-    return jnp.where(token_is_decode[:, None, None], decode_out, prefill_out).astype(q.dtype)
+    return jnp.where(tokens_of(is_prefill), _attend_tiles(
+        scaled_q, cache, metadata.block_tables, prefill_tiles, PREFILL_QUERY_TILE,
+        _GroupedHeads(cache.num_kv_heads, group), PREFILL_PAIRS_PER_STEP, soft_cap), out).astype(q.dtype)
 
 
 def _attend_tiles(scaled_q: jax.Array, cache: LayerKVCache, block_tables: jax.Array, tiles: QueryTiles, tile: int,
                   layout, pairs_per_step: int, soft_cap: float | None) -> jax.Array:
-    """Attention of the tokens `tiles` covers -> [T, heads, head_dim] f32 (zeros for the tokens it does not).
+    """Attention of the tokens `tiles` covers -> [T, heads, head_dim] f32 (other tokens' rows: unspecified).
 
     The work list is every (tile, KV chunk) pair the tiles' contexts need, tile-major; a loop with a
     dynamic trip count folds `pairs_per_step` pairs per step into the tiles' softmax states.

@@ -50,9 +50,8 @@ def online_softmax_step(state: SoftmaxState, logits: jax.Array, mask: jax.Array,
 def chunk_softmax(logits: jax.Array, mask: jax.Array, values: jax.Array,
                   weighted_sum: Callable[[jax.Array, jax.Array], jax.Array]) -> SoftmaxState:
     """The softmax state of one chunk alone: `online_softmax_step` from the initial state."""
-    chunk_max = jnp.max(jnp.where(mask, logits, MASK_VALUE), axis=-1)
-    probs = jnp.where(mask, jnp.exp(logits - chunk_max[..., None]), 0.0)
-    return chunk_max, jnp.sum(probs, axis=-1), weighted_sum(probs, values)
+    return online_softmax_step(initial_state(logits.shape[:-1], values.shape[-1]), logits, mask, values,
+                               weighted_sum)
 
 
 def merge_partials(state: SoftmaxState, index: jax.Array, partials: SoftmaxState) -> SoftmaxState:

@@ -8,9 +8,11 @@ import json
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from conftest import CHECKPOINTS_DIR, GOLDENS_DIR
 from jaxinfer.checkpoint import load_checkpoint
+from jaxinfer.errors import CheckpointError
 from jaxinfer.model.sharding import make_mesh, place_params
 from jaxinfer.reference import ReferenceGenerator
 
@@ -47,3 +49,21 @@ def test_bfloat16_logits_within_bfloat16_precision():
     generator = ReferenceGenerator(*place_params(ck.params, ck.config, make_mesh(1), "bfloat16"), max_len=64)
     prompt = golden["prompt_2_ids"].tolist()
     assert relative_error(generator.prompt_logits([prompt])[0], golden["prompt_2_logits"]) < 3e-2
+
+
+@pytest.mark.parametrize("tensor, change, message", [
+    ("model.layers.1.self_attn.k_proj.weight", "shrink", r"layers\.1\.wk has shape \(\d+, \d+\) but the config implies"),
+    ("model.layers.0.mlp.up_proj.weight", "drop", r"lacks tensor\(s\) layers\.0\.\['w_up'\]"),
+])
+def test_checkpoint_whose_tensors_contradict_its_config_names_the_tensor(tmp_path, tensor, change, message):
+    source = CHECKPOINTS_DIR / "tiny-llama3"
+    for file in source.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    tensors = safetensors.numpy.load_file(source / "model.safetensors")
+    if change == "drop":
+        del tensors[tensor]
+    else:
+        tensors[tensor] = tensors[tensor][:-1]
+    safetensors.numpy.save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tmp_path)

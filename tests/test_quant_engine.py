@@ -64,7 +64,7 @@ def test_quantized_engine_matches_the_model_on_dequantized_weights(checkpoint, p
                                                                     greedy_oracle):
     engine = engine_from_checkpoint(checkpoint, EngineConfig.create(quant=mode, **SETTINGS), progress=False)
     params, cfg = engine.runner.params, engine.model_cfg
-    assert all(is_quantized(layer[name]) for layer in params["layers"] for name in ("wq", "wo", "w_down"))
+    assert all(is_quantized(layer[name]) for layer in params["layers"] for name in ("w_qkv", "wo", "w_gate_up", "w_down"))
     assert not is_quantized(params["embed"]) and params["lm_head"].dtype == np.float32
     oracle = ReferenceGenerator(dequantized(params), cfg, max_len=64)
     quantized = ReferenceGenerator(params, cfg, max_len=64)
@@ -83,8 +83,8 @@ def test_engine_config_refuses_unknown_quant_modes_listing_the_valid_ones(quant)
 def test_built_int8_engine_restores_quantized_weights_and_generates(checkpoint, prompts, tmp_path):
     path = build_engine(CHECKPOINT, tmp_path / "int8", progress=False, quant="int8", **SETTINGS)
     engine = load_engine(path, progress=False)
-    restored = engine.runner.params["layers"][1]["w_up"]
-    expected = quantize_params(checkpoint.params, checkpoint.config, "int8")["layers"][1]["w_up"]
+    restored = engine.runner.params["layers"][1]["w_gate_up"]
+    expected = quantize_params(checkpoint.params, checkpoint.config, "int8")["layers"][1]["w_gate_up"]
     assert restored.q.dtype == np.int8
     np.testing.assert_array_equal(np.asarray(restored.q), np.asarray(expected.q))
     np.testing.assert_array_equal(np.asarray(restored.scale), np.asarray(expected.scale))
@@ -98,7 +98,7 @@ def test_quantized_shardings_follow_column_and_row_parallel_axes(checkpoint, mod
     windows = corpus_windows(checkpoint.tokenizer, CALIBRATION, 32, 2)
     params = quantize_params(checkpoint.params, cfg, mode, capture_activations(checkpoint.params, cfg, windows))
     shardings = param_shardings(cfg, make_mesh(2), params)["layers"][0]
-    column, row = shardings["w_up"], shardings["w_down"]
+    column, row = shardings["w_gate_up"], shardings["w_down"]
     weight_field = "packed" if mode == "int4-awq" else "q"
     assert getattr(column, weight_field).spec == P(None, "model")
     assert getattr(row, weight_field).spec == P("model", None)
@@ -110,12 +110,12 @@ def test_quantized_shardings_follow_column_and_row_parallel_axes(checkpoint, mod
 def test_awq_lowers_the_calibration_output_error_of_rtn(checkpoint):
     cfg = checkpoint.config
     windows = corpus_windows(checkpoint.tokenizer, CALIBRATION, 64, 4)
-    stats = capture_activations(checkpoint.params, cfg, windows)[(1, "w_gate")]
-    choice = awq_search(checkpoint.params["layers"][1]["w_gate"], stats, group_size=32)
+    stats = capture_activations(checkpoint.params, cfg, windows)[(1, "w_gate_up")]
+    choice = awq_search(checkpoint.params["layers"][1]["w_gate_up"], stats, group_size=32)
     assert choice.alpha > 0
     assert choice.error < choice.rtn_error
     # AWQ's clipping lowers the error of the scaled weight further, with some groups clipped.
-    unclipped = awq_search(checkpoint.params["layers"][1]["w_gate"], stats, group_size=32, clips=(1.0,))
+    unclipped = awq_search(checkpoint.params["layers"][1]["w_gate_up"], stats, group_size=32, clips=(1.0,))
     assert np.all(unclipped.clip == 1.0) and np.any(choice.clip < 1.0)
     assert choice.error < unclipped.error and choice.alpha == unclipped.alpha
 

@@ -15,7 +15,7 @@ def test_default_model_greedy_tokens_match_single_device(default_checkpoint, tp)
     single = ReferenceGenerator(*place_params(ck.params, ck.config, make_mesh(1), "float32"), max_len=64)
     params, cfg = place_params(ck.params, ck.config, make_mesh(tp), "float32")
     sharded = ReferenceGenerator(params, cfg, max_len=64)
-    assert cfg.num_kv_heads % tp == 0 and len(params["layers"][0]["wq"].sharding.device_set) == tp
+    assert cfg.num_kv_heads % tp == 0 and len(params["layers"][0]["w_qkv"].sharding.device_set) == tp
     expected = single.generate([prompt], 24)
     assert sharded.generate([prompt], 24) == expected
     np.testing.assert_allclose(sharded.prompt_logits([prompt])[0, -1], single.prompt_logits([prompt])[0, -1],

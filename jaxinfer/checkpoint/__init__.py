@@ -47,23 +47,24 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
 
 def check_params_match_config(params: dict, cfg: ModelConfig) -> None:
     """Raises CheckpointError naming the first tensor whose shape contradicts the config."""
-    expected = param_shapes(cfg)
+    check_shapes(param_shapes(cfg), params)
 
-    def compare(exp, got, where):
-        if isinstance(exp, dict):
-            missing = sorted(set(exp) - set(got))
-            if missing:
-                raise CheckpointError(f"checkpoint lacks tensor(s) {where}{missing}")
-            for key in exp:
-                compare(exp[key], got[key], f"{where}{key}.")
-        elif isinstance(exp, list):
-            if len(got) != len(exp):
-                raise CheckpointError(f"config says {len(exp)} layers but the checkpoint has {len(got)}")
-            for i, (e, g) in enumerate(zip(exp, got)):
-                compare(e, g, f"{where}{i}.")
-        elif tuple(np.shape(got)) != exp:
-            raise CheckpointError(
-                f"tensor {where.rstrip('.')} has shape {tuple(np.shape(got))} but the config implies {exp}; "
-                "the config and the weights do not belong together")
 
-    compare(expected, params, "")
+def check_shapes(expected, params, where: str = "") -> None:
+    """Raises CheckpointError naming the first tensor of `params` that is missing from, or shaped
+    otherwise than, `expected` (the same pytree of shape tuples); `where` prefixes the names."""
+    if isinstance(expected, dict):
+        missing = sorted(set(expected) - set(params))
+        if missing:
+            raise CheckpointError(f"checkpoint lacks tensor(s) {where}{missing}")
+        for key in expected:
+            check_shapes(expected[key], params[key], f"{where}{key}.")
+    elif isinstance(expected, list):
+        if len(params) != len(expected):
+            raise CheckpointError(f"config says {len(expected)} layers but the checkpoint has {len(params)}")
+        for i, (e, g) in enumerate(zip(expected, params)):
+            check_shapes(e, g, f"{where}{i}.")
+    elif tuple(np.shape(params)) != expected:
+        raise CheckpointError(
+            f"tensor {where.rstrip('.')} has shape {tuple(np.shape(params))} but the config implies {expected}; "
+            "the config and the weights do not belong together")

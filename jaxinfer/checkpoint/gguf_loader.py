@@ -59,7 +59,7 @@ def load(path: Path):
         return array
 
     try:
-        params = assemble_params(cfg.num_layers, fetch, "gguf")
+        params = assemble_params(cfg, fetch, "gguf")
     except (ValueError, IndexError) as err:
         raise CheckpointError(f"{path}: tensor data is inconsistent ({err}); the file may be truncated") from None
     return Checkpoint(cfg, params, Tokenizer.from_gguf_metadata(meta), str(path))

@@ -38,7 +38,7 @@ def load(directory: Path):
             array = handles[where[name]].get_tensor(name)
             return np.asarray(array, dtype=np.float32)
 
-        params = assemble_params(cfg.num_layers, fetch, "hf")
+        params = assemble_params(cfg, fetch, "hf")
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"cannot read safetensors in {directory}: {err}; the file may be truncated") from None
     tokenizer = Tokenizer.from_hf_dir(directory, cfg.eos_token_ids)

@@ -1,12 +1,17 @@
 """The one table from checkpoint tensor names (HF and GGUF) to our parameter names.
 
 Both formats store linear weights as `[out, in]`; our params are `[in, out]`, so those are
-transposed on load (`transpose=True`).
+transposed on load (`transpose=True`). The names here are the checkpoints' separate projections;
+`assemble_params` then fuses q/k/v and gate/up into the model's layout (jaxinfer.model.llama).
 """
 
 from __future__ import annotations
 
 import dataclasses
+
+from jaxinfer.checkpoint import check_shapes
+from jaxinfer.model.config import ModelConfig
+from jaxinfer.model.llama import fuse_projections
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +53,10 @@ def gguf_layer_name(i: int, name: TensorName) -> str:
     return f"blk.{i}.{name.gguf}"
 
 
-def assemble_params(num_layers: int, fetch, checkpoint_format: str) -> dict:
+def assemble_params(cfg: ModelConfig, fetch, checkpoint_format: str) -> dict:
     """Builds the param pytree from `fetch(checkpoint_name, our_name) -> np.ndarray | None` (None:
-    the tensor is absent, e.g. biases of a model without them or the head of a tied model)."""
+    the tensor is absent, e.g. biases of a model without them or the head of a tied model), with
+    each layer's projections fused the way the model uses them."""
     def name_of(name: TensorName, layer: int | None) -> str:
         if checkpoint_format == "hf":
             return name.hf if layer is None else hf_layer_name(layer, name)
@@ -65,5 +71,17 @@ def assemble_params(num_layers: int, fetch, checkpoint_format: str) -> dict:
         return out
 
     params = collect(GLOBAL_TENSORS, None)
-    params["layers"] = [collect(LAYER_TENSORS, i) for i in range(num_layers)]
+    params["layers"] = [_fused_layer(collect(LAYER_TENSORS, i), cfg, i) for i in range(cfg.num_layers)]
     return params
+
+
+def _fused_layer(layer: dict, cfg: ModelConfig, index: int) -> dict:
+    """`fuse_projections`, after checking the tensors it packs (a CheckpointError names a missing
+    or misshapen one)."""
+    h, hd = cfg.hidden_size, cfg.head_dim
+    expected = {"wq": (h, cfg.num_heads * hd), "wk": (h, cfg.num_kv_heads * hd), "wv": (h, cfg.num_kv_heads * hd),
+                "w_gate": (h, cfg.intermediate_size), "w_up": (h, cfg.intermediate_size)}
+    if cfg.attention_bias:
+        expected |= {"bq": expected["wq"][1:], "bk": expected["wk"][1:], "bv": expected["wv"][1:]}
+    check_shapes(expected, layer, f"layers.{index}.")
+    return fuse_projections(layer, cfg)

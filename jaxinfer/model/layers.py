@@ -66,8 +66,10 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return rotated.astype(x.dtype)
 
 
-def swiglu_mlp(x: jax.Array, w_gate, w_up, w_down) -> jax.Array:
-    """down(silu(gate(x)) * up(x)) for x `[..., hidden]`."""
-    gate = linear(x, w_gate)
-    up = linear(x, w_up)
+def swiglu_mlp(x: jax.Array, w_gate_up, w_down) -> jax.Array:
+    """down(silu(gate(x)) * up(x)) for x `[..., hidden]`; w_gate_up `[hidden, intermediate * 2]`
+    holds gate_i and up_i side by side (see jaxinfer.model.llama)."""
+    gate_up = linear(x, w_gate_up)
+    gate_up = gate_up.reshape(*gate_up.shape[:-1], -1, 2)
+    gate, up = gate_up[..., 0], gate_up[..., 1]
     return linear(jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * up, w_down)

@@ -46,16 +46,15 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, params=None):
 
 
 def pad_heads(params: dict, cfg: ModelConfig, tp: int) -> tuple[dict, ModelConfig]:
-    """Pads q/k/v/o (and biases) so the head counts divide by `tp`. Works on numpy params."""
+    """Pads qkv/o (and biases) so the head counts divide by `tp`. Works on numpy params."""
     padded = cfg.with_padded_heads(tp)
     if padded == cfg:
         return params, cfg
     extra_q = (padded.num_heads - cfg.num_heads) * cfg.head_dim
-    extra_kv = (padded.num_kv_heads - cfg.num_kv_heads) * cfg.head_dim
-    # Query heads map to KV heads in groups of q_per_kv, so appending whole groups at the end keeps
-    # every real head with its real KV head.
-    pads = {"wq": (1, extra_q), "bq": (0, extra_q), "wk": (1, extra_kv), "bk": (0, extra_kv),
-            "wv": (1, extra_kv), "bv": (0, extra_kv), "wo": (0, extra_q)}
+    extra_groups = (padded.num_kv_heads - cfg.num_kv_heads) * (cfg.q_per_kv + 2) * cfg.head_dim
+    # w_qkv is ordered by KV-head group (jaxinfer.model.llama), so whole zero groups appended at the
+    # end keep every real query head with its real KV head.
+    pads = {"w_qkv": (1, extra_groups), "b_qkv": (0, extra_groups), "wo": (0, extra_q)}
 
     def pad(name, array):
         if name not in pads:

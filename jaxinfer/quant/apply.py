@@ -7,9 +7,11 @@ the engine lives here.
     quantized_logical_axes(params, axes) -> logical axes with quantized weights expanded per field
     calibrate(params, cfg, tokenizer, mode) -> Calibration | None        (only the modes that need it)
 
-Quantized: the seven linear weights of every layer (wq, wk, wv, wo, w_gate, w_up, w_down), which
-hold nearly all of the bytes. Kept in the engine dtype: embeddings, norms, biases and the LM head
-(tied to the embeddings in SmolLM2), because they are small and precision-sensitive.
+Quantized: the four linear weights of every layer (w_qkv, wo, w_gate_up, w_down), which hold
+nearly all of the bytes. q/k/v share one input scale (and gate/up another) because they share one
+fused weight, as in AutoAWQ and SmoothQuant, which scale the inputs a norm feeds. Kept in the
+engine dtype: embeddings, norms, biases and the LM head (tied to the embeddings in SmolLM2),
+because they are small and precision-sensitive.
 
 | mode       | weight (jaxinfer.quant)  | from calibration activations                        |
 | ---------- | ------------------------ | --------------------------------------------------- |

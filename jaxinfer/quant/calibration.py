@@ -22,7 +22,7 @@ from jaxinfer.eval.perplexity import causal_hidden
 from jaxinfer.model.config import ModelConfig
 from jaxinfer.model.layers import linear
 
-LINEAR_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+LINEAR_WEIGHTS = ("w_qkv", "wo", "w_gate_up", "w_down")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Pure integer/float arithmetic on a ModelConfig. Conventions:
 - Weight bytes: every parameter is read once per step (the tied embedding table once, as the
-  output projection; the input lookup reads only a few rows).
+  output projection; the input lookup reads only a few of its columns).
 - KV bytes per token: 2 (K and V) x layers x kv_heads x head_dim x bytes per element.
 - FLOPs: 2 per multiply-add. A token passes through every layer matmul; attention costs
   2 x 2 x layers x heads x head_dim per (query, key) pair (QK^T and PV). Logits are computed

@@ -1,7 +1,7 @@
 """The one table from checkpoint tensor names (HF and GGUF) to our parameter names.
 
-Both formats store linear weights as `[out, in]`; our params are `[in, out]`, so those are
-transposed on load (`transpose=True`). The names here are the checkpoints' separate projections;
+Both formats store linear weights as `[out, in]` and embeddings as `[vocab, hidden]`; our params
+are `[in, out]` and `[hidden, vocab]`, so those are transposed on load (`transpose=True`). The names here are the checkpoints' separate projections;
 `assemble_params` then fuses q/k/v and gate/up into the model's layout (jaxinfer.model.llama).
 """
 
@@ -23,7 +23,7 @@ class TensorName:
 
 
 GLOBAL_TENSORS = (
-    TensorName("embed", "model.embed_tokens.weight", "token_embd.weight"),
+    TensorName("embed", "model.embed_tokens.weight", "token_embd.weight", transpose=True),
     TensorName("final_norm", "model.norm.weight", "output_norm.weight"),
     TensorName("lm_head", "lm_head.weight", "output.weight", transpose=True),
 )

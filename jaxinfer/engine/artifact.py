@@ -43,7 +43,7 @@ from jaxinfer.runner.buckets import Bucket
 from jaxinfer.runner.model_runner import ModelRunner, allocate_kv_caches
 from jaxinfer.tokenizer import Tokenizer
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def environment() -> dict:

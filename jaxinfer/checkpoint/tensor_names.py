@@ -1,8 +1,9 @@
 """The one table from checkpoint tensor names (HF and GGUF) to our parameter names.
 
 Both formats store linear weights as `[out, in]` and embeddings as `[vocab, hidden]`; our params
-are `[in, out]` and `[hidden, vocab]`, so those are transposed on load (`transpose=True`). The names here are the checkpoints' separate projections;
-`assemble_params` then fuses q/k/v and gate/up into the model's layout (jaxinfer.model.llama).
+are `[in, out]` and `[hidden, vocab]`, so those are transposed on load (`transpose=True`). The
+names here are the checkpoints' separate projections; `assemble_params` then fuses q/k/v and
+gate/up into the model's layout (jaxinfer.model.llama).
 """
 
 from __future__ import annotations

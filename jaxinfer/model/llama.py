@@ -18,7 +18,7 @@ they are used, `[in, out]`:
         w_down    [intermediate, hidden]
 
 One matmul where checkpoints store two or three: at batch 1 a few large matrix-vector products
-stream weights faster than many small ones (the batch-1 step is about 8% faster on XLA:CPU), and
+stream weights faster than many small ones (the batch-1 step is about 7% faster on XLA:CPU), and
 GPUs launch fewer kernels. The fused output axes are ordered so that tensor parallelism can split
 them evenly: w_qkv by KV-head group (for KV head g: its q_per_kv query heads, then k_g, then v_g),
 w_gate_up by intermediate unit (gate_i, up_i side by side). `fuse_projections` packs a

@@ -52,7 +52,8 @@ def test_bfloat16_logits_within_bfloat16_precision():
 
 
 @pytest.mark.parametrize("tensor, change, message", [
-    ("model.layers.1.self_attn.k_proj.weight", "shrink", r"layers\.1\.wk has shape \(\d+, \d+\) but the config implies"),
+    ("model.layers.1.self_attn.k_proj.weight", "shrink",
+     r"layers\.1\.wk has shape \(\d+, \d+\) but the config implies"),
     ("model.layers.0.mlp.up_proj.weight", "drop", r"lacks tensor\(s\) layers\.0\.\['w_up'\]"),
 ])
 def test_checkpoint_whose_tensors_contradict_its_config_names_the_tensor(tmp_path, tensor, change, message):

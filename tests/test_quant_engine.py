@@ -64,7 +64,8 @@ def test_quantized_engine_matches_the_model_on_dequantized_weights(checkpoint, p
                                                                     greedy_oracle):
     engine = engine_from_checkpoint(checkpoint, EngineConfig.create(quant=mode, **SETTINGS), progress=False)
     params, cfg = engine.runner.params, engine.model_cfg
-    assert all(is_quantized(layer[name]) for layer in params["layers"] for name in ("w_qkv", "wo", "w_gate_up", "w_down"))
+    assert all(is_quantized(layer[name]) for layer in params["layers"]
+               for name in ("w_qkv", "wo", "w_gate_up", "w_down"))
     assert not is_quantized(params["embed"]) and params["lm_head"].dtype == np.float32
     oracle = ReferenceGenerator(dequantized(params), cfg, max_len=64)
     quantized = ReferenceGenerator(params, cfg, max_len=64)

@@ -6,12 +6,13 @@ Per-output-channel scales are applied once after the K reduction (`(x @ w_q) * w
 Implementations (`int8_matmul(..., implementation=)`):
     "pallas"     the Triton-style Pallas kernel below (GPU).
     "interpret"  the same kernel in Pallas interpret mode (tests on CPU; slow).
-    "xla"        the XLA:CPU formulation chosen by measurement (benchmarks/bench_quant_matmul.py,
-                 and whole SmolLM2 decode steps): a weight whose f32 copy stays in cache (every
-                 per-layer weight) is converted and dotted (`xla_cpu.dequantized_dot`); a larger
-                 one (the 576x49152 LM-head shape) is not converted: the activations are split
-                 into two int8 levels (`activation_quant.split_per_token_int8`) for one
-                 int8 x int8 -> int32 dot over 2M rows, 3-5x faster there than converting.
+    "xla"        the CPU formulation chosen by measurement (benchmarks/bench_quant_matmul.py, and
+                 whole SmolLM2 decode steps): the activations are split into two int8 levels
+                 (`activation_quant.split_per_token_int8`) for one int8 x int8 -> int32 dot over
+                 2M rows (`cpu_int8_dot.fastest_int8_dot`) when that dot is the C++ kernel, or
+                 when the weight is too large for its f32 copy to stay in cache (the 576x49152
+                 LM-head shape: 3-5x faster there than converting); otherwise the weight is
+                 converted and dotted (`xla_cpu.dequantized_dot`).
     "reference"  dequantize to float32, then an f32 dot at highest precision (the oracle).
     None         "pallas" on GPU, "xla" elsewhere.
 """
@@ -26,6 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.activation_quant import merge_split_rows, split_per_token_int8
+from pallas_kernels import cpu_int8_dot
 from pallas_kernels.quant_tiling import accumulate_over_k, block_depth, dispatch, pallas_supports, tiled_matmul_call
 from pallas_kernels.xla_cpu import after_activations, cache_resident_as_f32, dequantized_dot
 
@@ -54,16 +56,16 @@ def int8_matmul_reference(x: jax.Array, w_q: jax.Array, w_scale: jax.Array) -> j
 def split_activation_dot(x: jax.Array, w_q: jax.Array, w_scale: jax.Array) -> jax.Array:
     """`[M, N]` float32 from one int8 x int8 -> int32 dot over the two-level split of x's rows."""
     x_split, split_scale = split_per_token_int8(x)
-    acc = jnp.dot(x_split, w_q, preferred_element_type=jnp.int32)
+    acc = cpu_int8_dot.fastest_int8_dot(x_split, w_q)
     return merge_split_rows(acc, split_scale) * w_scale.astype(jnp.float32)[None, :]
 
 
 def int8_matmul_xla(x: jax.Array, w_q: jax.Array, w_scale: jax.Array) -> jax.Array:
     x_after, (w_q, w_scale) = after_activations(x, w_q, w_scale)
-    if cache_resident_as_f32(*w_q.shape):
-        out = dequantized_dot(x_after, w_q) * w_scale.astype(jnp.float32)[None, :]
-    else:
+    if cpu_int8_dot.serves(2 * x.shape[0]) or not cache_resident_as_f32(*w_q.shape):
         out = split_activation_dot(x_after, w_q, w_scale)
+    else:
+        out = dequantized_dot(x_after, w_q) * w_scale.astype(jnp.float32)[None, :]
     return out.astype(x.dtype)
 
 

@@ -16,9 +16,10 @@ Implementations (`implementation=`):
                  fp8 it needs Triton's fp8 dot (compute capability 8.9+: Ada, Hopper); elsewhere
                  None picks "xla" for fp8 weights.
     "interpret"  the same kernel in Pallas interpret mode (tests on CPU; slow).
-    "xla"        the fastest XLA:CPU formulation measured (benchmarks/bench_quant_matmul.py): int8
-                 `dot` with int32 accumulation; fp8 converted to bf16 (exact) and dotted with f32
-                 accumulation. One-row inputs are padded to two rows, where XLA:CPU dots are fast.
+    "xla"        the fastest CPU formulation measured (benchmarks/bench_quant_matmul.py): int8
+                 through `cpu_int8_dot.fastest_int8_dot` (the C++ kernel for few rows where the CPU
+                 has VNNI, else XLA's int32-accumulating dot); fp8 converted to bf16 (exact) and
+                 dotted with f32 accumulation (`xla_cpu.min_rows_dot`).
     "reference"  exact integer (int8) / highest-precision f32 (fp8) math, then the scales.
     None         "pallas" on GPU, "xla" elsewhere.
 """
@@ -33,18 +34,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.activation_quant import quantize_per_token
+from pallas_kernels.cpu_int8_dot import fastest_int8_dot
 from pallas_kernels.quant_tiling import (
     accumulate_over_k,
     block_depth,
     dispatch,
-    pad_rows,
     pallas_supports,
     tiled_matmul_call,
 )
-from pallas_kernels.xla_cpu import after_activations
+from pallas_kernels.xla_cpu import after_activations, min_rows_dot
 
-# XLA:CPU runs a 1-row int8 or bf16 dot an order of magnitude slower than a 2-row one.
-_CPU_MIN_ROWS = 2
 # Triton multiplies float8_e4m3fn tiles natively from compute capability 8.9 (Ada, Hopper) on.
 _FP8_DOT_MIN_COMPUTE_CAPABILITY = 8.9
 
@@ -101,14 +100,11 @@ def quantized_dot_reference(x_q: jax.Array, w_q: jax.Array) -> jax.Array:
 
 
 def quantized_dot_xla(x_q: jax.Array, w_q: jax.Array) -> jax.Array:
-    m = x_q.shape[0]
-    acc_dtype = accumulator_dtype(w_q.dtype)
-    if w_q.dtype == jnp.float8_e4m3fn:
-        # Every float8_e4m3fn value is exact in bf16: an exact emulation of the fp8 dot.
-        x_q, (w_q,) = after_activations(x_q, w_q)
-        x_q, w_q = x_q.astype(jnp.bfloat16), w_q.astype(jnp.bfloat16)
-    x_q = pad_rows(x_q, _CPU_MIN_ROWS) if m < _CPU_MIN_ROWS else x_q
-    return jnp.dot(x_q, w_q, preferred_element_type=acc_dtype)[:m]
+    if w_q.dtype == jnp.int8:
+        return fastest_int8_dot(x_q, w_q)
+    # Every float8_e4m3fn value is exact in bf16: an exact emulation of the fp8 dot.
+    x_q, (w_q,) = after_activations(x_q, w_q)
+    return min_rows_dot(x_q.astype(jnp.bfloat16), w_q.astype(jnp.bfloat16), jnp.float32)
 
 
 def _then_scale(quantized_dot_fn):

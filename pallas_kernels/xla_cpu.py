@@ -4,6 +4,8 @@ benchmarks/bench_quant_matmul.py and the figures in each kernel module).
 - `after_activations(x, *weights)`: ties weights to the activation so XLA converts them layer by
   layer instead of all at the start of the program.
 - `cache_resident_as_f32(k, n)`: whether a `[K, N]` weight's float32 copy fits the cache.
+- `min_rows_dot(x [M, K], w [K, N], dtype) -> [M, N] dtype`: a dot with one-row inputs padded to
+  two rows: XLA:CPU runs a 1-row int8 or bf16 dot an order of magnitude slower than a 2-row one.
 - `dequantized_dot(x [M, K], w [K, N]) -> [M, N] float32`: x times a weight converted to float in
   XLA (int8, fp8 or dequantized int4), in x's precision: f32 activations stay f32 (the engine's
   dtype is a promise), bf16 ones run as bf16 with f32 accumulation, except for few rows.
@@ -25,6 +27,7 @@ CACHE_RESIDENT_BYTES = 16 * 2**20
 # accumulation) is up to 2x faster. One-row bf16 dots are an order of magnitude slower, so bf16
 # activations are dotted in f32 up to here.
 F32_DOT_MAX_ROWS = 16
+MIN_DOT_ROWS = 2
 
 
 def after_activations(x: jax.Array, *weights: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
@@ -41,6 +44,13 @@ def after_activations(x: jax.Array, *weights: jax.Array) -> tuple[jax.Array, tup
 def cache_resident_as_f32(k: int, n: int) -> bool:
     """Whether the float32 copy of a `[K, N]` weight is small enough to stay in cache."""
     return 4 * k * n <= CACHE_RESIDENT_BYTES
+
+
+def min_rows_dot(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """`x [M, K] @ w [K, N]` accumulated in `dtype`, run on at least MIN_DOT_ROWS rows."""
+    m = x.shape[0]
+    padded = jnp.pad(x, ((0, MIN_DOT_ROWS - m), (0, 0))) if m < MIN_DOT_ROWS else x
+    return jnp.dot(padded, w, preferred_element_type=dtype)[:m]
 
 
 def dequantized_dot(x: jax.Array, w: jax.Array) -> jax.Array:

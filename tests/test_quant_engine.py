@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import CHECKPOINTS_DIR
 from jaxinfer.checkpoint import load_checkpoint
-from jaxinfer.engine.artifact import load_engine
+from jaxinfer.engine.artifact import load_engine, read_manifest
 from jaxinfer.engine.build import build_engine
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.create import engine_from_checkpoint
@@ -21,6 +21,7 @@ from jaxinfer.quant.calibration import ActivationStats, capture_activations
 from jaxinfer.quant.scaling import awq_search, smoothquant_scale
 from jaxinfer.reference import ReferenceGenerator
 from jaxinfer.sampling_params import SamplingParams
+from pallas_kernels import cpu_int8_dot
 
 CHECKPOINT = CHECKPOINTS_DIR / "tiny-llama3"
 SETTINGS = dict(dtype="float32", max_num_seqs=4, max_num_batched_tokens=16, max_model_len=128, kv_memory="2MiB")
@@ -83,6 +84,8 @@ def test_engine_config_refuses_unknown_quant_modes_listing_the_valid_ones(quant)
 
 def test_built_int8_engine_restores_quantized_weights_and_generates(checkpoint, prompts, tmp_path):
     path = build_engine(CHECKPOINT, tmp_path / "int8", progress=False, quant="int8", **SETTINGS)
+    # Its few-row steps call the CPU int8 kernel where this CPU has one; loading registers it first.
+    assert read_manifest(path)["ffi_kernels"] == ([cpu_int8_dot.TARGET] if cpu_int8_dot.available() else [])
     engine = load_engine(path, progress=False)
     restored = engine.runner.params["layers"][1]["w_gate_up"]
     expected = quantize_params(checkpoint.params, checkpoint.config, "int8")["layers"][1]["w_gate_up"]

@@ -4,7 +4,6 @@ Bounds come from the rounding each mode does (half a quantization step; fp8's 3 
 checked on random weights with a different range per output channel.
 """
 
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -15,11 +14,6 @@ from jaxinfer.quant import Int4Weight, Int8Weight, W8A8Weight, default_group_siz
 from pallas_kernels.int4_matmul import unpack_int4
 
 IN, OUT = 192, 48
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@ no compilation.
 
 Layout:
     manifest.json        format version, jax/jaxlib versions, backend and device kind, mesh,
-                         model config, engine (build) config, buckets, KV plan, sha256 of every file
+                         model config, engine (build) config, buckets, KV plan, the project's own
+                         FFI kernels the executables call, sha256 of every file
     weights/             orbax checkpoint of the params in their serving layout and dtype
                          (heads already padded for the mesh, quantized weights already quantized)
     tokenizer.json       the tokenizer; tokenizer_meta.json: eos/bos ids and the chat template
@@ -11,7 +12,8 @@ Layout:
 
 Loading checks the manifest before touching anything else: another jax version, backend, device
 kind or device count is refused with a message that says to rebuild; a missing or corrupted file
-(sha256 mismatch) is named.
+(sha256 mismatch) is named. The FFI kernels the executables call (`ffi_kernels`: the CPU int8
+kernel of pallas_kernels.cpu_int8_dot) are built if need be and registered before they load.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from jaxinfer.quant.apply import abstract_quantized_params
 from jaxinfer.runner.buckets import Bucket
 from jaxinfer.runner.model_runner import ModelRunner, allocate_kv_caches
 from jaxinfer.tokenizer import Tokenizer
+from pallas_kernels import cpu_int8_dot
 
 FORMAT_VERSION = 3
 
@@ -68,9 +71,12 @@ def save_engine(output: Path, engine: LLMEngine, source: str) -> Path:
     (output / "tokenizer_meta.json").write_text(json.dumps({
         "eos_token_ids": list(tok.eos_token_ids), "bos_token_id": tok.bos_token_id,
         "add_bos_token": tok.add_bos_token, "chat_template": tok.chat_template}))
+    ffi_kernels = set()
     for bucket, compiled in runner.executables.items():
         payload = serialize_executable.serialize(compiled)
         (output / "executables" / f"{bucket.name}.bin").write_bytes(pickle.dumps(payload))
+        if cpu_int8_dot.TARGET in compiled.as_text():
+            ffi_kernels.add(cpu_int8_dot.TARGET)
     manifest = {
         "format_version": FORMAT_VERSION,
         "environment": environment(),
@@ -80,6 +86,7 @@ def save_engine(output: Path, engine: LLMEngine, source: str) -> Path:
         "mesh": dict(runner.mesh.shape),
         "num_kv_blocks": runner.num_blocks,
         "buckets": [dataclasses.asdict(b) for b in runner.executables],
+        "ffi_kernels": sorted(ffi_kernels),
         "files": {str(p.relative_to(output)): _sha256(p) for p in sorted(output.rglob("*")) if p.is_file()},
     }
     (output / ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -118,6 +125,8 @@ def load_engine(directory: Path, progress: bool = True) -> LLMEngine:
     start = time.perf_counter()
     manifest, cfg, engine_cfg, mesh, params = load_engine_weights(directory)
     kv_caches = allocate_kv_caches(cfg, engine_cfg, mesh, manifest["num_kv_blocks"])
+    if cpu_int8_dot.TARGET in manifest.get("ffi_kernels", ()):
+        cpu_int8_dot.ensure_registered()
     executables = {}
     for entry in manifest["buckets"]:
         bucket = Bucket(**entry)

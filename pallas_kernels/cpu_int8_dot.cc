@@ -6,12 +6,12 @@
 // XLA:CPU's int8 dot does not stream a weight at memory speed for one to a few rows, and it has
 // no fused dequantize-and-dot, so quantized decode steps ran no faster than float32 ones. This
 // kernel reads each weight byte once, straight from the [K, N] layout the rest of the project
-// uses: per step of four weight rows it interleaves 16 columns x 4 rows of bytes (8 shuffles) and
+// uses: per step of four weight rows it interleaves 32 columns x 4 rows of bytes (8 shuffles) and
 // feeds them to VNNI's dot-product instruction (vpdpbusd: 4 byte products summed into an int32
 // lane), which multiplies unsigned by signed bytes. So x is offset by 128 into unsigned bytes, and
 // 128 x the column sums of w (accumulated by the same instruction against ones) come off at the end.
 //
-// Work is cut into tiles of 16 output columns x all rows; a tile walks down all K rows with its
+// Work is cut into tiles of 32 output columns x all rows; a tile walks down all K rows with its
 // accumulators in registers, up to kRowBlock rows at a time. The calling thread and tasks on XLA's
 // intra-op thread pool take tiles from a shared counter, so a pool that is busy or absent costs
 // speed, never correctness.
@@ -31,11 +31,11 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kTileCols = 16;
+constexpr int64_t kTileCols = 32;
 constexpr int kRowBlock = 4;
 // Tiles per work item: 64 columns, one cache line of each weight row, so two threads never read
 // the same line.
-constexpr int64_t kTilesPerItem = 4;
+constexpr int64_t kTilesPerItem = 2;
 
 struct Problem {
   const uint8_t* x_offset;  // [M, K] x + 128
@@ -45,52 +45,59 @@ struct Problem {
   int64_t m, k, n;
 };
 
-// Rows k..k+3 of columns c0..c0+15 as two vectors of 8 columns x 4 consecutive rows (the byte
-// order vpdpbusd multiplies in).
-inline void load_interleaved(const int8_t* w, int64_t n, __m256i& cols_0_7, __m256i& cols_8_15) {
-  const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
-  const __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + n));
-  const __m128i r2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * n));
-  const __m128i r3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 3 * n));
-  const __m128i r01_lo = _mm_unpacklo_epi8(r0, r1), r01_hi = _mm_unpackhi_epi8(r0, r1);
-  const __m128i r23_lo = _mm_unpacklo_epi8(r2, r3), r23_hi = _mm_unpackhi_epi8(r2, r3);
-  cols_0_7 = _mm256_set_m128i(_mm_unpackhi_epi16(r01_lo, r23_lo), _mm_unpacklo_epi16(r01_lo, r23_lo));
-  cols_8_15 = _mm256_set_m128i(_mm_unpackhi_epi16(r01_hi, r23_hi), _mm_unpacklo_epi16(r01_hi, r23_hi));
+// Rows k..k+3 of columns c0..c0+31 as four vectors of 8 columns x 4 consecutive rows (the byte
+// order vpdpbusd multiplies in). The byte unpacks work within 128-bit lanes, so vector j holds
+// columns 4j..4j+3 in its low lane and 16+4j..16+4j+3 in its high lane (`store_columns` undoes it).
+inline void load_interleaved(const int8_t* w, int64_t n, __m256i v[4]) {
+  const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n));
+  const __m256i r2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2 * n));
+  const __m256i r3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 3 * n));
+  const __m256i r01_lo = _mm256_unpacklo_epi8(r0, r1), r01_hi = _mm256_unpackhi_epi8(r0, r1);
+  const __m256i r23_lo = _mm256_unpacklo_epi8(r2, r3), r23_hi = _mm256_unpackhi_epi8(r2, r3);
+  v[0] = _mm256_unpacklo_epi16(r01_lo, r23_lo);
+  v[1] = _mm256_unpackhi_epi16(r01_lo, r23_lo);
+  v[2] = _mm256_unpacklo_epi16(r01_hi, r23_hi);
+  v[3] = _mm256_unpackhi_epi16(r01_hi, r23_hi);
 }
 
-// Rows r0..r0+R-1 of y, columns c0..c0+15.
+// Writes the 32 columns of four vectors laid out as `load_interleaved` leaves them.
+inline void store_columns(int32_t* out, const __m256i v[4]) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute2x128_si256(v[0], v[1], 0x20));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8), _mm256_permute2x128_si256(v[2], v[3], 0x20));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), _mm256_permute2x128_si256(v[0], v[1], 0x31));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 24), _mm256_permute2x128_si256(v[2], v[3], 0x31));
+}
+
+// Rows r0..r0+R-1 of y, columns c0..c0+31.
 template <int R>
 void tile(const Problem& p, int64_t r0, int64_t c0) {
-  __m256i acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-  __m256i col_sum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+  __m256i acc[R][4], col_sum[4];
+  for (int j = 0; j < 4; ++j) {
+    col_sum[j] = _mm256_setzero_si256();
+    for (int r = 0; r < R; ++r) acc[r][j] = _mm256_setzero_si256();
+  }
   const __m256i ones = _mm256_set1_epi8(1);
   const int64_t k4 = p.k / 4 * 4;
   for (int64_t kk = 0; kk < k4; kk += 4) {
-    __m256i w_lo, w_hi;
-    load_interleaved(p.w + kk * p.n + c0, p.n, w_lo, w_hi);
-    col_sum[0] = _mm256_dpbusd_epi32(col_sum[0], ones, w_lo);
-    col_sum[1] = _mm256_dpbusd_epi32(col_sum[1], ones, w_hi);
+    __m256i w[4];
+    load_interleaved(p.w + kk * p.n + c0, p.n, w);
+    for (int j = 0; j < 4; ++j) col_sum[j] = _mm256_dpbusd_epi32(col_sum[j], ones, w[j]);
     for (int r = 0; r < R; ++r) {
       int32_t four;
       std::memcpy(&four, p.x_offset + (r0 + r) * p.k + kk, sizeof(four));
       const __m256i x4 = _mm256_set1_epi32(four);
-      acc[r][0] = _mm256_dpbusd_epi32(acc[r][0], x4, w_lo);
-      acc[r][1] = _mm256_dpbusd_epi32(acc[r][1], x4, w_hi);
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_dpbusd_epi32(acc[r][j], x4, w[j]);
     }
   }
-  const __m256i offset_lo = _mm256_slli_epi32(col_sum[0], 7), offset_hi = _mm256_slli_epi32(col_sum[1], 7);
+  for (int j = 0; j < 4; ++j) col_sum[j] = _mm256_slli_epi32(col_sum[j], 7);
   for (int r = 0; r < R; ++r) {
     int32_t* out = p.y + (r0 + r) * p.n + c0;
-    __m256i lo = _mm256_sub_epi32(acc[r][0], offset_lo), hi = _mm256_sub_epi32(acc[r][1], offset_hi);
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_sub_epi32(acc[r][j], col_sum[j]);
+    store_columns(out, acc[r]);
     // The last K % 4 rows, one product at a time.
-    alignas(32) int32_t tail[kTileCols] = {};
     for (int64_t kk = k4; kk < p.k; ++kk)
-      for (int64_t c = 0; c < kTileCols; ++c) tail[c] += int32_t(p.x[(r0 + r) * p.k + kk]) * p.w[kk * p.n + c0 + c];
-    lo = _mm256_add_epi32(lo, _mm256_load_si256(reinterpret_cast<const __m256i*>(tail)));
-    hi = _mm256_add_epi32(hi, _mm256_load_si256(reinterpret_cast<const __m256i*>(tail + 8)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), lo);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8), hi);
+      for (int64_t c = 0; c < kTileCols; ++c) out[c] += int32_t(p.x[(r0 + r) * p.k + kk]) * p.w[kk * p.n + c0 + c];
   }
 }
 

@@ -14,9 +14,10 @@ kernel (`cpu_int8_dot.cc`, which explains its loop) streams an int8 weight in th
 `[K, N]` layout at about memory speed on both cores, so the quantized modes whose matmul is an
 int8 x int8 dot (W8A8, and W8A16 through the two-level activation split) run faster than float32.
 Measured on the project's 2-core CPU (30 layers of SmolLM2's four weight shapes, int8, ad hoc
-interleaved timing): 11.3 ms against XLA's 21.0 ms at 1 row, 10.0 against 16.9 at 4, 16.5 against
-21.5 at 8, even at 16 and slower beyond, hence MAX_ROWS. That is about 9.5 GB/s, under half the
-copy bandwidth: the loop is bound by its byte shuffles, not yet by memory.
+interleaved timing, two runs): 9.3-10.0 ms against XLA's 20.5-26.2 ms at 1 row, 9.6-10.6 against
+18.3-20.4 at 4, 12.8-13.8 against 18.1-23.8 at 8, 19.0-21.4 against 23.0-28.1 at 16, even at 32
+and slower beyond, hence MAX_ROWS. About 11 GB/s: under half the copy bandwidth, because the
+loop is bound by its byte shuffles, not yet by memory.
 
 Build: the source is compiled once per machine with the system C++ compiler into the user's cache
 (`$XDG_CACHE_HOME/jaxinfer`, else `~/.cache/jaxinfer`), named by a hash of the source, the flags and
@@ -49,7 +50,7 @@ COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mavx512f",
 # The CPU features the kernel's instructions need (Linux /proc/cpuinfo names).
 REQUIRED_CPU_FLAGS = frozenset({"avx2", "avx512f", "avx512vl", "avx512_vnni"})
 # Up to this many rows the kernel beats XLA's int8 dot (module docstring).
-MAX_ROWS = 8
+MAX_ROWS = 16
 
 
 def _cpu_flags() -> frozenset[str]:

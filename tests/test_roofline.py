@@ -1,7 +1,9 @@
 """The roofline calculator against counts re-derived from the model's own parameter shapes."""
 
+import dataclasses
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -83,3 +85,21 @@ def test_step_estimates_take_the_slower_bound():
         assert step.flops == batch * roofline.decode_flops_per_token(cfg, 101)
         assert step.time_s == max(step.flops / 50e9, step.bytes / 20e9)
         assert step.intensity == step.flops / step.bytes
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_streamed_weight_bytes_count_stored_formats_and_skip_an_untied_lookup_table(tie):
+    from jaxinfer.bench.latency import streamed_weight_bytes
+    from jaxinfer.quant.apply import quantize_params
+
+    rng = np.random.default_rng(11 + tie)
+    cfg = dataclasses.replace(random_config(rng, tie), hidden_size=64, intermediate_size=128)
+    params = jax.tree.map(lambda shape: rng.standard_normal(shape).astype(np.float32), param_shapes(cfg),
+                          is_leaf=lambda x: isinstance(x, tuple))
+    table = math.prod(param_shapes(cfg)["embed"])
+    assert streamed_weight_bytes(params) == 4 * (sum(math.prod(s) for s in all_shapes(cfg)) - (0 if tie else table))
+    quantized = quantize_params(params, cfg, "int8")
+    layer_weights = sum(math.prod(s) for layer in param_shapes(cfg)["layers"] for s in layer.values() if len(s) == 2)
+    scales = sum(s[1] for layer in param_shapes(cfg)["layers"] for s in layer.values() if len(s) == 2)
+    rest = sum(math.prod(s) for s in all_shapes(cfg)) - layer_weights - (0 if tie else table)
+    assert streamed_weight_bytes(quantized) == layer_weights + 4 * scales + 4 * rest

@@ -4,17 +4,17 @@
 prompts, so the prefix cache never helps). `decode_rate(engine, batch, ...)`: tokens/s of
 `batch` concurrent greedy requests once their prefill is done, `batch / mean TPOT`.
 `roofline_ratio`: a batch-1 decode rate over the rate at which the device can stream the
-weights once per token (copy bandwidth / weight bytes).
+weights once per token (copy bandwidth / the bytes its stored weights take, `streamed_weight_bytes`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from jaxinfer.bench import roofline
 from jaxinfer.bench.dataset import LengthRange, random_requests
 from jaxinfer.bench.engine_runs import drive
 from jaxinfer.engine.llm_engine import LLMEngine
+from jaxinfer.quant.apply import weight_bytes
 
 
 def ttft(engine: LLMEngine, prompt_len: int, repeats: int, seed: int) -> float:
@@ -30,7 +30,14 @@ def decode_rate(engine: LLMEngine, batch: int, prompt_len: int, decode_tokens: i
     return batch / float(np.mean([t.tpot for t in timings]))
 
 
+def streamed_weight_bytes(params) -> int:
+    """Bytes of the engine's weights one decode token reads: every parameter as it is stored
+    (quantized layers in their format with their scales, the head and norms in the engine dtype),
+    except an untied embedding table, of which the lookup reads only a column per token."""
+    untied_table = params["embed"] if "lm_head" in params else None
+    return weight_bytes(params) - (0 if untied_table is None else weight_bytes(untied_table))
+
+
 def weight_stream_rate(engine: LLMEngine, bandwidth_bytes_per_s: float) -> float:
-    """Tokens/s at batch 1 if each token costs exactly one read of the weights at this bandwidth."""
-    cfg = engine.engine_cfg
-    return bandwidth_bytes_per_s / roofline.weight_bytes(engine.model_cfg, roofline.weight_element_bytes(cfg.dtype, cfg.quant))
+    """Tokens/s at batch 1 if each token costs exactly one read of its weights at this bandwidth."""
+    return bandwidth_bytes_per_s / streamed_weight_bytes(engine.runner.params)

@@ -1,29 +1,37 @@
-"""An exact int8 x int8 -> int32 matmul for few rows on x86 CPUs: a C++ kernel called through XLA FFI.
+"""An exact int8 x int8 -> int32 matmul for few rows on x86 CPUs: a C++ kernel called through XLA FFI,
+reading int8 weights packed for it.
 
-    int8_dot(x_q [M, K] int8, w_q [K, N] int8) -> [M, N] int32      x_q @ w_q, exactly
+    pack(w_q [K, N] int8) -> [N/32, K/4, 32, 4]     the kernel's layout (`packable(K, N)`: K % 4 == 0,
+                                                     N % 32 == 0); unpack() is its inverse
+    int8_dot(x_q [M, K] int8, w_packed) -> [M, N] int32      x_q @ w_q, exactly
     available() -> bool     whether this machine can build and run it (x86-64 with AVX-512 VNNI and
                             VL, a C++ compiler, the CPU backend)
-    serves(rows) -> bool    whether `fastest_int8_dot` runs the kernel for this many rows
-    fastest_int8_dot(x_q, w_q) -> [M, N] int32    the kernel for up to MAX_ROWS rows where it is
-                            available, else XLA's int8 dot: what the quantized matmuls' "xla"
-                            implementations call
+    serves(rows, w) -> bool whether `fastest_int8_dot` runs the kernel for these rows and weight
+    fastest_int8_dot(x_q, w) -> [M, N] int32    the kernel for a packed weight and up to MAX_ROWS
+                            rows, else XLA's int8 dot (on the unpacked layout): what the quantized
+                            matmuls' "xla" implementations call
 
 Why: XLA:CPU's int8 dot streams a weight at a fraction of memory speed for one to a few rows,
 and XLA has no fused dequantize-and-dot, so int8 decode steps ran no faster than float32 ones. The
-kernel (`cpu_int8_dot.cc`, which explains its loop) streams an int8 weight in the project's
-`[K, N]` layout at about memory speed on both cores, so the quantized modes whose matmul is an
-int8 x int8 dot (W8A8, and W8A16 through the two-level activation split) run faster than float32.
-Measured on the project's 2-core CPU (30 layers of SmolLM2's four weight shapes, int8, ad hoc
-interleaved timing, two runs): 9.3-10.0 ms against XLA's 20.5-26.2 ms at 1 row, 9.6-10.6 against
-18.3-20.4 at 4, 12.8-13.8 against 18.1-23.8 at 8, 19.0-21.4 against 23.0-28.1 at 16, even at 32
-and slower beyond, hence MAX_ROWS. About 11 GB/s: under half the copy bandwidth, because the
-loop is bound by its byte shuffles, not yet by memory.
+kernel (`cpu_int8_dot.cc`, which explains its loop) streams a packed int8 weight sequentially: each
+32-column tile is contiguous, its bytes in the order VNNI's dot-product instruction multiplies.
+Engines built on such a CPU with one device store their int8 weights packed
+(`jaxinfer.quant.apply.pack_for_cpu_kernel`), so the quantized modes whose matmul is an
+int8 x int8 dot (W8A8, and W8A16 through the two-level activation split) take the bandwidth their
+smaller weights promise. Measured on the project's 2-core CPU (30 layers of SmolLM2's four weight
+shapes, 106 MB of int8, ad hoc interleaved timing, load average 1.1-1.4), milliseconds:
+
+    rows                     1      2      4      8     16     32
+    this kernel (packed)   5.5    5.4    5.3   10.9   18.9   25.9
+    XLA's int8 dot        19.8   18.2   18.3   21.7   22.8   33.3
+
+so up to MAX_ROWS it is 1.3-3.6x faster; at one row it streams 19 GB/s.
 
 Build: the source is compiled once per machine with the system C++ compiler into the user's cache
 (`$XDG_CACHE_HOME/jaxinfer`, else `~/.cache/jaxinfer`), named by a hash of the source, the flags and
 the jax headers, and registered with XLA as the FFI target `jaxinfer_int8_dot`. Executables that
-call it (engines built with int8 weights on such a CPU) need it registered before they load:
-`ensure_registered()` does that, and `jaxinfer.engine.artifact` calls it. Nothing is downloaded.
+call it need it registered before they load: `ensure_registered()` does that, and
+`jaxinfer.engine.artifact` calls it for engines whose manifest lists it. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -49,8 +57,10 @@ SOURCE = Path(__file__).with_suffix(".cc")
 COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mavx512f", "-mavx512vl", "-mavx512vnni")
 # The CPU features the kernel's instructions need (Linux /proc/cpuinfo names).
 REQUIRED_CPU_FLAGS = frozenset({"avx2", "avx512f", "avx512vl", "avx512_vnni"})
-# Up to this many rows the kernel beats XLA's int8 dot (module docstring).
-MAX_ROWS = 16
+# Up to this many rows the kernel was measured faster than XLA's int8 dot (module docstring).
+MAX_ROWS = 32
+PACK_COLS = 32
+PACK_DEPTH = 4
 
 
 def _cpu_flags() -> frozenset[str]:
@@ -119,23 +129,56 @@ def ensure_registered() -> None:
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
 
 
-def int8_dot(x_q: jax.Array, w_q: jax.Array) -> jax.Array:
-    """`x_q [M, K] int8 @ w_q [K, N] int8` -> `[M, N] int32`, exactly (see the module docstring)."""
-    if x_q.dtype != jnp.int8 or w_q.dtype != jnp.int8 or x_q.ndim != 2 or w_q.ndim != 2 or x_q.shape[1] != w_q.shape[0]:
-        raise ValueError(f"int8_dot takes x [M, K] and w [K, N] int8, got {x_q.shape} {x_q.dtype} "
-                         f"and {w_q.shape} {w_q.dtype}")
+def packable(k: int, n: int) -> bool:
+    """Whether a `[K, N]` weight can take the kernel's packed layout."""
+    return k % PACK_DEPTH == 0 and n % PACK_COLS == 0
+
+
+def pack(w_q: jax.Array) -> jax.Array:
+    """`[K, N]` -> `[N/32, K/4, 32, 4]` with `packed[t, k4, c, i] = w_q[4 * k4 + i, 32 * t + c]`."""
+    k, n = w_q.shape
+    if not packable(k, n):
+        raise ValueError(f"a [{k}, {n}] weight cannot be packed: K must be a multiple of {PACK_DEPTH} "
+                         f"and N of {PACK_COLS}")
+    return w_q.reshape(k // PACK_DEPTH, PACK_DEPTH, n // PACK_COLS, PACK_COLS).transpose(2, 0, 3, 1)
+
+
+def unpack(w_packed: jax.Array) -> jax.Array:
+    """Inverse of `pack`: `[N/32, K/4, 32, 4]` -> `[K, N]`."""
+    tiles, depth, cols, group = w_packed.shape
+    return w_packed.transpose(1, 3, 0, 2).reshape(depth * group, tiles * cols)
+
+
+def standard_layout(w_q: jax.Array) -> jax.Array:
+    """A weight in the `[K, N]` layout, whether it was packed or not."""
+    return unpack(w_q) if w_q.ndim == 4 else w_q
+
+
+def logical_shape(w_q: jax.Array) -> tuple[int, int]:
+    """`(K, N)` of a weight, packed or not."""
+    if w_q.ndim == 4:
+        return w_q.shape[1] * w_q.shape[3], w_q.shape[0] * w_q.shape[2]
+    return w_q.shape
+
+
+def int8_dot(x_q: jax.Array, w_packed: jax.Array) -> jax.Array:
+    """`x_q [M, K] int8 @ w [K, N] int8` -> `[M, N] int32` exactly, w given packed (`pack`)."""
+    if (x_q.dtype != jnp.int8 or w_packed.dtype != jnp.int8 or x_q.ndim != 2 or w_packed.ndim != 4
+            or w_packed.shape[2:] != (PACK_COLS, PACK_DEPTH) or x_q.shape[1] != logical_shape(w_packed)[0]):
+        raise ValueError(f"int8_dot takes x [M, K] int8 and w packed [N/32, K/4, 32, 4] int8, got {x_q.shape} "
+                         f"{x_q.dtype} and {w_packed.shape} {w_packed.dtype}")
     ensure_registered()
-    out = jax.ShapeDtypeStruct((x_q.shape[0], w_q.shape[1]), jnp.int32)
-    return jax.ffi.ffi_call(TARGET, out)(x_q, w_q)
+    out = jax.ShapeDtypeStruct((x_q.shape[0], logical_shape(w_packed)[1]), jnp.int32)
+    return jax.ffi.ffi_call(TARGET, out)(x_q, w_packed)
 
 
-def serves(rows: int) -> bool:
+def serves(rows: int, w_q: jax.Array) -> bool:
     """Whether `fastest_int8_dot` runs the kernel (rather than XLA's dot) for `rows` activation rows."""
-    return rows <= MAX_ROWS and available()
+    return w_q.ndim == 4 and rows <= MAX_ROWS and available()
 
 
 def fastest_int8_dot(x_q: jax.Array, w_q: jax.Array) -> jax.Array:
-    """`x_q [M, K] int8 @ w_q [K, N] int8` -> `[M, N] int32` exactly, by the faster path on this CPU."""
-    if serves(x_q.shape[0]):
+    """`x_q [M, K] int8 @ w_q` (`[K, N]` or packed) -> `[M, N] int32` exactly, by the faster path."""
+    if serves(x_q.shape[0], w_q):
         return int8_dot(x_q, w_q)
-    return min_rows_dot(x_q, w_q, jnp.int32)
+    return min_rows_dot(x_q, standard_layout(w_q), jnp.int32)

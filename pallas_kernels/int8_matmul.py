@@ -49,7 +49,7 @@ def int8_matmul_pallas(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, inte
 
 
 def int8_matmul_reference(x: jax.Array, w_q: jax.Array, w_scale: jax.Array) -> jax.Array:
-    w = w_q.astype(jnp.float32) * w_scale.astype(jnp.float32)[None, :]
+    w = cpu_int8_dot.standard_layout(w_q).astype(jnp.float32) * w_scale.astype(jnp.float32)[None, :]
     return jnp.dot(x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST).astype(x.dtype)
 
 
@@ -62,18 +62,19 @@ def split_activation_dot(x: jax.Array, w_q: jax.Array, w_scale: jax.Array) -> ja
 
 def int8_matmul_xla(x: jax.Array, w_q: jax.Array, w_scale: jax.Array) -> jax.Array:
     x_after, (w_q, w_scale) = after_activations(x, w_q, w_scale)
-    if cpu_int8_dot.serves(2 * x.shape[0]) or not cache_resident_as_f32(*w_q.shape):
+    if cpu_int8_dot.serves(2 * x.shape[0], w_q) or not cache_resident_as_f32(*cpu_int8_dot.logical_shape(w_q)):
         out = split_activation_dot(x_after, w_q, w_scale)
     else:
-        out = dequantized_dot(x_after, w_q) * w_scale.astype(jnp.float32)[None, :]
+        out = dequantized_dot(x_after, cpu_int8_dot.standard_layout(w_q)) * w_scale.astype(jnp.float32)[None, :]
     return out.astype(x.dtype)
 
 
 def int8_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, implementation: str | None = None) -> jax.Array:
-    """`x [M, K]` (f32/bf16) times int8 `w_q [K, N]` with per-column `w_scale [N]`; returns `[M, N]` in x.dtype."""
+    """`x [M, K]` (f32/bf16) times int8 `w_q [K, N]` (or packed for the CPU kernel, `cpu_int8_dot.pack`)
+    with per-column `w_scale [N]`; returns `[M, N]` in x.dtype."""
     run = dispatch(
         implementation,
-        tileable=pallas_supports(*w_q.shape),
+        tileable=w_q.ndim == 2 and pallas_supports(*w_q.shape),
         pallas=int8_matmul_pallas,
         xla=int8_matmul_xla,
         reference=int8_matmul_reference,

@@ -1,6 +1,7 @@
 """8-bit weights x 8-bit activations: W8A8-INT8 and W8A8-FP8 matmuls with row and column scales.
 
     w8a8_matmul(x [M, K] float, w_q [K, N], w_scale [N] or [], *, implementation) -> [M, N] x.dtype
+(an int8 w_q may come packed for the CPU kernel, `cpu_int8_dot.pack`)
 The activations are quantized per token (row) on the fly to the weight's dtype
 (`activation_quant.quantize_per_token`), then
     out = (x_q @ w_q) * x_scale[:, None] * w_scale[None, :]
@@ -34,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.activation_quant import quantize_per_token
-from pallas_kernels.cpu_int8_dot import fastest_int8_dot
+from pallas_kernels import cpu_int8_dot
 from pallas_kernels.quant_tiling import (
     accumulate_over_k,
     block_depth,
@@ -65,7 +66,7 @@ def gpu_has_fp8_dot() -> bool:
 
 
 def _pallas_can_run(w_q: jax.Array) -> bool:
-    return pallas_supports(*w_q.shape) and (w_q.dtype != jnp.float8_e4m3fn or gpu_has_fp8_dot())
+    return w_q.ndim == 2 and pallas_supports(*w_q.shape) and (w_q.dtype != jnp.float8_e4m3fn or gpu_has_fp8_dot())
 
 
 def _w8a8_kernel(x_ref, *refs, block_k: int, scaled: bool):
@@ -96,12 +97,13 @@ def _pallas_call(x_q, w_q, scales, out_dtype, *, interpret: bool = False):
 
 def quantized_dot_reference(x_q: jax.Array, w_q: jax.Array) -> jax.Array:
     acc_dtype = accumulator_dtype(w_q.dtype)
+    w_q = cpu_int8_dot.standard_layout(w_q)
     return jnp.dot(x_q.astype(acc_dtype), w_q.astype(acc_dtype), precision=lax.Precision.HIGHEST)
 
 
 def quantized_dot_xla(x_q: jax.Array, w_q: jax.Array) -> jax.Array:
     if w_q.dtype == jnp.int8:
-        return fastest_int8_dot(x_q, w_q)
+        return cpu_int8_dot.fastest_int8_dot(x_q, w_q)
     # Every float8_e4m3fn value is exact in bf16: an exact emulation of the fp8 dot.
     x_q, (w_q,) = after_activations(x_q, w_q)
     return min_rows_dot(x_q.astype(jnp.bfloat16), w_q.astype(jnp.bfloat16), jnp.float32)

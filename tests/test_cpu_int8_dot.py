@@ -1,6 +1,6 @@
 """The C++ int8 x int8 -> int32 kernel for CPUs (pallas_kernels/cpu_int8_dot.{cc,py}) against exact
-integer math: every tile shape it has (16-column tiles, 1-4 row blocks, the K % 4 and N % 16
-tails), the full int8 range, and sums past float32's exact range."""
+integer math: its packed weight layout, every row block it has (1-4 rows, and more rows in blocks),
+the full int8 range, sums past float32's exact range, and the choice between it and XLA's dot."""
 
 from __future__ import annotations
 
@@ -11,43 +11,61 @@ import pytest
 
 from pallas_kernels import cpu_int8_dot
 
-pytestmark = pytest.mark.skipif(not cpu_int8_dot.available(),
-                                reason="needs an x86-64 CPU with AVX-512 VNNI and a C++ compiler")
+needs_kernel = pytest.mark.skipif(not cpu_int8_dot.available(),
+                                  reason="needs an x86-64 CPU with AVX-512 VNNI and a C++ compiler")
 
 
 def exact(x_q: np.ndarray, w_q: np.ndarray) -> np.ndarray:
     return x_q.astype(np.int64) @ w_q.astype(np.int64)
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9])
-@pytest.mark.parametrize("k, n", [(576, 960), (131, 77), (4, 16), (1536, 48), (6, 200)])
+def test_pack_is_the_documented_layout_and_unpack_inverts_it(rng):
+    w_q = rng.integers(-128, 128, (12, 64)).astype(np.int8)
+    packed = np.asarray(cpu_int8_dot.pack(jnp.asarray(w_q)))
+    assert packed.shape == (2, 3, 32, 4)
+    t, k4, c, i = 1, 2, 5, 3
+    assert packed[t, k4, c, i] == w_q[4 * k4 + i, 32 * t + c]
+    np.testing.assert_array_equal(np.asarray(cpu_int8_dot.unpack(jnp.asarray(packed))), w_q)
+    assert cpu_int8_dot.logical_shape(jnp.asarray(packed)) == (12, 64)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        cpu_int8_dot.pack(jnp.zeros((10, 64), jnp.int8))
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 16])
+@pytest.mark.parametrize("k, n", [(576, 960), (132, 96), (4, 32), (1536, 64)])
 def test_kernel_is_exact_integer_math_over_the_full_int8_range(rng, m, k, n):
     x_q = rng.integers(-128, 128, (m, k)).astype(np.int8)
     w_q = rng.integers(-128, 128, (k, n)).astype(np.int8)
-    got = jax.jit(cpu_int8_dot.int8_dot)(x_q, w_q)
+    got = jax.jit(cpu_int8_dot.int8_dot)(x_q, cpu_int8_dot.pack(jnp.asarray(w_q)))
     assert got.dtype == jnp.int32 and got.shape == (m, n)
     np.testing.assert_array_equal(np.asarray(got), exact(x_q, w_q))
 
 
+@needs_kernel
 def test_kernel_accumulates_past_float32_precision(rng):
     x_q = rng.integers(100, 128, (3, 4096)).astype(np.int8)
     w_q = rng.integers(100, 128, (4096, 64)).astype(np.int8)
     expected = exact(x_q, w_q)
     assert expected.min() > 2**24
-    np.testing.assert_array_equal(np.asarray(cpu_int8_dot.int8_dot(x_q, w_q)), expected)
+    got = cpu_int8_dot.int8_dot(x_q, cpu_int8_dot.pack(jnp.asarray(w_q)))
+    np.testing.assert_array_equal(np.asarray(got), expected)
 
 
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("m", [1, cpu_int8_dot.MAX_ROWS, cpu_int8_dot.MAX_ROWS + 1, 40])
-def test_fastest_dot_uses_the_kernel_up_to_max_rows_and_is_exact_either_way(rng, m):
+def test_fastest_dot_runs_the_kernel_on_packed_weights_up_to_max_rows_and_is_exact_either_way(rng, m, packed):
     x_q = rng.integers(-127, 128, (m, 96)).astype(np.int8)
-    w_q = rng.integers(-127, 128, (96, 48)).astype(np.int8)
-    hlo = jax.jit(cpu_int8_dot.fastest_int8_dot).lower(x_q, w_q).as_text()
-    assert (cpu_int8_dot.TARGET in hlo) == (m <= cpu_int8_dot.MAX_ROWS)
-    np.testing.assert_array_equal(np.asarray(cpu_int8_dot.fastest_int8_dot(x_q, w_q)), exact(x_q, w_q))
+    w_q = rng.integers(-127, 128, (96, 64)).astype(np.int8)
+    w = cpu_int8_dot.pack(jnp.asarray(w_q)) if packed else jnp.asarray(w_q)
+    hlo = jax.jit(cpu_int8_dot.fastest_int8_dot).lower(x_q, w).as_text()
+    expect_kernel = packed and m <= cpu_int8_dot.MAX_ROWS and cpu_int8_dot.available()
+    assert (cpu_int8_dot.TARGET in hlo) == expect_kernel
+    np.testing.assert_array_equal(np.asarray(cpu_int8_dot.fastest_int8_dot(x_q, w)), exact(x_q, w_q))
 
 
-def test_kernel_refuses_operands_that_are_not_int8_matrices(rng):
-    with pytest.raises(ValueError, match=r"x \[M, K\] and w \[K, N\] int8"):
-        cpu_int8_dot.int8_dot(np.zeros((2, 8), np.int8), np.zeros((6, 16), np.int8))
+def test_kernel_refuses_operands_it_cannot_read():
+    with pytest.raises(ValueError, match=r"w packed \[N/32, K/4, 32, 4\]"):
+        cpu_int8_dot.int8_dot(np.zeros((2, 8), np.int8), np.zeros((8, 32), np.int8))
     with pytest.raises(ValueError, match="int8"):
-        cpu_int8_dot.int8_dot(np.zeros((2, 8), np.float32), np.zeros((8, 16), np.int8))
+        cpu_int8_dot.int8_dot(np.zeros((2, 8), np.float32), np.zeros((1, 2, 32, 4), np.int8))

@@ -159,23 +159,24 @@ def test_int8_matmul_interpret_matches_reference(rng, m):
     assert_within(interpreted, expected, F32_ERROR * dot_magnitude(x, w), "int8 interpret")
 
 
-@pytest.mark.parametrize("weight_in_cache", [True, False])
+@pytest.mark.parametrize("layout", ["in cache", "too large for cache", "packed for the CPU kernel"])
 @pytest.mark.parametrize("m", ROWS)
-def test_int8_matmul_on_cpu_matches_reference(rng, monkeypatch, m, weight_in_cache):
-    if not weight_in_cache:  # what a weight like the 576x49152 LM head gets
+def test_int8_matmul_on_cpu_matches_reference(rng, monkeypatch, m, layout):
+    if layout == "too large for cache":  # what a weight like the 576x49152 LM head gets
         monkeypatch.setattr(xla_cpu, "CACHE_RESIDENT_BYTES", 0)
-    k, n = 96, 80
+    k, n = 96, 64
     x = activations(rng, m, k)
     w_q, w_scale = int8_weight(rng, k, n)
     expected = int8_matmul(x, w_q, w_scale, implementation="reference")
-    on_cpu = int8_matmul(x, w_q, w_scale, implementation=None)
+    stored = cpu_int8_dot.pack(w_q) if layout == "packed for the CPU kernel" else w_q
+    on_cpu = int8_matmul(x, stored, w_scale, implementation=None)
     assert on_cpu.shape == (m, n) and on_cpu.dtype == jnp.float32
     w = np.asarray(w_q, np.float64) * np.asarray(w_scale)
-    if not weight_in_cache or cpu_int8_dot.serves(2 * m):  # split activations, one int8 dot
-        bound = split_bound(x, np.abs(w)) + F32_ERROR * dot_magnitude(x, w)
-    else:  # f32 activations: the converted weight is dotted in f32
+    if layout == "in cache":  # f32 activations: the converted weight is dotted in f32
         bound = F32_ERROR * dot_magnitude(x, w)
-    assert_within(on_cpu, expected, bound, "int8 xla")
+    else:  # split activations, one int8 dot (the kernel's, for few rows of a packed weight)
+        bound = split_bound(x, np.abs(w)) + F32_ERROR * dot_magnitude(x, w)
+    assert_within(on_cpu, expected, bound, f"int8 xla, {layout}")
 
 
 @pytest.mark.parametrize("m", [5, 40])  # dotted in f32 / in bf16 with f32 accumulation
@@ -268,10 +269,11 @@ def test_w8a8_matmul_interpret_and_xla_match_reference(rng, m, kind):
     x_q, x_scale = activation_quant.quantize_per_token(x, w_q.dtype)
     # Same quantized activations on every path: only the accumulation order may differ (fp8).
     magnitude = dot_magnitude(np.asarray(x_q, np.float64) * np.asarray(x_scale)[:, None], np.asarray(w_q, np.float64) * np.asarray(w_scale))
-    for implementation in ("interpret", "xla"):
-        out = w8a8_matmul(x, w_q, w_scale, implementation=implementation)
+    runs = [("interpret", w_q), ("xla", w_q)] + ([("xla", cpu_int8_dot.pack(w_q))] if kind == "int8" else [])
+    for implementation, stored in runs:
+        out = w8a8_matmul(x, stored, w_scale, implementation=implementation)
         assert out.shape == (m, n) and out.dtype == jnp.float32
-        assert_within(out, expected, F32_ERROR * magnitude, f"{kind} {implementation}")
+        assert_within(out, expected, F32_ERROR * magnitude, f"{kind} {implementation} {stored.shape}")
 
 
 def test_w8a8_matmul_bf16_activations(rng):

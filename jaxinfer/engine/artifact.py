@@ -13,7 +13,8 @@ Layout:
 Loading checks the manifest before touching anything else: another jax version, backend, device
 kind or device count is refused with a message that says to rebuild; a missing or corrupted file
 (sha256 mismatch) is named. The FFI kernels the executables call (`ffi_kernels`: the CPU int8
-kernel of pallas_kernels.cpu_int8_dot) are built if need be and registered before they load.
+kernel of pallas_kernels.cpu_int8_dot, whose engines store their int8 weights packed for it) are
+built if need be and registered before they load.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from jaxinfer.engine.llm_engine import LLMEngine
 from jaxinfer.errors import EngineError
 from jaxinfer.model.config import ModelConfig, RopeScaling
 from jaxinfer.model.sharding import make_mesh, param_shardings
-from jaxinfer.quant.apply import abstract_quantized_params
+from jaxinfer.quant.apply import abstract_quantized_params, pack_for_cpu_kernel
 from jaxinfer.runner.buckets import Bucket
 from jaxinfer.runner.model_runner import ModelRunner, allocate_kv_caches
 from jaxinfer.tokenizer import Tokenizer
@@ -125,8 +126,6 @@ def load_engine(directory: Path, progress: bool = True) -> LLMEngine:
     start = time.perf_counter()
     manifest, cfg, engine_cfg, mesh, params = load_engine_weights(directory)
     kv_caches = allocate_kv_caches(cfg, engine_cfg, mesh, manifest["num_kv_blocks"])
-    if cpu_int8_dot.TARGET in manifest.get("ffi_kernels", ()):
-        cpu_int8_dot.ensure_registered()
     executables = {}
     for entry in manifest["buckets"]:
         bucket = Bucket(**entry)
@@ -156,16 +155,22 @@ def load_engine_weights(directory: Path):
     cfg = ModelConfig(**model)
     engine_cfg = EngineConfig(**manifest["engine_config"])
     mesh = make_mesh(manifest["mesh"]["model"])
-    return manifest, cfg, engine_cfg, mesh, _restore_weights(directory / "weights", cfg, mesh, engine_cfg)
+    # Executables that call the CPU int8 kernel were built with int8 weights packed for it.
+    packed = cpu_int8_dot.TARGET in manifest.get("ffi_kernels", ())
+    if packed:
+        cpu_int8_dot.ensure_registered()
+    return manifest, cfg, engine_cfg, mesh, _restore_weights(directory / "weights", cfg, mesh, engine_cfg, packed)
 
 
-def _restore_weights(path: Path, cfg: ModelConfig, mesh: Mesh, engine_cfg: EngineConfig):
+def _restore_weights(path: Path, cfg: ModelConfig, mesh: Mesh, engine_cfg: EngineConfig, packed_for_cpu_kernel: bool):
     from jaxinfer.model.llama import param_shapes
 
     structs = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, engine_cfg.dtype), param_shapes(cfg),
                            is_leaf=lambda x: isinstance(x, tuple))
     if engine_cfg.quant:
         structs = abstract_quantized_params(structs, cfg, engine_cfg.quant)
+    if packed_for_cpu_kernel:
+        structs = jax.eval_shape(pack_for_cpu_kernel, structs)
     target = jax.tree.map(lambda struct, sharding: jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=sharding),
                           structs, param_shardings(cfg, mesh, structs))
     return ocp.StandardCheckpointer().restore(path.resolve(), target)

@@ -12,7 +12,7 @@ from jaxinfer.checkpoint import Checkpoint, load_checkpoint
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.llm_engine import LLMEngine
 from jaxinfer.model.sharding import make_mesh, pad_heads, place_params
-from jaxinfer.quant.apply import calibrate, quantize_params
+from jaxinfer.quant.apply import calibrate, pack_for_cpu_kernel, quantize_params, uses_cpu_kernel
 from jaxinfer.quant.apply import describe as describe_quantization
 from jaxinfer.runner.model_runner import ModelRunner, allocate_kv_caches, compile_steps
 
@@ -53,11 +53,14 @@ def prepare_device_state(checkpoint: Checkpoint, engine_cfg: EngineConfig, progr
 
 def serving_params(checkpoint: Checkpoint, engine_cfg: EngineConfig, mesh, progress: bool = True):
     """The checkpoint's params as the engine serves them: heads padded for the mesh, linear
-    weights quantized when `engine_cfg.quant` is set, cast and placed; returns (params, config)."""
+    weights quantized when `engine_cfg.quant` is set (int8 ones packed for the CPU kernel where it
+    runs), cast and placed; returns (params, config)."""
     params, cfg = pad_heads(checkpoint.params, checkpoint.config, engine_cfg.tp)
     if engine_cfg.quant:
         params = quantize_params(params, cfg, engine_cfg.quant,
                                  calibrate(params, cfg, checkpoint.tokenizer, engine_cfg.quant))
+    if uses_cpu_kernel(engine_cfg.quant, engine_cfg.tp):
+        params = pack_for_cpu_kernel(params)
     params, cfg = place_params(params, cfg, mesh, engine_cfg.dtype)
     if progress and engine_cfg.quant:
         print(describe_quantization(params, engine_cfg.quant, engine_cfg.dtype), file=sys.stderr)

@@ -4,6 +4,7 @@ the engine lives here.
 
     quantize_params(params, cfg, mode, calibration=None) -> params      (numpy/jax float in, on host)
     abstract_quantized_params(structs, cfg, mode) -> ShapeDtypeStruct pytree of the same structure
+    pack_for_cpu_kernel(params) -> params with int8 weights in the CPU kernel's layout (1 device)
     quantized_logical_axes(params, axes) -> logical axes with quantized weights expanded per field
     calibrate(params, cfg, tokenizer, mode) -> Calibration | None        (only the modes that need it)
 
@@ -37,6 +38,7 @@ from jaxinfer.quant.calibration import LINEAR_WEIGHTS, Calibration, capture_acti
 from jaxinfer.quant.quantize import quantize_weight
 from jaxinfer.quant.scaling import awq_search, smoothquant_scale
 from jaxinfer.quant.weights import Int4Weight, Int8Weight, W8A8Weight
+from pallas_kernels import cpu_int8_dot
 
 # mode -> (quantize_weight mode, calibrated method or None)
 QUANT_MODES = {"int8": ("int8", None), "int4": ("int4", None), "int4-awq": ("int4", "awq"),
@@ -135,6 +137,26 @@ def abstract_quantized_params(structs, cfg: ModelConfig, mode: str):
     return _map_linears(structs, quantize_abstract)
 
 
+def uses_cpu_kernel(mode: str | None, tp: int) -> bool:
+    """Whether an engine in this quantization mode stores its int8 weights packed for the CPU int8
+    kernel: on a CPU that runs it, with one device (the packed tiles are not split across a mesh)."""
+    return (mode is not None and _check_mode(mode)[0] in ("int8", "w8a8") and tp == 1
+            and cpu_int8_dot.available())
+
+
+def pack_for_cpu_kernel(params):
+    """`params` with the int8 `q` of every quantized layer weight whose shape allows it in the CPU
+    kernel's packed layout (`cpu_int8_dot.pack`); traceable, so `jax.eval_shape` gives the packed
+    structure of a restore target."""
+    def pack(_, w):
+        if is_quantized(w) and getattr(w, "q", None) is not None and w.q.dtype == jnp.int8 and w.q.ndim == 2 \
+                and cpu_int8_dot.packable(*w.q.shape):
+            return dataclasses.replace(w, q=cpu_int8_dot.pack(w.q))
+        return w
+
+    return _map_linears(params, pack)
+
+
 def quantized_logical_axes(params, axes):
     """`axes` (from `param_logical_axes`) with each quantized weight of `params` replaced by the
     same weight class holding one logical-axes tuple per field: 2-D fields keep the weight's
@@ -150,6 +172,8 @@ def quantized_logical_axes(params, axes):
                 return None
             if array.ndim == 2:
                 return param_axes
+            if array.ndim == 4:  # packed for the CPU kernel: [out/32, in/4, 32, 4] (one device only)
+                return (out_axis, in_axis, None, None)
             if array.ndim == 0:
                 return ()
             return (in_axis,) if name == "input_scale" else (out_axis,)

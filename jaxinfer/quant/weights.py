@@ -13,7 +13,9 @@ through `jit`, `device_put` and sharding like the plain arrays they replace.
 | Int8Weight   | "int8" W8A16  | q [in, out] int8, scale [out] f32                                   |
 | Int4Weight   | "int4" W4A16  | packed [in/2, out] uint8, scale [in/G, out] f16, offset [in/G, out] f16 |
 | W8A8Weight   | "w8a8", "fp8" | q [in, out] int8 or float8_e4m3fn, scale [out] f32 (fp8 per-tensor: [] f32) |
-All carry `input_scale [in] f32 | None`: the weight was quantized as `input_scale[:, None] * w`
+An int8 `q` may be stored packed for the CPU kernel (`[out/32, in/4, 32, 4]`, see
+pallas_kernels.cpu_int8_dot and `jaxinfer.quant.apply.pack_for_cpu_kernel`); `shape` and
+`dequantize` read either layout. All carry `input_scale [in] f32 | None`: the weight was quantized as `input_scale[:, None] * w`
 (AWQ / SmoothQuant migrate activation range into the weight this way), so `matmul` divides x by it.
 A later pass may fold `1 / input_scale` into the preceding RMSNorm weight and set it to None.
 
@@ -35,6 +37,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import cpu_int8_dot
 from pallas_kernels.int4_matmul import dequantize_int4, int4_matmul
 from pallas_kernels.int8_matmul import int8_matmul
 from pallas_kernels.w8a8_matmul import w8a8_matmul
@@ -72,10 +75,10 @@ class _ScaledWeight(_QuantizedMatmul):
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.q.shape
+        return cpu_int8_dot.logical_shape(self.q)
 
     def dequantize(self) -> jax.Array:
-        return self._unscale_input(self.q.astype(jnp.float32) * self.scale)
+        return self._unscale_input(cpu_int8_dot.standard_layout(self.q).astype(jnp.float32) * self.scale)
 
 
 @jax.tree_util.register_dataclass

@@ -4,8 +4,8 @@ reading int8 weights packed for it.
     pack(w_q [K, N] int8) -> [N/32, K/4, 32, 4]     the kernel's layout (`packable(K, N)`: K % 4 == 0,
                                                      N % 32 == 0); unpack() is its inverse
     int8_dot(x_q [M, K] int8, w_packed) -> [M, N] int32      x_q @ w_q, exactly
-    available() -> bool     whether this machine can build and run it (x86-64 with AVX-512 VNNI and
-                            VL, a C++ compiler, the CPU backend)
+    available() -> bool     whether it runs here (x86-64 with AVX-512 VNNI and VL, a C++ compiler,
+                            the CPU backend); builds and registers it on first use
     serves(rows, w) -> bool whether `fastest_int8_dot` runs the kernel for these rows and weight
     fastest_int8_dot(x_q, w) -> [M, N] int32    the kernel for a packed weight and up to MAX_ROWS
                             rows, else XLA's int8 dot (on the unpacked layout): what the quantized
@@ -29,9 +29,10 @@ so up to MAX_ROWS it is 1.3-3.6x faster; at one row it streams 19 GB/s.
 
 Build: the source is compiled once per machine with the system C++ compiler into the user's cache
 (`$XDG_CACHE_HOME/jaxinfer`, else `~/.cache/jaxinfer`), named by a hash of the source, the flags and
-the jax headers, and registered with XLA as the FFI target `jaxinfer_int8_dot`. Executables that
-call it need it registered before they load: `ensure_registered()` does that, and
-`jaxinfer.engine.artifact` calls it for engines whose manifest lists it. Nothing is downloaded.
+the jax headers, and registered with XLA as the FFI target `jaxinfer_int8_dot` by the first
+`available()` of each process. Executables that call it need it registered before they load:
+`jaxinfer.engine.artifact` calls `ensure_registered()` for engines whose manifest lists it. Nothing
+is downloaded.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import jax
@@ -94,9 +96,13 @@ def _library_path(compiler: str) -> Path:
 
 def _build(compiler: str, library: Path) -> None:
     """Compiles the kernel into `library` (atomically: concurrent builders each write their own temp file)."""
-    library.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
+    try:
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as tmp:
+            tmp_path = Path(tmp.name)
+    except OSError as error:
+        raise EngineError(f"cannot write the CPU int8 kernel to {library.parent} ({error}); "
+                          "point XDG_CACHE_HOME at a writable directory") from error
     try:
         subprocess.run([compiler, *COMPILE_FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp_path)],
                        check=True, capture_output=True, text=True)
@@ -107,26 +113,37 @@ def _build(compiler: str, library: Path) -> None:
         tmp_path.unlink(missing_ok=True)
 
 
-@functools.cache
-def available() -> bool:
-    """Whether the kernel can run here: the CPU backend, an x86-64 CPU with the needed features and
-    a C++ compiler. Cached; does not build anything."""
-    return (jax.default_backend() == "cpu" and platform.machine() in ("x86_64", "AMD64")
-            and REQUIRED_CPU_FLAGS <= _cpu_flags() and _compiler() is not None)
-
-
-@functools.cache
-def ensure_registered() -> None:
-    """Builds the kernel if this machine has no cached build yet, and registers it with XLA (once)."""
-    if not available():
-        raise EngineError("the CPU int8 kernel needs the CPU backend, an x86-64 CPU with AVX-512 VNNI and VL, "
-                          f"and a C++ compiler (g++); this machine lacks one of them (needs {sorted(REQUIRED_CPU_FLAGS)})")
+def _register() -> None:
     compiler = _compiler()
     library = _library_path(compiler)
     if not library.exists():
         _build(compiler, library)
     handler = ctypes.cdll.LoadLibrary(str(library)).jaxinfer_int8_dot
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel runs here: the CPU backend, an x86-64 CPU with the needed features, and a
+    C++ compiler that built it. The first call on a machine builds it (a few seconds) and every
+    process registers it once; a failed build warns and leaves XLA's int8 dot in use."""
+    if not (jax.default_backend() == "cpu" and platform.machine() in ("x86_64", "AMD64")
+            and REQUIRED_CPU_FLAGS <= _cpu_flags() and _compiler() is not None):
+        return False
+    try:
+        _register()
+    except EngineError as error:
+        warnings.warn(f"{error}\nquantized int8 matmuls fall back to XLA's dot", stacklevel=2)
+        return False
+    return True
+
+
+def ensure_registered() -> None:
+    """Registers the kernel (building it if need be) or says why this machine cannot run it."""
+    if not available():
+        raise EngineError("the CPU int8 kernel cannot run on this machine: it needs the CPU backend, an x86-64 CPU "
+                          f"with {sorted(REQUIRED_CPU_FLAGS)} and a C++ compiler (g++) that builds it. An engine "
+                          "built to call it must be rebuilt here with `jaxinfer build`")
 
 
 def packable(k: int, n: int) -> bool:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxinfer.errors import EngineError
 from pallas_kernels import cpu_int8_dot
 
 needs_kernel = pytest.mark.skipif(not cpu_int8_dot.available(),
@@ -69,3 +70,23 @@ def test_kernel_refuses_operands_it_cannot_read():
         cpu_int8_dot.int8_dot(np.zeros((2, 8), np.int8), np.zeros((8, 32), np.int8))
     with pytest.raises(ValueError, match="int8"):
         cpu_int8_dot.int8_dot(np.zeros((2, 8), np.float32), np.zeros((1, 2, 32, 4), np.int8))
+
+
+def test_a_failed_build_warns_and_leaves_the_int8_dot_to_xla(monkeypatch, tmp_path, rng):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached build here
+    monkeypatch.setattr(cpu_int8_dot, "_compiler", lambda: "false")  # a "compiler" that always fails
+    monkeypatch.setattr(cpu_int8_dot, "_cpu_flags", lambda: cpu_int8_dot.REQUIRED_CPU_FLAGS)
+    monkeypatch.setattr(cpu_int8_dot.platform, "machine", lambda: "x86_64")
+    cpu_int8_dot.available.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="building the CPU int8 kernel failed"):
+            assert not cpu_int8_dot.available()
+        x_q = rng.integers(-127, 128, (1, 64)).astype(np.int8)
+        w_q = rng.integers(-127, 128, (64, 32)).astype(np.int8)
+        w = cpu_int8_dot.pack(jnp.asarray(w_q))
+        assert cpu_int8_dot.TARGET not in jax.jit(cpu_int8_dot.fastest_int8_dot).lower(x_q, w).as_text()
+        np.testing.assert_array_equal(np.asarray(cpu_int8_dot.fastest_int8_dot(x_q, w)), exact(x_q, w_q))
+        with pytest.raises(EngineError, match="rebuilt here with `jaxinfer build`"):
+            cpu_int8_dot.ensure_registered()
+    finally:
+        cpu_int8_dot.available.cache_clear()

@@ -19,13 +19,6 @@ import dataclasses
 from jaxinfer.model.config import ModelConfig
 
 BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "fp8": 1, "int4": 0.5}
-# Bytes per weight element of each engine `quant` mode (scales are a rounding error at these sizes).
-QUANT_WEIGHT_BYTES = {"int8": 1, "w8a8": 1, "fp8": 1, "int4": 0.5, "int4-awq": 0.5}
-
-
-def weight_element_bytes(dtype: str, quant: str | None) -> float:
-    """Bytes per weight element an engine streams: its quantized format, else its dtype."""
-    return QUANT_WEIGHT_BYTES[quant] if quant else BYTES_PER_ELEMENT[dtype]
 
 
 def weight_bytes(cfg: ModelConfig, bytes_per_param: float) -> float:

@@ -149,10 +149,10 @@ def pack_for_cpu_kernel(params):
     kernel's packed layout (`cpu_int8_dot.pack`); traceable, so `jax.eval_shape` gives the packed
     structure of a restore target."""
     def pack(_, w):
-        if is_quantized(w) and getattr(w, "q", None) is not None and w.q.dtype == jnp.int8 and w.q.ndim == 2 \
-                and cpu_int8_dot.packable(*w.q.shape):
-            return dataclasses.replace(w, q=cpu_int8_dot.pack(w.q))
-        return w
+        q = getattr(w, "q", None)  # Int8Weight and W8A8Weight have one; int4 packs its own way
+        if q is None or q.dtype != jnp.int8 or q.ndim != 2 or not cpu_int8_dot.packable(*q.shape):
+            return w
+        return dataclasses.replace(w, q=cpu_int8_dot.pack(q))
 
     return _map_linears(params, pack)
 

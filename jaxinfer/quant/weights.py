@@ -15,7 +15,8 @@ through `jit`, `device_put` and sharding like the plain arrays they replace.
 | W8A8Weight   | "w8a8", "fp8" | q [in, out] int8 or float8_e4m3fn, scale [out] f32 (fp8 per-tensor: [] f32) |
 An int8 `q` may be stored packed for the CPU kernel (`[out/32, in/4, 32, 4]`, see
 pallas_kernels.cpu_int8_dot and `jaxinfer.quant.apply.pack_for_cpu_kernel`); `shape` and
-`dequantize` read either layout. All carry `input_scale [in] f32 | None`: the weight was quantized as `input_scale[:, None] * w`
+`dequantize` read either layout.
+All carry `input_scale [in] f32 | None`: the weight was quantized as `input_scale[:, None] * w`
 (AWQ / SmoothQuant migrate activation range into the weight this way), so `matmul` divides x by it.
 A later pass may fold `1 / input_scale` into the preceding RMSNorm weight and set it to None.
 

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.quant_tiling import pad_rows
+
 # Half of the 32 MiB L3 cache: a converted copy this small is still cached when the dot reads it.
 CACHE_RESIDENT_BYTES = 16 * 2**20
 # Up to this many rows an f32 dot is as fast as a bf16 one on XLA:CPU; beyond it bf16 (with f32
@@ -49,7 +51,7 @@ def cache_resident_as_f32(k: int, n: int) -> bool:
 def min_rows_dot(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """`x [M, K] @ w [K, N]` accumulated in `dtype`, run on at least MIN_DOT_ROWS rows."""
     m = x.shape[0]
-    padded = jnp.pad(x, ((0, MIN_DOT_ROWS - m), (0, 0))) if m < MIN_DOT_ROWS else x
+    padded = pad_rows(x, MIN_DOT_ROWS) if m < MIN_DOT_ROWS else x
     return jnp.dot(padded, w, preferred_element_type=dtype)[:m]
 
 

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from jaxinfer.bench import roofline
+from jaxinfer.bench.latency import streamed_weight_bytes
 from jaxinfer.model.config import ModelConfig
 from jaxinfer.model.llama import param_shapes
+from jaxinfer.quant.apply import quantize_params
 
 def random_config(rng: np.random.Generator, tie: bool) -> ModelConfig:
     kv_heads = int(rng.integers(1, 4))
@@ -89,9 +91,6 @@ def test_step_estimates_take_the_slower_bound():
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_streamed_weight_bytes_count_stored_formats_and_skip_an_untied_lookup_table(tie):
-    from jaxinfer.bench.latency import streamed_weight_bytes
-    from jaxinfer.quant.apply import quantize_params
-
     rng = np.random.default_rng(11 + tie)
     cfg = dataclasses.replace(random_config(rng, tie), hidden_size=64, intermediate_size=128)
     params = jax.tree.map(lambda shape: rng.standard_normal(shape).astype(np.float32), param_shapes(cfg),

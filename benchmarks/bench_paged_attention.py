@@ -1,16 +1,18 @@
-"""Decode attention on CPU: the paged XLA path against a contiguous-cache dense reference.
+"""Decode attention on CPU: the paged paths against a contiguous-cache dense reference.
 
 For each (batch, context) it times one decode-attention call (one query token per sequence, every
-sequence at the full context) three ways, in interleaved rounds so that load from other processes
-hits all of them alike:
+sequence at the full context), in interleaved rounds so that load from other processes hits all of
+them alike:
     contiguous  dense attention over a contiguous cache [B, context, kv_heads, head_dim], the formula of
                 jaxinfer.reference (einsum, length mask, softmax): what attention costs without paging.
-    paged       ragged_paged_attention(implementation="xla") over a pool whose blocks are shuffled.
-    in-order    the same paged call, with each sequence's blocks adjacent in the pool (locality only).
-and prints medians, paged / contiguous (the cost of paging; the target is < 1.2) and the K/V bytes
-read per second by the paged call.
+    xla         ragged_paged_attention(implementation="xla") over a pool whose blocks are shuffled.
+    kernel      the same with implementation="cpu": the C++ decode kernel (pallas_kernels/
+                cpu_paged_attention), where this CPU runs it; the engine's choice on one device.
+    in-order    the engine's choice again, each sequence's blocks adjacent in the pool (locality only).
+and prints medians, paged / contiguous for the engine's choice (the cost of paging; the target is
+< 1.2), xla / kernel, and the K/V bytes read per second by the engine's choice.
 
-    .venv/bin/python benchmarks/bench_paged_attention.py [--batches 8,32] [--contexts 512,2048]
+    .venv/bin/python benchmarks/bench_paged_attention.py [--batches 1,8,32] [--contexts 128,512,2048]
         [--kv-dtype float32] [--block-size 16] [--rounds 20]
 """
 
@@ -27,6 +29,7 @@ import numpy as np
 
 from jaxinfer.cache.attention_metadata import AttentionMetadata
 from jaxinfer.cache.kv_pool import LayerKVCache, dequantize_kv, init_layer_cache, storage_dtype, write_kv
+from pallas_kernels import cpu_paged_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 9, 3, 64  # SmolLM2-135M
@@ -90,21 +93,27 @@ def interleaved_medians(calls: dict, rounds: int) -> dict[str, float]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batches", default="8,32")
-    parser.add_argument("--contexts", default="512,2048")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--contexts", default="128,512,2048")
     parser.add_argument("--kv-dtype", default="float32", choices=["float32", "bfloat16", "int8", "fp8"])
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
     storage_dtype(args.kv_dtype)
 
-    paged_attention = jax.jit(functools.partial(ragged_paged_attention, sm_scale=SM_SCALE, implementation="xla"))
+    def paged(implementation: str):
+        return jax.jit(functools.partial(ragged_paged_attention, sm_scale=SM_SCALE, implementation=implementation))
+
+    xla_attention = paged("xla")
+    kernel_runs = cpu_paged_attention.available()
+    engine_attention = paged("cpu") if kernel_runs else xla_attention
     contiguous_attention = jax.jit(contiguous_decode_attention)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f}; heads {NUM_Q_HEADS}/{NUM_KV_HEADS}/{HEAD_DIM}, block {args.block_size}, "
-          f"kv {args.kv_dtype}, median of {args.rounds} interleaved rounds")
-    print(f"{'batch':>5} {'context':>7} {'contiguous ms':>13} {'paged ms':>9} {'in-order ms':>11} "
-          f"{'paged/contig':>12} {'paged/in-order':>14} {'paged KV GB/s':>13}")
+          f"kv {args.kv_dtype}, median of {args.rounds} interleaved rounds; C++ decode kernel "
+          f"{'runs' if kernel_runs else 'cannot run here: kernel = xla'}")
+    print(f"{'batch':>5} {'context':>7} {'contiguous ms':>13} {'xla ms':>7} {'kernel ms':>9} {'in-order ms':>11} "
+          f"{'kernel/contig':>13} {'xla/kernel':>10} {'kernel KV GB/s':>14}")
     for batch in map(int, args.batches.split(",")):
         for context in map(int, args.contexts.split(",")):
             q, cache, metadata, contiguous = decode_case(batch, context, args.block_size, args.kv_dtype, shuffled=True)
@@ -112,16 +121,18 @@ def main():
                                                                    shuffled=False)
             lengths = metadata.seq_lens
             outputs = {"contiguous": lambda: contiguous_attention(q, contiguous, lengths),
-                       "paged": lambda: paged_attention(q, cache, metadata),
-                       "in-order": lambda: paged_attention(q, ordered_cache, ordered_metadata)}
-            np.testing.assert_allclose(outputs["paged"](), outputs["contiguous"](), rtol=1e-4, atol=1e-5)
+                       "xla": lambda: xla_attention(q, cache, metadata),
+                       "kernel": lambda: engine_attention(q, cache, metadata),
+                       "in-order": lambda: engine_attention(q, ordered_cache, ordered_metadata)}
+            for name in ("xla", "kernel"):
+                np.testing.assert_allclose(outputs[name](), outputs["contiguous"](), rtol=1e-4, atol=1e-5)
             seconds = interleaved_medians(outputs, args.rounds)
             kv_bytes = sum(x.nbytes for x in jax.tree.leaves(cache)) * batch * context / (
                 cache.num_blocks * cache.block_size)
-            print(f"{batch:>5} {context:>7} {seconds['contiguous'] * 1e3:>13.3f} {seconds['paged'] * 1e3:>9.3f} "
-                  f"{seconds['in-order'] * 1e3:>11.3f} {seconds['paged'] / seconds['contiguous']:>12.2f} "
-                  f"{seconds['paged'] / seconds['in-order']:>14.2f} {kv_bytes / seconds['paged'] / 1e9:>13.1f}")
-
+            print(f"{batch:>5} {context:>7} {seconds['contiguous'] * 1e3:>13.3f} {seconds['xla'] * 1e3:>7.3f} "
+                  f"{seconds['kernel'] * 1e3:>9.3f} {seconds['in-order'] * 1e3:>11.3f} "
+                  f"{seconds['kernel'] / seconds['contiguous']:>13.2f} {seconds['xla'] / seconds['kernel']:>10.2f} "
+                  f"{kv_bytes / seconds['kernel'] / 1e9:>14.1f}")
 
 if __name__ == "__main__":
     main()

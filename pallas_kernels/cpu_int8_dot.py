@@ -27,123 +27,30 @@ shapes, 106 MB of int8, ad hoc interleaved timing, load average 1.1-1.4), millis
 
 so up to MAX_ROWS it is 1.3-3.6x faster; at one row it streams 19 GB/s.
 
-Build: the source is compiled once per machine with the system C++ compiler into the user's cache
-(`$XDG_CACHE_HOME/jaxinfer`, else `~/.cache/jaxinfer`), named by a hash of the source, the flags and
-the jax headers, and registered with XLA as the FFI target `jaxinfer_int8_dot` by the first
-`available()` of each process. Executables that call it need it registered before they load:
-`jaxinfer.engine.artifact` calls `ensure_registered()` for engines whose manifest lists it. Nothing
-is downloaded.
+Build: `pallas_kernels.cpu_ffi` compiles the source once per machine and registers it as the FFI
+target `jaxinfer_int8_dot`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.errors import EngineError
+from pallas_kernels.cpu_ffi import CpuKernel
 from pallas_kernels.xla_cpu import min_rows_dot
 
-TARGET = "jaxinfer_int8_dot"
-SOURCE = Path(__file__).with_suffix(".cc")
-COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mavx512f", "-mavx512vl", "-mavx512vnni")
-# The CPU features the kernel's instructions need (Linux /proc/cpuinfo names).
-REQUIRED_CPU_FLAGS = frozenset({"avx2", "avx512f", "avx512vl", "avx512_vnni"})
+KERNEL = CpuKernel("CPU int8 kernel", "jaxinfer_int8_dot", Path(__file__).with_suffix(".cc"),
+                   ("-mavx2", "-mavx512f", "-mavx512vl", "-mavx512vnni"),
+                   frozenset({"avx2", "avx512f", "avx512vl", "avx512_vnni"}))
+TARGET = KERNEL.target
+available = KERNEL.available
+ensure_registered = KERNEL.ensure_registered
 # Up to this many rows the kernel was measured faster than XLA's int8 dot (module docstring).
 MAX_ROWS = 32
 PACK_COLS = 32
 PACK_DEPTH = 4
-
-
-def _cpu_flags() -> frozenset[str]:
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "jaxinfer"
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-
-
-def _library_path(compiler: str) -> Path:
-    include = Path(jax.ffi.include_dir())
-    digest = hashlib.sha256()
-    digest.update(SOURCE.read_bytes())
-    digest.update(" ".join((compiler, *COMPILE_FLAGS)).encode())
-    digest.update((include / "xla" / "ffi" / "api" / "c_api.h").read_bytes())
-    return _cache_dir() / f"cpu_int8_dot-{digest.hexdigest()[:16]}.so"
-
-
-def _build(compiler: str, library: Path) -> None:
-    """Compiles the kernel into `library` (atomically: concurrent builders each write their own temp file)."""
-    try:
-        library.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as tmp:
-            tmp_path = Path(tmp.name)
-    except OSError as error:
-        raise EngineError(f"cannot write the CPU int8 kernel to {library.parent} ({error}); "
-                          "point XDG_CACHE_HOME at a writable directory") from error
-    try:
-        subprocess.run([compiler, *COMPILE_FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp_path)],
-                       check=True, capture_output=True, text=True)
-        os.replace(tmp_path, library)
-    except subprocess.CalledProcessError as error:
-        raise EngineError(f"building the CPU int8 kernel failed ({compiler}):\n{error.stderr[-2000:]}") from error
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def _register() -> None:
-    compiler = _compiler()
-    library = _library_path(compiler)
-    if not library.exists():
-        _build(compiler, library)
-    handler = ctypes.cdll.LoadLibrary(str(library)).jaxinfer_int8_dot
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
-
-
-@functools.cache
-def available() -> bool:
-    """Whether the kernel runs here: the CPU backend, an x86-64 CPU with the needed features, and a
-    C++ compiler that built it. The first call on a machine builds it (a few seconds) and every
-    process registers it once; a failed build warns and leaves XLA's int8 dot in use."""
-    if not (jax.default_backend() == "cpu" and platform.machine() in ("x86_64", "AMD64")
-            and REQUIRED_CPU_FLAGS <= _cpu_flags() and _compiler() is not None):
-        return False
-    try:
-        _register()
-    except EngineError as error:
-        warnings.warn(f"{error}\nquantized int8 matmuls fall back to XLA's dot", stacklevel=2)
-        return False
-    return True
-
-
-def ensure_registered() -> None:
-    """Registers the kernel (building it if need be) or says why this machine cannot run it."""
-    if not available():
-        raise EngineError("the CPU int8 kernel cannot run on this machine: it needs the CPU backend, an x86-64 CPU "
-                          f"with {sorted(REQUIRED_CPU_FLAGS)} and a C++ compiler (g++) that builds it. An engine "
-                          "built to call it must be rebuilt here with `jaxinfer build`")
 
 
 def packable(k: int, n: int) -> bool:

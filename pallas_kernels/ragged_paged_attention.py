@@ -22,10 +22,14 @@ prefill chunks mix freely in one call.
   across kv heads (all-reduces); under shard_map both stay local.
 
 `implementation`:
-    None         the backend's choice: "pallas" on GPU, "xla" elsewhere (never interpret mode).
+    None         the backend's choice: "pallas" on GPU, "cpu" on a CPU the C++ decode kernel serves,
+                 "xla" elsewhere (never interpret mode). Under GSPMD tensor parallelism pass "xla":
+                 a custom call is not partitioned (its operands would be gathered onto every device).
     "pallas"     the Pallas kernel through the Triton lowering (sm80+; fp8 storage likely needs sm89+,
                  where Triton converts e4m3 natively; unverified, no GPU was available).
-    "xla"        the XLA path of `ragged_paged_attention_xla`, the one that serves on CPU.
+    "cpu"        the XLA path with its decode tokens handed to the C++ kernel of
+                 `cpu_paged_attention` (x86-64 with AVX2/FMA): what serves on CPU with one device.
+    "xla"        the XLA path of `ragged_paged_attention_xla`, all in XLA operations.
     "interpret"  the Pallas kernel in Pallas interpret mode: for tests on CPU only (5-60x slower).
     "reference"  `reference_ragged_paged_attention`, dense and simple: the oracle of the tests.
 
@@ -49,11 +53,11 @@ from jax.experimental.pallas import triton as plt
 
 from jaxinfer.cache.attention_metadata import AttentionMetadata
 from jaxinfer.cache.kv_pool import LayerKVCache, dequantize_kv
-from pallas_kernels import online_softmax
+from pallas_kernels import cpu_paged_attention, online_softmax
 from pallas_kernels.query_tiles import query_tiles
 from pallas_kernels.ragged_paged_attention_xla import xla_ragged_paged_attention
 
-IMPLEMENTATIONS = ("pallas", "xla", "interpret", "reference")
+IMPLEMENTATIONS = ("pallas", "cpu", "xla", "interpret", "reference")
 # KV positions per kernel step, and query rows per program for decode / prefill batches. Triton's dot
 # wants every dimension >= 16.
 PALLAS_KV_STEP = 64
@@ -63,18 +67,27 @@ PALLAS_PREFILL_ROWS = 64
 _DOT_PRECISION = jax.lax.Precision.HIGHEST
 
 
-def default_implementation(backend: str | None = None) -> str:
-    """"pallas" on GPU, "xla" on every other backend (CPU runs Pallas only in interpret mode)."""
-    return "pallas" if (backend or jax.default_backend()) == "gpu" else "xla"
+def default_implementation(cache: LayerKVCache, backend: str | None = None) -> str:
+    """"pallas" on GPU; on CPU "cpu" where the C++ decode kernel serves `cache`, else "xla" (CPU
+    runs Pallas only in interpret mode)."""
+    backend = backend or jax.default_backend()
+    if backend == "gpu":
+        return "pallas"
+    return "cpu" if backend == "cpu" and cpu_paged_attention.serves(cache) else "xla"
 
 
 def ragged_paged_attention(q: jax.Array, cache: LayerKVCache, metadata: AttentionMetadata, *, sm_scale: float,
                            soft_cap: float | None = None, implementation: str | None = None) -> jax.Array:
     """See the module docstring."""
     _check_inputs(q, cache, metadata, soft_cap)
-    implementation = implementation or default_implementation()
-    if implementation == "xla":
-        return xla_ragged_paged_attention(q, cache, metadata, sm_scale=sm_scale, soft_cap=soft_cap)
+    implementation = implementation or default_implementation(cache)
+    if implementation in ("xla", "cpu"):
+        if implementation == "cpu" and not cpu_paged_attention.serves(cache):
+            raise ValueError("the 'cpu' implementation needs the C++ decode kernel, which cannot run here (it needs "
+                             f"an x86-64 CPU with AVX2/FMA, g++ and a head_dim that is a multiple of "
+                             f"{cpu_paged_attention.HEAD_DIM_MULTIPLE}; got {cache.head_dim}): use 'xla'")
+        return xla_ragged_paged_attention(q, cache, metadata, sm_scale=sm_scale, soft_cap=soft_cap,
+                                          decodes_in_cpu_kernel=implementation == "cpu")
     if implementation == "reference":
         return reference_ragged_paged_attention(q, cache, metadata, sm_scale=sm_scale, soft_cap=soft_cap)
     if implementation == "interpret":

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 
 from jaxinfer.cache.attention_metadata import AttentionMetadata
 from jaxinfer.cache.kv_pool import LayerKVCache, dequantize_kv
-from pallas_kernels import online_softmax
+from pallas_kernels import cpu_paged_attention, online_softmax
 from pallas_kernels.query_tiles import QueryTiles, query_tiles
 
 # KV positions per work item, query tokens per prefill tile, and work items per loop step: measured,
@@ -137,8 +137,10 @@ def split_tile_bounds(num_tokens: int, num_seqs: int) -> tuple[int, int]:
 
 
 def xla_ragged_paged_attention(q: jax.Array, cache: LayerKVCache, metadata: AttentionMetadata, *,
-                               sm_scale: float, soft_cap: float | None = None) -> jax.Array:
-    """See the module docstring; arguments as `ragged_paged_attention`, already checked."""
+                               sm_scale: float, soft_cap: float | None = None,
+                               decodes_in_cpu_kernel: bool = False) -> jax.Array:
+    """See the module docstring; arguments as `ragged_paged_attention`, already checked.
+    `decodes_in_cpu_kernel`: the decode tokens go to `cpu_paged_attention.decode_attention` instead."""
     # The pool usually arrives fresh from `write_kv`, whose one-token scatter XLA lowers to a
     # dynamic-update-slice. Without a barrier XLA's fusion duplicates that update into the block
     # gather below (the gather then reads the pool as it was *before* the write and redoes the
@@ -160,11 +162,14 @@ def xla_ragged_paged_attention(q: jax.Array, cache: LayerKVCache, metadata: Atte
 
     # Each pass's output is kept only for its own tokens: the rows of the others are not its to write.
     num_decode_tiles, num_prefill_tiles = split_tile_bounds(num_tokens, num_seqs)
-    is_decode = q_lens == 1
-    decode_tiles = query_tiles(metadata, num_tokens, 1, selected=is_decode, num_tiles=num_decode_tiles)
-    out = jnp.where(tokens_of(is_decode), _attend_tiles(
-        scaled_q, cache, metadata.block_tables, decode_tiles, 1, _BlockDiagonalHeads(cache.num_kv_heads, group),
-        DECODE_PAIRS_PER_STEP, soft_cap), 0.0)
+    if decodes_in_cpu_kernel:
+        out = cpu_paged_attention.decode_attention(scaled_q, cache, metadata, soft_cap)
+    else:
+        is_decode = q_lens == 1
+        decode_tiles = query_tiles(metadata, num_tokens, 1, selected=is_decode, num_tiles=num_decode_tiles)
+        out = jnp.where(tokens_of(is_decode), _attend_tiles(
+            scaled_q, cache, metadata.block_tables, decode_tiles, 1, _BlockDiagonalHeads(cache.num_kv_heads, group),
+            DECODE_PAIRS_PER_STEP, soft_cap), 0.0)
     if num_tokens == num_seqs:  # a decode bucket: no sequence can have two tokens
         return out.astype(q.dtype)
 

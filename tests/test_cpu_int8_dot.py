@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxinfer.errors import EngineError
-from pallas_kernels import cpu_int8_dot
+from pallas_kernels import cpu_ffi, cpu_int8_dot
 
 needs_kernel = pytest.mark.skipif(not cpu_int8_dot.available(),
                                   reason="needs an x86-64 CPU with AVX-512 VNNI and a C++ compiler")
@@ -74,10 +74,10 @@ def test_kernel_refuses_operands_it_cannot_read():
 
 def test_a_failed_build_warns_and_leaves_the_int8_dot_to_xla(monkeypatch, tmp_path, rng):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached build here
-    monkeypatch.setattr(cpu_int8_dot, "_compiler", lambda: "false")  # a "compiler" that always fails
-    monkeypatch.setattr(cpu_int8_dot, "_cpu_flags", lambda: cpu_int8_dot.REQUIRED_CPU_FLAGS)
-    monkeypatch.setattr(cpu_int8_dot.platform, "machine", lambda: "x86_64")
-    cpu_int8_dot.available.cache_clear()
+    monkeypatch.setattr(cpu_ffi, "_compiler", lambda: "false")  # a "compiler" that always fails
+    monkeypatch.setattr(cpu_ffi, "_cpu_flags", lambda: cpu_int8_dot.KERNEL.cpu_flags)
+    monkeypatch.setattr(cpu_ffi.platform, "machine", lambda: "x86_64")
+    cpu_int8_dot.KERNEL.forget()
     try:
         with pytest.warns(UserWarning, match="building the CPU int8 kernel failed"):
             assert not cpu_int8_dot.available()
@@ -89,4 +89,4 @@ def test_a_failed_build_warns_and_leaves_the_int8_dot_to_xla(monkeypatch, tmp_pa
         with pytest.raises(EngineError, match="rebuilt here with `jaxinfer build`"):
             cpu_int8_dot.ensure_registered()
     finally:
-        cpu_int8_dot.available.cache_clear()
+        cpu_int8_dot.KERNEL.forget()

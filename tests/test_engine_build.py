@@ -12,6 +12,7 @@ from jaxinfer.engine.artifact import load_engine
 from jaxinfer.engine.build import build_engine
 from jaxinfer.errors import EngineError
 from jaxinfer.sampling_params import SamplingParams
+from pallas_kernels import cpu_paged_attention
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -44,6 +45,9 @@ def generate(engine, prompts, params):
 
 
 def test_loaded_engine_runs_a_mixed_workload_without_compiling(engine_dir):
+    # Its steps call the CPU decode-attention kernel where this CPU runs it; loading registers it first.
+    kernels = json.loads((engine_dir / "manifest.json").read_text())["ffi_kernels"]
+    assert kernels == ([cpu_paged_attention.TARGET] if cpu_paged_attention.available() else [])
     engine = load_engine(engine_dir, progress=False)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 512, rng.integers(1, 100)).tolist() for _ in range(9)]

@@ -18,12 +18,18 @@ import pytest
 
 from jaxinfer.cache.attention_metadata import AttentionMetadata
 from jaxinfer.cache.kv_pool import LayerKVCache, init_layer_cache, write_kv
+from pallas_kernels import cpu_paged_attention
 from pallas_kernels import ragged_paged_attention as rpa
 from pallas_kernels.query_tiles import num_query_tiles, query_tiles
 from pallas_kernels.ragged_paged_attention_xla import KV_CHUNK_TOKENS, PREFILL_QUERY_TILE, split_tile_bounds
 
 HEAD_DIM = 64
 SM_SCALE = HEAD_DIM ** -0.5
+needs_cpu_kernel = pytest.mark.skipif(not cpu_paged_attention.available(),
+                                      reason="needs an x86-64 CPU with AVX2/FMA and a C++ compiler")
+# Every implementation that runs on this CPU: the XLA path, the XLA path with the C++ decode kernel,
+# and the Pallas kernel in interpret mode.
+CPU_IMPLEMENTATIONS = ["xla", pytest.param("cpu", marks=needs_cpu_kernel), "interpret"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +99,7 @@ def mixed_chunks(block_size: int) -> list[tuple[int, int]]:
             (block_size - 1, long), (1, long), (3, 2 * block_size + 2)]
 
 
-@pytest.mark.parametrize("implementation", ["xla", "interpret"])
+@pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(2, 2), (3, 1), (8, 2), (8, 1)])
 def test_mixed_batch_matches_reference(implementation, block_size, num_q_heads, num_kv_heads):
@@ -102,7 +108,7 @@ def test_mixed_batch_matches_reference(implementation, block_size, num_q_heads, 
     check_against_reference(batch, implementation, tolerance=1e-5)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "interpret"])
+@pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 def test_decode_batch_matches_reference(implementation, block_size):
     lengths = [1, block_size - 1, block_size, block_size + 1, 5 * block_size + 2, 2 * KV_CHUNK_TOKENS + 1]
@@ -111,7 +117,7 @@ def test_decode_batch_matches_reference(implementation, block_size):
     check_against_reference(batch, implementation, tolerance=1e-5)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "interpret"])
+@pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
 @pytest.mark.parametrize("kv_dtype,q_dtype,tolerance", [("int8", jnp.float32, 1e-5), ("fp8", jnp.float32, 1e-5),
                                                         ("bfloat16", jnp.bfloat16, 1e-2), ("fp8", jnp.bfloat16, 1e-2)])
 def test_storage_dtypes_match_reference(implementation, kv_dtype, q_dtype, tolerance):
@@ -120,7 +126,7 @@ def test_storage_dtypes_match_reference(implementation, kv_dtype, q_dtype, toler
     check_against_reference(batch, implementation, tolerance=tolerance)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "interpret"])
+@pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
 def test_soft_cap_and_head_dim_128(implementation):
     batch = make_batch(11, mixed_chunks(16), block_size=16, num_q_heads=4, num_kv_heads=1, head_dim=128)
     check_against_reference(batch, implementation, tolerance=1e-5, soft_cap=0.5)
@@ -208,8 +214,12 @@ def test_split_tiles_cover_decodes_and_chunks_within_their_bounds(seed):
 
 
 def test_default_implementation_never_interprets(monkeypatch):
-    assert rpa.default_implementation("gpu") == "pallas"
-    assert rpa.default_implementation("cpu") == "xla"
+    cache = init_layer_cache(4, 8, 1, HEAD_DIM, "float32")
+    odd_head_dim = init_layer_cache(4, 8, 1, 12, "float32")
+    assert rpa.default_implementation(cache, "gpu") == "pallas"
+    assert rpa.default_implementation(cache, "cpu") == ("cpu" if cpu_paged_attention.available() else "xla")
+    assert rpa.default_implementation(odd_head_dim, "cpu") == "xla"
+    assert rpa.default_implementation(cache, "tpu") == "xla"
 
     def no_pallas(*args, **kwargs):
         raise AssertionError("the default implementation on CPU must not call pallas_call")
@@ -218,6 +228,41 @@ def test_default_implementation_never_interprets(monkeypatch):
     batch = make_batch(2, [(1, 5), (2, 7)], block_size=8, num_q_heads=2, num_kv_heads=1)
     out = rpa.ragged_paged_attention(batch.q, batch.cache, batch.metadata, sm_scale=SM_SCALE)
     assert np.isfinite(np.asarray(out)).all()
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(9, 3, 64), (8, 1, 16), (4, 4, 8), (6, 2, 128)])
+def test_cpu_decode_kernel_covers_long_contexts_and_head_layouts(num_q_heads, num_kv_heads, head_dim):
+    """Decodes up to 1000 positions (past several blocks and the XLA path's KV chunks), every GQA
+    grouping, head dims from one AVX2 register up; the decode step calls the kernel, not XLA's loop."""
+    lengths = [1, 7, 9, 300, 1000]
+    batch = make_batch(num_q_heads + head_dim, [(1, length) for length in lengths], block_size=8,
+                       num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, padding_tokens=1)
+    kernel = jax.jit(functools.partial(rpa.ragged_paged_attention, sm_scale=head_dim ** -0.5, implementation="cpu"))
+    hlo = kernel.lower(batch.q, batch.cache, batch.metadata).as_text()
+    assert cpu_paged_attention.TARGET in hlo and "while" not in hlo
+    out = np.asarray(kernel(batch.q, batch.cache, batch.metadata))
+    ref = np.asarray(jax.jit(functools.partial(rpa.reference_ragged_paged_attention, sm_scale=head_dim ** -0.5))(
+        batch.q, batch.cache, batch.metadata))
+    np.testing.assert_array_equal(out[batch.num_real_tokens:], 0.0)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
+
+
+@needs_cpu_kernel
+def test_cpu_decode_kernel_refuses_block_ids_outside_the_pool():
+    batch = make_batch(6, [(1, 20)], block_size=8, num_q_heads=2, num_kv_heads=1)
+    tables = batch.metadata.block_tables.at[0, 1].set(batch.cache.num_blocks)
+    metadata = dataclasses.replace(batch.metadata, block_tables=tables)
+    with pytest.raises(Exception, match="a block id lies outside the pool"):
+        np.asarray(cpu_paged_attention.decode_attention(batch.q, batch.cache, metadata, None))
+
+
+def test_cpu_implementation_says_when_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(cpu_paged_attention, "serves", lambda cache: False)
+    batch = make_batch(4, [(1, 5)], block_size=8, num_q_heads=2, num_kv_heads=1)
+    assert rpa.default_implementation(batch.cache, "cpu") == "xla"
+    with pytest.raises(ValueError, match="the 'cpu' implementation needs the C\\+\\+ decode kernel.*use 'xla'"):
+        rpa.ragged_paged_attention(batch.q, batch.cache, batch.metadata, sm_scale=SM_SCALE, implementation="cpu")
 
 
 def test_bad_arguments_raise_clear_errors():

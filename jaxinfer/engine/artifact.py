@@ -12,9 +12,9 @@ Layout:
 
 Loading checks the manifest before touching anything else: another jax version, backend, device
 kind or device count is refused with a message that says to rebuild; a missing or corrupted file
-(sha256 mismatch) is named. The FFI kernels the executables call (`ffi_kernels`: the CPU int8
-kernel of pallas_kernels.cpu_int8_dot, whose engines store their int8 weights packed for it) are
-built if need be and registered before they load.
+(sha256 mismatch) is named. The FFI kernels the executables call (`ffi_kernels`, `pallas_kernels.cpu_ffi`:
+the CPU decode-attention kernel, and the CPU int8 kernel, whose engines store their int8 weights
+packed for it) are built if need be and registered before they load.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from jaxinfer.quant.apply import abstract_quantized_params, pack_for_cpu_kernel
 from jaxinfer.runner.buckets import Bucket
 from jaxinfer.runner.model_runner import ModelRunner, allocate_kv_caches
 from jaxinfer.tokenizer import Tokenizer
-from pallas_kernels import cpu_int8_dot
+from pallas_kernels import cpu_ffi, cpu_int8_dot
 
 FORMAT_VERSION = 3
 
@@ -76,8 +76,7 @@ def save_engine(output: Path, engine: LLMEngine, source: str) -> Path:
     for bucket, compiled in runner.executables.items():
         payload = serialize_executable.serialize(compiled)
         (output / "executables" / f"{bucket.name}.bin").write_bytes(pickle.dumps(payload))
-        if cpu_int8_dot.TARGET in compiled.as_text():
-            ffi_kernels.add(cpu_int8_dot.TARGET)
+        ffi_kernels |= cpu_ffi.called_by(compiled.as_text())
     manifest = {
         "format_version": FORMAT_VERSION,
         "environment": environment(),
@@ -155,10 +154,9 @@ def load_engine_weights(directory: Path):
     cfg = ModelConfig(**model)
     engine_cfg = EngineConfig(**manifest["engine_config"])
     mesh = make_mesh(manifest["mesh"]["model"])
+    cpu_ffi.ensure_registered(manifest.get("ffi_kernels", ()))
     # Executables that call the CPU int8 kernel were built with int8 weights packed for it.
     packed = cpu_int8_dot.TARGET in manifest.get("ffi_kernels", ())
-    if packed:
-        cpu_int8_dot.ensure_registered()
     return manifest, cfg, engine_cfg, mesh, _restore_weights(directory / "weights", cfg, mesh, engine_cfg, packed)
 
 

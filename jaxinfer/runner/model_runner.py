@@ -100,7 +100,7 @@ def step_function(cfg: ModelConfig, mesh: Mesh, kv_caches):
     and kept in its sharded layout."""
     replicated = NamedSharding(mesh, PartitionSpec())
     cache_shardings = [jax.tree.map(lambda a: a.sharding, cache) for cache in kv_caches]
-    return jax.jit(functools.partial(model_step, cfg=cfg), donate_argnums=(1,),
+    return jax.jit(functools.partial(model_step, cfg=cfg, num_devices=mesh.size), donate_argnums=(1,),
                    out_shardings=(replicated, cache_shardings))
 
 

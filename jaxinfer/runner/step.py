@@ -1,8 +1,8 @@
 """The compiled model step: one forward pass over a flat ragged batch, then sampling.
 
-`model_step(params, kv_caches, inputs, sampling)` is a pure function; the engine compiles it ahead
-of time once per shape bucket (T tokens, S rows) with the KV caches donated, so the pool is updated
-in place. Shapes:
+`model_step(params, kv_caches, inputs, sampling, cfg=, num_devices=)` is a pure function; the engine
+compiles it ahead of time once per shape bucket (T tokens, S rows) with the KV caches donated, so the
+pool is updated in place. `num_devices` (the mesh's) picks the attention implementation. Shapes:
 
     inputs.tokens          [T] int32     new tokens of all scheduled sequences, end to end, padded
     inputs.positions       [T] int32     their positions in their sequences
@@ -41,9 +41,15 @@ class StepInputs:
     block_copies: jax.Array
 
 
-def paged_attend(q, k, v, cache, *, metadata: AttentionMetadata, sm_scale: float):
+def attention_implementation(num_devices: int) -> str | None:
+    """The backend's attention (None) on one device; under GSPMD tensor parallelism the all-XLA path,
+    since a custom call such as the CPU decode kernel is not partitioned (see `ragged_paged_attention`)."""
+    return None if num_devices == 1 else "xla"
+
+
+def paged_attend(q, k, v, cache, *, metadata: AttentionMetadata, sm_scale: float, implementation: str | None):
     cache = write_kv(cache, k, v, metadata.slot_mapping)
-    return ragged_paged_attention(q, cache, metadata, sm_scale=sm_scale), cache
+    return ragged_paged_attention(q, cache, metadata, sm_scale=sm_scale, implementation=implementation), cache
 
 
 def copy_blocks(cache, block_copies: jax.Array):
@@ -56,9 +62,11 @@ def copy_blocks(cache, block_copies: jax.Array):
     return jax.tree.map(lambda pool: jax.lax.fori_loop(0, block_copies.shape[0], copy_one, pool), cache)
 
 
-def model_step(params, kv_caches, inputs: StepInputs, sampling: SamplingMetadata, *, cfg: ModelConfig):
+def model_step(params, kv_caches, inputs: StepInputs, sampling: SamplingMetadata, *, cfg: ModelConfig,
+               num_devices: int):
     kv_caches = [copy_blocks(cache, inputs.block_copies) for cache in kv_caches]
-    attend = functools.partial(paged_attend, metadata=inputs.attention, sm_scale=cfg.head_dim ** -0.5)
+    attend = functools.partial(paged_attend, metadata=inputs.attention, sm_scale=cfg.head_dim ** -0.5,
+                               implementation=attention_implementation(num_devices))
     hidden, kv_caches = forward(params, cfg, inputs.tokens, inputs.positions, kv_caches, attend)
     logits = compute_logits(params, hidden[inputs.logits_indices])
     return sample(logits, sampling), kv_caches

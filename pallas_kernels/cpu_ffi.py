@@ -1,0 +1,141 @@
+"""Building and registering the C++ CPU kernels that XLA calls through its FFI.
+
+    CpuKernel(name, target, source, compile_flags, cpu_flags)
+        .available() -> bool      whether it runs here: the CPU backend, an x86-64 CPU with
+                                  `cpu_flags`, a C++ compiler that built it; builds and registers
+                                  it on first use, warns and says False when the build fails
+        .ensure_registered()      registers it or raises an EngineError that says why it cannot run
+    KERNELS                       target name -> CpuKernel, for engine manifests (`ffi_kernels`)
+
+Each kernel's source is compiled once per machine with the system C++ compiler into the user's
+cache (`$XDG_CACHE_HOME/jaxinfer`, else `~/.cache/jaxinfer`), named by a hash of the source, the
+flags and the jax FFI header, and registered with XLA under its target name by the first
+`available()` of each process. Executables that call a kernel need it registered before they load:
+`jaxinfer.engine.artifact` registers the kernels an engine's manifest lists. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+
+from jaxinfer.errors import EngineError
+
+KERNELS: dict[str, "CpuKernel"] = {}
+
+
+def _cpu_flags() -> frozenset[str]:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "jaxinfer"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+class CpuKernel:
+    """One C++ source file exporting the FFI handler `target` (see the module docstring)."""
+
+    def __init__(self, name: str, target: str, source: Path, compile_flags: tuple[str, ...],
+                 cpu_flags: frozenset[str]):
+        self.name, self.target, self.source = name, target, source
+        self.compile_flags = ("-O3", "-std=c++17", "-shared", "-fPIC", *compile_flags)
+        self.cpu_flags = cpu_flags
+        self._available: bool | None = None
+        KERNELS[target] = self
+
+    def _library_path(self, compiler: str) -> Path:
+        include = Path(jax.ffi.include_dir())
+        digest = hashlib.sha256()
+        digest.update(self.source.read_bytes())
+        digest.update(" ".join((compiler, *self.compile_flags)).encode())
+        digest.update((include / "xla" / "ffi" / "api" / "c_api.h").read_bytes())
+        return _cache_dir() / f"{self.source.stem}-{digest.hexdigest()[:16]}.so"
+
+    def _build(self, compiler: str, library: Path) -> None:
+        """Compiles into `library` (atomically: concurrent builders each write their own temp file)."""
+        try:
+            library.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as tmp:
+                tmp_path = Path(tmp.name)
+        except OSError as error:
+            raise EngineError(f"cannot write the {self.name} to {library.parent} ({error}); "
+                              "point XDG_CACHE_HOME at a writable directory") from error
+        try:
+            subprocess.run([compiler, *self.compile_flags, "-I", jax.ffi.include_dir(), str(self.source),
+                            "-o", str(tmp_path)], check=True, capture_output=True, text=True)
+            os.replace(tmp_path, library)
+        except subprocess.CalledProcessError as error:
+            raise EngineError(f"building the {self.name} failed ({compiler}):\n{error.stderr[-2000:]}") from error
+        finally:
+            tmp_path.unlink(missing_ok=True)
+
+    def _register(self) -> None:
+        compiler = _compiler()
+        library = self._library_path(compiler)
+        if not library.exists():
+            self._build(compiler, library)
+        handler = getattr(ctypes.cdll.LoadLibrary(str(library)), self.target)
+        jax.ffi.register_ffi_target(self.target, jax.ffi.pycapsule(handler), platform="cpu")
+
+    def available(self) -> bool:
+        """Whether the kernel runs here. The first call on a machine builds it (a few seconds) and
+        every process registers it once; a failed build warns and says False (callers fall back to XLA)."""
+        if self._available is None:
+            self._available = self._probe()
+        return self._available
+
+    def _probe(self) -> bool:
+        if not (jax.default_backend() == "cpu" and platform.machine() in ("x86_64", "AMD64")
+                and self.cpu_flags <= _cpu_flags() and _compiler() is not None):
+            return False
+        try:
+            self._register()
+        except EngineError as error:
+            warnings.warn(f"{error}\nXLA's own operations run in its place", stacklevel=3)
+            return False
+        return True
+
+    def forget(self) -> None:
+        """Drops the cached `available()` answer, so the next call probes again (tests)."""
+        self._available = None
+
+    def ensure_registered(self) -> None:
+        """Registers the kernel (building it if need be) or says why this machine cannot run it."""
+        if not self.available():
+            raise EngineError(f"the {self.name} cannot run on this machine: it needs the CPU backend, an x86-64 "
+                              f"CPU with {sorted(self.cpu_flags)} and a C++ compiler (g++) that builds it. An "
+                              "engine built to call it must be rebuilt here with `jaxinfer build`")
+
+
+def ensure_registered(targets) -> None:
+    """Registers every kernel named in `targets` (an engine manifest's `ffi_kernels`)."""
+    for target in targets:
+        if target not in KERNELS:
+            raise EngineError(f"the engine calls an unknown CPU kernel {target!r}; rebuild it with `jaxinfer build`")
+        KERNELS[target].ensure_registered()
+
+
+def called_by(hlo_text: str) -> set[str]:
+    """The registered kernels' targets that a compiled program's HLO text calls."""
+    return {target for target in KERNELS if target in hlo_text}

@@ -1,0 +1,247 @@
+// Paged attention of the decode tokens of a ragged batch on x86 CPUs, as an XLA FFI custom call
+// (built, registered and called by cpu_paged_attention.py).
+//
+//   jaxinfer_paged_decode_attention(
+//       q [T, H, D] f32 (already multiplied by sm_scale),
+//       k, v [num_blocks, block_size, KVH, D] f32 | bf16 | s8 | f8e4m3fn,
+//       k_scale, v_scale [num_blocks, block_size, KVH] f32 for s8/f8e4m3fn storage, [0] otherwise,
+//       block_tables [S, B] s32, seq_lens [S] s32, query_start_loc [S + 1] s32;
+//       attribute soft_cap f32 (0: none))
+//   -> out [T, H, D] f32: for every sequence with exactly one new token (a decode), that token's
+//      attention over positions 0..seq_len-1 of its blocks; every other row is zero.
+//
+// Query head h reads kv head h / (H / KVH). For each decode the kernel makes two passes over the
+// sequence's context, position-major so that each pass reads the pool's rows in the order they lie:
+// the first computes every head's logits q.k into a [H, seq_len] scratch (each K row converted to
+// float once and dotted with its query group), then a softmax per head in float32, and the second
+// accumulates the probabilities times each V row into [H, D]. Each K and V element is read once,
+// against the XLA path's gathers of whole chunks, loop bookkeeping and partial-softmax merges,
+// which cost ~100 us per layer even at short contexts. One thread, like the int8 kernel beside it:
+// the step's other work and the machine's other jobs share the second core.
+//
+// Only positions below seq_len are read, so whatever unused slots hold (NaN included) never
+// reaches the result; a block id outside the pool or a context longer than the block table is
+// refused with an error rather than read.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 8;  // floats per AVX2 register; the Python side requires D % kLanes == 0
+
+float bf16_to_float(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof(value));
+  return value;
+}
+
+// float8_e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinities, S.1111.111 is NaN.
+struct Fp8Table {
+  float value[256];
+  Fp8Table() {
+    for (int bits = 0; bits < 256; ++bits) {
+      const int exponent = (bits >> 3) & 0xF, mantissa = bits & 0x7;
+      float magnitude = exponent == 0 ? std::ldexp(mantissa / 8.0f, -6)
+                                      : std::ldexp(1.0f + mantissa / 8.0f, exponent - 7);
+      if (exponent == 0xF && mantissa == 0x7) magnitude = NAN;
+      value[bits] = (bits & 0x80) ? -magnitude : magnitude;
+    }
+  }
+};
+const Fp8Table kFp8;
+
+// Storage element -> float (before the row's scale).
+template <typename T>
+float to_float(T x);
+template <>
+float to_float<float>(float x) { return x; }
+template <>
+float to_float<uint16_t>(uint16_t x) { return bf16_to_float(x); }
+template <>
+float to_float<int8_t>(int8_t x) { return static_cast<float>(x); }
+template <>
+float to_float<uint8_t>(uint8_t x) { return kFp8.value[x]; }
+
+// Row `index` of a pool ([rows, D] storage with optional per-row scales) as float: f32 rows are
+// returned in place, others converted into `scratch`.
+template <typename T>
+const float* pool_row(const T* pool, const float* scales, int64_t index, int64_t d, float* scratch) {
+  const T* row = pool + index * d;
+  if constexpr (std::is_same_v<T, float>) {
+    return row;
+  } else {
+    const float scale = scales ? scales[index] : 1.0f;
+    for (int64_t i = 0; i < d; ++i) scratch[i] = to_float(row[i]) * scale;
+    return scratch;
+  }
+}
+
+// Four accumulators: one chain of dependent FMAs per 64-float row made the kernel latency-bound.
+float dot(const float* a, const float* b, int64_t d) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 4 * kLanes <= d; i += 4 * kLanes)
+    for (int u = 0; u < 4; ++u)
+      acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + u * kLanes), _mm256_loadu_ps(b + i + u * kLanes), acc[u]);
+  for (; i < d; i += kLanes) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc[0]);
+  const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+  const __m128 pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
+}
+
+void axpy(float a, const float* x, float* y, int64_t d) {
+  const __m256 scale = _mm256_set1_ps(a);
+  for (int64_t i = 0; i < d; i += kLanes)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(scale, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+}
+
+// exp(x) for 8 floats x <= 0 (logits minus their maximum), to about 2 ulp: x = n ln2 + r with
+// |r| <= ln2 / 2, exp(r) by Cephes' expf polynomial, 2^n through the exponent bits. libm's scalar
+// expf was most of the kernel's time at long contexts.
+__m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // below this exp(x) is under float's normal range
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 poly = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c));
+  const __m256 exp_r = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(poly, r), r, r), _mm256_set1_ps(1.0f));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(exp_r, _mm256_castsi256_ps(two_n));
+}
+
+// row[i] = exp(row[i] - peak) / sum over the row, in place.
+void softmax_in_place(float* row, int64_t len) {
+  const float peak = *std::max_element(row, row + len);
+  const __m256 peaks = _mm256_set1_ps(peak);
+  __m256 sums = _mm256_setzero_ps();
+  int64_t pos = 0;
+  for (; pos + kLanes <= len; pos += kLanes) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + pos), peaks));
+    _mm256_storeu_ps(row + pos, e);
+    sums = _mm256_add_ps(sums, e);
+  }
+  float lanes[kLanes];
+  _mm256_storeu_ps(lanes, sums);
+  float total = 0;
+  for (const float lane : lanes) total += lane;
+  for (; pos < len; ++pos) total += row[pos] = std::exp(row[pos] - peak);
+  const float inverse = 1.0f / total;
+  for (pos = 0; pos < len; ++pos) row[pos] *= inverse;
+}
+
+struct Problem {
+  const float* q;  // [T, H, D]
+  const float *k_scale, *v_scale;  // [pool rows] or null
+  const int32_t *block_tables, *seq_lens, *query_start_loc;
+  float* out;  // [T, H, D]
+  int64_t num_seqs, table_width, num_blocks, block_size, num_heads, num_kv_heads, head_dim;
+  float soft_cap;
+};
+
+// One decode: token `t` of sequence `s` over its `len` positions.
+template <typename T>
+ffi::Error decode(const Problem& p, const T* k, const T* v, int64_t s, int64_t t, int64_t len,
+                  std::vector<float>& logits, std::vector<float>& row_scratch) {
+  const int64_t heads = p.num_heads, kv_heads = p.num_kv_heads, d = p.head_dim, group = heads / kv_heads;
+  if (len > p.table_width * p.block_size)
+    return ffi::Error::InvalidArgument("jaxinfer_paged_decode_attention: a context is longer than its block table");
+  logits.resize(heads * len);
+  const float* q = p.q + t * heads * d;
+  const int32_t* table = p.block_tables + s * p.table_width;
+  for (int64_t pos = 0; pos < len; ++pos) {
+    const int64_t block = table[pos / p.block_size];
+    if (block < 0 || block >= p.num_blocks)
+      return ffi::Error::InvalidArgument("jaxinfer_paged_decode_attention: a block id lies outside the pool");
+    const int64_t first_row = (block * p.block_size + pos % p.block_size) * kv_heads;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const float* key = pool_row(k, p.k_scale, first_row + h, d, row_scratch.data());
+      for (int64_t j = h * group; j < (h + 1) * group; ++j) logits[j * len + pos] = dot(q + j * d, key, d);
+    }
+  }
+  float* out = p.out + t * heads * d;
+  for (int64_t j = 0; j < heads; ++j) {
+    float* row = logits.data() + j * len;
+    if (p.soft_cap > 0)
+      for (int64_t pos = 0; pos < len; ++pos) row[pos] = p.soft_cap * std::tanh(row[pos] / p.soft_cap);
+    softmax_in_place(row, len);
+  }
+  for (int64_t pos = 0; pos < len; ++pos) {
+    const int64_t first_row = (table[pos / p.block_size] * p.block_size + pos % p.block_size) * kv_heads;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const float* value = pool_row(v, p.v_scale, first_row + h, d, row_scratch.data());
+      for (int64_t j = h * group; j < (h + 1) * group; ++j) axpy(logits[j * len + pos], value, out + j * d, d);
+    }
+  }
+  return ffi::Error::Success();
+}
+
+template <typename T>
+ffi::Error all_decodes(const Problem& p, const void* k, const void* v) {
+  std::vector<float> logits, row_scratch(p.head_dim);
+  for (int64_t s = 0; s < p.num_seqs; ++s) {
+    const int64_t start = p.query_start_loc[s], len = p.seq_lens[s];
+    if (p.query_start_loc[s + 1] - start != 1 || len < 1) continue;
+    ffi::Error error = decode(p, static_cast<const T*>(k), static_cast<const T*>(v), s, start, len, logits, row_scratch);
+    if (error.failure()) return error;
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error PagedDecodeAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                                ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale,
+                                ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> seq_lens,
+                                ffi::Buffer<ffi::S32> query_start_loc, float soft_cap,
+                                ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), td = block_tables.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || td.size() != 2 || qd[2] != kd[3] || qd[2] % kLanes ||
+      qd[1] % kd[2] || v.element_type() != k.element_type() || seq_lens.element_count() != td[0] ||
+      query_start_loc.element_count() != td[0] + 1)
+    return ffi::Error::InvalidArgument(
+        "jaxinfer_paged_decode_attention: expected q [T, H, D], pools [blocks, block_size, KVH, D] with "
+        "H % KVH == 0 and D % 8 == 0, block_tables [S, B], seq_lens [S], query_start_loc [S + 1]");
+  const bool scaled = k_scale.element_count() > 0;
+  const Problem p{q.typed_data(), scaled ? k_scale.typed_data() : nullptr, scaled ? v_scale.typed_data() : nullptr,
+                  block_tables.typed_data(), seq_lens.typed_data(), query_start_loc.typed_data(),
+                  out->typed_data(), td[0], td[1], kd[0], kd[1], qd[1], kd[2], qd[2], soft_cap};
+  std::fill(p.out, p.out + out->element_count(), 0.0f);
+  switch (k.element_type()) {
+    case ffi::DataType::F32: return all_decodes<float>(p, k.untyped_data(), v.untyped_data());
+    case ffi::DataType::BF16: return all_decodes<uint16_t>(p, k.untyped_data(), v.untyped_data());
+    case ffi::DataType::S8: return all_decodes<int8_t>(p, k.untyped_data(), v.untyped_data());
+    case ffi::DataType::F8E4M3FN: return all_decodes<uint8_t>(p, k.untyped_data(), v.untyped_data());
+    default:
+      return ffi::Error::InvalidArgument("jaxinfer_paged_decode_attention: K/V storage must be f32, bf16, s8 or "
+                                         "f8e4m3fn");
+  }
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_paged_decode_attention, PagedDecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("soft_cap")
+                                  .Ret<ffi::Buffer<ffi::F32>>());

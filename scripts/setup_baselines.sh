@@ -36,6 +36,12 @@ LLAMACPP_REQUIREMENTS=(
 # CPU only, tuned for this host's CPU (GGML_NATIVE): the venv is built on the machine it benchmarks,
 # and llama.cpp at its best is the peer we compare against.
 LLAMACPP_CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF"
+# CPUs that report AMX: the project's Xeon VMs do, but ggml's AMX matmul dies there with SIGSEGV
+# on the first prompt (the VM does not grant the tile state), so llama.cpp is built without it.
+if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
+  NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  LLAMACPP_CMAKE_ARGS+=" -DCMAKE_C_FLAGS='$NO_AMX' -DCMAKE_CXX_FLAGS='$NO_AMX'"
+fi
 
 # make_venv VENV CHECK REQUIREMENT...: creates VENV with python3.11, installs the pinned
 # requirements unless its stamp already lists them, runs the python snippet CHECK in it, stamps it.
@@ -64,7 +70,8 @@ setup_hf() {
 
 setup_llamacpp() {
   command -v cmake >/dev/null || { echo "error: cmake not found (apt-get install cmake g++)" >&2; exit 1; }
-  CMAKE_ARGS="$LLAMACPP_CMAKE_ARGS" FORCE_CMAKE=1 make_venv .venv-llamacpp \
+  # No wheel cache: a cached build would ignore CMAKE_ARGS.
+  CMAKE_ARGS="$LLAMACPP_CMAKE_ARGS" FORCE_CMAKE=1 PIP_NO_CACHE_DIR=1 make_venv .venv-llamacpp \
     'import llama_cpp; print("llama-cpp-python", llama_cpp.__version__, "ggml system info:", llama_cpp.llama_print_system_info().decode())' \
     "${LLAMACPP_REQUIREMENTS[@]}"
 }

@@ -16,7 +16,7 @@ from jaxinfer.engine.create import engine_from_checkpoint
 from jaxinfer.errors import EngineError
 from jaxinfer.eval.corpus import CALIBRATION, corpus_windows
 from jaxinfer.model.sharding import make_mesh, param_shardings
-from jaxinfer.quant.apply import is_quantized, quantize_params
+from jaxinfer.quant.apply import HEAD_MODES, is_quantized, quantize_params
 from jaxinfer.quant.calibration import ActivationStats, capture_activations
 from jaxinfer.quant.scaling import awq_search, smoothquant_scale
 from jaxinfer.reference import ReferenceGenerator
@@ -67,7 +67,9 @@ def test_quantized_engine_matches_the_model_on_dequantized_weights(checkpoint, p
     params, cfg = engine.runner.params, engine.model_cfg
     assert all(is_quantized(layer[name]) for layer in params["layers"]
                for name in ("w_qkv", "wo", "w_gate_up", "w_down"))
-    assert not is_quantized(params["embed"]) and params["lm_head"].dtype == np.float32
+    # The 8-bit integer modes quantize the head too (weight-only int8); the lookup table stays float.
+    assert not is_quantized(params["embed"])
+    assert is_quantized(params["lm_head"]) == (mode in HEAD_MODES)
     oracle = ReferenceGenerator(dequantized(params), cfg, max_len=64)
     quantized = ReferenceGenerator(params, cfg, max_len=64)
     np.testing.assert_allclose(quantized.prompt_logits(prompts), oracle.prompt_logits(prompts), atol=logits_atol)
@@ -98,6 +100,25 @@ def test_built_int8_engine_restores_quantized_weights_and_generates(checkpoint, 
     assert engine_greedy(engine, prompts) == oracle.generate(prompts, NEW_TOKENS)
 
 
+def test_tied_model_gets_an_int8_copy_of_its_table_as_head(prompts, tmp_path):
+    """tiny-smollm2 ties its embeddings: a w8a8 engine keeps the float table for the lookup and adds
+    an int8 head quantized from it, which a built engine restores (packed where the CPU kernel runs)."""
+    tied = load_checkpoint(CHECKPOINTS_DIR / "tiny-smollm2")
+    assert "lm_head" not in tied.params
+    path = build_engine(CHECKPOINTS_DIR / "tiny-smollm2", tmp_path / "w8a8", progress=False, quant="w8a8", **SETTINGS)
+    engine = load_engine(path, progress=False)
+    params = engine.runner.params
+    head = params["lm_head"]
+    assert head.q.ndim == (4 if cpu_int8_dot.available() else 2)
+    table = np.asarray(tied.params["embed"], np.float32)
+    np.testing.assert_array_equal(np.asarray(params["embed"]), table)
+    # Per vocabulary entry: each column's largest weight maps to 127, and the head dequantizes to the table.
+    np.testing.assert_allclose(np.asarray(head.scale), np.abs(table).max(axis=0) / 127, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(head.dequantize()), table, atol=float(np.max(head.scale)) / 2 + 1e-7)
+    oracle = ReferenceGenerator(dequantized(params), engine.model_cfg, max_len=64)
+    assert engine_greedy(engine, prompts) == oracle.generate(prompts, NEW_TOKENS)
+
+
 @pytest.mark.parametrize("mode", ["int4-awq", "w8a8"])
 def test_quantized_shardings_follow_column_and_row_parallel_axes(checkpoint, mode):
     cfg = checkpoint.config
@@ -111,6 +132,11 @@ def test_quantized_shardings_follow_column_and_row_parallel_axes(checkpoint, mod
     assert column.input_scale.spec == P(None) and row.input_scale.spec == P("model")
     if mode != "int4-awq":
         assert column.scale.spec == P("model") and row.scale.spec == P(None)
+    head = param_shardings(cfg, make_mesh(2), params).get("lm_head")
+    if mode in HEAD_MODES:  # split by vocabulary, like the float head
+        assert head.q.spec == P(None, "model") and head.scale.spec == P("model")
+    else:
+        assert head.spec == P(None, "model")
 
 
 def test_awq_lowers_the_calibration_output_error_of_rtn(checkpoint):

@@ -32,10 +32,11 @@ def decode_rate(engine: LLMEngine, batch: int, prompt_len: int, decode_tokens: i
 
 def streamed_weight_bytes(params) -> int:
     """Bytes of the engine's weights one decode token reads: every parameter as it is stored
-    (quantized layers in their format with their scales, the head and norms in the engine dtype),
-    except an untied embedding table, of which the lookup reads only a column per token."""
-    untied_table = params["embed"] if "lm_head" in params else None
-    return weight_bytes(params) - (0 if untied_table is None else weight_bytes(untied_table))
+    (quantized layers and head in their format with their scales, norms in the engine dtype),
+    except an embedding table that is not the head (untied, or tied with a quantized copy as the
+    head), of which the lookup reads only a column per token."""
+    lookup_only = params["embed"] if "lm_head" in params else None
+    return weight_bytes(params) - (0 if lookup_only is None else weight_bytes(lookup_only))
 
 
 def weight_stream_rate(engine: LLMEngine, bandwidth_bytes_per_s: float) -> float:

@@ -7,7 +7,8 @@ they are used, `[in, out]`:
                                          as their head, and a matrix-vector product over [in, out]
                                          streams faster on XLA:CPU than over its transpose
     final_norm  [hidden]
-    lm_head     [hidden, vocab]          absent when the embeddings are tied
+    lm_head     [hidden, vocab]          absent when the embeddings are tied (except in quantized
+                                         engines, which may quantize a copy of the table: jaxinfer.quant)
     layers      list (one dict per layer; a Python loop over separate weights decodes faster on
                 XLA:CPU than lax.scan over stacked ones, see GUIDE.md):
         attn_norm [hidden]
@@ -69,8 +70,11 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
 
 def compute_logits(params: Params, hidden: jax.Array) -> jax.Array:
     """float32 logits `[..., vocab]` from final hidden states `[..., hidden]`; the head is lm_head,
-    or the embedding table itself when they are tied."""
+    or the embedding table itself when they are tied. A quantized head (jaxinfer.quant) takes
+    float32 activations, so that the logits keep float32 precision."""
     head = params.get("lm_head", params["embed"])
+    if not isinstance(head, (jax.Array, np.ndarray)):
+        return linear(hidden.astype(jnp.float32), head)
     return jnp.einsum("...h,hv->...v", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 

@@ -10,9 +10,12 @@ the engine lives here.
 
 Quantized: the four linear weights of every layer (w_qkv, wo, w_gate_up, w_down), which hold
 nearly all of the bytes. q/k/v share one input scale (and gate/up another) because they share one
-fused weight, as in AutoAWQ and SmoothQuant, which scale the inputs a norm feeds. Kept in the
-engine dtype: embeddings, norms, biases and the LM head (tied to the embeddings in SmolLM2),
-because they are small and precision-sensitive.
+fused weight, as in AutoAWQ and SmoothQuant, which scale the inputs a norm feeds. In the 8-bit
+integer modes (HEAD_MODES) the LM head too, as weight-only int8 with one scale per vocabulary
+entry (an `Int8Weight` under "lm_head"; for tied embeddings an int8 copy of the table): kept in
+float32 it was a third of the bytes an int8 SmolLM2 decode step streams (113 of 330 MB), and
+llama.cpp's GGUF files store it in 8 bits too. Kept in the engine dtype: the embedding table the
+lookup reads (a column per token), norms and biases, which are small and precision-sensitive.
 
 | mode       | weight (jaxinfer.quant)  | from calibration activations                        |
 | ---------- | ------------------------ | --------------------------------------------------- |
@@ -43,6 +46,8 @@ from pallas_kernels import cpu_int8_dot
 # mode -> (quantize_weight mode, calibrated method or None)
 QUANT_MODES = {"int8": ("int8", None), "int4": ("int4", None), "int4-awq": ("int4", "awq"),
                "w8a8": ("w8a8", "smoothquant"), "fp8": ("fp8", "weighted-scale")}
+# The modes whose LM head is quantized, weight-only int8 (module docstring).
+HEAD_MODES = ("int8", "w8a8")
 # The methods that fold an input_scale into the weight (a field of the quantized pytree).
 INPUT_SCALE_METHODS = ("awq", "smoothquant")
 CALIBRATION_WINDOWS = 8
@@ -100,6 +105,16 @@ def _map_linears(params, transform):
     return {**params, "layers": layers}
 
 
+def _head(params):
+    """The head the model multiplies by: lm_head, else the tied embedding table."""
+    return params.get("lm_head", params["embed"])
+
+
+def _with_int8_head(params, mode: str, quantize_head):
+    """`params` with "lm_head" = quantize_head(float head) in the HEAD_MODES, else unchanged."""
+    return {**params, "lm_head": quantize_head(_head(params))} if mode in HEAD_MODES else params
+
+
 def quantize_params(params, cfg: ModelConfig, mode: str, calibration: Calibration | None = None):
     """`params` with every linear weight quantized in `mode` (the rest untouched). The calibrated
     modes need `calibration` (from `calibrate` or `capture_activations`)."""
@@ -114,7 +129,8 @@ def quantize_params(params, cfg: ModelConfig, mode: str, calibration: Calibratio
         stats = None if calibration is None else calibration[key]
         return quantize_weight(w, weight_mode, **_calibrated_options(method, w, stats, options), **options)
 
-    return _map_linears(params, quantize)
+    return _with_int8_head(_map_linears(params, quantize), mode,
+                           lambda head: quantize_weight(np.asarray(head, np.float32), "int8"))
 
 
 def abstract_quantized_params(structs, cfg: ModelConfig, mode: str):
@@ -134,7 +150,11 @@ def abstract_quantized_params(structs, cfg: ModelConfig, mode: str):
                                        **_weight_options(weight_mode, w.shape[0]))
         return jax.eval_shape(quantize, w)
 
-    return _map_linears(structs, quantize_abstract)
+    def quantize_head(head):
+        with jax.ensure_compile_time_eval():
+            return jax.eval_shape(lambda w: quantize_weight(w, "int8"), head)
+
+    return _with_int8_head(_map_linears(structs, quantize_abstract), mode, quantize_head)
 
 
 def uses_cpu_kernel(mode: str | None, tp: int) -> bool:
@@ -154,7 +174,8 @@ def pack_for_cpu_kernel(params):
             return w
         return dataclasses.replace(w, q=cpu_int8_dot.pack(q))
 
-    return _map_linears(params, pack)
+    packed = _map_linears(params, pack)
+    return {**packed, "lm_head": pack(None, packed["lm_head"])} if "lm_head" in packed else packed
 
 
 def quantized_logical_axes(params, axes):
@@ -180,6 +201,8 @@ def quantized_logical_axes(params, axes):
         return dataclasses.replace(param, **{f.name: field_axes(f.name, getattr(param, f.name))
                                              for f in dataclasses.fields(param)})
 
+    if "lm_head" in params and "lm_head" not in axes:  # a tied table's quantized copy
+        axes = {**axes, "lm_head": axes["embed"]}
     return jax.tree.map(expand, params, axes, is_leaf=is_quantized)
 
 
@@ -189,7 +212,8 @@ def weight_bytes(params) -> int:
 
 def describe(params, mode: str, dtype: str) -> str:
     """The build-time line that says what was quantized and what was kept in the engine dtype."""
-    kept = sorted(name for name in params if name != "layers")
+    kept = sorted(name for name, w in params.items() if name != "layers" and not is_quantized(w))
     count = sum(is_quantized(w) for layer in params["layers"] for w in layer.values())
-    return (f"quantization {mode}: {count} linear weights ({', '.join(LINEAR_WEIGHTS)}) quantized; "
+    head = "; lm_head quantized to int8" if is_quantized(params.get("lm_head")) else ""
+    return (f"quantization {mode}: {count} linear weights ({', '.join(LINEAR_WEIGHTS)}) quantized{head}; "
             f"{', '.join(kept)}, norms and biases kept in {dtype}; weights {weight_bytes(params) / 2**20:.1f} MiB")

@@ -1,15 +1,15 @@
 """Building and registering the C++ CPU kernels that XLA calls through its FFI.
 
-    CpuKernel(name, target, source, compile_flags, cpu_flags)
+    CpuKernel(name, targets, source, compile_flags, cpu_flags)
         .available() -> bool      whether it runs here: the CPU backend, an x86-64 CPU with
                                   `cpu_flags`, a C++ compiler that built it; builds and registers
                                   it on first use, warns and says False when the build fails
         .ensure_registered()      registers it or raises an EngineError that says why it cannot run
-    KERNELS                       target name -> CpuKernel, for engine manifests (`ffi_kernels`)
+    KERNELS                       FFI target name -> CpuKernel, for engine manifests (`ffi_kernels`)
 
 Each kernel's source is compiled once per machine with the system C++ compiler into the user's
 cache (`$XDG_CACHE_HOME/jaxinfer`, else `~/.cache/jaxinfer`), named by a hash of the source, the
-flags and the jax FFI header, and registered with XLA under its target name by the first
+flags and the jax FFI header, and registered with XLA under its target names by the first
 `available()` of each process. Executables that call a kernel need it registered before they load:
 `jaxinfer.engine.artifact` registers the kernels an engine's manifest lists. Nothing is downloaded.
 """
@@ -54,15 +54,15 @@ def _compiler() -> str | None:
 
 
 class CpuKernel:
-    """One C++ source file exporting the FFI handler `target` (see the module docstring)."""
+    """One C++ source file exporting an FFI handler named after each of its `targets` (module docstring)."""
 
-    def __init__(self, name: str, target: str, source: Path, compile_flags: tuple[str, ...],
+    def __init__(self, name: str, targets: tuple[str, ...], source: Path, compile_flags: tuple[str, ...],
                  cpu_flags: frozenset[str]):
-        self.name, self.target, self.source = name, target, source
+        self.name, self.targets, self.source = name, targets, source
         self.compile_flags = ("-O3", "-std=c++17", "-shared", "-fPIC", *compile_flags)
         self.cpu_flags = cpu_flags
         self._available: bool | None = None
-        KERNELS[target] = self
+        KERNELS.update(dict.fromkeys(targets, self))
 
     def _library_path(self, compiler: str) -> Path:
         include = Path(jax.ffi.include_dir())
@@ -95,8 +95,9 @@ class CpuKernel:
         library = self._library_path(compiler)
         if not library.exists():
             self._build(compiler, library)
-        handler = getattr(ctypes.cdll.LoadLibrary(str(library)), self.target)
-        jax.ffi.register_ffi_target(self.target, jax.ffi.pycapsule(handler), platform="cpu")
+        handlers = ctypes.cdll.LoadLibrary(str(library))
+        for target in self.targets:
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handlers, target)), platform="cpu")
 
     def available(self) -> bool:
         """Whether the kernel runs here. The first call on a machine builds it (a few seconds) and

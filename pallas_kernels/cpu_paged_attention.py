@@ -33,9 +33,9 @@ from jaxinfer.cache.attention_metadata import AttentionMetadata
 from jaxinfer.cache.kv_pool import LayerKVCache
 from pallas_kernels.cpu_ffi import CpuKernel
 
-KERNEL = CpuKernel("CPU paged attention kernel", "jaxinfer_paged_decode_attention", Path(__file__).with_suffix(".cc"),
-                   ("-mavx2", "-mfma"), frozenset({"avx2", "fma"}))
-TARGET = KERNEL.target
+TARGET = "jaxinfer_paged_decode_attention"
+KERNEL = CpuKernel("CPU paged attention kernel", (TARGET,), Path(__file__).with_suffix(".cc"), ("-mavx2", "-mfma"),
+                   frozenset({"avx2", "fma"}))
 available = KERNEL.available
 # The kernel's AVX2 loops take head_dim in whole 8-float registers.
 HEAD_DIM_MULTIPLE = 8

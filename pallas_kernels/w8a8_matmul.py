@@ -19,7 +19,8 @@ Implementations (`implementation=`):
     "interpret"  the same kernel in Pallas interpret mode (tests on CPU; slow).
     "xla"        the fastest CPU formulation measured (benchmarks/bench_quant_matmul.py): int8
                  through `cpu_int8_dot.fastest_int8_dot` (the C++ kernel for few rows where the CPU
-                 has VNNI, else XLA's int32-accumulating dot); fp8 converted to bf16 (exact) and
+                 has VNNI, else XLA's int32-accumulating dot; where the kernel serves, `w8a8_matmul`
+                 makes one `cpu_int8_dot.w8a8_dot` call of quantization, dot and scales); fp8 converted to bf16 (exact) and
                  dotted with f32 accumulation (`xla_cpu.min_rows_dot`).
     "reference"  exact integer (int8) / highest-precision f32 (fp8) math, then the scales.
     None         "pallas" on GPU, "xla" elsewhere.
@@ -41,6 +42,7 @@ from pallas_kernels.quant_tiling import (
     block_depth,
     dispatch,
     pallas_supports,
+    resolve_implementation,
     tiled_matmul_call,
 )
 from pallas_kernels.xla_cpu import after_activations, min_rows_dot
@@ -140,5 +142,9 @@ def quantized_dot(x_q: jax.Array, w_q: jax.Array, *, implementation: str | None 
 
 def w8a8_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, implementation: str | None = None) -> jax.Array:
     """`x [M, K]` (f32/bf16) quantized per token to `w_q.dtype`, times `w_q [K, N]`, rescaled -> `[M, N]` x.dtype."""
+    fused = resolve_implementation(implementation, tileable=_pallas_can_run(w_q)) == "xla" and cpu_int8_dot.serves(
+        x.shape[0], w_q)
+    if fused:  # quantization, dot and scales in one CPU kernel call (cpu_int8_dot.w8a8_dot)
+        return cpu_int8_dot.w8a8_dot(x, w_q, w_scale).astype(x.dtype)
     x_q, x_scale = quantize_per_token(x, w_q.dtype)
     return _implementation(implementation, w_q)(x_q, w_q, (x_scale, w_scale), x.dtype)

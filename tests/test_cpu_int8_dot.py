@@ -11,6 +11,8 @@ import pytest
 
 from jaxinfer.errors import EngineError
 from pallas_kernels import cpu_ffi, cpu_int8_dot
+from pallas_kernels.activation_quant import quantize_per_token
+from pallas_kernels.w8a8_matmul import w8a8_matmul
 
 needs_kernel = pytest.mark.skipif(not cpu_int8_dot.available(),
                                   reason="needs an x86-64 CPU with AVX-512 VNNI and a C++ compiler")
@@ -51,6 +53,36 @@ def test_kernel_accumulates_past_float32_precision(rng):
     assert expected.min() > 2**24
     got = cpu_int8_dot.int8_dot(x_q, cpu_int8_dot.pack(jnp.asarray(w_q)))
     np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [1, 3, 4, 9, cpu_int8_dot.MAX_ROWS])
+@pytest.mark.parametrize("k, n", [(576, 960), (132, 96)])
+def test_fused_w8a8_quantizes_each_row_like_quantize_per_token_then_dots_exactly(rng, m, k, n):
+    """Rows of very different ranges, one of them all zero; the weight spans several work items (960
+    columns: 30 tiles), so the pool's threads share it."""
+    x = (rng.standard_normal((m, k)) * rng.uniform(1e-3, 1e3, (m, 1))).astype(np.float32)
+    x[m // 2] = 0.0
+    w_q = rng.integers(-127, 128, (k, n)).astype(np.int8)
+    w_scale = rng.uniform(1e-4, 1e-2, n).astype(np.float32)
+    got = np.asarray(jax.jit(cpu_int8_dot.w8a8_dot)(x, cpu_int8_dot.pack(jnp.asarray(w_q)), w_scale))
+    x_q, x_scale = (np.asarray(a) for a in quantize_per_token(jnp.asarray(x), jnp.int8))
+    expected = exact(x_q, w_q) * x_scale.astype(np.float64)[:, None] * w_scale[None, :]
+    assert got.dtype == np.float32 and got.shape == (m, n)
+    np.testing.assert_array_equal(got[m // 2], 0.0)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m, fused", [(1, True), (cpu_int8_dot.MAX_ROWS, True), (cpu_int8_dot.MAX_ROWS + 1, False)])
+def test_w8a8_matmul_makes_one_kernel_call_on_packed_weights_up_to_max_rows(rng, m, fused):
+    x = jnp.asarray(rng.standard_normal((m, 96)), jnp.float32)
+    w_q = jnp.asarray(rng.integers(-127, 128, (96, 64)), jnp.int8)
+    w_scale = jnp.asarray(rng.uniform(1e-3, 1e-2, 64), jnp.float32)
+    hlo = jax.jit(w8a8_matmul).lower(x, cpu_int8_dot.pack(w_q), w_scale).as_text()
+    assert (cpu_int8_dot.W8A8_TARGET in hlo) == fused
+    np.testing.assert_allclose(np.asarray(w8a8_matmul(x, cpu_int8_dot.pack(w_q), w_scale)),
+                               np.asarray(w8a8_matmul(x, w_q, w_scale, implementation="reference")), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("packed", [True, False])

@@ -62,6 +62,7 @@ class CpuKernel:
         self.compile_flags = ("-O3", "-std=c++17", "-shared", "-fPIC", *compile_flags)
         self.cpu_flags = cpu_flags
         self._available: bool | None = None
+        self._registered = False  # XLA refuses a second registration of a target from another library
         KERNELS.update(dict.fromkeys(targets, self))
 
     def _library_path(self, compiler: str) -> Path:
@@ -95,9 +96,12 @@ class CpuKernel:
         library = self._library_path(compiler)
         if not library.exists():
             self._build(compiler, library)
+        if self._registered:
+            return
         handlers = ctypes.cdll.LoadLibrary(str(library))
         for target in self.targets:
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handlers, target)), platform="cpu")
+        self._registered = True
 
     def available(self) -> bool:
         """Whether the kernel runs here. The first call on a machine builds it (a few seconds) and

@@ -16,8 +16,10 @@
 // float once and dotted with its query group), then a softmax per head in float32, and the second
 // accumulates the probabilities times each V row into [H, D]. Each K and V element is read once,
 // against the XLA path's gathers of whole chunks, loop bookkeeping and partial-softmax merges,
-// which cost ~100 us per layer even at short contexts. One thread, like the int8 kernel beside it:
-// the step's other work and the machine's other jobs share the second core.
+// which cost ~100 us per layer even at short contexts. One thread: sharing (decode, kv head) items
+// with XLA's intra-op pool (as the int8 kernel shares its tiles) doubled a batch-1 call at 128
+// positions (0.077 vs 0.037 ms; waking a pool thread costs about as much as the work) and gained
+// 10-20% at batch 8-32 (benchmarks/bench_paged_attention.py on the Xeon VM), so it was not kept.
 //
 // Only positions below seq_len are read, so whatever unused slots hold (NaN included) never
 // reaches the result; a block id outside the pool or a context longer than the block table is

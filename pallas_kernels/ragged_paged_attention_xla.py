@@ -16,8 +16,8 @@ what the contexts need, not tiles x the batch's longest context: for a 256-token
 every tile walked to the longest context (one-off timings, 9/3 heads, block 16, float32).
 
 With `decodes_in_cpu_kernel` (the "cpu" implementation, what one-device CPU engines run) the decode
-tokens skip the work list and go to the C++ kernel of `cpu_paged_attention`, 2.3-4x faster at
-contexts of 128-512; prefill chunks stay here.
+tokens skip the work list and go to the C++ kernel of `cpu_paged_attention`, 1.5-3.9x faster at
+contexts of 128-512 for batches of 1-32; prefill chunks stay here.
 
 Two layouts of the per-step products, chosen by tile size from one-off interleaved timings on the
 project's 2-core CPU (9/3/64 heads, block 16, float32; benchmarks/bench_paged_attention.py times the

@@ -68,11 +68,16 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), new_caches
 
 
+def head_weight(params: Params):
+    """The `[hidden, vocab]` head: lm_head, or the embedding table itself when they are tied."""
+    return params.get("lm_head", params["embed"])
+
+
 def compute_logits(params: Params, hidden: jax.Array) -> jax.Array:
-    """float32 logits `[..., vocab]` from final hidden states `[..., hidden]`; the head is lm_head,
-    or the embedding table itself when they are tied. A quantized head (jaxinfer.quant) takes
-    float32 activations, so that the logits keep float32 precision."""
-    head = params.get("lm_head", params["embed"])
+    """float32 logits `[..., vocab]` from final hidden states `[..., hidden]` times `head_weight`. A
+    quantized head (jaxinfer.quant) takes float32 activations, so that the logits keep float32
+    precision."""
+    head = head_weight(params)
     if not isinstance(head, (jax.Array, np.ndarray)):
         return linear(hidden.astype(jnp.float32), head)
     return jnp.einsum("...h,hv->...v", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)

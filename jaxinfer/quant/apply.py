@@ -13,7 +13,7 @@ nearly all of the bytes. q/k/v share one input scale (and gate/up another) becau
 fused weight, as in AutoAWQ and SmoothQuant, which scale the inputs a norm feeds. In the 8-bit
 integer modes (HEAD_MODES) the LM head too, as weight-only int8 with one scale per vocabulary
 entry (an `Int8Weight` under "lm_head"; for tied embeddings an int8 copy of the table): kept in
-float32 it was a third of the bytes an int8 SmolLM2 decode step streams (113 of 330 MB), and
+float32 it was half of the bytes an int8 SmolLM2 decode step streamed (113 of 220 MB), and
 llama.cpp's GGUF files store it in 8 bits too. Kept in the engine dtype: the embedding table the
 lookup reads (a column per token), norms and biases, which are small and precision-sensitive.
 
@@ -37,6 +37,7 @@ import numpy as np
 from jaxinfer.errors import EngineError
 from jaxinfer.eval.corpus import CALIBRATION, corpus_windows
 from jaxinfer.model.config import ModelConfig
+from jaxinfer.model.llama import head_weight
 from jaxinfer.quant.calibration import LINEAR_WEIGHTS, Calibration, capture_activations
 from jaxinfer.quant.quantize import quantize_weight
 from jaxinfer.quant.scaling import awq_search, smoothquant_scale
@@ -105,14 +106,9 @@ def _map_linears(params, transform):
     return {**params, "layers": layers}
 
 
-def _head(params):
-    """The head the model multiplies by: lm_head, else the tied embedding table."""
-    return params.get("lm_head", params["embed"])
-
-
 def _with_int8_head(params, mode: str, quantize_head):
     """`params` with "lm_head" = quantize_head(float head) in the HEAD_MODES, else unchanged."""
-    return {**params, "lm_head": quantize_head(_head(params))} if mode in HEAD_MODES else params
+    return {**params, "lm_head": quantize_head(head_weight(params))} if mode in HEAD_MODES else params
 
 
 def quantize_params(params, cfg: ModelConfig, mode: str, calibration: Calibration | None = None):

@@ -6,8 +6,8 @@
 //       x quantized per row (scale = max|x_row| / 127, or 1 / 127 for a zero row; q = x / scale
 //       rounded half to even, clamped to [-127, 127], as activation_quant.quantize_per_token), the
 //       exact int32 dot, then y = float(acc) * row scale * w_scale. One call instead of the five
-//       small XLA operations quantizing the activations took around each dot, whose fixed costs
-//       were a third of a batch-1 w8a8 step.
+//       small XLA operations that quantized the activations around each dot; they cost under 2 us
+//       each in a profile, so this took a w8a8 SmolLM2 batch-1 decode only from 59 to 62 tokens/s.
 //   w_packed[t, k4, c, i] = w[4 * k4 + i, 32 * t + c]
 //
 // The packed layout is what VNNI's dot-product instruction reads (vpdpbusd: 4 byte products along K

@@ -1,27 +1,29 @@
 // An exact int8 x int8 -> int32 matmul for few activation rows on x86 CPUs, as XLA FFI custom calls
 // (built, registered and fed packed weights by cpu_int8_dot.py).
 //
-//   jaxinfer_int8_dot: x [M, K] s8, w_packed [N/32, K/4, 32, 4] s8 -> y [M, N] s32,  y = x @ w exactly
+//   jaxinfer_int8_dot: x [M, K] s8, w_packed [N/4, 4, K] s8 -> y [M, N] s32,  y = x @ w exactly
 //   jaxinfer_w8a8_dot: x [M, K] f32, w_packed s8, w_scale [N] f32 -> y [M, N] f32: W8A8 in one call,
 //       x quantized per row (scale = max|x_row| / 127, or 1 / 127 for a zero row; q = x / scale
 //       rounded half to even, clamped to [-127, 127], as activation_quant.quantize_per_token), the
 //       exact int32 dot, then y = float(acc) * row scale * w_scale. One call instead of the five
 //       small XLA operations that quantized the activations around each dot; they cost under 2 us
 //       each in a profile, so this took a w8a8 SmolLM2 batch-1 decode only from 59 to 62 tokens/s.
-//   w_packed[t, k4, c, i] = w[4 * k4 + i, 32 * t + c]
+//   w_packed[b, c, k] = w[k, 4 * b + c]: the weight output-major ([N, K], each output's K weights
+//       contiguous), in blocks of 4 outputs, so XLA's own dot reads the same bytes as a free reshape
 //
-// The packed layout is what VNNI's dot-product instruction reads (vpdpbusd: 4 byte products along K
-// summed into each int32 lane), with each 32-column tile contiguous in memory, so the kernel streams
-// the weight sequentially with no shuffles: per 4 rows of K and 32 columns, four 32-byte loads and
-// four vpdpbusd per activation row. vpdpbusd multiplies unsigned by signed bytes, so x is offset by
-// 128 into unsigned bytes, and 128 x the column sums of w (accumulated by the same instruction
-// against ones) come off at the end.
+// The loop is in dot-product form: for a block of 4 outputs and up to kRowBlock activation rows, each
+// 64 bytes of K is one zmm load per output and per row, and VNNI's vpdpbusd (64 byte products, summed
+// in fours into 16 int32 lanes) accumulates each (row, output) pair in its own register; the 16 lanes
+// are summed once at the end of K. The last partial 64 bytes of K are loaded masked (zeros beyond K).
+// vpdpbusd multiplies unsigned by signed bytes, so x is offset by 128 into unsigned bytes, and 128 x
+// the sums of each output's weights (accumulated by the same instruction against ones) come off at
+// the end.
 //
-// A tile's accumulators stay in registers for up to kRowBlock rows at a time. The calling thread and
-// tasks on XLA's intra-op thread pool take chunks of kTilesPerItem tiles from a shared counter, so
-// a busy pool costs nothing but the calling thread's doing all of them. On the project's Xeon VMs
-// one thread streams a weight from memory at about 12 GB/s and two at about 25 (the machine's copy
-// bandwidth); on the earlier EPYC VMs one thread reached 14-18 GB/s and splitting did not pay.
+// The calling thread and tasks on XLA's intra-op thread pool take chunks of kBlocksPerItem output
+// blocks from a shared counter, so a busy pool costs nothing but the calling thread's doing all of
+// them. On the project's Xeon VMs one thread streams a weight from memory at about 12 GB/s and two at
+// about 25 (the machine's copy bandwidth); on the earlier EPYC VMs one thread reached 14-18 GB/s and
+// splitting did not pay.
 
 #include <immintrin.h>
 
@@ -39,69 +41,89 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kTileCols = 32;
+constexpr int64_t kBlockCols = 4;
 constexpr int kRowBlock = 4;
-// Software prefetch this far ahead in a tile: the weight streams from memory, and on the Xeon VMs a
-// 120-call chain of SmolLM2's w8a8 weights (106 MB) took a median 5.8 ms with it against 7.2 without
-// (four interleaved runs each; the machine's noise spans 3.6-7.4 ms).
-constexpr int64_t kPrefetchBytes = 4096;
-// Tiles per work item: 8 x 32 columns, 147 KB of a K = 576 weight, few enough items to spread
+// The first row block of each output block, which streams it from memory, prefetches the block this
+// many blocks ahead (1, 2 and 4 measured within the machine's noise of each other).
+constexpr int64_t kPrefetchBlocks = 2;
+// Output blocks per work item: 64 outputs, 36 KB of a K = 576 weight, few enough items to spread
 // small weights over two threads, large enough to amortize taking one.
-constexpr int64_t kTilesPerItem = 8;
+constexpr int64_t kBlocksPerItem = 16;
 
 struct Problem {
   const uint8_t* x_offset;  // [M, K] x + 128
-  const int8_t* w;          // [N/32, K/4, 32, 4]
+  const int8_t* w;          // [N/4, 4, K]
   int32_t* y;               // [M, N]
   int64_t m, k, n;
 };
 
-// Rows r0..r0+R-1 of y, the 32 columns of tile t.
-template <int R>
-void tile(const Problem& p, int64_t r0, int64_t t) {
-  __m256i acc[R][4], col_sum[4];
-  for (int j = 0; j < 4; ++j) {
-    col_sum[j] = _mm256_setzero_si256();
-    for (int r = 0; r < R; ++r) acc[r][j] = _mm256_setzero_si256();
+// [sum(a), sum(b), sum(c), sum(d)] of four vectors of 16 int32 lanes.
+inline __m128i sum_lanes4(__m512i a, __m512i b, __m512i c, __m512i d) {
+  auto halve = [](__m512i v) {
+    return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+  };
+  // hadd works within each 128-bit half: after two rounds each half holds 4 partial sums of a..d.
+  const __m256i abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(halve(a), halve(b)), _mm256_hadd_epi32(halve(c), halve(d)));
+  return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
+}
+
+inline __m512i load_k(const void* p, int64_t k, int64_t end) {
+  if (k + 64 <= end) return _mm512_loadu_si512(p);
+  return _mm512_maskz_loadu_epi8(_cvtu64_mask64(~0ULL >> (64 - (end - k))), p);
+}
+
+// Rows r0..r0+R-1 of y, outputs 4b..4b+3. The first row block of each output block (kFirst) also
+// sums the block's weights into offset_sums (x 128), which the later row blocks reuse.
+template <int R, bool kFirst>
+void block(const Problem& p, int64_t r0, int64_t b, __m128i& offset_sums) {
+  __m512i acc[R][kBlockCols], sum[kBlockCols];
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int c = 0; c < kBlockCols; ++c) {
+    sum[c] = _mm512_setzero_si512();
+    for (int r = 0; r < R; ++r) acc[r][c] = _mm512_setzero_si512();
   }
-  const __m256i ones = _mm256_set1_epi8(1);
-  const int8_t* w = p.w + t * p.k * kTileCols;
-  for (int64_t kk = 0; kk < p.k; kk += 4, w += 4 * kTileCols) {
-    __m256i cols[4];  // cols[j]: columns 8j..8j+7, 4 rows each
-    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes + 64), _MM_HINT_T0);
-    for (int j = 0; j < 4; ++j) cols[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * j));
-    for (int j = 0; j < 4; ++j) col_sum[j] = _mm256_dpbusd_epi32(col_sum[j], ones, cols[j]);
+  const int8_t* w = p.w + b * kBlockCols * p.k;
+  const uint8_t* x = p.x_offset + r0 * p.k;
+  for (int64_t k = 0; k < p.k; k += 64) {
+    __m512i cols[kBlockCols];
+    for (int c = 0; c < kBlockCols; ++c) {
+      if (kFirst)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (c + kPrefetchBlocks * kBlockCols) * p.k + k), _MM_HINT_T0);
+      cols[c] = load_k(w + c * p.k + k, k, p.k);
+      if (kFirst) sum[c] = _mm512_dpbusd_epi32(sum[c], ones, cols[c]);
+    }
     for (int r = 0; r < R; ++r) {
-      int32_t four;
-      std::memcpy(&four, p.x_offset + (r0 + r) * p.k + kk, sizeof(four));
-      const __m256i x4 = _mm256_set1_epi32(four);
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_dpbusd_epi32(acc[r][j], x4, cols[j]);
+      const __m512i xr = load_k(x + r * p.k + k, k, p.k);
+      for (int c = 0; c < kBlockCols; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], xr, cols[c]);
     }
   }
-  for (int j = 0; j < 4; ++j) col_sum[j] = _mm256_slli_epi32(col_sum[j], 7);
+  if (kFirst) offset_sums = _mm_slli_epi32(sum_lanes4(sum[0], sum[1], sum[2], sum[3]), 7);
   for (int r = 0; r < R; ++r) {
-    int32_t* out = p.y + (r0 + r) * p.n + t * kTileCols;
-    for (int j = 0; j < 4; ++j)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * j), _mm256_sub_epi32(acc[r][j], col_sum[j]));
+    const __m128i sums = _mm_sub_epi32(sum_lanes4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]), offset_sums);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p.y + (r0 + r) * p.n + b * kBlockCols), sums);
   }
 }
 
-void all_rows(const Problem& p, int64_t t) {
-  for (int64_t r0 = 0; r0 < p.m; r0 += kRowBlock) {
-    switch (std::min<int64_t>(kRowBlock, p.m - r0)) {
-      case 1: tile<1>(p, r0, t); break;
-      case 2: tile<2>(p, r0, t); break;
-      case 3: tile<3>(p, r0, t); break;
-      default: tile<4>(p, r0, t); break;
-    }
+template <bool kFirst>
+void row_block(const Problem& p, int64_t r0, int64_t b, __m128i& offset_sums) {
+  switch (std::min<int64_t>(kRowBlock, p.m - r0)) {
+    case 1: block<1, kFirst>(p, r0, b, offset_sums); break;
+    case 2: block<2, kFirst>(p, r0, b, offset_sums); break;
+    case 3: block<3, kFirst>(p, r0, b, offset_sums); break;
+    default: block<4, kFirst>(p, r0, b, offset_sums); break;
   }
 }
 
-// Runs tile(t) for every tile t < tiles on the calling thread and the pool's threads.
-template <typename TileFn>
-void all_tiles(ffi::ThreadPool& pool, int64_t tiles, TileFn tile_fn) {
-  const int64_t items = (tiles + kTilesPerItem - 1) / kTilesPerItem;
+void all_rows(const Problem& p, int64_t b) {
+  __m128i offset_sums;
+  row_block<true>(p, 0, b, offset_sums);
+  for (int64_t r0 = kRowBlock; r0 < p.m; r0 += kRowBlock) row_block<false>(p, r0, b, offset_sums);
+}
+
+// Runs block_fn(b) for every output block b < blocks on the calling thread and the pool's threads.
+template <typename BlockFn>
+void all_blocks(ffi::ThreadPool& pool, int64_t blocks, BlockFn block_fn) {
+  const int64_t items = (blocks + kBlocksPerItem - 1) / kBlocksPerItem;
   // Shared with the pool's tasks, which may start after this call has returned: they then find no
   // item left and touch nothing but this state.
   struct State {
@@ -109,9 +131,9 @@ void all_tiles(ffi::ThreadPool& pool, int64_t tiles, TileFn tile_fn) {
     std::atomic<int64_t> active{0};
   };
   auto state = std::make_shared<State>();
-  auto drain = [state, tiles, items, tile_fn]() {
+  auto drain = [state, blocks, items, block_fn]() {
     for (int64_t item; (item = state->next.fetch_add(1)) < items;)
-      for (int64_t t = item * kTilesPerItem; t < std::min(tiles, (item + 1) * kTilesPerItem); ++t) tile_fn(t);
+      for (int64_t b = item * kBlocksPerItem; b < std::min(blocks, (item + 1) * kBlocksPerItem); ++b) block_fn(b);
   };
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), items - 1);
   for (int64_t h = 0; h < helpers; ++h) {
@@ -127,7 +149,7 @@ void all_tiles(ffi::ThreadPool& pool, int64_t tiles, TileFn tile_fn) {
 }
 
 bool packed_for(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd) {
-  return xd.size() == 2 && wd.size() == 4 && wd[2] == kTileCols && wd[3] == 4 && xd[1] == 4 * wd[1];
+  return xd.size() == 2 && wd.size() == 3 && wd[1] == kBlockCols && xd[1] == wd[2];
 }
 
 ffi::Error Int8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
@@ -135,22 +157,22 @@ ffi::Error Int8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (!packed_for(xd, wd))
     return ffi::Error::InvalidArgument(
-        "jaxinfer_int8_dot: expected x [M, K] and w packed [N/32, K/4, 32, 4], both int8");
-  const int64_t m = xd[0], k = xd[1], tiles = wd[0];
+        "jaxinfer_int8_dot: expected x [M, K] and w packed [N/4, 4, K], both int8");
+  const int64_t m = xd[0], k = xd[1], blocks = wd[0];
   std::vector<uint8_t> x_offset(m * k);
   for (int64_t i = 0; i < m * k; ++i) x_offset[i] = static_cast<uint8_t>(x.typed_data()[i] + 128);
-  const Problem p{x_offset.data(), w.typed_data(), y->typed_data(), m, k, tiles * kTileCols};
-  all_tiles(pool, tiles, [p](int64_t t) { all_rows(p, t); });
+  const Problem p{x_offset.data(), w.typed_data(), y->typed_data(), m, k, blocks * kBlockCols};
+  all_blocks(pool, blocks, [p](int64_t b) { all_rows(p, b); });
   return ffi::Error::Success();
 }
 
 ffi::Error W8A8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                    ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
-  if (!packed_for(xd, wd) || w_scale.element_count() != wd[0] * kTileCols)
+  if (!packed_for(xd, wd) || w_scale.element_count() != wd[0] * kBlockCols)
     return ffi::Error::InvalidArgument(
-        "jaxinfer_w8a8_dot: expected x [M, K] f32, w packed [N/32, K/4, 32, 4] int8 and w_scale [N] f32");
-  const int64_t m = xd[0], k = xd[1], tiles = wd[0], n = tiles * kTileCols;
+        "jaxinfer_w8a8_dot: expected x [M, K] f32, w packed [N/4, 4, K] int8 and w_scale [N] f32");
+  const int64_t m = xd[0], k = xd[1], blocks = wd[0], n = blocks * kBlockCols;
   const float* xs = x.typed_data();
   std::vector<uint8_t> x_offset(m * k);
   std::vector<float> row_scale(m);
@@ -166,7 +188,7 @@ ffi::Error W8A8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   }
   std::vector<int32_t> acc(m * n);
   const Problem p{x_offset.data(), w.typed_data(), acc.data(), m, k, n};
-  all_tiles(pool, tiles, [p](int64_t t) { all_rows(p, t); });
+  all_blocks(pool, blocks, [p](int64_t b) { all_rows(p, b); });
   const float* ws = w_scale.typed_data();
   float* out = y->typed_data();
   for (int64_t r = 0; r < m; ++r)

@@ -23,20 +23,22 @@ def exact(x_q: np.ndarray, w_q: np.ndarray) -> np.ndarray:
 
 
 def test_pack_is_the_documented_layout_and_unpack_inverts_it(rng):
-    w_q = rng.integers(-128, 128, (12, 64)).astype(np.int8)
+    w_q = rng.integers(-128, 128, (12, 8)).astype(np.int8)
     packed = np.asarray(cpu_int8_dot.pack(jnp.asarray(w_q)))
-    assert packed.shape == (2, 3, 32, 4)
-    t, k4, c, i = 1, 2, 5, 3
-    assert packed[t, k4, c, i] == w_q[4 * k4 + i, 32 * t + c]
+    assert packed.shape == (2, 4, 12)
+    b, c, k = 1, 2, 5
+    assert packed[b, c, k] == w_q[k, 4 * b + c]
+    assert cpu_int8_dot.is_packed(jnp.asarray(packed)) and not cpu_int8_dot.is_packed(jnp.asarray(w_q))
     np.testing.assert_array_equal(np.asarray(cpu_int8_dot.unpack(jnp.asarray(packed))), w_q)
-    assert cpu_int8_dot.logical_shape(jnp.asarray(packed)) == (12, 64)
+    np.testing.assert_array_equal(np.asarray(cpu_int8_dot.output_major(jnp.asarray(packed))), w_q.T)
+    assert cpu_int8_dot.logical_shape(jnp.asarray(packed)) == (12, 8)
     with pytest.raises(ValueError, match="multiple of 4"):
-        cpu_int8_dot.pack(jnp.zeros((10, 64), jnp.int8))
+        cpu_int8_dot.pack(jnp.zeros((12, 10), jnp.int8))
 
 
 @needs_kernel
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 16])
-@pytest.mark.parametrize("k, n", [(576, 960), (132, 96), (4, 32), (1536, 64)])
+@pytest.mark.parametrize("k, n", [(576, 960), (132, 96), (4, 32), (1536, 64), (100, 12)])
 def test_kernel_is_exact_integer_math_over_the_full_int8_range(rng, m, k, n):
     x_q = rng.integers(-128, 128, (m, k)).astype(np.int8)
     w_q = rng.integers(-128, 128, (k, n)).astype(np.int8)
@@ -60,7 +62,7 @@ def test_kernel_accumulates_past_float32_precision(rng):
 @pytest.mark.parametrize("k, n", [(576, 960), (132, 96)])
 def test_fused_w8a8_quantizes_each_row_like_quantize_per_token_then_dots_exactly(rng, m, k, n):
     """Rows of very different ranges, one of them all zero; the weight spans several work items (960
-    columns: 30 tiles), so the pool's threads share it."""
+    outputs: 240 blocks of 4, 15 items), so the pool's threads share it."""
     x = (rng.standard_normal((m, k)) * rng.uniform(1e-3, 1e3, (m, 1))).astype(np.float32)
     x[m // 2] = 0.0
     w_q = rng.integers(-127, 128, (k, n)).astype(np.int8)
@@ -97,11 +99,21 @@ def test_fastest_dot_runs_the_kernel_on_packed_weights_up_to_max_rows_and_is_exa
     np.testing.assert_array_equal(np.asarray(cpu_int8_dot.fastest_int8_dot(x_q, w)), exact(x_q, w_q))
 
 
+def test_more_rows_than_the_kernel_serves_read_the_packed_weight_without_a_copy(rng):
+    """Prefill: XLA's dot takes the packed bytes as [N, K]; the compiled program copies no weight."""
+    x_q = rng.integers(-127, 128, (cpu_int8_dot.MAX_ROWS + 1, 576)).astype(np.int8)
+    w = cpu_int8_dot.pack(jnp.asarray(rng.integers(-127, 128, (576, 192)).astype(np.int8)))
+    compiled = jax.jit(cpu_int8_dot.fastest_int8_dot).lower(x_q, w).compile().as_text()
+    assert not [line for line in compiled.splitlines() if "s8[192,576]" in line and ("copy" in line or "transpose" in line)]
+
+
 def test_kernel_refuses_operands_it_cannot_read():
-    with pytest.raises(ValueError, match=r"w packed \[N/32, K/4, 32, 4\]"):
+    with pytest.raises(ValueError, match=r"w packed \[N/4, 4, K\]"):
         cpu_int8_dot.int8_dot(np.zeros((2, 8), np.int8), np.zeros((8, 32), np.int8))
+    with pytest.raises(ValueError, match=r"w packed \[N/4, 4, K\]"):
+        cpu_int8_dot.int8_dot(np.zeros((2, 8), np.int8), np.zeros((8, 2, 8), np.int8))
     with pytest.raises(ValueError, match="int8"):
-        cpu_int8_dot.int8_dot(np.zeros((2, 8), np.float32), np.zeros((1, 2, 32, 4), np.int8))
+        cpu_int8_dot.int8_dot(np.zeros((2, 8), np.float32), np.zeros((2, 4, 8), np.int8))
 
 
 def test_a_failed_build_warns_and_leaves_the_int8_dot_to_xla(monkeypatch, tmp_path, rng):

@@ -47,7 +47,7 @@ from jaxinfer.runner.model_runner import ModelRunner, allocate_kv_caches
 from jaxinfer.tokenizer import Tokenizer
 from pallas_kernels import cpu_ffi, cpu_int8_dot
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 def environment() -> dict:

@@ -155,7 +155,7 @@ def abstract_quantized_params(structs, cfg: ModelConfig, mode: str):
 
 def uses_cpu_kernel(mode: str | None, tp: int) -> bool:
     """Whether an engine in this quantization mode stores its int8 weights packed for the CPU int8
-    kernel: on a CPU that runs it, with one device (the packed tiles are not split across a mesh)."""
+    kernel: on a CPU that runs it, with one device (the packed blocks are not split across a mesh)."""
     return (mode is not None and _check_mode(mode)[0] in ("int8", "w8a8") and tp == 1
             and cpu_int8_dot.available())
 
@@ -189,8 +189,8 @@ def quantized_logical_axes(params, axes):
                 return None
             if array.ndim == 2:
                 return param_axes
-            if array.ndim == 4:  # packed for the CPU kernel: [out/32, in/4, 32, 4] (one device only)
-                return (out_axis, in_axis, None, None)
+            if array.ndim == 3:  # packed for the CPU kernel: [out/4, 4, in] (one device only)
+                return (out_axis, None, in_axis)
             if array.ndim == 0:
                 return ()
             return (in_axis,) if name == "input_scale" else (out_axis,)

@@ -13,7 +13,7 @@ through `jit`, `device_put` and sharding like the plain arrays they replace.
 | Int8Weight   | "int8" W8A16  | q [in, out] int8, scale [out] f32                                   |
 | Int4Weight   | "int4" W4A16  | packed [in/2, out] uint8, scale [in/G, out] f16, offset [in/G, out] f16 |
 | W8A8Weight   | "w8a8", "fp8" | q [in, out] int8 or float8_e4m3fn, scale [out] f32 (fp8 per-tensor: [] f32) |
-An int8 `q` may be stored packed for the CPU kernel (`[out/32, in/4, 32, 4]`, see
+An int8 `q` may be stored packed for the CPU kernel (`[out/4, 4, in]`, see
 pallas_kernels.cpu_int8_dot and `jaxinfer.quant.apply.pack_for_cpu_kernel`); `shape` and
 `dequantize` read either layout.
 All carry `input_scale [in] f32 | None`: the weight was quantized as `input_scale[:, None] * w`

@@ -9,8 +9,8 @@
 
 Each kernel's source is compiled once per machine with the system C++ compiler into the user's
 cache (`$XDG_CACHE_HOME/jaxinfer`, else `~/.cache/jaxinfer`), named by a hash of the source, the
-flags and the jax FFI header, and registered with XLA under its target names by the first
-`available()` of each process. Executables that call a kernel need it registered before they load:
+headers beside it, the flags and the jax FFI header, and registered with XLA under its target names
+by the first `available()` of each process. Executables that call a kernel need it registered before they load:
 `jaxinfer.engine.artifact` registers the kernels an engine's manifest lists. Nothing is downloaded.
 """
 
@@ -33,7 +33,8 @@ from jaxinfer.errors import EngineError
 KERNELS: dict[str, "CpuKernel"] = {}
 
 
-def _cpu_flags() -> frozenset[str]:
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -69,6 +70,8 @@ class CpuKernel:
         include = Path(jax.ffi.include_dir())
         digest = hashlib.sha256()
         digest.update(self.source.read_bytes())
+        for header in sorted(self.source.parent.glob("*.h")):  # what the sources include from beside them
+            digest.update(header.read_bytes())
         digest.update(" ".join((compiler, *self.compile_flags)).encode())
         digest.update((include / "xla" / "ffi" / "api" / "c_api.h").read_bytes())
         return _cache_dir() / f"{self.source.stem}-{digest.hexdigest()[:16]}.so"
@@ -112,7 +115,7 @@ class CpuKernel:
 
     def _probe(self) -> bool:
         if not (jax.default_backend() == "cpu" and platform.machine() in ("x86_64", "AMD64")
-                and self.cpu_flags <= _cpu_flags() and _compiler() is not None):
+                and self.cpu_flags <= cpu_flags() and _compiler() is not None):
             return False
         try:
             self._register()

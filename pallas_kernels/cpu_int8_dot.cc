@@ -26,15 +26,16 @@
 // splitting did not pay.
 
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <vector>
 
+#include "cpu_thread_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -51,7 +52,8 @@ constexpr int64_t kPrefetchBlocks = 2;
 constexpr int64_t kBlocksPerItem = 16;
 
 struct Problem {
-  const uint8_t* x_offset;  // [M, K] x + 128
+  const uint8_t* x_offset;  // [M, K] x + 128 (VNNI path)
+  const int8_t* x_tiles;    // x in AMX B-tile order (AMX path, see pack_x_tiles)
   const int8_t* w;          // [N/4, 4, K]
   int32_t* y;               // [M, N]
   int64_t m, k, n;
@@ -120,32 +122,128 @@ void all_rows(const Problem& p, int64_t b) {
   for (int64_t r0 = kRowBlock; r0 < p.m; r0 += kRowBlock) row_block<false>(p, r0, b, offset_sums);
 }
 
-// Runs block_fn(b) for every output block b < blocks on the calling thread and the pool's threads.
-template <typename BlockFn>
-void all_blocks(ffi::ThreadPool& pool, int64_t blocks, BlockFn block_fn) {
-  const int64_t items = (blocks + kBlocksPerItem - 1) / kBlocksPerItem;
-  // Shared with the pool's tasks, which may start after this call has returned: they then find no
-  // item left and touch nothing but this state.
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> active{0};
-  };
-  auto state = std::make_shared<State>();
-  auto drain = [state, blocks, items, block_fn]() {
-    for (int64_t item; (item = state->next.fetch_add(1)) < items;)
-      for (int64_t b = item * kBlocksPerItem; b < std::min(blocks, (item + 1) * kBlocksPerItem); ++b) block_fn(b);
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items - 1);
-  for (int64_t h = 0; h < helpers; ++h) {
-    pool.Schedule([state, drain]() {
-      state->active.fetch_add(1);
-      drain();
-      state->active.fetch_sub(1);
-    });
+void vnni_item(const Problem& p, int64_t item) {
+  const int64_t blocks = p.n / kBlockCols;
+  for (int64_t b = item * kBlocksPerItem; b < std::min(blocks, (item + 1) * kBlocksPerItem); ++b) all_rows(p, b);
+}
+
+// ---- AMX (Intel's tile matrix unit): tdpbssd multiplies signed bytes by signed bytes, a 16 x 64
+// A tile by a 16 x 64 B tile (each B row holding 4 consecutive K bytes of up to 16 columns) into
+// a 16 x 16 int32 C tile. Here A is 16 outputs' weights (rows of the output-major layout, read in
+// place with stride K), B the activations' 64 K values rearranged per call (pack_x_tiles), and C
+// the outputs x rows, so one item (64 outputs, kBlocksPerItem blocks) keeps four C tiles. Used
+// when K and N are multiples of 64 and the OS grants the tile state; otherwise the VNNI loop.
+constexpr int64_t kAmxRows = 16;  // activation rows per B tile
+constexpr int64_t kAmxK = 64;     // K bytes per tile step
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool amx_granted() {
+  static const bool granted = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;  // arch_prctl: request AMX tile data
+    return __builtin_cpu_supports("amx-int8") && syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return granted;
+}
+
+// Below this many rows the VNNI loop was faster (8 and 30 layers of SmolLM2's weights: 1-4 rows
+// 0.8-1.3 / 2.8-3.6 ms against AMX's 1.0-1.3 / 3.4-4.0; 6-8 rows 1.2-1.6 / 4.4-5.8 against 1.1-1.4 /
+// 3.7-4.0).
+constexpr int64_t kAmxMinRows = 5;
+
+bool amx_serves(int64_t m, int64_t k, int64_t n) {
+  return m >= kAmxMinRows && k % kAmxK == 0 && n % (kBlocksPerItem * kBlockCols) == 0 && amx_granted();
+}
+
+// x [M, K] int8 -> per group of 16 rows g, per K step s: [16 K quads][rows in group][4 bytes].
+std::vector<int8_t> pack_x_tiles(const int8_t* x, int64_t m, int64_t k) {
+  std::vector<int8_t> tiles(((m + kAmxRows - 1) / kAmxRows) * kAmxRows * k);
+  int8_t* out = tiles.data();
+  for (int64_t g = 0; g < m; g += kAmxRows) {
+    const int64_t rows = std::min(kAmxRows, m - g);
+    for (int64_t s = 0; s < k; s += kAmxK)
+      for (int64_t quad = 0; quad < kAmxK / 4; ++quad)
+        for (int64_t r = 0; r < rows; ++r, out += 4) std::memcpy(out, x + (g + r) * k + s + 4 * quad, 4);
   }
-  drain();
-  // Every item has been taken; wait for the helpers still finishing theirs.
-  while (state->active.load() > 0) _mm_pause();
+  return tiles;
+}
+
+void amx_item(const Problem& p, int64_t item) {
+  const int64_t n0 = item * kBlocksPerItem * kBlockCols;
+  const int8_t* x_group = p.x_tiles;
+  for (int64_t g = 0; g < p.m; g += kAmxRows) {
+    const int64_t rows = std::min(kAmxRows, p.m - g);
+    TileConfig config;
+    for (int t = 0; t < 4; ++t) config.rows[t] = 16, config.colsb[t] = 4 * rows;  // C: 16 outputs x rows
+    config.rows[4] = kAmxK / 4, config.colsb[4] = 4 * rows;                        // B: activations
+    for (int t = 5; t < 8; ++t) config.rows[t] = 16, config.colsb[t] = kAmxK;      // A: weights
+    _tile_loadconfig(&config);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const int8_t* w = p.w + n0 * p.k;
+    for (int64_t s = 0; s < p.k; s += kAmxK, x_group += kAmxK * rows) {
+      _tile_loadd(4, x_group, 4 * rows);
+      _tile_loadd(5, w + s, p.k);
+      _tile_dpbssd(0, 5, 4);
+      _tile_loadd(6, w + 16 * p.k + s, p.k);
+      _tile_dpbssd(1, 6, 4);
+      _tile_loadd(7, w + 32 * p.k + s, p.k);
+      _tile_dpbssd(2, 7, 4);
+      _tile_loadd(5, w + 48 * p.k + s, p.k);
+      _tile_dpbssd(3, 5, 4);
+    }
+    alignas(64) int32_t c[4][16][16];
+    _tile_stored(0, c[0], 64);
+    _tile_stored(1, c[1], 64);
+    _tile_stored(2, c[2], 64);
+    _tile_stored(3, c[3], 64);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int t = 0; t < 4; ++t)
+        for (int o = 0; o < 16; ++o) p.y[(g + r) * p.n + n0 + 16 * t + o] = c[t][o][r];
+  }
+  _tile_release();
+}
+
+// y = x @ w for int8 x ([M, K]) and packed w, by AMX where it serves, else the VNNI loop.
+void dot(ffi::ThreadPool& pool, const int8_t* x, const int8_t* w, int32_t* y, int64_t m, int64_t k, int64_t n) {
+  const int64_t items = (n / kBlockCols + kBlocksPerItem - 1) / kBlocksPerItem;
+  if (amx_serves(m, k, n)) {
+    const std::vector<int8_t> x_tiles = pack_x_tiles(x, m, k);
+    const Problem p{nullptr, x_tiles.data(), w, y, m, k, n};
+    jaxinfer::run_on_pool(pool, items, [p](int64_t item) { amx_item(p, item); });
+    return;
+  }
+  std::vector<uint8_t> x_offset(m * k);
+  for (int64_t i = 0; i < m * k; ++i) x_offset[i] = static_cast<uint8_t>(x[i] + 128);
+  const Problem p{x_offset.data(), nullptr, w, y, m, k, n};
+  jaxinfer::run_on_pool(pool, items, [p](int64_t item) { vnni_item(p, item); });
+}
+
+// Quantizes one row of x as activation_quant.quantize_per_token does (x / scale rounded half to even,
+// clamped to [-127, 127]) and returns its scale. Vectorized: the scalar loop's nearbyint calls cost
+// about as much as the dot itself at 8-32 rows.
+float quantize_row(const float* x, int64_t k, int8_t* q) {
+  __m512 peak = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) peak = _mm512_max_ps(peak, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+  float absmax = _mm512_reduce_max_ps(peak);
+  for (; i < k; ++i) absmax = std::max(absmax, std::fabs(x[i]));
+  const float scale = (absmax > 0.0f ? absmax : 1.0f) / 127.0f;
+  const __m512 divisor = _mm512_set1_ps(scale), high = _mm512_set1_ps(127.0f), low = _mm512_set1_ps(-127.0f);
+  for (i = 0; i + 16 <= k; i += 16) {
+    const __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + i), divisor),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i value = _mm512_cvtps_epi32(_mm512_min_ps(high, _mm512_max_ps(low, rounded)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(value));
+  }
+  for (; i < k; ++i) q[i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(x[i] / scale))));
+  return scale;
 }
 
 bool packed_for(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd) {
@@ -158,11 +256,7 @@ ffi::Error Int8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi
   if (!packed_for(xd, wd))
     return ffi::Error::InvalidArgument(
         "jaxinfer_int8_dot: expected x [M, K] and w packed [N/4, 4, K], both int8");
-  const int64_t m = xd[0], k = xd[1], blocks = wd[0];
-  std::vector<uint8_t> x_offset(m * k);
-  for (int64_t i = 0; i < m * k; ++i) x_offset[i] = static_cast<uint8_t>(x.typed_data()[i] + 128);
-  const Problem p{x_offset.data(), w.typed_data(), y->typed_data(), m, k, blocks * kBlockCols};
-  all_blocks(pool, blocks, [p](int64_t b) { all_rows(p, b); });
+  dot(pool, x.typed_data(), w.typed_data(), y->typed_data(), xd[0], xd[1], wd[0] * kBlockCols);
   return ffi::Error::Success();
 }
 
@@ -174,25 +268,22 @@ ffi::Error W8A8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
         "jaxinfer_w8a8_dot: expected x [M, K] f32, w packed [N/4, 4, K] int8 and w_scale [N] f32");
   const int64_t m = xd[0], k = xd[1], blocks = wd[0], n = blocks * kBlockCols;
   const float* xs = x.typed_data();
-  std::vector<uint8_t> x_offset(m * k);
+  std::vector<int8_t> x_q(m * k);
   std::vector<float> row_scale(m);
-  for (int64_t r = 0; r < m; ++r) {
-    float absmax = 0.0f;
-    for (int64_t i = 0; i < k; ++i) absmax = std::max(absmax, std::fabs(xs[r * k + i]));
-    const float scale = (absmax > 0.0f ? absmax : 1.0f) / 127.0f;
-    row_scale[r] = scale;
-    for (int64_t i = 0; i < k; ++i) {
-      const float q = std::min(127.0f, std::max(-127.0f, std::nearbyint(xs[r * k + i] / scale)));
-      x_offset[r * k + i] = static_cast<uint8_t>(static_cast<int32_t>(q) + 128);
-    }
-  }
+  for (int64_t r = 0; r < m; ++r) row_scale[r] = quantize_row(xs + r * k, k, x_q.data() + r * k);
   std::vector<int32_t> acc(m * n);
-  const Problem p{x_offset.data(), w.typed_data(), acc.data(), m, k, n};
-  all_blocks(pool, blocks, [p](int64_t b) { all_rows(p, b); });
+  dot(pool, x_q.data(), w.typed_data(), acc.data(), m, k, n);
   const float* ws = w_scale.typed_data();
   float* out = y->typed_data();
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t c = 0; c < n; ++c) out[r * n + c] = static_cast<float>(acc[r * n + c]) * row_scale[r] * ws[c];
+  for (int64_t r = 0; r < m; ++r) {
+    const __m512 row = _mm512_set1_ps(row_scale[r]);
+    int64_t c = 0;
+    for (; c + 16 <= n; c += 16) {
+      const __m512 value = _mm512_cvtepi32_ps(_mm512_loadu_si512(acc.data() + r * n + c));
+      _mm512_storeu_ps(out + r * n + c, _mm512_mul_ps(_mm512_mul_ps(value, row), _mm512_loadu_ps(ws + c)));
+    }
+    for (; c < n; ++c) out[r * n + c] = static_cast<float>(acc[r * n + c]) * row_scale[r] * ws[c];
+  }
   return ffi::Error::Success();
 }
 

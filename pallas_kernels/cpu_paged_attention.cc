@@ -16,10 +16,12 @@
 // float once and dotted with its query group), then a softmax per head in float32, and the second
 // accumulates the probabilities times each V row into [H, D]. Each K and V element is read once,
 // against the XLA path's gathers of whole chunks, loop bookkeeping and partial-softmax merges,
-// which cost ~100 us per layer even at short contexts. One thread: sharing (decode, kv head) items
-// with XLA's intra-op pool (as the int8 kernel shares its tiles) doubled a batch-1 call at 128
-// positions (0.077 vs 0.037 ms; waking a pool thread costs about as much as the work) and gained
-// 10-20% at batch 8-32 (benchmarks/bench_paged_attention.py on the Xeon VM), so it was not kept.
+// which cost ~100 us per layer even at short contexts. Small calls stay on the calling thread:
+// sharing work with XLA's intra-op pool doubled a batch-1 call at 128 positions (0.077 vs 0.037 ms;
+// waking a pool thread costs about as much as the work). From kMinPositionsToSplit positions in all
+// the decodes are split into chunks on the pool too (benchmarks/bench_paged_attention.py on the Xeon
+// VM, f32 pool: batch 32 at 512 positions 3.64 -> 2.13-2.15 ms, at 128 0.65 -> 0.49-0.53, batch 8 at
+// 512 0.71 -> 0.50-0.52; batch 8 at 128, 1024 positions, gained nothing).
 //
 // Only positions below seq_len are read, so whatever unused slots hold (NaN included) never
 // reaches the result; a block id outside the pool or a context longer than the block table is
@@ -34,6 +36,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_thread_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -41,6 +44,10 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kLanes = 8;  // floats per AVX2 register; the Python side requires D % kLanes == 0
+// A call whose decodes read fewer positions than this stays on the calling thread; more are split
+// into about kItemsWhenSplit items shared with XLA's intra-op pool (see the top of this file).
+constexpr int64_t kMinPositionsToSplit = 2048;
+constexpr int64_t kItemsWhenSplit = 8;
 
 float bf16_to_float(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
@@ -156,21 +163,38 @@ struct Problem {
   float soft_cap;
 };
 
+struct Decode {
+  int64_t seq, token, len;
+};
+
+// The batch's decodes (sequences with exactly one new token), after checking that each context fits
+// its block table and reads only blocks inside the pool.
+ffi::ErrorOr<std::vector<Decode>> decodes_of(const Problem& p) {
+  std::vector<Decode> decodes;
+  for (int64_t s = 0; s < p.num_seqs; ++s) {
+    const int64_t start = p.query_start_loc[s], len = p.seq_lens[s];
+    if (p.query_start_loc[s + 1] - start != 1 || len < 1) continue;
+    if (len > p.table_width * p.block_size)
+      return ffi::Error::InvalidArgument("jaxinfer_paged_decode_attention: a context is longer than its block table");
+    const int32_t* table = p.block_tables + s * p.table_width;
+    for (int64_t i = 0; i < (len + p.block_size - 1) / p.block_size; ++i)
+      if (table[i] < 0 || table[i] >= p.num_blocks)
+        return ffi::Error::InvalidArgument("jaxinfer_paged_decode_attention: a block id lies outside the pool");
+    decodes.push_back({s, start, len});
+  }
+  return decodes;
+}
+
 // One decode: token `t` of sequence `s` over its `len` positions.
 template <typename T>
-ffi::Error decode(const Problem& p, const T* k, const T* v, int64_t s, int64_t t, int64_t len,
-                  std::vector<float>& logits, std::vector<float>& row_scratch) {
+void decode(const Problem& p, const T* k, const T* v, int64_t s, int64_t t, int64_t len,
+            std::vector<float>& logits, std::vector<float>& row_scratch) {
   const int64_t heads = p.num_heads, kv_heads = p.num_kv_heads, d = p.head_dim, group = heads / kv_heads;
-  if (len > p.table_width * p.block_size)
-    return ffi::Error::InvalidArgument("jaxinfer_paged_decode_attention: a context is longer than its block table");
   logits.resize(heads * len);
   const float* q = p.q + t * heads * d;
   const int32_t* table = p.block_tables + s * p.table_width;
   for (int64_t pos = 0; pos < len; ++pos) {
-    const int64_t block = table[pos / p.block_size];
-    if (block < 0 || block >= p.num_blocks)
-      return ffi::Error::InvalidArgument("jaxinfer_paged_decode_attention: a block id lies outside the pool");
-    const int64_t first_row = (block * p.block_size + pos % p.block_size) * kv_heads;
+    const int64_t first_row = (table[pos / p.block_size] * p.block_size + pos % p.block_size) * kv_heads;
     for (int64_t h = 0; h < kv_heads; ++h) {
       const float* key = pool_row(k, p.k_scale, first_row + h, d, row_scratch.data());
       for (int64_t j = h * group; j < (h + 1) * group; ++j) logits[j * len + pos] = dot(q + j * d, key, d);
@@ -190,22 +214,34 @@ ffi::Error decode(const Problem& p, const T* k, const T* v, int64_t s, int64_t t
       for (int64_t j = h * group; j < (h + 1) * group; ++j) axpy(logits[j * len + pos], value, out + j * d, d);
     }
   }
-  return ffi::Error::Success();
 }
 
 template <typename T>
-ffi::Error all_decodes(const Problem& p, const void* k, const void* v) {
-  std::vector<float> logits, row_scratch(p.head_dim);
-  for (int64_t s = 0; s < p.num_seqs; ++s) {
-    const int64_t start = p.query_start_loc[s], len = p.seq_lens[s];
-    if (p.query_start_loc[s + 1] - start != 1 || len < 1) continue;
-    ffi::Error error = decode(p, static_cast<const T*>(k), static_cast<const T*>(v), s, start, len, logits, row_scratch);
-    if (error.failure()) return error;
-  }
+ffi::Error all_decodes(ffi::ThreadPool& pool, const Problem& p, const void* k, const void* v) {
+  auto decodes = decodes_of(p);
+  if (decodes.has_error()) return decodes.error();
+  if (decodes->empty()) return ffi::Error::Success();
+  const Decode* list = decodes->data();
+  const int64_t count = static_cast<int64_t>(decodes->size());
+  int64_t positions = 0;
+  for (int64_t i = 0; i < count; ++i) positions += list[i].len;
+  // Chunks of decodes as work items, on the pool's threads as well once there is enough work.
+  const int64_t per_item = positions >= kMinPositionsToSplit ? std::max<int64_t>(1, count / kItemsWhenSplit) : count;
+  const int64_t items = (count + per_item - 1) / per_item;
+  auto item_fn = [&p, k, v, list, count, per_item](int64_t item) {
+    std::vector<float> logits, row_scratch(p.head_dim);
+    for (int64_t i = item * per_item; i < std::min(count, (item + 1) * per_item); ++i)
+      decode(p, static_cast<const T*>(k), static_cast<const T*>(v), list[i].seq, list[i].token, list[i].len, logits,
+             row_scratch);
+  };
+  if (items > 1)
+    jaxinfer::run_on_pool(pool, items, item_fn);
+  else
+    item_fn(0);
   return ffi::Error::Success();
 }
 
-ffi::Error PagedDecodeAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                                 ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale,
                                 ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> seq_lens,
                                 ffi::Buffer<ffi::S32> query_start_loc, float soft_cap,
@@ -223,10 +259,10 @@ ffi::Error PagedDecodeAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::
                   out->typed_data(), td[0], td[1], kd[0], kd[1], qd[1], kd[2], qd[2], soft_cap};
   std::fill(p.out, p.out + out->element_count(), 0.0f);
   switch (k.element_type()) {
-    case ffi::DataType::F32: return all_decodes<float>(p, k.untyped_data(), v.untyped_data());
-    case ffi::DataType::BF16: return all_decodes<uint16_t>(p, k.untyped_data(), v.untyped_data());
-    case ffi::DataType::S8: return all_decodes<int8_t>(p, k.untyped_data(), v.untyped_data());
-    case ffi::DataType::F8E4M3FN: return all_decodes<uint8_t>(p, k.untyped_data(), v.untyped_data());
+    case ffi::DataType::F32: return all_decodes<float>(pool, p, k.untyped_data(), v.untyped_data());
+    case ffi::DataType::BF16: return all_decodes<uint16_t>(pool, p, k.untyped_data(), v.untyped_data());
+    case ffi::DataType::S8: return all_decodes<int8_t>(pool, p, k.untyped_data(), v.untyped_data());
+    case ffi::DataType::F8E4M3FN: return all_decodes<uint8_t>(pool, p, k.untyped_data(), v.untyped_data());
     default:
       return ffi::Error::InvalidArgument("jaxinfer_paged_decode_attention: K/V storage must be f32, bf16, s8 or "
                                          "f8e4m3fn");
@@ -237,6 +273,7 @@ ffi::Error PagedDecodeAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_paged_decode_attention, PagedDecodeAttention,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()

@@ -37,7 +37,7 @@ def test_pack_is_the_documented_layout_and_unpack_inverts_it(rng):
 
 
 @needs_kernel
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 16, 17, 40])
 @pytest.mark.parametrize("k, n", [(576, 960), (132, 96), (4, 32), (1536, 64), (100, 12)])
 def test_kernel_is_exact_integer_math_over_the_full_int8_range(rng, m, k, n):
     x_q = rng.integers(-128, 128, (m, k)).astype(np.int8)
@@ -119,7 +119,7 @@ def test_kernel_refuses_operands_it_cannot_read():
 def test_a_failed_build_warns_and_leaves_the_int8_dot_to_xla(monkeypatch, tmp_path, rng):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached build here
     monkeypatch.setattr(cpu_ffi, "_compiler", lambda: "false")  # a "compiler" that always fails
-    monkeypatch.setattr(cpu_ffi, "_cpu_flags", lambda: cpu_int8_dot.KERNEL.cpu_flags)
+    monkeypatch.setattr(cpu_ffi, "cpu_flags", lambda: cpu_int8_dot.KERNEL.cpu_flags)
     monkeypatch.setattr(cpu_ffi.platform, "machine", lambda: "x86_64")
     cpu_int8_dot.KERNEL.forget()
     try:

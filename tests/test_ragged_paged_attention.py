@@ -249,6 +249,33 @@ def test_cpu_decode_kernel_covers_long_contexts_and_head_layouts(num_q_heads, nu
 
 
 @needs_cpu_kernel
+def test_cpu_decode_kernel_shares_a_large_batch_with_the_thread_pool_and_matches_the_reference():
+    """Sixteen decodes of 150-400 positions (over the kernel's 2048-position threshold for splitting
+    its decodes across XLA's thread pool) around a prefill chunk, whose rows the kernel leaves zero."""
+    rng = np.random.default_rng(11)
+    chunks = [(1, int(length)) for length in rng.integers(150, 400, 8)] + [(5, 40)]
+    chunks += [(1, int(length)) for length in rng.integers(150, 400, 8)]
+    assert sum(length for new, length in chunks if new == 1) > 2048
+    batch = make_batch(12, chunks, block_size=16, num_q_heads=9, num_kv_heads=3, head_dim=64)
+    sm_scale = 64 ** -0.5
+    out = np.asarray(cpu_paged_attention.decode_attention(batch.q * sm_scale, batch.cache, batch.metadata, None))
+    ref = np.asarray(rpa.reference_ragged_paged_attention(batch.q, batch.cache, batch.metadata, sm_scale=sm_scale))
+    decode_rows = np.asarray(batch.metadata.query_start_loc)[:len(chunks)][[new == 1 for new, _ in chunks]]
+    np.testing.assert_allclose(out[decode_rows], ref[decode_rows], rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
+    prefill_start = int(np.asarray(batch.metadata.query_start_loc)[8])
+    np.testing.assert_array_equal(out[prefill_start:prefill_start + 5], 0.0)
+
+
+@needs_cpu_kernel
+def test_cpu_decode_kernel_leaves_a_step_without_decodes_to_the_xla_path():
+    batch = make_batch(13, [(5, 40), (3, 3)], block_size=16, num_q_heads=9, num_kv_heads=3, head_dim=64)
+    np.testing.assert_array_equal(np.asarray(cpu_paged_attention.decode_attention(batch.q, batch.cache, batch.metadata, None)), 0.0)
+    out = rpa.ragged_paged_attention(batch.q, batch.cache, batch.metadata, sm_scale=SM_SCALE, implementation="cpu")
+    ref = rpa.reference_ragged_paged_attention(batch.q, batch.cache, batch.metadata, sm_scale=SM_SCALE)
+    np.testing.assert_allclose(np.asarray(out)[:8], np.asarray(ref)[:8], rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu_kernel
 def test_cpu_decode_kernel_refuses_block_ids_outside_the_pool():
     batch = make_batch(6, [(1, 20)], block_size=8, num_q_heads=2, num_kv_heads=1)
     tables = batch.metadata.block_tables.at[0, 1].set(batch.cache.num_blocks)

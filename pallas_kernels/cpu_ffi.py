@@ -10,8 +10,9 @@
 Each kernel's source is compiled once per machine with the system C++ compiler into the user's
 cache (`$XDG_CACHE_HOME/jaxinfer`, else `~/.cache/jaxinfer`), named by a hash of the source, the
 headers beside it, the flags and the jax FFI header, and registered with XLA under its target names
-by the first `available()` of each process. Executables that call a kernel need it registered before they load:
-`jaxinfer.engine.artifact` registers the kernels an engine's manifest lists. Nothing is downloaded.
+by the first `available()` of each process. Executables that call a kernel need it registered
+before they load: `jaxinfer.engine.artifact` registers the kernels an engine's manifest lists.
+Nothing is downloaded.
 """
 
 from __future__ import annotations

@@ -58,12 +58,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import cpu_ffi
-from pallas_kernels.cpu_ffi import CpuKernel
 from pallas_kernels.xla_cpu import min_rows_dot
 
 TARGET = "jaxinfer_int8_dot"
 W8A8_TARGET = "jaxinfer_w8a8_dot"
-KERNEL = CpuKernel("CPU int8 kernel", (TARGET, W8A8_TARGET), Path(__file__).with_suffix(".cc"),
+KERNEL = cpu_ffi.CpuKernel("CPU int8 kernel", (TARGET, W8A8_TARGET), Path(__file__).with_suffix(".cc"),
                    ("-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile", "-mamx-int8"),
                    frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}))
 available = KERNEL.available

@@ -104,7 +104,9 @@ def test_more_rows_than_the_kernel_serves_read_the_packed_weight_without_a_copy(
     x_q = rng.integers(-127, 128, (cpu_int8_dot.MAX_ROWS + 1, 576)).astype(np.int8)
     w = cpu_int8_dot.pack(jnp.asarray(rng.integers(-127, 128, (576, 192)).astype(np.int8)))
     compiled = jax.jit(cpu_int8_dot.fastest_int8_dot).lower(x_q, w).compile().as_text()
-    assert not [line for line in compiled.splitlines() if "s8[192,576]" in line and ("copy" in line or "transpose" in line)]
+    weight_copies = [line for line in compiled.splitlines()
+                     if "s8[192,576]" in line and ("copy" in line or "transpose" in line)]
+    assert not weight_copies
 
 
 def test_kernel_refuses_operands_it_cannot_read():

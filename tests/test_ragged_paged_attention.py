@@ -269,7 +269,8 @@ def test_cpu_decode_kernel_shares_a_large_batch_with_the_thread_pool_and_matches
 @needs_cpu_kernel
 def test_cpu_decode_kernel_leaves_a_step_without_decodes_to_the_xla_path():
     batch = make_batch(13, [(5, 40), (3, 3)], block_size=16, num_q_heads=9, num_kv_heads=3, head_dim=64)
-    np.testing.assert_array_equal(np.asarray(cpu_paged_attention.decode_attention(batch.q, batch.cache, batch.metadata, None)), 0.0)
+    kernel_only = cpu_paged_attention.decode_attention(batch.q, batch.cache, batch.metadata, None)
+    np.testing.assert_array_equal(np.asarray(kernel_only), 0.0)
     out = rpa.ragged_paged_attention(batch.q, batch.cache, batch.metadata, sm_scale=SM_SCALE, implementation="cpu")
     ref = rpa.reference_ragged_paged_attention(batch.q, batch.cache, batch.metadata, sm_scale=SM_SCALE)
     np.testing.assert_allclose(np.asarray(out)[:8], np.asarray(ref)[:8], rtol=1e-5, atol=1e-5)

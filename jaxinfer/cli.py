@@ -12,6 +12,7 @@ import sys
 from jaxinfer.commands.bench import add_bench_parsers
 from jaxinfer.commands.eval import add_eval_parsers
 from jaxinfer.errors import JaxinferError
+from jaxinfer.quant.apply import QUANT_MODES
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--max-model-len", type=int)
     build.add_argument("--block-size", type=int)
     build.add_argument("--kv-memory", help="KV pool size (e.g. 1GiB) or fraction of device memory (0.9)")
-    build.add_argument("--quant", choices=["int8", "int4", "int4-awq", "w8a8", "fp8"])
+    build.add_argument("--quant", choices=list(QUANT_MODES))
     build.set_defaults(run="jaxinfer.engine.build:main")
 
     serve = commands.add_parser("serve", help="serve an engine over gRPC (jaxinfer.v1, KServe v2, health, metrics)")

@@ -53,8 +53,8 @@ def prepare_device_state(checkpoint: Checkpoint, engine_cfg: EngineConfig, progr
 
 def serving_params(checkpoint: Checkpoint, engine_cfg: EngineConfig, mesh, progress: bool = True):
     """The checkpoint's params as the engine serves them: heads padded for the mesh, linear
-    weights quantized when `engine_cfg.quant` is set (int8 ones packed for the CPU kernel where it
-    runs), cast and placed; returns (params, config)."""
+    weights quantized when `engine_cfg.quant` is set (packed for the CPU kernels where they run),
+    cast and placed; returns (params, config)."""
     params, cfg = pad_heads(checkpoint.params, checkpoint.config, engine_cfg.tp)
     if engine_cfg.quant:
         params = quantize_params(params, cfg, engine_cfg.quant,

@@ -24,6 +24,12 @@ lookup reads (a column per token), norms and biases, which are small and precisi
 | "int4-awq" | Int4Weight (W4A16)       | AWQ input_scale and per-group clip search           |
 | "w8a8"     | W8A8Weight int8          | SmoothQuant input_scale (alpha 0.5)                 |
 | "fp8"      | W8A8Weight float8_e4m3fn | per-channel weight scales weighted by mean x^2      |
+| "w4a8"     | W4A8Weight (G = 32)      | nothing                                             |
+
+w4a8 takes groups of 32, the block of llama.cpp's Q4_0/Q4_1/Q8_0 formats: a checkpoint loaded from
+a Q4_1 GGUF file (the default model) lies on such a grid, so its int4 codes, scales and offsets
+come back exactly (up to float16 rounding of scales GGUF stores as float16 too), and the mode
+loses only the activations' per-group int8 rounding, the arithmetic llama.cpp runs the file with.
 """
 
 from __future__ import annotations
@@ -41,27 +47,34 @@ from jaxinfer.model.llama import head_weight
 from jaxinfer.quant.calibration import LINEAR_WEIGHTS, Calibration, capture_activations
 from jaxinfer.quant.quantize import quantize_weight
 from jaxinfer.quant.scaling import awq_search, smoothquant_scale
-from jaxinfer.quant.weights import Int4Weight, Int8Weight, W8A8Weight
-from pallas_kernels import cpu_int8_dot
+from jaxinfer.quant.weights import Int4Weight, Int8Weight, W4A8Weight, W8A8Weight
+from pallas_kernels import cpu_int4_dot, cpu_int8_dot
 
 # mode -> (quantize_weight mode, calibrated method or None)
 QUANT_MODES = {"int8": ("int8", None), "int4": ("int4", None), "int4-awq": ("int4", "awq"),
-               "w8a8": ("w8a8", "smoothquant"), "fp8": ("fp8", "weighted-scale")}
+               "w8a8": ("w8a8", "smoothquant"), "fp8": ("fp8", "weighted-scale"), "w4a8": ("w4a8", None)}
 # The modes whose LM head is quantized, weight-only int8 (module docstring).
-HEAD_MODES = ("int8", "w8a8")
+HEAD_MODES = ("int8", "w8a8", "w4a8")
 # The methods that fold an input_scale into the weight (a field of the quantized pytree).
 INPUT_SCALE_METHODS = ("awq", "smoothquant")
 CALIBRATION_WINDOWS = 8
 CALIBRATION_WINDOW_LEN = 256
 # int4 groups: the largest of these that divides the input size (SmolLM2: 64 for 576, 128 for 1536).
 INT4_GROUP_SIZES = (128, 64, 32)
+# w4a8 groups: llama.cpp's Q4/Q8 block (module docstring).
+W4A8_GROUP_SIZE = 32
 
 
 def is_quantized(leaf) -> bool:
-    return isinstance(leaf, (Int8Weight, Int4Weight, W8A8Weight))
+    return isinstance(leaf, (Int8Weight, Int4Weight, W8A8Weight, W4A8Weight))
 
 
 def _weight_options(weight_mode: str, in_features: int) -> dict:
+    if weight_mode == "w4a8":
+        if in_features % W4A8_GROUP_SIZE:
+            raise EngineError(f"w4a8 needs an input size divisible by its group size {W4A8_GROUP_SIZE}; a weight "
+                              f"has {in_features} inputs: use int4 or int8 for this model")
+        return {"group_size": W4A8_GROUP_SIZE}
     if weight_mode != "int4":
         return {}
     fitting = [size for size in INT4_GROUP_SIZES if in_features % size == 0]
@@ -154,18 +167,25 @@ def abstract_quantized_params(structs, cfg: ModelConfig, mode: str):
 
 
 def uses_cpu_kernel(mode: str | None, tp: int) -> bool:
-    """Whether an engine in this quantization mode stores its int8 weights packed for the CPU int8
-    kernel: on a CPU that runs it, with one device (the packed blocks are not split across a mesh)."""
-    return (mode is not None and _check_mode(mode)[0] in ("int8", "w8a8") and tp == 1
-            and cpu_int8_dot.available())
+    """Whether an engine in this quantization mode stores its weights packed for the CPU kernels
+    (int8 for int8/w8a8 and every int8 head, int4 for w4a8): on a CPU that runs them, with one
+    device (the packed blocks are not split across a mesh)."""
+    if mode is None or tp != 1 or _check_mode(mode)[0] not in ("int8", "w8a8", "w4a8"):
+        return False
+    return cpu_int8_dot.available() and (mode != "w4a8" or cpu_int4_dot.available())
 
 
 def pack_for_cpu_kernel(params):
-    """`params` with the int8 `q` of every quantized layer weight whose shape allows it in the CPU
-    kernel's packed layout (`cpu_int8_dot.pack`); traceable, so `jax.eval_shape` gives the packed
-    structure of a restore target."""
+    """`params` with every quantized layer weight (and int8 head) whose shape allows it in its CPU
+    kernel's layout: int8 `q` as `cpu_int8_dot.pack`, W4A8 as `cpu_int4_dot.pack`; traceable, so
+    `jax.eval_shape` gives the packed structure of a restore target."""
     def pack(_, w):
-        q = getattr(w, "q", None)  # Int8Weight and W8A8Weight have one; int4 packs its own way
+        if isinstance(w, W4A8Weight):
+            if not cpu_int4_dot.packable(*w.shape, w.group_size):
+                return w
+            packed, scale, offset = cpu_int4_dot.pack(w.packed, w.scale, w.offset)
+            return dataclasses.replace(w, packed=packed, scale=scale, offset=offset)
+        q = getattr(w, "q", None)  # Int8Weight and W8A8Weight have one; W4A16 int4 stays as it is
         if q is None or q.dtype != jnp.int8 or q.ndim != 2 or not cpu_int8_dot.packable(*q.shape):
             return w
         return dataclasses.replace(w, q=cpu_int8_dot.pack(q))
@@ -189,8 +209,12 @@ def quantized_logical_axes(params, axes):
                 return None
             if array.ndim == 2:
                 return param_axes
-            if array.ndim == 3:  # packed for the CPU kernel: [out/4, 4, in] (one device only)
-                return (out_axis, None, in_axis)
+            if array.ndim == 4:  # W4A8 codes packed for the CPU kernel: [out/16, in/8, 16, 4]
+                return (out_axis, in_axis, None, None)
+            if array.ndim == 3:  # packed for a CPU kernel (one device only)
+                if isinstance(param, W4A8Weight):  # scale, offset [out/16, in/G, 16]
+                    return (out_axis, in_axis, None)
+                return (out_axis, None, in_axis)  # int8 [out/4, 4, in]
             if array.ndim == 0:
                 return ()
             return (in_axis,) if name == "input_scale" else (out_axis,)

@@ -8,9 +8,10 @@
 | "int4" | Int4Weight (W4A16)        | group_size (default 128, or 64 when in % 128 != 0), input_scale, clip |
 | "w8a8" | W8A8Weight, int8          | input_scale (SmoothQuant smoothing factors)                  |
 | "fp8"  | W8A8Weight, float8_e4m3fn | per_channel (default True; False: one per-tensor scale), input_scale, importance |
+| "w4a8" | W4A8Weight                | as "int4"                                                    |
 
 All round to nearest. int8 and w8a8 are symmetric per output channel (`scale = max|w[:, n]| / 127`);
-int4 is asymmetric per group of `group_size` input rows (`scale = (max - min) / 15`, `offset = min`,
+int4 (and w4a8's weights) is asymmetric per group of `group_size` input rows (`scale = (max - min) / 15`, `offset = min`,
 both stored as float16 and used exactly as stored); `clip [in/G, out]` in (0, 1] (AWQ's clipping)
 first clamps each group to +-clip * max|group|, trading the saturated outliers for a finer step.
 fp8 without `importance` scales so that the largest magnitude maps to 448, the largest
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.quant.weights import Int4Weight, Int8Weight, QuantizedWeight, W8A8Weight
+from jaxinfer.quant.weights import Int4Weight, Int8Weight, QuantizedWeight, W4A8Weight, W8A8Weight
 from pallas_kernels.activation_quant import FP8_E4M3_MAX, INT8_MAX
 from pallas_kernels.int4_matmul import INT4_LEVELS, pack_int4
 
@@ -168,12 +169,18 @@ def quantize_int4(
     return Int4Weight(pack_int4(codes, group_size), scale, offset, input_scale=input_scale)
 
 
-_QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "w8a8": quantize_w8a8, "fp8": quantize_fp8}
+def quantize_w4a8(w: jax.Array, **options) -> W4A8Weight:
+    int4 = quantize_int4(w, **options)
+    return W4A8Weight(int4.packed, int4.scale, int4.offset, input_scale=int4.input_scale)
+
+
+_QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "w8a8": quantize_w8a8, "fp8": quantize_fp8,
+               "w4a8": quantize_w4a8}
 MODES = tuple(_QUANTIZERS)
 
 
 def quantize_weight(w: jax.Array | np.ndarray, mode: str, **options) -> QuantizedWeight:
-    """Quantizes a float `w [in, out]` in `mode` ("int8", "int4", "w8a8", "fp8"); options per the module table."""
+    """Quantizes a float `w [in, out]` in `mode` ("int8", "int4", "w8a8", "fp8", "w4a8"); options per the module table."""
     if mode not in _QUANTIZERS:
         raise ValueError(f"unknown quantization mode {mode!r}; choose one of {MODES}")
     return _QUANTIZERS[mode](w, **options)

@@ -13,9 +13,11 @@ through `jit`, `device_put` and sharding like the plain arrays they replace.
 | Int8Weight   | "int8" W8A16  | q [in, out] int8, scale [out] f32                                   |
 | Int4Weight   | "int4" W4A16  | packed [in/2, out] uint8, scale [in/G, out] f16, offset [in/G, out] f16 |
 | W8A8Weight   | "w8a8", "fp8" | q [in, out] int8 or float8_e4m3fn, scale [out] f32 (fp8 per-tensor: [] f32) |
+| W4A8Weight   | "w4a8"        | Int4Weight's fields, G = 32; activations quantized to int8 per group  |
 An int8 `q` may be stored packed for the CPU kernel (`[out/4, 4, in]`, see
 pallas_kernels.cpu_int8_dot and `jaxinfer.quant.apply.pack_for_cpu_kernel`); `shape` and
-`dequantize` read either layout.
+`dequantize` read either layout. So may a W4A8Weight's three arrays (`packed [out/16, in/8, 16, 4]`,
+`scale`/`offset [out/16, in/G, 16]`, see pallas_kernels.cpu_int4_dot).
 All carry `input_scale [in] f32 | None`: the weight was quantized as `input_scale[:, None] * w`
 (AWQ / SmoothQuant migrate activation range into the weight this way), so `matmul` divides x by it.
 A later pass may fold `1 / input_scale` into the preceding RMSNorm weight and set it to None.
@@ -38,8 +40,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import cpu_int8_dot
+from pallas_kernels import cpu_int4_dot, cpu_int8_dot
 from pallas_kernels.int4_matmul import dequantize_int4, int4_matmul
+from pallas_kernels.w4a8_matmul import w4a8_matmul
 from pallas_kernels.int8_matmul import int8_matmul
 from pallas_kernels.w8a8_matmul import w8a8_matmul
 
@@ -125,4 +128,28 @@ class W8A8Weight(_ScaledWeight):
         return w8a8_matmul(x, self.q, self.scale)
 
 
-QuantizedWeight = Int8Weight | Int4Weight | W8A8Weight
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class W4A8Weight(Int4Weight):
+    """Int4Weight's weights times activations quantized to int8 per group of G (llama.cpp's Q4_1 x
+    Q8_1 arithmetic, pallas_kernels.w4a8_matmul); the arrays may be in the CPU kernel's layout."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return cpu_int4_dot.logical_shape(self.packed)
+
+    @property
+    def group_size(self) -> int:
+        return self.shape[0] // self.scale.shape[-2]
+
+    def _matmul_rows(self, x: jax.Array) -> jax.Array:
+        return w4a8_matmul(x, self.packed, self.scale, self.offset)
+
+    def dequantize(self) -> jax.Array:
+        packed, scale, offset = self.packed, self.scale, self.offset
+        if cpu_int4_dot.is_packed(packed):
+            packed, scale, offset = cpu_int4_dot.unpack(packed, scale, offset)
+        return self._unscale_input(dequantize_int4(packed, scale, offset, jnp.float32))
+
+
+QuantizedWeight = Int8Weight | Int4Weight | W8A8Weight | W4A8Weight

@@ -1,0 +1,198 @@
+// W4A8 on x86 CPUs: group-wise asymmetric int4 weights times activations quantized to int8 per
+// group, as an XLA FFI custom call (built, registered and fed packed weights by cpu_int4_dot.py).
+// It is the arithmetic of llama.cpp's Q4_1 x Q8_1 dot, over the layout below.
+//
+//   jaxinfer_w4a8_dot: x [M, K] f32, codes [N/16, K/8, 16, 4] u8, scale [N/16, K/G, 16] f16,
+//                      offset [N/16, K/G, 16] f16 -> y [M, N] f32
+//   The weight stands for w[k, n] = q[k, n] * scale[g, n] + offset[g, n] (g = k / G, q in [0, 15]),
+//   stored per block of 16 outputs b (n = 16 b + r) and K octet o (k = 8 o + j, j < 8):
+//       codes[b, o, r, j] = q[8 o + j, n] | q[8 o + 4 + j, n] << 4     for j < 4
+//       scale[b, g, r] = scale[g, n], offset likewise
+//   so one block's codes, scales and offsets are each contiguous and stream in order.
+//   Each row of x is quantized per group of G: a = max|x_group| / 127 (1 / 127 for a zero group),
+//   x_q = x / a rounded half to even (|x_q| <= 127; activation_quant.quantize_per_token on the
+//   group), and s = sum(x_group) in float. Then, with the integer dot d[g] = sum_k x_q[k] q[k, n]
+//   over the group, computed exactly,
+//       y[m, n] = sum_g a[m, g] * scale[g, n] * d[g] + s[m, g] * offset[g, n].
+//
+// The loop: one zmm load is one octet of K for 16 outputs (4 bytes a lane). Its low nibbles are K
+// 0-3 of each output and its high nibbles K 4-7, so two vpdpbusd (unsigned codes times signed
+// bytes, summed in fours) against the row's 4 activation bytes broadcast to every lane add one
+// octet to 16 outputs' int32 sums, with no horizontal reduction anywhere. At the end of each group
+// the sums become float and take the group's scales (two FMAs per row). Up to kRowBlock rows share
+// each load of the codes; more rows walk the same block (16 x K/2 bytes, in L1) again.
+// Output blocks are shared with XLA's intra-op thread pool (cpu_thread_pool.h).
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu_thread_pool.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kBlockCols = 16;
+constexpr int64_t kOctet = 8;
+constexpr int kRowBlock = 8;
+// The first row block of an output block, which streams its codes from memory, prefetches this many
+// zmm (64-byte lines) ahead.
+constexpr int64_t kPrefetchLines = 8;
+// Output blocks per work item: 64 outputs, enough items to spread a 576-output weight over two
+// threads (9 items), few enough to amortize taking one.
+constexpr int64_t kBlocksPerItem = 4;
+
+struct Problem {
+  const int8_t* x_q;      // [M, K]
+  const float* x_scale;   // [M, K/G]
+  const float* x_sum;     // [M, K/G]
+  const uint8_t* codes;   // [N/16, K/8, 16, 4]
+  const uint16_t* scale;  // [N/16, K/G, 16] f16 bits
+  const uint16_t* offset;
+  float* y;               // [M, N]
+  int64_t m, k, n, group;
+};
+
+inline __m512 load_f16x16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+inline __m512i broadcast4(const int8_t* p) {
+  int32_t quad;
+  std::memcpy(&quad, p, sizeof(quad));
+  return _mm512_set1_epi32(quad);
+}
+
+// Rows r0..r0+R-1 of y, outputs 16b..16b+15. Each row keeps A int32 sums per group, so that few
+// rows still have independent vpdpbusd chains in flight (one chain ran at its latency, not at the
+// load rate); they are added at the group's end.
+template <int R, bool kFirst>
+void block(const Problem& p, int64_t r0, int64_t b) {
+  constexpr int A = R == 1 ? 4 : (R == 2 ? 2 : 1);
+  const int64_t groups = p.k / p.group, octets_per_group = p.group / kOctet;
+  const uint8_t* codes = p.codes + b * p.k * kBlockCols / 2;
+  const uint16_t* scale = p.scale + b * groups * kBlockCols;
+  const uint16_t* offset = p.offset + b * groups * kBlockCols;
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  __m512 out[R];
+  for (int r = 0; r < R; ++r) out[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i acc[R][A];
+    for (int r = 0; r < R; ++r)
+      for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_si512();
+    // Octets in pairs (G is a multiple of 16): four products of codes and activations per row.
+    for (int64_t o = g * octets_per_group; o < (g + 1) * octets_per_group; o += 2) {
+      const uint8_t* line = codes + o * 64;
+      if (kFirst) {
+        _mm_prefetch(reinterpret_cast<const char*>(line + kPrefetchLines * 64), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(line + (kPrefetchLines + 1) * 64), _MM_HINT_T0);
+      }
+      __m512i nibbles[4];
+      for (int u = 0; u < 2; ++u) {
+        const __m512i packed = _mm512_loadu_si512(line + u * 64);
+        nibbles[2 * u] = _mm512_and_si512(packed, low_nibbles);
+        nibbles[2 * u + 1] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
+      }
+      for (int r = 0; r < R; ++r) {
+        const int8_t* x = p.x_q + (r0 + r) * p.k + o * kOctet;
+        for (int t = 0; t < 4; ++t) acc[r][t % A] = _mm512_dpbusd_epi32(acc[r][t % A], nibbles[t], broadcast4(x + 4 * t));
+      }
+    }
+    const __m512 group_scale = load_f16x16(scale + g * kBlockCols);
+    const __m512 group_offset = load_f16x16(offset + g * kBlockCols);
+    for (int r = 0; r < R; ++r) {
+      __m512i sum = acc[r][0];
+      for (int a = 1; a < A; ++a) sum = _mm512_add_epi32(sum, acc[r][a]);
+      const int64_t at = (r0 + r) * groups + g;
+      const __m512 step = _mm512_mul_ps(group_scale, _mm512_set1_ps(p.x_scale[at]));
+      out[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), step, out[r]);
+      out[r] = _mm512_fmadd_ps(group_offset, _mm512_set1_ps(p.x_sum[at]), out[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(p.y + (r0 + r) * p.n + b * kBlockCols, out[r]);
+}
+
+template <bool kFirst>
+void row_block(const Problem& p, int64_t r0, int64_t b) {
+  switch (std::min<int64_t>(kRowBlock, p.m - r0)) {
+    case 1: block<1, kFirst>(p, r0, b); break;
+    case 2: block<2, kFirst>(p, r0, b); break;
+    case 3: block<3, kFirst>(p, r0, b); break;
+    case 4: block<4, kFirst>(p, r0, b); break;
+    case 5: block<5, kFirst>(p, r0, b); break;
+    case 6: block<6, kFirst>(p, r0, b); break;
+    case 7: block<7, kFirst>(p, r0, b); break;
+    default: block<8, kFirst>(p, r0, b); break;
+  }
+}
+
+void item(const Problem& p, int64_t item) {
+  const int64_t blocks = p.n / kBlockCols;
+  for (int64_t b = item * kBlocksPerItem; b < std::min(blocks, (item + 1) * kBlocksPerItem); ++b) {
+    row_block<true>(p, 0, b);
+    for (int64_t r0 = kRowBlock; r0 < p.m; r0 += kRowBlock) row_block<false>(p, r0, b);
+  }
+}
+
+// Quantizes one group of x (G a multiple of 16) as the header says; returns its scale, and its sum
+// in *sum.
+float quantize_group(const float* x, int64_t group, int8_t* q, float* sum) {
+  __m512 peak = _mm512_setzero_ps(), total = _mm512_setzero_ps();
+  for (int64_t i = 0; i < group; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    peak = _mm512_max_ps(peak, _mm512_abs_ps(v));
+    total = _mm512_add_ps(total, v);
+  }
+  const float absmax = _mm512_reduce_max_ps(peak);
+  *sum = _mm512_reduce_add_ps(total);
+  const float scale = (absmax > 0.0f ? absmax : 1.0f) / 127.0f;
+  const __m512 divisor = _mm512_set1_ps(scale), high = _mm512_set1_ps(127.0f), low = _mm512_set1_ps(-127.0f);
+  for (int64_t i = 0; i < group; i += 16) {
+    const __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + i), divisor),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i value = _mm512_cvtps_epi32(_mm512_min_ps(high, _mm512_max_ps(low, rounded)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(value));
+  }
+  return scale;
+}
+
+ffi::Error W4A8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+                   ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> offset, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), cd = codes.dimensions(), sd = scale.dimensions();
+  const bool shapes_fit = xd.size() == 2 && cd.size() == 4 && sd.size() == 3 && cd[2] == kBlockCols &&
+                          cd[3] == 4 && cd[1] * kOctet == xd[1] && sd[0] == cd[0] && sd[2] == kBlockCols &&
+                          sd[1] > 0 && xd[1] % sd[1] == 0 && (xd[1] / sd[1]) % 16 == 0 &&
+                          offset.element_count() == scale.element_count();
+  if (!shapes_fit)
+    return ffi::Error::InvalidArgument(
+        "jaxinfer_w4a8_dot: expected x [M, K] f32, codes [N/16, K/8, 16, 4] u8 and scale, offset "
+        "[N/16, K/G, 16] f16 with G a multiple of 16");
+  const int64_t m = xd[0], k = xd[1], n = cd[0] * kBlockCols, groups = sd[1], group = k / groups;
+  std::vector<int8_t> x_q(m * k);
+  std::vector<float> x_scale(m * groups), x_sum(m * groups);
+  const float* xs = x.typed_data();
+  for (int64_t i = 0; i < m * groups; ++i)
+    x_scale[i] = quantize_group(xs + i * group, group, x_q.data() + i * group, x_sum.data() + i);
+  const Problem p{x_q.data(), x_scale.data(), x_sum.data(), codes.typed_data(),
+                  reinterpret_cast<const uint16_t*>(scale.typed_data()),
+                  reinterpret_cast<const uint16_t*>(offset.typed_data()), y->typed_data(), m, k, n, group};
+  const int64_t items = (cd[0] + kBlocksPerItem - 1) / kBlocksPerItem;
+  jaxinfer::run_on_pool(pool, items, [p](int64_t i) { item(p, i); });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_w4a8_dot, W4A8Dot,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,106 @@
+"""W4A8 on x86 CPUs: group-wise int4 weights times per-group int8 activations, a C++ kernel called
+through XLA FFI, reading int4 weights packed for it. The arithmetic of llama.cpp's Q4_1 x Q8_1 dot.
+
+    pack(packed [K/2, N] u8, scale [K/G, N] f16, offset) -> (codes [N/16, K/8, 16, 4] u8,
+                        scale [N/16, K/G, 16] f16, offset likewise): the kernel's layout from
+                        int4_matmul's (`packable(K, N, G)`: N % 16 == 0, G % 16 == 0); unpack()
+                        is its inverse
+    w4a8_dot(x [M, K] float, codes, scale, offset) -> [M, N] float32: x quantized to int8 per
+                        group of G (w4a8_matmul.quantize_groups), the exact integer dot of each
+                        group, both scales and the offsets (see the .cc)
+    available() -> bool whether it runs here (x86-64 with AVX-512 VNNI and BW, a C++ compiler, the
+                        CPU backend); builds and registers it on first use
+
+Why: XLA:CPU has no fused unpack-and-dot, so an int4 weight ran as a float copy made every step
+(int4 engines decoded slower than int8 ones). The kernel reads 4.5 bits a weight (codes, plus an
+f16 scale and offset per 32) and keeps the sums in 16 output lanes of a register, so only each
+group's end costs float work. Every row count runs here, prefill included: a weight block (16
+outputs x K/2 bytes) stays in L1 while up to 8 rows at a time walk it.
+
+Build: `pallas_kernels.cpu_ffi` compiles the source once per machine and registers it as the FFI
+target `jaxinfer_w4a8_dot`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import cpu_ffi
+from pallas_kernels.int4_matmul import pack_int4, unpack_int4
+
+TARGET = "jaxinfer_w4a8_dot"
+KERNEL = cpu_ffi.CpuKernel("CPU int4 kernel", (TARGET,), Path(__file__).with_suffix(".cc"),
+                           ("-mavx2", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"),
+                           frozenset({"avx2", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}))
+available = KERNEL.available
+BLOCK_COLS = 16
+OCTET = 8
+# The kernel quantizes activations 16 floats at a time.
+GROUP_MULTIPLE = 16
+
+
+def packable(k: int, n: int, group_size: int) -> bool:
+    """Whether a `[K, N]` int4 weight in groups of `group_size` can take the kernel's layout."""
+    return n % BLOCK_COLS == 0 and group_size % GROUP_MULTIPLE == 0 and k % group_size == 0
+
+
+def is_packed(codes: jax.Array) -> bool:
+    """Whether int4 codes are in the kernel's layout (`pack`) rather than int4_matmul's `[K/2, N]`."""
+    return codes.ndim == 4
+
+
+def logical_shape(codes: jax.Array) -> tuple[int, int]:
+    """`(K, N)` of an int4 weight from its codes, in either layout."""
+    if is_packed(codes):
+        blocks, octets, _, _ = codes.shape
+        return octets * OCTET, blocks * BLOCK_COLS
+    half_k, n = codes.shape
+    return 2 * half_k, n
+
+
+def _pack_group_params(param: jax.Array) -> jax.Array:
+    groups, n = param.shape
+    return param.reshape(groups, n // BLOCK_COLS, BLOCK_COLS).transpose(1, 0, 2)
+
+
+def _unpack_group_params(param: jax.Array) -> jax.Array:
+    blocks, groups, _ = param.shape
+    return param.transpose(1, 0, 2).reshape(groups, blocks * BLOCK_COLS)
+
+
+def pack(packed: jax.Array, scale: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """int4_matmul's `(packed [K/2, N], scale [K/G, N], offset)` -> the kernel's layout (.cc header)."""
+    k, n = logical_shape(packed)
+    group_size = k // scale.shape[0]
+    if not packable(k, n, group_size):
+        raise ValueError(f"a [{k}, {n}] int4 weight in groups of {group_size} cannot be packed: N must be a "
+                         f"multiple of {BLOCK_COLS} and the group size a multiple of {GROUP_MULTIPLE}")
+    q = unpack_int4(packed, group_size)  # [K, N]: k = 8 o + 4 h + j, n = 16 b + r
+    by_octet = q.reshape(k // OCTET, 2, 4, n // BLOCK_COLS, BLOCK_COLS).transpose(3, 0, 4, 2, 1)
+    codes = by_octet[..., 0] | (by_octet[..., 1] << 4)
+    return codes, _pack_group_params(scale), _pack_group_params(offset)
+
+
+def unpack(codes: jax.Array, scale: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Inverse of `pack`."""
+    k, n = logical_shape(codes)
+    halves = jnp.stack([codes & 0xF, codes >> 4], axis=-1)  # [b, o, r, j, h]
+    q = halves.transpose(1, 4, 3, 0, 2).reshape(k, n)
+    scale, offset = _unpack_group_params(scale), _unpack_group_params(offset)
+    return pack_int4(q, k // scale.shape[0]), scale, offset
+
+
+def w4a8_dot(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
+    """`x [M, K]` float times the packed int4 weight, W4A8 (module docstring) -> `[M, N]` float32."""
+    k, n = logical_shape(codes)
+    if (x.ndim != 2 or x.shape[1] != k or not is_packed(codes) or codes.dtype != jnp.uint8
+            or scale.ndim != 3 or scale.shape != offset.shape):
+        raise ValueError(f"w4a8_dot takes x [M, K] and codes [N/16, K/8, 16, 4] uint8 with scale and offset "
+                         f"[N/16, K/G, 16], got {x.shape}, {codes.shape} {codes.dtype}, {scale.shape}, {offset.shape}")
+    KERNEL.ensure_registered()
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), codes, scale.astype(jnp.float16),
+                                         offset.astype(jnp.float16))

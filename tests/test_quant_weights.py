@@ -123,7 +123,7 @@ def test_int4_clip_bounds_each_group_and_one_is_no_clip(rng, weight):
         quantize_weight(weight, "int4", group_size=g, clip=ratio[:, :-1])
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4", "w8a8", "fp8"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "w8a8", "fp8", "w4a8"])
 def test_input_scale_is_folded_into_weight_and_divided_out_of_activations(rng, weight, mode):
     input_scale = rng.uniform(0.25, 4.0, IN).astype(np.float32)
     q = quantize_weight(weight, mode, input_scale=input_scale)
@@ -138,7 +138,7 @@ def test_input_scale_is_folded_into_weight_and_divided_out_of_activations(rng, w
     np.testing.assert_allclose(np.asarray(q.matmul(x)), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4", "w8a8", "fp8"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "w8a8", "fp8", "w4a8"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_matmul_takes_leading_dims_under_jit(rng, weight, mode, dtype):
     q = jax.device_put(quantize_weight(weight, mode))
@@ -162,17 +162,20 @@ def test_weight_only_matmul_matches_dequantized_weight(rng, weight, mode):
         assert np.all(np.abs(out - x @ w) <= bound)
 
 
-@pytest.mark.parametrize("mode, x_step", [("w8a8", 1 / 254), ("fp8", 2.0**-4)])
+@pytest.mark.parametrize("mode, x_step", [("w8a8", 1 / 254), ("fp8", 2.0**-4), ("w4a8", 1 / 254)])
 def test_w8a8_matmul_error_from_activation_quantization(rng, weight, mode, x_step):
     q = quantize_weight(weight, mode)
     w = np.asarray(q.dequantize(), np.float64)
     x = rng.standard_normal((5, IN)) + 0.1
     out = np.asarray(q.matmul(jnp.asarray(x, jnp.float32)), np.float64)
-    # int8: each activation moves by at most half a step of its row's absmax / 127;
+    # int8: each activation moves by at most half a step of its row's (w4a8: its group's) absmax / 127;
     # fp8: by 2^-4 of itself (normal range) or a subnormal half-step of absmax / 448.
     row_absmax = np.max(np.abs(x), axis=1, keepdims=True)
     if mode == "w8a8":
         x_error = np.broadcast_to(row_absmax * x_step, x.shape)
+    elif mode == "w4a8":
+        groups = np.abs(x).reshape(len(x), -1, q.group_size)
+        x_error = np.broadcast_to(groups.max(axis=2, keepdims=True) * x_step, groups.shape).reshape(x.shape)
     else:
         x_error = np.maximum(np.abs(x) * x_step, row_absmax / 448 * 2.0**-10)
     bound = x_error @ np.abs(w) + 1e-5 * (np.abs(x) @ np.abs(w))

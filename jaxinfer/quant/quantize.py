@@ -1,6 +1,6 @@
 """Weight quantizers: a float `w [in, out]` -> a quantized weight pytree (see `jaxinfer.quant.weights`).
 
-    quantize_weight(w [in, out] float, mode, **options) -> Int8Weight | Int4Weight | W8A8Weight
+    quantize_weight(w [in, out] float, mode, **options) -> Int8Weight | Int4Weight | W8A8Weight | W4A8Weight
 
 | mode   | result                    | options                                                      |
 | ------ | ------------------------- | ------------------------------------------------------------ |

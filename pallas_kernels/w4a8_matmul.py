@@ -8,8 +8,8 @@ group of the same G, the way llama.cpp multiplies its Q4 files (Q4_1 weights x Q
             y[m, n] = sum_g a[m, g] scale[g, n] (x_q[m, g] . q[g, :, n]) + sum(x[m, g]) offset[g, n]
         with the group dots in exact integer arithmetic. Implementations:
             "cpu"  the C++ kernel (pallas_kernels.cpu_int4_dot) on a weight packed for it
-            "xla"  one batched int8 x int8 -> int32 dot over the groups (any backend, any layout
-                   int4_matmul's own; the oracle the kernel is tested against)
+            "xla"  one batched int8 x int8 -> int32 dot over the groups, on int4_matmul's layout
+                   (any backend; the oracle the kernel is tested against)
         chosen by the weight's layout.
 
 Per-group activation scales follow outliers feature group by feature group, so unlike per-token

@@ -11,9 +11,10 @@
 | "w4a8" | W4A8Weight                | as "int4"                                                    |
 
 All round to nearest. int8 and w8a8 are symmetric per output channel (`scale = max|w[:, n]| / 127`);
-int4 (and w4a8's weights) is asymmetric per group of `group_size` input rows (`scale = (max - min) / 15`, `offset = min`,
-both stored as float16 and used exactly as stored); `clip [in/G, out]` in (0, 1] (AWQ's clipping)
-first clamps each group to +-clip * max|group|, trading the saturated outliers for a finer step.
+int4 and w4a8 are asymmetric per group of `group_size` input rows (`scale = (max - min) / 15`,
+`offset = min`, both stored as float16 and used exactly as stored); `clip [in/G, out]` in (0, 1]
+(AWQ's clipping) first clamps each group to +-clip * max|group|, trading the saturated outliers
+for a finer step.
 fp8 without `importance` scales so that the largest magnitude maps to 448, the largest
 float8_e4m3fn. With `importance [in]` (the mean square
 of each input channel's activations, from calibration) it picks, per channel (or for the tensor),

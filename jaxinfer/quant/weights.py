@@ -42,8 +42,8 @@ import jax.numpy as jnp
 
 from pallas_kernels import cpu_int4_dot, cpu_int8_dot
 from pallas_kernels.int4_matmul import dequantize_int4, int4_matmul
-from pallas_kernels.w4a8_matmul import w4a8_matmul
 from pallas_kernels.int8_matmul import int8_matmul
+from pallas_kernels.w4a8_matmul import w4a8_matmul
 from pallas_kernels.w8a8_matmul import w8a8_matmul
 
 

@@ -98,3 +98,10 @@ def test_engine_from_another_jax_version_is_refused(engine_dir, tmp_path):
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EngineError, match="rebuild"):
         load_engine(other, progress=False)
+
+
+def test_generate_refuses_to_quantize_a_built_engine(engine_dir, capsys):
+    from jaxinfer.cli import main
+
+    assert main(["generate", "--model", str(engine_dir), "--quant", "w4a8", "--prompt", "hi"]) == 2
+    assert "fixed at build" in capsys.readouterr().err

@@ -30,6 +30,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_quantize.h"
 #include "cpu_thread_pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -139,28 +140,6 @@ void item(const Problem& p, int64_t item) {
   }
 }
 
-// Quantizes one group of x (G a multiple of 16) as the header says; returns its scale, and its sum
-// in *sum.
-float quantize_group(const float* x, int64_t group, int8_t* q, float* sum) {
-  __m512 peak = _mm512_setzero_ps(), total = _mm512_setzero_ps();
-  for (int64_t i = 0; i < group; i += 16) {
-    const __m512 v = _mm512_loadu_ps(x + i);
-    peak = _mm512_max_ps(peak, _mm512_abs_ps(v));
-    total = _mm512_add_ps(total, v);
-  }
-  const float absmax = _mm512_reduce_max_ps(peak);
-  *sum = _mm512_reduce_add_ps(total);
-  const float scale = (absmax > 0.0f ? absmax : 1.0f) / 127.0f;
-  const __m512 divisor = _mm512_set1_ps(scale), high = _mm512_set1_ps(127.0f), low = _mm512_set1_ps(-127.0f);
-  for (int64_t i = 0; i < group; i += 16) {
-    const __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + i), divisor),
-                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512i value = _mm512_cvtps_epi32(_mm512_min_ps(high, _mm512_max_ps(low, rounded)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(value));
-  }
-  return scale;
-}
-
 ffi::Error W4A8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                    ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> offset, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), cd = codes.dimensions(), sd = scale.dimensions();
@@ -177,7 +156,7 @@ ffi::Error W4A8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   std::vector<float> x_scale(m * groups), x_sum(m * groups);
   const float* xs = x.typed_data();
   for (int64_t i = 0; i < m * groups; ++i)
-    x_scale[i] = quantize_group(xs + i * group, group, x_q.data() + i * group, x_sum.data() + i);
+    x_scale[i] = jaxinfer::quantize_int8(xs + i * group, group, x_q.data() + i * group, x_sum.data() + i);
   const Problem p{x_q.data(), x_scale.data(), x_sum.data(), codes.typed_data(),
                   reinterpret_cast<const uint16_t*>(scale.typed_data()),
                   reinterpret_cast<const uint16_t*>(offset.typed_data()), y->typed_data(), m, k, n, group};

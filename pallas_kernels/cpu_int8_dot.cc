@@ -30,11 +30,11 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "cpu_quantize.h"
 #include "cpu_thread_pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -225,27 +225,6 @@ void dot(ffi::ThreadPool& pool, const int8_t* x, const int8_t* w, int32_t* y, in
   jaxinfer::run_on_pool(pool, items, [p](int64_t item) { vnni_item(p, item); });
 }
 
-// Quantizes one row of x as activation_quant.quantize_per_token does (x / scale rounded half to even,
-// clamped to [-127, 127]) and returns its scale. Vectorized: the scalar loop's nearbyint calls cost
-// about as much as the dot itself at 8-32 rows.
-float quantize_row(const float* x, int64_t k, int8_t* q) {
-  __m512 peak = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= k; i += 16) peak = _mm512_max_ps(peak, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
-  float absmax = _mm512_reduce_max_ps(peak);
-  for (; i < k; ++i) absmax = std::max(absmax, std::fabs(x[i]));
-  const float scale = (absmax > 0.0f ? absmax : 1.0f) / 127.0f;
-  const __m512 divisor = _mm512_set1_ps(scale), high = _mm512_set1_ps(127.0f), low = _mm512_set1_ps(-127.0f);
-  for (i = 0; i + 16 <= k; i += 16) {
-    const __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + i), divisor),
-                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512i value = _mm512_cvtps_epi32(_mm512_min_ps(high, _mm512_max_ps(low, rounded)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(value));
-  }
-  for (; i < k; ++i) q[i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(x[i] / scale))));
-  return scale;
-}
-
 bool packed_for(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd) {
   return xd.size() == 2 && wd.size() == 3 && wd[1] == kBlockCols && xd[1] == wd[2];
 }
@@ -270,7 +249,7 @@ ffi::Error W8A8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const float* xs = x.typed_data();
   std::vector<int8_t> x_q(m * k);
   std::vector<float> row_scale(m);
-  for (int64_t r = 0; r < m; ++r) row_scale[r] = quantize_row(xs + r * k, k, x_q.data() + r * k);
+  for (int64_t r = 0; r < m; ++r) row_scale[r] = jaxinfer::quantize_int8(xs + r * k, k, x_q.data() + r * k);
   std::vector<int32_t> acc(m * n);
   dot(pool, x_q.data(), w.typed_data(), acc.data(), m, k, n);
   const float* ws = w_scale.typed_data();

@@ -42,8 +42,9 @@ XLA, and 32 covers the default engine's decode batches) and 8 without. At one ro
 33 GB/s (28 MB may sit in the VM's large L3 cache). In a w8a8 SmolLM2 engine, AMX and MAX_ROWS 32
 took batch-8 decode from 242-255 to 272-274 tokens/s and batch 16 from 308-328 to 337-349.
 `w8a8_dot` also takes the activations' per-row quantization and both scales into the call: a
-W8A8 matmul is one custom call instead of six XLA operations. Its quantization loop is vectorized:
-written with scalar `nearbyint` it added 3.4 ms to 120 calls of 32 rows (30 layers), now 0.2-0.7.
+W8A8 matmul is one custom call instead of six XLA operations. Its quantization (cpu_quantize.h,
+shared with cpu_int4_dot) is vectorized: written with scalar `nearbyint` it added 3.4 ms to 120
+calls of 32 rows (30 layers), now 0.2-0.7.
 
 Build: `pallas_kernels.cpu_ffi` compiles the source once per machine and registers it as the FFI
 targets `jaxinfer_int8_dot` and `jaxinfer_w8a8_dot`.

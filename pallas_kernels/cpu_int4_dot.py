@@ -23,11 +23,10 @@ Xeon VM (30 layers of SmolLM2's four weight shapes, medians of 15 calls, noisy),
     cpu_int8_dot's W8A8 (106 MB)         4.5    5.2    5.7    5.9    6.8   10-22    42
 
 so w4a8 decodes faster where decode is bandwidth-bound (to 8 rows) and W8A8, whose larger steps
-run on AMX, is faster beyond. An AMX path (tdpbsud on
-unpacked codes, as cpu_int8_dot does from 5 rows) was slower at 16 rows and no faster at 32-128
-(30 layers of SmolLM2's shapes: 11.3 / 19.4 / 70 ms against 8.9 / 15-27 / 72): each group of 32
-must leave the tile unit for its scales, so every tdpbsud does half a tile's K and then waits for a
-tile store.
+run on AMX, is faster beyond. An AMX path (tdpbsud on unpacked codes, as cpu_int8_dot does from 5
+rows) was slower at 16 rows and no faster at 32-128 (11.3 / 19.4 / 70 ms against 8.9 / 15-27 /
+72): each group of 32 must leave the tile unit for its scales, so every tdpbsud does half a
+tile's K and then waits for a tile store.
 
 Build: `pallas_kernels.cpu_ffi` compiles the source once per machine and registers it as the FFI
 target `jaxinfer_w4a8_dot`.

@@ -37,8 +37,9 @@ def test_pack_is_the_documented_layout_and_unpack_inverts_it(rng):
     packed_weight = W4A8Weight(codes, scale, offset)
     assert packed_weight.shape == (64, 32) and packed_weight.group_size == 32
     np.testing.assert_array_equal(np.asarray(packed_weight.dequantize()), np.asarray(w.dequantize()))
+    narrow = random_w4a8(rng, 64, 24)
     with pytest.raises(ValueError, match="multiple of 16"):
-        cpu_int4_dot.pack(*(lambda v: (v.packed, v.scale, v.offset))(random_w4a8(rng, 64, 24)))
+        cpu_int4_dot.pack(narrow.packed, narrow.scale, narrow.offset)
 
 
 def test_xla_formulation_is_exact_integer_math_on_the_quantized_groups(rng):

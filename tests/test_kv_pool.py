@@ -144,3 +144,20 @@ def test_device_budget_on_cpu_asks_for_bytes():
         pytest.skip("this backend reports its memory")
     with pytest.raises(EngineError, match="give the KV cache budget in bytes"):
         device_kv_budget(0.9)
+
+
+def test_block_copies_run_in_order_in_every_layer_and_padding_rows_copy_nothing(rng):
+    from jaxinfer.runner.step import copy_blocks
+
+    shape = (NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    pools = [LayerKVCache(*(rng.standard_normal(shape).astype(np.float32) for _ in range(2)), None, None)
+             for _ in range(2)]
+    # 2 -> 4, then 4 -> 5 (sees the first copy), then padding rows: the null block onto itself
+    copies = np.array([[2, 4], [4, 5], [0, 0], [0, 0]], np.int32)
+    got = jax.jit(copy_blocks, donate_argnums=0)(jax.tree.map(jnp.asarray, pools), jnp.asarray(copies))
+    for before, after in zip(pools, got):
+        for old, new in ((before.k, after.k), (before.v, after.v)):
+            want = old.copy()
+            want[4] = old[2]
+            want[5] = old[2]
+            np.testing.assert_array_equal(np.asarray(new), want)

@@ -2,7 +2,8 @@
 
 `model_step(params, kv_caches, inputs, sampling, cfg=, num_devices=)` is a pure function; the engine
 compiles it ahead of time once per shape bucket (T tokens, S rows) with the KV caches donated, so the
-pool is updated in place. `num_devices` (the mesh's) picks the attention implementation. Shapes:
+pool is updated in place. `num_devices` (the mesh's) picks the attention implementation and whether
+float32 weights take the CPU kernel for few-row matmuls (`route_dense_weights`). Shapes:
 
     inputs.tokens          [T] int32     new tokens of all scheduled sequences, end to end, padded
     inputs.positions       [T] int32     their positions in their sequences
@@ -20,14 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
+import jax.numpy as jnp
 
 from jaxinfer.cache.attention_metadata import AttentionMetadata
 from jaxinfer.cache.kv_pool import write_kv
 from jaxinfer.model.config import ModelConfig
-from jaxinfer.model.llama import compute_logits, forward
+from jaxinfer.model.layers import linear
+from jaxinfer.model.llama import compute_logits, forward, head_weight
 from jaxinfer.runner.sampling import SamplingMetadata, sample
+from pallas_kernels import cpu_f32_dot
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 
@@ -41,6 +46,39 @@ class StepInputs:
     block_copies: jax.Array
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KernelDenseWeight:
+    """A float32 `[in, out]` weight whose matmuls of up to cpu_f32_dot.MAX_ROWS rows run in that
+    kernel; larger ones stay XLA's dot. Made inside the traced step only, never stored."""
+    w: jax.Array
+
+    def matmul(self, x: jax.Array) -> jax.Array:
+        rows = math.prod(x.shape[:-1])
+        if x.dtype != self.w.dtype or not cpu_f32_dot.serves(rows, self.w):
+            return linear(x, self.w)
+        return cpu_f32_dot.f32_dot(x.reshape(rows, -1), self.w).reshape(*x.shape[:-1], -1)
+
+
+LINEAR_WEIGHTS = ("w_qkv", "wo", "w_gate_up", "w_down")
+
+
+def route_dense_weights(params, num_devices: int):
+    """`params` with every float32 layer matmul weight and head wrapped as KernelDenseWeight when
+    the CPU kernel runs here and the step has one device (a custom call is not partitioned by
+    GSPMD). A tied head becomes an `lm_head` wrapping the embedding table, which the token lookup
+    keeps reading unwrapped."""
+    if num_devices != 1 or not cpu_f32_dot.available():
+        return params
+
+    def route(w):
+        return KernelDenseWeight(w) if cpu_f32_dot.serves(1, w) else w
+
+    layers = [{name: route(w) if name in LINEAR_WEIGHTS else w for name, w in layer.items()}
+              for layer in params["layers"]]
+    return {**params, "layers": layers, "lm_head": route(head_weight(params))}
+
+
 def attention_implementation(num_devices: int) -> str | None:
     """The backend's attention (None) on one device; under GSPMD tensor parallelism the all-XLA path,
     since a custom call such as the CPU decode kernel is not partitioned (see `ragged_paged_attention`)."""
@@ -52,19 +90,26 @@ def paged_attend(q, k, v, cache, *, metadata: AttentionMetadata, sm_scale: float
     return ragged_paged_attention(q, cache, metadata, sm_scale=sm_scale, implementation=implementation), cache
 
 
-def copy_blocks(cache, block_copies: jax.Array):
-    """Copies whole blocks src -> dst in order. A loop of dynamic slices keeps the donated pool
-    updated in place; a gather + scatter over the pool made XLA copy all of it every step."""
-    def copy_one(i, pool):
-        block = jax.lax.dynamic_index_in_dim(pool, block_copies[i, 0], axis=0, keepdims=True)
-        return jax.lax.dynamic_update_index_in_dim(pool, block, block_copies[i, 1], axis=0)
+def copy_blocks(caches, block_copies: jax.Array):
+    """Copies whole blocks src -> dst in order, in every layer's pool. A loop of dynamic slices keeps
+    the donated pool updated in place (a gather + scatter over the pool made XLA copy all of it
+    every step). It runs over the real copies only, which come first: padding rows copy the null
+    block onto itself, and looping over them cost ~0.5 ms per batch-1 step of a 30-layer model."""
+    num_copies = jnp.sum(block_copies[:, 0] != block_copies[:, 1])
 
-    return jax.tree.map(lambda pool: jax.lax.fori_loop(0, block_copies.shape[0], copy_one, pool), cache)
+    def copy_one(i, pools):
+        def copy(pool):
+            block = jax.lax.dynamic_index_in_dim(pool, block_copies[i, 0], axis=0, keepdims=True)
+            return jax.lax.dynamic_update_index_in_dim(pool, block, block_copies[i, 1], axis=0)
+        return jax.tree.map(copy, pools)
+
+    return jax.lax.fori_loop(0, num_copies, copy_one, caches)
 
 
 def model_step(params, kv_caches, inputs: StepInputs, sampling: SamplingMetadata, *, cfg: ModelConfig,
                num_devices: int):
-    kv_caches = [copy_blocks(cache, inputs.block_copies) for cache in kv_caches]
+    params = route_dense_weights(params, num_devices)
+    kv_caches = copy_blocks(kv_caches, inputs.block_copies)
     attend = functools.partial(paged_attend, metadata=inputs.attention, sm_scale=cfg.head_dim ** -0.5,
                                implementation=attention_implementation(num_devices))
     hidden, kv_caches = forward(params, cfg, inputs.tokens, inputs.positions, kv_caches, attend)

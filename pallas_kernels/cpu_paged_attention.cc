@@ -16,12 +16,15 @@
 // float once and dotted with its query group), then a softmax per head in float32, and the second
 // accumulates the probabilities times each V row into [H, D]. Each K and V element is read once,
 // against the XLA path's gathers of whole chunks, loop bookkeeping and partial-softmax merges,
-// which cost ~100 us per layer even at short contexts. Small calls stay on the calling thread:
-// sharing work with XLA's intra-op pool doubled a batch-1 call at 128 positions (0.077 vs 0.037 ms;
-// waking a pool thread costs about as much as the work). From kMinPositionsToSplit positions in all
-// the decodes are split into chunks on the pool too (benchmarks/bench_paged_attention.py on the Xeon
-// VM, f32 pool: batch 32 at 512 positions 3.64 -> 2.13-2.15 ms, at 128 0.65 -> 0.49-0.53, batch 8 at
-// 512 0.71 -> 0.50-0.52; batch 8 at 128, 1024 positions, gained nothing).
+// which cost ~100 us per layer even at short contexts. Decodes are the work items: from
+// kMinPositionsToSplit positions in all, chunks of them are shared with XLA's intra-op pool. In a
+// microbenchmark (benchmarks/bench_paged_attention.py, warm cache) sharing did not pay below 2048
+// positions, since waking a pool thread costs about as much as a short call; inside a decode step,
+// where the K/V rows come from memory and the pool wakes for the next matmul anyway, it does from a
+// few hundred: a w4a8 SmolLM2 engine at 128-token prompts on the Xeon VM went from 22.6 to 17.2 ms a
+// step at batch 8 and from 11.3-11.8 to 8.0-9.7 at batch 2 with the threshold at 2048 -> 128-512,
+// and batch 1 (one decode, one item) is unchanged. Each loop over positions also prefetches the rows
+// one block ahead (batch-8 steps 3-4% faster).
 //
 // Only positions below seq_len are read, so whatever unused slots hold (NaN included) never
 // reaches the result; a block id outside the pool or a context longer than the block table is
@@ -46,7 +49,7 @@ namespace {
 constexpr int kLanes = 8;  // floats per AVX2 register; the Python side requires D % kLanes == 0
 // A call whose decodes read fewer positions than this stays on the calling thread; more are split
 // into about kItemsWhenSplit items shared with XLA's intra-op pool (see the top of this file).
-constexpr int64_t kMinPositionsToSplit = 2048;
+constexpr int64_t kMinPositionsToSplit = 256;
 constexpr int64_t kItemsWhenSplit = 8;
 
 float bf16_to_float(uint16_t bits) {
@@ -185,6 +188,18 @@ ffi::ErrorOr<std::vector<Decode>> decodes_of(const Problem& p) {
   return decodes;
 }
 
+// Asks for the pool rows of position `pos` (all kv heads: contiguous), if it is in the context. A
+// context's blocks lie anywhere in the pool, so the hardware prefetcher cannot run ahead into the
+// next one; walking one block ahead of the loop keeps rows arriving from memory.
+template <typename T>
+void prefetch_position(const Problem& p, const T* pool, const int32_t* table, int64_t pos, int64_t len) {
+  if (pos >= len) return;
+  const char* row = reinterpret_cast<const char*>(
+      pool + (table[pos / p.block_size] * p.block_size + pos % p.block_size) * p.num_kv_heads * p.head_dim);
+  const int64_t bytes = p.num_kv_heads * p.head_dim * static_cast<int64_t>(sizeof(T));
+  for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(row + line, _MM_HINT_T0);
+}
+
 // One decode: token `t` of sequence `s` over its `len` positions.
 template <typename T>
 void decode(const Problem& p, const T* k, const T* v, int64_t s, int64_t t, int64_t len,
@@ -195,6 +210,7 @@ void decode(const Problem& p, const T* k, const T* v, int64_t s, int64_t t, int6
   const int32_t* table = p.block_tables + s * p.table_width;
   for (int64_t pos = 0; pos < len; ++pos) {
     const int64_t first_row = (table[pos / p.block_size] * p.block_size + pos % p.block_size) * kv_heads;
+    prefetch_position(p, k, table, pos + p.block_size, len);
     for (int64_t h = 0; h < kv_heads; ++h) {
       const float* key = pool_row(k, p.k_scale, first_row + h, d, row_scratch.data());
       for (int64_t j = h * group; j < (h + 1) * group; ++j) logits[j * len + pos] = dot(q + j * d, key, d);
@@ -209,6 +225,7 @@ void decode(const Problem& p, const T* k, const T* v, int64_t s, int64_t t, int6
   }
   for (int64_t pos = 0; pos < len; ++pos) {
     const int64_t first_row = (table[pos / p.block_size] * p.block_size + pos % p.block_size) * kv_heads;
+    prefetch_position(p, v, table, pos + p.block_size, len);
     for (int64_t h = 0; h < kv_heads; ++h) {
       const float* value = pool_row(v, p.v_scale, first_row + h, d, row_scratch.data());
       for (int64_t j = h * group; j < (h + 1) * group; ++j) axpy(logits[j * len + pos], value, out + j * d, d);

@@ -188,14 +188,19 @@ ffi::ErrorOr<std::vector<Decode>> decodes_of(const Problem& p) {
   return decodes;
 }
 
+// The pool slot of position `pos` of a sequence with this block table; its kv heads' rows are
+// slot * KVH .. slot * KVH + KVH - 1.
+inline int64_t pool_slot(const Problem& p, const int32_t* table, int64_t pos) {
+  return table[pos / p.block_size] * p.block_size + pos % p.block_size;
+}
+
 // Asks for the pool rows of position `pos` (all kv heads: contiguous), if it is in the context. A
 // context's blocks lie anywhere in the pool, so the hardware prefetcher cannot run ahead into the
 // next one; walking one block ahead of the loop keeps rows arriving from memory.
 template <typename T>
 void prefetch_position(const Problem& p, const T* pool, const int32_t* table, int64_t pos, int64_t len) {
   if (pos >= len) return;
-  const char* row = reinterpret_cast<const char*>(
-      pool + (table[pos / p.block_size] * p.block_size + pos % p.block_size) * p.num_kv_heads * p.head_dim);
+  const char* row = reinterpret_cast<const char*>(pool + pool_slot(p, table, pos) * p.num_kv_heads * p.head_dim);
   const int64_t bytes = p.num_kv_heads * p.head_dim * static_cast<int64_t>(sizeof(T));
   for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(row + line, _MM_HINT_T0);
 }
@@ -209,7 +214,7 @@ void decode(const Problem& p, const T* k, const T* v, int64_t s, int64_t t, int6
   const float* q = p.q + t * heads * d;
   const int32_t* table = p.block_tables + s * p.table_width;
   for (int64_t pos = 0; pos < len; ++pos) {
-    const int64_t first_row = (table[pos / p.block_size] * p.block_size + pos % p.block_size) * kv_heads;
+    const int64_t first_row = pool_slot(p, table, pos) * kv_heads;
     prefetch_position(p, k, table, pos + p.block_size, len);
     for (int64_t h = 0; h < kv_heads; ++h) {
       const float* key = pool_row(k, p.k_scale, first_row + h, d, row_scratch.data());
@@ -224,7 +229,7 @@ void decode(const Problem& p, const T* k, const T* v, int64_t s, int64_t t, int6
     softmax_in_place(row, len);
   }
   for (int64_t pos = 0; pos < len; ++pos) {
-    const int64_t first_row = (table[pos / p.block_size] * p.block_size + pos % p.block_size) * kv_heads;
+    const int64_t first_row = pool_slot(p, table, pos) * kv_heads;
     prefetch_position(p, v, table, pos + p.block_size, len);
     for (int64_t h = 0; h < kv_heads; ++h) {
       const float* value = pool_row(v, p.v_scale, first_row + h, d, row_scratch.data());

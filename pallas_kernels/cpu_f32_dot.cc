@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu_row_count.h"
 #include "cpu_thread_pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -82,16 +83,7 @@ void rectangle(const Problem& p, int64_t slab, int64_t tile) {
 
 void item(const Problem& p, int64_t i) {
   const int64_t slab = i / p.tiles, tile = i % p.tiles;
-  switch (p.m) {
-    case 1: rectangle<1>(p, slab, tile); break;
-    case 2: rectangle<2>(p, slab, tile); break;
-    case 3: rectangle<3>(p, slab, tile); break;
-    case 4: rectangle<4>(p, slab, tile); break;
-    case 5: rectangle<5>(p, slab, tile); break;
-    case 6: rectangle<6>(p, slab, tile); break;
-    case 7: rectangle<7>(p, slab, tile); break;
-    default: rectangle<8>(p, slab, tile); break;
-  }
+  jaxinfer::with_row_count<kMaxRows>(p.m, [&](auto rows) { rectangle<rows>(p, slab, tile); });
 }
 
 ffi::Error F32Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -110,12 +102,12 @@ ffi::Error F32Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   const Problem p{x.typed_data(), w.typed_data(), slabs > 1 ? partial_sums.data() : out, m, k, n,
                   tile_cols, tiles, slab_rows};
   jaxinfer::run_on_pool(pool, slabs * tiles, [p](int64_t i) { item(p, i); });
-  for (int64_t s = 1; s < slabs; ++s) {
-    const float* part = p.partial + s * m * n;
-    for (int64_t i = 0; i < m * n; i += kLane)
-      _mm512_storeu_ps(p.partial + i, _mm512_add_ps(_mm512_loadu_ps(p.partial + i), _mm512_loadu_ps(part + i)));
-  }
-  if (slabs > 1) std::copy(p.partial, p.partial + m * n, out);
+  if (slabs > 1)
+    for (int64_t i = 0; i < m * n; i += kLane) {
+      __m512 sum = _mm512_loadu_ps(p.partial + i);
+      for (int64_t s = 1; s < slabs; ++s) sum = _mm512_add_ps(sum, _mm512_loadu_ps(p.partial + s * m * n + i));
+      _mm512_storeu_ps(out + i, sum);
+    }
   return ffi::Error::Success();
 }
 

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "cpu_quantize.h"
+#include "cpu_row_count.h"
 #include "cpu_thread_pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -120,16 +121,7 @@ void block(const Problem& p, int64_t r0, int64_t b) {
 
 template <bool kFirst>
 void row_block(const Problem& p, int64_t r0, int64_t b) {
-  switch (std::min<int64_t>(kRowBlock, p.m - r0)) {
-    case 1: block<1, kFirst>(p, r0, b); break;
-    case 2: block<2, kFirst>(p, r0, b); break;
-    case 3: block<3, kFirst>(p, r0, b); break;
-    case 4: block<4, kFirst>(p, r0, b); break;
-    case 5: block<5, kFirst>(p, r0, b); break;
-    case 6: block<6, kFirst>(p, r0, b); break;
-    case 7: block<7, kFirst>(p, r0, b); break;
-    default: block<8, kFirst>(p, r0, b); break;
-  }
+  jaxinfer::with_row_count<kRowBlock>(p.m - r0, [&](auto rows) { block<rows, kFirst>(p, r0, b); });
 }
 
 void item(const Problem& p, int64_t item) {

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "cpu_quantize.h"
+#include "cpu_row_count.h"
 #include "cpu_thread_pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -108,12 +109,7 @@ void block(const Problem& p, int64_t r0, int64_t b, __m128i& offset_sums) {
 
 template <bool kFirst>
 void row_block(const Problem& p, int64_t r0, int64_t b, __m128i& offset_sums) {
-  switch (std::min<int64_t>(kRowBlock, p.m - r0)) {
-    case 1: block<1, kFirst>(p, r0, b, offset_sums); break;
-    case 2: block<2, kFirst>(p, r0, b, offset_sums); break;
-    case 3: block<3, kFirst>(p, r0, b, offset_sums); break;
-    default: block<4, kFirst>(p, r0, b, offset_sums); break;
-  }
+  jaxinfer::with_row_count<kRowBlock>(p.m - r0, [&](auto rows) { block<rows, kFirst>(p, r0, b, offset_sums); });
 }
 
 void all_rows(const Problem& p, int64_t b) {

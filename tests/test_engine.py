@@ -17,7 +17,7 @@ from jaxinfer.engine.create import engine_from_checkpoint
 from jaxinfer.model.sharding import make_mesh, place_params
 from jaxinfer.reference import ReferenceGenerator
 from jaxinfer.sampling_params import SamplingParams
-from pallas_kernels import cpu_f32_dot, cpu_paged_attention
+from pallas_kernels import cpu_dense_dot, cpu_paged_attention
 
 CHECKPOINT = CHECKPOINTS_DIR / "tiny-llama3"
 MAX_LEN = 128
@@ -179,4 +179,4 @@ def test_tensor_parallel_engine_matches_reference(tp):
     assert_pool_whole(engine)
     # GSPMD does not partition custom calls: sharded steps keep attention and matmuls in XLA operations.
     assert not any(kernel.TARGET in step.as_text() for step in engine.runner.executables.values()
-                   for kernel in (cpu_f32_dot, cpu_paged_attention))
+                   for kernel in (cpu_dense_dot, cpu_paged_attention))

@@ -12,7 +12,7 @@ from jaxinfer.engine.artifact import load_engine
 from jaxinfer.engine.build import build_engine
 from jaxinfer.errors import EngineError
 from jaxinfer.sampling_params import SamplingParams
-from pallas_kernels import cpu_f32_dot, cpu_paged_attention
+from pallas_kernels import cpu_dense_dot, cpu_paged_attention
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -48,7 +48,7 @@ def test_loaded_engine_runs_a_mixed_workload_without_compiling(engine_dir):
     # Its steps call the CPU decode-attention and float32 matmul kernels where this CPU runs them;
     # loading registers them first.
     kernels = json.loads((engine_dir / "manifest.json").read_text())["ffi_kernels"]
-    assert kernels == sorted(kernel.TARGET for kernel in (cpu_f32_dot, cpu_paged_attention) if kernel.available())
+    assert kernels == sorted(kernel.TARGET for kernel in (cpu_dense_dot, cpu_paged_attention) if kernel.available())
     engine = load_engine(engine_dir, progress=False)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 512, rng.integers(1, 100)).tolist() for _ in range(9)]

@@ -3,7 +3,7 @@
     HF_PYTHON jaxinfer/bench/hf_worker.py JOB.json   ->  results JSON on stdout
 
 The job and the timing are worker_protocol's; this file only loads the model (a HF directory or a
-.gguf file, in float32) and generates: greedy `generate` over a left-padded batch, forced to
+.gguf file, in the job's dtype: the engine's) and generates: greedy `generate` over a left-padded batch, forced to
 exactly the requested number of new tokens. It imports only the standard library, torch,
 transformers and worker_protocol.
 """
@@ -20,12 +20,13 @@ class HFBackend:
     def __init__(self, job: dict):
         torch.set_num_threads(job["threads"])
         path = Path(job["model"])
+        dtype = getattr(torch, job["dtype"])
         if path.suffix == ".gguf":
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         self.model = model.eval()
-        self.info = {"torch": torch.__version__}
+        self.info = {"torch": torch.__version__, "dtype": job["dtype"]}
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> None:
         width = max(len(p) for p in prompts)

@@ -67,11 +67,13 @@ def _external_baselines(args) -> list:
     return [BASELINES[name] for name in args.baseline if name in BASELINES]
 
 
-def _run_baseline(args, baseline, job: dict) -> dict:
-    """The job on the same weights in the baseline's own Python (--NAME-python)."""
+def _run_baseline(args, baseline, engine, job: dict) -> dict:
+    """The job on the same weights, in the engine's dtype where the baseline has one, in the
+    baseline's own Python (--NAME-python)."""
     threads = {"threads": args.baseline_threads} if args.baseline_threads else {}
     return run_job(baseline, getattr(args, f"{baseline.name}_python"),
-                   {**job, **threads, "model": checkpoint_source(args.model, baseline)})
+                   {**job, **threads, "dtype": engine.engine_cfg.dtype,
+                    "model": checkpoint_source(args.model, baseline)})
 
 
 def _samples(timings: list[RequestTiming]) -> dict[str, list[float]]:
@@ -96,7 +98,7 @@ def throughput_main(args) -> None:
     for baseline in _external_baselines(args):
         subset = requests[:getattr(args, f"{baseline.name}_num_requests") or len(requests)]
         batch = getattr(args, f"{baseline.name}_batch_size") if baseline.batched else 1
-        result = _run_baseline(args, baseline, {
+        result = _run_baseline(args, baseline, engine, {
             "job": "throughput", "batch_size": batch,
             "requests": [[list(r.prompt_token_ids), r.max_tokens] for r in subset]})
         systems[f"{baseline.label} (B={batch}, {len(subset)} requests)"] = _rates(result)
@@ -131,7 +133,7 @@ def latency_main(args) -> None:
     systems = {"jaxinfer": ours}
     vocab = engine.model_cfg.vocab_size
     for baseline in _external_baselines(args):
-        systems[baseline.label] = _run_baseline(args, baseline, {
+        systems[baseline.label] = _run_baseline(args, baseline, engine, {
             "job": "latency", "decode_tokens": args.decode_tokens,
             # one at a time, a baseline that does not batch has only a batch-1 decode rate
             "batch_sizes": [b for b in args.batch_sizes if baseline.batched or b == 1],

@@ -4,7 +4,8 @@ imported by the worker scripts beside it (hf_worker.py, llamacpp_worker.py) as a
 
     PYTHON jaxinfer/bench/<name>_worker.py JOB.json   ->  results JSON on stdout
 
-JOB.json: {"model": checkpoint path, "threads": int, "job": "throughput" | "latency", ...}
+JOB.json: {"model": checkpoint path, "threads": int, "dtype": the engine's ("float32" | "bfloat16"),
+           "job": "throughput" | "latency", ...}
   throughput: "requests": [[prompt ids, max_tokens], ...], "batch_size": B
       Consecutive batches of B requests, each generating exactly the longest max_tokens of its
       batch (EOS ignored); only each request's own max_tokens count as output.
@@ -14,7 +15,7 @@ JOB.json: {"model": checkpoint path, "threads": int, "job": "throughput" | "late
       TTFT: median time of a 1-token generation per prompt length. Decode rate at batch b:
       b x (N - 1) tokens over the time an N-token generation takes beyond a 1-token one.
       -> {"ttft_s": {length: s}, "decode_tokens_per_s": {b: tokens/s}}
-Both results also carry the worker's `info` (library versions) and "threads".
+Both results also carry the worker's `info` (library versions, the dtype it ran) and "threads".
 
 A worker calls `serve(load)`, where `load(job)` returns a Backend: `generate(prompts, new_tokens)`
 runs one greedy generation of exactly `new_tokens` tokens for a batch of prompts (token id lists).

@@ -3,7 +3,7 @@
 `model_step(params, kv_caches, inputs, sampling, cfg=, num_devices=)` is a pure function; the engine
 compiles it ahead of time once per shape bucket (T tokens, S rows) with the KV caches donated, so the
 pool is updated in place. `num_devices` (the mesh's) picks the attention implementation and whether
-float32 weights take the CPU kernel for few-row matmuls (`route_dense_weights`). Shapes:
+float32 and bfloat16 weights take the CPU kernel for few-row matmuls (`route_dense_weights`). Shapes:
 
     inputs.tokens          [T] int32     new tokens of all scheduled sequences, end to end, padded
     inputs.positions       [T] int32     their positions in their sequences
@@ -29,10 +29,9 @@ import jax.numpy as jnp
 from jaxinfer.cache.attention_metadata import AttentionMetadata
 from jaxinfer.cache.kv_pool import write_kv
 from jaxinfer.model.config import ModelConfig
-from jaxinfer.model.layers import linear
 from jaxinfer.model.llama import compute_logits, forward, head_weight
 from jaxinfer.runner.sampling import SamplingMetadata, sample
-from pallas_kernels import cpu_f32_dot
+from pallas_kernels import cpu_dense_dot
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 
@@ -49,30 +48,34 @@ class StepInputs:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KernelDenseWeight:
-    """A float32 `[in, out]` weight whose matmuls of up to cpu_f32_dot.MAX_ROWS rows run in that
-    kernel; larger ones stay XLA's dot. Made inside the traced step only, never stored."""
+    """A float32 or bfloat16 `[in, out]` weight whose matmuls of up to cpu_dense_dot.MAX_ROWS rows
+    run in that kernel; larger ones stay XLA's dot. Either way x is taken in the weight's dtype and
+    the product accumulates in float32, returned in x's dtype (as `linear` on the bare weight, and
+    as the head's float32 logits). Made inside the traced step only, never stored."""
     w: jax.Array
 
     def matmul(self, x: jax.Array) -> jax.Array:
         rows = math.prod(x.shape[:-1])
-        if x.dtype != self.w.dtype or not cpu_f32_dot.serves(rows, self.w):
-            return linear(x, self.w)
-        return cpu_f32_dot.f32_dot(x.reshape(rows, -1), self.w).reshape(*x.shape[:-1], -1)
+        if not cpu_dense_dot.serves(rows, self.w):
+            y = jnp.einsum("...i,io->...o", x.astype(self.w.dtype), self.w, preferred_element_type=jnp.float32)
+            return y.astype(x.dtype)
+        x_rows = x.reshape(rows, -1).astype(self.w.dtype)
+        return cpu_dense_dot.dense_dot(x_rows, self.w).astype(x.dtype).reshape(*x.shape[:-1], -1)
 
 
 LINEAR_WEIGHTS = ("w_qkv", "wo", "w_gate_up", "w_down")
 
 
 def route_dense_weights(params, num_devices: int):
-    """`params` with every float32 layer matmul weight and head wrapped as KernelDenseWeight when
+    """`params` with every float32 or bfloat16 layer matmul weight and head wrapped as KernelDenseWeight when
     the CPU kernel runs here and the step has one device (a custom call is not partitioned by
     GSPMD). A tied head becomes an `lm_head` wrapping the embedding table, which the token lookup
     keeps reading unwrapped."""
-    if num_devices != 1 or not cpu_f32_dot.available():
+    if num_devices != 1 or not cpu_dense_dot.available():
         return params
 
     def route(w):
-        return KernelDenseWeight(w) if cpu_f32_dot.serves(1, w) else w
+        return KernelDenseWeight(w) if cpu_dense_dot.serves(1, w) else w
 
     layers = [{name: route(w) if name in LINEAR_WEIGHTS else w for name, w in layer.items()}
               for layer in params["layers"]]

@@ -1,0 +1,87 @@
+"""The few-row dense CPU kernel (pallas_kernels/cpu_dense_dot.{cc,py}) against float64 numpy on
+every path of its loop (K rows in passes of eight and a remainder, one or several K slabs, one or
+several column tiles with a partial last one), for float32 and bfloat16 weights, and the step's
+routing of float32 and bfloat16 weights to it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer.model.layers import linear
+from jaxinfer.runner.step import KernelDenseWeight, route_dense_weights
+from pallas_kernels import cpu_dense_dot
+
+needs_kernel = pytest.mark.skipif(not cpu_dense_dot.available(),
+                                  reason="needs an x86-64 CPU with AVX-512F and a C++ compiler")
+
+
+def random_problem(rng, m: int, k: int, n: int, w_dtype=jnp.float32):
+    """x [m, k] float32 and w [k, n] in w_dtype, as jax arrays."""
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 10, (1, k))).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(w, w_dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("w_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("k, n", [(37, 16), (576, 960), (1536, 576), (200, 4112), (64, 8240)])
+def test_kernel_matches_float64_matmul(rng, k, n, w_dtype):
+    for m in range(1, cpu_dense_dot.MAX_ROWS + 1):
+        x, w = random_problem(rng, m, k, n, w_dtype)
+        # bfloat16 values are exact in float64: the oracle multiplies the weights the kernel read
+        x, w64 = np.asarray(x), np.asarray(w.astype(jnp.float32)).astype(np.float64)
+        want = x.astype(np.float64) @ w64
+        got = np.asarray(jax.jit(cpu_dense_dot.dense_dot)(jnp.asarray(x), w))
+        # float32 sums in another order: within a few ulps of the sum of magnitudes
+        bound = 1e-6 * (np.abs(x).astype(np.float64) @ np.abs(w64))
+        assert np.all(np.abs(got - want) <= bound), (m, np.max(np.abs(got - want) / bound))
+
+
+@needs_kernel
+def test_kernel_refuses_shapes_and_dtypes_it_does_not_take(rng):
+    x, w = random_problem(rng, 2, 32, 24)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cpu_dense_dot.dense_dot(x, w)
+    x, w = random_problem(rng, cpu_dense_dot.MAX_ROWS + 1, 32, 32)
+    with pytest.raises(ValueError, match="1 <= M <= 8"):
+        cpu_dense_dot.dense_dot(x, w)
+    assert not cpu_dense_dot.serves(1, jnp.zeros((32, 32), jnp.float16))
+    assert not cpu_dense_dot.serves(1, jnp.zeros((32, 32), jnp.int8))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_weight_runs_few_rows_in_the_kernel_and_more_in_xla(rng, dtype):
+    # As `linear` on the bare weight for activations in the weight's dtype, and float32 products
+    # (the head's logits) for float32 activations against a bfloat16 weight.
+    _, w = random_problem(rng, 1, 96, 64, dtype)
+    weight = KernelDenseWeight(w)
+    for shape in [(3, 96), (2, 2, 96), (cpu_dense_dot.MAX_ROWS + 1, 96)]:
+        x = jnp.asarray(rng.standard_normal(shape), dtype)
+        hlo = jax.jit(weight.matmul).lower(x).as_text()
+        rows = int(np.prod(shape[:-1]))
+        assert (cpu_dense_dot.TARGET in hlo) == (rows <= cpu_dense_dot.MAX_ROWS)
+        got = weight.matmul(x)
+        assert got.dtype == dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(linear(x, w), np.float32),
+                                   rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5, atol=1e-5)
+        got32 = weight.matmul(x.astype(jnp.float32))
+        assert got32.dtype == jnp.float32
+        want32 = jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32)
+        np.testing.assert_allclose(np.asarray(got32), np.asarray(want32), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_routing_wraps_dense_matmul_weights_on_one_device_only(rng):
+    layer = {"attn_norm": jnp.ones(32), "w_qkv": jnp.zeros((32, 96)), "wo": jnp.zeros((64, 32)),
+             "w_gate_up": jnp.zeros((32, 128), jnp.bfloat16), "w_down": jnp.zeros((64, 40))}
+    params = {"embed": jnp.zeros((32, 160)), "final_norm": jnp.ones(32), "layers": [layer]}
+    routed = route_dense_weights(params, num_devices=1)
+    kinds = {name: type(w).__name__ for name, w in routed["layers"][0].items()}
+    assert kinds == {"attn_norm": "ArrayImpl", "w_qkv": "KernelDenseWeight", "wo": "KernelDenseWeight",
+                     "w_gate_up": "KernelDenseWeight", "w_down": "ArrayImpl"}
+    assert routed["lm_head"].w is params["embed"] and routed["embed"] is params["embed"]
+    assert route_dense_weights(params, num_devices=2) is params

@@ -1,23 +1,41 @@
-// A matmul of few float32 activation rows by a float32 or bfloat16 weight on x86 CPUs (AVX-512), as
-// an XLA FFI custom call (built and registered by cpu_dense_dot.py).
+// A matmul of activation rows by a float32 or bfloat16 weight on x86 CPUs (AVX-512, and AMX for
+// bfloat16), as an XLA FFI custom call (built and registered by cpu_dense_dot.py).
 //
-//   jaxinfer_dense_dot: x [M, K] f32, w [K, N] f32 | bf16 (row-major, N % 16 == 0) -> y [M, N] f32
+//   jaxinfer_dense_dot: x [M, K] f32 | bf16, w [K, N] f32 | bf16 (row-major, N % 16 == 0),
+//                       x in w's dtype -> y [M, N] f32
 //
-// A few-row matmul reads every weight once and does M multiply-adds with it, so it runs at the
-// rate the weight streams from memory. The weight is cut into rectangles of whole rows (K slabs)
-// by column tiles; a rectangle whose tile is the full width is one contiguous run of memory, so a
-// slab streams in address order. Each rectangle's rows are walked eight at a time, in order, adding
-// x[m, k..k+7] times them (bfloat16 widened to float32 in registers: its bits are a float32's top
-// half) into the rectangle's partial sums (in L1/L2: M x tile floats); slabs of
-// the same tile write separate partial sums, added at the end. Work items (rectangles) are shared
-// with XLA's intra-op thread pool (cpu_thread_pool.h).
+// Two loops, both summing in float32:
+//
+// FMA (float32, and bfloat16 below kAmxMinRows rows or where AMX does not serve): a few-row matmul
+// reads every weight once and does M multiply-adds with it, so it runs at the rate the weight
+// streams from memory. The weight is cut into rectangles of whole rows (K slabs) by column tiles; a
+// rectangle whose tile is the full width is one contiguous run of memory, so a slab streams in
+// address order. Each rectangle's rows are walked eight at a time, in order, adding x[m, k..k+7]
+// times them (bfloat16 widened to float32 in registers: its bits are a float32's top half) into
+// the rectangle's partial sums (in L1/L2: M x tile floats), for up to kFmaRows activation rows at a
+// time; slabs of the same tile write separate partial sums, added at the end. Its multiply-adds grow
+// with M: at 16-32 rows it was compute-bound, and XLA's bfloat16 dot at those rows converts the
+// whole weight to float32 first.
+//
+// AMX (bfloat16 from kAmxMinRows rows, K % 32 == 0, N % 32 == 0, and the OS grants the tile state):
+// tdpbf16ps multiplies a 16 x 32 bfloat16 A tile by a 32 x 16 B tile held as 16 rows of (k, k + 1)
+// pairs into a 16 x 16 float32 C tile. A is 16 activation rows read in place; B comes from the
+// weight's [K, N] rows by interleaving each pair of rows (one zero-extend, shift and or per 16
+// columns), done once per item into panels of 32 columns over all of K, which every group of 32
+// activation rows then reuses; C is stored straight into y. The multiply-adds of a prefill step
+// (128-256 rows) become cheap next to streaming the weight.
+//
+// Work items (rectangles, or AMX column panels) are shared with XLA's intra-op thread pool
+// (cpu_thread_pool.h).
 
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
+#include "cpu_amx.h"
 #include "cpu_row_count.h"
 #include "cpu_thread_pool.h"
 #include "xla/ffi/api/ffi.h"
@@ -33,7 +51,8 @@ constexpr int64_t kMaxTileCols = 4096;
 // At least this many K rows per slab, and about this many work items per call.
 constexpr int64_t kMinSlabRows = 32;
 constexpr int64_t kTargetItems = 8;
-constexpr int kMaxRows = 8;
+// Activation rows per pass of the FMA loop (one partial-sum row each); larger M runs in row chunks.
+constexpr int kFmaRows = 8;
 // Weight rows walked together: the partial sums are loaded and stored once per eight rows, and the
 // eight rows ahead are prefetched (both measured faster than four rows and no prefetch at 2-8
 // activation rows; at one row within noise).
@@ -54,11 +73,13 @@ struct Problem {
   int64_t m, k, n, tile_cols, tiles, slab_rows;
 };
 
+// Rows r0 .. r0 + R - 1 of one rectangle's partial sums.
 template <int R, typename W>
-void rectangle(const Problem<W>& p, int64_t slab, int64_t tile) {
+void rectangle(const Problem<W>& p, int64_t slab, int64_t tile, int64_t r0) {
   const int64_t k0 = slab * p.slab_rows, k1 = std::min(p.k, k0 + p.slab_rows);
   const int64_t n0 = tile * p.tile_cols, n1 = std::min(p.n, n0 + p.tile_cols);
-  float* out = p.partial + slab * p.m * p.n;
+  float* out = p.partial + slab * p.m * p.n + r0 * p.n;
+  const float* xs = p.x + r0 * p.k;
   for (int r = 0; r < R; ++r) std::fill(out + r * p.n + n0, out + r * p.n + n1, 0.0f);
   int64_t k = k0;
   for (; k + kRowsPerPass <= k1; k += kRowsPerPass) {
@@ -71,7 +92,7 @@ void rectangle(const Problem<W>& p, int64_t slab, int64_t tile) {
         for (int u = 0; u < kRowsPerPass; ++u)
           _mm_prefetch(reinterpret_cast<const char*>(w0 + (kRowsPerPass + u) * p.n + n), _MM_HINT_T0);
       for (int r = 0; r < R; ++r) {
-        const float* x = p.x + r * p.k + k;
+        const float* x = xs + r * p.k + k;
         float* o = out + r * p.n + n;
         __m512 acc = _mm512_loadu_ps(o);
         for (int u = 0; u < kRowsPerPass; ++u) acc = _mm512_fmadd_ps(w[u], _mm512_set1_ps(x[u]), acc);
@@ -82,7 +103,7 @@ void rectangle(const Problem<W>& p, int64_t slab, int64_t tile) {
   for (; k < k1; ++k) {
     const W* w0 = p.w + k * p.n;
     for (int r = 0; r < R; ++r) {
-      const __m512 xk = _mm512_set1_ps(p.x[r * p.k + k]);
+      const __m512 xk = _mm512_set1_ps(xs[r * p.k + k]);
       float* o = out + r * p.n;
       for (int64_t n = n0; n < n1; n += kLane)
         _mm512_storeu_ps(o + n, _mm512_fmadd_ps(load16(w0 + n), xk, _mm512_loadu_ps(o + n)));
@@ -91,20 +112,21 @@ void rectangle(const Problem<W>& p, int64_t slab, int64_t tile) {
 }
 
 template <typename W>
-void item(const Problem<W>& p, int64_t i) {
+void fma_item(const Problem<W>& p, int64_t i) {
   const int64_t slab = i / p.tiles, tile = i % p.tiles;
-  jaxinfer::with_row_count<kMaxRows>(p.m, [&](auto rows) { rectangle<rows>(p, slab, tile); });
+  for (int64_t r0 = 0; r0 < p.m; r0 += kFmaRows)
+    jaxinfer::with_row_count<kFmaRows>(p.m - r0, [&](auto rows) { rectangle<rows>(p, slab, tile, r0); });
 }
 
 template <typename W>
-void dense_dot(ffi::ThreadPool& pool, const float* x, const W* w, float* out, int64_t m, int64_t k, int64_t n) {
+void fma_dot(ffi::ThreadPool& pool, const float* x, const W* w, float* out, int64_t m, int64_t k, int64_t n) {
   const int64_t tile_cols = std::min(n, kMaxTileCols), tiles = (n + tile_cols - 1) / tile_cols;
   const int64_t max_slabs = std::max<int64_t>(1, k / kMinSlabRows);
   const int64_t slabs = std::min(max_slabs, (kTargetItems + tiles - 1) / tiles);
   const int64_t slab_rows = (k + slabs - 1) / slabs;
   std::vector<float> partial_sums(slabs > 1 ? slabs * m * n : 0);
   const Problem<W> p{x, w, slabs > 1 ? partial_sums.data() : out, m, k, n, tile_cols, tiles, slab_rows};
-  jaxinfer::run_on_pool(pool, slabs * tiles, [p](int64_t i) { item(p, i); });
+  jaxinfer::run_on_pool(pool, slabs * tiles, [p](int64_t i) { fma_item(p, i); });
   if (slabs > 1)
     for (int64_t i = 0; i < m * n; i += kLane) {
       __m512 sum = _mm512_loadu_ps(p.partial + i);
@@ -113,18 +135,137 @@ void dense_dot(ffi::ThreadPool& pool, const float* x, const W* w, float* out, in
     }
 }
 
-ffi::Error DenseDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y) {
+// ---- AMX (see the top of this file).
+constexpr int64_t kAmxK = 32;        // K values per tile step: 16 (k, k + 1) pairs
+constexpr int64_t kPanelCols = 32;   // output columns per panel: two 16-column B tiles
+constexpr int64_t kTileElems = 512;  // bfloat16 values in one 1 KB tile
+// Columns per work item: panels packed together, so that each weight row is read in runs of up to
+// 512 bytes (one panel's 64-byte runs, 6 KB-98 KB apart, thrashed the TLB: the LM head at 9 rows
+// ran at half the FMA loop's speed).
+constexpr int64_t kMaxItemCols = 256;
+
+using jaxinfer::TileConfig;
+
+// From this many rows AMX beat the FMA loop on SmolLM2's layer weights (single calls at 4 rows: 31-170
+// against 40-215 us; at 8 rows 36-174 against 81-460 us); at 1-2 rows the FMA loop was faster.
+constexpr int64_t kAmxMinRows = 4;
+
+bool amx_serves(int64_t m, int64_t k, int64_t n) {
+  return m >= kAmxMinRows && k % kAmxK == 0 && n % kPanelCols == 0 &&
+         __builtin_cpu_supports("amx-bf16") && jaxinfer::tile_state_granted();
+}
+
+// The most columns up to kMaxItemCols, in whole panels, that divide N.
+int64_t item_cols(int64_t n) {
+  int64_t cols = kMaxItemCols;
+  while (n % cols != 0) cols /= 2;
+  return cols;
+}
+
+struct AmxProblem {
+  const uint16_t* x;  // [M, K] bf16
+  const uint16_t* w;  // [K, N] bf16
+  float* y;           // [M, N]
+  int64_t m, k, n, cols;
+};
+
+// Columns n0 .. n0 + cols - 1 of w as B tiles: panel j (columns n0 + 32 j ..) holds, for K step s
+// and half h (16 columns), the tile at panel[j * K * 32 + (2 s + h) * 512], whose row i is
+// (w[32 s + 2 i, col], w[32 s + 2 i + 1, col]) per column.
+void pack_panels(const AmxProblem& p, int64_t n0, uint16_t* panels) {
+  for (int64_t pair = 0; pair < p.k / 2; ++pair) {
+    const uint16_t* even = p.w + 2 * pair * p.n + n0;
+    const uint16_t* odd = even + p.n;
+    uint16_t* row = panels + (pair / 16) * 2 * kTileElems + (pair % 16) * 32;
+    for (int64_t c = 0; c < p.cols; c += 16) {
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + c)));
+      const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(odd + c)));
+      uint16_t* tile_row = row + (c / kPanelCols) * p.k * kPanelCols + ((c / 16) % 2) * kTileElems;
+      _mm512_storeu_si512(tile_row, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+// One panel's 32 output columns for all rows, in groups of 32 rows: C tiles 0-1 (rows 0-15 of the
+// group) and 2-3 (rows 16-31), A tiles 4-5, B tiles 6-7.
+void amx_panel(const AmxProblem& p, const uint16_t* panel, int64_t n0) {
+  const int64_t x_stride = p.k * 2, y_stride = p.n * 4;
+  for (int64_t g = 0; g < p.m; g += 32) {
+    const int rows0 = static_cast<int>(std::min<int64_t>(16, p.m - g));
+    const int rows1 = static_cast<int>(std::clamp<int64_t>(p.m - g - 16, 0, 16));
+    TileConfig config;
+    for (int t : {0, 1, 4}) config.rows[t] = rows0, config.colsb[t] = 64;
+    for (int t : {6, 7}) config.rows[t] = 16, config.colsb[t] = 64;
+    if (rows1)
+      for (int t : {2, 3, 5}) config.rows[t] = rows1, config.colsb[t] = 64;
+    _tile_loadconfig(&config);
+    _tile_zero(0);
+    _tile_zero(1);
+    if (rows1) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    const uint16_t* a = p.x + g * p.k;
+    for (int64_t s = 0; s < p.k; s += kAmxK) {
+      const uint16_t* b = panel + (s / kAmxK) * 2 * kTileElems;
+      _tile_loadd(6, b, 64);
+      _tile_loadd(7, b + kTileElems, 64);
+      _tile_loadd(4, a + s, x_stride);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if (rows1) {
+        _tile_loadd(5, a + 16 * p.k + s, x_stride);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    float* y = p.y + g * p.n + n0;
+    _tile_stored(0, y, y_stride);
+    _tile_stored(1, y + 16, y_stride);
+    if (rows1) {
+      _tile_stored(2, y + 16 * p.n, y_stride);
+      _tile_stored(3, y + 16 * p.n + 16, y_stride);
+    }
+  }
+}
+
+void amx_item(const AmxProblem& p, int64_t item) {
+  const int64_t n0 = item * p.cols;
+  thread_local std::vector<uint16_t> panels;
+  panels.resize(p.k * p.cols);
+  pack_panels(p, n0, panels.data());
+  for (int64_t j = 0; j < p.cols / kPanelCols; ++j)
+    amx_panel(p, panels.data() + j * p.k * kPanelCols, n0 + j * kPanelCols);
+  _tile_release();
+}
+
+ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
-  const bool bf16 = w.element_type() == ffi::DataType::BF16;
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || wd[1] % kLane != 0 || xd[0] < 1 || xd[0] > kMaxRows ||
-      !(bf16 || w.element_type() == ffi::DataType::F32))
-    return ffi::Error::InvalidArgument("jaxinfer_dense_dot: expected x [M, K] f32 with 1 <= M <= 8 and w [K, N] f32 "
-                                       "or bf16 with N a multiple of 16");
+  const auto dtype = w.element_type();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || wd[1] % kLane != 0 || xd[0] < 1 ||
+      x.element_type() != dtype || !(dtype == ffi::DataType::F32 || dtype == ffi::DataType::BF16))
+    return ffi::Error::InvalidArgument("jaxinfer_dense_dot: expected x [M, K] and w [K, N], both f32 or both bf16, "
+                                       "with N a multiple of 16");
   const int64_t m = xd[0], k = xd[1], n = wd[1];
-  if (bf16)
-    dense_dot(pool, x.typed_data(), static_cast<const uint16_t*>(w.untyped_data()), y->typed_data(), m, k, n);
-  else
-    dense_dot(pool, x.typed_data(), static_cast<const float*>(w.untyped_data()), y->typed_data(), m, k, n);
+  float* out = y->typed_data();
+  if (dtype == ffi::DataType::F32) {
+    fma_dot(pool, static_cast<const float*>(x.untyped_data()), static_cast<const float*>(w.untyped_data()), out, m,
+            k, n);
+    return ffi::Error::Success();
+  }
+  const auto* x16 = static_cast<const uint16_t*>(x.untyped_data());
+  const auto* w16 = static_cast<const uint16_t*>(w.untyped_data());
+  if (amx_serves(m, k, n)) {
+    const AmxProblem p{x16, w16, out, m, k, n, item_cols(n)};
+    jaxinfer::run_on_pool(pool, n / p.cols, [p](int64_t item) { amx_item(p, item); });
+    return ffi::Error::Success();
+  }
+  std::vector<float> x32(m * k);
+  for (int64_t i = 0; i < m * k; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(x16[i]) << 16;
+    std::memcpy(&x32[i], &bits, sizeof(float));
+  }
+  fma_dot(pool, x32.data(), w16, out, m, k, n);
   return ffi::Error::Success();
 }
 
@@ -133,6 +274,6 @@ ffi::Error DenseDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffe
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_dense_dot, DenseDot,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,28 +1,32 @@
-"""A matmul of few activation rows by a float32 or bfloat16 weight on x86 CPUs (AVX-512): a C++
-kernel called through XLA FFI, reading the weight in its own `[K, N]` layout (no packing).
+"""A matmul of activation rows by a float32 or bfloat16 weight on x86 CPUs (AVX-512, and AMX for
+bfloat16): a C++ kernel called through XLA FFI, reading the weight in its own `[K, N]` layout (no
+packing kept).
 
-    dense_dot(x [M, K] f32 | bf16, w [K, N] f32 | bf16) -> [M, N] f32
-        M <= MAX_ROWS, N % 16 == 0 (`serves`); float32 multiply-adds and sums (x and bfloat16
-        weights are widened exactly)
+    dense_dot(x [M, K], w [K, N]) -> [M, N] f32   x and w both float32 or both bfloat16; float32
+        sums. Takes (`serves`): N % 16 == 0; float32 up to MAX_FMA_ROWS rows; bfloat16 any rows on
+        a CPU with AMX-BF16 (K % 32 == 0 and N % 32 == 0 for the AMX loop beyond MAX_FMA_ROWS),
+        else up to MAX_FMA_ROWS
     serves(rows, w) -> bool   whether dense_dot takes this weight and row count
     available() -> bool       whether it runs here (x86-64 with AVX-512F, a C++ compiler, the CPU
                               backend); builds and registers it on first use
 
 Why: a decode step of an unquantized engine is its weights streaming from memory, and XLA:CPU's
 float32 dot streams them at 20 GB/s for one row and at 9-14 GB/s for 2-8 rows (a few-row dot is
-still a matrix-vector product there, weight read once per row block); its bfloat16 dots are slower
-still (about 1 GB/s for one row: see the README). The kernel reads every weight once for all rows,
-in address order, split over XLA's intra-op thread pool (the .cc explains the loop). Measured on the
-project's Xeon VM (30 layers of SmolLM2's four weight shapes and its 576 x 49152 head, medians of 15
-calls, noisy: repeats differ by about 10%), milliseconds:
+still a matrix-vector product there, weight read once per row block); its bfloat16 dots are worse:
+about 1 GB/s for one row, and from 9 rows on it converts the whole weight to float32 before a
+float32 dot (90 such conversions took most of a batch-16 bfloat16 SmolLM2 step). The kernel reads
+every weight once for all rows, in address order, split over XLA's intra-op thread pool; for
+bfloat16 beyond a few rows it multiplies on AMX tiles (the .cc explains both loops). Measured on
+the project's Xeon VM (30 layers of SmolLM2's four weight shapes and its 576 x 49152 head, medians
+of 15 calls, noisy: repeats differ by about 10%), milliseconds:
 
-    rows                        1      2      4      8
+    rows                         1      2      4      8
     XLA's dot, float32 (538 MB)  26.2   38.7   49.0   60.1
     this kernel, float32        23.4   24.7   27.4   35.3
 
 The sums run in another order than XLA's, so results differ from its dot in the last bits.
-`jaxinfer.runner.step` routes a one-device CPU engine's float32 and bfloat16 weights here for steps
-of up to MAX_ROWS tokens (the reference generation keeps XLA's dot, so it still checks the engine).
+`jaxinfer.runner.step` routes a one-device CPU engine's float32 and bfloat16 weights here for the
+row counts it serves (the reference generation keeps XLA's dot, so it still checks the engine).
 
 Build: `pallas_kernels.cpu_ffi` compiles the source once per machine and registers it as the FFI
 target `jaxinfer_dense_dot`.
@@ -39,27 +43,32 @@ from pallas_kernels import cpu_ffi
 
 TARGET = "jaxinfer_dense_dot"
 KERNEL = cpu_ffi.CpuKernel("CPU dense matmul kernel", (TARGET,), Path(__file__).with_suffix(".cc"),
-                           ("-mavx2", "-mfma", "-mavx512f"), frozenset({"avx2", "fma", "avx512f"}))
+                           ("-mavx2", "-mfma", "-mavx512f", "-mamx-tile", "-mamx-bf16"),
+                           frozenset({"avx2", "fma", "avx512f"}))
 available = KERNEL.available
-# Decode batches to 8 (bigger ones and prefill steps keep XLA's dot). The kernel slows with rows (14-16
-# GB/s at 8, 22-23 at one for float32) as its multiply-adds per byte grow.
-MAX_ROWS = 8
+# The FMA loop's rows: it slows with rows (14-16 GB/s at 8, 22-23 at one for float32) as its
+# multiply-adds per byte grow, so bigger float32 steps keep XLA's dot.
+MAX_FMA_ROWS = 8
+# bfloat16 steps of any size run here where the CPU has AMX-BF16 (the kernel still falls back to its
+# FMA loop where the OS refuses the tile state, slower but exact).
+AMX_BF16 = "amx_bf16" in cpu_ffi.cpu_flags()
 LANE = 16
-WEIGHT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def serves(rows: int, w) -> bool:
     """Whether `dense_dot` takes `rows` activation rows against the weight `w`."""
-    return (1 <= rows <= MAX_ROWS and getattr(w, "ndim", 0) == 2 and w.dtype in WEIGHT_DTYPES
-            and w.shape[1] % LANE == 0)
+    if not (getattr(w, "ndim", 0) == 2 and w.dtype in DTYPES and w.shape[1] % LANE == 0 and rows >= 1):
+        return False
+    return rows <= MAX_FMA_ROWS or (w.dtype == jnp.bfloat16 and AMX_BF16)
 
 
 def dense_dot(x: jax.Array, w: jax.Array) -> jax.Array:
     """`x [M, K] @ w [K, N]` in float32 by the kernel (module docstring)."""
-    if not (x.ndim == 2 and x.dtype in WEIGHT_DTYPES and x.shape[1] == w.shape[0] and serves(x.shape[0], w)):
-        raise ValueError(f"dense_dot takes x [M, K] float32 or bfloat16 with 1 <= M <= {MAX_ROWS} and w [K, N] "
-                         f"float32 or bfloat16 with N a multiple of {LANE}, got {x.shape} {x.dtype} and "
+    if not (x.ndim == 2 and x.dtype == w.dtype and x.shape[1] == w.shape[0] and serves(x.shape[0], w)):
+        raise ValueError(f"dense_dot takes x [M, K] and w [K, N] of one dtype (float32 with 1 <= M <= "
+                         f"{MAX_FMA_ROWS}, or bfloat16), N a multiple of {LANE}; got {x.shape} {x.dtype} and "
                          f"{w.shape} {w.dtype}")
     KERNEL.ensure_registered()
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), w)
+    return jax.ffi.ffi_call(TARGET, out)(x, w)

@@ -26,14 +26,13 @@
 // splitting did not pay.
 
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "cpu_amx.h"
 #include "cpu_quantize.h"
 #include "cpu_row_count.h"
 #include "cpu_thread_pool.h"
@@ -132,19 +131,7 @@ void vnni_item(const Problem& p, int64_t item) {
 constexpr int64_t kAmxRows = 16;  // activation rows per B tile
 constexpr int64_t kAmxK = 64;     // K bytes per tile step
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-bool amx_granted() {
-  static const bool granted = [] {
-    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;  // arch_prctl: request AMX tile data
-    return __builtin_cpu_supports("amx-int8") && syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
-  }();
-  return granted;
-}
+using jaxinfer::TileConfig;
 
 // Below this many rows the VNNI loop was faster (8 and 30 layers of SmolLM2's weights: 1-4 rows
 // 0.8-1.3 / 2.8-3.6 ms against AMX's 1.0-1.3 / 3.4-4.0; 6-8 rows 1.2-1.6 / 4.4-5.8 against 1.1-1.4 /
@@ -152,7 +139,8 @@ bool amx_granted() {
 constexpr int64_t kAmxMinRows = 5;
 
 bool amx_serves(int64_t m, int64_t k, int64_t n) {
-  return m >= kAmxMinRows && k % kAmxK == 0 && n % (kBlocksPerItem * kBlockCols) == 0 && amx_granted();
+  return m >= kAmxMinRows && k % kAmxK == 0 && n % (kBlocksPerItem * kBlockCols) == 0 &&
+         __builtin_cpu_supports("amx-int8") && jaxinfer::tile_state_granted();
 }
 
 // x [M, K] int8 -> per group of 16 rows g, per K step s: [16 K quads][rows in group][4 bytes].

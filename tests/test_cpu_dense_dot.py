@@ -1,7 +1,8 @@
-"""The few-row dense CPU kernel (pallas_kernels/cpu_dense_dot.{cc,py}) against float64 numpy on
-every path of its loop (K rows in passes of eight and a remainder, one or several K slabs, one or
-several column tiles with a partial last one), for float32 and bfloat16 weights, and the step's
-routing of float32 and bfloat16 weights to it."""
+"""The dense CPU matmul kernel (pallas_kernels/cpu_dense_dot.{cc,py}) against float64 numpy on
+every path of its FMA loop (K rows in passes of eight and a remainder, one or several K slabs, one
+or several column tiles with a partial last one, row chunks of eight) for float32 and bfloat16
+weights, on its AMX loop for bfloat16 (full and partial groups of 16 and 32 rows, panels of one
+to eight per item), and the step's routing of float32 and bfloat16 weights to it."""
 
 from __future__ import annotations
 
@@ -18,52 +19,74 @@ needs_kernel = pytest.mark.skipif(not cpu_dense_dot.available(),
                                   reason="needs an x86-64 CPU with AVX-512F and a C++ compiler")
 
 
-def random_problem(rng, m: int, k: int, n: int, w_dtype=jnp.float32):
-    """x [m, k] float32 and w [k, n] in w_dtype, as jax arrays."""
+def random_problem(rng, m: int, k: int, n: int, dtype=jnp.float32):
+    """x [m, k] and w [k, n] in dtype, as jax arrays, and both exactly in float64."""
     x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 10, (1, k))).astype(np.float32)
     w = rng.standard_normal((k, n)).astype(np.float32)
-    return jnp.asarray(x), jnp.asarray(w, w_dtype)
+    x, w = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+    return x, w, np.asarray(x.astype(jnp.float32), np.float64), np.asarray(w.astype(jnp.float32), np.float64)
 
 
-@needs_kernel
-@pytest.mark.parametrize("w_dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("k, n", [(37, 16), (576, 960), (1536, 576), (200, 4112), (64, 8240)])
-def test_kernel_matches_float64_matmul(rng, k, n, w_dtype):
-    for m in range(1, cpu_dense_dot.MAX_ROWS + 1):
-        x, w = random_problem(rng, m, k, n, w_dtype)
-        # bfloat16 values are exact in float64: the oracle multiplies the weights the kernel read
-        x, w64 = np.asarray(x), np.asarray(w.astype(jnp.float32)).astype(np.float64)
-        want = x.astype(np.float64) @ w64
-        got = np.asarray(jax.jit(cpu_dense_dot.dense_dot)(jnp.asarray(x), w))
-        # float32 sums in another order: within a few ulps of the sum of magnitudes
-        bound = 1e-6 * (np.abs(x).astype(np.float64) @ np.abs(w64))
-        assert np.all(np.abs(got - want) <= bound), (m, np.max(np.abs(got - want) / bound))
-
-
-@needs_kernel
-def test_kernel_refuses_shapes_and_dtypes_it_does_not_take(rng):
-    x, w = random_problem(rng, 2, 32, 24)
-    with pytest.raises(ValueError, match="multiple of 16"):
-        cpu_dense_dot.dense_dot(x, w)
-    x, w = random_problem(rng, cpu_dense_dot.MAX_ROWS + 1, 32, 32)
-    with pytest.raises(ValueError, match="1 <= M <= 8"):
-        cpu_dense_dot.dense_dot(x, w)
-    assert not cpu_dense_dot.serves(1, jnp.zeros((32, 32), jnp.float16))
-    assert not cpu_dense_dot.serves(1, jnp.zeros((32, 32), jnp.int8))
+def assert_matches_float64(x, w, x64, w64):
+    got = np.asarray(jax.jit(cpu_dense_dot.dense_dot)(x, w))
+    want = x64 @ w64
+    # float32 sums in another order: within a few ulps of the sum of magnitudes
+    bound = 1e-6 * (np.abs(x64) @ np.abs(w64))
+    assert got.dtype == np.float32 and np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / bound)
 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_kernel_weight_runs_few_rows_in_the_kernel_and_more_in_xla(rng, dtype):
+@pytest.mark.parametrize("k, n", [(37, 16), (576, 960), (1536, 576), (200, 4112), (64, 8240)])
+def test_fma_loop_matches_float64_matmul(rng, k, n, dtype):
+    for m in range(1, cpu_dense_dot.MAX_FMA_ROWS + 1):
+        assert_matches_float64(*random_problem(rng, m, k, n, dtype))
+
+
+@needs_kernel
+@pytest.mark.parametrize("m, k, n", [(20, 37, 48), (11, 576, 80)])
+def test_fma_loop_takes_bfloat16_rows_in_chunks_where_amx_does_not_fit(rng, m, k, n):
+    """K or N off AMX's tile multiples: rows beyond eight run through the FMA loop in chunks."""
+    if not cpu_dense_dot.AMX_BF16:
+        pytest.skip("without AMX-BF16 bfloat16 steps beyond 8 rows stay XLA's dot")
+    assert_matches_float64(*random_problem(rng, m, k, n, jnp.bfloat16))
+
+
+@needs_kernel
+@pytest.mark.skipif(not cpu_dense_dot.AMX_BF16, reason="needs a CPU with AMX-BF16")
+@pytest.mark.parametrize("m, k, n", [(4, 64, 32), (9, 576, 960), (16, 32, 64), (17, 576, 576), (32, 1536, 576),
+                                     (45, 96, 3072), (130, 576, 256), (256, 64, 8192)])
+def test_amx_loop_matches_float64_matmul(rng, m, k, n):
+    assert_matches_float64(*random_problem(rng, m, k, n, jnp.bfloat16))
+
+
+@needs_kernel
+def test_kernel_refuses_shapes_and_dtypes_it_does_not_take(rng):
+    x, w, _, _ = random_problem(rng, 2, 32, 24)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cpu_dense_dot.dense_dot(x, w)
+    x, w, _, _ = random_problem(rng, cpu_dense_dot.MAX_FMA_ROWS + 1, 32, 32)
+    with pytest.raises(ValueError, match="1 <= M <= 8"):
+        cpu_dense_dot.dense_dot(x, w)
+    with pytest.raises(ValueError, match="of one dtype"):
+        cpu_dense_dot.dense_dot(x[:2], w.astype(jnp.bfloat16))
+    assert not cpu_dense_dot.serves(1, jnp.zeros((32, 32), jnp.float16))
+    assert not cpu_dense_dot.serves(1, jnp.zeros((32, 32), jnp.int8))
+    assert cpu_dense_dot.serves(64, jnp.zeros((32, 32), jnp.bfloat16)) == cpu_dense_dot.AMX_BF16
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_weight_runs_the_rows_the_kernel_serves_there_and_the_rest_in_xla(rng, dtype):
     # As `linear` on the bare weight for activations in the weight's dtype, and float32 products
     # (the head's logits) for float32 activations against a bfloat16 weight.
-    _, w = random_problem(rng, 1, 96, 64, dtype)
+    _, w, _, _ = random_problem(rng, 1, 96, 64, dtype)
     weight = KernelDenseWeight(w)
-    for shape in [(3, 96), (2, 2, 96), (cpu_dense_dot.MAX_ROWS + 1, 96)]:
+    for shape in [(3, 96), (2, 2, 96), (cpu_dense_dot.MAX_FMA_ROWS + 1, 96), (40, 96)]:
         x = jnp.asarray(rng.standard_normal(shape), dtype)
         hlo = jax.jit(weight.matmul).lower(x).as_text()
         rows = int(np.prod(shape[:-1]))
-        assert (cpu_dense_dot.TARGET in hlo) == (rows <= cpu_dense_dot.MAX_ROWS)
+        assert (cpu_dense_dot.TARGET in hlo) == cpu_dense_dot.serves(rows, w)
         got = weight.matmul(x)
         assert got.dtype == dtype
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(linear(x, w), np.float32),

@@ -48,8 +48,9 @@ class StepInputs:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KernelDenseWeight:
-    """A float32 or bfloat16 `[in, out]` weight whose matmuls of up to cpu_dense_dot.MAX_ROWS rows
-    run in that kernel; larger ones stay XLA's dot. Either way x is taken in the weight's dtype and
+    """A float32 or bfloat16 `[in, out]` weight whose matmuls run in the CPU dense kernel for the row
+    counts it serves (float32 up to cpu_dense_dot.MAX_FMA_ROWS rows, bfloat16 any with AMX); others
+    stay XLA's dot. Either way x is taken in the weight's dtype and
     the product accumulates in float32, returned in x's dtype (as `linear` on the bare weight, and
     as the head's float32 logits). Made inside the traced step only, never stored."""
     w: jax.Array

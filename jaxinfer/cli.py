@@ -18,7 +18,9 @@ from jaxinfer.quant.apply import QUANT_MODES
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="HF checkpoint directory, .gguf file or built engine directory "
                                         "(default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="engine dtype (default per backend)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
+                        help="engine dtype (default: configs/defaults.yaml, bfloat16; float32 for quantized "
+                             "engines on CPU)")
     parser.add_argument("--tp", type=int, help="tensor-parallel size")
 
 

@@ -19,9 +19,10 @@ def load_config(name: str) -> dict[str, Any]:
     return yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
 
 
-def default_dtype(backend: str | None = None) -> str:
-    """The engine dtype for a backend ("cpu", "gpu", "tpu"); the default backend when None."""
-    return load_config("defaults")["dtype"][backend or jax.default_backend()]
+def default_dtype(backend: str | None = None, quantized: bool = False) -> str:
+    """The engine dtype for a backend ("cpu", "gpu", "tpu"; the default backend when None), for an
+    engine with quantized weights or without."""
+    return load_config("defaults")["quantized_dtype" if quantized else "dtype"][backend or jax.default_backend()]
 
 
 def logical_axis_rules() -> tuple[tuple[str, str | None], ...]:

@@ -118,77 +118,100 @@ void fma_item(const Problem<W>& p, int64_t i) {
     jaxinfer::with_row_count<kFmaRows>(p.m - r0, [&](auto rows) { rectangle<rows>(p, slab, tile, r0); });
 }
 
+// A matmul's work items: K slabs (slab_rows rows each, the last shorter) by column tiles.
+struct Rectangles {
+  int64_t tile_cols, tiles, slab_rows, slabs;
+};
+
+// Column tiles of at most max_cols, and as many slabs of a multiple of row_multiple rows (at least
+// kMinSlabRows, at most max_slabs) as make about kTargetItems items.
+Rectangles rectangles(int64_t k, int64_t n, int64_t max_cols, int64_t row_multiple, int64_t max_slabs) {
+  const int64_t tile_cols = std::min(n, max_cols), tiles = (n + tile_cols - 1) / tile_cols;
+  const int64_t slabs = std::min({std::max<int64_t>(1, k / kMinSlabRows), (kTargetItems + tiles - 1) / tiles, max_slabs});
+  const int64_t units = (k + row_multiple - 1) / row_multiple;
+  const int64_t slab_rows = (units + slabs - 1) / slabs * row_multiple;
+  return {tile_cols, tiles, slab_rows, (k + slab_rows - 1) / slab_rows};
+}
+
+// out [size] = the sum of the slabs' partial sums partial [slabs, size].
+void sum_partials(const float* partial, int64_t slabs, int64_t size, float* out) {
+  for (int64_t i = 0; i < size; i += kLane) {
+    __m512 sum = _mm512_loadu_ps(partial + i);
+    for (int64_t s = 1; s < slabs; ++s) sum = _mm512_add_ps(sum, _mm512_loadu_ps(partial + s * size + i));
+    _mm512_storeu_ps(out + i, sum);
+  }
+}
+
 template <typename W>
 void fma_dot(ffi::ThreadPool& pool, const float* x, const W* w, float* out, int64_t m, int64_t k, int64_t n) {
-  const int64_t tile_cols = std::min(n, kMaxTileCols), tiles = (n + tile_cols - 1) / tile_cols;
-  const int64_t max_slabs = std::max<int64_t>(1, k / kMinSlabRows);
-  const int64_t slabs = std::min(max_slabs, (kTargetItems + tiles - 1) / tiles);
-  const int64_t slab_rows = (k + slabs - 1) / slabs;
-  std::vector<float> partial_sums(slabs > 1 ? slabs * m * n : 0);
-  const Problem<W> p{x, w, slabs > 1 ? partial_sums.data() : out, m, k, n, tile_cols, tiles, slab_rows};
-  jaxinfer::run_on_pool(pool, slabs * tiles, [p](int64_t i) { fma_item(p, i); });
-  if (slabs > 1)
-    for (int64_t i = 0; i < m * n; i += kLane) {
-      __m512 sum = _mm512_loadu_ps(p.partial + i);
-      for (int64_t s = 1; s < slabs; ++s) sum = _mm512_add_ps(sum, _mm512_loadu_ps(p.partial + s * m * n + i));
-      _mm512_storeu_ps(out + i, sum);
-    }
+  const Rectangles r = rectangles(k, n, kMaxTileCols, 1, k);
+  std::vector<float> partial_sums(r.slabs > 1 ? r.slabs * m * n : 0);
+  const Problem<W> p{x, w, r.slabs > 1 ? partial_sums.data() : out, m, k, n, r.tile_cols, r.tiles, r.slab_rows};
+  jaxinfer::run_on_pool(pool, r.slabs * r.tiles, [p](int64_t i) { fma_item(p, i); });
+  if (r.slabs > 1) sum_partials(p.partial, r.slabs, m * n, out);
 }
 
 // ---- AMX (see the top of this file).
 constexpr int64_t kAmxK = 32;        // K values per tile step: 16 (k, k + 1) pairs
 constexpr int64_t kPanelCols = 32;   // output columns per panel: two 16-column B tiles
 constexpr int64_t kTileElems = 512;  // bfloat16 values in one 1 KB tile
-// Columns per work item: panels packed together, so that each weight row is read in runs of up to
-// 512 bytes (one panel's 64-byte runs, 6 KB-98 KB apart, thrashed the TLB: the LM head at 9 rows
-// ran at half the FMA loop's speed).
-constexpr int64_t kMaxItemCols = 256;
-
-using jaxinfer::TileConfig;
-
+// Rectangles of at most this many columns: each weight row is read in runs of 2 KB (runs of one
+// panel's 64 bytes, 6-98 KB apart, thrashed the TLB), and a packed rectangle of a slab stays in L2.
+constexpr int64_t kAmxMaxTileCols = 1024;
+// Up to this many activation rows the items are K slabs by column tiles, as in the FMA loop (whole
+// rows stream in address order, partial sums per slab: a batch-8 step read its weights at 11 GB/s
+// with items of 256 columns over all of K); beyond, partial sums per slab would outgrow the caches,
+// so items are column tiles over all of K, their multiply-adds outweighing the streaming.
+constexpr int64_t kAmxMaxSlabbedRows = 32;
+// Rows are prefetched this many (k, k + 1) pairs ahead of packing.
+constexpr int64_t kPrefetchPairs = 8;
 // From this many rows AMX beat the FMA loop on SmolLM2's layer weights (single calls at 4 rows: 31-170
 // against 40-215 us; at 8 rows 36-174 against 81-460 us); at 1-2 rows the FMA loop was faster.
 constexpr int64_t kAmxMinRows = 4;
+
+using jaxinfer::TileConfig;
 
 bool amx_serves(int64_t m, int64_t k, int64_t n) {
   return m >= kAmxMinRows && k % kAmxK == 0 && n % kPanelCols == 0 &&
          __builtin_cpu_supports("amx-bf16") && jaxinfer::tile_state_granted();
 }
 
-// The most columns up to kMaxItemCols, in whole panels, that divide N.
-int64_t item_cols(int64_t n) {
-  int64_t cols = kMaxItemCols;
-  while (n % cols != 0) cols /= 2;
-  return cols;
-}
-
 struct AmxProblem {
   const uint16_t* x;  // [M, K] bf16
   const uint16_t* w;  // [K, N] bf16
-  float* y;           // [M, N]
-  int64_t m, k, n, cols;
+  float* partial;     // [slabs, M, N]
+  int64_t m, k, n;
+  Rectangles r;
 };
 
-// Columns n0 .. n0 + cols - 1 of w as B tiles: panel j (columns n0 + 32 j ..) holds, for K step s
-// and half h (16 columns), the tile at panel[j * K * 32 + (2 s + h) * 512], whose row i is
-// (w[32 s + 2 i, col], w[32 s + 2 i + 1, col]) per column.
-void pack_panels(const AmxProblem& p, int64_t n0, uint16_t* panels) {
-  for (int64_t pair = 0; pair < p.k / 2; ++pair) {
-    const uint16_t* even = p.w + 2 * pair * p.n + n0;
+// Rows k0 .. k1 - 1, columns n0 .. n0 + cols - 1 of w as B tiles: panel j (columns n0 + 32 j ..)
+// holds, for K step s of the slab and half h (16 columns), the tile at
+// panels[j * (k1 - k0) * 32 + (2 s + h) * 512], whose row i is (w[k0 + 32 s + 2 i, col],
+// w[k0 + 32 s + 2 i + 1, col]) per column.
+void pack_rectangle(const AmxProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t cols, uint16_t* panels) {
+  const int64_t panel_elems = (k1 - k0) * kPanelCols;
+  for (int64_t pair = 0; pair < (k1 - k0) / 2; ++pair) {
+    const uint16_t* even = p.w + (k0 + 2 * pair) * p.n + n0;
     const uint16_t* odd = even + p.n;
+    if (k0 + 2 * (pair + kPrefetchPairs) + 1 < k1)
+      for (int64_t c = 0; c < cols; c += 32) {
+        _mm_prefetch(reinterpret_cast<const char*>(even + 2 * kPrefetchPairs * p.n + c), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(odd + 2 * kPrefetchPairs * p.n + c), _MM_HINT_T0);
+      }
     uint16_t* row = panels + (pair / 16) * 2 * kTileElems + (pair % 16) * 32;
-    for (int64_t c = 0; c < p.cols; c += 16) {
+    for (int64_t c = 0; c < cols; c += 16) {
       const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + c)));
       const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(odd + c)));
-      uint16_t* tile_row = row + (c / kPanelCols) * p.k * kPanelCols + ((c / 16) % 2) * kTileElems;
+      uint16_t* tile_row = row + (c / kPanelCols) * panel_elems + ((c / 16) % 2) * kTileElems;
       _mm512_storeu_si512(tile_row, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
     }
   }
 }
 
-// One panel's 32 output columns for all rows, in groups of 32 rows: C tiles 0-1 (rows 0-15 of the
-// group) and 2-3 (rows 16-31), A tiles 4-5, B tiles 6-7.
-void amx_panel(const AmxProblem& p, const uint16_t* panel, int64_t n0) {
+// One panel's 32 output columns over K rows k0 .. k1 - 1 for all activation rows, in groups of 32
+// rows, into out [M, N]: C tiles 0-1 (rows 0-15 of the group) and 2-3 (rows 16-31), A tiles 4-5, B
+// tiles 6-7.
+void amx_panel(const AmxProblem& p, const uint16_t* panel, int64_t k0, int64_t k1, int64_t n0, float* out) {
   const int64_t x_stride = p.k * 2, y_stride = p.n * 4;
   for (int64_t g = 0; g < p.m; g += 32) {
     const int rows0 = static_cast<int>(std::min<int64_t>(16, p.m - g));
@@ -205,8 +228,8 @@ void amx_panel(const AmxProblem& p, const uint16_t* panel, int64_t n0) {
       _tile_zero(2);
       _tile_zero(3);
     }
-    const uint16_t* a = p.x + g * p.k;
-    for (int64_t s = 0; s < p.k; s += kAmxK) {
+    const uint16_t* a = p.x + g * p.k + k0;
+    for (int64_t s = 0; s < k1 - k0; s += kAmxK) {
       const uint16_t* b = panel + (s / kAmxK) * 2 * kTileElems;
       _tile_loadd(6, b, 64);
       _tile_loadd(7, b + kTileElems, 64);
@@ -219,7 +242,7 @@ void amx_panel(const AmxProblem& p, const uint16_t* panel, int64_t n0) {
         _tile_dpbf16ps(3, 5, 7);
       }
     }
-    float* y = p.y + g * p.n + n0;
+    float* y = out + g * p.n + n0;
     _tile_stored(0, y, y_stride);
     _tile_stored(1, y + 16, y_stride);
     if (rows1) {
@@ -229,14 +252,29 @@ void amx_panel(const AmxProblem& p, const uint16_t* panel, int64_t n0) {
   }
 }
 
-void amx_item(const AmxProblem& p, int64_t item) {
-  const int64_t n0 = item * p.cols;
+void amx_item(const AmxProblem& p, int64_t i) {
+  const int64_t slab = i / p.r.tiles, tile = i % p.r.tiles;
+  const int64_t k0 = slab * p.r.slab_rows, k1 = std::min(p.k, k0 + p.r.slab_rows);
+  const int64_t n0 = tile * p.r.tile_cols, cols = std::min(p.n, n0 + p.r.tile_cols) - n0;
   thread_local std::vector<uint16_t> panels;
-  panels.resize(p.k * p.cols);
-  pack_panels(p, n0, panels.data());
-  for (int64_t j = 0; j < p.cols / kPanelCols; ++j)
-    amx_panel(p, panels.data() + j * p.k * kPanelCols, n0 + j * kPanelCols);
+  panels.resize((k1 - k0) * cols);
+  pack_rectangle(p, k0, k1, n0, cols, panels.data());
+  for (int64_t j = 0; j < cols / kPanelCols; ++j)
+    amx_panel(p, panels.data() + j * (k1 - k0) * kPanelCols, k0, k1, n0 + j * kPanelCols,
+              p.partial + slab * p.m * p.n);
   _tile_release();
+}
+
+void amx_dot(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* w, float* out, int64_t m, int64_t k,
+             int64_t n) {
+  const bool slabbed = m <= kAmxMaxSlabbedRows;
+  const int64_t tile_cols = slabbed ? kAmxMaxTileCols
+                                    : std::min(kAmxMaxTileCols, (n / kPanelCols + kTargetItems - 1) / kTargetItems * kPanelCols);
+  const Rectangles r = rectangles(k, n, tile_cols, kAmxK, slabbed ? k : 1);
+  std::vector<float> partial_sums(r.slabs > 1 ? r.slabs * m * n : 0);
+  const AmxProblem p{x, w, r.slabs > 1 ? partial_sums.data() : out, m, k, n, r};
+  jaxinfer::run_on_pool(pool, r.slabs * r.tiles, [p](int64_t i) { amx_item(p, i); });
+  if (r.slabs > 1) sum_partials(p.partial, r.slabs, m * n, out);
 }
 
 ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y) {
@@ -256,8 +294,7 @@ ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
   const auto* x16 = static_cast<const uint16_t*>(x.untyped_data());
   const auto* w16 = static_cast<const uint16_t*>(w.untyped_data());
   if (amx_serves(m, k, n)) {
-    const AmxProblem p{x16, w16, out, m, k, n, item_cols(n)};
-    jaxinfer::run_on_pool(pool, n / p.cols, [p](int64_t item) { amx_item(p, item); });
+    amx_dot(pool, x16, w16, out, m, k, n);
     return ffi::Error::Success();
   }
   std::vector<float> x32(m * k);

@@ -59,7 +59,7 @@ class EngineConfig:
         values.update({k: v for k, v in overrides.items() if v is not None})
         values.setdefault("tp", 1)
         if values.get("dtype") in (None, "auto"):
-            values["dtype"] = default_dtype()
+            values["dtype"] = default_dtype(quantized=values.get("quant") is not None)
         if values["kv_dtype"] == "auto":
             values["kv_dtype"] = values["dtype"]
         values["kv_memory"] = str(values["kv_memory"])

@@ -22,9 +22,12 @@
 // positions, since waking a pool thread costs about as much as a short call; inside a decode step,
 // where the K/V rows come from memory and the pool wakes for the next matmul anyway, it does from a
 // few hundred: a w4a8 SmolLM2 engine at 128-token prompts on the Xeon VM went from 22.6 to 17.2 ms a
-// step at batch 8 and from 11.3-11.8 to 8.0-9.7 at batch 2 with the threshold at 2048 -> 128-512,
-// and batch 1 (one decode, one item) is unchanged. Each loop over positions also prefetches the rows
-// one block ahead (batch-8 steps 3-4% faster).
+// step at batch 8 and from 11.3-11.8 to 8.0-9.7 at batch 2 with the threshold at 2048 -> 128-512.
+// A lone decode (batch 1) is split into kLoneDecodeParts items by query heads (a kv head whose group
+// straddles the split is read by both): a bfloat16 SmolLM2 batch-1 step went from 17.5-18.0 to
+// 16.0-17.8 ms at 128 positions and from 19.3-20.2 to 18.0-18.8 at 512 (A/B, three runs each),
+// partly because the pool's other thread is then awake for the output projection that follows.
+// Each loop over positions also prefetches the rows one block ahead (batch-8 steps 3-4% faster).
 //
 // Only positions below seq_len are read, so whatever unused slots hold (NaN included) never
 // reaches the result; a block id outside the pool or a context longer than the block table is
@@ -51,6 +54,7 @@ constexpr int kLanes = 8;  // floats per AVX2 register; the Python side requires
 // into about kItemsWhenSplit items shared with XLA's intra-op pool (see the top of this file).
 constexpr int64_t kMinPositionsToSplit = 256;
 constexpr int64_t kItemsWhenSplit = 8;
+constexpr int64_t kLoneDecodeParts = 2;
 
 float bf16_to_float(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
@@ -205,24 +209,26 @@ void prefetch_position(const Problem& p, const T* pool, const int32_t* table, in
   for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(row + line, _MM_HINT_T0);
 }
 
-// One decode: token `t` of sequence `s` over its `len` positions.
+// One decode, query heads [j0, j1): token `t` of sequence `s` over its `len` positions.
 template <typename T>
-void decode(const Problem& p, const T* k, const T* v, int64_t s, int64_t t, int64_t len,
+void decode(const Problem& p, const T* k, const T* v, int64_t s, int64_t t, int64_t len, int64_t j0, int64_t j1,
             std::vector<float>& logits, std::vector<float>& row_scratch) {
   const int64_t heads = p.num_heads, kv_heads = p.num_kv_heads, d = p.head_dim, group = heads / kv_heads;
+  const int64_t h0 = j0 / group, h1 = (j1 + group - 1) / group;
   logits.resize(heads * len);
   const float* q = p.q + t * heads * d;
   const int32_t* table = p.block_tables + s * p.table_width;
   for (int64_t pos = 0; pos < len; ++pos) {
     const int64_t first_row = pool_slot(p, table, pos) * kv_heads;
     prefetch_position(p, k, table, pos + p.block_size, len);
-    for (int64_t h = 0; h < kv_heads; ++h) {
+    for (int64_t h = h0; h < h1; ++h) {
       const float* key = pool_row(k, p.k_scale, first_row + h, d, row_scratch.data());
-      for (int64_t j = h * group; j < (h + 1) * group; ++j) logits[j * len + pos] = dot(q + j * d, key, d);
+      for (int64_t j = std::max(h * group, j0); j < std::min((h + 1) * group, j1); ++j)
+        logits[j * len + pos] = dot(q + j * d, key, d);
     }
   }
   float* out = p.out + t * heads * d;
-  for (int64_t j = 0; j < heads; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {
     float* row = logits.data() + j * len;
     if (p.soft_cap > 0)
       for (int64_t pos = 0; pos < len; ++pos) row[pos] = p.soft_cap * std::tanh(row[pos] / p.soft_cap);
@@ -231,9 +237,10 @@ void decode(const Problem& p, const T* k, const T* v, int64_t s, int64_t t, int6
   for (int64_t pos = 0; pos < len; ++pos) {
     const int64_t first_row = pool_slot(p, table, pos) * kv_heads;
     prefetch_position(p, v, table, pos + p.block_size, len);
-    for (int64_t h = 0; h < kv_heads; ++h) {
+    for (int64_t h = h0; h < h1; ++h) {
       const float* value = pool_row(v, p.v_scale, first_row + h, d, row_scratch.data());
-      for (int64_t j = h * group; j < (h + 1) * group; ++j) axpy(logits[j * len + pos], value, out + j * d, d);
+      for (int64_t j = std::max(h * group, j0); j < std::min((h + 1) * group, j1); ++j)
+        axpy(logits[j * len + pos], value, out + j * d, d);
     }
   }
 }
@@ -249,12 +256,15 @@ ffi::Error all_decodes(ffi::ThreadPool& pool, const Problem& p, const void* k, c
   for (int64_t i = 0; i < count; ++i) positions += list[i].len;
   // Chunks of decodes as work items, on the pool's threads as well once there is enough work.
   const int64_t per_item = positions >= kMinPositionsToSplit ? std::max<int64_t>(1, count / kItemsWhenSplit) : count;
-  const int64_t items = (count + per_item - 1) / per_item;
-  auto item_fn = [&p, k, v, list, count, per_item](int64_t item) {
+  const int64_t head_parts = count == 1 ? kLoneDecodeParts : 1;
+  const int64_t items = (count + per_item - 1) / per_item * head_parts;
+  auto item_fn = [&p, k, v, list, count, per_item, head_parts](int64_t item) {
     std::vector<float> logits, row_scratch(p.head_dim);
-    for (int64_t i = item * per_item; i < std::min(count, (item + 1) * per_item); ++i)
-      decode(p, static_cast<const T*>(k), static_cast<const T*>(v), list[i].seq, list[i].token, list[i].len, logits,
-             row_scratch);
+    const int64_t chunk = item / head_parts, part = item % head_parts;
+    const int64_t j0 = part * p.num_heads / head_parts, j1 = (part + 1) * p.num_heads / head_parts;
+    for (int64_t i = chunk * per_item; i < std::min(count, (chunk + 1) * per_item); ++i)
+      decode(p, static_cast<const T*>(k), static_cast<const T*>(v), list[i].seq, list[i].token, list[i].len, j0, j1,
+             logits, row_scratch);
   };
   if (items > 1)
     jaxinfer::run_on_pool(pool, items, item_fn);

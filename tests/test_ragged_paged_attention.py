@@ -249,6 +249,21 @@ def test_cpu_decode_kernel_covers_long_contexts_and_head_layouts(num_q_heads, nu
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(9, 3), (6, 2), (4, 4), (8, 1)])
+def test_cpu_decode_kernel_splits_a_lone_decode_by_query_heads_and_matches_the_reference(num_q_heads, num_kv_heads):
+    """A batch-1 decode (next to a prefill chunk, whose rows the kernel leaves zero) runs as items of
+    query heads, a kv head's group split between them where the split falls inside it (9/3: heads
+    0-3 and 4-8); each item writes only its own heads."""
+    batch = make_batch(num_q_heads, [(6, 30), (1, 333)], block_size=16, num_q_heads=num_q_heads,
+                       num_kv_heads=num_kv_heads, head_dim=64)
+    sm_scale = 64 ** -0.5
+    out = np.asarray(cpu_paged_attention.decode_attention(batch.q * sm_scale, batch.cache, batch.metadata, None))
+    ref = np.asarray(rpa.reference_ragged_paged_attention(batch.q, batch.cache, batch.metadata, sm_scale=sm_scale))
+    np.testing.assert_array_equal(out[:6], 0.0)
+    np.testing.assert_allclose(out[6], ref[6], rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref[6]))))
+
+
+@needs_cpu_kernel
 def test_cpu_decode_kernel_shares_a_large_batch_with_the_thread_pool_and_matches_the_reference():
     """Sixteen decodes of 150-400 positions (over the kernel's 2048-position threshold for splitting
     its decodes across XLA's thread pool) around a prefill chunk, whose rows the kernel leaves zero."""

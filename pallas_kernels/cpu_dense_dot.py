@@ -4,8 +4,8 @@ packing kept).
 
     dense_dot(x [M, K], w [K, N]) -> [M, N] f32   x and w both float32 or both bfloat16; float32
         sums. Takes (`serves`): N % 16 == 0; float32 up to MAX_FMA_ROWS rows; bfloat16 any rows on
-        a CPU with AMX-BF16 (K % 32 == 0 and N % 32 == 0 for the AMX loop beyond MAX_FMA_ROWS),
-        else up to MAX_FMA_ROWS
+        a CPU with AMX-BF16 (its AMX loop from 4 rows where K % 32 == 0 and N % 32 == 0, the FMA
+        loop otherwise), else up to MAX_FMA_ROWS
     serves(rows, w) -> bool   whether dense_dot takes this weight and row count
     available() -> bool       whether it runs here (x86-64 with AVX-512F, a C++ compiler, the CPU
                               backend); builds and registers it on first use
@@ -13,7 +13,7 @@ packing kept).
 Why: a decode step of an unquantized engine is its weights streaming from memory, and XLA:CPU's
 float32 dot streams them at 20 GB/s for one row and at 9-14 GB/s for 2-8 rows (a few-row dot is
 still a matrix-vector product there, weight read once per row block); its bfloat16 dots are worse:
-about 1 GB/s for one row, and from 9 rows on it converts the whole weight to float32 before a
+1-2 GB/s for one row, and from 9 rows on it converts the whole weight to float32 before a
 float32 dot (90 such conversions took most of a batch-16 bfloat16 SmolLM2 step). The kernel reads
 every weight once for all rows, in address order, split over XLA's intra-op thread pool; for
 bfloat16 beyond a few rows it multiplies on AMX tiles (the .cc explains both loops). Measured on

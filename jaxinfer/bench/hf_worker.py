@@ -3,8 +3,8 @@
     HF_PYTHON jaxinfer/bench/hf_worker.py JOB.json   ->  results JSON on stdout
 
 The job and the timing are worker_protocol's; this file only loads the model (a HF directory or a
-.gguf file, in the job's dtype: the engine's) and generates: greedy `generate` over a left-padded batch, forced to
-exactly the requested number of new tokens. It imports only the standard library, torch,
+.gguf file, in the job's dtype: the engine's) and generates: greedy `generate` over a left-padded
+batch, forced to exactly the requested number of new tokens. It imports only the standard library, torch,
 transformers and worker_protocol.
 """
 

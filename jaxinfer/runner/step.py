@@ -3,7 +3,7 @@
 `model_step(params, kv_caches, inputs, sampling, cfg=, num_devices=)` is a pure function; the engine
 compiles it ahead of time once per shape bucket (T tokens, S rows) with the KV caches donated, so the
 pool is updated in place. `num_devices` (the mesh's) picks the attention implementation and whether
-float32 and bfloat16 weights take the CPU kernel for few-row matmuls (`route_dense_weights`). Shapes:
+float32 and bfloat16 weights take the CPU dense kernel (`route_dense_weights`). Shapes:
 
     inputs.tokens          [T] int32     new tokens of all scheduled sequences, end to end, padded
     inputs.positions       [T] int32     their positions in their sequences
@@ -50,9 +50,9 @@ class StepInputs:
 class KernelDenseWeight:
     """A float32 or bfloat16 `[in, out]` weight whose matmuls run in the CPU dense kernel for the row
     counts it serves (float32 up to cpu_dense_dot.MAX_FMA_ROWS rows, bfloat16 any with AMX); others
-    stay XLA's dot. Either way x is taken in the weight's dtype and
-    the product accumulates in float32, returned in x's dtype (as `linear` on the bare weight, and
-    as the head's float32 logits). Made inside the traced step only, never stored."""
+    stay XLA's dot. Either way x is taken in the weight's dtype and the product accumulates in
+    float32, returned in x's dtype (as `linear` on the bare weight, and as the head's float32
+    logits). Made inside the traced step only, never stored."""
     w: jax.Array
 
     def matmul(self, x: jax.Array) -> jax.Array:
@@ -68,9 +68,9 @@ LINEAR_WEIGHTS = ("w_qkv", "wo", "w_gate_up", "w_down")
 
 
 def route_dense_weights(params, num_devices: int):
-    """`params` with every float32 or bfloat16 layer matmul weight and head wrapped as KernelDenseWeight when
-    the CPU kernel runs here and the step has one device (a custom call is not partitioned by
-    GSPMD). A tied head becomes an `lm_head` wrapping the embedding table, which the token lookup
+    """`params` with every float32 or bfloat16 layer matmul weight and head wrapped as
+    KernelDenseWeight when the CPU kernel runs here and the step has one device (a custom call is
+    not partitioned by GSPMD). A tied head becomes an `lm_head` wrapping the embedding table, which the token lookup
     keeps reading unwrapped."""
     if num_devices != 1 or not cpu_dense_dot.available():
         return params

@@ -56,20 +56,25 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotary embedding in HF's half-split layout. x `[..., heads, head_dim]`, positions `[...]` int32."""
+    """Rotary embedding in HF's half-split layout. x `[..., heads, head_dim]`, positions `[...]` int32.
+
+    Written as x * cos + roll(x, half) * (-sin, sin), not as the concatenation of two rotated
+    halves: XLA:CPU ran that one 1.2-3.5x slower on bfloat16 activations (30 layers' q at 128
+    tokens)."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    cos = jnp.cos(angles)[..., None, :]
-    sin = jnp.sin(angles)[..., None, :]
+    cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
     x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    rotated = x32 * jnp.concatenate([cos, cos], axis=-1) + jnp.roll(x32, x.shape[-1] // 2, axis=-1) * (
+        jnp.concatenate([-sin, sin], axis=-1))
     return rotated.astype(x.dtype)
 
 
 def swiglu_mlp(x: jax.Array, w_gate_up, w_down) -> jax.Array:
     """down(silu(gate(x)) * up(x)) for x `[..., hidden]`; w_gate_up `[hidden, intermediate * 2]`
-    holds gate_i and up_i side by side (see jaxinfer.model.llama)."""
-    gate_up = linear(x, w_gate_up)
+    holds gate_i and up_i side by side (see jaxinfer.model.llama). The product is taken in float32,
+    silu as x * (1 + tanh(x / 2)) / 2 (equal to x * sigmoid(x)): on XLA:CPU that ran 1.3-1.8x faster
+    than jax.nn.silu with a bfloat16 product (30 layers at 128 tokens)."""
+    gate_up = linear(x, w_gate_up).astype(jnp.float32)
     gate_up = gate_up.reshape(*gate_up.shape[:-1], -1, 2)
     gate, up = gate_up[..., 0], gate_up[..., 1]
-    return linear(jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * up, w_down)
+    return linear((gate * (0.5 + 0.5 * jnp.tanh(0.5 * gate)) * up).astype(x.dtype), w_down)

@@ -1,19 +1,21 @@
-"""Decode attention on CPU: the paged paths against a contiguous-cache dense reference.
+"""Paged attention on CPU: the paged paths against a contiguous-cache dense reference.
 
-For each (batch, context) it times one decode-attention call (one query token per sequence, every
-sequence at the full context), in interleaved rounds so that load from other processes hits all of
-them alike:
+For each case it times one attention call, in interleaved rounds so that load from other processes
+hits all of them alike. Decode cases (--batches x --contexts): one query token per sequence, every
+sequence at the full context. Prefill cases (--prefill-lens): one sequence's first chunk of that many
+tokens, causal. The paths:
     contiguous  dense attention over a contiguous cache [B, context, kv_heads, head_dim], the formula of
-                jaxinfer.reference (einsum, length mask, softmax): what attention costs without paging.
+                jaxinfer.reference (einsum, causal mask, softmax): what attention costs without paging.
     xla         ragged_paged_attention(implementation="xla") over a pool whose blocks are shuffled.
-    kernel      the same with implementation="cpu": the C++ decode kernel (pallas_kernels/
+    kernel      the same with implementation="cpu": the C++ kernel (pallas_kernels/
                 cpu_paged_attention), where this CPU runs it; the engine's choice on one device.
     in-order    the engine's choice again, each sequence's blocks adjacent in the pool (locality only).
 and prints medians, paged / contiguous for the engine's choice (the cost of paging; the target is
-< 1.2), xla / kernel, and the K/V bytes read per second by the engine's choice.
+< 1.2), xla / kernel, and the engine's choice's rate: K/V bytes read per second for decodes, the
+attention's flops (4 x heads x head_dim per visible query-key pair) per second for prefills.
 
     .venv/bin/python benchmarks/bench_paged_attention.py [--batches 1,8,32] [--contexts 128,512,2048]
-        [--kv-dtype float32] [--block-size 16] [--rounds 20]
+        [--prefill-lens 128,512,2048] [--kv-dtype float32] [--block-size 16] [--rounds 20]
 """
 
 from __future__ import annotations
@@ -36,21 +38,26 @@ NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 9, 3, 64  # SmolLM2-135M
 SM_SCALE = HEAD_DIM ** -0.5
 
 
-def contiguous_decode_attention(q: jax.Array, cache: LayerKVCache, lengths: jax.Array) -> jax.Array:
-    """q [B, heads, hd], a contiguous cache (k/v [B, context, kv_heads, hd], scales [B, context, kv_heads]
-    when quantized), lengths [B] -> [B, heads, hd], float32 math."""
+def contiguous_attention(q: jax.Array, cache: LayerKVCache, lengths: jax.Array) -> jax.Array:
+    """q [B * new, heads, hd] (each sequence's `new` last positions), a contiguous cache (k/v [B, context,
+    kv_heads, hd], scales [B, context, kv_heads] when quantized), lengths [B] -> [B * new, heads, hd],
+    float32 math."""
     batch, context = cache.k.shape[:2]
+    new = q.shape[0] // batch
     k, v = dequantize_kv(cache.k, cache.k_scale), dequantize_kv(cache.v, cache.v_scale)
-    grouped = q.astype(jnp.float32).reshape(batch, NUM_KV_HEADS, NUM_Q_HEADS // NUM_KV_HEADS, HEAD_DIM)
-    scores = jnp.einsum("bkgd,blkd->bkgl", grouped, k) * SM_SCALE
-    visible = jnp.arange(context)[None, :] < lengths[:, None]
-    probs = jax.nn.softmax(jnp.where(visible[:, None, None, :], scores, -jnp.inf), axis=-1)
-    return jnp.einsum("bkgl,blkd->bkgd", probs, v).reshape(q.shape).astype(q.dtype)
+    grouped = q.astype(jnp.float32).reshape(batch, new, NUM_KV_HEADS, NUM_Q_HEADS // NUM_KV_HEADS, HEAD_DIM)
+    scores = jnp.einsum("btkgd,blkd->btkgl", grouped, k) * SM_SCALE
+    query_pos = lengths[:, None] - new + jnp.arange(new)
+    visible = jnp.arange(context)[None, None, :] <= query_pos[:, :, None]
+    probs = jax.nn.softmax(jnp.where(visible[:, :, None, None, :], scores, -jnp.inf), axis=-1)
+    return jnp.einsum("btkgl,blkd->btkgd", probs, v).reshape(q.shape).astype(q.dtype)
 
 
-def decode_case(batch: int, context: int, block_size: int, kv_dtype: str, shuffled: bool, seed: int = 0):
-    """(q, paged cache, metadata, contiguous cache) holding the same random K/V; the contiguous cache is a
-    LayerKVCache with one block of `context` tokens per sequence."""
+def attention_case(batch: int, context: int, new: int, block_size: int, kv_dtype: str, shuffled: bool,
+                   seed: int = 0):
+    """(q, paged cache, metadata, contiguous cache) holding the same random K/V, each sequence's last
+    `new` positions as its query chunk; the contiguous cache is a LayerKVCache with one block of
+    `context` tokens per sequence."""
     rng = np.random.default_rng(seed)
     blocks_per_seq = -(-context // block_size)
     physical = np.arange(1, batch * blocks_per_seq + 1)
@@ -64,10 +71,10 @@ def decode_case(batch: int, context: int, block_size: int, kv_dtype: str, shuffl
     cache = write_kv(init_layer_cache(batch * blocks_per_seq + 1, block_size, NUM_KV_HEADS, HEAD_DIM, kv_dtype),
                      k, v, jnp.asarray(slots, jnp.int32))
     metadata = AttentionMetadata(
-        slot_mapping=jnp.asarray(slots.reshape(batch, context)[:, -1]),
+        slot_mapping=jnp.asarray(slots.reshape(batch, context)[:, context - new:].reshape(-1)),
         block_tables=jnp.asarray(tables), seq_lens=jnp.full((batch,), context, jnp.int32),
-        query_start_loc=jnp.arange(batch + 1, dtype=jnp.int32))
-    q = jnp.asarray(rng.standard_normal((batch, NUM_Q_HEADS, HEAD_DIM)), jnp.float32)
+        query_start_loc=jnp.arange(batch + 1, dtype=jnp.int32) * new)
+    q = jnp.asarray(rng.standard_normal((batch * new, NUM_Q_HEADS, HEAD_DIM)), jnp.float32)
 
     def contiguous(pool: jax.Array | None) -> jax.Array | None:
         if pool is None:
@@ -95,6 +102,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--contexts", default="128,512,2048")
+    parser.add_argument("--prefill-lens", default="128,512,2048")
     parser.add_argument("--kv-dtype", default="float32", choices=["float32", "bfloat16", "int8", "fp8"])
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=20)
@@ -107,32 +115,41 @@ def main():
     xla_attention = paged("xla")
     kernel_runs = cpu_paged_attention.available()
     engine_attention = paged("cpu") if kernel_runs else xla_attention
-    contiguous_attention = jax.jit(contiguous_decode_attention)
+    contiguous_jit = jax.jit(contiguous_attention)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f}; heads {NUM_Q_HEADS}/{NUM_KV_HEADS}/{HEAD_DIM}, block {args.block_size}, "
-          f"kv {args.kv_dtype}, median of {args.rounds} interleaved rounds; C++ decode kernel "
+          f"kv {args.kv_dtype}, median of {args.rounds} interleaved rounds; C++ kernel "
           f"{'runs' if kernel_runs else 'cannot run here: kernel = xla'}")
-    print(f"{'batch':>5} {'context':>7} {'contiguous ms':>13} {'xla ms':>7} {'kernel ms':>9} {'in-order ms':>11} "
-          f"{'kernel/contig':>13} {'xla/kernel':>10} {'kernel KV GB/s':>14}")
-    for batch in map(int, args.batches.split(",")):
-        for context in map(int, args.contexts.split(",")):
-            q, cache, metadata, contiguous = decode_case(batch, context, args.block_size, args.kv_dtype, shuffled=True)
-            _, ordered_cache, ordered_metadata, _ = decode_case(batch, context, args.block_size, args.kv_dtype,
-                                                                   shuffled=False)
-            lengths = metadata.seq_lens
-            outputs = {"contiguous": lambda: contiguous_attention(q, contiguous, lengths),
-                       "xla": lambda: xla_attention(q, cache, metadata),
-                       "kernel": lambda: engine_attention(q, cache, metadata),
-                       "in-order": lambda: engine_attention(q, ordered_cache, ordered_metadata)}
-            for name in ("xla", "kernel"):
-                np.testing.assert_allclose(outputs[name](), outputs["contiguous"](), rtol=1e-4, atol=1e-5)
-            seconds = interleaved_medians(outputs, args.rounds)
+    print(f"{'batch':>5} {'context':>7} {'new':>5} {'contiguous ms':>13} {'xla ms':>7} {'kernel ms':>9} "
+          f"{'in-order ms':>11} {'kernel/contig':>13} {'xla/kernel':>10} {'kernel rate':>16}")
+    cases = [(batch, context, 1) for batch in map(int, args.batches.split(","))
+             for context in map(int, args.contexts.split(","))]
+    cases += [(1, length, length) for length in map(int, args.prefill_lens.split(",")) if length > 1]
+    for batch, context, new in cases:
+        q, cache, metadata, contiguous = attention_case(batch, context, new, args.block_size, args.kv_dtype,
+                                                        shuffled=True)
+        _, ordered_cache, ordered_metadata, _ = attention_case(batch, context, new, args.block_size, args.kv_dtype,
+                                                               shuffled=False)
+        lengths = metadata.seq_lens
+        outputs = {"contiguous": lambda: contiguous_jit(q, contiguous, lengths),
+                   "xla": lambda: xla_attention(q, cache, metadata),
+                   "kernel": lambda: engine_attention(q, cache, metadata),
+                   "in-order": lambda: engine_attention(q, ordered_cache, ordered_metadata)}
+        for name in ("xla", "kernel"):
+            np.testing.assert_allclose(outputs[name](), outputs["contiguous"](), rtol=1e-4, atol=1e-5)
+        seconds = interleaved_medians(outputs, args.rounds)
+        if new == 1:
             kv_bytes = sum(x.nbytes for x in jax.tree.leaves(cache)) * batch * context / (
                 cache.num_blocks * cache.block_size)
-            print(f"{batch:>5} {context:>7} {seconds['contiguous'] * 1e3:>13.3f} {seconds['xla'] * 1e3:>7.3f} "
-                  f"{seconds['kernel'] * 1e3:>9.3f} {seconds['in-order'] * 1e3:>11.3f} "
-                  f"{seconds['kernel'] / seconds['contiguous']:>13.2f} {seconds['xla'] / seconds['kernel']:>10.2f} "
-                  f"{kv_bytes / seconds['kernel'] / 1e9:>14.1f}")
+            rate = f"{kv_bytes / seconds['kernel'] / 1e9:.1f} KV GB/s"
+        else:
+            visible_pairs = batch * (new * (context - new) + new * (new + 1) // 2)
+            rate = f"{4 * NUM_Q_HEADS * HEAD_DIM * visible_pairs / seconds['kernel'] / 1e9:.1f} GFLOP/s"
+        print(f"{batch:>5} {context:>7} {new:>5} {seconds['contiguous'] * 1e3:>13.3f} {seconds['xla'] * 1e3:>7.3f} "
+              f"{seconds['kernel'] * 1e3:>9.3f} {seconds['in-order'] * 1e3:>11.3f} "
+              f"{seconds['kernel'] / seconds['contiguous']:>13.2f} {seconds['xla'] / seconds['kernel']:>10.2f} "
+              f"{rate:>16}")
+
 
 if __name__ == "__main__":
     main()

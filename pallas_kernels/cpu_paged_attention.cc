@@ -1,37 +1,50 @@
-// Paged attention of the decode tokens of a ragged batch on x86 CPUs, as an XLA FFI custom call
-// (built, registered and called by cpu_paged_attention.py).
+// Paged attention of a ragged batch on x86 CPUs, as an XLA FFI custom call (built, registered and
+// called by cpu_paged_attention.py).
 //
-//   jaxinfer_paged_decode_attention(
+//   jaxinfer_paged_attention(
 //       q [T, H, D] f32 (already multiplied by sm_scale),
 //       k, v [num_blocks, block_size, KVH, D] f32 | bf16 | s8 | f8e4m3fn,
 //       k_scale, v_scale [num_blocks, block_size, KVH] f32 for s8/f8e4m3fn storage, [0] otherwise,
 //       block_tables [S, B] s32, seq_lens [S] s32, query_start_loc [S + 1] s32;
 //       attribute soft_cap f32 (0: none))
-//   -> out [T, H, D] f32: for every sequence with exactly one new token (a decode), that token's
-//      attention over positions 0..seq_len-1 of its blocks; every other row is zero.
+//   -> out [T, H, D] f32: token i of sequence s's chunk of q_len tokens sits at position
+//      seq_len - q_len + i and attends to positions 0..that one of its blocks (causal); rows of
+//      tokens outside every chunk (batch padding) are zero.
 //
-// Query head h reads kv head h / (H / KVH). For each decode the kernel makes two passes over the
-// sequence's context, position-major so that each pass reads the pool's rows in the order they lie:
-// the first computes every head's logits q.k into a [H, seq_len] scratch (each K row converted to
-// float once and dotted with its query group), then a softmax per head in float32, and the second
-// accumulates the probabilities times each V row into [H, D]. Each K and V element is read once,
-// against the XLA path's gathers of whole chunks, loop bookkeeping and partial-softmax merges,
-// which cost ~100 us per layer even at short contexts. Decodes are the work items: from
-// kMinPositionsToSplit positions in all, chunks of them are shared with XLA's intra-op pool. In a
-// microbenchmark (benchmarks/bench_paged_attention.py, warm cache) sharing did not pay below 2048
-// positions, since waking a pool thread costs about as much as a short call; inside a decode step,
-// where the K/V rows come from memory and the pool wakes for the next matmul anyway, it does from a
-// few hundred: a w4a8 SmolLM2 engine at 128-token prompts on the Xeon VM went from 22.6 to 17.2 ms a
-// step at batch 8 and from 11.3-11.8 to 8.0-9.7 at batch 2 with the threshold at 2048 -> 128-512.
-// A lone decode (batch 1) is split into kLoneDecodeParts items by query heads (a kv head whose group
-// straddles the split is read by both): a bfloat16 SmolLM2 batch-1 step went from 17.5-18.0 to
-// 16.0-17.8 ms at 128 positions and from 19.3-20.2 to 18.0-18.8 at 512 (A/B, three runs each),
-// partly because the pool's other thread is then awake for the output projection that follows.
-// Each loop over positions also prefetches the rows one block ahead (batch-8 steps 3-4% faster).
+// Query head h reads kv head h / (H / KVH). Two loops, one per kind of chunk, share the work items:
+//
+// Decodes (1-token chunks) make two passes over the sequence's context, position-major so that each
+// pass reads the pool's rows in the order they lie: the first computes every head's logits q.k into a
+// [H, seq_len] scratch (each K row converted to float once and dotted with its query group), then a
+// softmax per head in float32, and the second accumulates the probabilities times each V row into
+// [H, D]. Each K and V element is read once, against the XLA path's gathers of whole chunks, loop
+// bookkeeping and partial-softmax merges, which cost ~100 us per layer even at short contexts.
+// Decodes are the work items: from kMinPositionsToSplit positions in all, chunks of them are shared
+// with XLA's intra-op pool. In a microbenchmark (benchmarks/bench_paged_attention.py, warm cache)
+// sharing did not pay below 2048 positions, since waking a pool thread costs about as much as a short
+// call; inside a decode step, where the K/V rows come from memory and the pool wakes for the next
+// matmul anyway, it does from a few hundred: a w4a8 SmolLM2 engine at 128-token prompts on the Xeon
+// VM went from 22.6 to 17.2 ms a step at batch 8 and from 11.3-11.8 to 8.0-9.7 at batch 2 with the
+// threshold at 2048 -> 128-512. A lone decode (batch 1) is split into kLoneDecodeParts items by query
+// heads (a kv head whose group straddles the split is read by both): a bfloat16 SmolLM2 batch-1 step
+// went from 17.5-18.0 to 16.0-17.8 ms at 128 positions and from 19.3-20.2 to 18.0-18.8 at 512 (A/B,
+// three runs each), partly because the pool's other thread is then awake for the output projection
+// that follows. Each loop over positions also prefetches the rows one block ahead (batch-8 steps 3-4%
+// faster).
+//
+// Prefill chunks (2+ tokens) are cut into tiles of kTileTokens tokens, and every (tile, kv head) is
+// one work item: its R = kTileTokens x group query rows (token-major, zero past the chunk's end) are
+// transposed once into Q^T [D, R], and the item walks the context up to its last token, converting
+// K/V rows kChunkPositions at a time into float. Both products are the same register-blocked outer
+// product (`outer_block`): logits S [positions, R] += K[p, d] * Q^T[d, :], then a causal softmax down
+// each column of S (vectorized across rows; its normalization deferred to the end), then O^T [D, R] +=
+// V[p, d] * S[p, :]. Every K/V row an item reads is converted once and used by all R rows, which is
+// what XLA's version (gathers of 128-position chunks, an online softmax whose state it copies every
+// step) does not manage at these sizes: SmolLM2's 128-token prefill spent 32 ms of 110 in attention.
 //
 // Only positions below seq_len are read, so whatever unused slots hold (NaN included) never
-// reaches the result; a block id outside the pool or a context longer than the block table is
-// refused with an error rather than read.
+// reaches the result; a block id outside the pool, a context longer than the block table or a chunk
+// longer than its context is refused with an error rather than read.
 
 #include <immintrin.h>
 
@@ -51,10 +64,18 @@ namespace {
 
 constexpr int kLanes = 8;  // floats per AVX2 register; the Python side requires D % kLanes == 0
 // A call whose decodes read fewer positions than this stays on the calling thread; more are split
-// into about kItemsWhenSplit items shared with XLA's intra-op pool (see the top of this file).
+// into about kItemsWhenSplit items shared with XLA's intra-op pool (see the top of this file). A
+// prefill tile counts as its tokens x its context positions.
 constexpr int64_t kMinPositionsToSplit = 256;
 constexpr int64_t kItemsWhenSplit = 8;
 constexpr int64_t kLoneDecodeParts = 2;
+// Prefill items: query tokens per tile (R = kTileTokens x group rows, whole pairs of registers), and
+// K/V positions converted to float at a time (64 positions x D floats stay in L1).
+constexpr int64_t kTileTokens = 16;
+constexpr int64_t kChunkPositions = 64;
+// outer_block's shape: kBlockRows of A (positions or features) x 2 registers of rows.
+constexpr int64_t kBlockRows = 4;
+constexpr int64_t kBlockLanes = 2 * kLanes;
 
 float bf16_to_float(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
@@ -166,7 +187,7 @@ struct Problem {
   const float *k_scale, *v_scale;  // [pool rows] or null
   const int32_t *block_tables, *seq_lens, *query_start_loc;
   float* out;  // [T, H, D]
-  int64_t num_seqs, table_width, num_blocks, block_size, num_heads, num_kv_heads, head_dim;
+  int64_t num_tokens, num_seqs, table_width, num_blocks, block_size, num_heads, num_kv_heads, head_dim;
   float soft_cap;
 };
 
@@ -174,22 +195,45 @@ struct Decode {
   int64_t seq, token, len;
 };
 
-// The batch's decodes (sequences with exactly one new token), after checking that each context fits
-// its block table and reads only blocks inside the pool.
-ffi::ErrorOr<std::vector<Decode>> decodes_of(const Problem& p) {
+// kTileTokens (or fewer, at a chunk's end) consecutive tokens of one sequence's chunk: tokens
+// start..start+count-1 at positions first_pos..first_pos+count-1, attending to the first_pos + count
+// positions up to the last of them.
+struct PrefillTile {
+  int64_t seq, start, count, first_pos;
+  int64_t kv_len() const { return first_pos + count; }
+};
+
+struct Work {
   std::vector<Decode> decodes;
+  std::vector<PrefillTile> tiles;  // longest context first, so that the pool's threads finish together
+};
+
+// The batch's decodes and prefill tiles, after checking that each chunk lies inside q and its context,
+// and that each context fits its block table and reads only blocks inside the pool.
+ffi::ErrorOr<Work> work_of(const Problem& p) {
+  Work work;
   for (int64_t s = 0; s < p.num_seqs; ++s) {
-    const int64_t start = p.query_start_loc[s], len = p.seq_lens[s];
-    if (p.query_start_loc[s + 1] - start != 1 || len < 1) continue;
+    const int64_t start = p.query_start_loc[s], q_len = p.query_start_loc[s + 1] - start, len = p.seq_lens[s];
+    if (q_len == 0) continue;
+    if (start < 0 || q_len < 0 || start + q_len > p.num_tokens || q_len > len)
+      return ffi::Error::InvalidArgument("jaxinfer_paged_attention: a chunk lies outside q or is longer than its "
+                                         "context (query_start_loc must be nondecreasing up to T, q_len <= seq_len)");
     if (len > p.table_width * p.block_size)
-      return ffi::Error::InvalidArgument("jaxinfer_paged_decode_attention: a context is longer than its block table");
+      return ffi::Error::InvalidArgument("jaxinfer_paged_attention: a context is longer than its block table");
     const int32_t* table = p.block_tables + s * p.table_width;
     for (int64_t i = 0; i < (len + p.block_size - 1) / p.block_size; ++i)
       if (table[i] < 0 || table[i] >= p.num_blocks)
-        return ffi::Error::InvalidArgument("jaxinfer_paged_decode_attention: a block id lies outside the pool");
-    decodes.push_back({s, start, len});
+        return ffi::Error::InvalidArgument("jaxinfer_paged_attention: a block id lies outside the pool");
+    if (q_len == 1) {
+      work.decodes.push_back({s, start, len});
+      continue;
+    }
+    for (int64_t i = 0; i < q_len; i += kTileTokens)
+      work.tiles.push_back({s, start + i, std::min(kTileTokens, q_len - i), len - q_len + i});
   }
-  return decodes;
+  std::stable_sort(work.tiles.begin(), work.tiles.end(),
+                   [](const PrefillTile& a, const PrefillTile& b) { return a.kv_len() > b.kv_len(); });
+  return work;
 }
 
 // The pool slot of position `pos` of a sequence with this block table; its kv heads' rows are
@@ -245,65 +289,195 @@ void decode(const Problem& p, const T* k, const T* v, int64_t s, int64_t t, int6
   }
 }
 
+// out[i * out_stride + 0..15] (+)= sum over k < n of a[i * a_i + k * a_k] * b[k * b_k + 0..15], for
+// i < kBlockRows: the register-blocked outer product both prefill products are made of (per k, two
+// loads of b and four broadcasts of a feed eight FMAs). The accumulators are named variables: as an
+// array GCC stored them to the stack on every iteration (3x slower).
+template <bool kAccumulate>
+inline void outer_block(const float* a, int64_t a_i, int64_t a_k, const float* b, int64_t b_k, int64_t n, float* out,
+                        int64_t out_stride) {
+  static_assert(kBlockRows == 4 && kBlockLanes == 2 * kLanes, "outer_block is written out for 4 x 16");
+  float *o0 = out, *o1 = out + out_stride, *o2 = out + 2 * out_stride, *o3 = out + 3 * out_stride;
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+  if (kAccumulate) {
+    c00 = _mm256_loadu_ps(o0), c01 = _mm256_loadu_ps(o0 + kLanes), c10 = _mm256_loadu_ps(o1);
+    c11 = _mm256_loadu_ps(o1 + kLanes), c20 = _mm256_loadu_ps(o2), c21 = _mm256_loadu_ps(o2 + kLanes);
+    c30 = _mm256_loadu_ps(o3), c31 = _mm256_loadu_ps(o3 + kLanes);
+  }
+  for (int64_t k = 0; k < n; ++k, a += a_k, b += b_k) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + kLanes);
+    const __m256 a0 = _mm256_broadcast_ss(a), a1 = _mm256_broadcast_ss(a + a_i);
+    const __m256 a2 = _mm256_broadcast_ss(a + 2 * a_i), a3 = _mm256_broadcast_ss(a + 3 * a_i);
+    c00 = _mm256_fmadd_ps(a0, b0, c00), c01 = _mm256_fmadd_ps(a0, b1, c01);
+    c10 = _mm256_fmadd_ps(a1, b0, c10), c11 = _mm256_fmadd_ps(a1, b1, c11);
+    c20 = _mm256_fmadd_ps(a2, b0, c20), c21 = _mm256_fmadd_ps(a2, b1, c21);
+    c30 = _mm256_fmadd_ps(a3, b0, c30), c31 = _mm256_fmadd_ps(a3, b1, c31);
+  }
+  _mm256_storeu_ps(o0, c00), _mm256_storeu_ps(o0 + kLanes, c01), _mm256_storeu_ps(o1, c10);
+  _mm256_storeu_ps(o1 + kLanes, c11), _mm256_storeu_ps(o2, c20), _mm256_storeu_ps(o2 + kLanes, c21);
+  _mm256_storeu_ps(o3, c30), _mm256_storeu_ps(o3 + kLanes, c31);
+}
+
+// Positions [c0, c0 + n) of kv head h as float rows [n rounded up to kBlockRows, D] in `rows` (the
+// rounding's rows zero).
 template <typename T>
-ffi::Error all_decodes(ffi::ThreadPool& pool, const Problem& p, const void* k, const void* v) {
-  auto decodes = decodes_of(p);
-  if (decodes.has_error()) return decodes.error();
-  if (decodes->empty()) return ffi::Error::Success();
-  const Decode* list = decodes->data();
-  const int64_t count = static_cast<int64_t>(decodes->size());
+void convert_positions(const Problem& p, const T* pool, const float* scales, const int32_t* table, int64_t h,
+                       int64_t c0, int64_t n, float* rows) {
+  const int64_t d = p.head_dim;
+  for (int64_t i = 0; i < n; ++i) {
+    float* dst = rows + i * d;
+    const float* src = pool_row(pool, scales, pool_slot(p, table, c0 + i) * p.num_kv_heads + h, d, dst);
+    if (src != dst) std::memcpy(dst, src, d * sizeof(float));
+  }
+  std::fill(rows + n * d, rows + (n + kBlockRows - 1) / kBlockRows * kBlockRows * d, 0.0f);
+}
+
+struct PrefillScratch {
+  std::vector<float> q_t, logits, kv_rows, out_t, last_visible, peak, sum;
+};
+
+// One prefill tile against kv head h (see the top of this file). Row r of the item is query head
+// h * group + r % group of token start + r / group.
+template <typename T>
+void prefill(const Problem& p, const T* k, const T* v, const PrefillTile& tile, int64_t h, PrefillScratch& scratch) {
+  const int64_t d = p.head_dim, group = p.num_heads / p.num_kv_heads, rows = kTileTokens * group;
+  const int64_t kv_len = tile.kv_len(), padded_len = (kv_len + kBlockRows - 1) / kBlockRows * kBlockRows;
+  const int32_t* table = p.block_tables + tile.seq * p.table_width;
+  scratch.q_t.assign(d * rows, 0.0f);
+  for (int64_t i = 0; i < tile.count; ++i)
+    for (int64_t j = 0; j < group; ++j) {
+      const float* q = p.q + ((tile.start + i) * p.num_heads + h * group + j) * d;
+      for (int64_t f = 0; f < d; ++f) scratch.q_t[f * rows + i * group + j] = q[f];
+    }
+  scratch.logits.resize(padded_len * rows);
+  scratch.kv_rows.resize((kChunkPositions + kBlockRows) * d);
+  float* logits = scratch.logits.data();
+  for (int64_t c0 = 0; c0 < kv_len; c0 += kChunkPositions) {
+    const int64_t n = std::min(kChunkPositions, kv_len - c0);
+    convert_positions(p, k, p.k_scale, table, h, c0, n, scratch.kv_rows.data());
+    for (int64_t pos = 0; pos < n; pos += kBlockRows)
+      for (int64_t r = 0; r < rows; r += kBlockLanes)
+        outer_block<false>(scratch.kv_rows.data() + pos * d, d, 1, scratch.q_t.data() + r, rows, d,
+                           logits + (c0 + pos) * rows + r, rows);
+  }
+  if (p.soft_cap > 0)
+    for (int64_t i = 0; i < kv_len * rows; ++i) logits[i] = p.soft_cap * std::tanh(logits[i] / p.soft_cap);
+
+  // Softmax down each column, position by position (the rows of S in order): row r sees positions
+  // up to first_pos + r / group, so from first_pos on each lane is masked, which also hides the
+  // padding positions (past kv_len) from every real row.
+  const int64_t vectors = rows / kLanes;
+  scratch.last_visible.resize(rows);
+  for (int64_t r = 0; r < rows; ++r) scratch.last_visible[r] = tile.first_pos + r / group;
+  auto visible = [&](int64_t pos, int64_t vec) {
+    return _mm256_cmp_ps(_mm256_set1_ps(pos), _mm256_loadu_ps(scratch.last_visible.data() + vec * kLanes), _CMP_LE_OQ);
+  };
+  scratch.peak.assign(rows, -INFINITY);
+  float* peak = scratch.peak.data();
+  for (int64_t pos = 0; pos < padded_len; ++pos)
+    for (int64_t vec = 0; vec < vectors; ++vec) {
+      const __m256 x = _mm256_loadu_ps(logits + pos * rows + vec * kLanes), old = _mm256_loadu_ps(peak + vec * kLanes);
+      _mm256_storeu_ps(peak + vec * kLanes,
+                       _mm256_max_ps(old, pos < tile.first_pos ? x : _mm256_blendv_ps(old, x, visible(pos, vec))));
+    }
+  scratch.sum.assign(rows, 0.0f);
+  float* sum = scratch.sum.data();
+  for (int64_t pos = 0; pos < padded_len; ++pos)
+    for (int64_t vec = 0; vec < vectors; ++vec) {
+      float* x = logits + pos * rows + vec * kLanes;
+      __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(peak + vec * kLanes)));
+      if (pos >= tile.first_pos) e = _mm256_and_ps(e, visible(pos, vec));
+      _mm256_storeu_ps(x, e);
+      _mm256_storeu_ps(sum + vec * kLanes, _mm256_add_ps(_mm256_loadu_ps(sum + vec * kLanes), e));
+    }
+
+  scratch.out_t.assign(d * rows, 0.0f);
+  for (int64_t c0 = 0; c0 < kv_len; c0 += kChunkPositions) {
+    const int64_t n = std::min(kChunkPositions, kv_len - c0);
+    convert_positions(p, v, p.v_scale, table, h, c0, n, scratch.kv_rows.data());
+    const int64_t padded_n = (n + kBlockRows - 1) / kBlockRows * kBlockRows;
+    for (int64_t f = 0; f < d; f += kBlockRows)
+      for (int64_t r = 0; r < rows; r += kBlockLanes)
+        outer_block<true>(scratch.kv_rows.data() + f, 1, d, logits + c0 * rows + r, rows, padded_n,
+                          scratch.out_t.data() + f * rows + r, rows);
+  }
+  for (int64_t i = 0; i < tile.count; ++i)
+    for (int64_t j = 0; j < group; ++j) {
+      const int64_t r = i * group + j;
+      float* out = p.out + ((tile.start + i) * p.num_heads + h * group + j) * d;
+      for (int64_t f = 0; f < d; ++f) out[f] = scratch.out_t[f * rows + r] / sum[r];
+    }
+}
+
+template <typename T>
+ffi::Error attention(ffi::ThreadPool& pool, const Problem& p, const void* k_data, const void* v_data) {
+  auto work = work_of(p);
+  if (work.has_error()) return work.error();
+  const T *k = static_cast<const T*>(k_data), *v = static_cast<const T*>(v_data);
+  const Decode* decodes = work->decodes.data();
+  const PrefillTile* tiles = work->tiles.data();
+  const int64_t num_decodes = static_cast<int64_t>(work->decodes.size());
+  const int64_t num_tiles = static_cast<int64_t>(work->tiles.size());
   int64_t positions = 0;
-  for (int64_t i = 0; i < count; ++i) positions += list[i].len;
-  // Chunks of decodes as work items, on the pool's threads as well once there is enough work.
-  const int64_t per_item = positions >= kMinPositionsToSplit ? std::max<int64_t>(1, count / kItemsWhenSplit) : count;
-  const int64_t head_parts = count == 1 ? kLoneDecodeParts : 1;
-  const int64_t items = (count + per_item - 1) / per_item * head_parts;
-  auto item_fn = [&p, k, v, list, count, per_item, head_parts](int64_t item) {
+  for (int64_t i = 0; i < num_decodes; ++i) positions += decodes[i].len;
+  for (int64_t i = 0; i < num_tiles; ++i) positions += tiles[i].count * tiles[i].kv_len();
+  // Chunks of decodes as the first items (a lone decode split by query heads; all decodes in one
+  // chunk below kMinPositionsToSplit), then one per (prefill tile, kv head), shared with the pool.
+  const int64_t per_chunk = std::max<int64_t>(1, positions >= kMinPositionsToSplit ? num_decodes / kItemsWhenSplit
+                                                                                   : num_decodes);
+  const int64_t head_parts = num_decodes == 1 ? kLoneDecodeParts : 1;
+  const int64_t decode_items = (num_decodes + per_chunk - 1) / per_chunk * head_parts;
+  const int64_t items = decode_items + num_tiles * p.num_kv_heads;
+  if (items == 0) return ffi::Error::Success();
+  auto item_fn = [&p, k, v, decodes, tiles, num_decodes, per_chunk, head_parts, decode_items](int64_t item) {
+    if (item >= decode_items) {
+      PrefillScratch scratch;
+      const int64_t index = item - decode_items;
+      prefill(p, k, v, tiles[index / p.num_kv_heads], index % p.num_kv_heads, scratch);
+      return;
+    }
     std::vector<float> logits, row_scratch(p.head_dim);
     const int64_t chunk = item / head_parts, part = item % head_parts;
     const int64_t j0 = part * p.num_heads / head_parts, j1 = (part + 1) * p.num_heads / head_parts;
-    for (int64_t i = chunk * per_item; i < std::min(count, (chunk + 1) * per_item); ++i)
-      decode(p, static_cast<const T*>(k), static_cast<const T*>(v), list[i].seq, list[i].token, list[i].len, j0, j1,
-             logits, row_scratch);
+    for (int64_t i = chunk * per_chunk; i < std::min(num_decodes, (chunk + 1) * per_chunk); ++i)
+      decode(p, k, v, decodes[i].seq, decodes[i].token, decodes[i].len, j0, j1, logits, row_scratch);
   };
   if (items > 1)
     jaxinfer::run_on_pool(pool, items, item_fn);
   else
-    item_fn(0);
+    for (int64_t item = 0; item < items; ++item) item_fn(item);
   return ffi::Error::Success();
 }
 
-ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                                ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale,
-                                ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> seq_lens,
-                                ffi::Buffer<ffi::S32> query_start_loc, float soft_cap,
-                                ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                          ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale,
+                          ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> seq_lens,
+                          ffi::Buffer<ffi::S32> query_start_loc, float soft_cap, ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = k.dimensions(), td = block_tables.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || td.size() != 2 || qd[2] != kd[3] || qd[2] % kLanes ||
       qd[1] % kd[2] || v.element_type() != k.element_type() || seq_lens.element_count() != td[0] ||
       query_start_loc.element_count() != td[0] + 1)
     return ffi::Error::InvalidArgument(
-        "jaxinfer_paged_decode_attention: expected q [T, H, D], pools [blocks, block_size, KVH, D] with "
+        "jaxinfer_paged_attention: expected q [T, H, D], pools [blocks, block_size, KVH, D] with "
         "H % KVH == 0 and D % 8 == 0, block_tables [S, B], seq_lens [S], query_start_loc [S + 1]");
   const bool scaled = k_scale.element_count() > 0;
   const Problem p{q.typed_data(), scaled ? k_scale.typed_data() : nullptr, scaled ? v_scale.typed_data() : nullptr,
                   block_tables.typed_data(), seq_lens.typed_data(), query_start_loc.typed_data(),
-                  out->typed_data(), td[0], td[1], kd[0], kd[1], qd[1], kd[2], qd[2], soft_cap};
+                  out->typed_data(), qd[0], td[0], td[1], kd[0], kd[1], qd[1], kd[2], qd[2], soft_cap};
   std::fill(p.out, p.out + out->element_count(), 0.0f);
   switch (k.element_type()) {
-    case ffi::DataType::F32: return all_decodes<float>(pool, p, k.untyped_data(), v.untyped_data());
-    case ffi::DataType::BF16: return all_decodes<uint16_t>(pool, p, k.untyped_data(), v.untyped_data());
-    case ffi::DataType::S8: return all_decodes<int8_t>(pool, p, k.untyped_data(), v.untyped_data());
-    case ffi::DataType::F8E4M3FN: return all_decodes<uint8_t>(pool, p, k.untyped_data(), v.untyped_data());
+    case ffi::DataType::F32: return attention<float>(pool, p, k.untyped_data(), v.untyped_data());
+    case ffi::DataType::BF16: return attention<uint16_t>(pool, p, k.untyped_data(), v.untyped_data());
+    case ffi::DataType::S8: return attention<int8_t>(pool, p, k.untyped_data(), v.untyped_data());
+    case ffi::DataType::F8E4M3FN: return attention<uint8_t>(pool, p, k.untyped_data(), v.untyped_data());
     default:
-      return ffi::Error::InvalidArgument("jaxinfer_paged_decode_attention: K/V storage must be f32, bf16, s8 or "
-                                         "f8e4m3fn");
+      return ffi::Error::InvalidArgument("jaxinfer_paged_attention: K/V storage must be f32, bf16, s8 or f8e4m3fn");
   }
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_paged_decode_attention, PagedDecodeAttention,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_paged_attention, PagedAttention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

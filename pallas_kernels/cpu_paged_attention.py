@@ -1,21 +1,21 @@
-"""Paged attention of a ragged batch's decode tokens on x86 CPUs: a C++ kernel called through XLA FFI.
+"""Paged attention of a ragged batch on x86 CPUs: a C++ kernel called through XLA FFI.
 
-    decode_attention(scaled_q [T, num_q_heads, head_dim] float32, cache: LayerKVCache,
-                     metadata: AttentionMetadata, soft_cap: float | None) -> [T, num_q_heads, head_dim] float32
-        For every sequence with exactly one new token, that token's attention over its context
-        (q already multiplied by sm_scale; GQA as `ragged_paged_attention`); all other rows zero.
-        K/V in any pool storage dtype (float32, bfloat16, int8 and fp8 with their scales).
+    paged_attention(scaled_q [T, num_q_heads, head_dim] float32, cache: LayerKVCache,
+                    metadata: AttentionMetadata, soft_cap: float | None) -> [T, num_q_heads, head_dim] float32
+        `ragged_paged_attention`'s result for q already multiplied by sm_scale: decodes and prefill
+        chunks alike, GQA, rows of padding tokens zero. K/V in any pool storage dtype (float32,
+        bfloat16, int8 and fp8 with their scales).
     serves(cache) -> bool   whether the kernel runs here for this pool (`available()` and a head_dim
                             that is a multiple of 8)
     available() -> bool     x86-64 with AVX2 and FMA, a C++ compiler, the CPU backend; builds and
                             registers the kernel on first use (`pallas_kernels.cpu_ffi`)
 
-The XLA path (`ragged_paged_attention_xla`) hands its decode tokens to this kernel where it serves,
-and keeps prefill chunks, whose flops XLA's batched matmuls handle well. Why: for decodes that path
-gathers whole 128-position chunks, runs a loop with a dynamic trip count and merges partial
-softmaxes, about 100 us per layer at any context on the project's 2-core CPU (3-4 ms of a 30-layer
-batch-1 step). The kernel (`cpu_paged_attention.cc`, which explains its loop) reads each K and V row
-of the context once, in pool order; its figures are in benchmarks/bench_paged_attention.py's output.
+Why a kernel: XLA's path (`ragged_paged_attention_xla`) gathers whole 128-position chunks, runs a
+loop with a dynamic trip count and merges partial softmaxes: about 100 us per layer for decodes at
+any context on the project's 2-core CPU (3-4 ms of a 30-layer batch-1 step), and for a 128-token
+prefill of the default model 32 ms of its 110. The kernel (`cpu_paged_attention.cc`, which explains
+its two loops) reads each K and V row a decode or a prefill tile needs once, in pool order; its
+figures are in benchmarks/bench_paged_attention.py's output.
 
 Tensor parallelism: GSPMD does not partition a custom call (it would gather the whole pool onto
 every device), so the engine runs the kernel only on a one-device mesh (`jaxinfer.runner.step`).
@@ -33,7 +33,7 @@ from jaxinfer.cache.attention_metadata import AttentionMetadata
 from jaxinfer.cache.kv_pool import LayerKVCache
 from pallas_kernels.cpu_ffi import CpuKernel
 
-TARGET = "jaxinfer_paged_decode_attention"
+TARGET = "jaxinfer_paged_attention"
 KERNEL = CpuKernel("CPU paged attention kernel", (TARGET,), Path(__file__).with_suffix(".cc"), ("-mavx2", "-mfma"),
                    frozenset({"avx2", "fma"}))
 available = KERNEL.available
@@ -42,12 +42,12 @@ HEAD_DIM_MULTIPLE = 8
 
 
 def serves(cache: LayerKVCache) -> bool:
-    """Whether `decode_attention` can run for this pool here."""
+    """Whether `paged_attention` can run for this pool here."""
     return cache.head_dim % HEAD_DIM_MULTIPLE == 0 and available()
 
 
-def decode_attention(scaled_q: jax.Array, cache: LayerKVCache, metadata: AttentionMetadata,
-                     soft_cap: float | None) -> jax.Array:
+def paged_attention(scaled_q: jax.Array, cache: LayerKVCache, metadata: AttentionMetadata,
+                    soft_cap: float | None) -> jax.Array:
     """See the module docstring; the arguments are those `ragged_paged_attention` checked."""
     KERNEL.ensure_registered()
     no_scale = jnp.zeros((0,), jnp.float32)

@@ -22,13 +22,13 @@ prefill chunks mix freely in one call.
   across kv heads (all-reduces); under shard_map both stay local.
 
 `implementation`:
-    None         the backend's choice: "pallas" on GPU, "cpu" on a CPU the C++ decode kernel serves,
-                 "xla" elsewhere (never interpret mode). Under GSPMD tensor parallelism pass "xla":
-                 a custom call is not partitioned (its operands would be gathered onto every device).
+    None         the backend's choice: "pallas" on GPU, "cpu" on a CPU the C++ kernel serves, "xla"
+                 elsewhere (never interpret mode). Under GSPMD tensor parallelism pass "xla": a
+                 custom call is not partitioned (its operands would be gathered onto every device).
     "pallas"     the Pallas kernel through the Triton lowering (sm80+; fp8 storage likely needs sm89+,
                  where Triton converts e4m3 natively; unverified, no GPU was available).
-    "cpu"        the XLA path with its decode tokens handed to the C++ kernel of
-                 `cpu_paged_attention` (x86-64 with AVX2/FMA): what serves on CPU with one device.
+    "cpu"        the C++ kernel of `cpu_paged_attention` (x86-64 with AVX2/FMA), decodes and prefill
+                 chunks alike: what serves on CPU with one device.
     "xla"        the XLA path of `ragged_paged_attention_xla`, all in XLA operations.
     "interpret"  the Pallas kernel in Pallas interpret mode: for tests on CPU only (5-60x slower).
     "reference"  `reference_ragged_paged_attention`, dense and simple: the oracle of the tests.
@@ -68,7 +68,7 @@ _DOT_PRECISION = jax.lax.Precision.HIGHEST
 
 
 def default_implementation(cache: LayerKVCache, backend: str | None = None) -> str:
-    """"pallas" on GPU; on CPU "cpu" where the C++ decode kernel serves `cache`, else "xla" (CPU
+    """"pallas" on GPU; on CPU "cpu" where the C++ kernel serves `cache`, else "xla" (CPU
     runs Pallas only in interpret mode)."""
     backend = backend or jax.default_backend()
     if backend == "gpu":
@@ -81,13 +81,17 @@ def ragged_paged_attention(q: jax.Array, cache: LayerKVCache, metadata: Attentio
     """See the module docstring."""
     _check_inputs(q, cache, metadata, soft_cap)
     implementation = implementation or default_implementation(cache)
-    if implementation in ("xla", "cpu"):
-        if implementation == "cpu" and not cpu_paged_attention.serves(cache):
-            raise ValueError("the 'cpu' implementation needs the C++ decode kernel, which cannot run here (it needs "
-                             f"an x86-64 CPU with AVX2/FMA, g++ and a head_dim that is a multiple of "
+    if implementation == "xla":
+        return xla_ragged_paged_attention(q, cache, metadata, sm_scale=sm_scale, soft_cap=soft_cap)
+    if implementation == "cpu":
+        if not cpu_paged_attention.serves(cache):
+            raise ValueError("the 'cpu' implementation needs the C++ attention kernel, which cannot run here (it "
+                             f"needs an x86-64 CPU with AVX2/FMA, g++ and a head_dim that is a multiple of "
                              f"{cpu_paged_attention.HEAD_DIM_MULTIPLE}; got {cache.head_dim}): use 'xla'")
-        return xla_ragged_paged_attention(q, cache, metadata, sm_scale=sm_scale, soft_cap=soft_cap,
-                                          decodes_in_cpu_kernel=implementation == "cpu")
+        # As in the XLA path (see there): the barrier lets write_kv's update of the pool happen in place.
+        cache = jax.lax.optimization_barrier(cache)
+        scaled_q = q.astype(jnp.float32) * sm_scale
+        return cpu_paged_attention.paged_attention(scaled_q, cache, metadata, soft_cap).astype(q.dtype)
     if implementation == "reference":
         return reference_ragged_paged_attention(q, cache, metadata, sm_scale=sm_scale, soft_cap=soft_cap)
     if implementation == "interpret":

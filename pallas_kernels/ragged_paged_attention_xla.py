@@ -15,9 +15,8 @@ what the contexts need, not tiles x the batch's longest context: for a 256-token
 230-token chunk with 25 decodes at contexts of 16-768, that is 6.7 ms per layer instead of 14 ms when
 every tile walked to the longest context (one-off timings, 9/3 heads, block 16, float32).
 
-With `decodes_in_cpu_kernel` (the "cpu" implementation, what one-device CPU engines run) the decode
-tokens skip the work list and go to the C++ kernel of `cpu_paged_attention`, 1.5-3.9x faster at
-contexts of 128-512 for batches of 1-32; prefill chunks stay here.
+One-device CPU engines run the C++ kernel of `cpu_paged_attention` instead (the "cpu"
+implementation); this path serves meshes of several devices and CPUs that kernel does not run on.
 
 Two layouts of the per-step products, chosen by tile size from one-off interleaved timings on the
 project's 2-core CPU (9/3/64 heads, block 16, float32; benchmarks/bench_paged_attention.py times the
@@ -47,7 +46,7 @@ import jax.numpy as jnp
 
 from jaxinfer.cache.attention_metadata import AttentionMetadata
 from jaxinfer.cache.kv_pool import LayerKVCache, dequantize_kv
-from pallas_kernels import cpu_paged_attention, online_softmax
+from pallas_kernels import online_softmax
 from pallas_kernels.query_tiles import QueryTiles, query_tiles
 
 # KV positions per work item, query tokens per prefill tile, and work items per loop step: measured,
@@ -141,10 +140,8 @@ def split_tile_bounds(num_tokens: int, num_seqs: int) -> tuple[int, int]:
 
 
 def xla_ragged_paged_attention(q: jax.Array, cache: LayerKVCache, metadata: AttentionMetadata, *,
-                               sm_scale: float, soft_cap: float | None = None,
-                               decodes_in_cpu_kernel: bool = False) -> jax.Array:
-    """See the module docstring; arguments as `ragged_paged_attention`, already checked.
-    `decodes_in_cpu_kernel`: the decode tokens go to `cpu_paged_attention.decode_attention` instead."""
+                               sm_scale: float, soft_cap: float | None = None) -> jax.Array:
+    """See the module docstring; arguments as `ragged_paged_attention`, already checked."""
     # The pool usually arrives fresh from `write_kv`, whose one-token scatter XLA lowers to a
     # dynamic-update-slice. Without a barrier XLA's fusion duplicates that update into the block
     # gather below (the gather then reads the pool as it was *before* the write and redoes the
@@ -166,14 +163,11 @@ def xla_ragged_paged_attention(q: jax.Array, cache: LayerKVCache, metadata: Atte
 
     # Each pass's output is kept only for its own tokens: the rows of the others are not its to write.
     num_decode_tiles, num_prefill_tiles = split_tile_bounds(num_tokens, num_seqs)
-    if decodes_in_cpu_kernel:
-        out = cpu_paged_attention.decode_attention(scaled_q, cache, metadata, soft_cap)
-    else:
-        is_decode = q_lens == 1
-        decode_tiles = query_tiles(metadata, num_tokens, 1, selected=is_decode, num_tiles=num_decode_tiles)
-        out = jnp.where(tokens_of(is_decode), _attend_tiles(
-            scaled_q, cache, metadata.block_tables, decode_tiles, 1, _BlockDiagonalHeads(cache.num_kv_heads, group),
-            DECODE_PAIRS_PER_STEP, soft_cap), 0.0)
+    is_decode = q_lens == 1
+    decode_tiles = query_tiles(metadata, num_tokens, 1, selected=is_decode, num_tiles=num_decode_tiles)
+    out = jnp.where(tokens_of(is_decode), _attend_tiles(
+        scaled_q, cache, metadata.block_tables, decode_tiles, 1, _BlockDiagonalHeads(cache.num_kv_heads, group),
+        DECODE_PAIRS_PER_STEP, soft_cap), 0.0)
     if num_tokens == num_seqs:  # a decode bucket: no sequence can have two tokens
         return out.astype(q.dtype)
 

@@ -27,8 +27,8 @@ HEAD_DIM = 64
 SM_SCALE = HEAD_DIM ** -0.5
 needs_cpu_kernel = pytest.mark.skipif(not cpu_paged_attention.available(),
                                       reason="needs an x86-64 CPU with AVX2/FMA and a C++ compiler")
-# Every implementation that runs on this CPU: the XLA path, the XLA path with the C++ decode kernel,
-# and the Pallas kernel in interpret mode.
+# Every implementation that runs on this CPU: the XLA path, the C++ kernel and the Pallas kernel in
+# interpret mode.
 CPU_IMPLEMENTATIONS = ["xla", pytest.param("cpu", marks=needs_cpu_kernel), "interpret"]
 
 
@@ -132,13 +132,15 @@ def test_soft_cap_and_head_dim_128(implementation):
     check_against_reference(batch, implementation, tolerance=1e-5, soft_cap=0.5)
 
 
-def test_long_prefill_chunks_match_reference():
-    """Long chunks beside a decode: the XLA path takes long query tiles over several KV chunks."""
+@pytest.mark.parametrize("implementation", ["xla", pytest.param("cpu", marks=needs_cpu_kernel)])
+def test_long_prefill_chunks_match_reference(implementation):
+    """Long chunks beside a decode: the XLA path takes long query tiles over several KV chunks, the C++
+    kernel many 16-token tiles (the last one partial) over contexts past its 64-position chunks."""
     chunks = [(150, 700), (130, 130), (1, 300)]
     batch = make_batch(5, chunks, block_size=16, num_q_heads=9, num_kv_heads=3)
     assert 150 > 4 * PREFILL_QUERY_TILE
     assert 700 > 2 * KV_CHUNK_TOKENS
-    check_against_reference(batch, "xla", tolerance=1e-5)
+    check_against_reference(batch, implementation, tolerance=1e-5)
 
 
 def test_reference_matches_numpy_loop():
@@ -230,14 +232,27 @@ def test_default_implementation_never_interprets(monkeypatch):
     assert np.isfinite(np.asarray(out)).all()
 
 
+def kernel_against_reference(batch: Batch, soft_cap: float | None = None) -> np.ndarray:
+    """The C++ kernel's output (called directly, no jit) after checking every row against the reference."""
+    sm_scale = batch.q.shape[2] ** -0.5
+    out = np.asarray(cpu_paged_attention.paged_attention(batch.q * sm_scale, batch.cache, batch.metadata, soft_cap))
+    ref = np.asarray(rpa.reference_ragged_paged_attention(batch.q, batch.cache, batch.metadata, sm_scale=sm_scale,
+                                                          soft_cap=soft_cap))
+    np.testing.assert_array_equal(out[batch.num_real_tokens:], 0.0)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
+    return out
+
+
 @needs_cpu_kernel
 @pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(9, 3, 64), (8, 1, 16), (4, 4, 8), (6, 2, 128)])
-def test_cpu_decode_kernel_covers_long_contexts_and_head_layouts(num_q_heads, num_kv_heads, head_dim):
-    """Decodes up to 1000 positions (past several blocks and the XLA path's KV chunks), every GQA
-    grouping, head dims from one AVX2 register up; the decode step calls the kernel, not XLA's loop."""
+def test_cpu_kernel_covers_long_contexts_and_head_layouts(num_q_heads, num_kv_heads, head_dim):
+    """Decodes up to 1000 positions and prefill chunks (one under a tile, one over several tiles with a
+    prefix) for every GQA grouping and head dims from one AVX2 register up; the step compiles to the
+    kernel, with no XLA loop."""
     lengths = [1, 7, 9, 300, 1000]
-    batch = make_batch(num_q_heads + head_dim, [(1, length) for length in lengths], block_size=8,
-                       num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, padding_tokens=1)
+    chunks = [(1, length) for length in lengths] + [(5, 5), (37, 90)]
+    batch = make_batch(num_q_heads + head_dim, chunks, block_size=8, num_q_heads=num_q_heads,
+                       num_kv_heads=num_kv_heads, head_dim=head_dim, padding_tokens=1)
     kernel = jax.jit(functools.partial(rpa.ragged_paged_attention, sm_scale=head_dim ** -0.5, implementation="cpu"))
     hlo = kernel.lower(batch.q, batch.cache, batch.metadata).as_text()
     assert cpu_paged_attention.TARGET in hlo and "while" not in hlo
@@ -250,61 +265,54 @@ def test_cpu_decode_kernel_covers_long_contexts_and_head_layouts(num_q_heads, nu
 
 @needs_cpu_kernel
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(9, 3), (6, 2), (4, 4), (8, 1)])
-def test_cpu_decode_kernel_splits_a_lone_decode_by_query_heads_and_matches_the_reference(num_q_heads, num_kv_heads):
-    """A batch-1 decode (next to a prefill chunk, whose rows the kernel leaves zero) runs as items of
-    query heads, a kv head's group split between them where the split falls inside it (9/3: heads
-    0-3 and 4-8); each item writes only its own heads."""
-    batch = make_batch(num_q_heads, [(6, 30), (1, 333)], block_size=16, num_q_heads=num_q_heads,
-                       num_kv_heads=num_kv_heads, head_dim=64)
-    sm_scale = 64 ** -0.5
-    out = np.asarray(cpu_paged_attention.decode_attention(batch.q * sm_scale, batch.cache, batch.metadata, None))
-    ref = np.asarray(rpa.reference_ragged_paged_attention(batch.q, batch.cache, batch.metadata, sm_scale=sm_scale))
-    np.testing.assert_array_equal(out[:6], 0.0)
-    np.testing.assert_allclose(out[6], ref[6], rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref[6]))))
+def test_cpu_kernel_splits_a_lone_decode_by_query_heads_and_matches_the_reference(num_q_heads, num_kv_heads):
+    """A batch-1 decode (next to a prefill chunk) runs as items of query heads, a kv head's group split
+    between them where the split falls inside it (9/3: heads 0-3 and 4-8); each item writes only its
+    own heads."""
+    kernel_against_reference(make_batch(num_q_heads, [(6, 30), (1, 333)], block_size=16, num_q_heads=num_q_heads,
+                                        num_kv_heads=num_kv_heads, head_dim=64))
 
 
 @needs_cpu_kernel
-def test_cpu_decode_kernel_shares_a_large_batch_with_the_thread_pool_and_matches_the_reference():
-    """Sixteen decodes of 150-400 positions (over the kernel's 2048-position threshold for splitting
-    its decodes across XLA's thread pool) around a prefill chunk, whose rows the kernel leaves zero."""
+def test_cpu_kernel_shares_a_large_batch_with_the_thread_pool_and_matches_the_reference():
+    """Sixteen decodes of 150-400 positions (over the kernel's threshold for splitting its work across
+    XLA's thread pool) around prefill chunks of 5 and 40 tokens."""
     rng = np.random.default_rng(11)
-    chunks = [(1, int(length)) for length in rng.integers(150, 400, 8)] + [(5, 40)]
+    chunks = [(1, int(length)) for length in rng.integers(150, 400, 8)] + [(5, 40), (40, 200)]
     chunks += [(1, int(length)) for length in rng.integers(150, 400, 8)]
     assert sum(length for new, length in chunks if new == 1) > 2048
-    batch = make_batch(12, chunks, block_size=16, num_q_heads=9, num_kv_heads=3, head_dim=64)
-    sm_scale = 64 ** -0.5
-    out = np.asarray(cpu_paged_attention.decode_attention(batch.q * sm_scale, batch.cache, batch.metadata, None))
-    ref = np.asarray(rpa.reference_ragged_paged_attention(batch.q, batch.cache, batch.metadata, sm_scale=sm_scale))
-    decode_rows = np.asarray(batch.metadata.query_start_loc)[:len(chunks)][[new == 1 for new, _ in chunks]]
-    np.testing.assert_allclose(out[decode_rows], ref[decode_rows], rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
-    prefill_start = int(np.asarray(batch.metadata.query_start_loc)[8])
-    np.testing.assert_array_equal(out[prefill_start:prefill_start + 5], 0.0)
+    kernel_against_reference(make_batch(12, chunks, block_size=16, num_q_heads=9, num_kv_heads=3, head_dim=64))
 
 
 @needs_cpu_kernel
-def test_cpu_decode_kernel_leaves_a_step_without_decodes_to_the_xla_path():
-    batch = make_batch(13, [(5, 40), (3, 3)], block_size=16, num_q_heads=9, num_kv_heads=3, head_dim=64)
-    kernel_only = cpu_paged_attention.decode_attention(batch.q, batch.cache, batch.metadata, None)
-    np.testing.assert_array_equal(np.asarray(kernel_only), 0.0)
-    out = rpa.ragged_paged_attention(batch.q, batch.cache, batch.metadata, sm_scale=SM_SCALE, implementation="cpu")
-    ref = rpa.reference_ragged_paged_attention(batch.q, batch.cache, batch.metadata, sm_scale=SM_SCALE)
-    np.testing.assert_allclose(np.asarray(out)[:8], np.asarray(ref)[:8], rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "int8", "fp8"])
+def test_cpu_kernel_prefill_tiles_match_the_reference(kv_dtype):
+    """Prefill only: chunks of 2, 16 (one whole tile), 17 and 33 tokens (a partial last tile), a
+    chunk after a long prefix and a first chunk, quantized pools, soft cap."""
+    chunks = [(2, 2), (16, 16), (17, 300), (33, 40), (64, 64)]
+    batch = make_batch(13, chunks, block_size=16, num_q_heads=9, num_kv_heads=3, head_dim=64, kv_dtype=kv_dtype)
+    kernel_against_reference(batch, soft_cap=0.8)
 
 
 @needs_cpu_kernel
-def test_cpu_decode_kernel_refuses_block_ids_outside_the_pool():
+def test_cpu_kernel_refuses_block_ids_outside_the_pool_and_chunks_longer_than_their_context():
     batch = make_batch(6, [(1, 20)], block_size=8, num_q_heads=2, num_kv_heads=1)
     tables = batch.metadata.block_tables.at[0, 1].set(batch.cache.num_blocks)
-    metadata = dataclasses.replace(batch.metadata, block_tables=tables)
     with pytest.raises(Exception, match="a block id lies outside the pool"):
-        np.asarray(cpu_paged_attention.decode_attention(batch.q, batch.cache, metadata, None))
+        np.asarray(cpu_paged_attention.paged_attention(batch.q, batch.cache,
+                                                       dataclasses.replace(batch.metadata, block_tables=tables), None))
+    batch = make_batch(6, [(4, 20)], block_size=8, num_q_heads=2, num_kv_heads=1)
+    seq_lens = batch.metadata.seq_lens.at[0].set(3)
+    with pytest.raises(Exception, match="longer than its context"):
+        np.asarray(cpu_paged_attention.paged_attention(batch.q, batch.cache,
+                                                       dataclasses.replace(batch.metadata, seq_lens=seq_lens), None))
 
 
 def test_cpu_implementation_says_when_it_cannot_run(monkeypatch):
     monkeypatch.setattr(cpu_paged_attention, "serves", lambda cache: False)
     batch = make_batch(4, [(1, 5)], block_size=8, num_q_heads=2, num_kv_heads=1)
     assert rpa.default_implementation(batch.cache, "cpu") == "xla"
-    with pytest.raises(ValueError, match="the 'cpu' implementation needs the C\\+\\+ decode kernel.*use 'xla'"):
+    with pytest.raises(ValueError, match="the 'cpu' implementation needs the C\\+\\+ attention kernel.*use 'xla'"):
         rpa.ragged_paged_attention(batch.q, batch.cache, batch.metadata, sm_scale=SM_SCALE, implementation="cpu")
 
 

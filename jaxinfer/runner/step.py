@@ -85,7 +85,7 @@ def route_dense_weights(params, num_devices: int):
 
 def attention_implementation(num_devices: int) -> str | None:
     """The backend's attention (None) on one device; under GSPMD tensor parallelism the all-XLA path,
-    since a custom call such as the CPU decode kernel is not partitioned (see `ragged_paged_attention`)."""
+    since a custom call such as the CPU attention kernel is not partitioned (see `ragged_paged_attention`)."""
     return None if num_devices == 1 else "xla"
 
 

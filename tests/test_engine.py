@@ -207,3 +207,37 @@ def test_bfloat16_engine_tracks_the_bfloat16_reference(checkpoint):
     assert_pool_whole(engine)
     steps = [step.as_text() for step in engine.runner.executables.values()]
     assert all(cpu_dense_dot.TARGET in hlo for hlo in steps) == cpu_dense_dot.available()
+
+
+def test_head_and_sampling_run_at_the_smallest_row_count_that_holds_the_rows(checkpoint):
+    """A mixed bucket's step samples its real rows in the branch of the smallest row count holding
+    them: the same tokens and logprobs as sampling every row, and zeros past that row count."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinfer.model.llama import compute_logits
+    from jaxinfer.runner.batch import build_step_inputs
+    from jaxinfer.runner.buckets import Bucket
+    from jaxinfer.runner.sampling import build_sampling_metadata, sample
+    from jaxinfer.runner.step import sample_rows
+
+    assert Bucket(64, 32).sampled_row_ladder == [1, 4, 16, 32] and Bucket(8, 8).sampled_row_ladder == [8]
+    params, cfg = place_params(checkpoint.params, checkpoint.config, make_mesh(1), "float32")
+    rng = np.random.default_rng(5)
+    bucket = Bucket(24, 8)
+    inputs, _ = build_step_inputs((), (), bucket, 16, 4)
+    hidden = jnp.asarray(rng.standard_normal((bucket.num_tokens, cfg.hidden_size)), jnp.float32)
+    indices = jnp.asarray(rng.permutation(bucket.num_tokens)[:bucket.num_seqs], jnp.int32)
+    for num_rows in (1, 3, 4, 5, 8):
+        rows = [SamplingParams(temperature=float(rng.choice([0.0, 0.8])), top_k=40, seed=i) for i in range(num_rows)]
+        sampling = build_sampling_metadata(rows, [[1, 2]] * num_rows, [[]] * num_rows, list(range(num_rows)),
+                                           [0] * num_rows, num_seqs_bucket=bucket.num_seqs,
+                                           vocab_size=cfg.vocab_size, history_len=8)
+        step = dataclasses.replace(inputs, logits_indices=indices, num_rows=np.int32(num_rows))
+        got = jax.jit(sample_rows)(params, hidden, step, sampling)
+        want = sample(compute_logits(params, hidden[indices]), sampling)
+        branch = min(rows for rows in bucket.sampled_row_ladder if rows >= num_rows)
+        for name in ("token_ids", "logprobs", "top_ids", "top_logprobs"):
+            got_rows, want_rows = np.asarray(getattr(got, name)), np.asarray(getattr(want, name))
+            np.testing.assert_allclose(got_rows[:branch], want_rows[:branch], rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(got_rows[branch:], 0)

@@ -56,17 +56,33 @@ def engine_greedy(engine, prompts):
     return [finished[f"r{i}"] for i in range(len(prompts))]
 
 
+def assert_greedy_agrees_until_a_near_tie(engine_tokens, reference, prompts, tie_margin: float):
+    """Each engine sequence equals the reference's greedy one, except that from a token where the
+    reference's two best logits lie within `tie_margin` (0: no exception) the two may part."""
+    for prompt, got, want in zip(prompts, engine_tokens, reference.generate(prompts, NEW_TOKENS), strict=True):
+        assert len(got) == len(want)
+        for i, (got_token, want_token) in enumerate(zip(got, want)):
+            if got_token != want_token:
+                second, best = np.sort(reference.prompt_logits([prompt + want[:i]])[0, -1])[-2:]
+                assert best - second < tie_margin, (f"token {i}: engine {got_token}, reference {want_token}, whose "
+                                                    f"two best logits are {best - second:.3f} apart")
+                break
+
+
 # The CPU kernels are not exact dequantize-then-f32 dots: int8 splits the activations into two int8
 # levels (about 14 bits); int4 over more than a few rows dots in bfloat16 (8 bits of mantissa), so
 # its greedy tokens are checked against the contiguous reference on the same quantized weights
 # (a near-tie flipped after 10 tokens against the dequantized oracle). w4a8 rounds the activations to
 # int8 per group of 32 (on this random model the logits move by up to 0.18 of 3.4; w8a8's per-token
-# int8 moves them by 0.10), and its engine runs the CPU kernel where it can.
-@pytest.mark.parametrize("mode, logits_atol, greedy_oracle", [("int8", 2e-3, "dequantized"),
-                                                              ("int4-awq", 6e-2, "quantized"),
-                                                              ("w4a8", 0.25, "quantized")])
+# int8 moves them by 0.10), and its engine runs the CPU kernel where it can: its integer products are
+# exact, but an activation a float rounding apart in the engine's attention (the C++ kernel sums in
+# another order than the reference) can round to the next int8 level, so a near-tie may flip (the
+# 12th token of a prompt did, at a margin of 0.014 of 2.25).
+@pytest.mark.parametrize("mode, logits_atol, greedy_oracle, tie_margin", [("int8", 2e-3, "dequantized", 0.0),
+                                                                          ("int4-awq", 6e-2, "quantized", 0.0),
+                                                                          ("w4a8", 0.25, "quantized", 0.05)])
 def test_quantized_engine_matches_the_model_on_dequantized_weights(checkpoint, prompts, mode, logits_atol,
-                                                                    greedy_oracle):
+                                                                    greedy_oracle, tie_margin):
     engine = engine_from_checkpoint(checkpoint, EngineConfig.create(quant=mode, **SETTINGS), progress=False)
     params, cfg = engine.runner.params, engine.model_cfg
     assert all(is_quantized(layer[name]) for layer in params["layers"]
@@ -78,7 +94,7 @@ def test_quantized_engine_matches_the_model_on_dequantized_weights(checkpoint, p
     quantized = ReferenceGenerator(params, cfg, max_len=64)
     np.testing.assert_allclose(quantized.prompt_logits(prompts), oracle.prompt_logits(prompts), atol=logits_atol)
     greedy = {"dequantized": oracle, "quantized": quantized}[greedy_oracle]
-    assert engine_greedy(engine, prompts) == greedy.generate(prompts, NEW_TOKENS)
+    assert_greedy_agrees_until_a_near_tie(engine_greedy(engine, prompts), greedy, prompts, tie_margin)
 
 
 @pytest.mark.parametrize("quant", ["int3", "INT8", "awq", ""])
@@ -114,7 +130,7 @@ def test_built_w4a8_engine_restores_packed_int4_weights_and_generates(checkpoint
     assert cpu_int4_dot.is_packed(restored.packed) == cpu_int4_dot.available()
     np.testing.assert_array_equal(np.asarray(restored.dequantize()), np.asarray(expected.dequantize()))
     oracle = ReferenceGenerator(engine.runner.params, engine.model_cfg, max_len=64)
-    assert engine_greedy(engine, prompts) == oracle.generate(prompts, NEW_TOKENS)
+    assert_greedy_agrees_until_a_near_tie(engine_greedy(engine, prompts), oracle, prompts, tie_margin=0.05)
 
 
 def test_tied_model_gets_an_int8_copy_of_its_table_as_head(prompts, tmp_path):

@@ -47,4 +47,4 @@ def build_step_inputs(chunks: list[ScheduledSequence] | tuple[ScheduledSequence,
     if block_copies:
         copies[:len(block_copies)] = block_copies
     attention = AttentionMetadata(slot_mapping, block_tables, seq_lens, query_start_loc)
-    return StepInputs(tokens, positions, attention, logits_indices, copies), rows
+    return StepInputs(tokens, positions, attention, logits_indices, np.int32(len(rows)), copies), rows

@@ -10,6 +10,9 @@ float32 and bfloat16 weights take the CPU dense kernel (`route_dense_weights`). 
     inputs.attention       AttentionMetadata (slot mapping, block tables [S, B_max], lengths)
     inputs.logits_indices  [S] int32     flat index of the token whose logits each sampled row uses
                                          (a request fanning out to n samples has n rows on one index)
+    inputs.num_rows        [] int32      how many of them are real (the first ones); the head and
+                                         sampling run at the bucket's smallest row count that holds
+                                         them (`Bucket.sampled_row_ladder`), the other rows zero
     inputs.block_copies    [S, 2] int32  (src, dst) block copies for copy-on-write, done before
                                          attention; padding rows copy the null block onto itself
     sampling               SamplingMetadata with [S] rows (jaxinfer.runner.sampling)
@@ -30,7 +33,8 @@ from jaxinfer.cache.attention_metadata import AttentionMetadata
 from jaxinfer.cache.kv_pool import write_kv
 from jaxinfer.model.config import ModelConfig
 from jaxinfer.model.llama import compute_logits, forward, head_weight
-from jaxinfer.runner.sampling import SamplingMetadata, sample
+from jaxinfer.runner.buckets import Bucket
+from jaxinfer.runner.sampling import SamplerOutput, SamplingMetadata, sample
 from pallas_kernels import cpu_dense_dot
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
@@ -42,6 +46,7 @@ class StepInputs:
     positions: jax.Array
     attention: AttentionMetadata
     logits_indices: jax.Array
+    num_rows: jax.Array
     block_copies: jax.Array
 
 
@@ -117,5 +122,21 @@ def model_step(params, kv_caches, inputs: StepInputs, sampling: SamplingMetadata
     attend = functools.partial(paged_attend, metadata=inputs.attention, sm_scale=cfg.head_dim ** -0.5,
                                implementation=attention_implementation(num_devices))
     hidden, kv_caches = forward(params, cfg, inputs.tokens, inputs.positions, kv_caches, attend)
-    logits = compute_logits(params, hidden[inputs.logits_indices])
-    return sample(logits, sampling), kv_caches
+    return sample_rows(params, hidden, inputs, sampling), kv_caches
+
+
+def sample_rows(params, hidden: jax.Array, inputs: StepInputs, sampling: SamplingMetadata) -> SamplerOutput:
+    """Logits and sampling of the first `inputs.num_rows` rows, in the branch of the smallest row
+    count that holds them; rows past that count come back zero."""
+    num_rows = inputs.logits_indices.shape[0]
+    row_ladder = Bucket(inputs.tokens.shape[0], num_rows).sampled_row_ladder
+
+    def branch(rows: int):
+        def run():
+            logits = compute_logits(params, hidden[inputs.logits_indices[:rows]])
+            out = sample(logits, jax.tree.map(lambda a: a[:rows], sampling))
+            return jax.tree.map(lambda a: jnp.pad(a, [(0, num_rows - rows)] + [(0, 0)] * (a.ndim - 1)), out)
+        return run
+
+    index = jnp.searchsorted(jnp.asarray(row_ladder, jnp.int32), inputs.num_rows)
+    return jax.lax.switch(jnp.minimum(index, len(row_ladder) - 1), [branch(rows) for rows in row_ladder])

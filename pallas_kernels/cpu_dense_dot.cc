@@ -165,9 +165,13 @@ constexpr int64_t kAmxMaxTileCols = 1024;
 constexpr int64_t kAmxMaxSlabbedRows = 32;
 // Rows are prefetched this many (k, k + 1) pairs ahead of packing.
 constexpr int64_t kPrefetchPairs = 8;
-// From this many rows AMX beat the FMA loop on SmolLM2's layer weights (single calls at 4 rows: 31-170
-// against 40-215 us; at 8 rows 36-174 against 81-460 us); at 1-2 rows the FMA loop was faster.
-constexpr int64_t kAmxMinRows = 4;
+// From this many rows AMX beats the FMA loop where it counts, on weights streaming from memory: in
+// a bfloat16 SmolLM2 engine's decode steps the FMA loop gave 163-173 tokens/s at batch 4 against
+// AMX's 121, and AMX 226-233 at batch 8 against the FMA loop's 200-215. Single warm-cache calls at
+// 4 rows had favoured AMX, which is where the earlier threshold of 4 came from: batch-3 and batch-4
+// steps then cost twice a batch-2 step. (All of the model's weights in one jitted call: 13.5 ms at
+// 4 rows in the FMA loop against 24.4 on AMX; 20.6 against 25.4 at 8.)
+constexpr int64_t kAmxMinRows = 8;
 
 using jaxinfer::TileConfig;
 

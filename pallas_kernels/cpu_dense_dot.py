@@ -4,7 +4,7 @@ packing kept).
 
     dense_dot(x [M, K], w [K, N]) -> [M, N] f32   x and w both float32 or both bfloat16; float32
         sums. Takes (`serves`): N % 16 == 0; float32 up to MAX_FMA_ROWS rows; bfloat16 any rows on
-        a CPU with AMX-BF16 (its AMX loop from 4 rows where K % 32 == 0 and N % 32 == 0, the FMA
+        a CPU with AMX-BF16 (its AMX loop from 8 rows where K % 32 == 0 and N % 32 == 0, the FMA
         loop otherwise), else up to MAX_FMA_ROWS
     serves(rows, w) -> bool   whether dense_dot takes this weight and row count
     available() -> bool       whether it runs here (x86-64 with AVX-512F, a C++ compiler, the CPU

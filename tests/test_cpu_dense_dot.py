@@ -54,7 +54,7 @@ def test_fma_loop_takes_bfloat16_rows_in_chunks_where_amx_does_not_fit(rng, m, k
 
 @needs_kernel
 @pytest.mark.skipif(not cpu_dense_dot.AMX_BF16, reason="needs a CPU with AMX-BF16")
-@pytest.mark.parametrize("m, k, n", [(4, 64, 32), (9, 576, 960), (16, 32, 64), (17, 576, 576), (32, 1536, 576), (20, 96, 2080),
+@pytest.mark.parametrize("m, k, n", [(8, 64, 32), (9, 576, 960), (16, 32, 64), (17, 576, 576), (32, 1536, 576), (20, 96, 2080),
                                      (45, 96, 3072), (130, 576, 256), (256, 64, 8192)])
 def test_amx_loop_matches_float64_matmul(rng, m, k, n):
     assert_matches_float64(*random_problem(rng, m, k, n, jnp.bfloat16))

@@ -47,7 +47,8 @@ from jaxinfer.runner.model_runner import ModelRunner, allocate_kv_caches
 from jaxinfer.tokenizer import Tokenizer
 from pallas_kernels import cpu_ffi, cpu_int8_dot
 
-FORMAT_VERSION = 4
+# 5: the step takes StepInputs.num_rows (head and sampling at the real rows).
+FORMAT_VERSION = 5
 
 
 def environment() -> dict:

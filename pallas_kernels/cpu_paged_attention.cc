@@ -77,6 +77,9 @@ constexpr int64_t kChunkPositions = 64;
 constexpr int64_t kBlockRows = 4;
 constexpr int64_t kBlockLanes = 2 * kLanes;
 
+// n rounded up to whole outer_block row blocks.
+constexpr int64_t whole_blocks(int64_t n) { return (n + kBlockRows - 1) / kBlockRows * kBlockRows; }
+
 float bf16_to_float(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
   float value;
@@ -329,7 +332,7 @@ void convert_positions(const Problem& p, const T* pool, const float* scales, con
     const float* src = pool_row(pool, scales, pool_slot(p, table, c0 + i) * p.num_kv_heads + h, d, dst);
     if (src != dst) std::memcpy(dst, src, d * sizeof(float));
   }
-  std::fill(rows + n * d, rows + (n + kBlockRows - 1) / kBlockRows * kBlockRows * d, 0.0f);
+  std::fill(rows + n * d, rows + whole_blocks(n) * d, 0.0f);
 }
 
 struct PrefillScratch {
@@ -341,7 +344,7 @@ struct PrefillScratch {
 template <typename T>
 void prefill(const Problem& p, const T* k, const T* v, const PrefillTile& tile, int64_t h, PrefillScratch& scratch) {
   const int64_t d = p.head_dim, group = p.num_heads / p.num_kv_heads, rows = kTileTokens * group;
-  const int64_t kv_len = tile.kv_len(), padded_len = (kv_len + kBlockRows - 1) / kBlockRows * kBlockRows;
+  const int64_t kv_len = tile.kv_len(), padded_len = whole_blocks(kv_len);
   const int32_t* table = p.block_tables + tile.seq * p.table_width;
   scratch.q_t.assign(d * rows, 0.0f);
   for (int64_t i = 0; i < tile.count; ++i)
@@ -395,10 +398,9 @@ void prefill(const Problem& p, const T* k, const T* v, const PrefillTile& tile, 
   for (int64_t c0 = 0; c0 < kv_len; c0 += kChunkPositions) {
     const int64_t n = std::min(kChunkPositions, kv_len - c0);
     convert_positions(p, v, p.v_scale, table, h, c0, n, scratch.kv_rows.data());
-    const int64_t padded_n = (n + kBlockRows - 1) / kBlockRows * kBlockRows;
-    for (int64_t f = 0; f < d; f += kBlockRows)
+        for (int64_t f = 0; f < d; f += kBlockRows)
       for (int64_t r = 0; r < rows; r += kBlockLanes)
-        outer_block<true>(scratch.kv_rows.data() + f, 1, d, logits + c0 * rows + r, rows, padded_n,
+        outer_block<true>(scratch.kv_rows.data() + f, 1, d, logits + c0 * rows + r, rows, whole_blocks(n),
                           scratch.out_t.data() + f * rows + r, rows);
   }
   for (int64_t i = 0; i < tile.count; ++i)

@@ -7,6 +7,8 @@ must be back in the pool.
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -14,8 +16,13 @@ from conftest import CHECKPOINTS_DIR
 from jaxinfer.checkpoint import load_checkpoint
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.create import engine_from_checkpoint
+from jaxinfer.model.llama import compute_logits
 from jaxinfer.model.sharding import make_mesh, place_params
 from jaxinfer.reference import ReferenceGenerator
+from jaxinfer.runner.batch import build_step_inputs
+from jaxinfer.runner.buckets import Bucket
+from jaxinfer.runner.sampling import build_sampling_metadata, sample
+from jaxinfer.runner.step import sample_rows
 from jaxinfer.sampling_params import SamplingParams
 from pallas_kernels import cpu_dense_dot, cpu_paged_attention
 
@@ -212,15 +219,6 @@ def test_bfloat16_engine_tracks_the_bfloat16_reference(checkpoint):
 def test_head_and_sampling_run_at_the_smallest_row_count_that_holds_the_rows(checkpoint):
     """A mixed bucket's step samples its real rows in the branch of the smallest row count holding
     them: the same tokens and logprobs as sampling every row, and zeros past that row count."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxinfer.model.llama import compute_logits
-    from jaxinfer.runner.batch import build_step_inputs
-    from jaxinfer.runner.buckets import Bucket
-    from jaxinfer.runner.sampling import build_sampling_metadata, sample
-    from jaxinfer.runner.step import sample_rows
-
     assert Bucket(64, 32).sampled_row_ladder == [1, 4, 16, 32] and Bucket(8, 8).sampled_row_ladder == [8]
     params, cfg = place_params(checkpoint.params, checkpoint.config, make_mesh(1), "float32")
     rng = np.random.default_rng(5)

@@ -32,19 +32,15 @@ class Bucket:
         ladder is already tight), a mixed bucket's powers of four below its rows, then its rows."""
         if self.num_tokens == self.num_seqs:
             return [self.num_seqs]
-        rows, size = [], 1
-        while size < self.num_seqs:
-            rows.append(size)
-            size *= 4
-        return rows + [self.num_seqs]
+        return ladder(1, self.num_seqs, factor=4)
 
 
-def ladder(smallest: int, largest: int) -> list[int]:
-    """Powers of two from `smallest` below `largest`, then `largest` itself."""
+def ladder(smallest: int, largest: int, factor: int = 2) -> list[int]:
+    """`smallest` times powers of `factor` below `largest`, then `largest` itself."""
     steps, size = [], smallest
     while size < largest:
         steps.append(size)
-        size *= 2
+        size *= factor
     return steps + [largest]
 
 

@@ -44,6 +44,8 @@ from jaxinfer.model.config import ModelConfig
 from jaxinfer.model.layers import apply_rope, linear, rms_norm, rope_inverse_frequencies, swiglu_mlp
 
 Params = dict[str, Any]
+# The layer weights that are matmuls (`linear`): what quantization and the CPU kernels replace.
+LINEAR_WEIGHTS = ("w_qkv", "wo", "w_gate_up", "w_down")
 Attend = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 
@@ -52,7 +54,10 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     """Runs the decoder stack; returns the final-normed hidden states `[..., hidden]` and the
     updated per-layer caches. Call `compute_logits` on the rows that need them."""
     dtype = params["final_norm"].dtype
-    x = jnp.moveaxis(params["embed"][:, tokens], 0, -1).astype(dtype)
+    # Rows of the transposed table: a column gather (embed[:, tokens], then moveaxis) left x in a
+    # layout that made XLA:CPU turn every bf16 layer dot into a float32 dot over a converted copy
+    # of the weight (tests/test_model_hlo.py).
+    x = jnp.take(params["embed"].T, tokens, axis=0, mode="clip").astype(dtype)
     inv_freq = rope_inverse_frequencies(cfg)
     new_caches = []
     for layer, cache in zip(params["layers"], kv_caches, strict=True):

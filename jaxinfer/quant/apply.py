@@ -43,8 +43,8 @@ import numpy as np
 from jaxinfer.errors import EngineError
 from jaxinfer.eval.corpus import CALIBRATION, corpus_windows
 from jaxinfer.model.config import ModelConfig
-from jaxinfer.model.llama import head_weight
-from jaxinfer.quant.calibration import LINEAR_WEIGHTS, Calibration, capture_activations
+from jaxinfer.model.llama import LINEAR_WEIGHTS, head_weight
+from jaxinfer.quant.calibration import Calibration, capture_activations
 from jaxinfer.quant.quantize import quantize_weight
 from jaxinfer.quant.scaling import awq_search, smoothquant_scale
 from jaxinfer.quant.weights import Int4Weight, Int8Weight, W4A8Weight, W8A8Weight

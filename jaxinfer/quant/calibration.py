@@ -21,8 +21,7 @@ import numpy as np
 from jaxinfer.eval.perplexity import causal_hidden
 from jaxinfer.model.config import ModelConfig
 from jaxinfer.model.layers import linear
-
-LINEAR_WEIGHTS = ("w_qkv", "wo", "w_gate_up", "w_down")
+from jaxinfer.model.llama import LINEAR_WEIGHTS
 
 
 @dataclasses.dataclass(frozen=True)

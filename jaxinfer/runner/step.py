@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jaxinfer.cache.attention_metadata import AttentionMetadata
 from jaxinfer.cache.kv_pool import write_kv
 from jaxinfer.model.config import ModelConfig
-from jaxinfer.model.llama import compute_logits, forward, head_weight
+from jaxinfer.model.llama import LINEAR_WEIGHTS, compute_logits, forward, head_weight
 from jaxinfer.runner.buckets import Bucket
 from jaxinfer.runner.sampling import SamplerOutput, SamplingMetadata, sample
 from pallas_kernels import cpu_dense_dot
@@ -68,8 +68,6 @@ class KernelDenseWeight:
         x_rows = x.reshape(rows, -1).astype(self.w.dtype)
         return cpu_dense_dot.dense_dot(x_rows, self.w).astype(x.dtype).reshape(*x.shape[:-1], -1)
 
-
-LINEAR_WEIGHTS = ("w_qkv", "wo", "w_gate_up", "w_down")
 
 
 def route_dense_weights(params, num_devices: int):

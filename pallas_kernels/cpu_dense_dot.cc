@@ -1,12 +1,12 @@
-// A matmul of activation rows by a float32 or bfloat16 weight on x86 CPUs (AVX-512, and AMX for
-// bfloat16), as an XLA FFI custom call (built and registered by cpu_dense_dot.py).
+// A matmul of activation rows by a float32 or bfloat16 weight on x86 CPUs (AVX-512; AMX or
+// AVX512-BF16 for bfloat16), as an XLA FFI custom call (built and registered by cpu_dense_dot.py).
 //
 //   jaxinfer_dense_dot: x [M, K] f32 | bf16, w [K, N] f32 | bf16 (row-major, N % 16 == 0),
 //                       x in w's dtype -> y [M, N] f32
 //
-// Two loops, both summing in float32:
+// Three loops, all summing in float32:
 //
-// FMA (float32, and bfloat16 below kAmxMinRows rows or where AMX does not serve): a few-row matmul
+// FMA (float32; bfloat16 at one row, or where neither bfloat16 loop below serves): a few-row matmul
 // reads every weight once and does M multiply-adds with it, so it runs at the rate the weight
 // streams from memory. The weight is cut into rectangles of whole rows (K slabs) by column tiles; a
 // rectangle whose tile is the full width is one contiguous run of memory, so a slab streams in
@@ -14,8 +14,7 @@
 // times them (bfloat16 widened to float32 in registers: its bits are a float32's top half) into
 // the rectangle's partial sums (in L1/L2: M x tile floats), for up to kFmaRows activation rows at a
 // time; slabs of the same tile write separate partial sums, added at the end. Its multiply-adds grow
-// with M: at 16-32 rows it was compute-bound, and XLA's bfloat16 dot at those rows converts the
-// whole weight to float32 first.
+// with M: at 16-32 rows it was compute-bound.
 //
 // AMX (bfloat16 from kAmxMinRows rows, K % 32 == 0, N % 32 == 0, and the OS grants the tile state):
 // tdpbf16ps multiplies a 16 x 32 bfloat16 A tile by a 32 x 16 B tile held as 16 rows of (k, k + 1)
@@ -24,6 +23,14 @@
 // columns), done once per item into panels of 32 columns over all of K, which every group of 32
 // activation rows then reuses; C is stored straight into y. The multiply-adds of a prefill step
 // (128-256 rows) become cheap next to streaming the weight.
+//
+// AVX512-BF16 (bfloat16 from kDpMinRows rows on CPUs with vdpbf16ps but no AMX, as AMD's Zen 4
+// and later; K even): vdpbf16ps adds, per float32 lane, the products of one (k, k + 1) pair, so
+// it does twice the multiply-adds of an FMA per instruction and needs no widening. Items and the
+// walk are the FMA loop's (rectangles, weight rows in address order, partial sums per rectangle),
+// in passes of kDpPairs pairs of weight rows for kDpRows activation rows: the pairs are
+// interleaved in registers (one vpermt2w per 16 columns), the activation pairs broadcast once per
+// pass.
 //
 // Work items (rectangles, or AMX column panels) are shared with XLA's intra-op thread pool
 // (cpu_thread_pool.h).
@@ -65,22 +72,36 @@ __m512 load16(const uint16_t* w) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-template <typename W>
+template <typename X, typename W>
 struct Problem {
-  const float* x;  // [M, K]
+  const X* x;      // [M, K]
   const W* w;      // [K, N]
   float* partial;  // [slabs, M, N]
   int64_t m, k, n, tile_cols, tiles, slab_rows;
 };
 
+// Rows r0 .. r0 + rows - 1 of one rectangle (K rows k0 .. k1 - 1, columns n0 .. n1 - 1): their
+// activations xs and their partial sums out, zeroed.
+template <typename X>
+struct Rectangle {
+  int64_t k0, k1, n0, n1;
+  const X* xs;  // [rows, K], row stride K
+  float* out;   // [rows, N], row stride N
+};
+
+template <typename X, typename W>
+Rectangle<X> zeroed_rectangle(const Problem<X, W>& p, int64_t slab, int64_t tile, int64_t r0, int rows) {
+  const int64_t k0 = slab * p.slab_rows, n0 = tile * p.tile_cols;
+  const Rectangle<X> rect{k0, std::min(p.k, k0 + p.slab_rows), n0, std::min(p.n, n0 + p.tile_cols), p.x + r0 * p.k,
+                          p.partial + slab * p.m * p.n + r0 * p.n};
+  for (int r = 0; r < rows; ++r) std::fill(rect.out + r * p.n + rect.n0, rect.out + r * p.n + rect.n1, 0.0f);
+  return rect;
+}
+
 // Rows r0 .. r0 + R - 1 of one rectangle's partial sums.
 template <int R, typename W>
-void rectangle(const Problem<W>& p, int64_t slab, int64_t tile, int64_t r0) {
-  const int64_t k0 = slab * p.slab_rows, k1 = std::min(p.k, k0 + p.slab_rows);
-  const int64_t n0 = tile * p.tile_cols, n1 = std::min(p.n, n0 + p.tile_cols);
-  float* out = p.partial + slab * p.m * p.n + r0 * p.n;
-  const float* xs = p.x + r0 * p.k;
-  for (int r = 0; r < R; ++r) std::fill(out + r * p.n + n0, out + r * p.n + n1, 0.0f);
+void rectangle(const Problem<float, W>& p, int64_t slab, int64_t tile, int64_t r0) {
+  const auto [k0, k1, n0, n1, xs, out] = zeroed_rectangle(p, slab, tile, r0, R);
   int64_t k = k0;
   for (; k + kRowsPerPass <= k1; k += kRowsPerPass) {
     const W* w0 = p.w + k * p.n;
@@ -111,12 +132,6 @@ void rectangle(const Problem<W>& p, int64_t slab, int64_t tile, int64_t r0) {
   }
 }
 
-template <typename W>
-void fma_item(const Problem<W>& p, int64_t i) {
-  const int64_t slab = i / p.tiles, tile = i % p.tiles;
-  for (int64_t r0 = 0; r0 < p.m; r0 += kFmaRows)
-    jaxinfer::with_row_count<kFmaRows>(p.m - r0, [&](auto rows) { rectangle<rows>(p, slab, tile, r0); });
-}
 
 // A matmul's work items: K slabs (slab_rows rows each, the last shorter) by column tiles.
 struct Rectangles {
@@ -142,13 +157,28 @@ void sum_partials(const float* partial, int64_t slabs, int64_t size, float* out)
   }
 }
 
+// x [M, K] times w [K, N] into out by rectangles (K slabs of a multiple of row_multiple rows by
+// column tiles) as work items on the pool: each item walks its rectangle for chunks of up to kChunk
+// activation rows, `walk(p, slab, tile, r0, rows)` with rows a compile-time count; the slabs'
+// partial sums are added at the end.
+template <int kChunk, typename X, typename W, typename Walk>
+void rectangles_dot(ffi::ThreadPool& pool, const X* x, const W* w, float* out, int64_t m, int64_t k, int64_t n,
+                    int64_t row_multiple, Walk walk) {
+  const Rectangles r = rectangles(k, n, kMaxTileCols, row_multiple, k);
+  std::vector<float> partial_sums(r.slabs > 1 ? r.slabs * m * n : 0);
+  const Problem<X, W> p{x, w, r.slabs > 1 ? partial_sums.data() : out, m, k, n, r.tile_cols, r.tiles, r.slab_rows};
+  jaxinfer::run_on_pool(pool, r.slabs * r.tiles, [p, walk](int64_t i) {
+    for (int64_t r0 = 0; r0 < p.m; r0 += kChunk)
+      jaxinfer::with_row_count<kChunk>(p.m - r0, [&](auto rows) { walk(p, i / p.tiles, i % p.tiles, r0, rows); });
+  });
+  if (r.slabs > 1) sum_partials(p.partial, r.slabs, m * n, out);
+}
+
 template <typename W>
 void fma_dot(ffi::ThreadPool& pool, const float* x, const W* w, float* out, int64_t m, int64_t k, int64_t n) {
-  const Rectangles r = rectangles(k, n, kMaxTileCols, 1, k);
-  std::vector<float> partial_sums(r.slabs > 1 ? r.slabs * m * n : 0);
-  const Problem<W> p{x, w, r.slabs > 1 ? partial_sums.data() : out, m, k, n, r.tile_cols, r.tiles, r.slab_rows};
-  jaxinfer::run_on_pool(pool, r.slabs * r.tiles, [p](int64_t i) { fma_item(p, i); });
-  if (r.slabs > 1) sum_partials(p.partial, r.slabs, m * n, out);
+  rectangles_dot<kFmaRows>(pool, x, w, out, m, k, n, 1, [](const auto& p, int64_t slab, int64_t tile, int64_t r0, auto rows) {
+    rectangle<rows>(p, slab, tile, r0);
+  });
 }
 
 // ---- AMX (see the top of this file).
@@ -281,6 +311,86 @@ void amx_dot(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* w, float*
   if (r.slabs > 1) sum_partials(p.partial, r.slabs, m * n, out);
 }
 
+// ---- AVX512-BF16 (see the top of this file).
+constexpr int kDpRows = 4;   // activation rows per pass: their pairs stay in 16 registers
+constexpr int kDpPairs = 4;  // (k, k + 1) pairs per pass: 8 weight rows, as the FMA loop's kRowsPerPass
+// One row stays in the FMA loop, which reads the weight as it is (cpu_dense_dot.py says which rows
+// come here at all).
+constexpr int64_t kDpMinRows = 2;
+
+// Not on CPUs with AMX: their few-row steps stay in the FMA loop, where they were measured (this
+// loop was measured on Zen 4 only).
+bool dp_serves(int64_t m, int64_t k) {
+  return m >= kDpMinRows && k % 2 == 0 && __builtin_cpu_supports("avx512bf16") &&
+         !(__builtin_cpu_supports("amx-bf16") && jaxinfer::tile_state_granted());
+}
+
+// vpermt2w indices: (a[j], b[j]) for j = 0 .. 15 (kPairsLow) or j = 16 .. 31 (kPairsHigh), where
+// index i < 32 picks a[i] and 32 + i picks b[i].
+alignas(64) constexpr uint16_t kPairsLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+alignas(64) constexpr uint16_t kPairsHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+
+// Adds P pairs of weight rows from k (columns n0 .. n1 - 1) times activation rows xs [R, K] into
+// out [R, N], 32 columns at a time (a last 16 alone), prefetching the next P pairs if asked.
+template <int R, int P>
+void dp_pass(const Problem<uint16_t, uint16_t>& p, const uint16_t* xs, int64_t k, int64_t n0, int64_t n1, bool prefetch,
+             float* out) {
+  const __m512i low = _mm512_load_si512(kPairsLow), high = _mm512_load_si512(kPairsHigh);
+  __m512bh x[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < P; ++j) {
+      int32_t pair;
+      std::memcpy(&pair, xs + r * p.k + k + 2 * j, sizeof(pair));
+      x[r][j] = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+    }
+  const uint16_t* w0 = p.w + k * p.n;
+  auto multiply_add = [&](int64_t n, int halves, auto load) {
+    __m512bh w[P][2];
+    for (int j = 0; j < P; ++j) {
+      const __m512i a = load(w0 + 2 * j * p.n + n), b = load(w0 + (2 * j + 1) * p.n + n);
+      w[j][0] = reinterpret_cast<__m512bh>(_mm512_permutex2var_epi16(a, low, b));
+      if (halves == 2) w[j][1] = reinterpret_cast<__m512bh>(_mm512_permutex2var_epi16(a, high, b));
+    }
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < halves; ++h) {
+        float* o = out + r * p.n + n + 16 * h;
+        __m512 acc = _mm512_loadu_ps(o);
+        for (int j = 0; j < P; ++j) acc = _mm512_dpbf16_ps(acc, x[r][j], w[j][h]);
+        _mm512_storeu_ps(o, acc);
+      }
+  };
+  int64_t n = n0;
+  for (; n + 32 <= n1; n += 32) {
+    if (prefetch)
+      for (int u = 0; u < 2 * P; ++u)
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + (2 * P + u) * p.n + n), _MM_HINT_T0);
+    multiply_add(n, 2, [](const uint16_t* w) { return _mm512_loadu_si512(w); });
+  }
+  if (n < n1)
+    multiply_add(n, 1, [](const uint16_t* w) {
+      return _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+    });
+}
+
+// Rows r0 .. r0 + R - 1 of one rectangle's partial sums, as `rectangle` in the FMA loop.
+template <int R>
+void dp_rectangle(const Problem<uint16_t, uint16_t>& p, int64_t slab, int64_t tile, int64_t r0) {
+  const auto [k0, k1, n0, n1, xs, out] = zeroed_rectangle(p, slab, tile, r0, R);
+  int64_t k = k0;
+  for (; k + 2 * kDpPairs <= k1; k += 2 * kDpPairs)
+    dp_pass<R, kDpPairs>(p, xs, k, n0, n1, k + 4 * kDpPairs <= k1, out);
+  for (; k < k1; k += 2) dp_pass<R, 1>(p, xs, k, n0, n1, false, out);
+}
+
+void dp_dot(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* w, float* out, int64_t m, int64_t k, int64_t n) {
+  rectangles_dot<kDpRows>(pool, x, w, out, m, k, n, 2 * kDpPairs,
+                          [](const auto& p, int64_t slab, int64_t tile, int64_t r0, auto rows) {
+                            dp_rectangle<rows>(p, slab, tile, r0);
+                          });
+}
+
 ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   const auto dtype = w.element_type();
@@ -299,6 +409,10 @@ ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
   const auto* w16 = static_cast<const uint16_t*>(w.untyped_data());
   if (amx_serves(m, k, n)) {
     amx_dot(pool, x16, w16, out, m, k, n);
+    return ffi::Error::Success();
+  }
+  if (dp_serves(m, k)) {
+    dp_dot(pool, x16, w16, out, m, k, n);
     return ffi::Error::Success();
   }
   std::vector<float> x32(m * k);

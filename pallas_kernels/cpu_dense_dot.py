@@ -1,28 +1,32 @@
-"""A matmul of activation rows by a float32 or bfloat16 weight on x86 CPUs (AVX-512, and AMX for
-bfloat16): a C++ kernel called through XLA FFI, reading the weight in its own `[K, N]` layout (no
-packing kept).
+"""A matmul of activation rows by a float32 or bfloat16 weight on x86 CPUs (AVX-512; AMX or
+AVX512-BF16 for bfloat16): a C++ kernel called through XLA FFI, reading the weight in its own
+`[K, N]` layout (no packing kept).
 
     dense_dot(x [M, K], w [K, N]) -> [M, N] f32   x and w both float32 or both bfloat16; float32
         sums. Takes (`serves`): N % 16 == 0; float32 up to MAX_FMA_ROWS rows; bfloat16 any rows on
         a CPU with AMX-BF16 (its AMX loop from 8 rows where K % 32 == 0 and N % 32 == 0, the FMA
-        loop otherwise), else up to MAX_FMA_ROWS
+        loop otherwise), else up to MAX_FMA_ROWS (from 2 rows in the AVX512-BF16 loop where the CPU
+        has it and K is even)
     serves(rows, w) -> bool   whether dense_dot takes this weight and row count
     available() -> bool       whether it runs here (x86-64 with AVX-512F, a C++ compiler, the CPU
                               backend); builds and registers it on first use
 
 Why: a decode step of an unquantized engine is its weights streaming from memory, and XLA:CPU's
 float32 dot streams them at 20 GB/s for one row and at 9-14 GB/s for 2-8 rows (a few-row dot is
-still a matrix-vector product there, weight read once per row block); its bfloat16 dots are worse:
-1-2 GB/s for one row, and from 9 rows on it converts the whole weight to float32 before a
-float32 dot (90 such conversions took most of a batch-16 bfloat16 SmolLM2 step). The kernel reads
-every weight once for all rows, in address order, split over XLA's intra-op thread pool; for
-bfloat16 beyond a few rows it multiplies on AMX tiles (the .cc explains both loops). Measured on
-the project's Xeon VM (30 layers of SmolLM2's four weight shapes and its 576 x 49152 head, medians
-of 15 calls, noisy: repeats differ by about 10%), milliseconds:
+still a matrix-vector product there, weight read once per row block); its bfloat16 dot with
+float32 sums is worse at one row (1-2 GB/s) and streams 5-11 GB/s at 2-8. The kernel reads every
+weight once for all rows, in address order, split over XLA's intra-op thread pool; for bfloat16
+beyond a few rows it multiplies on AMX tiles, or with vdpbf16ps on CPUs without AMX (the .cc
+explains the loops). Measured on the project's Xeon VM (30 layers of SmolLM2's four weight shapes
+and its 576 x 49152 head, medians of 15 calls, noisy: repeats differ by about 10%), milliseconds:
 
     rows                         1      2      4      8
     XLA's dot, float32 (538 MB)  26.2   38.7   49.0   60.1
     this kernel, float32        23.4   24.7   27.4   35.3
+
+On an AMD EPYC (Zen 4, AVX512-BF16, no AMX) the AVX512-BF16 loop took a bfloat16 engine's decode
+at batch 2 / 4 / 8 from 80-85 / 125-133 / 155-162 tokens/s (the FMA loop) to 90-91 / 158-173 /
+243-257; beyond 8 rows XLA's bfloat16 dot is about as fast (benchmarks/bench_dense_dot.py).
 
 The sums run in another order than XLA's, so results differ from its dot in the last bits.
 `jaxinfer.runner.step` routes a one-device CPU engine's float32 and bfloat16 weights here for the
@@ -43,15 +47,17 @@ from pallas_kernels import cpu_ffi
 
 TARGET = "jaxinfer_dense_dot"
 KERNEL = cpu_ffi.CpuKernel("CPU dense matmul kernel", (TARGET,), Path(__file__).with_suffix(".cc"),
-                           ("-mavx2", "-mfma", "-mavx512f", "-mamx-tile", "-mamx-bf16"),
+                           ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
                            frozenset({"avx2", "fma", "avx512f"}))
 available = KERNEL.available
 # The FMA loop's rows: it slows with rows (14-16 GB/s at 8, 22-23 at one for float32) as its
 # multiply-adds per byte grow, so bigger float32 steps keep XLA's dot.
 MAX_FMA_ROWS = 8
 # bfloat16 steps of any size run here where the CPU has AMX-BF16 (the kernel still falls back to its
-# FMA loop where the OS refuses the tile state, slower but exact).
+# FMA loop where the OS refuses the tile state, slower but exact). Without AMX, bfloat16 steps of
+# 2 to MAX_FMA_ROWS rows take the AVX512-BF16 loop where the CPU has it (DP_BF16).
 AMX_BF16 = "amx_bf16" in cpu_ffi.cpu_flags()
+DP_BF16 = "avx512_bf16" in cpu_ffi.cpu_flags() and not AMX_BF16
 LANE = 16
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 

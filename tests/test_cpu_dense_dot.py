@@ -2,7 +2,9 @@
 every path of its FMA loop (K rows in passes of eight and a remainder, one or several K slabs, one
 or several column tiles with a partial last one, row chunks of eight) for float32 and bfloat16
 weights, on its AMX loop for bfloat16 (full and partial groups of 16 and 32 rows, panels of one
-to eight per item), and the step's routing of float32 and bfloat16 weights to it."""
+to eight per item) and on its AVX512-BF16 loop (passes of 4 (k, k + 1) pairs and single pairs, 32-column steps and a last 16, chunks of 4 rows, K
+slabs and column tiles), on the CPUs that have them,
+and the step's routing of float32 and bfloat16 weights to it."""
 
 from __future__ import annotations
 
@@ -57,6 +59,14 @@ def test_fma_loop_takes_bfloat16_rows_in_chunks_where_amx_does_not_fit(rng, m, k
 @pytest.mark.parametrize("m, k, n", [(8, 64, 32), (9, 576, 960), (16, 32, 64), (17, 576, 576), (32, 1536, 576), (20, 96, 2080),
                                      (45, 96, 3072), (130, 576, 256), (256, 64, 8192)])
 def test_amx_loop_matches_float64_matmul(rng, m, k, n):
+    assert_matches_float64(*random_problem(rng, m, k, n, jnp.bfloat16))
+
+
+@needs_kernel
+@pytest.mark.skipif(not cpu_dense_dot.DP_BF16, reason="needs a CPU with AVX512-BF16 and without AMX-BF16")
+@pytest.mark.parametrize("m, k, n", [(2, 2, 16), (5, 576, 960), (6, 64, 48), (7, 1536, 576), (8, 96, 112),
+                                     (8, 576, 4112), (3, 38, 8240), (4, 200, 4112)])
+def test_avx512_bf16_loop_matches_float64_matmul(rng, m, k, n):
     assert_matches_float64(*random_problem(rng, m, k, n, jnp.bfloat16))
 
 

@@ -1,0 +1,79 @@
+"""Times the CPU dense matmul kernel (pallas_kernels/cpu_dense_dot) against XLA's dots on the default
+model's weight shapes, for the row counts an engine step multiplies (decode batches to prefill chunks).
+
+For every weight shape `[in -> out]` and activation row count M it prints the median ms per matmul of
+    xla f32        `jnp.dot` on a float32 weight (what a float32 engine ran before the kernel)
+    xla bf16       `jnp.dot` on a bfloat16 weight, float32 sums (what XLA gives a bfloat16 engine)
+    kernel bf16    `dense_dot` on the bfloat16 weight: the loop this CPU runs for M rows (the FMA
+                   loop; AMX-BF16 tiles from 8 rows; vdpbf16ps from 2 rows on AVX512-BF16 CPUs
+                   without AMX, such as Zen 4)
+    kernel f32     `dense_dot` on the float32 weight, up to cpu_dense_dot.MAX_FMA_ROWS rows
+with xla bf16 / kernel bf16 (the speed-up the engine's routing buys) and the rate at which each
+streams its weight. Weights stream from memory as in the model's 30 layers: one jitted call walks
+distinct copies (`--stream-mb` of float32 weights), and calls take turns in a random order with the
+cache flushed before each (bench_quant_matmul.interleaved_median_ms).
+
+    .venv/bin/python -m benchmarks.bench_dense_dot [--rows 1 4 8 16 32 128 256] [--shapes 576x3072 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.bench_quant_matmul import distinct_copies, interleaved_median_ms
+from pallas_kernels import cpu_dense_dot
+
+DEFAULT_SHAPES = ("576x960", "576x576", "576x3072", "1536x576", "576x49152")
+DEFAULT_ROWS = (1, 4, 8, 16, 32, 128, 256)
+
+
+def xla_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def kernel_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    return cpu_dense_dot.dense_dot(x.astype(w.dtype), w)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--rows", type=int, nargs="+", default=DEFAULT_ROWS)
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="weights as INxOUT")
+    parser.add_argument("--stream-mb", type=float, default=96.0, help="float32 weight megabytes per timed call")
+    args = parser.parse_args()
+    if not cpu_dense_dot.available():
+        raise SystemExit("the CPU dense kernel does not run here (needs x86-64 with AVX-512F and a C++ compiler)")
+    panel = "AMX-BF16 from 8 rows" if cpu_dense_dot.AMX_BF16 else "AVX512-BF16" if cpu_dense_dot.DP_BF16 else "FMA"
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, bfloat16 loop beyond one row: {panel}, "
+          f"{args.reps} reps, median ms per matmul (GB/s of weight streamed)")
+    print(f"{'weight':>11} {'M':>4} {'xla f32':>15} {'xla bf16':>15} {'kernel bf16':>15} {'kernel f32':>15} {'xla/kernel bf16':>16}")
+    rng = np.random.default_rng(0)
+    for shape in args.shapes:
+        in_features, out_features = map(int, shape.split("x"))
+        w = jax.device_put(rng.standard_normal((in_features, out_features)).astype(np.float32) * 0.05)
+        copies = max(1, math.ceil(args.stream_mb * 1e6 / w.nbytes))
+        w_f32 = distinct_copies(w, copies)
+        w_bf16 = [a.astype(jnp.bfloat16) for a in w_f32]
+        for m in args.rows:
+            x = jax.device_put(rng.standard_normal((m, in_features)).astype(np.float32))
+            candidates = {"xla f32": (xla_dot, w_f32), "xla bf16": (xla_dot, w_bf16),
+                          "kernel bf16": (kernel_dot, w_bf16), "kernel f32": (kernel_dot, w_f32)}
+            calls = {name: call for name, call in candidates.items() if call[0] is xla_dot or cpu_dense_dot.serves(m, call[1][0])}
+            medians = dict(zip(calls, interleaved_median_ms(list(calls.values()), x, reps=args.reps)))
+            cells = []
+            for name, (_, weights) in candidates.items():
+                ms, nbytes = medians.get(name), weights[0].nbytes
+                cells.append(f"{'-':>15}" if ms is None else f"{ms:>7.3f} ({nbytes / ms / 1e6:>4.1f})")
+            speedup = medians["xla bf16"] / medians["kernel bf16"] if "kernel bf16" in medians else None
+            ratio = f"{'-':>16}" if speedup is None else f"{speedup:>15.2f}x"
+            print(f"{shape:>11} {m:>4} {' '.join(cells)} {ratio}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -191,7 +191,8 @@ def test_tensor_parallel_engine_matches_reference(tp):
 
 def test_bfloat16_engine_tracks_the_bfloat16_reference(checkpoint):
     """A bfloat16 engine (on x86 with AMX, its prefill and decode matmuls in the CPU dense kernel's
-    AMX and FMA loops) against XLA's bfloat16 reference on the same tokens. bfloat16 activations
+    AMX and FMA loops; on AVX512-BF16 CPUs without AMX, its batch-2-8 decodes in the kernel's
+    AVX512-BF16 loop) against XLA's bfloat16 reference on the same tokens. bfloat16 activations
     round differently when sums run in another order, so instead of equal greedy tokens: each
     generated token is the reference's argmax or within 0.05 nats of it, with the logprob the
     reference gives it (within 0.01; on this model both agree to 1e-6)."""

@@ -69,7 +69,6 @@ class KernelDenseWeight:
         return cpu_dense_dot.dense_dot(x_rows, self.w).astype(x.dtype).reshape(*x.shape[:-1], -1)
 
 
-
 def route_dense_weights(params, num_devices: int):
     """`params` with every float32 or bfloat16 layer matmul weight and head wrapped as
     KernelDenseWeight when the CPU kernel runs here and the step has one device (a custom call is

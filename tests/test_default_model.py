@@ -1,5 +1,6 @@
 """The default model (SmolLM2-135M-Instruct from its GGUF file) against HF transformers goldens:
-logits, greedy continuations, and the tokenizer on tricky strings and the chat template."""
+logits, greedy continuations, and the tokenizer on tricky strings and the chat template; and the
+model in bfloat16 against itself in float32."""
 
 import json
 
@@ -7,6 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import GOLDENS_DIR
+from jaxinfer.eval.corpus import HELDOUT, corpus_windows
+from jaxinfer.eval.perplexity import evaluate
 from jaxinfer.model.sharding import make_mesh, place_params
 from jaxinfer.reference import ReferenceGenerator
 
@@ -55,3 +58,13 @@ def test_chat_template_matches_transformers(default_checkpoint):
         text = tok.apply_chat_template(chat["messages"], add_generation_prompt=add_prompt)
         assert text == chat[key]["text"]
         assert tok.encode(text) == chat[key]["ids"]
+
+
+def test_bfloat16_model_tracks_float32_with_its_float32_residual_stream(default_checkpoint):
+    """bfloat16 weights and matmul inputs, the residual stream in float32 (jaxinfer.model.llama.forward):
+    mean KL to the float32 model over two held-out windows is 0.0005 here; with a bfloat16 stream
+    it was 0.0011."""
+    windows = corpus_windows(default_checkpoint.tokenizer, HELDOUT, 256, 2)
+    float32, cfg = place_params(default_checkpoint.params, default_checkpoint.config, make_mesh(1), "float32")
+    bfloat16, _ = place_params(default_checkpoint.params, default_checkpoint.config, make_mesh(1), "bfloat16")
+    assert evaluate(bfloat16, cfg, windows, reference_params=float32).mean_kl < 0.0008

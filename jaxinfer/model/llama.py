@@ -51,26 +51,31 @@ Attend = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
             kv_caches: Sequence[Any], attend: Attend) -> tuple[jax.Array, list[Any]]:
-    """Runs the decoder stack; returns the final-normed hidden states `[..., hidden]` and the
-    updated per-layer caches. Call `compute_logits` on the rows that need them."""
+    """Runs the decoder stack; returns the final-normed hidden states `[..., hidden]` in the
+    params' dtype and the updated per-layer caches. Call `compute_logits` on the rows that need them.
+
+    The residual stream stays float32 whatever the dtype: each norm's output is cast to the dtype
+    for the matmuls, whose outputs are added back in float32. In bfloat16 the stream of the default
+    model reaches magnitudes of ~5000, where bfloat16 steps by 32: with a float32 stream its hidden
+    states are 6x closer to float32's and the mean KL to float32 halves (0.00084 -> 0.00039)."""
     dtype = params["final_norm"].dtype
     # Rows of the transposed table: a column gather (embed[:, tokens], then moveaxis) left x in a
     # layout that made XLA:CPU turn every bf16 layer dot into a float32 dot over a converted copy
     # of the weight (tests/test_model_hlo.py).
-    x = jnp.take(params["embed"].T, tokens, axis=0, mode="clip").astype(dtype)
+    x = jnp.take(params["embed"].T, tokens, axis=0, mode="clip").astype(jnp.float32)
     inv_freq = rope_inverse_frequencies(cfg)
     new_caches = []
     for layer, cache in zip(params["layers"], kv_caches, strict=True):
-        h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
+        h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps).astype(dtype)
         q, k, v = _project_qkv(h, layer, cfg)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         attn, cache = attend(q, k, v, cache)
         x = x + linear(attn.reshape(*attn.shape[:-2], -1), layer["wo"])
-        h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
+        h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps).astype(dtype)
         x = x + swiglu_mlp(h, layer["w_gate_up"], layer["w_down"])
         new_caches.append(cache)
-    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), new_caches
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps).astype(dtype), new_caches
 
 
 def head_weight(params: Params):

@@ -2,9 +2,9 @@
 every path of its FMA loop (K rows in passes of eight and a remainder, one or several K slabs, one
 or several column tiles with a partial last one, row chunks of eight) for float32 and bfloat16
 weights, on its AMX loop for bfloat16 (full and partial groups of 16 and 32 rows, panels of one
-to eight per item) and on its AVX512-BF16 loop (passes of 4 (k, k + 1) pairs and single pairs, 32-column steps and a last 16, chunks of 4 rows, K
-slabs and column tiles), on the CPUs that have them,
-and the step's routing of float32 and bfloat16 weights to it."""
+to eight per item) and on its AVX512-BF16 loop (passes of 4 (k, k + 1) pairs and single pairs,
+32-column steps and a last 16, chunks of 4 rows, K slabs and column tiles), on the CPUs that have
+them, and the step's routing of float32 and bfloat16 weights to it."""
 
 from __future__ import annotations
 

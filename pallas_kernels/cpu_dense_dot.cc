@@ -34,6 +34,9 @@
 //
 // Work items (rectangles, or AMX column panels) are shared with XLA's intra-op thread pool
 // (cpu_thread_pool.h).
+//
+// Built without AVX-512 (pallas_kernels.cpu_dense_dot picks the build for the CPU), only the FMA
+// loop exists, on 8-lane AVX2 registers (VecF below); the rest is unchanged.
 
 #include <immintrin.h>
 
@@ -51,7 +54,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kLane = 16;
+// N must be a multiple of this in both builds (two AVX2 registers, one AVX-512 register).
+constexpr int64_t kColumnMultiple = 16;
 // Column tiles of at most this many columns (16 KB of a float32 row): the full width of every SmolLM2 layer
 // weight, a twelfth of its LM head.
 constexpr int64_t kMaxTileCols = 4096;
@@ -65,12 +69,35 @@ constexpr int kFmaRows = 8;
 // activation rows; at one row within noise).
 constexpr int kRowsPerPass = 8;
 
-// Sixteen weights from memory as float32 lanes.
-__m512 load16(const float* w) { return _mm512_loadu_ps(w); }
-__m512 load16(const uint16_t* w) {
+// The FMA loop's float32 vector: kLane lanes, and kLane weights from memory as float32 (bfloat16
+// bits are a float32's top half).
+#if defined(__AVX512F__)
+constexpr int64_t kLane = 16;
+using VecF = __m512;
+inline VecF load_f32(const float* p) { return _mm512_loadu_ps(p); }
+inline void store_f32(float* p, VecF v) { _mm512_storeu_ps(p, v); }
+inline VecF broadcast(float v) { return _mm512_set1_ps(v); }
+inline VecF fmadd(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VecF add(VecF a, VecF b) { return _mm512_add_ps(a, b); }
+inline VecF load_weights(const float* w) { return _mm512_loadu_ps(w); }
+inline VecF load_weights(const uint16_t* w) {
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
+#else  // AVX2
+constexpr int64_t kLane = 8;
+using VecF = __m256;
+inline VecF load_f32(const float* p) { return _mm256_loadu_ps(p); }
+inline void store_f32(float* p, VecF v) { _mm256_storeu_ps(p, v); }
+inline VecF broadcast(float v) { return _mm256_set1_ps(v); }
+inline VecF fmadd(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VecF add(VecF a, VecF b) { return _mm256_add_ps(a, b); }
+inline VecF load_weights(const float* w) { return _mm256_loadu_ps(w); }
+inline VecF load_weights(const uint16_t* w) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+#endif
 
 template <typename X, typename W>
 struct Problem {
@@ -107,27 +134,26 @@ void rectangle(const Problem<float, W>& p, int64_t slab, int64_t tile, int64_t r
     const W* w0 = p.w + k * p.n;
     const bool prefetch = k + 2 * kRowsPerPass <= k1;
     for (int64_t n = n0; n < n1; n += kLane) {
-      __m512 w[kRowsPerPass];
-      for (int u = 0; u < kRowsPerPass; ++u) w[u] = load16(w0 + u * p.n + n);
+      VecF w[kRowsPerPass];
+      for (int u = 0; u < kRowsPerPass; ++u) w[u] = load_weights(w0 + u * p.n + n);
       if (prefetch)
         for (int u = 0; u < kRowsPerPass; ++u)
           _mm_prefetch(reinterpret_cast<const char*>(w0 + (kRowsPerPass + u) * p.n + n), _MM_HINT_T0);
       for (int r = 0; r < R; ++r) {
         const float* x = xs + r * p.k + k;
         float* o = out + r * p.n + n;
-        __m512 acc = _mm512_loadu_ps(o);
-        for (int u = 0; u < kRowsPerPass; ++u) acc = _mm512_fmadd_ps(w[u], _mm512_set1_ps(x[u]), acc);
-        _mm512_storeu_ps(o, acc);
+        VecF acc = load_f32(o);
+        for (int u = 0; u < kRowsPerPass; ++u) acc = fmadd(w[u], broadcast(x[u]), acc);
+        store_f32(o, acc);
       }
     }
   }
   for (; k < k1; ++k) {
     const W* w0 = p.w + k * p.n;
     for (int r = 0; r < R; ++r) {
-      const __m512 xk = _mm512_set1_ps(xs[r * p.k + k]);
+      const VecF xk = broadcast(xs[r * p.k + k]);
       float* o = out + r * p.n;
-      for (int64_t n = n0; n < n1; n += kLane)
-        _mm512_storeu_ps(o + n, _mm512_fmadd_ps(load16(w0 + n), xk, _mm512_loadu_ps(o + n)));
+      for (int64_t n = n0; n < n1; n += kLane) store_f32(o + n, fmadd(load_weights(w0 + n), xk, load_f32(o + n)));
     }
   }
 }
@@ -151,9 +177,9 @@ Rectangles rectangles(int64_t k, int64_t n, int64_t max_cols, int64_t row_multip
 // out [size] = the sum of the slabs' partial sums partial [slabs, size].
 void sum_partials(const float* partial, int64_t slabs, int64_t size, float* out) {
   for (int64_t i = 0; i < size; i += kLane) {
-    __m512 sum = _mm512_loadu_ps(partial + i);
-    for (int64_t s = 1; s < slabs; ++s) sum = _mm512_add_ps(sum, _mm512_loadu_ps(partial + s * size + i));
-    _mm512_storeu_ps(out + i, sum);
+    VecF sum = load_f32(partial + i);
+    for (int64_t s = 1; s < slabs; ++s) sum = add(sum, load_f32(partial + s * size + i));
+    store_f32(out + i, sum);
   }
 }
 
@@ -181,6 +207,7 @@ void fma_dot(ffi::ThreadPool& pool, const float* x, const W* w, float* out, int6
   });
 }
 
+#if defined(__AVX512F__)
 // ---- AMX (see the top of this file).
 constexpr int64_t kAmxK = 32;        // K values per tile step: 16 (k, k + 1) pairs
 constexpr int64_t kPanelCols = 32;   // output columns per panel: two 16-column B tiles
@@ -391,10 +418,12 @@ void dp_dot(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* w, float* 
                           });
 }
 
+#endif  // __AVX512F__
+
 ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   const auto dtype = w.element_type();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || wd[1] % kLane != 0 || xd[0] < 1 ||
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || wd[1] % kColumnMultiple != 0 || xd[0] < 1 ||
       x.element_type() != dtype || !(dtype == ffi::DataType::F32 || dtype == ffi::DataType::BF16))
     return ffi::Error::InvalidArgument("jaxinfer_dense_dot: expected x [M, K] and w [K, N], both f32 or both bf16, "
                                        "with N a multiple of 16");
@@ -407,6 +436,7 @@ ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
   }
   const auto* x16 = static_cast<const uint16_t*>(x.untyped_data());
   const auto* w16 = static_cast<const uint16_t*>(w.untyped_data());
+#if defined(__AVX512F__)
   if (amx_serves(m, k, n)) {
     amx_dot(pool, x16, w16, out, m, k, n);
     return ffi::Error::Success();
@@ -415,6 +445,7 @@ ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
     dp_dot(pool, x16, w16, out, m, k, n);
     return ffi::Error::Success();
   }
+#endif
   std::vector<float> x32(m * k);
   for (int64_t i = 0; i < m * k; ++i) {
     const uint32_t bits = static_cast<uint32_t>(x16[i]) << 16;

@@ -1,5 +1,5 @@
-"""A matmul of activation rows by a float32 or bfloat16 weight on x86 CPUs (AVX-512; AMX or
-AVX512-BF16 for bfloat16): a C++ kernel called through XLA FFI, reading the weight in its own
+"""A matmul of activation rows by a float32 or bfloat16 weight on x86 CPUs (AVX2 or AVX-512; AMX
+or AVX512-BF16 for bfloat16): a C++ kernel called through XLA FFI, reading the weight in its own
 `[K, N]` layout (no packing kept).
 
     dense_dot(x [M, K], w [K, N]) -> [M, N] f32   x and w both float32 or both bfloat16; float32
@@ -8,7 +8,7 @@ AVX512-BF16 for bfloat16): a C++ kernel called through XLA FFI, reading the weig
         loop otherwise), else up to MAX_FMA_ROWS (from 2 rows in the AVX512-BF16 loop where the CPU
         has it and K is even)
     serves(rows, w) -> bool   whether dense_dot takes this weight and row count
-    available() -> bool       whether it runs here (x86-64 with AVX-512F, a C++ compiler, the CPU
+    available() -> bool       whether it runs here (x86-64 with AVX2 and FMA, a C++ compiler, the CPU
                               backend); builds and registers it on first use
 
 Why: a decode step of an unquantized engine is its weights streaming from memory, and XLA:CPU's
@@ -46,9 +46,10 @@ import jax.numpy as jnp
 from pallas_kernels import cpu_ffi
 
 TARGET = "jaxinfer_dense_dot"
-KERNEL = cpu_ffi.CpuKernel("CPU dense matmul kernel", (TARGET,), Path(__file__).with_suffix(".cc"),
-                           ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
-                           frozenset({"avx2", "fma", "avx512f"}))
+KERNEL = cpu_ffi.CpuKernel(
+    "CPU dense matmul kernel", (TARGET,), Path(__file__).with_suffix(".cc"),
+    (cpu_ffi.Isa(("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
+                 frozenset({"avx2", "fma", "avx512f"})), cpu_ffi.AVX2))
 available = KERNEL.available
 # The FMA loop's rows: it slows with rows (14-16 GB/s at 8, 22-23 at one for float32) as its
 # multiply-adds per byte grow, so bigger float32 steps keep XLA's dot.

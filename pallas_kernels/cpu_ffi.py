@@ -1,13 +1,17 @@
 """Building and registering the C++ CPU kernels that XLA calls through its FFI.
 
-    CpuKernel(name, targets, source, compile_flags, cpu_flags)
-        .available() -> bool      whether it runs here: the CPU backend, an x86-64 CPU with
-                                  `cpu_flags`, a C++ compiler that built it; builds and registers
-                                  it on first use, warns and says False when the build fails
+    Isa(compile_flags, cpu_flags)   one instruction-set build of a kernel: the compiler flags and
+                                    the CPU feature flags its code needs
+    CpuKernel(name, targets, source, isas)
+        .available() -> bool      whether it runs here: the CPU backend, an x86-64 CPU with the
+                                  flags of one of `isas` (the first such is built: list the widest
+                                  first), a C++ compiler that built it; builds and registers it on
+                                  first use, warns and says False when the build fails
         .ensure_registered()      registers it or raises an EngineError that says why it cannot run
     KERNELS                       FFI target name -> CpuKernel, for engine manifests (`ffi_kernels`)
 
-Each kernel's source is compiled once per machine with the system C++ compiler into the user's
+A source with several Isas picks its code path with the compiler's macros (`__AVX512F__`, ...),
+so one file holds, say, an AVX-512 loop and its AVX2 twin. Each kernel's source is compiled once per machine with the system C++ compiler into the user's
 cache (`$XDG_CACHE_HOME/jaxinfer`, else `~/.cache/jaxinfer`), named by a hash of the source, the
 headers beside it, the flags and the jax FFI header, and registered with XLA under its target names
 by the first `available()` of each process. Executables that call a kernel need it registered
@@ -18,6 +22,7 @@ Nothing is downloaded.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import os
 import platform
@@ -55,17 +60,38 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
+@dataclasses.dataclass(frozen=True)
+class Isa:
+    """One instruction-set build of a kernel (module docstring)."""
+    compile_flags: tuple[str, ...]
+    cpu_flags: frozenset[str]
+
+
+# The build every x86-64 CPU of the last decade takes (Haswell, Zen 1 and later).
+AVX2 = Isa(("-mavx2", "-mfma", "-mf16c"), frozenset({"avx2", "fma", "f16c"}))
+
+
 class CpuKernel:
     """One C++ source file exporting an FFI handler named after each of its `targets` (module docstring)."""
 
-    def __init__(self, name: str, targets: tuple[str, ...], source: Path, compile_flags: tuple[str, ...],
-                 cpu_flags: frozenset[str]):
-        self.name, self.targets, self.source = name, targets, source
-        self.compile_flags = ("-O3", "-std=c++17", "-shared", "-fPIC", *compile_flags)
-        self.cpu_flags = cpu_flags
+    def __init__(self, name: str, targets: tuple[str, ...], source: Path, isas: tuple[Isa, ...]):
+        self.name, self.targets, self.source, self.isas = name, targets, source, isas
         self._available: bool | None = None
         self._registered = False  # XLA refuses a second registration of a target from another library
         KERNELS.update(dict.fromkeys(targets, self))
+
+    @property
+    def cpu_flags(self) -> frozenset[str]:
+        """The CPU flags of the least demanding build: what a CPU needs to run the kernel at all."""
+        return self.isas[-1].cpu_flags
+
+    def isa(self) -> Isa | None:
+        """The first build this CPU runs, or None."""
+        flags = cpu_flags()
+        return next((isa for isa in self.isas if isa.cpu_flags <= flags), None)
+
+    def _compile_flags(self) -> tuple[str, ...]:
+        return ("-O3", "-std=c++17", "-shared", "-fPIC", *self.isa().compile_flags)
 
     def _library_path(self, compiler: str) -> Path:
         include = Path(jax.ffi.include_dir())
@@ -73,7 +99,7 @@ class CpuKernel:
         digest.update(self.source.read_bytes())
         for header in sorted(self.source.parent.glob("*.h")):  # what the sources include from beside them
             digest.update(header.read_bytes())
-        digest.update(" ".join((compiler, *self.compile_flags)).encode())
+        digest.update(" ".join((compiler, *self._compile_flags())).encode())
         digest.update((include / "xla" / "ffi" / "api" / "c_api.h").read_bytes())
         return _cache_dir() / f"{self.source.stem}-{digest.hexdigest()[:16]}.so"
 
@@ -87,7 +113,7 @@ class CpuKernel:
             raise EngineError(f"cannot write the {self.name} to {library.parent} ({error}); "
                               "point XDG_CACHE_HOME at a writable directory") from error
         try:
-            subprocess.run([compiler, *self.compile_flags, "-I", jax.ffi.include_dir(), str(self.source),
+            subprocess.run([compiler, *self._compile_flags(), "-I", jax.ffi.include_dir(), str(self.source),
                             "-o", str(tmp_path)], check=True, capture_output=True, text=True)
             os.replace(tmp_path, library)
         except subprocess.CalledProcessError as error:
@@ -116,7 +142,7 @@ class CpuKernel:
 
     def _probe(self) -> bool:
         if not (jax.default_backend() == "cpu" and platform.machine() in ("x86_64", "AMD64")
-                and self.cpu_flags <= cpu_flags() and _compiler() is not None):
+                and self.isa() is not None and _compiler() is not None):
             return False
         try:
             self._register()
@@ -133,7 +159,7 @@ class CpuKernel:
         """Registers the kernel (building it if need be) or says why this machine cannot run it."""
         if not self.available():
             raise EngineError(f"the {self.name} cannot run on this machine: it needs the CPU backend, an x86-64 "
-                              f"CPU with {sorted(self.cpu_flags)} and a C++ compiler (g++) that builds it. An "
+                              f"CPU with {' or '.join(str(sorted(isa.cpu_flags)) for isa in self.isas)} and a C++ compiler (g++) that builds it. An "
                               "engine built to call it must be rebuilt here with `jaxinfer build`")
 
 

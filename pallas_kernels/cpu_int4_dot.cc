@@ -22,6 +22,12 @@
 // the sums become float and take the group's scales (two FMAs per row). Up to kRowBlock rows share
 // each load of the codes; more rows walk the same block (16 x K/2 bytes, in L1) again.
 // Output blocks are shared with XLA's intra-op thread pool (cpu_thread_pool.h).
+//
+// Built without AVX-512 VNNI (pallas_kernels.cpu_int4_dot picks the build for the CPU), the same
+// walk runs on AVX2 as llama.cpp's AVX2 Q4_1 dot does: an octet is two ymm loads (outputs 0-7 and
+// 8-15), and vpmaddubsw multiplies the unsigned codes by the signed activation bytes, summing pairs
+// into int16 lanes. Two octets (8 products of at most 15 x 127 per lane, under 2^15) add up in int16
+// before vpmaddwd against ones widens each output's sums to int32, exactly.
 
 #include <immintrin.h>
 
@@ -41,7 +47,6 @@ namespace {
 
 constexpr int64_t kBlockCols = 16;
 constexpr int64_t kOctet = 8;
-constexpr int kRowBlock = 8;
 // The first row block of an output block, which streams its codes from memory, prefetches this many
 // zmm (64-byte lines) ahead.
 constexpr int64_t kPrefetchLines = 8;
@@ -59,6 +64,10 @@ struct Problem {
   float* y;               // [M, N]
   int64_t m, k, n, group;
 };
+
+#if defined(__AVX512VNNI__)
+
+constexpr int kRowBlock = 8;
 
 inline __m512 load_f16x16(const uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -118,6 +127,71 @@ void block(const Problem& p, int64_t r0, int64_t b) {
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(p.y + (r0 + r) * p.n + b * kBlockCols, out[r]);
 }
+
+#else  // AVX2
+
+constexpr int kRowBlock = 4;
+
+inline __m256 load_f16x8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t quad;
+  std::memcpy(&quad, p, sizeof(quad));
+  return _mm256_set1_epi32(quad);
+}
+
+// Rows r0..r0+R-1 of y, outputs 16b..16b+15, in two halves of 8 outputs (one ymm each).
+template <int R, bool kFirst>
+void block(const Problem& p, int64_t r0, int64_t b) {
+  const int64_t groups = p.k / p.group, octets_per_group = p.group / kOctet;
+  const uint8_t* codes = p.codes + b * p.k * kBlockCols / 2;
+  const uint16_t* scale = p.scale + b * groups * kBlockCols;
+  const uint16_t* offset = p.offset + b * groups * kBlockCols;
+  const __m256i low_nibbles = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 out[R][2];
+  for (int r = 0; r < R; ++r) out[r][0] = out[r][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    for (int64_t o = g * octets_per_group; o < (g + 1) * octets_per_group; o += 2) {
+      const uint8_t* line = codes + o * 64;
+      if (kFirst) {
+        _mm_prefetch(reinterpret_cast<const char*>(line + kPrefetchLines * 64), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(line + (kPrefetchLines + 1) * 64), _MM_HINT_T0);
+      }
+      for (int h = 0; h < 2; ++h) {
+        __m256i nibbles[4];  // octet o low, high, octet o + 1 low, high
+        for (int u = 0; u < 2; ++u) {
+          const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(line + u * 64 + h * 32));
+          nibbles[2 * u] = _mm256_and_si256(packed, low_nibbles);
+          nibbles[2 * u + 1] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles);
+        }
+        for (int r = 0; r < R; ++r) {
+          const int8_t* x = p.x_q + (r0 + r) * p.k + o * kOctet;
+          __m256i pairs = _mm256_maddubs_epi16(nibbles[0], broadcast4(x));
+          for (int t = 1; t < 4; ++t) pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(nibbles[t], broadcast4(x + 4 * t)));
+          acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(pairs, ones));
+        }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 group_scale = load_f16x8(scale + g * kBlockCols + 8 * h);
+      const __m256 group_offset = load_f16x8(offset + g * kBlockCols + 8 * h);
+      for (int r = 0; r < R; ++r) {
+        const int64_t at = (r0 + r) * groups + g;
+        const __m256 step = _mm256_mul_ps(group_scale, _mm256_set1_ps(p.x_scale[at]));
+        out[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][h]), step, out[r][h]);
+        out[r][h] = _mm256_fmadd_ps(group_offset, _mm256_set1_ps(p.x_sum[at]), out[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(p.y + (r0 + r) * p.n + b * kBlockCols + 8 * h, out[r][h]);
+}
+
+#endif
 
 template <bool kFirst>
 void row_block(const Problem& p, int64_t r0, int64_t b) {

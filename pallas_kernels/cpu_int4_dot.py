@@ -8,8 +8,9 @@ through XLA FFI, reading int4 weights packed for it. The arithmetic of llama.cpp
     w4a8_dot(x [M, K] float, codes, scale, offset) -> [M, N] float32: x quantized to int8 per
                         group of G (w4a8_matmul.quantize_groups), the exact integer dot of each
                         group, both scales and the offsets (see the .cc)
-    available() -> bool whether it runs here (x86-64 with AVX-512 VNNI and BW, a C++ compiler, the
-                        CPU backend); builds and registers it on first use
+    available() -> bool whether it runs here (x86-64 with AVX2, FMA and F16C, a C++ compiler, the
+                        CPU backend; the AVX-512 VNNI loop where the CPU has it); builds and
+                        registers it on first use
 
 Why: XLA:CPU has no fused unpack-and-dot, so an int4 weight ran as a float copy made every step
 (int4 engines decoded slower than int8 ones). The kernel reads 4.5 bits a weight (codes, plus an
@@ -43,9 +44,9 @@ from pallas_kernels import cpu_ffi
 from pallas_kernels.int4_matmul import pack_int4, unpack_int4
 
 TARGET = "jaxinfer_w4a8_dot"
-KERNEL = cpu_ffi.CpuKernel("CPU int4 kernel", (TARGET,), Path(__file__).with_suffix(".cc"),
-                           ("-mavx2", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"),
-                           frozenset({"avx2", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}))
+AVX512_VNNI = cpu_ffi.Isa(("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"),
+                          frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}))
+KERNEL = cpu_ffi.CpuKernel("CPU int4 kernel", (TARGET,), Path(__file__).with_suffix(".cc"), (AVX512_VNNI, cpu_ffi.AVX2))
 available = KERNEL.available
 BLOCK_COLS = 16
 OCTET = 8

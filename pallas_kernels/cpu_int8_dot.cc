@@ -24,6 +24,11 @@
 // them. On the project's Xeon VMs one thread streams a weight from memory at about 12 GB/s and two at
 // about 25 (the machine's copy bandwidth); on the earlier EPYC VMs one thread reached 14-18 GB/s and
 // splitting did not pay.
+//
+// Built without AVX-512 VNNI (pallas_kernels.cpu_int8_dot picks the build for the CPU), the same
+// output blocks run on AVX2: x is widened once per call to int16 (zero-padded to a multiple of 16),
+// each 16 bytes of an output's weights are widened in registers, and vpmaddwd sums products in pairs
+// into int32 lanes: exact for every int8 value, with no offset to take off.
 
 #include <immintrin.h>
 
@@ -43,7 +48,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kBlockCols = 4;
-constexpr int kRowBlock = 4;
 // The first row block of each output block, which streams it from memory, prefetches the block this
 // many blocks ahead (1, 2 and 4 measured within the machine's noise of each other).
 constexpr int64_t kPrefetchBlocks = 2;
@@ -54,10 +58,15 @@ constexpr int64_t kBlocksPerItem = 16;
 struct Problem {
   const uint8_t* x_offset;  // [M, K] x + 128 (VNNI path)
   const int8_t* x_tiles;    // x in AMX B-tile order (AMX path, see pack_x_tiles)
+  const int16_t* x_wide;    // [M, K rounded up to 16] x as int16, zero-padded (AVX2 path)
   const int8_t* w;          // [N/4, 4, K]
   int32_t* y;               // [M, N]
   int64_t m, k, n;
 };
+
+#if defined(__AVX512VNNI__)
+
+constexpr int kRowBlock = 4;
 
 // [sum(a), sum(b), sum(c), sum(d)] of four vectors of 16 int32 lanes.
 inline __m128i sum_lanes4(__m512i a, __m512i b, __m512i c, __m512i d) {
@@ -199,15 +208,78 @@ void dot(ffi::ThreadPool& pool, const int8_t* x, const int8_t* w, int32_t* y, in
   const int64_t items = (n / kBlockCols + kBlocksPerItem - 1) / kBlocksPerItem;
   if (amx_serves(m, k, n)) {
     const std::vector<int8_t> x_tiles = pack_x_tiles(x, m, k);
-    const Problem p{nullptr, x_tiles.data(), w, y, m, k, n};
+    const Problem p{nullptr, x_tiles.data(), nullptr, w, y, m, k, n};
     jaxinfer::run_on_pool(pool, items, [p](int64_t item) { amx_item(p, item); });
     return;
   }
   std::vector<uint8_t> x_offset(m * k);
   for (int64_t i = 0; i < m * k; ++i) x_offset[i] = static_cast<uint8_t>(x[i] + 128);
-  const Problem p{x_offset.data(), nullptr, w, y, m, k, n};
+  const Problem p{x_offset.data(), nullptr, nullptr, w, y, m, k, n};
   jaxinfer::run_on_pool(pool, items, [p](int64_t item) { vnni_item(p, item); });
 }
+
+#else  // AVX2
+
+// Rows per pass: R x 4 int32 sums, the 4 widened weight registers and a row of x fit in 16 ymm at 2.
+constexpr int kRowBlock = 2;
+constexpr int64_t kWideK = 16;  // K values per step: 16 bytes of weights widened into one ymm
+
+// [sum(a), sum(b), sum(c), sum(d)] of four vectors of 8 int32 lanes.
+inline __m128i sum_lanes4(__m256i a, __m256i b, __m256i c, __m256i d) {
+  const __m256i abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+  return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
+}
+
+// 16 weights from k on as int16; the last partial step reads only the `end - k` bytes there are
+// (the padding it widens meets x's zero padding).
+inline __m256i widen_k(const int8_t* p, int64_t k, int64_t end) {
+  if (k + kWideK <= end) return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  alignas(16) int8_t tail[kWideK] = {};
+  std::memcpy(tail, p, end - k);
+  return _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(tail)));
+}
+
+template <int R>
+void wide_block(const Problem& p, int64_t r0, int64_t b, int64_t k_padded, bool first) {
+  __m256i acc[R][kBlockCols];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kBlockCols; ++c) acc[r][c] = _mm256_setzero_si256();
+  const int8_t* w = p.w + b * kBlockCols * p.k;
+  const int16_t* x = p.x_wide + r0 * k_padded;
+  for (int64_t k = 0; k < p.k; k += kWideK) {
+    __m256i cols[kBlockCols];
+    for (int c = 0; c < kBlockCols; ++c) {
+      if (first) _mm_prefetch(reinterpret_cast<const char*>(w + (c + kPrefetchBlocks * kBlockCols) * p.k + k), _MM_HINT_T0);
+      cols[c] = widen_k(w + c * p.k + k, k, p.k);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256i xr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * k_padded + k));
+      for (int c = 0; c < kBlockCols; ++c) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(xr, cols[c]));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p.y + (r0 + r) * p.n + b * kBlockCols),
+                     sum_lanes4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+}
+
+void wide_item(const Problem& p, int64_t item, int64_t k_padded) {
+  const int64_t blocks = p.n / kBlockCols;
+  for (int64_t b = item * kBlocksPerItem; b < std::min(blocks, (item + 1) * kBlocksPerItem); ++b)
+    for (int64_t r0 = 0; r0 < p.m; r0 += kRowBlock)
+      jaxinfer::with_row_count<kRowBlock>(p.m - r0, [&](auto rows) { wide_block<rows>(p, r0, b, k_padded, r0 == 0); });
+}
+
+// y = x @ w for int8 x ([M, K]) and packed w.
+void dot(ffi::ThreadPool& pool, const int8_t* x, const int8_t* w, int32_t* y, int64_t m, int64_t k, int64_t n) {
+  const int64_t items = (n / kBlockCols + kBlocksPerItem - 1) / kBlocksPerItem;
+  const int64_t k_padded = (k + kWideK - 1) / kWideK * kWideK;
+  std::vector<int16_t> x_wide(m * k_padded, 0);
+  for (int64_t r = 0; r < m; ++r) std::copy(x + r * k, x + (r + 1) * k, x_wide.begin() + r * k_padded);
+  const Problem p{nullptr, nullptr, x_wide.data(), w, y, m, k, n};
+  jaxinfer::run_on_pool(pool, items, [p, k_padded](int64_t item) { wide_item(p, item, k_padded); });
+}
+
+#endif  // __AVX512VNNI__
 
 bool packed_for(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd) {
   return xd.size() == 2 && wd.size() == 3 && wd[1] == kBlockCols && xd[1] == wd[2];
@@ -238,15 +310,8 @@ ffi::Error W8A8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   dot(pool, x_q.data(), w.typed_data(), acc.data(), m, k, n);
   const float* ws = w_scale.typed_data();
   float* out = y->typed_data();
-  for (int64_t r = 0; r < m; ++r) {
-    const __m512 row = _mm512_set1_ps(row_scale[r]);
-    int64_t c = 0;
-    for (; c + 16 <= n; c += 16) {
-      const __m512 value = _mm512_cvtepi32_ps(_mm512_loadu_si512(acc.data() + r * n + c));
-      _mm512_storeu_ps(out + r * n + c, _mm512_mul_ps(_mm512_mul_ps(value, row), _mm512_loadu_ps(ws + c)));
-    }
-    for (; c < n; ++c) out[r * n + c] = static_cast<float>(acc[r * n + c]) * row_scale[r] * ws[c];
-  }
+  for (int64_t r = 0; r < m; ++r)  // vectorized by the compiler
+    for (int64_t c = 0; c < n; ++c) out[r * n + c] = static_cast<float>(acc[r * n + c]) * row_scale[r] * ws[c];
   return ffi::Error::Success();
 }
 

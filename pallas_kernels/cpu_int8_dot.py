@@ -7,9 +7,9 @@ reading int8 weights packed for it.
     int8_dot(x_q [M, K] int8, w_packed) -> [M, N] int32      x_q @ w_q, exactly
     w8a8_dot(x [M, K] float, w_packed, w_scale) -> [M, N] float32   W8A8 in one call: per-row int8
                             quantization of x, the exact dot, both scales (see the .cc)
-    available() -> bool     whether it runs here (x86-64 with AVX-512 VNNI, BW and VL, a C++
-                            compiler, the CPU backend; AMX is used where the CPU and OS allow it);
-                            builds and registers it on first use
+    available() -> bool     whether it runs here (x86-64 with AVX2, a C++ compiler, the CPU
+                            backend; the AVX-512 VNNI loop where the CPU has it, and AMX where
+                            the CPU and OS allow it); builds and registers it on first use
     serves(rows, w) -> bool whether `fastest_int8_dot` runs the kernel for these rows and weight
     fastest_int8_dot(x_q, w) -> [M, N] int32    the kernel for a packed weight and up to MAX_ROWS
                             rows, else XLA's int8 dot (on the [N, K] view of a packed weight): what
@@ -63,9 +63,10 @@ from pallas_kernels.xla_cpu import min_rows_dot
 
 TARGET = "jaxinfer_int8_dot"
 W8A8_TARGET = "jaxinfer_w8a8_dot"
-KERNEL = cpu_ffi.CpuKernel("CPU int8 kernel", (TARGET, W8A8_TARGET), Path(__file__).with_suffix(".cc"),
-                   ("-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile", "-mamx-int8"),
-                   frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}))
+KERNEL = cpu_ffi.CpuKernel(
+    "CPU int8 kernel", (TARGET, W8A8_TARGET), Path(__file__).with_suffix(".cc"),
+    (cpu_ffi.Isa(("-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile", "-mamx-int8"),
+                 frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"})), cpu_ffi.AVX2))
 available = KERNEL.available
 ensure_registered = KERNEL.ensure_registered
 # Up to this many rows the kernel was measured faster than XLA's int8 dot (module docstring): with

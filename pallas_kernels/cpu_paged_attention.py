@@ -31,11 +31,10 @@ import numpy as np
 
 from jaxinfer.cache.attention_metadata import AttentionMetadata
 from jaxinfer.cache.kv_pool import LayerKVCache
-from pallas_kernels.cpu_ffi import CpuKernel
+from pallas_kernels.cpu_ffi import AVX2, CpuKernel
 
 TARGET = "jaxinfer_paged_attention"
-KERNEL = CpuKernel("CPU paged attention kernel", (TARGET,), Path(__file__).with_suffix(".cc"), ("-mavx2", "-mfma"),
-                   frozenset({"avx2", "fma"}))
+KERNEL = CpuKernel("CPU paged attention kernel", (TARGET,), Path(__file__).with_suffix(".cc"), (AVX2,))
 available = KERNEL.available
 # The kernel's AVX2 loops take head_dim in whole 8-float registers.
 HEAD_DIM_MULTIPLE = 8

@@ -4,7 +4,8 @@
 // quantize_int8(x, n, q, sum) quantizes n floats as activation_quant.quantize_per_token quantizes a
 // row: scale = max|x| / 127 (1 / 127 when all are zero), q = x / scale rounded half to even and
 // clamped to [-127, 127]. It returns the scale and, when `sum` is given, stores sum(x) there.
-// Vectorized: a scalar loop's nearbyint calls cost about as much as an int8 dot of 8-32 rows.
+// Vectorized (AVX-512, or AVX2 where the kernel is built without it): a scalar loop's nearbyint
+// calls cost about as much as an int8 dot of 8-32 rows.
 
 #ifndef JAXINFER_CPU_QUANTIZE_H_
 #define JAXINFER_CPU_QUANTIZE_H_
@@ -17,6 +18,7 @@
 
 namespace jaxinfer {
 
+#if defined(__AVX512F__)
 inline float quantize_int8(const float* x, int64_t n, int8_t* q, float* sum = nullptr) {
   __m512 peak = _mm512_setzero_ps(), total = _mm512_setzero_ps();
   int64_t i = 0;
@@ -39,6 +41,39 @@ inline float quantize_int8(const float* x, int64_t n, int8_t* q, float* sum = nu
   for (; i < n; ++i) q[i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(x[i] / scale))));
   return scale;
 }
+
+#else  // AVX2
+inline float quantize_int8(const float* x, int64_t n, int8_t* q, float* sum = nullptr) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  __m256 peak = _mm256_setzero_ps(), total = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    peak = _mm256_max_ps(peak, _mm256_andnot_ps(sign_bit, v));
+    total = _mm256_add_ps(total, v);
+  }
+  alignas(32) float peaks[8], totals[8];
+  _mm256_store_ps(peaks, peak);
+  _mm256_store_ps(totals, total);
+  float absmax = 0.0f, x_sum = 0.0f;
+  for (int lane = 0; lane < 8; ++lane) absmax = std::max(absmax, peaks[lane]), x_sum += totals[lane];
+  for (int64_t j = i; j < n; ++j) absmax = std::max(absmax, std::fabs(x[j])), x_sum += x[j];
+  if (sum != nullptr) *sum = x_sum;
+  const float scale = (absmax > 0.0f ? absmax : 1.0f) / 127.0f;
+  const __m256 divisor = _mm256_set1_ps(scale), high = _mm256_set1_ps(127.0f), low = _mm256_set1_ps(-127.0f);
+  for (i = 0; i + 8 <= n; i += 8) {
+    const __m256 rounded = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), divisor),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i value = _mm256_cvtps_epi32(_mm256_min_ps(high, _mm256_max_ps(low, rounded)));
+    // The 128-bit packs keep the order: eight int16, then eight bytes.
+    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(value), _mm256_extracti128_si256(value, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packs_epi16(words, words));
+  }
+  for (; i < n; ++i) q[i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(x[i] / scale))));
+  return scale;
+}
+
+#endif
 
 }  // namespace jaxinfer
 

@@ -18,7 +18,7 @@ from jaxinfer.runner.step import KernelDenseWeight, route_dense_weights
 from pallas_kernels import cpu_dense_dot
 
 needs_kernel = pytest.mark.skipif(not cpu_dense_dot.available(),
-                                  reason="needs an x86-64 CPU with AVX-512F and a C++ compiler")
+                                  reason="needs an x86-64 CPU with AVX2 and a C++ compiler")
 
 
 def random_problem(rng, m: int, k: int, n: int, dtype=jnp.float32):

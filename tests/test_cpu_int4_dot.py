@@ -16,7 +16,7 @@ from pallas_kernels.int4_matmul import unpack_int4
 from pallas_kernels.w4a8_matmul import quantize_groups, w4a8_matmul, w4a8_matmul_xla
 
 needs_kernel = pytest.mark.skipif(not cpu_int4_dot.available(),
-                                  reason="needs an x86-64 CPU with AVX-512 VNNI and a C++ compiler")
+                                  reason="needs an x86-64 CPU with AVX2 and a C++ compiler")
 
 
 def random_w4a8(rng, k: int, n: int, group_size: int = 32) -> W4A8Weight:

@@ -15,7 +15,7 @@ from pallas_kernels.activation_quant import quantize_per_token
 from pallas_kernels.w8a8_matmul import w8a8_matmul
 
 needs_kernel = pytest.mark.skipif(not cpu_int8_dot.available(),
-                                  reason="needs an x86-64 CPU with AVX-512 VNNI and a C++ compiler")
+                                  reason="needs an x86-64 CPU with AVX2 and a C++ compiler")
 
 
 def exact(x_q: np.ndarray, w_q: np.ndarray) -> np.ndarray:

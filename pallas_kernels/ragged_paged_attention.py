@@ -138,11 +138,12 @@ def reference_ragged_paged_attention(q: jax.Array, cache: LayerKVCache, metadata
     visible = (jnp.arange(context)[None, :] <= position[:, None]) & is_real[:, None]
 
     grouped_q = q.astype(jnp.float32).reshape(num_tokens, cache.num_kv_heads, group, head_dim)
-    logits = jnp.einsum("tkgd,tckd->tkgc", grouped_q, k) * sm_scale
+    # HIGHEST: float32 stays float32 on a GPU too (its default is TF32, ~3e-4 relative error).
+    logits = jnp.einsum("tkgd,tckd->tkgc", grouped_q, k, precision=_DOT_PRECISION) * sm_scale
     if soft_cap is not None:  # written out, not shared with the kernels, so that the oracle stays independent
         logits = soft_cap * jnp.tanh(logits / soft_cap)
     probs = jax.nn.softmax(jnp.where(visible[:, None, None, :], logits, -jnp.inf), axis=-1)
-    out = jnp.einsum("tkgc,tckd->tkgd", probs, jnp.where(visible[:, :, None, None], v, 0.0))
+    out = jnp.einsum("tkgc,tckd->tkgd", probs, jnp.where(visible[:, :, None, None], v, 0.0), precision=_DOT_PRECISION)
     return jnp.where(is_real[:, None, None], out.reshape(q.shape), 0.0).astype(q.dtype)
 
 

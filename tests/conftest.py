@@ -1,4 +1,5 @@
-"""Test-session setup: 8 forced CPU devices (for tensor-parallel tests) and shared fixtures."""
+"""Test-session setup: 8 forced CPU devices (for tensor-parallel tests), the Pallas mode and float32
+dot bound of the backend the tests run on, and shared fixtures."""
 
 import os
 
@@ -8,12 +9,19 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import zlib  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 TESTS_DIR = Path(__file__).parent
 CHECKPOINTS_DIR = TESTS_DIR / "checkpoints"
 GOLDENS_DIR = TESTS_DIR / "goldens"
+ON_GPU = jax.default_backend() == "gpu"
+# The Pallas kernels compile on a GPU; elsewhere their tests run them in interpret mode.
+PALLAS_MODE = "pallas" if ON_GPU else "interpret"
+# Bound on a float32 dot's error relative to |x| @ |w|: on a GPU, XLA and Triton multiply float32 on
+# the tensor cores in TF32 (10 mantissa bits: x and w each rounded by up to 2^-11).
+F32_DOT_ERROR = 2.0**-10 if ON_GPU else 1e-5
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Quantized matmul kernels (pallas_kernels/*): Pallas interpret mode and the CPU path against the pure-JAX references.
+"""Quantized matmul kernels (pallas_kernels/*): the Pallas kernels (compiled on a GPU, in interpret mode
+elsewhere) and the XLA/CPU paths against the pure-JAX references.
 
 The integer cores are compared for exact equality with numpy int64 math; float results against the
 reference within a bound derived from the arithmetic each path does. Shapes are small (interpret
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import F32_DOT_ERROR, ON_GPU, PALLAS_MODE
 from pallas_kernels import activation_quant, cpu_int8_dot, xla_cpu
 from pallas_kernels.int4_matmul import (
     SPLIT_DOT_MAX_ROWS,
@@ -29,7 +31,6 @@ from pallas_kernels.w8a8_matmul import quantized_dot, w8a8_matmul
 ROWS = (1, 19, 70)  # decode; not a multiple of the 16/32/64 row tile; two row tiles
 SPLIT_ERROR = 1 / 64516  # activation_quant.split_per_token_int8, relative to each row's max |x|
 BF16_ERROR = 2.0**-8  # one rounding of x and one of the weight (or of the output) to bf16
-F32_ERROR = 1e-5
 
 
 def activations(rng, m, k, dtype=jnp.float32):
@@ -53,8 +54,8 @@ def split_bound(x, w_magnitude):
     return row_absmax * SPLIT_ERROR * np.sum(np.asarray(w_magnitude, np.float64), axis=0)[None, :]
 
 
+@pytest.mark.skipif(ON_GPU, reason="the CPU's choice of implementation")
 def test_default_implementation_on_cpu_is_xla_never_interpret():
-    assert jax.default_backend() == "cpu"
     assert resolve_implementation(None) == "xla"
     assert resolve_implementation(None, tileable=False) == "xla"
     with pytest.raises(ValueError, match="unknown matmul implementation"):
@@ -104,7 +105,7 @@ def test_int4_pack_unpack_exact(rng, group_size):
 # ---- int8 x int8 -> int32 core -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("implementation", ["interpret", "xla", "reference"])
+@pytest.mark.parametrize("implementation", [PALLAS_MODE, "xla", "reference"])
 @pytest.mark.parametrize("m", ROWS)
 def test_int8_dot_is_exact_integer_math(rng, implementation, m):
     k, n = 160, 48
@@ -115,7 +116,7 @@ def test_int8_dot_is_exact_integer_math(rng, implementation, m):
     np.testing.assert_array_equal(np.asarray(acc), x_q.astype(np.int64) @ w_q.astype(np.int64))
 
 
-@pytest.mark.parametrize("implementation", ["interpret", "xla", "reference"])
+@pytest.mark.parametrize("implementation", [PALLAS_MODE, "xla", "reference"])
 def test_int8_dot_accumulates_past_float32_precision(rng, implementation):
     # Same-signed products summing past 2^24: a float32 accumulator would round these sums.
     k, n = 2048, 32
@@ -127,7 +128,7 @@ def test_int8_dot_accumulates_past_float32_precision(rng, implementation):
     np.testing.assert_array_equal(np.asarray(acc), expected)
 
 
-@pytest.mark.parametrize("implementation", ["interpret", "xla"])
+@pytest.mark.parametrize("implementation", [PALLAS_MODE, "xla"])
 def test_fp8_dot_matches_reference(rng, implementation):
     k, n = 96, 32
     x_q = jnp.asarray(rng.standard_normal((19, k)) * 40, jnp.float8_e4m3fn)
@@ -135,7 +136,7 @@ def test_fp8_dot_matches_reference(rng, implementation):
     acc = quantized_dot(x_q, w_q, implementation=implementation)
     assert acc.dtype == jnp.float32
     exact = np.asarray(x_q, np.float64) @ np.asarray(w_q, np.float64)
-    assert_within(acc, exact, F32_ERROR * dot_magnitude(np.asarray(x_q, np.float32), np.asarray(w_q, np.float32)), "fp8 dot")
+    assert_within(acc, exact, F32_DOT_ERROR * dot_magnitude(np.asarray(x_q, np.float32), np.asarray(w_q, np.float32)), "fp8 dot")
 
 
 # ---- int8 weight-only (W8A16) ------------------------------------------------------------------
@@ -148,15 +149,15 @@ def int8_weight(rng, k, n):
 
 
 @pytest.mark.parametrize("m", ROWS)
-def test_int8_matmul_interpret_matches_reference(rng, m):
+def test_int8_matmul_pallas_matches_reference(rng, m):
     k, n = 96, 80
     x = activations(rng, m, k)
     w_q, w_scale = int8_weight(rng, k, n)
     expected = int8_matmul(x, w_q, w_scale, implementation="reference")
-    interpreted = int8_matmul(x, w_q, w_scale, implementation="interpret")
+    interpreted = int8_matmul(x, w_q, w_scale, implementation=PALLAS_MODE)
     assert interpreted.shape == (m, n) and interpreted.dtype == jnp.float32
     w = np.asarray(w_q, np.float64) * np.asarray(w_scale)
-    assert_within(interpreted, expected, F32_ERROR * dot_magnitude(x, w), "int8 interpret")
+    assert_within(interpreted, expected, F32_DOT_ERROR * dot_magnitude(x, w), f"int8 {PALLAS_MODE}")
 
 
 @pytest.mark.parametrize("layout", ["in cache", "too large for cache", "packed for the CPU kernel"])
@@ -173,9 +174,9 @@ def test_int8_matmul_on_cpu_matches_reference(rng, monkeypatch, m, layout):
     assert on_cpu.shape == (m, n) and on_cpu.dtype == jnp.float32
     w = np.asarray(w_q, np.float64) * np.asarray(w_scale)
     if layout == "in cache":  # f32 activations: the converted weight is dotted in f32
-        bound = F32_ERROR * dot_magnitude(x, w)
+        bound = F32_DOT_ERROR * dot_magnitude(x, w)
     else:  # split activations, one int8 dot (the kernel's, for few rows of a packed weight)
-        bound = split_bound(x, np.abs(w)) + F32_ERROR * dot_magnitude(x, w)
+        bound = split_bound(x, np.abs(w)) + F32_DOT_ERROR * dot_magnitude(x, w)
     assert_within(on_cpu, expected, bound, f"int8 xla, {layout}")
 
 
@@ -186,10 +187,10 @@ def test_int8_matmul_bf16_activations(rng, m):
     w_q, w_scale = int8_weight(rng, k, n)
     expected = int8_matmul(x, w_q, w_scale, implementation="reference")
     w = np.asarray(w_q, np.float64) * np.asarray(w_scale)
-    for implementation in ("interpret", "xla"):
+    for implementation in (PALLAS_MODE, "xla"):
         out = int8_matmul(x, w_q, w_scale, implementation=implementation)
         assert out.dtype == jnp.bfloat16
-        bound = split_bound(x, np.abs(w)) + 2 * BF16_ERROR * np.abs(np.asarray(expected, np.float64)) + F32_ERROR * dot_magnitude(x, w)
+        bound = split_bound(x, np.abs(w)) + 2 * BF16_ERROR * np.abs(np.asarray(expected, np.float64)) + F32_DOT_ERROR * dot_magnitude(x, w)
         assert_within(out, expected, bound, f"int8 bf16 {implementation}")
 
 
@@ -205,15 +206,15 @@ def int4_weight(rng, k, n, group_size):
 
 @pytest.mark.parametrize("group_size", [32, 64])
 @pytest.mark.parametrize("m", ROWS)
-def test_int4_matmul_interpret_matches_reference(rng, m, group_size):
+def test_int4_matmul_pallas_matches_reference(rng, m, group_size):
     k, n = 128, 48
     x = activations(rng, m, k)
     packed, scale, offset = int4_weight(rng, k, n, group_size)
     expected = int4_matmul(x, packed, scale, offset, implementation="reference")
-    interpreted = int4_matmul(x, packed, scale, offset, implementation="interpret")
+    interpreted = int4_matmul(x, packed, scale, offset, implementation=PALLAS_MODE)
     assert interpreted.shape == (m, n) and interpreted.dtype == jnp.float32
     w = dequantize_int4(packed, scale, offset, jnp.float32)
-    assert_within(interpreted, expected, F32_ERROR * dot_magnitude(x, w), "int4 interpret")
+    assert_within(interpreted, expected, F32_DOT_ERROR * dot_magnitude(x, w), f"int4 {PALLAS_MODE}")
 
 
 @pytest.mark.parametrize("weight_in_cache", [True, False])
@@ -230,9 +231,9 @@ def test_int4_matmul_on_cpu_matches_reference(rng, monkeypatch, m, weight_in_cac
     w = dequantize_int4(packed, scale, offset, jnp.float32)
     if not weight_in_cache and m <= SPLIT_DOT_MAX_ROWS:  # split x times codes * scale (at most 15 * scale)
         code_magnitude = 15 * np.repeat(np.asarray(scale, np.float64), group_size, axis=0)
-        bound = split_bound(x, code_magnitude) + F32_ERROR * dot_magnitude(x, w)
+        bound = split_bound(x, code_magnitude) + F32_DOT_ERROR * dot_magnitude(x, w)
     else:  # f32 activations: the dequantized weight is dotted in f32
-        bound = 2 * F32_ERROR * dot_magnitude(x, w)
+        bound = 2 * F32_DOT_ERROR * dot_magnitude(x, w)
     assert_within(on_cpu, expected, bound, "int4 xla")
 
 
@@ -241,10 +242,10 @@ def test_int4_matmul_bf16_activations(rng):
     x = activations(rng, 3, k, jnp.bfloat16)
     packed, scale, offset = int4_weight(rng, k, n, group_size)
     expected = int4_matmul(x, packed, scale, offset, implementation="reference")
-    out = int4_matmul(x, packed, scale, offset, implementation="interpret")
+    out = int4_matmul(x, packed, scale, offset, implementation=PALLAS_MODE)
     assert out.dtype == jnp.bfloat16
     w = dequantize_int4(packed, scale, offset, jnp.float32)
-    assert_within(out, expected, BF16_ERROR * dot_magnitude(x, w), "int4 bf16 interpret")
+    assert_within(out, expected, BF16_ERROR * dot_magnitude(x, w), f"int4 bf16 {PALLAS_MODE}")
 
 
 # ---- W8A8: int8 and fp8 ------------------------------------------------------------------------
@@ -261,7 +262,7 @@ def w8a8_weight(rng, k, n, kind):
 
 @pytest.mark.parametrize("kind", ["int8", "fp8 per-channel", "fp8 per-tensor"])
 @pytest.mark.parametrize("m", ROWS)
-def test_w8a8_matmul_interpret_and_xla_match_reference(rng, m, kind):
+def test_w8a8_matmul_pallas_and_xla_match_reference(rng, m, kind):
     k, n = 96, 64
     x = activations(rng, m, k)
     w_q, w_scale = w8a8_weight(rng, k, n, kind)
@@ -269,11 +270,11 @@ def test_w8a8_matmul_interpret_and_xla_match_reference(rng, m, kind):
     x_q, x_scale = activation_quant.quantize_per_token(x, w_q.dtype)
     # Same quantized activations on every path: only the accumulation order may differ (fp8).
     magnitude = dot_magnitude(np.asarray(x_q, np.float64) * np.asarray(x_scale)[:, None], np.asarray(w_q, np.float64) * np.asarray(w_scale))
-    runs = [("interpret", w_q), ("xla", w_q)] + ([("xla", cpu_int8_dot.pack(w_q))] if kind == "int8" else [])
+    runs = [(PALLAS_MODE, w_q), ("xla", w_q)] + ([("xla", cpu_int8_dot.pack(w_q))] if kind == "int8" else [])
     for implementation, stored in runs:
         out = w8a8_matmul(x, stored, w_scale, implementation=implementation)
         assert out.shape == (m, n) and out.dtype == jnp.float32
-        assert_within(out, expected, F32_ERROR * magnitude, f"{kind} {implementation} {stored.shape}")
+        assert_within(out, expected, F32_DOT_ERROR * magnitude, f"{kind} {implementation} {stored.shape}")
 
 
 def test_w8a8_matmul_bf16_activations(rng):
@@ -281,7 +282,7 @@ def test_w8a8_matmul_bf16_activations(rng):
     x = activations(rng, 5, k, jnp.bfloat16)
     w_q, w_scale = w8a8_weight(rng, k, n, "int8")
     expected = w8a8_matmul(x, w_q, w_scale, implementation="reference")
-    for implementation in ("interpret", "xla"):
+    for implementation in (PALLAS_MODE, "xla"):
         out = w8a8_matmul(x, w_q, w_scale, implementation=implementation)
         assert out.dtype == jnp.bfloat16
         assert_within(out, expected, BF16_ERROR * np.abs(np.asarray(expected, np.float64)), f"w8a8 bf16 {implementation}")
@@ -290,7 +291,7 @@ def test_w8a8_matmul_bf16_activations(rng):
 def test_pallas_kernel_rejects_untileable_width(rng):
     w_q, w_scale = int8_weight(rng, 96, 40)  # 40 is not a multiple of 16
     with pytest.raises(ValueError, match="multiple of 16"):
-        int8_matmul(activations(rng, 2, 96), w_q, w_scale, implementation="interpret")
+        int8_matmul(activations(rng, 2, 96), w_q, w_scale, implementation=PALLAS_MODE)
 
 
 # ---- GPU lowering without a GPU ----------------------------------------------------------------

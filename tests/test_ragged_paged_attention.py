@@ -1,4 +1,5 @@
-"""Ragged paged attention: the XLA path and the Pallas kernel (interpret mode) against the dense reference.
+"""Ragged paged attention: the XLA path, the C++ CPU kernel and the Pallas kernel (compiled on a GPU, in
+interpret mode elsewhere) against the dense reference.
 
 Every case uses fresh random inputs, physical blocks shuffled across the pool, padding tokens and
 padding sequences, and fills every pool row no sequence owns (the null block included) with NaN.
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import ON_GPU, PALLAS_MODE
 from jaxinfer.cache.attention_metadata import AttentionMetadata
 from jaxinfer.cache.kv_pool import LayerKVCache, init_layer_cache, write_kv
 from pallas_kernels import cpu_paged_attention
@@ -27,9 +29,8 @@ HEAD_DIM = 64
 SM_SCALE = HEAD_DIM ** -0.5
 needs_cpu_kernel = pytest.mark.skipif(not cpu_paged_attention.available(),
                                       reason="needs an x86-64 CPU with AVX2/FMA and a C++ compiler")
-# Every implementation that runs on this CPU: the XLA path, the C++ kernel and the Pallas kernel in
-# interpret mode.
-CPU_IMPLEMENTATIONS = ["xla", pytest.param("cpu", marks=needs_cpu_kernel), "interpret"]
+# Every implementation that runs on this backend: the XLA path, the C++ kernel (CPU) and the Pallas kernel.
+IMPLEMENTATIONS = ["xla", pytest.param("cpu", marks=needs_cpu_kernel), PALLAS_MODE]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +100,7 @@ def mixed_chunks(block_size: int) -> list[tuple[int, int]]:
             (block_size - 1, long), (1, long), (3, 2 * block_size + 2)]
 
 
-@pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(2, 2), (3, 1), (8, 2), (8, 1)])
 def test_mixed_batch_matches_reference(implementation, block_size, num_q_heads, num_kv_heads):
@@ -108,7 +109,7 @@ def test_mixed_batch_matches_reference(implementation, block_size, num_q_heads, 
     check_against_reference(batch, implementation, tolerance=1e-5)
 
 
-@pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 def test_decode_batch_matches_reference(implementation, block_size):
     lengths = [1, block_size - 1, block_size, block_size + 1, 5 * block_size + 2, 2 * KV_CHUNK_TOKENS + 1]
@@ -117,7 +118,7 @@ def test_decode_batch_matches_reference(implementation, block_size):
     check_against_reference(batch, implementation, tolerance=1e-5)
 
 
-@pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("kv_dtype,q_dtype,tolerance", [("int8", jnp.float32, 1e-5), ("fp8", jnp.float32, 1e-5),
                                                         ("bfloat16", jnp.bfloat16, 1e-2), ("fp8", jnp.bfloat16, 1e-2)])
 def test_storage_dtypes_match_reference(implementation, kv_dtype, q_dtype, tolerance):
@@ -126,7 +127,7 @@ def test_storage_dtypes_match_reference(implementation, kv_dtype, q_dtype, toler
     check_against_reference(batch, implementation, tolerance=tolerance)
 
 
-@pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_soft_cap_and_head_dim_128(implementation):
     batch = make_batch(11, mixed_chunks(16), block_size=16, num_q_heads=4, num_kv_heads=1, head_dim=128)
     check_against_reference(batch, implementation, tolerance=1e-5, soft_cap=0.5)
@@ -215,6 +216,7 @@ def test_split_tiles_cover_decodes_and_chunks_within_their_bounds(seed):
             assert tiles["start"][owner] + row == token and row < tiles["count"][owner]
 
 
+@pytest.mark.skipif(ON_GPU, reason="checks that a CPU never runs the Pallas kernel")
 def test_default_implementation_never_interprets(monkeypatch):
     cache = init_layer_cache(4, 8, 1, HEAD_DIM, "float32")
     odd_head_dim = init_layer_cache(4, 8, 1, 12, "float32")
@@ -320,8 +322,9 @@ def test_bad_arguments_raise_clear_errors():
     batch = make_batch(4, [(1, 5)], block_size=8, num_q_heads=2, num_kv_heads=1)
     call = functools.partial(rpa.ragged_paged_attention, cache=batch.cache, metadata=batch.metadata,
                              sm_scale=SM_SCALE)
-    with pytest.raises(ValueError, match="compiles for GPU only"):
-        call(batch.q, implementation="pallas")
+    if not ON_GPU:
+        with pytest.raises(ValueError, match="compiles for GPU only"):
+            call(batch.q, implementation="pallas")
     with pytest.raises(ValueError, match="unknown attention implementation"):
         call(batch.q, implementation="triton")
     with pytest.raises(ValueError, match="num_q_heads a multiple of num_kv_heads"):
@@ -376,3 +379,16 @@ def test_xla_path_with_kv_heads_sharded_across_devices(chunks):
     out = _compiled("xla", None)(q, cache, batch.metadata)
     ref = _compiled("reference", None)(batch.q, batch.cache, batch.metadata)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+
+
+def test_attention_override_from_the_environment(monkeypatch):
+    from jaxinfer.errors import EngineError
+    from jaxinfer.runner.step import attention_implementation
+
+    monkeypatch.delenv("JAXINFER_ATTENTION", raising=False)
+    assert attention_implementation(1) is None and attention_implementation(2) == "xla"
+    monkeypatch.setenv("JAXINFER_ATTENTION", "xla")
+    assert attention_implementation(1) == "xla"
+    monkeypatch.setenv("JAXINFER_ATTENTION", "flash")
+    with pytest.raises(EngineError, match="JAXINFER_ATTENTION='flash': use xla, pallas"):
+        attention_implementation(1)

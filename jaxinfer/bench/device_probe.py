@@ -1,7 +1,7 @@
 """Measuring the device the roofline is drawn for: memory copy bandwidth and matmul rate.
 
-Bandwidth is bytes read + written per second copying a large float32 array (the better of a
-numpy copy and a jitted jax scale, which XLA may spread over several threads); the matmul rate
+Bandwidth is bytes read + written per second copying a large float32 array (a jitted jax scale;
+on a CPU the better of that, which XLA may spread over several threads, and a numpy copy); the matmul rate
 is FLOP/s of a jitted float32 `[rows, k] @ [k, n]` with device-resident operands. Both report
 the median of several timed repetitions after a warm-up.
 """
@@ -26,15 +26,19 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return float(np.median(times))
 
 
-def copy_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 7) -> float:
-    """Bytes per second (read + written) of copying a `num_bytes` float32 array."""
-    source = np.random.default_rng(0).standard_normal(num_bytes // 4, dtype=np.float32)
-    target = np.empty_like(source)
-    numpy_s = median_seconds(lambda: np.copyto(target, source), repeats)
-    device_source = jax.device_put(source)
+def copy_bandwidth(num_bytes: int | None = None, repeats: int = 7) -> float:
+    """Bytes per second (read + written) of copying a `num_bytes` float32 array: 256 MiB on a CPU,
+    4 GiB on an accelerator (so that one copy outlasts the host's timer and launch by far)."""
+    on_cpu = jax.default_backend() == "cpu"
+    num_bytes = num_bytes or (256 * 2**20 if on_cpu else 4 * 2**30)
     scale = jax.jit(lambda x: x * jnp.float32(1.0001))
-    jax_s = median_seconds(lambda: scale(device_source).block_until_ready(), repeats)
-    return 2 * source.nbytes / min(numpy_s, jax_s)
+    device_source = jax.random.normal(jax.random.key(0), (num_bytes // 4,), jnp.float32)
+    seconds = median_seconds(lambda: scale(device_source).block_until_ready(), repeats)
+    if on_cpu:
+        source = np.asarray(device_source)
+        target = np.empty_like(source)
+        seconds = min(seconds, median_seconds(lambda: np.copyto(target, source), repeats))
+    return 2 * num_bytes / seconds
 
 
 def matmul_rate(rows: int = 256, k: int = 2048, n: int = 2048, repeats: int = 7) -> float:

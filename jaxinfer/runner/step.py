@@ -25,12 +25,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 
 from jaxinfer.cache.attention_metadata import AttentionMetadata
 from jaxinfer.cache.kv_pool import write_kv
+from jaxinfer.errors import EngineError
 from jaxinfer.model.config import ModelConfig
 from jaxinfer.model.llama import LINEAR_WEIGHTS, compute_logits, forward, head_weight
 from jaxinfer.runner.buckets import Bucket
@@ -87,8 +89,16 @@ def route_dense_weights(params, num_devices: int):
 
 def attention_implementation(num_devices: int) -> str | None:
     """The backend's attention (None) on one device; under GSPMD tensor parallelism the all-XLA path,
-    since a custom call such as the CPU attention kernel is not partitioned (see `ragged_paged_attention`)."""
-    return None if num_devices == 1 else "xla"
+    since a custom call such as the CPU attention kernel is not partitioned (see `ragged_paged_attention`).
+    The environment variable JAXINFER_ATTENTION (xla, pallas, cpu) overrides the one-device choice, for
+    A/B measurements and as a way around a kernel that fails on some device; it is read when a step is
+    traced, so a built engine keeps the attention it was built with."""
+    if num_devices > 1:
+        return "xla"
+    chosen = os.environ.get("JAXINFER_ATTENTION") or None
+    if chosen not in (None, "xla", "pallas", "cpu"):
+        raise EngineError(f"JAXINFER_ATTENTION={chosen!r}: use xla, pallas (GPU) or cpu, or unset it")
+    return chosen
 
 
 def paged_attend(q, k, v, cache, *, metadata: AttentionMetadata, sm_scale: float, implementation: str | None):

@@ -193,7 +193,7 @@ void rectangles_dot(ffi::ThreadPool& pool, const X* x, const W* w, float* out, i
   const Rectangles r = rectangles(k, n, kMaxTileCols, row_multiple, k);
   std::vector<float> partial_sums(r.slabs > 1 ? r.slabs * m * n : 0);
   const Problem<X, W> p{x, w, r.slabs > 1 ? partial_sums.data() : out, m, k, n, r.tile_cols, r.tiles, r.slab_rows};
-  jaxinfer::run_on_pool(pool, r.slabs * r.tiles, [p, walk](int64_t i) {
+  jaxinfer::run_on_pool(pool, r.slabs * r.tiles, m, [p, walk](int64_t i) {
     for (int64_t r0 = 0; r0 < p.m; r0 += kChunk)
       jaxinfer::with_row_count<kChunk>(p.m - r0, [&](auto rows) { walk(p, i / p.tiles, i % p.tiles, r0, rows); });
   });
@@ -334,7 +334,7 @@ void amx_dot(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* w, float*
   const Rectangles r = rectangles(k, n, tile_cols, kAmxK, slabbed ? k : 1);
   std::vector<float> partial_sums(r.slabs > 1 ? r.slabs * m * n : 0);
   const AmxProblem p{x, w, r.slabs > 1 ? partial_sums.data() : out, m, k, n, r};
-  jaxinfer::run_on_pool(pool, r.slabs * r.tiles, [p](int64_t i) { amx_item(p, i); });
+  jaxinfer::run_on_pool(pool, r.slabs * r.tiles, m, [p](int64_t i) { amx_item(p, i); });
   if (r.slabs > 1) sum_partials(p.partial, r.slabs, m * n, out);
 }
 

@@ -227,7 +227,7 @@ ffi::Error W4A8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
                   reinterpret_cast<const uint16_t*>(scale.typed_data()),
                   reinterpret_cast<const uint16_t*>(offset.typed_data()), y->typed_data(), m, k, n, group};
   const int64_t items = (cd[0] + kBlocksPerItem - 1) / kBlocksPerItem;
-  jaxinfer::run_on_pool(pool, items, [p](int64_t i) { item(p, i); });
+  jaxinfer::run_on_pool(pool, items, m, [p](int64_t i) { item(p, i); });
   return ffi::Error::Success();
 }
 

@@ -209,13 +209,13 @@ void dot(ffi::ThreadPool& pool, const int8_t* x, const int8_t* w, int32_t* y, in
   if (amx_serves(m, k, n)) {
     const std::vector<int8_t> x_tiles = pack_x_tiles(x, m, k);
     const Problem p{nullptr, x_tiles.data(), nullptr, w, y, m, k, n};
-    jaxinfer::run_on_pool(pool, items, [p](int64_t item) { amx_item(p, item); });
+    jaxinfer::run_on_pool(pool, items, m, [p](int64_t item) { amx_item(p, item); });
     return;
   }
   std::vector<uint8_t> x_offset(m * k);
   for (int64_t i = 0; i < m * k; ++i) x_offset[i] = static_cast<uint8_t>(x[i] + 128);
   const Problem p{x_offset.data(), nullptr, nullptr, w, y, m, k, n};
-  jaxinfer::run_on_pool(pool, items, [p](int64_t item) { vnni_item(p, item); });
+  jaxinfer::run_on_pool(pool, items, m, [p](int64_t item) { vnni_item(p, item); });
 }
 
 #else  // AVX2
@@ -281,7 +281,7 @@ void dot(ffi::ThreadPool& pool, const int8_t* x, const int8_t* w, int32_t* y, in
   std::vector<int16_t> x_wide(m * k_padded, 0);
   for (int64_t r = 0; r < m; ++r) std::copy(x + r * k, x + (r + 1) * k, x_wide.begin() + r * k_padded);
   const Problem p{nullptr, nullptr, x_wide.data(), w, y, m, k, n};
-  jaxinfer::run_on_pool(pool, items, [p, k_padded](int64_t item) { wide_item(p, item, k_padded); });
+  jaxinfer::run_on_pool(pool, items, m, [p, k_padded](int64_t item) { wide_item(p, item, k_padded); });
 }
 
 #endif  // __AVX512VNNI__

@@ -20,7 +20,7 @@
 // [H, D]. Each K and V element is read once, against the XLA path's gathers of whole chunks, loop
 // bookkeeping and partial-softmax merges, which cost ~100 us per layer even at short contexts.
 // Decodes are the work items: from kMinPositionsToSplit positions in all, chunks of them are shared
-// with XLA's intra-op pool. In a microbenchmark (benchmarks/bench_paged_attention.py, warm cache)
+// with other threads (cpu_thread_pool.h; these measurements predate its own team of threads). In a microbenchmark (benchmarks/bench_paged_attention.py, warm cache)
 // sharing did not pay below 2048 positions, since waking a pool thread costs about as much as a short
 // call; inside a decode step, where the K/V rows come from memory and the pool wakes for the next
 // matmul anyway, it does from a few hundred: a w4a8 SmolLM2 engine at 128-token prompts on the Xeon
@@ -64,7 +64,7 @@ namespace {
 
 constexpr int kLanes = 8;  // floats per AVX2 register; the Python side requires D % kLanes == 0
 // A call whose decodes read fewer positions than this stays on the calling thread; more are split
-// into about kItemsWhenSplit items shared with XLA's intra-op pool (see the top of this file). A
+// into about kItemsWhenSplit items shared with other threads (see the top of this file). A
 // prefill tile counts as its tokens x its context positions.
 constexpr int64_t kMinPositionsToSplit = 256;
 constexpr int64_t kItemsWhenSplit = 8;
@@ -423,6 +423,8 @@ ffi::Error attention(ffi::ThreadPool& pool, const Problem& p, const void* k_data
   int64_t positions = 0;
   for (int64_t i = 0; i < num_decodes; ++i) positions += decodes[i].len;
   for (int64_t i = 0; i < num_tiles; ++i) positions += tiles[i].count * tiles[i].kv_len();
+  int64_t query_tokens = num_decodes;
+  for (int64_t i = 0; i < num_tiles; ++i) query_tokens += tiles[i].count;
   // Chunks of decodes as the first items (a lone decode split by query heads; all decodes in one
   // chunk below kMinPositionsToSplit), then one per (prefill tile, kv head), shared with the pool.
   const int64_t per_chunk = std::max<int64_t>(1, positions >= kMinPositionsToSplit ? num_decodes / kItemsWhenSplit
@@ -445,7 +447,7 @@ ffi::Error attention(ffi::ThreadPool& pool, const Problem& p, const void* k_data
       decode(p, k, v, decodes[i].seq, decodes[i].token, decodes[i].len, j0, j1, logits, row_scratch);
   };
   if (items > 1)
-    jaxinfer::run_on_pool(pool, items, item_fn);
+    jaxinfer::run_on_pool(pool, items, query_tokens, item_fn);
   else
     for (int64_t item = 0; item < items; ++item) item_fn(item);
   return ffi::Error::Success();

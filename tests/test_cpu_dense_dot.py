@@ -118,3 +118,22 @@ def test_routing_wraps_dense_matmul_weights_on_one_device_only(rng):
                      "w_gate_up": "KernelDenseWeight", "w_down": "ArrayImpl"}
     assert routed["lm_head"].w is params["embed"] and routed["embed"] is params["embed"]
     assert route_dense_weights(params, num_devices=2) is params
+
+
+@needs_kernel
+def test_calls_from_several_threads_at_once_all_match(rng):
+    """Decode-sized calls share one team of threads (cpu_thread_pool.h); a call that finds it busy
+    with another's job uses XLA's pool instead. Eight threads calling at once must all be right."""
+    import concurrent.futures
+
+    problems = [random_problem(rng, 1 + i % 4, 576, 960) for i in range(8)]
+    dot = jax.jit(cpu_dense_dot.dense_dot)
+
+    def run(problem):
+        x, w, x64, w64 = problem
+        return [np.asarray(dot(x, w)) for _ in range(20)], x64 @ w64, np.abs(x64) @ np.abs(w64)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for results, want, magnitude in pool.map(run, problems):
+            for got in results:
+                assert np.all(np.abs(got - want) <= 1e-6 * magnitude)

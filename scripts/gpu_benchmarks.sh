@@ -39,8 +39,11 @@ model_step() {  # step; if it failed (not by its time limit), once more with the
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 "$py" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 
-# Tests share the GPU among workers: no preallocation of 75% of its memory per process.
-step kernels 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false "$py" -m pytest -q -n 12 -p no:cacheprovider \
+# With pytest-xdist the tests share the GPU among workers: no preallocation of 75% of its memory
+# per process.
+workers=()
+"$py" -c "import xdist" 2>/dev/null && workers=(-n 12)
+step kernels 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false "$py" -m pytest -q "${workers[@]}" -p no:cacheprovider \
     tests/test_ragged_paged_attention.py tests/test_quant_kernels.py
 step attention 90 "$py" benchmarks/bench_paged_attention.py --batches 1,32,256 --contexts 512,4096 \
     --prefill-lens 512,4096 --kv-dtype bfloat16 --rounds 30

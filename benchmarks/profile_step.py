@@ -1,0 +1,110 @@
+"""Where a decode step's time goes: a jax.profiler trace of steady batch-B decode steps, summed by op.
+
+Runs an engine (a built engine directory, a checkpoint, or random:CONFIG) with B requests that decode
+together, traces --steps steps after a warm-up, and prints the wall time per step and, per traced
+process (the host's XLA threads on a CPU; each GPU's streams), the ops that took the most time per
+step, by kind: custom calls by their target (the C++ kernels on a CPU), other ops by their name
+without its number (XLA fusions, copies); `ops` counts the distinct ops of a kind. The wrappers around them
+(Python frames, thunk executors) are left out, so the op times of a CPU step sum to the compute and
+the rest of the wall time is the host's work and waiting. The trace itself stays in --trace-dir for
+Perfetto (ui.perfetto.dev).
+
+    .venv/bin/python benchmarks/profile_step.py engines/bf16 [--batch 1] [--steps 20] [--top 15]
+    python3 benchmarks/profile_step.py random:configs/models/llama3-8b --kv-memory 8GiB   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+import time
+from pathlib import Path
+
+import jax
+
+from jaxinfer.engine.create import create_engine
+from jaxinfer.sampling_params import SamplingParams
+
+# Trace events that wrap the ops rather than being ops.
+_WRAPPER_PREFIXES = ("$", "end: ", "ThunkExecutor", "PjitFunction", "CommonPjRtLoadedExecutable", "np.asarray")
+
+
+def trace_steps(engine, batch: int, steps: int, trace_dir: Path) -> float:
+    """Seconds per step of `steps` traced decode steps of `batch` sequences."""
+    for i in range(batch):
+        engine.add_request(f"profile-{i}", prompt_token_ids=list(range(3, 35)),
+                           params=SamplingParams(temperature=0, max_tokens=steps + 16, ignore_eos=True))
+    for _ in range(8):  # prefill and the first decodes, so every traced step is a steady decode
+        engine.step()
+    jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    seconds = (time.perf_counter() - start) / steps
+    jax.profiler.stop_trace()
+    while engine.has_unfinished_requests():
+        engine.step()
+    return seconds
+
+
+def op_kinds(engine, batch: int) -> dict[str, str]:
+    """HLO instruction name -> its kind in the batch-`batch` decode step: a custom call's target
+    (jaxinfer_dense_dot, a Pallas kernel's name on a GPU, ...)."""
+    bucket = engine.engine_cfg.ladder.select(batch, batch, batch)
+    hlo = engine.runner.executables[bucket].as_text()
+    return dict(re.findall(r'([\w.-]+) = [^\n]*?custom_call_target="([\w.-]+)"', hlo))
+
+
+def kind_of(name: str, kinds: dict[str, str]) -> str:
+    """A traced op's kind: its custom call target, else its name without the .N that numbers it."""
+    return kinds.get(name) or re.sub(r"\.\d+$", "", name)
+
+
+def op_times(trace_file: Path) -> dict[str, collections.Counter]:
+    """Microseconds per op name over the trace, per traced process (Python frames and wrappers left out)."""
+    with gzip.open(trace_file) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    totals: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for e in events:
+        if e.get("ph") != "X" or threads.get((e["pid"], e["tid"])) == "python" or e["name"].startswith(_WRAPPER_PREFIXES):
+            continue
+        totals[processes.get(e["pid"], str(e["pid"]))][e["name"]] += e["dur"]
+    return totals
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", nargs="?", help="engine directory, checkpoint or random:CONFIG (default model if omitted)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--kv-memory", default="256MiB", help="KV pool size when the engine is built here")
+    parser.add_argument("--trace-dir", type=Path, default=Path("results/profile"))
+    args = parser.parse_args()
+    engine = create_engine(args.model, progress=False, max_num_seqs=args.batch, max_num_batched_tokens=max(64, args.batch),
+                           max_model_len=512, kv_memory=args.kv_memory)
+    seconds = trace_steps(engine, args.batch, args.steps, args.trace_dir)
+    trace_file = max(args.trace_dir.glob("**/*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    print(f"{args.model or 'default model'}, batch {args.batch}: {seconds * 1e3:.2f} ms per step (wall, traced); "
+          f"jax {jax.__version__} on {jax.devices()[0].device_kind}; trace {trace_file}")
+    kinds = op_kinds(engine, args.batch)
+    for process, totals in op_times(trace_file).items():
+        by_kind, calls = collections.Counter(), collections.Counter()
+        for name, micros in totals.items():
+            by_kind[kind_of(name, kinds)] += micros
+            calls[kind_of(name, kinds)] += 1
+        print(f"\n{process}: {sum(totals.values()) / args.steps / 1e3:.2f} ms of ops per step")
+        print(f"  {'ms/step':>8} {'ops':>5}  kind (custom call target, or op name)")
+        for kind, micros in by_kind.most_common(args.top):
+            print(f"  {micros / args.steps / 1e3:8.3f} {calls[kind]:>5}  {kind[:100]}")
+
+
+if __name__ == "__main__":
+    main()

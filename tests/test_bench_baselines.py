@@ -144,6 +144,15 @@ def test_python_without_the_library_names_the_setup_command(tmp_path, name):
         run_job(BASELINES[name], tmp_path / "missing" / "python", {"job": "latency"})
 
 
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_baselines_refuse_random_weights_before_measuring(name):
+    from jaxinfer.bench.runs import latency_main
+
+    args = argparse.Namespace(model="random:configs/models/smollm2-135m", baseline=[name])
+    with pytest.raises(EngineError, match=f"needs real weights.*drop --baseline {name}"):
+        latency_main(args)  # refused before the engine is built: args has nothing else it would need
+
+
 def test_llamacpp_needs_a_gguf_file(tmp_path):
     assert checkpoint_source(None, BASELINES["llamacpp"]).endswith(".gguf")
     assert checkpoint_source(tmp_path, BASELINES["hf"]) == str(tmp_path)

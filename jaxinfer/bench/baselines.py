@@ -63,6 +63,9 @@ def checkpoint_source(model: str | Path | None, baseline: Baseline) -> str:
         source = json.loads((Path(model) / ENGINE_MANIFEST).read_text())["source"]
     else:
         source = str(model)
+    if source.startswith("random:"):
+        raise EngineError(f"the {baseline.label} baseline needs real weights, and {source} has none (random weights "
+                          f"for a shape): drop --baseline {baseline.name} or pass a checkpoint")
     if baseline.needs_gguf and not source.endswith(".gguf"):
         raise EngineError(f"the {baseline.label} baseline loads .gguf files only, and the model is {source}")
     return source

@@ -64,7 +64,12 @@ def _run_engine(engine, requests, offsets, run_index: int, static_batch: int | N
 
 
 def _external_baselines(args) -> list:
-    return [BASELINES[name] for name in args.baseline if name in BASELINES]
+    """The external baselines asked for; their checkpoints are resolved here, so that a model they
+    cannot load is refused before any measuring."""
+    baselines = [BASELINES[name] for name in args.baseline if name in BASELINES]
+    for baseline in baselines:
+        checkpoint_source(args.model, baseline)
+    return baselines
 
 
 def _run_baseline(args, baseline, engine, job: dict) -> dict:
@@ -83,6 +88,7 @@ def _samples(timings: list[RequestTiming]) -> dict[str, list[float]]:
 # -- throughput -----------------------------------------------------------------------------------
 
 def throughput_main(args) -> None:
+    baselines = _external_baselines(args)
     engine = _engine(args)
     requests = _workload(args, engine.model_cfg.vocab_size, engine.tokenizer.encode)
     _warm_up(engine)
@@ -95,7 +101,7 @@ def throughput_main(args) -> None:
         name = f"static batching (B={batch})"
         systems[name], timings = _run_engine(engine, requests, offsets, run_index=2, static_batch=batch)
         samples[name] = _samples(timings)
-    for baseline in _external_baselines(args):
+    for baseline in baselines:
         subset = requests[:getattr(args, f"{baseline.name}_num_requests") or len(requests)]
         batch = getattr(args, f"{baseline.name}_batch_size") if baseline.batched else 1
         result = _run_baseline(args, baseline, engine, {
@@ -123,6 +129,7 @@ def _rates(totals: dict) -> dict:
 # -- latency --------------------------------------------------------------------------------------
 
 def latency_main(args) -> None:
+    baselines = _external_baselines(args)
     engine = _engine(args, max_num_seqs=args.max_num_seqs or max(args.batch_sizes))
     _warm_up(engine)
     bandwidth = args.bandwidth * 1e9 if args.bandwidth else copy_bandwidth()
@@ -132,7 +139,7 @@ def latency_main(args) -> None:
     stream_rate = latency.weight_stream_rate(engine, bandwidth)
     systems = {"jaxinfer": ours}
     vocab = engine.model_cfg.vocab_size
-    for baseline in _external_baselines(args):
+    for baseline in baselines:
         systems[baseline.label] = _run_baseline(args, baseline, engine, {
             "job": "latency", "decode_tokens": args.decode_tokens,
             # one at a time, a baseline that does not batch has only a batch-1 decode rate

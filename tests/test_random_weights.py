@@ -55,3 +55,11 @@ def test_engine_on_random_weights_matches_the_reference_generator():
     checkpoint = load_checkpoint(f"random:{TINY}")  # the same draws: the key is fixed
     expected = ReferenceGenerator(checkpoint.params, checkpoint.config, max_len=64).generate(prompts, 8)
     assert [o.outputs[0].token_ids for o in outputs] == expected
+
+
+def test_the_config_alone_draws_no_weights():
+    from jaxinfer.checkpoint import load_config
+
+    # An 8B shape's float32 draws would take 32 GB: the roofline command only needs the config.
+    cfg = load_config("random:configs/models/llama3-8b")
+    assert (cfg.num_layers, cfg.hidden_size, cfg.vocab_size, cfg.num_kv_heads) == (32, 4096, 128256, 8)

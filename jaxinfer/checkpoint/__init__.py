@@ -49,6 +49,16 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     return checkpoint
 
 
+def load_config(path: str | Path | None = None) -> ModelConfig:
+    """The model config alone: for random:CONFIG without drawing the weights (an 8B shape would take
+    32 GB), else that of the loaded checkpoint."""
+    from jaxinfer.checkpoint import random_weights
+
+    if isinstance(path, str) and path.startswith(random_weights.PREFIX):
+        return random_weights.read_config(path)[0]
+    return load_checkpoint(path).config
+
+
 def check_params_match_config(params: dict, cfg: ModelConfig) -> None:
     """Raises CheckpointError naming the first tensor whose shape contradicts the config."""
     check_shapes(param_shapes(cfg), params)

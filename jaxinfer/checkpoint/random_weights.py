@@ -30,9 +30,8 @@ from jaxinfer.tokenizer import Tokenizer
 PREFIX = "random:"
 
 
-def load(spec: str):
-    from jaxinfer.checkpoint import Checkpoint
-
+def read_config(spec: str) -> tuple[ModelConfig, dict, Path]:
+    """The ModelConfig of `random:CONFIG` (no weights drawn), with the HF config dict and its file."""
     path = Path(spec.removeprefix(PREFIX))
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file():
@@ -42,7 +41,13 @@ def load(spec: str):
         hf_config = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config_file} is not valid JSON: {err}") from None
-    cfg = ModelConfig.from_hf(hf_config, name=config_file.parent.name)
+    return ModelConfig.from_hf(hf_config, name=config_file.parent.name), hf_config, config_file
+
+
+def load(spec: str):
+    from jaxinfer.checkpoint import Checkpoint
+
+    cfg, hf_config, config_file = read_config(spec)
     std = float(hf_config.get("initializer_range", 0.02))
     shapes = param_shapes(cfg)
     keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(shapes, is_leaf=_is_shape))))
@@ -51,7 +56,7 @@ def load(spec: str):
     tokenizer_file = config_file.parent / "tokenizer.json"
     tokenizer = (Tokenizer.from_hf_dir(config_file.parent, cfg.eos_token_ids) if tokenizer_file.is_file()
                  else _byte_tokenizer(cfg.eos_token_ids))
-    return Checkpoint(cfg, params, tokenizer, PREFIX + str(path))
+    return Checkpoint(cfg, params, tokenizer, spec)
 
 
 def _is_shape(node) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 from jaxinfer.bench import device_probe
 from jaxinfer.bench.results import write_results
 from jaxinfer.bench.roofline import Device, roofline_report
-from jaxinfer.checkpoint import load_checkpoint
+from jaxinfer.checkpoint import load_config
 from jaxinfer.errors import EngineError
 from jaxinfer.model.config import ModelConfig, RopeScaling
 
@@ -31,7 +31,7 @@ def _model_and_dtypes(args) -> tuple[ModelConfig, str, str]:
         fields["eos_token_ids"] = tuple(fields.get("eos_token_ids", ()))
         engine = manifest["engine_config"]
         return ModelConfig(**fields), engine.get("quant") or engine["dtype"], engine["kv_dtype"]
-    return load_checkpoint(args.model).config, args.dtype, args.kv_dtype or args.dtype
+    return load_config(args.model), args.dtype, args.kv_dtype or args.dtype
 
 
 def main(args) -> None:

@@ -3,14 +3,16 @@
 #   1. the Pallas kernels compiled for the GPU against their references (the kernel tests, which run
 #      interpret mode on CPU and the compiled kernels on a GPU),
 #   2. bench latency and bench throughput on random weights of the default model's shape and of
-#      Llama-3-8B's (configs/models/; speed depends on the shape alone).
+#      Llama-3-8B's (configs/models/; speed depends on the shape alone),
+#   3. where a batch-1 decode step's time goes on the device (benchmarks/profile_step.py).
 # Each step has its own time limit and log, so one failure does not hide the others.
 #
 #   scripts/gpu_benchmarks.sh [RESULTS_DIR] [STEPS]     (default: results/gpu, all steps)
-# STEPS is a comma-separated subset of: kernels,attention,latency,latency8b,throughput8b,throughput,serve8b
+# STEPS is a comma-separated subset of:
+#   kernels,attention,latency,latency8b,throughput8b,throughput,serve8b,profile,profile8b
 set -u
 out=${1:-results/gpu}
-steps=${2:-kernels,attention,latency,latency8b,throughput8b,throughput,serve8b}
+steps=${2:-kernels,attention,latency,latency8b,throughput8b,throughput,serve8b,profile,profile8b}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -59,3 +61,8 @@ model_step throughput 150 "${jaxinfer[@]}" bench throughput "$smollm2" --max-num
 model_step serve8b 200 "${jaxinfer[@]}" bench serve "$llama8b" --request-rate 4,16,64 --num-requests 96 \
     --input-len 64:256 --output-len 32:128 --max-num-seqs 256 --max-num-batched-tokens 2048 \
     --kv-memory 16GiB --baseline static --output "$out/serve_llama3_8b.json"
+# The traces stay on the machine (large); the logs hold the per-kernel summary.
+model_step profile 120 "$py" benchmarks/profile_step.py "$smollm2" --batch 1 --steps 30 --kv-memory 1GiB \
+    --trace-dir /tmp/jaxinfer-trace
+model_step profile8b 180 "$py" benchmarks/profile_step.py "$llama8b" --batch 1 --steps 30 --kv-memory 4GiB \
+    --trace-dir /tmp/jaxinfer-trace8b

@@ -20,17 +20,17 @@
 // [H, D]. Each K and V element is read once, against the XLA path's gathers of whole chunks, loop
 // bookkeeping and partial-softmax merges, which cost ~100 us per layer even at short contexts.
 // Decodes are the work items: from kMinPositionsToSplit positions in all, chunks of them are shared
-// with other threads (cpu_thread_pool.h; these measurements predate its own team of threads). In a microbenchmark (benchmarks/bench_paged_attention.py, warm cache)
-// sharing did not pay below 2048 positions, since waking a pool thread costs about as much as a short
-// call; inside a decode step, where the K/V rows come from memory and the pool wakes for the next
-// matmul anyway, it does from a few hundred: a w4a8 SmolLM2 engine at 128-token prompts on the Xeon
-// VM went from 22.6 to 17.2 ms a step at batch 8 and from 11.3-11.8 to 8.0-9.7 at batch 2 with the
-// threshold at 2048 -> 128-512. A lone decode (batch 1) is split into kLoneDecodeParts items by query
-// heads (a kv head whose group straddles the split is read by both): a bfloat16 SmolLM2 batch-1 step
-// went from 17.5-18.0 to 16.0-17.8 ms at 128 positions and from 19.3-20.2 to 18.0-18.8 at 512 (A/B,
-// three runs each), partly because the pool's other thread is then awake for the output projection
-// that follows. Each loop over positions also prefetches the rows one block ahead (batch-8 steps 3-4%
-// faster).
+// with other threads (cpu_thread_pool.h; these measurements predate its own team of threads). In a
+// microbenchmark (benchmarks/bench_paged_attention.py, warm cache) sharing did not pay below 2048
+// positions, since waking a pool thread costs about as much as a short call; inside a decode step,
+// where the K/V rows come from memory and the pool wakes for the next matmul anyway, it does from a
+// few hundred: a w4a8 SmolLM2 engine at 128-token prompts on the Xeon VM went from 22.6 to 17.2 ms
+// a step at batch 8 and from 11.3-11.8 to 8.0-9.7 at batch 2 with the threshold at 2048 -> 128-512.
+// A lone decode (batch 1) is split into kLoneDecodeParts items by query heads (a kv head whose
+// group straddles the split is read by both): a bfloat16 SmolLM2 batch-1 step went from 17.5-18.0
+// to 16.0-17.8 ms at 128 positions and from 19.3-20.2 to 18.0-18.8 at 512 (A/B, three runs each),
+// partly because the pool's other thread is then awake for the output projection that follows. Each
+// loop over positions also prefetches the rows one block ahead (batch-8 steps 3-4% faster).
 //
 // Prefill chunks (2+ tokens) are cut into tiles of kTileTokens tokens, and every (tile, kv head) is
 // one work item: its R = kTileTokens x group query rows (token-major, zero past the chunk's end) are
@@ -420,11 +420,9 @@ ffi::Error attention(ffi::ThreadPool& pool, const Problem& p, const void* k_data
   const PrefillTile* tiles = work->tiles.data();
   const int64_t num_decodes = static_cast<int64_t>(work->decodes.size());
   const int64_t num_tiles = static_cast<int64_t>(work->tiles.size());
-  int64_t positions = 0;
+  int64_t positions = 0, query_tokens = num_decodes;
   for (int64_t i = 0; i < num_decodes; ++i) positions += decodes[i].len;
-  for (int64_t i = 0; i < num_tiles; ++i) positions += tiles[i].count * tiles[i].kv_len();
-  int64_t query_tokens = num_decodes;
-  for (int64_t i = 0; i < num_tiles; ++i) query_tokens += tiles[i].count;
+  for (int64_t i = 0; i < num_tiles; ++i) positions += tiles[i].count * tiles[i].kv_len(), query_tokens += tiles[i].count;
   // Chunks of decodes as the first items (a lone decode split by query heads; all decodes in one
   // chunk below kMinPositionsToSplit), then one per (prefill tile, kv head), shared with the pool.
   const int64_t per_chunk = std::max<int64_t>(1, positions >= kMinPositionsToSplit ? num_decodes / kItemsWhenSplit

@@ -54,6 +54,7 @@ BASELINES = {b.name: b for b in [
 
 def checkpoint_source(model: str | Path | None, baseline: Baseline) -> str:
     # Imported here: the engine modules import jax, and the CLI parser imports this module.
+    from jaxinfer.checkpoint import random_weights
     from jaxinfer.checkpoint.default_model import default_model_path
     from jaxinfer.engine.create import ENGINE_MANIFEST, is_engine_dir
 
@@ -63,7 +64,7 @@ def checkpoint_source(model: str | Path | None, baseline: Baseline) -> str:
         source = json.loads((Path(model) / ENGINE_MANIFEST).read_text())["source"]
     else:
         source = str(model)
-    if source.startswith("random:"):
+    if random_weights.is_random_spec(source):
         raise EngineError(f"the {baseline.label} baseline needs real weights, and {source} has none (random weights "
                           f"for a shape): drop --baseline {baseline.name} or pass a checkpoint")
     if baseline.needs_gguf and not source.endswith(".gguf"):

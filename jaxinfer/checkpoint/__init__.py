@@ -33,7 +33,7 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     "random:CONFIG" draws random weights for an HF config's shape (jaxinfer.checkpoint.random_weights)."""
     from jaxinfer.checkpoint import gguf_loader, hf_loader, random_weights
 
-    if isinstance(path, str) and path.startswith(random_weights.PREFIX):
+    if random_weights.is_random_spec(path):
         return random_weights.load(path)
     path = Path(path) if path is not None else default_model_path()
     if not path.exists():
@@ -54,7 +54,7 @@ def load_config(path: str | Path | None = None) -> ModelConfig:
     32 GB), else that of the loaded checkpoint."""
     from jaxinfer.checkpoint import random_weights
 
-    if isinstance(path, str) and path.startswith(random_weights.PREFIX):
+    if random_weights.is_random_spec(path):
         return random_weights.read_config(path)[0]
     return load_checkpoint(path).config
 

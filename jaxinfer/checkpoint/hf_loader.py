@@ -14,14 +14,19 @@ from jaxinfer.model.config import ModelConfig
 from jaxinfer.tokenizer import Tokenizer
 
 
+def read_config(config_file: Path) -> tuple[ModelConfig, dict]:
+    """The ModelConfig of an HF config.json (named after its directory), and the raw dict."""
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from None
+    return ModelConfig.from_hf(hf_config, name=config_file.parent.name), hf_config
+
+
 def load(directory: Path):
     from jaxinfer.checkpoint import Checkpoint
 
-    try:
-        hf_config = json.loads((directory / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{directory / 'config.json'} is not valid JSON: {err}") from None
-    cfg = ModelConfig.from_hf(hf_config, name=directory.name)
+    cfg, _ = read_config(directory / "config.json")
     files = _safetensors_files(directory)
     where = {}
     handles = {}

@@ -14,7 +14,6 @@ Generated text is noise: these weights serve timing and memory figures, never qu
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import jax
@@ -22,12 +21,18 @@ import jax.numpy as jnp
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
+from jaxinfer.checkpoint import hf_loader
 from jaxinfer.errors import CheckpointError
 from jaxinfer.model.config import ModelConfig
 from jaxinfer.model.llama import param_shapes
 from jaxinfer.tokenizer import Tokenizer
 
 PREFIX = "random:"
+
+
+def is_random_spec(model) -> bool:
+    """Whether `model` (a CLI/API model argument) asks for random weights."""
+    return isinstance(model, str) and model.startswith(PREFIX)
 
 
 def read_config(spec: str) -> tuple[ModelConfig, dict, Path]:
@@ -37,11 +42,7 @@ def read_config(spec: str) -> tuple[ModelConfig, dict, Path]:
     if not config_file.is_file():
         raise CheckpointError(f"{spec!r}: random weights need an HF config.json (the file or its directory), "
                               f"e.g. random:configs/models/llama3-8b")
-    try:
-        hf_config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from None
-    return ModelConfig.from_hf(hf_config, name=config_file.parent.name), hf_config, config_file
+    return (*hf_loader.read_config(config_file), config_file)
 
 
 def load(spec: str):

@@ -11,8 +11,9 @@
 // streams from memory. The weight is cut into rectangles of whole rows (K slabs) by column tiles; a
 // rectangle whose tile is the full width is one contiguous run of memory, so a slab streams in
 // address order. Each rectangle's rows are walked eight at a time, in order, adding x[m, k..k+7]
-// times them (bfloat16 widened to float32 in registers: its bits are a float32's top half) into
-// the rectangle's partial sums (in L1/L2: M x tile floats), for up to kFmaRows activation rows at a
+// times them (bfloat16 made float32 in registers: its bits are a float32's top half, and one load
+// of two columns per 32-bit lane gives both by a shift and a mask, `ColumnGroup`) into the
+// rectangle's partial sums (in L1/L2: M x tile floats), for up to kFmaRows activation rows at a
 // time; slabs of the same tile write separate partial sums, added at the end. Its multiply-adds grow
 // with M: at 16-32 rows it was compute-bound.
 //
@@ -84,6 +85,17 @@ inline VecF load_weights(const uint16_t* w) {
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
+using VecI = __m512i;
+inline VecI load_bits(const uint16_t* w) { return _mm512_loadu_si512(w); }
+inline VecF low_halves(VecI v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+inline VecF high_halves(VecI v) { return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(-65536))); }
+// (even, odd) -> the 2 x kLane values in order.
+inline void interleave(VecF even, VecF odd, float* out) {
+  alignas(64) static constexpr int32_t kLow[16] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+  alignas(64) static constexpr int32_t kHigh[16] = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  _mm512_storeu_ps(out, _mm512_permutex2var_ps(even, _mm512_load_si512(kLow), odd));
+  _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(even, _mm512_load_si512(kHigh), odd));
+}
 #else  // AVX2
 constexpr int64_t kLane = 8;
 using VecF = __m256;
@@ -96,6 +108,15 @@ inline VecF load_weights(const float* w) { return _mm256_loadu_ps(w); }
 inline VecF load_weights(const uint16_t* w) {
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+using VecI = __m256i;
+inline VecI load_bits(const uint16_t* w) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)); }
+inline VecF low_halves(VecI v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+inline VecF high_halves(VecI v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(-65536))); }
+inline void interleave(VecF even, VecF odd, float* out) {
+  const __m256 a = _mm256_unpacklo_ps(even, odd), b = _mm256_unpackhi_ps(even, odd);
+  _mm256_storeu_ps(out, _mm256_permute2f128_ps(a, b, 0x20));
+  _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(a, b, 0x31));
 }
 #endif
 
@@ -125,39 +146,73 @@ Rectangle<X> zeroed_rectangle(const Problem<X, W>& p, int64_t slab, int64_t tile
   return rect;
 }
 
-// Rows r0 .. r0 + R - 1 of one rectangle's partial sums.
+// How the FMA loop reads a weight's columns: in groups of kCols columns, loaded as Bits and used as
+// kVectors float32 vectors. A float32 group is one vector. A bfloat16 group is 2 x kLane columns in
+// one load, each 32-bit lane holding the pair (column 2 i, column 2 i + 1): shifting it left by 16
+// gives the even columns as float32 and masking off the low half the odd ones, so a column costs no
+// widening instruction (vpmovzxwd took as long as the multiply-adds on Zen 2). Such a group's
+// partial sums are kept as (even columns, odd columns) and put in order at the end (`fma_dot`).
+template <typename W>
+struct ColumnGroup;
+
+template <>
+struct ColumnGroup<float> {
+  static constexpr int kVectors = 1;
+  static constexpr int64_t kCols = kLane;
+  using Bits = VecF;
+  static Bits load(const float* w) { return load_f32(w); }
+  static VecF vector(Bits bits, int) { return bits; }
+};
+
+template <>
+struct ColumnGroup<uint16_t> {
+  static constexpr int kVectors = 2;
+  static constexpr int64_t kCols = 2 * kLane;
+  using Bits = VecI;
+  static Bits load(const uint16_t* w) { return load_bits(w); }
+  static VecF vector(Bits bits, int v) { return v == 0 ? low_halves(bits) : high_halves(bits); }
+};
+
+// Adds U weight rows from k (columns n0 .. n1 - 1; whole groups up to grouped_end) times activation
+// rows xs [R, K] into out [R, N], prefetching the next U rows if asked. Columns past the last whole
+// group (a bfloat16 weight whose N is an odd multiple of kLane) are widened and summed in order.
+template <int R, int U, typename W>
+void weight_rows(const Problem<float, W>& p, const float* xs, float* out, int64_t k, int64_t n0, int64_t grouped_end,
+                 int64_t n1, bool prefetch) {
+  using Group = ColumnGroup<W>;
+  const W* w0 = p.w + k * p.n;
+  for (int64_t n = n0; n < grouped_end; n += Group::kCols) {
+    typename Group::Bits w[U];
+    for (int u = 0; u < U; ++u) w[u] = Group::load(w0 + u * p.n + n);
+    if (prefetch)
+      for (int u = 0; u < U; ++u) _mm_prefetch(reinterpret_cast<const char*>(w0 + (U + u) * p.n + n), _MM_HINT_T0);
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < Group::kVectors; ++v) {
+        float* o = out + r * p.n + n + v * kLane;
+        VecF acc = load_f32(o);
+        for (int u = 0; u < U; ++u) acc = fmadd(Group::vector(w[u], v), broadcast(xs[r * p.k + k + u]), acc);
+        store_f32(o, acc);
+      }
+  }
+  for (int64_t n = grouped_end; n < n1; n += kLane)
+    for (int r = 0; r < R; ++r) {
+      float* o = out + r * p.n + n;
+      VecF acc = load_f32(o);
+      for (int u = 0; u < U; ++u) acc = fmadd(load_weights(w0 + u * p.n + n), broadcast(xs[r * p.k + k + u]), acc);
+      store_f32(o, acc);
+    }
+}
+
+// Rows r0 .. r0 + R - 1 of one rectangle's partial sums, kRowsPerPass weight rows at a time.
 template <int R, typename W>
 void rectangle(const Problem<float, W>& p, int64_t slab, int64_t tile, int64_t r0) {
   const auto [k0, k1, n0, n1, xs, out] = zeroed_rectangle(p, slab, tile, r0, R);
+  const int64_t grouped_end = n0 + (n1 - n0) / ColumnGroup<W>::kCols * ColumnGroup<W>::kCols;
   int64_t k = k0;
-  for (; k + kRowsPerPass <= k1; k += kRowsPerPass) {
-    const W* w0 = p.w + k * p.n;
-    const bool prefetch = k + 2 * kRowsPerPass <= k1;
-    for (int64_t n = n0; n < n1; n += kLane) {
-      VecF w[kRowsPerPass];
-      for (int u = 0; u < kRowsPerPass; ++u) w[u] = load_weights(w0 + u * p.n + n);
-      if (prefetch)
-        for (int u = 0; u < kRowsPerPass; ++u)
-          _mm_prefetch(reinterpret_cast<const char*>(w0 + (kRowsPerPass + u) * p.n + n), _MM_HINT_T0);
-      for (int r = 0; r < R; ++r) {
-        const float* x = xs + r * p.k + k;
-        float* o = out + r * p.n + n;
-        VecF acc = load_f32(o);
-        for (int u = 0; u < kRowsPerPass; ++u) acc = fmadd(w[u], broadcast(x[u]), acc);
-        store_f32(o, acc);
-      }
-    }
-  }
-  for (; k < k1; ++k) {
-    const W* w0 = p.w + k * p.n;
-    for (int r = 0; r < R; ++r) {
-      const VecF xk = broadcast(xs[r * p.k + k]);
-      float* o = out + r * p.n;
-      for (int64_t n = n0; n < n1; n += kLane) store_f32(o + n, fmadd(load_weights(w0 + n), xk, load_f32(o + n)));
-    }
-  }
+  for (; k + kRowsPerPass <= k1; k += kRowsPerPass)
+    weight_rows<R, kRowsPerPass>(p, xs, out, k, n0, grouped_end, n1, k + 2 * kRowsPerPass <= k1);
+  for (; k < k1; ++k) weight_rows<R, 1>(p, xs, out, k, n0, grouped_end, n1, false);
 }
-
 
 // A matmul's work items: K slabs (slab_rows rows each, the last shorter) by column tiles.
 struct Rectangles {
@@ -205,6 +260,13 @@ void fma_dot(ffi::ThreadPool& pool, const float* x, const W* w, float* out, int6
   rectangles_dot<kFmaRows>(pool, x, w, out, m, k, n, 1, [](const auto& p, int64_t slab, int64_t tile, int64_t r0, auto rows) {
     rectangle<rows>(p, slab, tile, r0);
   });
+  using Group = ColumnGroup<W>;
+  if constexpr (Group::kVectors == 2)
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t g = 0; g + Group::kCols <= n; g += Group::kCols) {
+        float* o = out + r * n + g;
+        interleave(load_f32(o), load_f32(o + kLane), o);
+      }
 }
 
 #if defined(__AVX512F__)

@@ -14,8 +14,9 @@
 // times them (bfloat16 made float32 in registers: its bits are a float32's top half, and one load
 // of two columns per 32-bit lane gives both by a shift and a mask, `ColumnGroup`) into the
 // rectangle's partial sums (in L1/L2: M x tile floats), for up to kFmaRows activation rows at a
-// time; slabs of the same tile write separate partial sums, added at the end. Its multiply-adds grow
-// with M: at 16-32 rows it was compute-bound.
+// time, in blocks of four rows whose sums of a 2 x lane column group stay in registers over the
+// eight weight rows (`row_block`); slabs of the same tile write separate partial sums, added at the
+// end. Its multiply-adds grow with M: at 16-32 rows it was compute-bound.
 //
 // AMX (bfloat16 from kAmxMinRows rows, K % 32 == 0, N % 32 == 0, and the OS grants the tile state):
 // tdpbf16ps multiplies a 16 x 32 bfloat16 A tile by a 32 x 16 B tile held as 16 rows of (k, k + 1)
@@ -44,6 +45,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_amx.h"
@@ -146,53 +148,73 @@ Rectangle<X> zeroed_rectangle(const Problem<X, W>& p, int64_t slab, int64_t tile
   return rect;
 }
 
-// How the FMA loop reads a weight's columns: in groups of kCols columns, loaded as Bits and used as
-// kVectors float32 vectors. A float32 group is one vector. A bfloat16 group is 2 x kLane columns in
-// one load, each 32-bit lane holding the pair (column 2 i, column 2 i + 1): shifting it left by 16
-// gives the even columns as float32 and masking off the low half the odd ones, so a column costs no
-// widening instruction (vpmovzxwd took as long as the multiply-adds on Zen 2). Such a group's
-// partial sums are kept as (even columns, odd columns) and put in order at the end (`fma_dot`).
+// How the FMA loop reads a weight's columns: in groups of kCols = 2 x kLane columns, loaded as Bits
+// and used as two float32 vectors. A float32 group is two loads. A bfloat16 group is one load, each
+// 32-bit lane holding the pair (column 2 i, column 2 i + 1): shifting it left by 16 gives the even
+// columns as float32 and masking off the low half the odd ones, so a column costs no widening
+// instruction (vpmovzxwd took as long as the multiply-adds on Zen 2). Such a group's partial sums
+// are kept as (even columns, odd columns) and put in order at the end (`fma_dot`).
 template <typename W>
 struct ColumnGroup;
 
 template <>
 struct ColumnGroup<float> {
-  static constexpr int kVectors = 1;
-  static constexpr int64_t kCols = kLane;
-  using Bits = VecF;
-  static Bits load(const float* w) { return load_f32(w); }
-  static VecF vector(Bits bits, int) { return bits; }
+  static constexpr int64_t kCols = 2 * kLane;
+  struct Bits {
+    VecF low, high;
+  };
+  static Bits load(const float* w) { return {load_f32(w), load_f32(w + kLane)}; }
+  static VecF vector(const Bits& bits, int v) { return v == 0 ? bits.low : bits.high; }
 };
 
 template <>
 struct ColumnGroup<uint16_t> {
-  static constexpr int kVectors = 2;
   static constexpr int64_t kCols = 2 * kLane;
   using Bits = VecI;
   static Bits load(const uint16_t* w) { return load_bits(w); }
   static VecF vector(Bits bits, int v) { return v == 0 ? low_halves(bits) : high_halves(bits); }
 };
 
+// Activation rows per block of `row_block`: their 2 x R partial sums, the group's two weight vectors
+// and a broadcast fit in the 16 AVX2 registers.
+constexpr int kBlockRows = 4;
+
+// Adds U weight rows from w0 (one column group, row stride n) times R activation rows x (row stride
+// k) into the group's partial sums o (row stride n). The rows' sums stay in registers over the U
+// weight rows, and the multiply-adds of one weight row for all R rows come together: with one
+// row's U multiply-adds chained back to back, each waiting on the last, too few were in flight and
+// 4-8 rows ran at a quarter of the multiply-add rate.
+template <int R, int U, typename W>
+void row_block(const W* w0, int64_t n, const float* x, int64_t k, float* o) {
+  using Group = ColumnGroup<W>;
+  VecF acc[R][2];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 2; ++v) acc[r][v] = load_f32(o + r * n + v * kLane);
+  for (int u = 0; u < U; ++u) {
+    const typename Group::Bits bits = Group::load(w0 + u * n);
+    const VecF w[2] = {Group::vector(bits, 0), Group::vector(bits, 1)};
+    for (int r = 0; r < R; ++r) {
+      const VecF xb = broadcast(x[r * k + u]);
+      for (int v = 0; v < 2; ++v) acc[r][v] = fmadd(w[v], xb, acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 2; ++v) store_f32(o + r * n + v * kLane, acc[r][v]);
+}
+
 // Adds U weight rows from k (columns n0 .. n1 - 1; whole groups up to grouped_end) times activation
 // rows xs [R, K] into out [R, N], prefetching the next U rows if asked. Columns past the last whole
-// group (a bfloat16 weight whose N is an odd multiple of kLane) are widened and summed in order.
+// group (N an odd multiple of kLane) are summed one vector at a time, in order.
 template <int R, int U, typename W>
 void weight_rows(const Problem<float, W>& p, const float* xs, float* out, int64_t k, int64_t n0, int64_t grouped_end,
                  int64_t n1, bool prefetch) {
-  using Group = ColumnGroup<W>;
   const W* w0 = p.w + k * p.n;
-  for (int64_t n = n0; n < grouped_end; n += Group::kCols) {
-    typename Group::Bits w[U];
-    for (int u = 0; u < U; ++u) w[u] = Group::load(w0 + u * p.n + n);
+  for (int64_t n = n0; n < grouped_end; n += ColumnGroup<W>::kCols) {
     if (prefetch)
       for (int u = 0; u < U; ++u) _mm_prefetch(reinterpret_cast<const char*>(w0 + (U + u) * p.n + n), _MM_HINT_T0);
-    for (int r = 0; r < R; ++r)
-      for (int v = 0; v < Group::kVectors; ++v) {
-        float* o = out + r * p.n + n + v * kLane;
-        VecF acc = load_f32(o);
-        for (int u = 0; u < U; ++u) acc = fmadd(Group::vector(w[u], v), broadcast(xs[r * p.k + k + u]), acc);
-        store_f32(o, acc);
-      }
+    row_block<std::min(R, kBlockRows), U>(w0 + n, p.n, xs + k, p.k, out + n);
+    if constexpr (R > kBlockRows)
+      row_block<R - kBlockRows, U>(w0 + n, p.n, xs + kBlockRows * p.k + k, p.k, out + kBlockRows * p.n + n);
   }
   for (int64_t n = grouped_end; n < n1; n += kLane)
     for (int r = 0; r < R; ++r) {
@@ -260,10 +282,9 @@ void fma_dot(ffi::ThreadPool& pool, const float* x, const W* w, float* out, int6
   rectangles_dot<kFmaRows>(pool, x, w, out, m, k, n, 1, [](const auto& p, int64_t slab, int64_t tile, int64_t r0, auto rows) {
     rectangle<rows>(p, slab, tile, r0);
   });
-  using Group = ColumnGroup<W>;
-  if constexpr (Group::kVectors == 2)
+  if constexpr (std::is_same_v<W, uint16_t>)
     for (int64_t r = 0; r < m; ++r)
-      for (int64_t g = 0; g + Group::kCols <= n; g += Group::kCols) {
+      for (int64_t g = 0; g + ColumnGroup<W>::kCols <= n; g += ColumnGroup<W>::kCols) {
         float* o = out + r * n + g;
         interleave(load_f32(o), load_f32(o + kLane), o);
       }

@@ -35,7 +35,9 @@ call there), per matmul: 3.7-7.4x faster at one row (the 576 x 49152 head in 5.3
 default bfloat16 engine's batch-1 decode there from about 3 tokens/s to 33-43. Reading a bfloat16
 weight two columns per 32-bit lane (split by a shift and a mask) instead of widening each value took
 the 576 x 49152 head from 3.5 to 2.3 ms (16 -> 25 GB/s) and the engine's batch-1 decode from
-57.7-64.9 to 65.9-68.0 tokens/s (A/B, three runs each).
+57.7-64.9 to 65.9-68.0 tokens/s (A/B, three runs each). Then keeping four rows' sums in registers
+while a weight row meets them all (rather than one row's chain of multiply-adds after another) took
+its batch-4 / batch-8 decode from 127-132 / 161-185 to 161-164 / 196-225 tokens/s (A/B, three runs).
 
 The sums run in another order than XLA's, so results differ from its dot in the last bits.
 `jaxinfer.runner.step` routes a one-device CPU engine's float32 and bfloat16 weights here for the

@@ -167,8 +167,10 @@ class LLMEngine:
         if finished:
             state.metrics.finished_time = time.monotonic()
             del self._requests[request_id]
-        outputs = [dataclasses.replace(c, token_ids=list(c.token_ids),
-                                       logprobs=None if c.logprobs is None else list(c.logprobs))
+        # Snapshots (the engine keeps appending to its own lists), built field by field:
+        # dataclasses.replace cost three times as much, per request and step.
+        outputs = [CompletionOutput(c.index, c.text, list(c.token_ids), None if c.logprobs is None else list(c.logprobs),
+                                    c.finish_reason, c.delta_text, c.delta_token_ids)
                    for c in (state.completions[i] for i in sorted(state.completions))]
         for completion in state.completions.values():
             completion.delta_text, completion.delta_token_ids = "", []

@@ -1,10 +1,13 @@
 """Host side of a step: turns the scheduled sequences into the numpy arrays of `StepInputs`.
 
-This runs every step on the engine's critical path, so it does O(tokens) numpy work and no
-per-token Python loops beyond slicing each sequence's new tokens.
+This runs every step on the engine's critical path, so the work per sequence is a few attribute
+reads and its slices; the arrays are then built in numpy at once (a loop of small numpy writes per
+sequence cost 12 us each, 3 ms a step at batch 256).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 
@@ -18,31 +21,44 @@ def build_step_inputs(chunks: list[ScheduledSequence] | tuple[ScheduledSequence,
                       block_size: int, max_blocks_per_seq: int) -> tuple[StepInputs, list[tuple[int, int]]]:
     """Returns the padded step inputs and, per sampled row, (index into chunks, sample index)."""
     T, S = bucket.num_tokens, bucket.num_seqs
-    tokens = np.zeros(T, np.int32)
-    positions = np.zeros(T, np.int32)
-    # Padding tokens write into the null block (block 0), which no sequence reads.
-    slot_mapping = np.zeros(T, np.int32)
+    num_chunks = len(chunks)
+    counts = np.fromiter((c.num_new_tokens for c in chunks), np.int32, num_chunks)
+    starts = np.fromiter((c.start_position for c in chunks), np.int32, num_chunks)
+    samples = np.fromiter((c.num_samples for c in chunks), np.int32, num_chunks)
+    table_lens = np.fromiter((len(c.block_table) for c in chunks), np.int32, num_chunks)
+    ends = np.cumsum(counts, dtype=np.int32)
+    num_tokens = int(ends[-1]) if num_chunks else 0
+
+    # Block tables, each sequence's row filled from the left (padding entries: the null block).
     block_tables = np.zeros((S, max_blocks_per_seq), np.int32)
+    table_starts = np.cumsum(table_lens) - table_lens
+    table_rows = np.repeat(np.arange(num_chunks), table_lens)
+    block_tables[table_rows, np.arange(len(table_rows)) - table_starts[table_rows]] = np.fromiter(
+        itertools.chain.from_iterable(c.block_table for c in chunks), np.int32, len(table_rows))
+
+    # The new tokens end to end; padding tokens write into the null block (slot 0), which no
+    # sequence reads.
+    token_chunk = np.repeat(np.arange(num_chunks), counts)
+    token_positions = starts[token_chunk] + np.arange(num_tokens, dtype=np.int32) - (ends - counts)[token_chunk]
+    tokens = np.zeros(T, np.int32)
+    tokens[:num_tokens] = np.fromiter(itertools.chain.from_iterable(c.token_ids for c in chunks), np.int32, num_tokens)
+    positions = np.zeros(T, np.int32)
+    positions[:num_tokens] = token_positions
+    slot_mapping = np.zeros(T, np.int32)
+    slot_mapping[:num_tokens] = (block_tables[token_chunk, token_positions // block_size] * block_size
+                                 + token_positions % block_size)
     seq_lens = np.zeros(S, np.int32)
-    query_start_loc = np.zeros(S + 1, np.int32)
+    seq_lens[:num_chunks] = starts + counts
+    query_start_loc = np.full(S + 1, num_tokens, np.int32)
+    query_start_loc[0] = 0
+    query_start_loc[1:num_chunks + 1] = ends
+
+    # A chunk that samples k tokens (a fan-out) has k rows on its last token.
+    row_chunk = np.repeat(np.arange(num_chunks), samples)
+    row_sample = np.arange(len(row_chunk)) - (np.cumsum(samples) - samples)[row_chunk]
     logits_indices = np.zeros(S, np.int32)
-    rows: list[tuple[int, int]] = []
-    offset = 0
-    for i, chunk in enumerate(chunks):
-        n, start = chunk.num_new_tokens, chunk.start_position
-        pos = np.arange(start, start + n, dtype=np.int32)
-        table = np.asarray(chunk.block_table, np.int32)
-        tokens[offset:offset + n] = chunk.token_ids
-        positions[offset:offset + n] = pos
-        slot_mapping[offset:offset + n] = table[pos // block_size] * block_size + pos % block_size
-        block_tables[i, :len(table)] = table
-        seq_lens[i] = start + n
-        offset += n
-        query_start_loc[i + 1] = offset
-        for sample in range(chunk.num_samples):
-            logits_indices[len(rows)] = offset - 1
-            rows.append((i, sample))
-    query_start_loc[len(chunks) + 1:] = offset
+    logits_indices[:len(row_chunk)] = ends[row_chunk] - 1
+    rows = list(zip(row_chunk.tolist(), row_sample.tolist()))
     copies = np.zeros((S, 2), np.int32)
     if block_copies:
         copies[:len(block_copies)] = block_copies

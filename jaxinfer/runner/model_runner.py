@@ -80,10 +80,11 @@ class ModelRunner:
         sampling = self._sampling_metadata(chunks, rows, bucket, seed_of)
         result, self.kv_caches = self.executables[bucket](self.params, self.kv_caches, inputs, sampling)
         result = jax.device_get(result)
+        token_ids, logprobs = result.token_ids.tolist(), result.logprobs.tolist()
         sampled: list[list[SampledToken]] = [[] for _ in chunks]
         for row, (entry, _) in enumerate(rows):
-            sampled[entry].append(SampledToken(int(result.token_ids[row]), float(result.logprobs[row]),
-                                               result.top_ids[row], result.top_logprobs[row]))
+            sampled[entry].append(SampledToken(token_ids[row], logprobs[row], result.top_ids[row],
+                                               result.top_logprobs[row]))
         return sampled
 
     def _sampling_metadata(self, chunks, rows, bucket: Bucket, seed_of: Callable[[str], int]):

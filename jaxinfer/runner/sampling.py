@@ -127,7 +127,8 @@ def build_sampling_metadata(
     Row r samples the next token of a sequence with `params_list[r]`, whose prompt and output so
     far are `prompt_ids_list[r]` and `output_ids_list[r]` (its output position is the length of
     the latter), with the request's resolved seed `seeds[r]` and sample index `child_indices[r]`.
-    Histories are only filled for rows with penalties; those must fit in `history_len`. Until a
+    Histories are only filled for rows with penalties, which must fit in `history_len`; the token
+    ids of other rows are never read (any sequence of the output's length will do). Until a
     row has `min_tokens` outputs, its stop token ids and (unless `ignore_eos`) `eos_token_ids`
     are suppressed; they must fit in `suppress_len`. Rows past the given ones are greedy padding.
     """

@@ -1,20 +1,22 @@
 """The host's share of a decode step at large batches: what the engine's Python costs per step,
-apart from the device's work, on a model so small that its compute is negligible.
+apart from the device's work, on a model small enough that the device's part stays short.
 
 On a GPU a step of a small model (or a large batch of any) takes a few milliseconds on the device,
 and the host's work for it (scheduling, the step's input arrays, the executable call, taking the
 tokens back, outputs and detokenization) is done while the device waits; on the H200 the SmolLM2-
 shaped engine's batch-1 step took 4.7 ms for 0.08 ms of weight streaming. This measures that work on
-any machine: B sequences decode together on a random-weights model of `--config`'s shape (default:
-a two-layer, 64-wide Llama), and for each step it splits the wall time into
+any machine: B sequences with --prompt-len tokens of context decode together on a random-weights
+model of `--config`'s shape (default: a two-layer, 64-wide Llama of 256 positions; longer contexts
+need a config with more), and for each step it splits the wall time into
 
     device wait   time blocked on the step's results (jax.device_get of the sampled tokens)
     call          the compiled executable's call (argument handling and dispatch)
     host          everything else: scheduling, building the step's arrays, outputs
 
-with medians over --steps steps per batch size, then a cProfile of the host part at the largest.
+with medians over --steps steps per batch size, then a cProfile of whole steps at the largest
+(the device wait shows there as jax's array `_value`).
 
-    .venv/bin/python benchmarks/bench_host_step.py [--batch-sizes 32,128,256] [--steps 40]
+    .venv/bin/python benchmarks/bench_host_step.py [--batch-sizes 32,128,256] [--steps 40] [--prompt-len 16]
 """
 
 from __future__ import annotations

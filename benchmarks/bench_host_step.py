@@ -67,9 +67,9 @@ class StepClock:
             model_runner.jax.device_get = self._device_get
 
 
-def steady_engine(config: str, batch: int, prompt_len: int, max_model_len: int):
+def steady_engine(config: str, batch: int, prompt_len: int, max_model_len: int, kv_memory: str):
     engine = create_engine(f"random:{config}", progress=False, max_num_seqs=batch,
-                           max_num_batched_tokens=max(256, batch), max_model_len=max_model_len, kv_memory="1GiB")
+                           max_num_batched_tokens=max(256, batch), max_model_len=max_model_len, kv_memory=kv_memory)
     for i in range(batch):
         engine.add_request(f"r{i}", prompt_token_ids=[3 + (i + j) % 50 for j in range(prompt_len)],
                            params=SamplingParams(temperature=0.7, top_p=0.9, max_tokens=max_model_len - prompt_len,
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--prompt-len", type=int, default=16, help="tokens of context each sequence starts with")
     parser.add_argument("--max-model-len", type=int, default=256)
+    parser.add_argument("--kv-memory", default="1GiB", help="KV pool size (enough for every sequence's context)")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -111,7 +112,7 @@ def main() -> None:
           f"{args.prompt_len}-token prompts; median ms per decode step")
     print(f"{'batch':>6} {'step':>8} {'device wait':>12} {'call':>8} {'host':>8} {'host us/seq':>12}")
     for batch in batches:
-        engine = steady_engine(args.config, batch, args.prompt_len, args.max_model_len)
+        engine = steady_engine(args.config, batch, args.prompt_len, args.max_model_len, args.kv_memory)
         t = measure(engine, args.steps)
         print(f"{batch:>6} {t['step']:8.2f} {t['device wait']:12.2f} {t['call']:8.2f} {t['host']:8.2f} "
               f"{t['host'] * 1e3 / batch:12.1f}")

@@ -4,15 +4,17 @@
 #      interpret mode on CPU and the compiled kernels on a GPU),
 #   2. bench latency and bench throughput on random weights of the default model's shape and of
 #      Llama-3-8B's (configs/models/; speed depends on the shape alone),
-#   3. where a batch-1 decode step's time goes on the device (benchmarks/profile_step.py).
+#   3. where a batch-1 decode step's time goes on the device (benchmarks/profile_step.py), and the
+#      host's work per decode step at batches up to 256 on the default model's shape
+#      (benchmarks/bench_host_step.py).
 # Each step has its own time limit and log, so one failure does not hide the others.
 #
 #   scripts/gpu_benchmarks.sh [RESULTS_DIR] [STEPS]     (default: results/gpu, all steps)
 # STEPS is a comma-separated subset of:
-#   kernels,attention,latency,latency8b,throughput8b,throughput,serve8b,profile,profile8b
+#   kernels,attention,latency,latency8b,throughput8b,throughput,serve8b,profile,profile8b,host
 set -u
 out=${1:-results/gpu}
-steps=${2:-kernels,attention,latency,latency8b,throughput8b,throughput,serve8b,profile,profile8b}
+steps=${2:-kernels,attention,latency,latency8b,throughput8b,throughput,serve8b,profile,profile8b,host}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -66,3 +68,5 @@ model_step profile 120 "$py" benchmarks/profile_step.py "$smollm2" --batch 1 --s
     --trace-dir /tmp/jaxinfer-trace
 model_step profile8b 180 "$py" benchmarks/profile_step.py "$llama8b" --batch 1 --steps 30 --kv-memory 4GiB \
     --trace-dir /tmp/jaxinfer-trace8b
+model_step host 150 "$py" benchmarks/bench_host_step.py --config configs/models/smollm2-135m --batch-sizes 1,32,256 \
+    --steps 30 --kv-memory 8GiB --top 20

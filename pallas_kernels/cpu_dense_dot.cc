@@ -148,18 +148,19 @@ Rectangle<X> zeroed_rectangle(const Problem<X, W>& p, int64_t slab, int64_t tile
   return rect;
 }
 
-// How the FMA loop reads a weight's columns: in groups of kCols = 2 x kLane columns, loaded as Bits
-// and used as two float32 vectors. A float32 group is two loads. A bfloat16 group is one load, each
+// How the FMA loop reads a weight's columns: in groups of kGroupCols = 2 x kLane columns, loaded as
+// Bits and used as two float32 vectors. A float32 group is two loads. A bfloat16 group is one load, each
 // 32-bit lane holding the pair (column 2 i, column 2 i + 1): shifting it left by 16 gives the even
 // columns as float32 and masking off the low half the odd ones, so a column costs no widening
 // instruction (vpmovzxwd took as long as the multiply-adds on Zen 2). Such a group's partial sums
 // are kept as (even columns, odd columns) and put in order at the end (`fma_dot`).
+constexpr int64_t kGroupCols = 2 * kLane;
+
 template <typename W>
 struct ColumnGroup;
 
 template <>
 struct ColumnGroup<float> {
-  static constexpr int64_t kCols = 2 * kLane;
   struct Bits {
     VecF low, high;
   };
@@ -169,7 +170,6 @@ struct ColumnGroup<float> {
 
 template <>
 struct ColumnGroup<uint16_t> {
-  static constexpr int64_t kCols = 2 * kLane;
   using Bits = VecI;
   static Bits load(const uint16_t* w) { return load_bits(w); }
   static VecF vector(Bits bits, int v) { return v == 0 ? low_halves(bits) : high_halves(bits); }
@@ -209,7 +209,7 @@ template <int R, int U, typename W>
 void weight_rows(const Problem<float, W>& p, const float* xs, float* out, int64_t k, int64_t n0, int64_t grouped_end,
                  int64_t n1, bool prefetch) {
   const W* w0 = p.w + k * p.n;
-  for (int64_t n = n0; n < grouped_end; n += ColumnGroup<W>::kCols) {
+  for (int64_t n = n0; n < grouped_end; n += kGroupCols) {
     if (prefetch)
       for (int u = 0; u < U; ++u) _mm_prefetch(reinterpret_cast<const char*>(w0 + (U + u) * p.n + n), _MM_HINT_T0);
     row_block<std::min(R, kBlockRows), U>(w0 + n, p.n, xs + k, p.k, out + n);
@@ -229,7 +229,7 @@ void weight_rows(const Problem<float, W>& p, const float* xs, float* out, int64_
 template <int R, typename W>
 void rectangle(const Problem<float, W>& p, int64_t slab, int64_t tile, int64_t r0) {
   const auto [k0, k1, n0, n1, xs, out] = zeroed_rectangle(p, slab, tile, r0, R);
-  const int64_t grouped_end = n0 + (n1 - n0) / ColumnGroup<W>::kCols * ColumnGroup<W>::kCols;
+  const int64_t grouped_end = n0 + (n1 - n0) / kGroupCols * kGroupCols;
   int64_t k = k0;
   for (; k + kRowsPerPass <= k1; k += kRowsPerPass)
     weight_rows<R, kRowsPerPass>(p, xs, out, k, n0, grouped_end, n1, k + 2 * kRowsPerPass <= k1);
@@ -284,7 +284,7 @@ void fma_dot(ffi::ThreadPool& pool, const float* x, const W* w, float* out, int6
   });
   if constexpr (std::is_same_v<W, uint16_t>)
     for (int64_t r = 0; r < m; ++r)
-      for (int64_t g = 0; g + ColumnGroup<W>::kCols <= n; g += ColumnGroup<W>::kCols) {
+      for (int64_t g = 0; g + kGroupCols <= n; g += kGroupCols) {
         float* o = out + r * n + g;
         interleave(load_f32(o), load_f32(o + kLane), o);
       }

@@ -17,6 +17,14 @@ from jaxinfer.runner.step import StepInputs
 from jaxinfer.scheduler.scheduler import ScheduledSequence
 
 
+def _spread(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For items laid out end to end, `counts[i]` of them for chunk i: each item's chunk, and its
+    index within that chunk."""
+    owner = np.repeat(np.arange(len(counts)), counts)
+    first = np.cumsum(counts) - counts
+    return owner, np.arange(len(owner), dtype=np.int32) - first[owner]
+
+
 def build_step_inputs(chunks: list[ScheduledSequence] | tuple[ScheduledSequence, ...], block_copies: tuple[tuple[int, int], ...], bucket: Bucket,
                       block_size: int, max_blocks_per_seq: int) -> tuple[StepInputs, list[tuple[int, int]]]:
     """Returns the padded step inputs and, per sampled row, (index into chunks, sample index)."""
@@ -31,15 +39,14 @@ def build_step_inputs(chunks: list[ScheduledSequence] | tuple[ScheduledSequence,
 
     # Block tables, each sequence's row filled from the left (padding entries: the null block).
     block_tables = np.zeros((S, max_blocks_per_seq), np.int32)
-    table_starts = np.cumsum(table_lens) - table_lens
-    table_rows = np.repeat(np.arange(num_chunks), table_lens)
-    block_tables[table_rows, np.arange(len(table_rows)) - table_starts[table_rows]] = np.fromiter(
+    table_rows, table_columns = _spread(table_lens)
+    block_tables[table_rows, table_columns] = np.fromiter(
         itertools.chain.from_iterable(c.block_table for c in chunks), np.int32, len(table_rows))
 
     # The new tokens end to end; padding tokens write into the null block (slot 0), which no
     # sequence reads.
-    token_chunk = np.repeat(np.arange(num_chunks), counts)
-    token_positions = starts[token_chunk] + np.arange(num_tokens, dtype=np.int32) - (ends - counts)[token_chunk]
+    token_chunk, token_offsets = _spread(counts)
+    token_positions = starts[token_chunk] + token_offsets
     tokens = np.zeros(T, np.int32)
     tokens[:num_tokens] = np.fromiter(itertools.chain.from_iterable(c.token_ids for c in chunks), np.int32, num_tokens)
     positions = np.zeros(T, np.int32)
@@ -54,8 +61,7 @@ def build_step_inputs(chunks: list[ScheduledSequence] | tuple[ScheduledSequence,
     query_start_loc[1:num_chunks + 1] = ends
 
     # A chunk that samples k tokens (a fan-out) has k rows on its last token.
-    row_chunk = np.repeat(np.arange(num_chunks), samples)
-    row_sample = np.arange(len(row_chunk)) - (np.cumsum(samples) - samples)[row_chunk]
+    row_chunk, row_sample = _spread(samples)
     logits_indices = np.zeros(S, np.int32)
     logits_indices[:len(row_chunk)] = ends[row_chunk] - 1
     rows = list(zip(row_chunk.tolist(), row_sample.tolist()))

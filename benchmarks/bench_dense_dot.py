@@ -6,7 +6,8 @@ For every weight shape `[in -> out]` and activation row count M it prints the me
     xla bf16       `jnp.dot` on a bfloat16 weight, float32 sums (what XLA gives a bfloat16 engine)
     kernel bf16    `dense_dot` on the bfloat16 weight: the loop this CPU runs for M rows (the FMA
                    loop; AMX-BF16 tiles from 8 rows; vdpbf16ps from 2 rows on AVX512-BF16 CPUs
-                   without AMX, such as Zen 4)
+                   without AMX, such as Zen 4; the GEMM loop beyond 8 rows on CPUs without
+                   AVX-512)
     kernel f32     `dense_dot` on the float32 weight, up to cpu_dense_dot.MAX_FMA_ROWS rows
 with xla bf16 / kernel bf16 (the speed-up the engine's routing buys) and the rate at which each
 streams its weight. Weights stream from memory as in the model's 30 layers: one jitted call walks
@@ -48,8 +49,9 @@ def main() -> None:
     parser.add_argument("--stream-mb", type=float, default=96.0, help="float32 weight megabytes per timed call")
     args = parser.parse_args()
     if not cpu_dense_dot.available():
-        raise SystemExit("the CPU dense kernel does not run here (needs x86-64 with AVX-512F and a C++ compiler)")
-    panel = "AMX-BF16 from 8 rows" if cpu_dense_dot.AMX_BF16 else "AVX512-BF16" if cpu_dense_dot.DP_BF16 else "FMA"
+        raise SystemExit("the CPU dense kernel does not run here (needs x86-64 with AVX2 and a C++ compiler)")
+    panel = ("AMX-BF16 from 8 rows" if cpu_dense_dot.AMX_BF16 else "AVX512-BF16" if cpu_dense_dot.DP_BF16
+             else "FMA, GEMM beyond 8 rows" if cpu_dense_dot.GEMM_BF16 else "FMA")
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, bfloat16 loop beyond one row: {panel}, "
           f"{args.reps} reps, median ms per matmul (GB/s of weight streamed)")
     columns = ("xla f32", "xla bf16", "kernel bf16", "kernel f32")

@@ -4,7 +4,7 @@
 //   jaxinfer_dense_dot: x [M, K] f32 | bf16, w [K, N] f32 | bf16 (row-major, N % 16 == 0),
 //                       x in w's dtype -> y [M, N] f32
 //
-// Three loops, all summing in float32:
+// Four loops, all summing in float32:
 //
 // FMA (float32; bfloat16 at one row, or where neither bfloat16 loop below serves): a few-row matmul
 // reads every weight once and does M multiply-adds with it, so it runs at the rate the weight
@@ -34,11 +34,20 @@
 // interleaved in registers (one vpermt2w per 16 columns), the activation pairs broadcast once per
 // pass.
 //
-// Work items (rectangles, or AMX column panels) are shared with XLA's intra-op thread pool
-// (cpu_thread_pool.h).
+// GEMM (bfloat16 beyond kFmaRows rows in the AVX2 build, which has neither loop above): a prefill
+// step's matmul does M multiply-adds per weight value, so it is bound by the multiply-add rate, and
+// XLA's bfloat16 dot reached about half of it on Zen 2 (80-107 GFLOP/s of a 214 peak on two cores).
+// The activations are packed once as float32 blocks of kGemmRows rows; each work item packs
+// panels of kGemmCols weight columns as float32 (even and odd columns apart, as in the FMA loop)
+// over up to kGemmMaxDepth K values, and multiplies every row block by each panel in a tile of
+// 6 x 16 sums held in twelve registers: per K value two weight loads and six broadcasts feed twelve
+// multiply-adds, so the loads keep pace with both FMA pipes.
 //
-// Built without AVX-512 (pallas_kernels.cpu_dense_dot picks the build for the CPU), only the FMA
-// loop exists, on 8-lane AVX2 registers (VecF below); the rest is unchanged.
+// Work items (rectangles, AMX column panels, or runs of GEMM panels) are shared with XLA's intra-op
+// thread pool (cpu_thread_pool.h).
+//
+// Built without AVX-512 (pallas_kernels.cpu_dense_dot picks the build for the CPU), the FMA loop
+// runs on 8-lane AVX2 registers (VecF below) and the GEMM loop takes bfloat16 beyond kFmaRows rows.
 
 #include <immintrin.h>
 
@@ -503,6 +512,101 @@ void dp_dot(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* w, float* 
 
 #endif  // __AVX512F__
 
+#if !defined(__AVX512F__)
+// ---- GEMM loop (bfloat16 beyond kFmaRows rows in the AVX2 build; see the top of this file).
+constexpr int kGemmRows = 6;                // activation rows per tile: 12 sums, 2 weights, 1 broadcast
+constexpr int64_t kGemmCols = kGroupCols;   // columns per tile and per packed weight panel
+// K values per pass over a panel: every K of the default model's weights in one pass (fewer passes
+// over the sums measured faster up to K = 1536); a panel of this depth (128 KB) still sits in L2.
+constexpr int64_t kGemmMaxDepth = 2048;
+// Work items are runs of this many panels (fewer for narrow weights, so both cores get work).
+constexpr int64_t kGemmPanelsPerItem = 4;
+
+// Rows kGemmRows * b .. of x [M, K] as float32 in the tile order: out[kk * kGemmRows + r] =
+// x[kGemmRows * b + r, kk] (zeros past M).
+void pack_row_block(const uint16_t* x, int64_t m, int64_t k, int64_t b, float* out) {
+  for (int r = 0; r < kGemmRows; ++r) {
+    const int64_t row = kGemmRows * b + r;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const uint32_t bits = row < m ? static_cast<uint32_t>(x[row * k + kk]) << 16 : 0;
+      std::memcpy(out + kk * kGemmRows + r, &bits, sizeof(float));
+    }
+  }
+}
+
+// Rows k0 .. k0 + depth - 1, columns n0 .. n0 + kGemmCols - 1 of w [K, N] as float32:
+// panel[kk * kGemmCols + c] = w[k0 + kk, n0 + c], the even and odd columns of each group apart
+// (`ColumnGroup`), so the tile's sums come out as (even, odd) and `interleave` orders them.
+void pack_panel(const uint16_t* w, int64_t n, int64_t k0, int64_t depth, int64_t n0, float* panel) {
+  using Group = ColumnGroup<uint16_t>;
+  for (int64_t kk = 0; kk < depth; ++kk) {
+    const Group::Bits bits = Group::load(w + (k0 + kk) * n + n0);
+    store_f32(panel + kk * kGemmCols, Group::vector(bits, 0));
+    store_f32(panel + kk * kGemmCols + kLane, Group::vector(bits, 1));
+  }
+}
+
+// out[r, 0 .. kGemmCols) (+)= the sum over kk < depth of rows[kk * kGemmRows + r] *
+// panel[kk * kGemmCols ..], for r < live rows. The twelve sums are named rather than an array: GCC
+// kept an array of them in memory across the runtime K loop, at half the speed.
+void gemm_tile(const float* rows, const float* panel, int64_t depth, int live, float* out, int64_t n, bool accumulate) {
+  VecF s00 = broadcast(0.0f), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00, s30 = s00, s31 = s00, s40 = s00,
+       s41 = s00, s50 = s00, s51 = s00;
+  for (int64_t kk = 0; kk < depth; ++kk, rows += kGemmRows, panel += kGemmCols) {
+    const VecF even = load_f32(panel), odd = load_f32(panel + kLane);
+    VecF x = broadcast(rows[0]);
+    s00 = fmadd(x, even, s00), s01 = fmadd(x, odd, s01);
+    x = broadcast(rows[1]);
+    s10 = fmadd(x, even, s10), s11 = fmadd(x, odd, s11);
+    x = broadcast(rows[2]);
+    s20 = fmadd(x, even, s20), s21 = fmadd(x, odd, s21);
+    x = broadcast(rows[3]);
+    s30 = fmadd(x, even, s30), s31 = fmadd(x, odd, s31);
+    x = broadcast(rows[4]);
+    s40 = fmadd(x, even, s40), s41 = fmadd(x, odd, s41);
+    x = broadcast(rows[5]);
+    s50 = fmadd(x, even, s50), s51 = fmadd(x, odd, s51);
+  }
+  const VecF sums[kGemmRows][2] = {{s00, s01}, {s10, s11}, {s20, s21}, {s30, s31}, {s40, s41}, {s50, s51}};
+  for (int r = 0; r < live; ++r) {
+    float* o = out + r * n;
+    alignas(64) float ordered[kGemmCols];
+    interleave(sums[r][0], sums[r][1], ordered);
+    for (int v = 0; v < 2; ++v) {
+      VecF sum = load_f32(ordered + v * kLane);
+      if (accumulate) sum = add(sum, load_f32(o + v * kLane));
+      store_f32(o + v * kLane, sum);
+    }
+  }
+}
+
+// x [M, K] times w [K, N] by tiles of kGemmRows x kGemmCols: x is packed once as float32 row blocks;
+// each work item packs its panels of the weight (float32, kGemmMaxDepth K values at a time) and
+// multiplies every row block by each, writing the sums straight into out.
+void gemm_dot(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* w, float* out, int64_t m, int64_t k, int64_t n) {
+  const int64_t blocks = (m + kGemmRows - 1) / kGemmRows;
+  std::vector<float> packed_rows(blocks * k * kGemmRows);
+  jaxinfer::run_on_pool(pool, blocks, m, [&](int64_t b) { pack_row_block(x, m, k, b, packed_rows.data() + b * k * kGemmRows); });
+  const int64_t panels = n / kGemmCols, passes = (k + kGemmMaxDepth - 1) / kGemmMaxDepth;
+  const int64_t pass_depth = (k + passes - 1) / passes;
+  const int64_t panels_per_item = std::clamp<int64_t>(panels / (2 * kTargetItems), 1, kGemmPanelsPerItem);
+  const int64_t items = (panels + panels_per_item - 1) / panels_per_item;
+  jaxinfer::run_on_pool(pool, items, m, [&](int64_t item) {
+    thread_local std::vector<float> panel;
+    panel.resize(pass_depth * kGemmCols);
+    for (int64_t j = item * panels_per_item; j < std::min(panels, (item + 1) * panels_per_item); ++j)
+      for (int64_t k0 = 0; k0 < k; k0 += pass_depth) {
+        const int64_t depth = std::min(pass_depth, k - k0);
+        pack_panel(w, n, k0, depth, j * kGemmCols, panel.data());
+        for (int64_t b = 0; b < blocks; ++b)
+          gemm_tile(packed_rows.data() + b * k * kGemmRows + k0 * kGemmRows, panel.data(), depth,
+                    static_cast<int>(std::min<int64_t>(kGemmRows, m - b * kGemmRows)), out + b * kGemmRows * n + j * kGemmCols,
+                    n, k0 > 0);
+      }
+  });
+}
+#endif  // !__AVX512F__
+
 ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   const auto dtype = w.element_type();
@@ -526,6 +630,11 @@ ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
   }
   if (dp_serves(m, k)) {
     dp_dot(pool, x16, w16, out, m, k, n);
+    return ffi::Error::Success();
+  }
+#else
+  if (m > kFmaRows) {
+    gemm_dot(pool, x16, w16, out, m, k, n);
     return ffi::Error::Success();
   }
 #endif

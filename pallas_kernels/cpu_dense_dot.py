@@ -5,8 +5,8 @@ or AVX512-BF16 for bfloat16): a C++ kernel called through XLA FFI, reading the w
     dense_dot(x [M, K], w [K, N]) -> [M, N] f32   x and w both float32 or both bfloat16; float32
         sums. Takes (`serves`): N % 16 == 0; float32 up to MAX_FMA_ROWS rows; bfloat16 any rows on
         a CPU with AMX-BF16 (its AMX loop from 8 rows where K % 32 == 0 and N % 32 == 0, the FMA
-        loop otherwise), else up to MAX_FMA_ROWS (from 2 rows in the AVX512-BF16 loop where the CPU
-        has it and K is even)
+        loop otherwise) or without AVX-512 (the GEMM loop beyond MAX_FMA_ROWS), else up to
+        MAX_FMA_ROWS (from 2 rows in the AVX512-BF16 loop where the CPU has it and K is even)
     serves(rows, w) -> bool   whether dense_dot takes this weight and row count
     available() -> bool       whether it runs here (x86-64 with AVX2 and FMA, a C++ compiler, the CPU
                               backend); builds and registers it on first use
@@ -39,6 +39,12 @@ the 576 x 49152 head from 3.5 to 2.3 ms (16 -> 25 GB/s) and the engine's batch-1
 while a weight row meets them all (rather than one row's chain of multiply-adds after another) took
 its batch-4 / batch-8 decode from 127-132 / 161-185 to 161-164 / 196-225 tokens/s (A/B, three runs).
 
+Prefill steps on that VM ran XLA's bfloat16 dot at 80-107 GFLOP/s (of a 214 peak); the AVX2
+build's GEMM loop, a 6 x 16 register tile over weight panels packed as float32, runs the model's
+shapes at 64-256 rows 1.2-1.5x faster (benchmarks/bench_dense_dot.py), and took a bfloat16 engine's
+TTFT at 512 / 128 tokens from 1.19 / 0.30 s to 0.77-0.84 / 0.19-0.22 s and its decode at batch 32
+from 221-234 to 264-289 tokens/s (A/B, two runs each).
+
 The sums run in another order than XLA's, so results differ from its dot in the last bits.
 `jaxinfer.runner.step` routes a one-device CPU engine's float32 and bfloat16 weights here for the
 row counts it serves (the reference generation keeps XLA's dot, so it still checks the engine).
@@ -70,6 +76,9 @@ MAX_FMA_ROWS = 8
 # 2 to MAX_FMA_ROWS rows take the AVX512-BF16 loop where the CPU has it (DP_BF16).
 AMX_BF16 = "amx_bf16" in cpu_ffi.cpu_flags()
 DP_BF16 = "avx512_bf16" in cpu_ffi.cpu_flags() and not AMX_BF16
+# CPUs without AVX-512 take the AVX2 build, whose bfloat16 steps beyond MAX_FMA_ROWS rows run in its
+# GEMM loop.
+GEMM_BF16 = "avx512f" not in cpu_ffi.cpu_flags()
 LANE = 16
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
@@ -78,7 +87,7 @@ def serves(rows: int, w) -> bool:
     """Whether `dense_dot` takes `rows` activation rows against the weight `w`."""
     if not (getattr(w, "ndim", 0) == 2 and w.dtype in DTYPES and w.shape[1] % LANE == 0 and rows >= 1):
         return False
-    return rows <= MAX_FMA_ROWS or (w.dtype == jnp.bfloat16 and AMX_BF16)
+    return rows <= MAX_FMA_ROWS or (w.dtype == jnp.bfloat16 and (AMX_BF16 or GEMM_BF16))
 
 
 def dense_dot(x: jax.Array, w: jax.Array) -> jax.Array:

@@ -1,8 +1,9 @@
 """The dense CPU matmul kernel (pallas_kernels/cpu_dense_dot.{cc,py}) against float64 numpy on
 every path of its FMA loop (K rows in passes of eight and a remainder, one or several K slabs, one
 or several column tiles with a partial last one, row chunks of eight) for float32 and bfloat16
-weights, on its AMX loop for bfloat16 (full and partial groups of 16 and 32 rows, panels of one
-to eight per item) and on its AVX512-BF16 loop (passes of 4 (k, k + 1) pairs and single pairs,
+weights, on its GEMM loop for bfloat16 in the AVX2 build (row blocks, panels, K passes), on its AMX
+loop for bfloat16 (full and partial groups of 16 and 32 rows, panels of one to eight per item) and
+on its AVX512-BF16 loop (passes of 4 (k, k + 1) pairs and single pairs,
 32-column steps and a last 16, chunks of 4 rows, K slabs and column tiles), on the CPUs that have
 them, and the step's routing of float32 and bfloat16 weights to it."""
 
@@ -50,7 +51,7 @@ def test_fma_loop_matches_float64_matmul(rng, k, n, dtype):
 def test_fma_loop_takes_bfloat16_rows_in_chunks_where_amx_does_not_fit(rng, m, k, n):
     """K or N off AMX's tile multiples: rows beyond eight run through the FMA loop in chunks."""
     if not cpu_dense_dot.AMX_BF16:
-        pytest.skip("without AMX-BF16 bfloat16 steps beyond 8 rows stay XLA's dot")
+        pytest.skip("without AMX-BF16, bfloat16 steps beyond 8 rows take the GEMM loop (AVX2 build) or XLA's dot")
     assert_matches_float64(*random_problem(rng, m, k, n, jnp.bfloat16))
 
 
@@ -59,6 +60,16 @@ def test_fma_loop_takes_bfloat16_rows_in_chunks_where_amx_does_not_fit(rng, m, k
 @pytest.mark.parametrize("m, k, n", [(8, 64, 32), (9, 576, 960), (16, 32, 64), (17, 576, 576), (32, 1536, 576), (20, 96, 2080),
                                      (45, 96, 3072), (130, 576, 256), (256, 64, 8192)])
 def test_amx_loop_matches_float64_matmul(rng, m, k, n):
+    assert_matches_float64(*random_problem(rng, m, k, n, jnp.bfloat16))
+
+
+@needs_kernel
+@pytest.mark.skipif(not cpu_dense_dot.GEMM_BF16, reason="the GEMM loop is the AVX2 build's (CPUs without AVX-512)")
+@pytest.mark.parametrize("m, k, n", [(9, 37, 16), (13, 576, 960), (17, 1536, 576), (24, 64, 48), (64, 2100, 80),
+                                     (130, 576, 4112), (256, 96, 3072)])
+def test_gemm_loop_matches_float64_matmul(rng, m, k, n):
+    """Row blocks of six with a partial last one, one or several panels per item, K in one pass or
+    two (beyond kGemmMaxDepth, the second adding to the first's sums)."""
     assert_matches_float64(*random_problem(rng, m, k, n, jnp.bfloat16))
 
 
@@ -82,7 +93,7 @@ def test_kernel_refuses_shapes_and_dtypes_it_does_not_take(rng):
         cpu_dense_dot.dense_dot(x[:2], w.astype(jnp.bfloat16))
     assert not cpu_dense_dot.serves(1, jnp.zeros((32, 32), jnp.float16))
     assert not cpu_dense_dot.serves(1, jnp.zeros((32, 32), jnp.int8))
-    assert cpu_dense_dot.serves(64, jnp.zeros((32, 32), jnp.bfloat16)) == cpu_dense_dot.AMX_BF16
+    assert cpu_dense_dot.serves(64, jnp.zeros((32, 32), jnp.bfloat16)) == (cpu_dense_dot.AMX_BF16 or cpu_dense_dot.GEMM_BF16)
 
 
 @needs_kernel

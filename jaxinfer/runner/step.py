@@ -56,10 +56,10 @@ class StepInputs:
 @dataclasses.dataclass(frozen=True)
 class KernelDenseWeight:
     """A float32 or bfloat16 `[in, out]` weight whose matmuls run in the CPU dense kernel for the row
-    counts it serves (float32 up to cpu_dense_dot.MAX_FMA_ROWS rows, bfloat16 any with AMX); others
-    stay XLA's dot. Either way x is taken in the weight's dtype and the product accumulates in
-    float32, returned in x's dtype (as `linear` on the bare weight, and as the head's float32
-    logits). Made inside the traced step only, never stored."""
+    counts it serves (float32 up to cpu_dense_dot.MAX_FMA_ROWS rows, bfloat16 any with AMX or
+    without AVX-512); others stay XLA's dot. Either way x is taken in the weight's dtype and the
+    product accumulates in float32, returned in x's dtype (as `linear` on the bare weight, and as
+    the head's float32 logits). Made inside the traced step only, never stored."""
     w: jax.Array
 
     def matmul(self, x: jax.Array) -> jax.Array:

@@ -1,7 +1,9 @@
-"""Where a decode step's time goes: a jax.profiler trace of steady batch-B decode steps, summed by op.
+"""Where a decode (or prefill) step's time goes: a jax.profiler trace of engine steps, summed by op.
 
 Runs an engine (a built engine directory, a checkpoint, or random:CONFIG) with B requests that decode
-together, traces --steps steps after a warm-up, and prints the wall time per step and, per traced
+together, traces --steps steps after a warm-up (with --prompt-len P instead: the steps that prefill B
+fresh prompts of P random tokens, chunked by the engine's token budget, after one such round as a
+warm-up), and prints the wall time per step and, per traced
 process (the host's XLA threads on a CPU; each GPU's streams), the ops that took the most time per
 step, by kind: custom calls by their target (the C++ kernels on a CPU), other ops by their name
 without its number (XLA fusions, copies); `ops` counts the distinct ops of a kind. The wrappers around them
@@ -10,6 +12,7 @@ the rest of the wall time is the host's work and waiting. The trace itself stays
 Perfetto (ui.perfetto.dev).
 
     .venv/bin/python benchmarks/profile_step.py engines/bf16 [--batch 1] [--steps 20] [--top 15]
+    .venv/bin/python benchmarks/profile_step.py engines/bf16 --prompt-len 512     # prefill steps
     python3 benchmarks/profile_step.py random:configs/models/llama3-8b --kv-memory 8GiB   # on a GPU
 """
 
@@ -19,6 +22,7 @@ import argparse
 import collections
 import gzip
 import json
+import random
 import re
 import time
 from pathlib import Path
@@ -50,12 +54,56 @@ def trace_steps(engine, batch: int, steps: int, trace_dir: Path) -> float:
     return seconds
 
 
-def op_kinds(engine, batch: int) -> dict[str, str]:
-    """HLO instruction name -> its kind in the batch-`batch` decode step: a custom call's target
-    (jaxinfer_dense_dot, a Pallas kernel's name on a GPU, ...)."""
-    bucket = engine.engine_cfg.ladder.select(batch, batch, batch)
-    hlo = engine.runner.executables[bucket].as_text()
-    return dict(re.findall(r'([\w.-]+) = [^\n]*?custom_call_target="([\w.-]+)"', hlo))
+class _BucketsUsed(dict):
+    """An engine's executables by bucket that remembers which buckets the runner ran."""
+
+    def __init__(self, executables):
+        super().__init__(executables)
+        self.used: set = set()
+
+    def __getitem__(self, bucket):
+        self.used.add(bucket)
+        return super().__getitem__(bucket)
+
+
+def trace_prefill_steps(engine, batch: int, prompt_len: int, trace_dir: Path) -> tuple[float, int, set]:
+    """Seconds per step, the number of steps and the buckets they ran, for the steps that prefill
+    `batch` fresh prompts of `prompt_len` random tokens (each request then stops at its first
+    token), traced after one untraced round."""
+    rng, vocab = random.Random(0), engine.model_cfg.vocab_size
+
+    def prefill_round(name: str) -> int:
+        for i in range(batch):
+            engine.add_request(f"{name}-{i}", prompt_token_ids=[rng.randrange(3, vocab) for _ in range(prompt_len)],
+                               params=SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        steps = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+        return steps
+
+    prefill_round("warm-up")
+    executables = engine.runner.executables
+    engine.runner.executables = _BucketsUsed(executables)
+    jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)
+    start = time.perf_counter()
+    steps = prefill_round("profile")
+    seconds = (time.perf_counter() - start) / steps
+    jax.profiler.stop_trace()
+    buckets, engine.runner.executables = engine.runner.executables.used, executables
+    return seconds, steps, buckets
+
+
+def op_kinds(engine, buckets) -> dict[str, str]:
+    """HLO instruction name -> its kind in the steps of `buckets`: a custom call's target
+    (jaxinfer_dense_dot, a Pallas kernel's name on a GPU, ...); a name that is a different call
+    in different buckets (the trace does not say which bucket an op ran in) gets both targets."""
+    kinds: dict[str, set[str]] = collections.defaultdict(set)
+    for bucket in buckets:
+        hlo = engine.runner.executables[bucket].as_text()
+        for name, target in re.findall(r'([\w.-]+) = [^\n]*?custom_call_target="([\w.-]+)"', hlo):
+            kinds[name].add(target)
+    return {name: "|".join(sorted(targets)) for name, targets in kinds.items()}
 
 
 def kind_of(name: str, kinds: dict[str, str]) -> str:
@@ -84,26 +132,36 @@ def main():
     parser.add_argument("model", nargs="?", help="engine directory, checkpoint or random:CONFIG (default model if omitted)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--prompt-len", type=int, default=0, help="profile the prefill steps of prompts of this many tokens")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--kv-memory", default="256MiB", help="KV pool size when the engine is built here")
     parser.add_argument("--trace-dir", type=Path, default=Path("results/profile"))
     args = parser.parse_args()
-    engine = create_engine(args.model, progress=False, max_num_seqs=args.batch, max_num_batched_tokens=max(64, args.batch),
-                           max_model_len=512, kv_memory=args.kv_memory)
-    seconds = trace_steps(engine, args.batch, args.steps, args.trace_dir)
+    # A built engine keeps its own config; a checkpoint gets the buckets these steps need (for
+    # prefill, the configured token budget).
+    engine = create_engine(args.model, progress=False, max_num_seqs=args.batch,
+                           max_num_batched_tokens=None if args.prompt_len else max(64, args.batch),
+                           max_model_len=max(512, args.prompt_len + 16), kv_memory=args.kv_memory)
+    ladder = engine.engine_cfg.ladder
+    if args.prompt_len:
+        seconds, steps, buckets = trace_prefill_steps(engine, args.batch, args.prompt_len, args.trace_dir)
+        what = f"{args.batch} prompt(s) of {args.prompt_len} tokens in {steps} steps ({', '.join(b.name for b in buckets)})"
+    else:
+        seconds, steps = trace_steps(engine, args.batch, args.steps, args.trace_dir), args.steps
+        what, buckets = f"batch {args.batch}", [ladder.select(args.batch, args.batch, args.batch)]
     trace_file = max(args.trace_dir.glob("**/*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
-    print(f"{args.model or 'default model'}, batch {args.batch}: {seconds * 1e3:.2f} ms per step (wall, traced); "
+    print(f"{args.model or 'default model'}, {what}: {seconds * 1e3:.2f} ms per step (wall, traced); "
           f"jax {jax.__version__} on {jax.devices()[0].device_kind}; trace {trace_file}")
-    kinds = op_kinds(engine, args.batch)
+    kinds = op_kinds(engine, buckets)
     for process, totals in op_times(trace_file).items():
         by_kind, calls = collections.Counter(), collections.Counter()
         for name, micros in totals.items():
             by_kind[kind_of(name, kinds)] += micros
             calls[kind_of(name, kinds)] += 1
-        print(f"\n{process}: {sum(totals.values()) / args.steps / 1e3:.2f} ms of ops per step")
+        print(f"\n{process}: {sum(totals.values()) / steps / 1e3:.2f} ms of ops per step")
         print(f"  {'ms/step':>8} {'ops':>5}  kind (custom call target, or op name)")
         for kind, micros in by_kind.most_common(args.top):
-            print(f"  {micros / args.steps / 1e3:8.3f} {calls[kind]:>5}  {kind[:100]}")
+            print(f"  {micros / steps / 1e3:8.3f} {calls[kind]:>5}  {kind[:100]}")
 
 
 if __name__ == "__main__":

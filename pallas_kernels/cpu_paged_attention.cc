@@ -121,6 +121,13 @@ const float* pool_row(const T* pool, const float* scales, int64_t index, int64_t
   const T* row = pool + index * d;
   if constexpr (std::is_same_v<T, float>) {
     return row;
+  } else if constexpr (std::is_same_v<T, uint16_t>) {
+    // bfloat16 (never scaled): its bits are a float's top half.
+    for (int64_t i = 0; i < d; i += kLanes) {
+      const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i)));
+      _mm256_storeu_ps(scratch + i, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
+    }
+    return scratch;
   } else {
     const float scale = scales ? scales[index] : 1.0f;
     for (int64_t i = 0; i < d; ++i) scratch[i] = to_float(row[i]) * scale;

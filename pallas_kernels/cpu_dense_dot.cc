@@ -131,6 +131,14 @@ inline void interleave(VecF even, VecF odd, float* out) {
 }
 #endif
 
+// A bfloat16 value (its bits) as float32: the float's top half.
+inline float bf16_to_f32(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof(value));
+  return value;
+}
+
 template <typename X, typename W>
 struct Problem {
   const X* x;      // [M, K]
@@ -528,10 +536,7 @@ constexpr int64_t kGemmPanelsPerItem = 4;
 void pack_row_block(const uint16_t* x, int64_t m, int64_t k, int64_t b, float* out) {
   for (int r = 0; r < kGemmRows; ++r) {
     const int64_t row = kGemmRows * b + r;
-    for (int64_t kk = 0; kk < k; ++kk) {
-      const uint32_t bits = row < m ? static_cast<uint32_t>(x[row * k + kk]) << 16 : 0;
-      std::memcpy(out + kk * kGemmRows + r, &bits, sizeof(float));
-    }
+    for (int64_t kk = 0; kk < k; ++kk) out[kk * kGemmRows + r] = row < m ? bf16_to_f32(x[row * k + kk]) : 0.0f;
   }
 }
 
@@ -647,10 +652,7 @@ ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
   }
 #endif
   std::vector<float> x32(m * k);
-  for (int64_t i = 0; i < m * k; ++i) {
-    const uint32_t bits = static_cast<uint32_t>(x16[i]) << 16;
-    std::memcpy(&x32[i], &bits, sizeof(float));
-  }
+  for (int64_t i = 0; i < m * k; ++i) x32[i] = bf16_to_f32(x16[i]);
   fma_dot(pool, x32.data(), w16, out, m, k, n);
   return ffi::Error::Success();
 }

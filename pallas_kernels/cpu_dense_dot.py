@@ -68,6 +68,9 @@ KERNEL = cpu_ffi.CpuKernel(
     (cpu_ffi.Isa(("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
                  frozenset({"avx2", "fma", "avx512f"})), cpu_ffi.AVX2))
 available = KERNEL.available
+# CPUs without AVX-512 take the AVX2 build, whose bfloat16 steps beyond MAX_FMA_ROWS rows run in its
+# GEMM loop.
+GEMM_BF16 = KERNEL.isa() is cpu_ffi.AVX2
 # The FMA loop's rows: it slows with rows (14-16 GB/s at 8, 22-23 at one for float32) as its
 # multiply-adds per byte grow, so bigger float32 steps keep XLA's dot.
 MAX_FMA_ROWS = 8
@@ -76,9 +79,6 @@ MAX_FMA_ROWS = 8
 # 2 to MAX_FMA_ROWS rows take the AVX512-BF16 loop where the CPU has it (DP_BF16).
 AMX_BF16 = "amx_bf16" in cpu_ffi.cpu_flags()
 DP_BF16 = "avx512_bf16" in cpu_ffi.cpu_flags() and not AMX_BF16
-# CPUs without AVX-512 take the AVX2 build, whose bfloat16 steps beyond MAX_FMA_ROWS rows run in its
-# GEMM loop.
-GEMM_BF16 = "avx512f" not in cpu_ffi.cpu_flags()
 LANE = 16
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 

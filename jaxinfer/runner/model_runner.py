@@ -91,11 +91,11 @@ class ModelRunner:
         seqs = [chunks[entry].seq for entry, _ in rows]
         # Only rows with penalties read their token ids; copying every row's prompt and output each
         # step cost O(context) per sequence (a range stands for an output of that length).
-        histories = [seq.sampling_params.uses_penalties for seq in seqs]
+        needs_history = [seq.sampling_params.uses_penalties for seq in seqs]
         return build_sampling_metadata(
             [seq.sampling_params for seq in seqs],
-            [seq.prompt_token_ids if full else () for seq, full in zip(seqs, histories)],
-            [seq.output_token_ids if full else range(seq.num_output_tokens) for seq, full in zip(seqs, histories)],
+            [seq.prompt_token_ids if full else () for seq, full in zip(seqs, needs_history)],
+            [seq.output_token_ids if full else range(seq.num_output_tokens) for seq, full in zip(seqs, needs_history)],
             [seed_of(seq.request_id) for seq in seqs],
             # At a fan-out (the parent's first sample) sample j becomes child j.
             [seq.seq_index + sample for (_, sample), seq in zip(rows, seqs)],

@@ -1,9 +1,9 @@
 """Where a decode (or prefill) step's time goes: a jax.profiler trace of engine steps, summed by op.
 
 Runs an engine (a built engine directory, a checkpoint, or random:CONFIG) with B requests that decode
-together, traces --steps steps after a warm-up (with --prompt-len P instead: the steps that prefill B
-fresh prompts of P random tokens, chunked by the engine's token budget, after one such round as a
-warm-up), and prints the wall time per step and, per traced
+together, traces --steps model steps after a warm-up (each step of a multi-step decode call counts;
+with --prompt-len P instead: the steps that prefill B fresh prompts of P random tokens, chunked by
+the engine's token budget, after one such round as a warm-up), and prints the wall time per step and, per traced
 process (the host's XLA threads on a CPU; each GPU's streams), the ops that took the most time per
 step, by kind: custom calls by their target (the C++ kernels on a CPU), other ops by their name
 without its number (XLA fusions, copies); `ops` counts the distinct ops of a kind. The wrappers around them
@@ -36,22 +36,26 @@ from jaxinfer.sampling_params import SamplingParams
 _WRAPPER_PREFIXES = ("$", "end: ", "ThunkExecutor", "PjitFunction", "CommonPjRtLoadedExecutable", "np.asarray")
 
 
-def trace_steps(engine, batch: int, steps: int, trace_dir: Path) -> float:
-    """Seconds per step of `steps` traced decode steps of `batch` sequences."""
+def trace_steps(engine, batch: int, steps: int, trace_dir: Path) -> tuple[float, int]:
+    """Seconds per model step and the model steps traced: the engine calls that run at least `steps`
+    decode steps of `batch` sequences (a multi-step decode call counts each of its steps)."""
+    margin = 8 + 2 * engine.engine_cfg.decode_steps
     for i in range(batch):
         engine.add_request(f"profile-{i}", prompt_token_ids=list(range(3, 35)),
-                           params=SamplingParams(temperature=0, max_tokens=steps + 16, ignore_eos=True))
-    for _ in range(8):  # prefill and the first decodes, so every traced step is a steady decode
+                           params=SamplingParams(temperature=0, max_tokens=steps + 2 * margin, ignore_eos=True))
+    while engine.num_steps < margin:  # prefill and the first decodes, so every traced step is a steady decode
         engine.step()
+    first = engine.num_steps
     jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)
     start = time.perf_counter()
-    for _ in range(steps):
+    while engine.num_steps - first < steps:
         engine.step()
-    seconds = (time.perf_counter() - start) / steps
+    traced = engine.num_steps - first
+    seconds = (time.perf_counter() - start) / traced
     jax.profiler.stop_trace()
     while engine.has_unfinished_requests():
         engine.step()
-    return seconds
+    return seconds, traced
 
 
 class _BucketsUsed(dict):
@@ -147,7 +151,7 @@ def main():
         seconds, steps, buckets = trace_prefill_steps(engine, args.batch, args.prompt_len, args.trace_dir)
         what = f"{args.batch} prompt(s) of {args.prompt_len} tokens in {steps} steps ({', '.join(b.name for b in buckets)})"
     else:
-        seconds, steps = trace_steps(engine, args.batch, args.steps, args.trace_dir), args.steps
+        seconds, steps = trace_steps(engine, args.batch, args.steps, args.trace_dir)
         what, buckets = f"batch {args.batch}", [ladder.select(args.batch, args.batch, args.batch)]
     trace_file = max(args.trace_dir.glob("**/*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
     print(f"{args.model or 'default model'}, {what}: {seconds * 1e3:.2f} ms per step (wall, traced); "

@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--block-size", type=int)
     build.add_argument("--kv-memory", help="KV pool size (e.g. 1GiB) or fraction of device memory (0.9)")
     build.add_argument("--quant", choices=list(QUANT_MODES))
+    build.add_argument("--decode-steps", type=int, help="model steps per decode-only call (1: one step a call)")
     build.set_defaults(run="jaxinfer.engine.build:main")
 
     serve = commands.add_parser("serve", help="serve an engine over gRPC (jaxinfer.v1, KServe v2, health, metrics)")

@@ -170,6 +170,53 @@ def test_stop_strings_on_detokenized_text(checkpoint, reference, engine):
     assert completion.text == full_text[:full_text.index(stop)]
 
 
+def test_multi_step_decode_matches_single_steps(checkpoint, reference, engine):
+    """The engine's decode calls of several model steps (engine.yaml's decode_steps) against an engine
+    that runs one step a call, on a workload that ends sequences inside a call (stop tokens after
+    min_tokens, stop strings, max_tokens) and samples with seeds, penalties, top-k/p and n = 2: the
+    same tokens, finish reasons, text and logprobs, while most decode calls ran several steps."""
+    assert engine.engine_cfg.decode_steps > 1
+    single_step = make_engine(checkpoint, decode_steps=1)
+    rng = np.random.default_rng(8)
+    vocab = checkpoint.config.vocab_size
+    prompts = random_prompts(rng, 9, vocab)
+    greedy = [expected_greedy(reference, prompt, 30) for prompt in prompts[:3]]
+    text = checkpoint.tokenizer.decode(greedy[2])
+    seeded = dict(temperature=0.8, top_p=0.9, top_k=40, max_tokens=27)
+    params = [
+        SamplingParams(temperature=0, max_tokens=30, stop_token_ids=(greedy[0][6],), ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=30, stop_token_ids=(greedy[1][9],), min_tokens=5, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=30, stop=(text[len(text) // 2:len(text) // 2 + 3],), ignore_eos=True),
+        SamplingParams(**seeded, seed=1, logprobs=3),
+        SamplingParams(**seeded, seed=2, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.3),
+        SamplingParams(**seeded, seed=3, n=2),
+        SamplingParams(temperature=1.0, seed=4, max_tokens=1),
+        SamplingParams(temperature=0, max_tokens=60, ignore_eos=True),
+        SamplingParams(temperature=0.7, seed=5, max_tokens=19, logprobs=1),
+    ]
+    requests = [(f"r{i}", prompt, p) for i, (prompt, p) in enumerate(zip(prompts, params))]
+    calls = []
+    execute = engine.runner.execute
+    engine.runner.execute = lambda out, seed_of: calls.append(out.num_steps) or execute(out, seed_of)
+    try:
+        got = run_all(engine, requests)
+    finally:
+        del engine.runner.execute
+    want = run_all(single_step, requests)
+    for request_id, expected in want.items():
+        for out, ref in zip(got[request_id].outputs, expected.outputs, strict=True):
+            assert (out.token_ids, out.finish_reason, out.text) == (ref.token_ids, ref.finish_reason, ref.text), request_id
+            if ref.logprobs is not None:
+                for step, ref_step in zip(out.logprobs, ref.logprobs, strict=True):
+                    assert step.keys() == ref_step.keys()
+                    np.testing.assert_allclose(list(step.values()), list(ref_step.values()), atol=1e-5)
+    assert [want[r].outputs[0].finish_reason for r in ("r0", "r2")] == ["stop"] * 2
+    assert len(want["r1"].outputs[0].token_ids) >= 5
+    assert max(calls) == engine.engine_cfg.decode_steps and sum(calls) > 2 * len(calls), calls
+    assert_pool_whole(engine)
+    assert_pool_whole(single_step)
+
+
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tensor_parallel_engine_matches_reference(tp):
     """tiny-smollm2 has 2 KV heads: tp=4 also exercises head padding."""

@@ -9,6 +9,8 @@ hit (even one with equal tokens after a different prefix), a missing or misdirec
 or a block reused while still referenced shows up as a mismatch.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -68,9 +70,10 @@ class FakeRunner:
 
 
 def make_scheduler(num_blocks=64, max_num_seqs=8, max_num_batched_tokens=32, max_model_len=64,
-                   enable_chunked_prefill=True):
+                   enable_chunked_prefill=True, decode_steps=1, decode_call_tokens=1):
     return Scheduler(BlockManager(num_blocks, BLOCK_SIZE), max_num_seqs, max_num_batched_tokens,
-                     max_model_len, enable_chunked_prefill=enable_chunked_prefill, eos_token_ids=(EOS,))
+                     max_model_len, enable_chunked_prefill=enable_chunked_prefill, eos_token_ids=(EOS,),
+                     decode_steps=decode_steps, decode_call_tokens=decode_call_tokens)
 
 
 def setup(seed, **scheduler_kwargs):
@@ -87,6 +90,38 @@ def random_prompt(rng, num_tokens):
 def step(scheduler, runner):
     output = scheduler.schedule()
     return output, scheduler.update(output, runner.run(output))
+
+
+def run_model_steps(scheduler, runner, output, rng) -> list:
+    """Runs a call's model steps one after the other, as the engine records them (only sequences
+    still running write K/V: a stopped one's later tokens are dropped), with an abort in flight now
+    and then; returns the sequences that changed."""
+    changed = []
+    for index in range(output.num_steps):
+        step_output = output.model_step(index)
+        running = dataclasses.replace(step_output, scheduled=tuple(
+            e for e in step_output.scheduled if e.seq.status is SequenceStatus.RUNNING))
+        by_seq = dict(zip((e.seq.seq_id for e in running.scheduled), runner.run(running)))
+        sampled = {e.seq.seq_id: by_seq.get(e.seq.seq_id, EOS) for e in step_output.scheduled}
+        if running.scheduled and rng.random() < 0.05:
+            scheduler.abort(running.scheduled[rng.integers(len(running.scheduled))].seq.request_id)
+        changed += scheduler.update(step_output, list(sampled.values()) if rng.random() < 0.5 else sampled)
+    return changed
+
+
+def check_model_steps(scheduler, output):
+    """A call of several model steps only decodes, within its bounds, and has slots for every step."""
+    if output.num_steps == 1:
+        return
+    assert 1 < output.num_steps <= scheduler.decode_steps
+    assert output.num_steps * len(output.scheduled) <= scheduler.decode_call_tokens
+    for entry in output.scheduled:
+        seq, params = entry.seq, entry.seq.sampling_params
+        assert entry.num_new_tokens == entry.num_samples == 1 and entry.start_position == seq.num_tokens - 1
+        assert seq.num_output_tokens + output.num_steps <= params.max_tokens
+        assert seq.num_tokens + output.num_steps <= scheduler.max_model_len
+        assert seq.num_output_tokens >= params.min_tokens or seq.num_output_tokens + output.num_steps <= params.min_tokens
+        assert len(entry.block_table) * BLOCK_SIZE >= entry.start_position + output.num_steps
 
 
 def check_invariants(scheduler, runner):
@@ -147,23 +182,26 @@ def random_params(rng):
                           ignore_eos=bool(rng.random() < 0.2))
 
 
-@pytest.mark.parametrize("seed, num_blocks, max_num_seqs, budget, chunked", [
-    (0, 48, 6, 16, True),
-    (1, 20, 4, 12, True),  # a tight pool: preemptions
-    (2, 96, 8, 40, False),
-    (3, 10, 3, 7, True),  # a pool smaller than max_model_len: preemptions, oversized sequences fail
-    (4, 30, 16, 64, True),
-    (5, 16, 8, 5, True),  # fewer budget tokens than running sequences
+@pytest.mark.parametrize("seed, num_blocks, max_num_seqs, budget, chunked, decode_steps", [
+    (0, 48, 6, 16, True, 1),
+    (1, 20, 4, 12, True, 1),  # a tight pool: preemptions
+    (2, 96, 8, 40, False, 1),
+    (3, 10, 3, 7, True, 1),  # a pool smaller than max_model_len: preemptions, oversized sequences fail
+    (4, 30, 16, 64, True, 1),
+    (5, 16, 8, 5, True, 1),  # fewer budget tokens than running sequences
+    (6, 48, 6, 16, True, 4),  # multi-step decode calls
+    (7, 20, 4, 12, True, 8),  # multi-step decode calls in a tight pool
 ])
 def test_random_workload_keeps_kv_content_and_returns_every_block(seed, num_blocks, max_num_seqs, budget,
-                                                                   chunked):
+                                                                   chunked, decode_steps):
     max_model_len = 40
     rng, scheduler, runner = setup(seed, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=budget, max_model_len=max_model_len,
-                                   enable_chunked_prefill=chunked)
+                                   enable_chunked_prefill=chunked, decode_steps=decode_steps, decode_call_tokens=16)
     system_prompts = [random_prompt(rng, int(rng.integers(4, 14))) for _ in range(3)]
     finish_reasons = set()
     num_requests = num_failed = 0
+    num_calls = [0, 0]  # single-step calls, multi-step calls
     for step_index in range(1000):
         arriving = step_index < 300
         for _ in range(rng.poisson(0.6) if arriving else 0):
@@ -180,12 +218,9 @@ def test_random_workload_keeps_kv_content_and_returns_every_block(seed, num_bloc
         remaining_before = {id(s): s.num_tokens - s.num_computed_tokens for s in scheduler.running}
         output = scheduler.schedule()
         check_step_shape(scheduler, output, remaining_before)
-        sampled = runner.run(output)
-        if output.scheduled and rng.random() < 0.05:  # abort while the step is in flight
-            scheduler.abort(output.scheduled[rng.integers(len(output.scheduled))].seq.request_id)
-        if rng.random() < 0.5:
-            sampled = {entry.seq.seq_id: tokens for entry, tokens in zip(output.scheduled, sampled)}
-        changed = scheduler.update(output, sampled)
+        check_model_steps(scheduler, output)
+        num_calls[output.num_steps > 1] += 1
+        changed = run_model_steps(scheduler, runner, output, rng)
         running = scheduler.running
         if running and rng.random() < 0.03:  # a stop string the engine detected
             scheduler.finish(running[rng.integers(len(running))], "stop")
@@ -201,6 +236,7 @@ def test_random_workload_keeps_kv_content_and_returns_every_block(seed, num_bloc
     if num_blocks < 24:
         assert metrics.num_preemptions > 0
     assert (num_failed > 0) == ((num_blocks - 1) * BLOCK_SIZE < max_model_len)
+    assert (num_calls[1] > 0) == (decode_steps > 1), num_calls
 
 
 def test_decodes_continue_every_step_while_a_long_prompt_is_chunked():

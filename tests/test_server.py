@@ -26,7 +26,11 @@ from serving.protos import jaxinfer_pb2 as pb
 from serving.protos import jaxinfer_pb2_grpc
 
 TINY = "tests/checkpoints/tiny-llama3"
-ENGINE = {"max_num_seqs": 8, "max_num_batched_tokens": 64, "max_model_len": 256, "kv_memory": "8MiB"}
+# One model step per engine call (multi-step decode is tested in test_engine.py): a long request then
+# lasts about 0.2 s rather than 0.06, long enough for the cancellation, deadline and metrics tests to
+# act while it runs, and every token is its own engine output.
+ENGINE = {"max_num_seqs": 8, "max_num_batched_tokens": 64, "max_model_len": 256, "kv_memory": "8MiB",
+          "decode_steps": 1}
 MAX_QUEUED = 12
 
 
@@ -84,16 +88,21 @@ def scrape(server) -> dict[str, float]:
             for sample in family.samples if not sample.labels.get("le")}
 
 
-def wait_kv_free(server, timeout_s: float = 10.0) -> dict[str, float]:
-    """Waits until no request runs or waits and no KV block is referenced; returns the metrics."""
+def wait_metrics(server, holds, timeout_s: float = 10.0, poll_s: float = 0.05) -> dict[str, float]:
+    """Scrapes the metrics until `holds(metrics)` or the timeout; returns the last scrape."""
     deadline = time.monotonic() + timeout_s
     while True:
         metrics = scrape(server)
-        idle = (metrics["jaxinfer:num_requests_running"] == 0 and metrics["jaxinfer:num_requests_waiting"] == 0
-                and metrics["jaxinfer:kv_cache_usage_perc"] == 0)
-        if idle or time.monotonic() > deadline:
+        if holds(metrics) or time.monotonic() > deadline:
             return metrics
-        time.sleep(0.05)
+        time.sleep(poll_s)
+
+
+def wait_kv_free(server, timeout_s: float = 10.0) -> dict[str, float]:
+    """Waits until no request runs or waits and no KV block is referenced; returns the metrics."""
+    return wait_metrics(server, lambda m: m["jaxinfer:num_requests_running"] == 0
+                        and m["jaxinfer:num_requests_waiting"] == 0 and m["jaxinfer:kv_cache_usage_perc"] == 0,
+                        timeout_s)
 
 
 def test_health_and_reflection(server):
@@ -220,7 +229,9 @@ def long_request(request_id: str = "", max_tokens: int = 200) -> pb.GenerateRequ
 def test_cancel_deadline_and_abort_return_kv_blocks(server, stub):
     call = stub.Generate(long_request())
     next(call), next(call)
-    assert scrape(server)["jaxinfer:kv_cache_usage_perc"] > 0
+    # The metrics snapshot is refreshed every 50 ms; the request runs for longer than that.
+    assert wait_metrics(server, lambda m: m["jaxinfer:kv_cache_usage_perc"] > 0, 2.0, 0.01)[
+        "jaxinfer:kv_cache_usage_perc"] > 0
     call.cancel()
     assert wait_kv_free(server)["jaxinfer:kv_cache_usage_perc"] == 0
 

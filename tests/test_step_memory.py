@@ -20,7 +20,7 @@ def _step_temp_and_pool(checkpoint, kv_memory: str, kv_dtype: str, bucket: Bucke
                                      max_model_len=max_model_len, kv_memory=kv_memory)
     cfg, engine_cfg, mesh, params, kv_caches = prepare_device_state(checkpoint, engine_cfg, False)
     inputs, sampling = abstract_step_inputs(cfg, engine_cfg, bucket, mesh)
-    compiled = step_function(cfg, mesh, kv_caches).lower(params, kv_caches, inputs, sampling).compile()
+    compiled = step_function(cfg, mesh, kv_caches, engine_cfg.decode_steps).lower(params, kv_caches, inputs, sampling).compile()
     pool_bytes = sum(x.nbytes for cache in kv_caches for x in jax.tree.leaves(cache))
     return compiled.memory_analysis().temp_size_in_bytes, pool_bytes
 

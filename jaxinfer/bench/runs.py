@@ -41,7 +41,8 @@ def _engine(args, max_num_seqs: int | None = None):
     return create_engine(args.model, progress=True, dtype=args.dtype,
                          max_num_seqs=max_num_seqs or args.max_num_seqs,
                          max_num_batched_tokens=args.max_num_batched_tokens,
-                         max_model_len=args.max_model_len, kv_memory=args.kv_memory)
+                         max_model_len=args.max_model_len, kv_memory=args.kv_memory,
+                         decode_steps=args.decode_steps)
 
 
 def _workload(args, vocab_size: int, encode) -> list[BenchRequest]:

@@ -43,6 +43,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int)
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--kv-memory", help="KV pool size, e.g. 1GiB")
+    parser.add_argument("--decode-steps", type=int, help="model steps per decode-only call (1: one step a call)")
 
 
 def _add_workload_args(parser: argparse.ArgumentParser, num_requests: int) -> None:

@@ -47,8 +47,9 @@ from jaxinfer.runner.model_runner import ModelRunner, allocate_kv_caches
 from jaxinfer.tokenizer import Tokenizer
 from pallas_kernels import cpu_ffi, cpu_int8_dot
 
-# 5: the step takes StepInputs.num_rows (head and sampling at the real rows).
-FORMAT_VERSION = 5
+# 6: the step takes StepInputs.num_steps and returns its outputs with a leading step axis
+# (multi-step decode).
+FORMAT_VERSION = 6
 
 
 def environment() -> dict:

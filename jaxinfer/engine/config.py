@@ -32,6 +32,8 @@ class EngineConfig:
     max_model_len: int
     kv_memory: str
     min_token_bucket: int
+    decode_steps: int
+    decode_call_tokens: int
     quant: str | None = None
 
     def __post_init__(self):
@@ -44,7 +46,8 @@ class EngineConfig:
                               f"{', '.join(QUANT_MODES)} (or None for unquantized weights)")
         if not 8 <= self.block_size <= 256 or self.block_size & (self.block_size - 1):
             raise EngineError(f"block_size {self.block_size} must be a power of two between 8 and 256")
-        for name in ("tp", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "min_token_bucket"):
+        for name in ("tp", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "min_token_bucket",
+                     "decode_steps", "decode_call_tokens"):
             if getattr(self, name) < 1:
                 raise EngineError(f"{name} must be >= 1, got {getattr(self, name)}")
         try:

@@ -56,7 +56,9 @@ class LLMEngine:
         self.model_cfg, self.engine_cfg = model_cfg, engine_cfg
         block_manager = BlockManager(runner.num_blocks, engine_cfg.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(block_manager, engine_cfg.max_num_seqs, engine_cfg.max_num_batched_tokens,
-                                   engine_cfg.max_model_len, eos_token_ids=tokenizer.eos_token_ids)
+                                   engine_cfg.max_model_len, eos_token_ids=tokenizer.eos_token_ids,
+                                   decode_steps=engine_cfg.decode_steps,
+                                   decode_call_tokens=engine_cfg.decode_call_tokens)
         self._requests: dict[str, _RequestState] = {}
         self.num_steps = 0
 
@@ -119,14 +121,18 @@ class LLMEngine:
             for entry in out.scheduled:
                 metrics = self._requests[entry.seq.request_id].metrics
                 metrics.first_scheduled_time = metrics.first_scheduled_time or now
-            sampled = self.runner.execute(out, lambda rid: self._requests[rid].seed)
-            self.num_steps += 1
-            by_seq = {(e.seq.request_id, e.seq.seq_index + j): token
-                      for e, tokens in zip(out.scheduled, sampled) for j, token in enumerate(tokens)}
+            steps = self.runner.execute(out, lambda rid: self._requests[rid].seed)
+            self.num_steps += len(steps)
             now = time.monotonic()
-            for seq in self.scheduler.update(out, [[t.token_id for t in tokens] for tokens in sampled]):
-                self._on_token(seq, by_seq[seq.seq_id], now)
-                changed[seq.request_id] = None
+            # A multi-step call's tokens are recorded step by step, as single steps would be: a
+            # sequence that stops (on a token, a length or a stop string) skips the later ones.
+            for index, sampled in enumerate(steps):
+                step_out = out.model_step(index)
+                by_seq = {(e.seq.request_id, e.seq.seq_index + j): token
+                          for e, tokens in zip(step_out.scheduled, sampled) for j, token in enumerate(tokens)}
+                for seq in self.scheduler.update(step_out, [[t.token_id for t in tokens] for tokens in sampled]):
+                    self._on_token(seq, by_seq[seq.seq_id], now)
+                    changed[seq.request_id] = None
         return [self._report(rid, self._requests[rid]) for rid in changed]
 
     def _track(self, state: _RequestState, seq: Sequence) -> None:

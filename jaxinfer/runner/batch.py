@@ -26,8 +26,10 @@ def _spread(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_step_inputs(chunks: list[ScheduledSequence] | tuple[ScheduledSequence, ...], block_copies: tuple[tuple[int, int], ...], bucket: Bucket,
-                      block_size: int, max_blocks_per_seq: int) -> tuple[StepInputs, list[tuple[int, int]]]:
-    """Returns the padded step inputs and, per sampled row, (index into chunks, sample index)."""
+                      block_size: int, max_blocks_per_seq: int,
+                      num_steps: int = 1) -> tuple[StepInputs, list[tuple[int, int]]]:
+    """Returns the padded step inputs and, per sampled row, (index into chunks, sample index).
+    `num_steps` > 1 asks a decode bucket for that many steps (see jaxinfer.runner.step)."""
     T, S = bucket.num_tokens, bucket.num_seqs
     num_chunks = len(chunks)
     counts = np.fromiter((c.num_new_tokens for c in chunks), np.int32, num_chunks)
@@ -69,4 +71,5 @@ def build_step_inputs(chunks: list[ScheduledSequence] | tuple[ScheduledSequence,
     if block_copies:
         copies[:len(block_copies)] = block_copies
     attention = AttentionMetadata(slot_mapping, block_tables, seq_lens, query_start_loc)
-    return StepInputs(tokens, positions, attention, logits_indices, np.int32(len(rows)), copies), rows
+    return StepInputs(tokens, positions, attention, logits_indices, np.int32(len(rows)), copies,
+                      np.int32(num_steps)), rows

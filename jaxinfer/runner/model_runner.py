@@ -1,10 +1,10 @@
 """ModelRunner: the device state of an engine (params, KV pool) and its compiled step per bucket.
 
 `execute(scheduler_output)` picks the bucket, builds the padded inputs on the host, runs the
-compiled step (the KV pool is donated and updated in place) and returns, per scheduled sequence,
-the tokens it sampled. Executables are either compiled here (`compile_steps`) or loaded from an
-engine directory (jaxinfer.engine.artifact); the runner does not care which, and never compiles
-while serving: a missing bucket is an error, not a silent recompilation.
+compiled step (the KV pool is donated and updated in place) and returns, per model step of the call
+(`SchedulerOutput.num_steps`) and scheduled sequence, the tokens it sampled. Executables are either
+compiled here (`compile_steps`) or loaded from an engine directory (jaxinfer.engine.artifact); the
+runner does not care which, and never compiles while serving: a missing bucket is an error, not a silent recompilation.
 """
 
 from __future__ import annotations
@@ -67,25 +67,29 @@ class ModelRunner:
     def num_blocks(self) -> int:
         return self.kv_caches[0].num_blocks
 
-    def execute(self, out: SchedulerOutput, seed_of: Callable[[str], int]) -> list[list[SampledToken]]:
-        """Runs one step; returns the sampled tokens of each scheduled entry (aligned with
-        `out.scheduled`, empty for mid-prompt chunks)."""
+    def execute(self, out: SchedulerOutput, seed_of: Callable[[str], int]) -> list[list[list[SampledToken]]]:
+        """Runs `out.num_steps` model steps in one call; returns per step the sampled tokens of each
+        scheduled entry (aligned with `out.scheduled`, empty for mid-prompt chunks)."""
         chunks = out.scheduled
         ecfg = self.engine_cfg
         bucket = ecfg.ladder.select(sum(c.num_new_tokens for c in chunks), len(chunks),
                                     sum(c.num_samples for c in chunks))
         if bucket not in self.executables:
             raise EngineError(f"no compiled step for bucket {bucket.name}; the engine was built with other buckets")
-        inputs, rows = build_step_inputs(chunks, out.block_copies, bucket, ecfg.block_size, ecfg.max_blocks_per_seq)
+        inputs, rows = build_step_inputs(chunks, out.block_copies, bucket, ecfg.block_size, ecfg.max_blocks_per_seq,
+                                         out.num_steps)
         sampling = self._sampling_metadata(chunks, rows, bucket, seed_of)
         result, self.kv_caches = self.executables[bucket](self.params, self.kv_caches, inputs, sampling)
         result = jax.device_get(result)
         token_ids, logprobs = result.token_ids.tolist(), result.logprobs.tolist()
-        sampled: list[list[SampledToken]] = [[] for _ in chunks]
-        for row, (entry, _) in enumerate(rows):
-            sampled[entry].append(SampledToken(token_ids[row], logprobs[row], result.top_ids[row],
-                                               result.top_logprobs[row]))
-        return sampled
+        steps = []
+        for step in range(out.num_steps):
+            sampled: list[list[SampledToken]] = [[] for _ in chunks]
+            for row, (entry, _) in enumerate(rows):
+                sampled[entry].append(SampledToken(token_ids[step][row], logprobs[step][row],
+                                                   result.top_ids[step, row], result.top_logprobs[step, row]))
+            steps.append(sampled)
+        return steps
 
     def _sampling_metadata(self, chunks, rows, bucket: Bucket, seed_of: Callable[[str], int]):
         seqs = [chunks[entry].seq for entry, _ in rows]
@@ -103,12 +107,13 @@ class ModelRunner:
             history_len=self.engine_cfg.max_model_len, eos_token_ids=self.eos_token_ids)
 
 
-def step_function(cfg: ModelConfig, mesh: Mesh, kv_caches):
+def step_function(cfg: ModelConfig, mesh: Mesh, kv_caches, decode_steps: int):
     """The jitted step with its shardings fixed: inputs and outputs replicated, the KV pool donated
     and kept in its sharded layout."""
     replicated = NamedSharding(mesh, PartitionSpec())
     cache_shardings = [jax.tree.map(lambda a: a.sharding, cache) for cache in kv_caches]
-    return jax.jit(functools.partial(model_step, cfg=cfg, num_devices=mesh.size), donate_argnums=(1,),
+    return jax.jit(functools.partial(model_step, cfg=cfg, num_devices=mesh.size, decode_steps=decode_steps),
+                   donate_argnums=(1,),
                    out_shardings=(replicated, cache_shardings))
 
 
@@ -125,7 +130,7 @@ def compile_steps(cfg: ModelConfig, engine_cfg: EngineConfig, mesh: Mesh, params
                   progress: bool = True) -> dict[Bucket, jax.stages.Compiled]:
     """Lowers the step for every bucket of the engine's ladder, then compiles the buckets in
     parallel threads (XLA compiles without the GIL: 1.4x faster on 2 cores, more on more)."""
-    step = step_function(cfg, mesh, kv_caches)
+    step = step_function(cfg, mesh, kv_caches, engine_cfg.decode_steps)
     lowered = {bucket: step.lower(params, kv_caches, *abstract_step_inputs(cfg, engine_cfg, bucket, mesh))
                for bucket in engine_cfg.ladder.all_buckets}
     compiled = {}

@@ -1,9 +1,11 @@
-"""The compiled model step: one forward pass over a flat ragged batch, then sampling.
+"""The compiled model step: one forward pass over a flat ragged batch, then sampling; in a decode
+bucket, up to `decode_steps` such passes, each taking the tokens the last one sampled.
 
-`model_step(params, kv_caches, inputs, sampling, cfg=, num_devices=)` is a pure function; the engine
-compiles it ahead of time once per shape bucket (T tokens, S rows) with the KV caches donated, so the
-pool is updated in place. `num_devices` (the mesh's) picks the attention implementation and whether
-float32 and bfloat16 weights take the CPU dense kernel (`route_dense_weights`). Shapes:
+`model_step(params, kv_caches, inputs, sampling, cfg=, num_devices=, decode_steps=)` is a pure
+function; the engine compiles it ahead of time once per shape bucket (T tokens, S rows) with the KV
+caches donated, so the pool is updated in place. `num_devices` (the mesh's) picks the attention
+implementation and whether float32 and bfloat16 weights take the CPU dense kernel
+(`route_dense_weights`). Shapes:
 
     inputs.tokens          [T] int32     new tokens of all scheduled sequences, end to end, padded
     inputs.positions       [T] int32     their positions in their sequences
@@ -15,9 +17,19 @@ float32 and bfloat16 weights take the CPU dense kernel (`route_dense_weights`). 
                                          them (`Bucket.sampled_row_ladder`), the other rows zero
     inputs.block_copies    [S, 2] int32  (src, dst) block copies for copy-on-write, done before
                                          attention; padding rows copy the null block onto itself
+    inputs.num_steps       [] int32      model steps to run: 1, or in a decode bucket (T == S, every
+                                         sequence one token) up to decode_steps
     sampling               SamplingMetadata with [S] rows (jaxinfer.runner.sampling)
 
-Returns the SamplerOutput (token ids, logprobs, top logprobs per row) and the updated caches.
+Returns the SamplerOutput with a leading step axis (token ids [P, S], logprobs, top logprobs; P =
+decode_steps in a decode bucket, else 1; steps past num_steps come back zero) and the updated caches.
+
+Multi-step decode: step i > 0 feeds each row the token it sampled in step i - 1, at the next position
+(its slot from the block table, which the scheduler allocated for all the steps ahead), and samples
+at the next output position, appending the token to the penalty history. The tokens are those of
+num_steps single steps, bit for bit: the draw's key depends on the output position, not the step.
+The host's work between steps (scheduling, building inputs, the call, reading the outputs: about
+1 ms on two CPU cores, most of a small model's step on a GPU) is paid once per call.
 """
 
 from __future__ import annotations
@@ -50,6 +62,7 @@ class StepInputs:
     logits_indices: jax.Array
     num_rows: jax.Array
     block_copies: jax.Array
+    num_steps: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -123,13 +136,54 @@ def copy_blocks(caches, block_copies: jax.Array):
 
 
 def model_step(params, kv_caches, inputs: StepInputs, sampling: SamplingMetadata, *, cfg: ModelConfig,
-               num_devices: int):
+               num_devices: int, decode_steps: int):
     params = route_dense_weights(params, num_devices)
     kv_caches = copy_blocks(kv_caches, inputs.block_copies)
-    attend = functools.partial(paged_attend, metadata=inputs.attention, sm_scale=cfg.head_dim ** -0.5,
+    attend = functools.partial(paged_attend, sm_scale=cfg.head_dim ** -0.5,
                                implementation=attention_implementation(num_devices))
-    hidden, kv_caches = forward(params, cfg, inputs.tokens, inputs.positions, kv_caches, attend)
-    return sample_rows(params, hidden, inputs, sampling), kv_caches
+
+    def one_step(caches, step_inputs: StepInputs, step_sampling: SamplingMetadata):
+        hidden, caches = forward(params, cfg, step_inputs.tokens, step_inputs.positions, caches,
+                                 functools.partial(attend, metadata=step_inputs.attention))
+        return sample_rows(params, hidden, step_inputs, step_sampling), caches
+
+    first, kv_caches = one_step(kv_caches, inputs, sampling)
+    is_decode_bucket = inputs.tokens.shape[0] == inputs.logits_indices.shape[0]
+    num_steps = decode_steps if is_decode_bucket else 1
+    if num_steps == 1:
+        return jax.tree.map(lambda a: a[None], first), kv_caches
+    outputs = jax.tree.map(lambda a: jnp.zeros((num_steps,) + a.shape, a.dtype).at[0].set(a), first)
+    block_size = kv_caches[0].block_size
+
+    def next_step(i, carry):
+        outputs, caches, last_tokens = carry
+        out, caches = one_step(caches, *decode_step_inputs(inputs, sampling, i, last_tokens, block_size))
+        return jax.tree.map(lambda all_steps, a: all_steps.at[i].set(a), outputs, out), caches, out.token_ids
+
+    outputs, kv_caches, _ = jax.lax.fori_loop(1, jnp.minimum(inputs.num_steps, num_steps), next_step,
+                                              (outputs, kv_caches, first.token_ids))
+    return outputs, kv_caches
+
+
+def decode_step_inputs(inputs: StepInputs, sampling: SamplingMetadata, step: jax.Array, last_tokens: jax.Array,
+                       block_size: int) -> tuple[StepInputs, SamplingMetadata]:
+    """Step `step` of a decode bucket's call: row r's token is the one it sampled last, `step`
+    positions after its token in `inputs`; padding rows (r >= num_rows) keep position 0, length 0
+    and the null block's slot 0."""
+    real = jnp.arange(inputs.tokens.shape[0]) < inputs.num_rows
+    positions = jnp.where(real, inputs.positions + step, 0)
+    meta = inputs.attention
+    rows = jnp.arange(meta.block_tables.shape[0])
+    slots = meta.block_tables[rows, positions // block_size] * block_size + positions % block_size
+    attention = dataclasses.replace(meta, slot_mapping=jnp.where(real, slots, 0),
+                                    seq_lens=jnp.where(real, meta.seq_lens + step, 0))
+    step_inputs = dataclasses.replace(inputs, tokens=jnp.where(real, last_tokens, 0), positions=positions,
+                                      attention=attention)
+    # The history gets the token sampled last at its output position (pads past the end are dropped).
+    history = sampling.output_token_ids.at[rows, sampling.output_position + step - 1].set(last_tokens, mode="drop")
+    step_sampling = dataclasses.replace(sampling, output_position=sampling.output_position + step,
+                                        output_token_ids=history)
+    return step_inputs, step_sampling
 
 
 def sample_rows(params, hidden: jax.Array, inputs: StepInputs, sampling: SamplingMetadata) -> SamplerOutput:

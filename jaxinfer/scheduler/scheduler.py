@@ -21,6 +21,13 @@ index) and `update` receives them as a list. The scheduler then forks the parent
 sharing all its blocks; the next write into the shared, partially filled last block produces a
 copy-on-write `(src, dst)` pair in `SchedulerOutput.block_copies`.
 
+Multi-step decode (`decode_steps` > 1): a step in which every entry decodes one token becomes a
+call of `num_steps` model steps, bounded by `decode_call_tokens` tokens per call and by each
+sequence's max_tokens, max_model_len and min_tokens (the device cannot finish a sequence, and bans
+stop tokens by the output count at the call's start), with the slots of all of them allocated now.
+The runner feeds each step's tokens to the next; `update` then takes them one model step at a time
+(`SchedulerOutput.model_step(i)`), and a sequence that finished skips the rest.
+
 The engine loop is `out = schedule()`, run the step (block copies first), `update(out, tokens)`;
 one step is in flight at a time. `abort` and `finish` may be called at any point of that loop.
 """
@@ -63,6 +70,14 @@ class SchedulerOutput:
     block_copies: tuple[tuple[int, int], ...]  # (src, dst) physical blocks, before any K/V write
     preempted: tuple[Sequence, ...]
     failed: tuple[Sequence, ...]  # finished by the scheduler this step (see `Sequence.error`)
+    num_steps: int = 1  # model steps of the call; > 1 only when every entry decodes one token
+
+    def model_step(self, index: int) -> SchedulerOutput:
+        """Model step `index` of the call as a single step: each entry one position further."""
+        if index == 0:
+            return self
+        return SchedulerOutput(tuple(dataclasses.replace(e, start_position=e.start_position + index)
+                                     for e in self.scheduled), (), (), ())
 
     @property
     def num_batched_tokens(self) -> int:
@@ -102,9 +117,9 @@ class _StepBuilder:
         self.block_copies.extend(block_copies)
         self.token_budget -= num_new_tokens
 
-    def output(self) -> SchedulerOutput:
+    def output(self, num_steps: int = 1) -> SchedulerOutput:
         return SchedulerOutput(tuple(self.scheduled), tuple(self.block_copies),
-                               tuple(self.preempted), tuple(self.failed))
+                               tuple(self.preempted), tuple(self.failed), num_steps)
 
 
 def _waiting_key(seq: Sequence) -> tuple:
@@ -117,14 +132,16 @@ class Scheduler:
 
     `eos_token_ids` are the model's end-of-sequence tokens (several for some chat models); they
     finish a sequence with reason "stop" unless its SamplingParams set `ignore_eos`.
+    `decode_steps` and `decode_call_tokens` bound multi-step decode (see the module docstring).
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, enable_chunked_prefill: bool = True,
-                 eos_token_ids: Iterable[int] = ()):
+                 eos_token_ids: Iterable[int] = (), decode_steps: int = 1, decode_call_tokens: int = 1):
         for name, value in (("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens),
-                            ("max_model_len", max_model_len)):
+                            ("max_model_len", max_model_len), ("decode_steps", decode_steps),
+                            ("decode_call_tokens", decode_call_tokens)):
             if value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
         if not enable_chunked_prefill and max_num_batched_tokens < max_model_len:
@@ -138,6 +155,8 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.enable_chunked_prefill = enable_chunked_prefill
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.decode_steps = decode_steps
+        self.decode_call_tokens = decode_call_tokens
         self._running: list[Sequence] = []  # sorted by rank
         self._waiting: list[Sequence] = []  # sorted by _waiting_key
         self._live: dict[str, list[Sequence]] = {}  # unfinished sequences per request
@@ -227,7 +246,7 @@ class Scheduler:
                 step.add(seq, start, num_new, block_copies)
         if not step.preempted:
             self._admit_waiting(step)
-        return step.output()
+        return step.output(self._extend_decodes(step))
 
     def update(self, output: SchedulerOutput,
                sampled_token_ids: list | Mapping[tuple[str, int], object]) -> list[Sequence]:
@@ -280,6 +299,32 @@ class Scheduler:
             if victim is seq:
                 return None
         return block_copies
+
+    def _extend_decodes(self, step: _StepBuilder) -> int:
+        """The model steps of this call: when every entry decodes one token and the free blocks
+        hold the slots of all the steps ahead, as many as the bounds allow (their slots allocated
+        now, the entries' block tables updated), else 1."""
+        entries = step.scheduled
+        if self.decode_steps == 1 or not entries or step.preempted or any(
+                e.num_new_tokens != 1 or e.num_samples != 1 for e in entries):
+            return 1
+        num_steps = min(self.decode_steps, max(1, self.decode_call_tokens // len(entries)))
+        for entry in entries:
+            seq, params = entry.seq, entry.seq.sampling_params
+            num_steps = min(num_steps, params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens)
+            if seq.num_output_tokens < params.min_tokens:
+                num_steps = min(num_steps, params.min_tokens - seq.num_output_tokens)
+        bm = self.block_manager
+        num_fresh = sum(max(0, bm.blocks_needed(e.seq.num_computed_tokens + num_steps) - len(e.seq.block_table))
+                        for e in entries)
+        if num_steps <= 1 or num_fresh > bm.num_free_blocks:
+            return 1
+        for i, entry in enumerate(entries):
+            # The first step's allocation made the entry's blocks private: this only appends fresh ones.
+            copies = bm.allocate_slots(entry.seq, num_steps)
+            assert copies == [], f"extending {entry.seq!r} needed block copies {copies}"
+            entries[i] = dataclasses.replace(entry, block_table=tuple(entry.seq.block_table))
+        return num_steps
 
     def _admit_waiting(self, step: _StepBuilder) -> None:
         bm = self.block_manager

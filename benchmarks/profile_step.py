@@ -32,8 +32,10 @@ import jax
 from jaxinfer.engine.create import create_engine
 from jaxinfer.sampling_params import SamplingParams
 
-# Trace events that wrap the ops rather than being ops.
+# Trace events that wrap the ops rather than being ops: by prefix, and XLA's control flow (a
+# multi-step decode's while loop, the sampling branches), whose body ops are traced themselves.
 _WRAPPER_PREFIXES = ("$", "end: ", "ThunkExecutor", "PjitFunction", "CommonPjRtLoadedExecutable", "np.asarray")
+_CONTROL_FLOW = re.compile(r"(while|cond|conditional|call)(\.\d+)?$")
 
 
 def trace_steps(engine, batch: int, steps: int, trace_dir: Path) -> tuple[float, int]:
@@ -125,7 +127,8 @@ def op_times(trace_file: Path) -> dict[str, collections.Counter]:
                if e.get("ph") == "M" and e.get("name") == "thread_name"}
     totals: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for e in events:
-        if e.get("ph") != "X" or threads.get((e["pid"], e["tid"])) == "python" or e["name"].startswith(_WRAPPER_PREFIXES):
+        if (e.get("ph") != "X" or threads.get((e["pid"], e["tid"])) == "python"
+                or e["name"].startswith(_WRAPPER_PREFIXES) or _CONTROL_FLOW.match(e["name"])):
             continue
         totals[processes.get(e["pid"], str(e["pid"]))][e["name"]] += e["dur"]
     return totals

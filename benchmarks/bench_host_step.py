@@ -68,8 +68,11 @@ class StepClock:
 
 
 def steady_engine(config: str, batch: int, prompt_len: int, max_model_len: int, kv_memory: str):
+    # One model step per call: this measures the host's work per step, which multi-step decode
+    # (engine.yaml's decode_steps) divides among the steps of a call.
     engine = create_engine(f"random:{config}", progress=False, max_num_seqs=batch,
-                           max_num_batched_tokens=max(256, batch), max_model_len=max_model_len, kv_memory=kv_memory)
+                           max_num_batched_tokens=max(256, batch), max_model_len=max_model_len, kv_memory=kv_memory,
+                           decode_steps=1)
     for i in range(batch):
         engine.add_request(f"r{i}", prompt_token_ids=[3 + (i + j) % 50 for j in range(prompt_len)],
                            params=SamplingParams(temperature=0.7, top_p=0.9, max_tokens=max_model_len - prompt_len,

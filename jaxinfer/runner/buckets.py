@@ -27,10 +27,15 @@ class Bucket:
         return f"t{self.num_tokens}_s{self.num_seqs}"
 
     @property
+    def is_decode(self) -> bool:
+        """A row per token: the shape of decode-only steps (a small mixed bucket can share it)."""
+        return self.num_tokens == self.num_seqs
+
+    @property
     def sampled_row_ladder(self) -> list[int]:
         """Row counts the step's head and sampling are compiled for: a decode bucket's own rows (its
         ladder is already tight), a mixed bucket's powers of four below its rows, then its rows."""
-        if self.num_tokens == self.num_seqs:
+        if self.is_decode:
             return [self.num_seqs]
         return ladder(1, self.num_seqs, factor=4)
 

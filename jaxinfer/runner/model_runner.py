@@ -4,7 +4,8 @@
 compiled step (the KV pool is donated and updated in place) and returns, per model step of the call
 (`SchedulerOutput.num_steps`) and scheduled sequence, the tokens it sampled. Executables are either
 compiled here (`compile_steps`) or loaded from an engine directory (jaxinfer.engine.artifact); the
-runner does not care which, and never compiles while serving: a missing bucket is an error, not a silent recompilation.
+runner does not care which, and never compiles while serving: a missing bucket is an error, not a
+silent recompilation.
 """
 
 from __future__ import annotations

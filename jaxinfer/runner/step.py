@@ -148,8 +148,7 @@ def model_step(params, kv_caches, inputs: StepInputs, sampling: SamplingMetadata
         return sample_rows(params, hidden, step_inputs, step_sampling), caches
 
     first, kv_caches = one_step(kv_caches, inputs, sampling)
-    is_decode_bucket = inputs.tokens.shape[0] == inputs.logits_indices.shape[0]
-    num_steps = decode_steps if is_decode_bucket else 1
+    num_steps = decode_steps if Bucket(inputs.tokens.shape[0], inputs.logits_indices.shape[0]).is_decode else 1
     if num_steps == 1:
         return jax.tree.map(lambda a: a[None], first), kv_caches
     outputs = jax.tree.map(lambda a: jnp.zeros((num_steps,) + a.shape, a.dtype).at[0].set(a), first)

@@ -117,7 +117,7 @@ class _StepBuilder:
         self.block_copies.extend(block_copies)
         self.token_budget -= num_new_tokens
 
-    def output(self, num_steps: int = 1) -> SchedulerOutput:
+    def output(self, num_steps: int) -> SchedulerOutput:
         return SchedulerOutput(tuple(self.scheduled), tuple(self.block_copies),
                                tuple(self.preempted), tuple(self.failed), num_steps)
 

@@ -16,7 +16,9 @@
 // rectangle's partial sums (in L1/L2: M x tile floats), for up to kFmaRows activation rows at a
 // time, in blocks of four rows whose sums of a 2 x lane column group stay in registers over the
 // eight weight rows (`row_block`); slabs of the same tile write separate partial sums, added at the
-// end. Its multiply-adds grow with M: at 16-32 rows it was compute-bound.
+// end. Its multiply-adds grow with M: at 16-32 rows it was compute-bound. One activation row (batch-1
+// decode) reads each rectangle as kStreams runs of rows at once instead, for the prefetchers'
+// sake (`streamed_rectangle`).
 //
 // AMX (bfloat16 from kAmxMinRows rows, K % 32 == 0, N % 32 == 0, and the OS grants the tile state):
 // tdpbf16ps multiplies a 16 x 32 bfloat16 A tile by a 32 x 16 B tile held as 16 rows of (k, k + 1)
@@ -196,22 +198,23 @@ struct ColumnGroup<uint16_t> {
 // and a broadcast fit in the 16 AVX2 registers.
 constexpr int kBlockRows = 4;
 
-// Adds U weight rows from w0 (one column group, row stride n) times R activation rows x (row stride
-// k) into the group's partial sums o (row stride n). The rows' sums stay in registers over the U
-// weight rows, and the multiply-adds of one weight row for all R rows come together: with one
-// row's U multiply-adds chained back to back, each waiting on the last, too few were in flight and
-// 4-8 rows ran at a quarter of the multiply-add rate.
+// Adds U weight rows from w0 (one column group; consecutive rows w_step apart) times R activation
+// rows x (row stride k; the activation of weight row u at x[u * x_step]) into the group's partial
+// sums o (row stride n). The rows' sums stay in registers over the U weight rows, and the
+// multiply-adds of one weight row for all R rows come together: with one row's U multiply-adds
+// chained back to back, each waiting on the last, too few were in flight and 4-8 rows ran at a
+// quarter of the multiply-add rate.
 template <int R, int U, typename W>
-void row_block(const W* w0, int64_t n, const float* x, int64_t k, float* o) {
+void row_block(const W* w0, int64_t w_step, const float* x, int64_t x_step, int64_t k, float* o, int64_t n) {
   using Group = ColumnGroup<W>;
   VecF acc[R][2];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < 2; ++v) acc[r][v] = load_f32(o + r * n + v * kLane);
   for (int u = 0; u < U; ++u) {
-    const typename Group::Bits bits = Group::load(w0 + u * n);
+    const typename Group::Bits bits = Group::load(w0 + u * w_step);
     const VecF w[2] = {Group::vector(bits, 0), Group::vector(bits, 1)};
     for (int r = 0; r < R; ++r) {
-      const VecF xb = broadcast(x[r * k + u]);
+      const VecF xb = broadcast(x[r * k + u * x_step]);
       for (int v = 0; v < 2; ++v) acc[r][v] = fmadd(w[v], xb, acc[r][v]);
     }
   }
@@ -229,9 +232,9 @@ void weight_rows(const Problem<float, W>& p, const float* xs, float* out, int64_
   for (int64_t n = n0; n < grouped_end; n += kGroupCols) {
     if (prefetch)
       for (int u = 0; u < U; ++u) _mm_prefetch(reinterpret_cast<const char*>(w0 + (U + u) * p.n + n), _MM_HINT_T0);
-    row_block<std::min(R, kBlockRows), U>(w0 + n, p.n, xs + k, p.k, out + n);
+    row_block<std::min(R, kBlockRows), U>(w0 + n, p.n, xs + k, 1, p.k, out + n, p.n);
     if constexpr (R > kBlockRows)
-      row_block<R - kBlockRows, U>(w0 + n, p.n, xs + kBlockRows * p.k + k, p.k, out + kBlockRows * p.n + n);
+      row_block<R - kBlockRows, U>(w0 + n, p.n, xs + kBlockRows * p.k + k, 1, p.k, out + kBlockRows * p.n + n, p.n);
   }
   for (int64_t n = grouped_end; n < n1; n += kLane)
     for (int r = 0; r < R; ++r) {
@@ -251,6 +254,34 @@ void rectangle(const Problem<float, W>& p, int64_t slab, int64_t tile, int64_t r
   for (; k + kRowsPerPass <= k1; k += kRowsPerPass)
     weight_rows<R, kRowsPerPass>(p, xs, out, k, n0, grouped_end, n1, k + 2 * kRowsPerPass <= k1);
   for (; k < k1; ++k) weight_rows<R, 1>(p, xs, out, k, n0, grouped_end, n1, false);
+}
+
+// One activation row walks a rectangle's K rows as kStreams runs of consecutive rows, all at once:
+// per column group, one weight row from each run adds into the group's sums. Each run is read in
+// address order, so a thread streams kStreams sequential runs of memory at a time, which the
+// hardware prefetchers serve faster than one run or the FMA loop's eight-row passes (8 x 1-6 KB,
+// read a column group at a time: too short a run per row for the prefetchers). On the Zen 2 VM a
+// simulated batch-1 step's weights streamed at 25-27 GB/s read as 4 runs per thread against 20-22 in
+// eight-row passes; the kernel at one row went from 8-14 to 11-20 GB/s on the layer weights and
+// from 16-19 to 22-23 on the LM head (`benchmarks/bench_dense_dot.py --rows 1`; 4 runs did as well
+// on the layers, 21.6-22.2 on the head), and a bfloat16 engine's batch-1 decode from 61.7-64.1 to
+// 79.0-83.8 tokens/s. At 2-4 rows the multiply-adds per weight double and quadruple, and runs
+// gained nothing at 2 and lost at 4, so more rows keep the eight-row passes.
+constexpr int kStreams = 8;
+
+template <typename W>
+void streamed_rectangle(const Problem<float, W>& p, int64_t slab, int64_t tile, int64_t r0) {
+  const auto [k0, k1, n0, n1, xs, out] = zeroed_rectangle(p, slab, tile, r0, 1);
+  const int64_t grouped_end = n0 + (n1 - n0) / kGroupCols * kGroupCols;
+  const int64_t run = (k1 - k0) / kStreams;
+  for (int64_t t = 0; t < run; ++t) {
+    const W* w0 = p.w + (k0 + t) * p.n;
+    for (int64_t n = n0; n < grouped_end; n += kGroupCols)
+      row_block<1, kStreams>(w0 + n, run * p.n, xs + k0 + t, run, p.k, out + n, p.n);
+    for (int s = 0; s < kStreams; ++s) weight_rows<1, 1>(p, xs, out, k0 + s * run + t, grouped_end, grouped_end, n1, false);
+  }
+  // The rows past the last whole run, one at a time.
+  for (int64_t k = k0 + kStreams * run; k < k1; ++k) weight_rows<1, 1>(p, xs, out, k, n0, grouped_end, n1, false);
 }
 
 // A matmul's work items: K slabs (slab_rows rows each, the last shorter) by column tiles.
@@ -297,7 +328,10 @@ void rectangles_dot(ffi::ThreadPool& pool, const X* x, const W* w, float* out, i
 template <typename W>
 void fma_dot(ffi::ThreadPool& pool, const float* x, const W* w, float* out, int64_t m, int64_t k, int64_t n) {
   rectangles_dot<kFmaRows>(pool, x, w, out, m, k, n, 1, [](const auto& p, int64_t slab, int64_t tile, int64_t r0, auto rows) {
-    rectangle<rows>(p, slab, tile, r0);
+    if constexpr (rows == 1)
+      streamed_rectangle(p, slab, tile, r0);
+    else
+      rectangle<rows>(p, slab, tile, r0);
   });
   if constexpr (std::is_same_v<W, uint16_t>)
     for (int64_t r = 0; r < m; ++r)

@@ -1,6 +1,7 @@
 """The dense CPU matmul kernel (pallas_kernels/cpu_dense_dot.{cc,py}) against float64 numpy on
 every path of its FMA loop (K rows in passes of eight and a remainder, one or several K slabs, one
-or several column tiles with a partial last one, row chunks of eight) for float32 and bfloat16
+or several column tiles with a partial last one, row chunks of eight; for one row, K rows in runs
+walked at once, with rows past the last whole run and slabs shorter than one row per run) for float32 and bfloat16
 weights, on its GEMM loop for bfloat16 in the AVX2 build (row blocks, panels, K passes), on its AMX
 loop for bfloat16 (full and partial groups of 16 and 32 rows, panels of one to eight per item) and
 on its AVX512-BF16 loop (passes of 4 (k, k + 1) pairs and single pairs,
@@ -40,7 +41,7 @@ def assert_matches_float64(x, w, x64, w64):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("k, n", [(37, 16), (576, 960), (1536, 576), (200, 4112), (64, 8240)])
+@pytest.mark.parametrize("k, n", [(5, 16), (37, 16), (576, 960), (1536, 576), (200, 4112), (64, 8240)])
 def test_fma_loop_matches_float64_matmul(rng, k, n, dtype):
     for m in range(1, cpu_dense_dot.MAX_FMA_ROWS + 1):
         assert_matches_float64(*random_problem(rng, m, k, n, dtype))

@@ -38,6 +38,9 @@ the 576 x 49152 head from 3.5 to 2.3 ms (16 -> 25 GB/s) and the engine's batch-1
 57.7-64.9 to 65.9-68.0 tokens/s (A/B, three runs each). Then keeping four rows' sums in registers
 while a weight row meets them all (rather than one row's chain of multiply-adds after another) took
 its batch-4 / batch-8 decode from 127-132 / 161-185 to 161-164 / 196-225 tokens/s (A/B, three runs).
+One row then read each weight as 8 runs of rows at once, each in address order, which the
+prefetchers serve faster than one run or the 8-row passes: batch-1 decode 51.8-68.2 -> 67.2-85.7
+tokens/s, 1.23-1.36x in 8 alternating pairs (0.58-0.68 -> 0.73-0.89 of the roofline).
 
 Prefill steps on that VM ran XLA's bfloat16 dot at 80-107 GFLOP/s (of a 214 peak); the AVX2
 build's GEMM loop, a 6 x 16 register tile over weight panels packed as float32, runs the model's

@@ -17,8 +17,8 @@
 // time, in blocks of four rows whose sums of a 2 x lane column group stay in registers over the
 // eight weight rows (`row_block`); slabs of the same tile write separate partial sums, added at the
 // end. Its multiply-adds grow with M: at 16-32 rows it was compute-bound. One activation row (batch-1
-// decode) reads each rectangle as kStreams runs of rows at once instead, for the prefetchers'
-// sake (`streamed_rectangle`).
+// decode) reads each rectangle as kRuns runs of rows at once instead, for the prefetchers'
+// sake (`rectangle_in_runs`).
 //
 // AMX (bfloat16 from kAmxMinRows rows, K % 32 == 0, N % 32 == 0, and the OS grants the tile state):
 // tdpbf16ps multiplies a 16 x 32 bfloat16 A tile by a 32 x 16 B tile held as 16 rows of (k, k + 1)
@@ -256,32 +256,32 @@ void rectangle(const Problem<float, W>& p, int64_t slab, int64_t tile, int64_t r
   for (; k < k1; ++k) weight_rows<R, 1>(p, xs, out, k, n0, grouped_end, n1, false);
 }
 
-// One activation row walks a rectangle's K rows as kStreams runs of consecutive rows, all at once:
+// One activation row walks a rectangle's K rows as kRuns runs of consecutive rows, all at once:
 // per column group, one weight row from each run adds into the group's sums. Each run is read in
-// address order, so a thread streams kStreams sequential runs of memory at a time, which the
+// address order, so a thread streams kRuns sequential runs of memory at a time, which the
 // hardware prefetchers serve faster than one run or the FMA loop's eight-row passes (8 x 1-6 KB,
 // read a column group at a time: too short a run per row for the prefetchers). On the Zen 2 VM a
 // simulated batch-1 step's weights streamed at 25-27 GB/s read as 4 runs per thread against 20-22 in
 // eight-row passes; the kernel at one row went from 8-14 to 11-20 GB/s on the layer weights and
 // from 16-19 to 22-23 on the LM head (`benchmarks/bench_dense_dot.py --rows 1`; 4 runs did as well
-// on the layers, 21.6-22.2 on the head), and a bfloat16 engine's batch-1 decode from 61.7-64.1 to
-// 79.0-83.8 tokens/s. At 2-4 rows the multiply-adds per weight double and quadruple, and runs
+// on the layers, 21.6-22.2 on the head), and a bfloat16 engine's batch-1 decode from 51.8-68.2 to
+// 67.2-85.7 tokens/s (1.23-1.36x in 8 alternating pairs). At 2-4 rows the multiply-adds per weight double and quadruple, and runs
 // gained nothing at 2 and lost at 4, so more rows keep the eight-row passes.
-constexpr int kStreams = 8;
+constexpr int kRuns = 8;
 
 template <typename W>
-void streamed_rectangle(const Problem<float, W>& p, int64_t slab, int64_t tile, int64_t r0) {
+void rectangle_in_runs(const Problem<float, W>& p, int64_t slab, int64_t tile, int64_t r0) {
   const auto [k0, k1, n0, n1, xs, out] = zeroed_rectangle(p, slab, tile, r0, 1);
   const int64_t grouped_end = n0 + (n1 - n0) / kGroupCols * kGroupCols;
-  const int64_t run = (k1 - k0) / kStreams;
-  for (int64_t t = 0; t < run; ++t) {
+  const int64_t run_rows = (k1 - k0) / kRuns;
+  for (int64_t t = 0; t < run_rows; ++t) {
     const W* w0 = p.w + (k0 + t) * p.n;
     for (int64_t n = n0; n < grouped_end; n += kGroupCols)
-      row_block<1, kStreams>(w0 + n, run * p.n, xs + k0 + t, run, p.k, out + n, p.n);
-    for (int s = 0; s < kStreams; ++s) weight_rows<1, 1>(p, xs, out, k0 + s * run + t, grouped_end, grouped_end, n1, false);
+      row_block<1, kRuns>(w0 + n, run_rows * p.n, xs + k0 + t, run_rows, p.k, out + n, p.n);
+    for (int s = 0; s < kRuns; ++s) weight_rows<1, 1>(p, xs, out, k0 + s * run_rows + t, grouped_end, grouped_end, n1, false);
   }
   // The rows past the last whole run, one at a time.
-  for (int64_t k = k0 + kStreams * run; k < k1; ++k) weight_rows<1, 1>(p, xs, out, k, n0, grouped_end, n1, false);
+  for (int64_t k = k0 + kRuns * run_rows; k < k1; ++k) weight_rows<1, 1>(p, xs, out, k, n0, grouped_end, n1, false);
 }
 
 // A matmul's work items: K slabs (slab_rows rows each, the last shorter) by column tiles.
@@ -329,7 +329,7 @@ template <typename W>
 void fma_dot(ffi::ThreadPool& pool, const float* x, const W* w, float* out, int64_t m, int64_t k, int64_t n) {
   rectangles_dot<kFmaRows>(pool, x, w, out, m, k, n, 1, [](const auto& p, int64_t slab, int64_t tile, int64_t r0, auto rows) {
     if constexpr (rows == 1)
-      streamed_rectangle(p, slab, tile, r0);
+      rectangle_in_runs(p, slab, tile, r0);
     else
       rectangle<rows>(p, slab, tile, r0);
   });

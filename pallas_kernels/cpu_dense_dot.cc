@@ -265,8 +265,9 @@ void rectangle(const Problem<float, W>& p, int64_t slab, int64_t tile, int64_t r
 // eight-row passes; the kernel at one row went from 8-14 to 11-20 GB/s on the layer weights and
 // from 16-19 to 22-23 on the LM head (`benchmarks/bench_dense_dot.py --rows 1`; 4 runs did as well
 // on the layers, 21.6-22.2 on the head), and a bfloat16 engine's batch-1 decode from 51.8-68.2 to
-// 67.2-85.7 tokens/s (1.23-1.36x in 8 alternating pairs). At 2-4 rows the multiply-adds per weight double and quadruple, and runs
-// gained nothing at 2 and lost at 4, so more rows keep the eight-row passes.
+// 67.2-85.7 tokens/s (1.23-1.36x in 8 alternating pairs). At 2-4 rows the multiply-adds per weight
+// double and quadruple, and runs gained nothing at 2 and lost at 4, so more rows keep the eight-row
+// passes.
 constexpr int kRuns = 8;
 
 template <typename W>

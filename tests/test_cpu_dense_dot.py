@@ -1,8 +1,8 @@
 """The dense CPU matmul kernel (pallas_kernels/cpu_dense_dot.{cc,py}) against float64 numpy on
 every path of its FMA loop (K rows in passes of eight and a remainder, one or several K slabs, one
 or several column tiles with a partial last one, row chunks of eight; for one row, K rows in runs
-walked at once, with rows past the last whole run and slabs shorter than one row per run) for float32 and bfloat16
-weights, on its GEMM loop for bfloat16 in the AVX2 build (row blocks, panels, K passes), on its AMX
+walked at once, with rows past the last whole run and slabs shorter than one row per run) for
+float32 and bfloat16 weights, on its GEMM loop for bfloat16 in the AVX2 build (row blocks, panels, K passes), on its AMX
 loop for bfloat16 (full and partial groups of 16 and 32 rows, panels of one to eight per item) and
 on its AVX512-BF16 loop (passes of 4 (k, k + 1) pairs and single pairs,
 32-column steps and a last 16, chunks of 4 rows, K slabs and column tiles), on the CPUs that have

@@ -13,12 +13,14 @@
 //
 // Query head h reads kv head h / (H / KVH). Two loops, one per kind of chunk, share the work items:
 //
-// Decodes (1-token chunks) make two passes over the sequence's context, position-major so that each
-// pass reads the pool's rows in the order they lie: the first computes every head's logits q.k into a
-// [H, seq_len] scratch (each K row converted to float once and dotted with its query group), then a
-// softmax per head in float32, and the second accumulates the probabilities times each V row into
-// [H, D]. Each K and V element is read once, against the XLA path's gathers of whole chunks, loop
-// bookkeeping and partial-softmax merges, which cost ~100 us per layer even at short contexts.
+// Decodes (1-token chunks) make two passes over the sequence's context, converting the K (then V)
+// rows of kDecodeChunk positions at a time into float (all kv heads of a position lie together in
+// the pool, so each pass reads it in order, a block ahead prefetched): the first computes each query
+// head's logits q.k for 8 positions at once (one FMA chain per position, the eight horizontal sums
+// done together), then a softmax per head in float32; the second adds the probabilities times the V
+// rows into each head's output, kept in registers across the chunk. Each K and V element is read
+// once, against the XLA path's gathers of whole chunks, loop bookkeeping and partial-softmax merges,
+// which cost ~100 us per layer even at short contexts.
 // Decodes are the work items: from kMinPositionsToSplit positions in all, chunks of them are shared
 // with other threads (cpu_thread_pool.h; these measurements predate its own team of threads). In a
 // microbenchmark (benchmarks/bench_paged_attention.py, warm cache) sharing did not pay below 2048
@@ -26,11 +28,12 @@
 // where the K/V rows come from memory and the pool wakes for the next matmul anyway, it does from a
 // few hundred: a w4a8 SmolLM2 engine at 128-token prompts on the Xeon VM went from 22.6 to 17.2 ms
 // a step at batch 8 and from 11.3-11.8 to 8.0-9.7 at batch 2 with the threshold at 2048 -> 128-512.
-// A lone decode (batch 1) is split into kLoneDecodeParts items by query heads (a kv head whose
-// group straddles the split is read by both): a bfloat16 SmolLM2 batch-1 step went from 17.5-18.0
-// to 16.0-17.8 ms at 128 positions and from 19.3-20.2 to 18.0-18.8 at 512 (A/B, three runs each),
-// partly because the pool's other thread is then awake for the output projection that follows. Each
-// loop over positions also prefetches the rows one block ahead (batch-8 steps 3-4% faster).
+// A lone decode (batch 1) is split into kLoneDecodeParts items by positions, each with its own
+// softmax peak and sum, merged afterwards: each thread reads half the rows. Split by query heads
+// instead (before 2026-12-05), both threads read the middle kv head, and a position's logit was one
+// horizontal sum per head; batch-1 bf16 SmolLM2 at 1000-token contexts went from 48-61 to 64-67
+// tokens/s (Zen 2, three alternating runs of two seeds), and one layer's call at batch 8, 1000
+// positions, from 0.69-0.79 to 0.48-0.51 ms (warm cache).
 //
 // Prefill chunks (2+ tokens) are cut into tiles of kTileTokens tokens, and every (tile, kv head) is
 // one work item: its R = kTileTokens x group query rows (token-major, zero past the chunk's end) are
@@ -69,6 +72,8 @@ constexpr int kLanes = 8;  // floats per AVX2 register; the Python side requires
 constexpr int64_t kMinPositionsToSplit = 256;
 constexpr int64_t kItemsWhenSplit = 8;
 constexpr int64_t kLoneDecodeParts = 2;
+// Decodes convert K/V rows to float this many positions at a time (KVH x 32 x D floats in L1).
+constexpr int64_t kDecodeChunk = 32;
 // Prefill items: query tokens per tile (R = kTileTokens x group rows, whole pairs of registers), and
 // K/V positions converted to float at a time (64 positions x D floats stay in L1).
 constexpr int64_t kTileTokens = 16;
@@ -135,20 +140,6 @@ const float* pool_row(const T* pool, const float* scales, int64_t index, int64_t
   }
 }
 
-// Four accumulators: one chain of dependent FMAs per 64-float row made the kernel latency-bound.
-float dot(const float* a, const float* b, int64_t d) {
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  int64_t i = 0;
-  for (; i + 4 * kLanes <= d; i += 4 * kLanes)
-    for (int u = 0; u < 4; ++u)
-      acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + u * kLanes), _mm256_loadu_ps(b + i + u * kLanes), acc[u]);
-  for (; i < d; i += kLanes) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc[0]);
-  const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-  const __m128 pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
-}
-
 void axpy(float a, const float* x, float* y, int64_t d) {
   const __m256 scale = _mm256_set1_ps(a);
   for (int64_t i = 0; i < d; i += kLanes)
@@ -172,9 +163,8 @@ __m256 exp_nonpositive(__m256 x) {
   return _mm256_mul_ps(exp_r, _mm256_castsi256_ps(two_n));
 }
 
-// row[i] = exp(row[i] - peak) / sum over the row, in place.
-void softmax_in_place(float* row, int64_t len) {
-  const float peak = *std::max_element(row, row + len);
+// row[i] = exp(row[i] - peak) in place (peak: the row's largest value); returns their sum.
+float exp_in_place(float* row, int64_t len, float peak) {
   const __m256 peaks = _mm256_set1_ps(peak);
   __m256 sums = _mm256_setzero_ps();
   int64_t pos = 0;
@@ -188,8 +178,7 @@ void softmax_in_place(float* row, int64_t len) {
   float total = 0;
   for (const float lane : lanes) total += lane;
   for (; pos < len; ++pos) total += row[pos] = std::exp(row[pos] - peak);
-  const float inverse = 1.0f / total;
-  for (pos = 0; pos < len; ++pos) row[pos] *= inverse;
+  return total;
 }
 
 struct Problem {
@@ -263,39 +252,116 @@ void prefetch_position(const Problem& p, const T* pool, const int32_t* table, in
   for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(row + line, _MM_HINT_T0);
 }
 
-// One decode, query heads [j0, j1): token `t` of sequence `s` over its `len` positions.
+// The sums of each of eight vectors' lanes, as one vector (lane i: v[i]'s sum).
+inline __m256 lane_sums(const __m256 v[8]) {
+  const __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
+  // Lanes 0-3 hold v[0..3]'s (first half's, second half's) partial sums, lanes 4-7 v[4..7]'s.
+  const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// logits[i] = q . rows[i] for the kLanes rows [kLanes, d] (one FMA chain per row, lanes summed at once).
+inline void logits_of_rows(const float* q, const float* rows, int64_t d, float* logits) {
+  __m256 acc[kLanes];
+  for (int i = 0; i < kLanes; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t f = 0; f < d; f += kLanes) {
+    const __m256 query = _mm256_loadu_ps(q + f);
+    for (int i = 0; i < kLanes; ++i) acc[i] = _mm256_fmadd_ps(query, _mm256_loadu_ps(rows + i * d + f), acc[i]);
+  }
+  _mm256_storeu_ps(logits, lane_sums(acc));
+}
+
+// out[0 .. kVectors * kLanes) += sum over i < n of weights[i] * rows[i * d + ...], the sums in registers.
+template <int kVectors>
+inline void add_weighted_rows(const float* weights, const float* rows, int64_t n, int64_t d, float* out) {
+  __m256 acc[kVectors];
+  for (int u = 0; u < kVectors; ++u) acc[u] = _mm256_loadu_ps(out + u * kLanes);
+  for (int64_t i = 0; i < n; ++i) {
+    const __m256 weight = _mm256_broadcast_ss(weights + i);
+    for (int u = 0; u < kVectors; ++u) acc[u] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(rows + i * d + u * kLanes), acc[u]);
+  }
+  for (int u = 0; u < kVectors; ++u) _mm256_storeu_ps(out + u * kLanes, acc[u]);
+}
+
+// Positions [c0, c0 + n) of every kv head as float rows [KVH, kDecodeChunk, D] in `rows`, walking the
+// pool position by position (all kv heads of a position lie together) and prefetching a block ahead.
 template <typename T>
-void decode(const Problem& p, const T* k, const T* v, int64_t s, int64_t t, int64_t len, int64_t j0, int64_t j1,
-            std::vector<float>& logits, std::vector<float>& row_scratch) {
-  const int64_t heads = p.num_heads, kv_heads = p.num_kv_heads, d = p.head_dim, group = heads / kv_heads;
-  const int64_t h0 = j0 / group, h1 = (j1 + group - 1) / group;
-  logits.resize(heads * len);
+void convert_chunk(const Problem& p, const T* pool, const float* scales, const int32_t* table, int64_t c0, int64_t n,
+                   int64_t len, float* rows) {
+  const int64_t d = p.head_dim;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t first_row = pool_slot(p, table, c0 + i) * p.num_kv_heads;
+    prefetch_position(p, pool, table, c0 + i + p.block_size, len);
+    for (int64_t h = 0; h < p.num_kv_heads; ++h) {
+      float* dst = rows + (h * kDecodeChunk + i) * d;
+      const float* src = pool_row(pool, scales, first_row + h, d, dst);
+      if (src != dst) std::memcpy(dst, src, d * sizeof(float));
+    }
+  }
+}
+
+struct DecodeScratch {
+  std::vector<float> logits, rows;
+};
+
+// Positions [p0, p1) of the decode of token t of sequence s (context len), every query head: out[j]
+// [D] += sum over those positions of exp(logit - peak[j]) * V row, total[j] = the sum of those
+// exponentials, peak[j] = their largest logit (-inf and 0 for no positions). Callers divide by the
+// total, or merge several ranges' results first.
+template <typename T>
+void decode_positions(const Problem& p, const T* k, const T* v, int64_t s, int64_t t, int64_t len, int64_t p0,
+                      int64_t p1, float* out, float* peak, float* total, DecodeScratch& scratch) {
+  const int64_t heads = p.num_heads, d = p.head_dim, group = heads / p.num_kv_heads;
+  const int64_t stride = (p1 - p0 + kLanes - 1) / kLanes * kLanes;
+  scratch.logits.resize(heads * stride);
+  scratch.rows.resize(p.num_kv_heads * kDecodeChunk * d);
+  float *logits = scratch.logits.data(), *rows = scratch.rows.data();
   const float* q = p.q + t * heads * d;
   const int32_t* table = p.block_tables + s * p.table_width;
-  for (int64_t pos = 0; pos < len; ++pos) {
-    const int64_t first_row = pool_slot(p, table, pos) * kv_heads;
-    prefetch_position(p, k, table, pos + p.block_size, len);
-    for (int64_t h = h0; h < h1; ++h) {
-      const float* key = pool_row(k, p.k_scale, first_row + h, d, row_scratch.data());
-      for (int64_t j = std::max(h * group, j0); j < std::min((h + 1) * group, j1); ++j)
-        logits[j * len + pos] = dot(q + j * d, key, d);
-    }
+  // Rows past a chunk's n (at the last chunk) hold earlier rows or zeros: their logits are computed
+  // with the others and never read.
+  for (int64_t c0 = p0; c0 < p1; c0 += kDecodeChunk) {
+    const int64_t n = std::min(kDecodeChunk, p1 - c0);
+    convert_chunk(p, k, p.k_scale, table, c0, n, len, rows);
+    for (int64_t j = 0; j < heads; ++j)
+      for (int64_t i = 0; i < n; i += kLanes)
+        logits_of_rows(q + j * d, rows + ((j / group) * kDecodeChunk + i) * d, d, logits + j * stride + c0 - p0 + i);
   }
-  float* out = p.out + t * heads * d;
-  for (int64_t j = j0; j < j1; ++j) {
-    float* row = logits.data() + j * len;
+  const int64_t count = p1 - p0;
+  for (int64_t j = 0; j < heads; ++j) {
+    float* row = logits + j * stride;
     if (p.soft_cap > 0)
-      for (int64_t pos = 0; pos < len; ++pos) row[pos] = p.soft_cap * std::tanh(row[pos] / p.soft_cap);
-    softmax_in_place(row, len);
+      for (int64_t i = 0; i < count; ++i) row[i] = p.soft_cap * std::tanh(row[i] / p.soft_cap);
+    peak[j] = count > 0 ? *std::max_element(row, row + count) : -INFINITY;
+    total[j] = exp_in_place(row, count, peak[j]);
   }
-  for (int64_t pos = 0; pos < len; ++pos) {
-    const int64_t first_row = pool_slot(p, table, pos) * kv_heads;
-    prefetch_position(p, v, table, pos + p.block_size, len);
-    for (int64_t h = h0; h < h1; ++h) {
-      const float* value = pool_row(v, p.v_scale, first_row + h, d, row_scratch.data());
-      for (int64_t j = std::max(h * group, j0); j < std::min((h + 1) * group, j1); ++j)
-        axpy(logits[j * len + pos], value, out + j * d, d);
+  for (int64_t c0 = p0; c0 < p1; c0 += kDecodeChunk) {
+    const int64_t n = std::min(kDecodeChunk, p1 - c0);
+    convert_chunk(p, v, p.v_scale, table, c0, n, len, rows);
+    for (int64_t j = 0; j < heads; ++j) {
+      const float* weights = logits + j * stride + c0 - p0;
+      const float* values = rows + (j / group) * kDecodeChunk * d;
+      int64_t f = 0;
+      for (; f + 8 * kLanes <= d; f += 8 * kLanes) add_weighted_rows<8>(weights, values + f, n, d, out + j * d + f);
+      for (; f < d; f += kLanes) add_weighted_rows<1>(weights, values + f, n, d, out + j * d + f);
     }
+  }
+}
+
+// out [H, D] = the softmax-weighted sum over `parts` position ranges of one decode, from each part's
+// unnormalized sums part_out [parts, H, D], peaks and totals [parts, H] (see decode_positions).
+void merge_parts(int64_t parts, int64_t heads, int64_t d, const float* part_out, const float* part_peak,
+                 const float* part_total, float* out) {
+  for (int64_t j = 0; j < heads; ++j) {
+    float peak = -INFINITY, total = 0;
+    for (int64_t i = 0; i < parts; ++i) peak = std::max(peak, part_peak[i * heads + j]);
+    for (int64_t i = 0; i < parts; ++i) {
+      const float weight = std::exp(part_peak[i * heads + j] - peak);
+      total += weight * part_total[i * heads + j];
+      axpy(weight, part_out + (i * heads + j) * d, out + j * d, d);
+    }
+    for (int64_t f = 0; f < d; ++f) out[j * d + f] /= total;
   }
 }
 
@@ -430,31 +496,48 @@ ffi::Error attention(ffi::ThreadPool& pool, const Problem& p, const void* k_data
   int64_t positions = 0, query_tokens = num_decodes;
   for (int64_t i = 0; i < num_decodes; ++i) positions += decodes[i].len;
   for (int64_t i = 0; i < num_tiles; ++i) positions += tiles[i].count * tiles[i].kv_len(), query_tokens += tiles[i].count;
-  // Chunks of decodes as the first items (a lone decode split by query heads; all decodes in one
-  // chunk below kMinPositionsToSplit), then one per (prefill tile, kv head), shared with the pool.
+  // Chunks of decodes as the first items (a lone decode split by positions; all decodes in one chunk
+  // below kMinPositionsToSplit), then one per (prefill tile, kv head), shared with the pool.
   const int64_t per_chunk = std::max<int64_t>(1, positions >= kMinPositionsToSplit ? num_decodes / kItemsWhenSplit
                                                                                    : num_decodes);
-  const int64_t head_parts = num_decodes == 1 ? kLoneDecodeParts : 1;
-  const int64_t decode_items = (num_decodes + per_chunk - 1) / per_chunk * head_parts;
+  const bool lone = num_decodes == 1;
+  const int64_t decode_items = lone ? kLoneDecodeParts : (num_decodes + per_chunk - 1) / per_chunk;
   const int64_t items = decode_items + num_tiles * p.num_kv_heads;
   if (items == 0) return ffi::Error::Success();
-  auto item_fn = [&p, k, v, decodes, tiles, num_decodes, per_chunk, head_parts, decode_items](int64_t item) {
+  // A lone decode's parts: part i reads positions [len * i / parts, len * (i + 1) / parts).
+  const int64_t heads = p.num_heads, d = p.head_dim;
+  std::vector<float> part_out(lone ? kLoneDecodeParts * heads * d : 0), part_peak(lone ? kLoneDecodeParts * heads : 0);
+  std::vector<float> part_total(part_peak.size());
+  auto item_fn = [&](int64_t item) {
     if (item >= decode_items) {
       PrefillScratch scratch;
       const int64_t index = item - decode_items;
       prefill(p, k, v, tiles[index / p.num_kv_heads], index % p.num_kv_heads, scratch);
       return;
     }
-    std::vector<float> logits, row_scratch(p.head_dim);
-    const int64_t chunk = item / head_parts, part = item % head_parts;
-    const int64_t j0 = part * p.num_heads / head_parts, j1 = (part + 1) * p.num_heads / head_parts;
-    for (int64_t i = chunk * per_chunk; i < std::min(num_decodes, (chunk + 1) * per_chunk); ++i)
-      decode(p, k, v, decodes[i].seq, decodes[i].token, decodes[i].len, j0, j1, logits, row_scratch);
+    DecodeScratch scratch;
+    if (lone) {
+      const Decode& one = decodes[0];
+      decode_positions(p, k, v, one.seq, one.token, one.len, one.len * item / kLoneDecodeParts,
+                       one.len * (item + 1) / kLoneDecodeParts, part_out.data() + item * heads * d,
+                       part_peak.data() + item * heads, part_total.data() + item * heads, scratch);
+      return;
+    }
+    std::vector<float> peak(heads), total(heads);
+    for (int64_t i = item * per_chunk; i < std::min(num_decodes, (item + 1) * per_chunk); ++i) {
+      float* out = p.out + decodes[i].token * heads * d;
+      decode_positions(p, k, v, decodes[i].seq, decodes[i].token, decodes[i].len, 0, decodes[i].len, out,
+                       peak.data(), total.data(), scratch);
+      for (int64_t j = 0; j < heads; ++j)
+        for (int64_t f = 0; f < d; ++f) out[j * d + f] /= total[j];
+    }
   };
   if (items > 1)
     jaxinfer::run_on_pool(pool, items, query_tokens, item_fn);
   else
-    for (int64_t item = 0; item < items; ++item) item_fn(item);
+    item_fn(0);
+  if (lone) merge_parts(kLoneDecodeParts, heads, d, part_out.data(), part_peak.data(), part_total.data(),
+                        p.out + decodes[0].token * heads * d);
   return ffi::Error::Success();
 }
 

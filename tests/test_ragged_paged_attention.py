@@ -267,12 +267,18 @@ def test_cpu_kernel_covers_long_contexts_and_head_layouts(num_q_heads, num_kv_he
 
 @needs_cpu_kernel
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(9, 3), (6, 2), (4, 4), (8, 1)])
-def test_cpu_kernel_splits_a_lone_decode_by_query_heads_and_matches_the_reference(num_q_heads, num_kv_heads):
-    """A batch-1 decode (next to a prefill chunk) runs as items of query heads, a kv head's group split
-    between them where the split falls inside it (9/3: heads 0-3 and 4-8); each item writes only its
-    own heads."""
-    kernel_against_reference(make_batch(num_q_heads, [(6, 30), (1, 333)], block_size=16, num_q_heads=num_q_heads,
-                                        num_kv_heads=num_kv_heads, head_dim=64))
+@pytest.mark.parametrize("chunks,kv_dtype,soft_cap", [
+    ([(6, 30), (1, 333)], "bfloat16", None),  # beside a prefill chunk
+    ([(1, 1)], "float32", None),  # one position: the first part reads none
+    ([(1, 3)], "int8", 0.8),
+    ([(1, 77)], "fp8", None),
+])
+def test_cpu_kernel_splits_a_lone_decode_by_positions_and_matches_the_reference(num_q_heads, num_kv_heads, chunks,
+                                                                                 kv_dtype, soft_cap):
+    """A batch-1 decode runs as two items, each over half its positions with its own softmax peak and
+    sum, merged afterwards; an empty half, odd lengths, quantized pools and a soft cap included."""
+    kernel_against_reference(make_batch(num_q_heads, chunks, block_size=16, num_q_heads=num_q_heads,
+                                        num_kv_heads=num_kv_heads, head_dim=64, kv_dtype=kv_dtype), soft_cap=soft_cap)
 
 
 @needs_cpu_kernel

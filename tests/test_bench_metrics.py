@@ -8,6 +8,7 @@ import pytest
 
 from jaxinfer.bench.arrivals import arrival_offsets
 from jaxinfer.bench.dataset import LengthRange, jsonl_requests, random_requests
+from jaxinfer.bench.latency import all_decoding_rate
 from jaxinfer.bench.metrics import RequestTiming, parse_slo, run_metrics, summarize
 from jaxinfer.errors import RequestError
 
@@ -54,6 +55,33 @@ def test_request_metrics_follow_their_definitions():
         assert timing.tpot == (pytest.approx(expected_tpot) if expected_tpot is not None else None)
         gaps = [b - a for a, b in zip(timing.chunk_times, timing.chunk_times[1:])]
         assert timing.itls == pytest.approx(gaps)
+
+
+def test_all_decoding_rate_counts_the_steps_where_every_request_decodes():
+    """One request: 1 / TPOT. Two in lockstep, the second's first token 3 steps after the first's: only
+    the steps after that and up to the first one's last count; a first request that finishes before
+    the second starts is refused."""
+    rng = np.random.default_rng(5)
+    alone = RequestTiming(arrival=0.0, num_prompt_tokens=10)
+    alone.add_chunk(0.5, 1)
+    for now in np.cumsum(rng.uniform(0.01, 0.1, 12)) + 0.5:
+        alone.add_chunk(float(now), 4)
+    assert all_decoding_rate([alone]) == pytest.approx(1 / alone.tpot)
+
+    steps = np.cumsum(rng.uniform(0.01, 0.1, 14))
+    first, second = (RequestTiming(arrival=0.0, num_prompt_tokens=10) for _ in range(2))
+    for step, now in enumerate(steps):
+        if step <= 10:
+            first.add_chunk(float(now), 1 if step == 0 else 4)
+        if step >= 3:
+            second.add_chunk(float(now), 1 if step == 3 else 4)
+    assert all_decoding_rate([first, second]) == pytest.approx(7 * 2 * 4 / (steps[10] - steps[3]))
+
+    late = RequestTiming(arrival=0.0, num_prompt_tokens=10)
+    late.add_chunk(float(steps[12]), 1)
+    late.add_chunk(float(steps[13]), 4)
+    with pytest.raises(RequestError, match="--decode-tokens"):
+        all_decoding_rate([first, late])
 
 
 def test_run_metrics_throughput_and_goodput():

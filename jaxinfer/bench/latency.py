@@ -2,18 +2,23 @@
 
 `ttft(engine, prompt_len, ...)`: median time to first token of single requests (distinct random
 prompts, so the prefix cache never helps). `decode_rate(engine, batch, ...)`: tokens/s of
-`batch` concurrent greedy requests once their prefill is done, `batch / mean TPOT`.
+`batch` concurrent greedy requests while all of them decode (`all_decoding_rate`), after prompts of
+`prompt_len` tokens (the context each decode step reads).
 `roofline_ratio`: a batch-1 decode rate over the rate at which the device can stream the
 weights once per token (copy bandwidth / the bytes its stored weights take, `streamed_weight_bytes`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from jaxinfer.bench.dataset import LengthRange, random_requests
 from jaxinfer.bench.engine_runs import drive
+from jaxinfer.bench.metrics import RequestTiming
 from jaxinfer.engine.llm_engine import LLMEngine
+from jaxinfer.errors import RequestError
 from jaxinfer.quant.apply import weight_bytes
 
 
@@ -27,7 +32,20 @@ def decode_rate(engine: LLMEngine, batch: int, prompt_len: int, decode_tokens: i
     requests = random_requests(batch, LengthRange(prompt_len, prompt_len), LengthRange(decode_tokens, decode_tokens),
                                engine.model_cfg.vocab_size, seed)
     timings, _ = drive(engine, requests, [0.0] * batch)
-    return batch / float(np.mean([t.tpot for t in timings]))
+    return all_decoding_rate(timings)
+
+
+def all_decoding_rate(timings: Sequence[RequestTiming]) -> float:
+    """Tokens/s delivered between the last request's first token and the first request's last: a
+    window in which every step decodes all the requests and no prefill chunk (for one request,
+    1 / TPOT)."""
+    start = max(t.chunk_times[0] for t in timings)
+    end = min(t.chunk_times[-1] for t in timings)
+    if end <= start:
+        raise RequestError(f"no time in which all {len(timings)} requests decoded together: one finished before "
+                           "another's prefill was done; ask for more decode tokens (--decode-tokens)")
+    tokens = sum(n for t in timings for time, n in zip(t.chunk_times, t.chunk_tokens) if start < time <= end)
+    return tokens / (end - start)
 
 
 def streamed_weight_bytes(params) -> int:

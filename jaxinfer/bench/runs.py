@@ -135,7 +135,8 @@ def latency_main(args) -> None:
     _warm_up(engine)
     bandwidth = args.bandwidth * 1e9 if args.bandwidth else copy_bandwidth()
     ours = {"ttft_s": {str(n): latency.ttft(engine, n, args.repeats, args.seed + n) for n in args.prompt_lens},
-            "decode_tokens_per_s": {str(b): latency.decode_rate(engine, b, 16, args.decode_tokens, args.seed + b)
+            "decode_tokens_per_s": {str(b): latency.decode_rate(engine, b, args.decode_context, args.decode_tokens,
+                                                                      args.seed + b)
                                     for b in args.batch_sizes}}
     stream_rate = latency.weight_stream_rate(engine, bandwidth)
     systems = {"jaxinfer": ours}
@@ -148,7 +149,8 @@ def latency_main(args) -> None:
             "ttft_prompts": {str(n): [list(r.prompt_token_ids) for r in random_requests(
                 args.repeats, LengthRange(n, n), LengthRange(1, 1), vocab, args.seed + n)] for n in args.prompt_lens},
             "decode_prompts": [list(r.prompt_token_ids) for r in random_requests(
-                max(args.batch_sizes), LengthRange(16, 16), LengthRange(1, 1), vocab, args.seed)]})
+                max(args.batch_sizes), LengthRange(args.decode_context, args.decode_context), LengthRange(1, 1), vocab,
+                args.seed)]})
     columns = ([Column(("ttft_s", str(n)), f"TTFT@{n} s", False, "{:.4f}") for n in args.prompt_lens]
                + [Column(("decode_tokens_per_s", str(b)), f"decode tok/s @B={b}", True, "{:.1f}")
                   for b in args.batch_sizes])

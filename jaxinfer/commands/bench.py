@@ -97,6 +97,8 @@ def add_bench_parsers(subparsers) -> None:
     lat.add_argument("--prompt-lens", type=_int_list, default=[16, 128, 512])
     lat.add_argument("--batch-sizes", type=_int_list, default=[1, 8])
     lat.add_argument("--decode-tokens", type=int, default=64)
+    lat.add_argument("--decode-context", type=int, default=16,
+                     help="prompt tokens of each decode-rate request: the context its decode steps read")
     lat.add_argument("--repeats", type=int, default=3)
     lat.add_argument("--bandwidth", type=float, help="copy bandwidth in GB/s (measured when not given)")
     lat.add_argument("--seed", type=int, default=0)

@@ -13,14 +13,19 @@
 //
 // Query head h reads kv head h / (H / KVH). Two loops, one per kind of chunk, share the work items:
 //
-// Decodes (1-token chunks) make two passes over the sequence's context, converting the K (then V)
-// rows of kDecodeChunk positions at a time into float (all kv heads of a position lie together in
-// the pool, so each pass reads it in order, a block ahead prefetched): the first computes each query
-// head's logits q.k for 8 positions at once (one FMA chain per position, the eight horizontal sums
-// done together), then a softmax per head in float32; the second adds the probabilities times the V
-// rows into each head's output, kept in registers across the chunk. Each K and V element is read
-// once, against the XLA path's gathers of whole chunks, loop bookkeeping and partial-softmax merges,
-// which cost ~100 us per layer even at short contexts.
+// Decodes (1-token chunks) make one pass over the sequence's context with an online softmax: chunks
+// of kDecodeChunk positions, from two runs of the context read side by side, have their K and V rows
+// converted to float together; each query head's logits q.k are computed for 8 positions at once
+// (one FMA chain per position, the eight horizontal sums done together), its running sums rescaled
+// when the chunk raises its peak, and the chunk's exponentials times the V rows added into its
+// output, kept in registers across the chunk. Each K and V element is read once, against the XLA
+// path's gathers of whole chunks, loop bookkeeping and partial-softmax merges, which cost ~100 us per
+// layer even at short contexts. Against the two passes before (all logits, softmax, then V; one row
+// at a time, a horizontal sum per logit), bf16 SmolLM2 decode steps on the Zen 2 VM spent, in
+// attention, 17.8-18.1 against 22.0-22.2 ms at batch 8 and 1000 positions (steps 55-56 against
+// 66-68 ms), 22.6-23.4 against 29.6-30.7 at batch 32 and 300 (steps 141 against 152.5-152.8), and at
+// batch 1 and 1000 (with the lone decode's split below) 2.7-3.3 against 4.4-7.2 (steps 15.1-15.9
+// against 18.0-23.6): benchmarks/profile_step.py engines/bf16 --batch B --context N, two runs each.
 // Decodes are the work items: from kMinPositionsToSplit positions in all, chunks of them are shared
 // with other threads (cpu_thread_pool.h; these measurements predate its own team of threads). In a
 // microbenchmark (benchmarks/bench_paged_attention.py, warm cache) sharing did not pay below 2048
@@ -29,11 +34,8 @@
 // few hundred: a w4a8 SmolLM2 engine at 128-token prompts on the Xeon VM went from 22.6 to 17.2 ms
 // a step at batch 8 and from 11.3-11.8 to 8.0-9.7 at batch 2 with the threshold at 2048 -> 128-512.
 // A lone decode (batch 1) is split into kLoneDecodeParts items by positions, each with its own
-// softmax peak and sum, merged afterwards: each thread reads half the rows. Split by query heads
-// instead (before 2026-12-05), both threads read the middle kv head, and a position's logit was one
-// horizontal sum per head; batch-1 bf16 SmolLM2 at 1000-token contexts went from 48-61 to 64-67
-// tokens/s (Zen 2, three alternating runs of two seeds), and one layer's call at batch 8, 1000
-// positions, from 0.69-0.79 to 0.48-0.51 ms (warm cache).
+// softmax peak and sum, merged afterwards: each thread reads half the rows (split by query heads
+// before, both threads read the middle kv head).
 //
 // Prefill chunks (2+ tokens) are cut into tiles of kTileTokens tokens, and every (tile, kv head) is
 // one work item: its R = kTileTokens x group query rows (token-major, zero past the chunk's end) are
@@ -55,6 +57,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -72,8 +75,13 @@ constexpr int kLanes = 8;  // floats per AVX2 register; the Python side requires
 constexpr int64_t kMinPositionsToSplit = 256;
 constexpr int64_t kItemsWhenSplit = 8;
 constexpr int64_t kLoneDecodeParts = 2;
-// Decodes convert K/V rows to float this many positions at a time (KVH x 32 x D floats in L1).
+// Decodes convert K and V rows to float this many positions at a time (2 x KVH x 32 x D floats, in
+// L1 and L2), taken from kDecodeStreams runs of the context side by side, and prefetch each run
+// kDecodePrefetch positions ahead. On the Zen 2 VM (30 layers' K/V, 1000 positions, batch 8) chunks
+// of 16 were 25% slower, and 4 or 8 streams 5-35% slower than 2.
 constexpr int64_t kDecodeChunk = 32;
+constexpr int64_t kDecodeStreams = 2;
+constexpr int64_t kDecodePrefetch = 32;
 // Prefill items: query tokens per tile (R = kTileTokens x group rows, whole pairs of registers), and
 // K/V positions converted to float at a time (64 positions x D floats stay in L1).
 constexpr int64_t kTileTokens = 16;
@@ -279,72 +287,80 @@ inline void add_weighted_rows(const float* weights, const float* rows, int64_t n
   for (int u = 0; u < kVectors; ++u) acc[u] = _mm256_loadu_ps(out + u * kLanes);
   for (int64_t i = 0; i < n; ++i) {
     const __m256 weight = _mm256_broadcast_ss(weights + i);
-    for (int u = 0; u < kVectors; ++u) acc[u] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(rows + i * d + u * kLanes), acc[u]);
+    for (int u = 0; u < kVectors; ++u)
+      acc[u] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(rows + i * d + u * kLanes), acc[u]);
   }
   for (int u = 0; u < kVectors; ++u) _mm256_storeu_ps(out + u * kLanes, acc[u]);
 }
 
-// Positions [c0, c0 + n) of every kv head as float rows [KVH, kDecodeChunk, D] in `rows`, walking the
-// pool position by position (all kv heads of a position lie together) and prefetching a block ahead.
+// The K and V rows of positions[0..n) (all kv heads of a position lie together in the pool) as float
+// rows [KVH, kDecodeChunk, D] in `keys` and `values`, prefetching kDecodePrefetch positions past each.
 template <typename T>
-void convert_chunk(const Problem& p, const T* pool, const float* scales, const int32_t* table, int64_t c0, int64_t n,
-                   int64_t len, float* rows) {
+void gather_decode_rows(const Problem& p, const T* k, const T* v, const int32_t* table, const int64_t* positions,
+                        int64_t n, int64_t len, float* keys, float* values) {
   const int64_t d = p.head_dim;
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t first_row = pool_slot(p, table, c0 + i) * p.num_kv_heads;
-    prefetch_position(p, pool, table, c0 + i + p.block_size, len);
-    for (int64_t h = 0; h < p.num_kv_heads; ++h) {
-      float* dst = rows + (h * kDecodeChunk + i) * d;
-      const float* src = pool_row(pool, scales, first_row + h, d, dst);
-      if (src != dst) std::memcpy(dst, src, d * sizeof(float));
-    }
+    const int64_t first_row = pool_slot(p, table, positions[i]) * p.num_kv_heads;
+    prefetch_position(p, k, table, positions[i] + kDecodePrefetch, len);
+    prefetch_position(p, v, table, positions[i] + kDecodePrefetch, len);
+    for (int64_t h = 0; h < p.num_kv_heads; ++h)
+      for (auto [pool, scales, rows] : {std::tuple{k, p.k_scale, keys}, std::tuple{v, p.v_scale, values}}) {
+        float* dst = rows + (h * kDecodeChunk + i) * d;
+        const float* src = pool_row(pool, scales, first_row + h, d, dst);
+        if (src != dst) std::memcpy(dst, src, d * sizeof(float));
+      }
   }
 }
 
 struct DecodeScratch {
-  std::vector<float> logits, rows;
+  std::vector<float> logits, keys, values;
 };
 
 // Positions [p0, p1) of the decode of token t of sequence s (context len), every query head: out[j]
-// [D] += sum over those positions of exp(logit - peak[j]) * V row, total[j] = the sum of those
-// exponentials, peak[j] = their largest logit (-inf and 0 for no positions). Callers divide by the
-// total, or merge several ranges' results first.
+// [D] (zeros on entry) = the sum over those positions of exp(logit - peak[j]) * V row, total[j] =
+// the sum of those exponentials, peak[j] = their largest logit (-inf and 0 for no positions). One
+// pass, an online softmax: each chunk's K and V rows are read together, and a head's sums are
+// rescaled when a chunk raises its peak. Callers divide by the total, or merge several ranges first.
 template <typename T>
 void decode_positions(const Problem& p, const T* k, const T* v, int64_t s, int64_t t, int64_t len, int64_t p0,
                       int64_t p1, float* out, float* peak, float* total, DecodeScratch& scratch) {
   const int64_t heads = p.num_heads, d = p.head_dim, group = heads / p.num_kv_heads;
-  const int64_t stride = (p1 - p0 + kLanes - 1) / kLanes * kLanes;
-  scratch.logits.resize(heads * stride);
-  scratch.rows.resize(p.num_kv_heads * kDecodeChunk * d);
-  float *logits = scratch.logits.data(), *rows = scratch.rows.data();
+  scratch.logits.resize(kDecodeChunk);
+  scratch.keys.resize(p.num_kv_heads * kDecodeChunk * d);
+  scratch.values.resize(scratch.keys.size());
+  float *logits = scratch.logits.data(), *keys = scratch.keys.data(), *values = scratch.values.data();
   const float* q = p.q + t * heads * d;
   const int32_t* table = p.block_tables + s * p.table_width;
-  // Rows past a chunk's n (at the last chunk) hold earlier rows or zeros: their logits are computed
-  // with the others and never read.
-  for (int64_t c0 = p0; c0 < p1; c0 += kDecodeChunk) {
-    const int64_t n = std::min(kDecodeChunk, p1 - c0);
-    convert_chunk(p, k, p.k_scale, table, c0, n, len, rows);
-    for (int64_t j = 0; j < heads; ++j)
-      for (int64_t i = 0; i < n; i += kLanes)
-        logits_of_rows(q + j * d, rows + ((j / group) * kDecodeChunk + i) * d, d, logits + j * stride + c0 - p0 + i);
-  }
-  const int64_t count = p1 - p0;
-  for (int64_t j = 0; j < heads; ++j) {
-    float* row = logits + j * stride;
-    if (p.soft_cap > 0)
-      for (int64_t i = 0; i < count; ++i) row[i] = p.soft_cap * std::tanh(row[i] / p.soft_cap);
-    peak[j] = count > 0 ? *std::max_element(row, row + count) : -INFINITY;
-    total[j] = exp_in_place(row, count, peak[j]);
-  }
-  for (int64_t c0 = p0; c0 < p1; c0 += kDecodeChunk) {
-    const int64_t n = std::min(kDecodeChunk, p1 - c0);
-    convert_chunk(p, v, p.v_scale, table, c0, n, len, rows);
+  std::fill(peak, peak + heads, -INFINITY);
+  std::fill(total, total + heads, 0.0f);
+  // The range as kDecodeStreams runs read side by side, a position of each in turn: more reads in
+  // flight than one run gives, and the softmax does not mind the order.
+  const int64_t run_len = (p1 - p0 + kDecodeStreams - 1) / kDecodeStreams;
+  int64_t positions[kDecodeChunk];
+  for (int64_t step = 0; step < run_len; step += kDecodeChunk / kDecodeStreams) {
+    int64_t n = 0;
+    for (int64_t i = step; i < std::min(run_len, step + kDecodeChunk / kDecodeStreams); ++i)
+      for (int64_t run = 0; run < kDecodeStreams; ++run)
+        if (const int64_t pos = p0 + run * run_len + i; pos < p1) positions[n++] = pos;  // the last run may be short
+    gather_decode_rows(p, k, v, table, positions, n, len, keys, values);
     for (int64_t j = 0; j < heads; ++j) {
-      const float* weights = logits + j * stride + c0 - p0;
-      const float* values = rows + (j / group) * kDecodeChunk * d;
+      // Rows past n (at the last chunk) hold earlier rows or zeros: their logits are never read.
+      for (int64_t i = 0; i < n; i += kLanes)
+        logits_of_rows(q + j * d, keys + ((j / group) * kDecodeChunk + i) * d, d, logits + i);
+      if (p.soft_cap > 0)
+        for (int64_t i = 0; i < n; ++i) logits[i] = p.soft_cap * std::tanh(logits[i] / p.soft_cap);
+      const float chunk_peak = *std::max_element(logits, logits + n);
+      if (chunk_peak > peak[j]) {
+        const float rescale = std::exp(peak[j] - chunk_peak);  // 0 at the first chunk
+        total[j] *= rescale;
+        for (int64_t f = 0; f < d; ++f) out[j * d + f] *= rescale;
+        peak[j] = chunk_peak;
+      }
+      total[j] += exp_in_place(logits, n, peak[j]);
+      const float* rows = values + (j / group) * kDecodeChunk * d;
       int64_t f = 0;
-      for (; f + 8 * kLanes <= d; f += 8 * kLanes) add_weighted_rows<8>(weights, values + f, n, d, out + j * d + f);
-      for (; f < d; f += kLanes) add_weighted_rows<1>(weights, values + f, n, d, out + j * d + f);
+      for (; f + 8 * kLanes <= d; f += 8 * kLanes) add_weighted_rows<8>(logits, rows + f, n, d, out + j * d + f);
+      for (; f < d; f += kLanes) add_weighted_rows<1>(logits, rows + f, n, d, out + j * d + f);
     }
   }
 }

@@ -10,12 +10,14 @@ tokens, causal. The paths:
     kernel      the engine's choice on one device: on a GPU the Pallas kernel, on a CPU the C++ kernel
                 (pallas_kernels/cpu_paged_attention) where the CPU runs it, else the XLA path.
     in-order    the engine's choice again, each sequence's blocks adjacent in the pool (locality only).
-and prints medians, paged / contiguous for the engine's choice (the cost of paging; the target is
+With --layers N a round calls each path once for each of N layers' caches (distinct random K/V), so
+that at N = 30 (a SmolLM2 step) the K/V rows come from memory as in a decode step, not from cache.
+It prints medians, paged / contiguous for the engine's choice (the cost of paging; the target is
 < 1.2), xla / kernel, and the engine's choice's rate: K/V bytes read per second for decodes, the
 attention's flops (4 x heads x head_dim per visible query-key pair) per second for prefills.
 
     .venv/bin/python benchmarks/bench_paged_attention.py [--batches 1,8,32] [--contexts 128,512,2048]
-        [--prefill-lens 128,512,2048] [--kv-dtype float32] [--block-size 16] [--rounds 20]
+        [--prefill-lens 128,512,2048] [--kv-dtype float32] [--block-size 16] [--rounds 20] [--layers 1]
 """
 
 from __future__ import annotations
@@ -106,6 +108,9 @@ def main():
     parser.add_argument("--kv-dtype", default="float32", choices=["float32", "bfloat16", "int8", "fp8"])
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--layers", type=int, default=1,
+                        help="times per round one call each to this many layers' caches (30: a SmolLM2 step's K/V, "
+                             "which come from memory rather than cache)")
     args = parser.parse_args()
     storage_dtype(args.kv_dtype)
 
@@ -125,25 +130,30 @@ def main():
              for context in map(int, args.contexts.split(","))]
     cases += [(1, length, length) for length in map(int, args.prefill_lens.split(",")) if length > 1]
     for batch, context, new in cases:
-        q, cache, metadata, contiguous = attention_case(batch, context, new, args.block_size, args.kv_dtype,
-                                                        shuffled=True)
-        _, ordered_cache, ordered_metadata, _ = attention_case(batch, context, new, args.block_size, args.kv_dtype,
-                                                               shuffled=False)
-        lengths = metadata.seq_lens
-        outputs = {"contiguous": lambda: contiguous_jit(q, contiguous, lengths),
-                   "xla": lambda: xla_attention(q, cache, metadata),
-                   "kernel": lambda: engine_attention(q, cache, metadata),
-                   "in-order": lambda: engine_attention(q, ordered_cache, ordered_metadata)}
+        # One case per layer, each with its own random K/V: a round calls every path once per layer.
+        layers = [attention_case(batch, context, new, args.block_size, args.kv_dtype, shuffled=True, seed=layer)
+                  for layer in range(args.layers)]
+        ordered = [attention_case(batch, context, new, args.block_size, args.kv_dtype, shuffled=False, seed=layer)[:3]
+                   for layer in range(args.layers)]
+        cache = layers[0][1]
+
+        def per_layer(path, cases):
+            return lambda: [path(*case) for case in cases][-1]
+
+        outputs = {"contiguous": per_layer(contiguous_jit, [(c[0], c[3], c[2].seq_lens) for c in layers]),
+                   "xla": per_layer(xla_attention, [c[:3] for c in layers]),
+                   "kernel": per_layer(engine_attention, [c[:3] for c in layers]),
+                   "in-order": per_layer(engine_attention, ordered)}
         for name in ("xla", "kernel"):
             np.testing.assert_allclose(outputs[name](), outputs["contiguous"](), rtol=1e-4, atol=1e-5)
         seconds = interleaved_medians(outputs, args.rounds)
         if new == 1:
-            kv_bytes = sum(x.nbytes for x in jax.tree.leaves(cache)) * batch * context / (
+            kv_bytes = args.layers * sum(x.nbytes for x in jax.tree.leaves(cache)) * batch * context / (
                 cache.num_blocks * cache.block_size)
             rate = f"{kv_bytes / seconds['kernel'] / 1e9:.1f} KV GB/s"
         else:
             visible_pairs = batch * (new * (context - new) + new * (new + 1) // 2)
-            rate = f"{4 * NUM_Q_HEADS * HEAD_DIM * visible_pairs / seconds['kernel'] / 1e9:.1f} GFLOP/s"
+            rate = f"{4 * NUM_Q_HEADS * HEAD_DIM * visible_pairs * args.layers / seconds['kernel'] / 1e9:.1f} GFLOP/s"
         print(f"{batch:>5} {context:>7} {new:>5} {seconds['contiguous'] * 1e3:>13.3f} {seconds['xla'] * 1e3:>7.3f} "
               f"{seconds['kernel'] * 1e3:>9.3f} {seconds['in-order'] * 1e3:>11.3f} "
               f"{seconds['kernel'] / seconds['contiguous']:>13.2f} {seconds['xla'] / seconds['kernel']:>10.2f} "

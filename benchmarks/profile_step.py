@@ -38,12 +38,15 @@ _WRAPPER_PREFIXES = ("$", "end: ", "ThunkExecutor", "PjitFunction", "CommonPjRtL
 _CONTROL_FLOW = re.compile(r"(while|cond|conditional|call)(\.\d+)?$")
 
 
-def trace_steps(engine, batch: int, steps: int, trace_dir: Path) -> tuple[float, int]:
+def trace_steps(engine, batch: int, context: int, steps: int, trace_dir: Path) -> tuple[float, int]:
     """Seconds per model step and the model steps traced: the engine calls that run at least `steps`
-    decode steps of `batch` sequences (a multi-step decode call counts each of its steps)."""
-    margin = 8 + 2 * engine.engine_cfg.decode_steps
+    decode steps of `batch` sequences after distinct random prompts of `context` tokens (a multi-step
+    decode call counts each of its steps)."""
+    prefill_steps = -(-batch * context // engine.engine_cfg.max_num_batched_tokens)
+    margin = prefill_steps + 8 + 2 * engine.engine_cfg.decode_steps
+    rng, vocab = random.Random(0), engine.model_cfg.vocab_size
     for i in range(batch):
-        engine.add_request(f"profile-{i}", prompt_token_ids=list(range(3, 35)),
+        engine.add_request(f"profile-{i}", prompt_token_ids=[rng.randrange(3, vocab) for _ in range(context)],
                            params=SamplingParams(temperature=0, max_tokens=steps + 2 * margin, ignore_eos=True))
     while engine.num_steps < margin:  # prefill and the first decodes, so every traced step is a steady decode
         engine.step()
@@ -139,6 +142,7 @@ def main():
     parser.add_argument("model", nargs="?", help="engine directory, checkpoint or random:CONFIG (default model if omitted)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--context", type=int, default=32, help="prompt tokens before the decode steps")
     parser.add_argument("--prompt-len", type=int, default=0, help="profile the prefill steps of prompts of this many tokens")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--kv-memory", default="256MiB", help="KV pool size when the engine is built here")
@@ -148,14 +152,14 @@ def main():
     # prefill, the configured token budget).
     engine = create_engine(args.model, progress=False, max_num_seqs=args.batch,
                            max_num_batched_tokens=None if args.prompt_len else max(64, args.batch),
-                           max_model_len=max(512, args.prompt_len + 16), kv_memory=args.kv_memory)
+                           max_model_len=max(512, args.prompt_len + 16, args.context + 2 * args.steps + 64), kv_memory=args.kv_memory)
     ladder = engine.engine_cfg.ladder
     if args.prompt_len:
         seconds, steps, buckets = trace_prefill_steps(engine, args.batch, args.prompt_len, args.trace_dir)
         what = f"{args.batch} prompt(s) of {args.prompt_len} tokens in {steps} steps ({', '.join(b.name for b in buckets)})"
     else:
-        seconds, steps = trace_steps(engine, args.batch, args.steps, args.trace_dir)
-        what, buckets = f"batch {args.batch}", [ladder.select(args.batch, args.batch, args.batch)]
+        seconds, steps = trace_steps(engine, args.batch, args.context, args.steps, args.trace_dir)
+        what, buckets = f"batch {args.batch} at {args.context}+ positions", [ladder.select(args.batch, args.batch, args.batch)]
     trace_file = max(args.trace_dir.glob("**/*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
     print(f"{args.model or 'default model'}, {what}: {seconds * 1e3:.2f} ms per step (wall, traced); "
           f"jax {jax.__version__} on {jax.devices()[0].device_kind}; trace {trace_file}")

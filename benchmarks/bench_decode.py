@@ -31,7 +31,7 @@ def main() -> None:
                            max_model_len=512, kv_memory="256MiB")
     latency.decode_rate(engine, 1, 16, 8, seed=999)  # warm-up
     bandwidth = copy_bandwidth()
-    stream_rate = latency.weight_stream_rate(engine, bandwidth)
+    stream_rate = latency.bandwidth_roofline(engine, bandwidth)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> batch-1 roofline {stream_rate:.1f} tokens/s "
           f"({engine.engine_cfg.dtype} weights)")
     for batch in BATCH_SIZES:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from jaxinfer.bench import roofline
-from jaxinfer.bench.latency import streamed_weight_bytes
+from jaxinfer.bench.latency import kv_bytes_per_position, streamed_weight_bytes
+from jaxinfer.cache.kv_pool import init_layer_cache
 from jaxinfer.model.config import ModelConfig
 from jaxinfer.model.llama import param_shapes
 from jaxinfer.quant.apply import quantize_params
@@ -105,3 +106,13 @@ def test_streamed_weight_bytes_count_stored_formats_and_skip_a_lookup_table_that
     floats = sum(math.prod(s) for s in all_shapes(cfg)) - layer_weights - table * (1 if tie else 2)
     head = table + 4 * cfg.vocab_size
     assert streamed_weight_bytes(quantized) == layer_weights + 4 * scales + head + 4 * floats
+
+
+@pytest.mark.parametrize("kv_dtype,element_bytes,scale_bytes", [("bfloat16", 2, 0), ("float32", 4, 0), ("int8", 1, 4)])
+def test_kv_bytes_per_position_counts_every_layer_and_the_scales(kv_dtype, element_bytes, scale_bytes):
+    """A position of context holds K and V rows of every kv head in every layer, plus one float32
+    scale per row when the pool is quantized."""
+    cfg = random_config(np.random.default_rng(4), tie=True)
+    caches = [init_layer_cache(7, 4, cfg.num_kv_heads, cfg.head_dim, kv_dtype) for _ in range(cfg.num_layers)]
+    expected = roofline.kv_bytes_per_token(cfg, element_bytes) + 2 * cfg.num_layers * cfg.num_kv_heads * scale_bytes
+    assert kv_bytes_per_position(caches) == expected

@@ -4,19 +4,21 @@
 prompts, so the prefix cache never helps). `decode_rate(engine, batch, ...)`: tokens/s of
 `batch` concurrent greedy requests while all of them decode (`all_decoding_rate`), after prompts of
 `prompt_len` tokens (the context each decode step reads).
-`roofline_ratio`: a batch-1 decode rate over the rate at which the device can stream the
-weights once per token (copy bandwidth / the bytes its stored weights take, `streamed_weight_bytes`).
+`bandwidth_roofline`: the batch-1 roofline, tokens/s if each token read its weights once (the bytes
+they take as stored, `streamed_weight_bytes`) and the K/V of its context, at the copy bandwidth.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 from jaxinfer.bench.dataset import LengthRange, random_requests
 from jaxinfer.bench.engine_runs import drive
 from jaxinfer.bench.metrics import RequestTiming
+from jaxinfer.cache.kv_pool import LayerKVCache
 from jaxinfer.engine.llm_engine import LLMEngine
 from jaxinfer.errors import RequestError
 from jaxinfer.quant.apply import weight_bytes
@@ -57,6 +59,14 @@ def streamed_weight_bytes(params) -> int:
     return weight_bytes(params) - (0 if lookup_only is None else weight_bytes(lookup_only))
 
 
-def weight_stream_rate(engine: LLMEngine, bandwidth_bytes_per_s: float) -> float:
-    """Tokens/s at batch 1 if each token costs exactly one read of its weights at this bandwidth."""
-    return bandwidth_bytes_per_s / streamed_weight_bytes(engine.runner.params)
+def kv_bytes_per_position(caches: Sequence[LayerKVCache]) -> float:
+    """Bytes of K/V (with their scales, when quantized) one position of context holds in these
+    layers' pools."""
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(caches)) / (caches[0].num_blocks * caches[0].block_size)
+
+
+def bandwidth_roofline(engine: LLMEngine, bandwidth_bytes_per_s: float, context: int = 0) -> float:
+    """Tokens/s at batch 1 if each token costs exactly one read of its weights, and of the K/V of
+    `context` positions, at this bandwidth."""
+    token_bytes = streamed_weight_bytes(engine.runner.params) + context * kv_bytes_per_position(engine.runner.kv_caches)
+    return bandwidth_bytes_per_s / token_bytes

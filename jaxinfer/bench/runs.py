@@ -138,7 +138,9 @@ def latency_main(args) -> None:
             "decode_tokens_per_s": {str(b): latency.decode_rate(engine, b, args.decode_context, args.decode_tokens,
                                                                       args.seed + b)
                                     for b in args.batch_sizes}}
-    stream_rate = latency.weight_stream_rate(engine, bandwidth)
+    # the context a batch-1 decode step reads: the prompt and, on average, half the decoded tokens
+    context = args.decode_context + args.decode_tokens // 2
+    stream_rate = latency.bandwidth_roofline(engine, bandwidth, context)
     systems = {"jaxinfer": ours}
     vocab = engine.model_cfg.vocab_size
     for baseline in baselines:
@@ -156,11 +158,13 @@ def latency_main(args) -> None:
                   for b in args.batch_sizes])
     print(comparison_table(systems, columns, reference="jaxinfer"))
     batch1 = ours["decode_tokens_per_s"].get("1")
-    roofline_fields = {"copy_bandwidth_gb_per_s": bandwidth / 1e9, "weight_stream_tokens_per_s": stream_rate}
+    roofline_fields = {"copy_bandwidth_gb_per_s": bandwidth / 1e9, "roofline_tokens_per_s": stream_rate,
+                       "mean_context": context}
     if batch1 is not None:
         roofline_fields["batch1_roofline_ratio"] = batch1 / stream_rate
         print(f"batch-1 decode {batch1:.1f} tokens/s = {batch1 / stream_rate:.2f} of the memory-bandwidth roofline "
-              f"({stream_rate:.1f} tokens/s at {bandwidth / 1e9:.1f} GB/s copy bandwidth)")
+              f"({stream_rate:.1f} tokens/s at {bandwidth / 1e9:.1f} GB/s copy bandwidth: the weights and "
+              f"{context} positions' K/V a token)")
     write_results(args.output, {"engine_config": vars(engine.engine_cfg), "roofline": roofline_fields,
                                 "systems": systems, "jaxinfer_advantage": advantages(systems, columns, "jaxinfer")})
     if args.plot:

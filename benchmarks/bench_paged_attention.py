@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer.bench.latency import kv_bytes_per_position
 from jaxinfer.cache.attention_metadata import AttentionMetadata
 from jaxinfer.cache.kv_pool import LayerKVCache, dequantize_kv, init_layer_cache, storage_dtype, write_kv
 from pallas_kernels.ragged_paged_attention import default_implementation, ragged_paged_attention
@@ -135,7 +136,6 @@ def main():
                   for layer in range(args.layers)]
         ordered = [attention_case(batch, context, new, args.block_size, args.kv_dtype, shuffled=False, seed=layer)[:3]
                    for layer in range(args.layers)]
-        cache = layers[0][1]
 
         def per_layer(path, cases):
             return lambda: [path(*case) for case in cases][-1]
@@ -148,8 +148,7 @@ def main():
             np.testing.assert_allclose(outputs[name](), outputs["contiguous"](), rtol=1e-4, atol=1e-5)
         seconds = interleaved_medians(outputs, args.rounds)
         if new == 1:
-            kv_bytes = args.layers * sum(x.nbytes for x in jax.tree.leaves(cache)) * batch * context / (
-                cache.num_blocks * cache.block_size)
+            kv_bytes = kv_bytes_per_position([case[1] for case in layers]) * batch * context
             rate = f"{kv_bytes / seconds['kernel'] / 1e9:.1f} KV GB/s"
         else:
             visible_pairs = batch * (new * (context - new) + new * (new + 1) // 2)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import jax
 
+from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.create import create_engine
 from jaxinfer.sampling_params import SamplingParams
 
@@ -38,16 +39,29 @@ _WRAPPER_PREFIXES = ("$", "end: ", "ThunkExecutor", "PjitFunction", "CommonPjRtL
 _CONTROL_FLOW = re.compile(r"(while|cond|conditional|call)(\.\d+)?$")
 
 
+def warm_up_steps(batch: int, context: int, token_budget: int, decode_steps: int) -> int:
+    """Model steps before the traced ones: the prompts' prefill chunks (early requests decode
+    meanwhile), then enough decodes that every traced step is a steady decode."""
+    return -(-batch * context // token_budget) + 8 + 2 * decode_steps
+
+
+def decode_tokens(batch: int, context: int, steps: int, token_budget: int, decode_steps: int) -> int:
+    """Each request's max_tokens: it keeps decoding through the warm-up, the traced steps and the last
+    multi-step call's overshoot."""
+    return steps + 2 * warm_up_steps(batch, context, token_budget, decode_steps)
+
+
 def trace_steps(engine, batch: int, context: int, steps: int, trace_dir: Path) -> tuple[float, int]:
     """Seconds per model step and the model steps traced: the engine calls that run at least `steps`
     decode steps of `batch` sequences after distinct random prompts of `context` tokens (a multi-step
     decode call counts each of its steps)."""
-    prefill_steps = -(-batch * context // engine.engine_cfg.max_num_batched_tokens)
-    margin = prefill_steps + 8 + 2 * engine.engine_cfg.decode_steps
+    cfg = engine.engine_cfg
+    margin = warm_up_steps(batch, context, cfg.max_num_batched_tokens, cfg.decode_steps)
+    max_tokens = decode_tokens(batch, context, steps, cfg.max_num_batched_tokens, cfg.decode_steps)
     rng, vocab = random.Random(0), engine.model_cfg.vocab_size
     for i in range(batch):
         engine.add_request(f"profile-{i}", prompt_token_ids=[rng.randrange(3, vocab) for _ in range(context)],
-                           params=SamplingParams(temperature=0, max_tokens=steps + 2 * margin, ignore_eos=True))
+                           params=SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     while engine.num_steps < margin:  # prefill and the first decodes, so every traced step is a steady decode
         engine.step()
     first = engine.num_steps
@@ -150,9 +164,11 @@ def main():
     args = parser.parse_args()
     # A built engine keeps its own config; a checkpoint gets the buckets these steps need (for
     # prefill, the configured token budget).
-    engine = create_engine(args.model, progress=False, max_num_seqs=args.batch,
-                           max_num_batched_tokens=None if args.prompt_len else max(64, args.batch),
-                           max_model_len=max(512, args.prompt_len + 16, args.context + 2 * args.steps + 64), kv_memory=args.kv_memory)
+    token_budget = None if args.prompt_len else max(64, args.batch)
+    decoded = 0 if args.prompt_len else decode_tokens(args.batch, args.context, args.steps, token_budget,
+                                                      EngineConfig.create().decode_steps)
+    engine = create_engine(args.model, progress=False, max_num_seqs=args.batch, max_num_batched_tokens=token_budget,
+                           max_model_len=max(512, args.prompt_len + 16, args.context + decoded), kv_memory=args.kv_memory)
     ladder = engine.engine_cfg.ladder
     if args.prompt_len:
         seconds, steps, buckets = trace_prefill_steps(engine, args.batch, args.prompt_len, args.trace_dir)

@@ -251,7 +251,7 @@ inline int64_t pool_slot(const Problem& p, const int32_t* table, int64_t pos) {
 
 // Asks for the pool rows of position `pos` (all kv heads: contiguous), if it is in the context. A
 // context's blocks lie anywhere in the pool, so the hardware prefetcher cannot run ahead into the
-// next one; walking one block ahead of the loop keeps rows arriving from memory.
+// next one; asking kDecodePrefetch positions ahead of the loop keeps rows arriving from memory.
 template <typename T>
 void prefetch_position(const Problem& p, const T* pool, const int32_t* table, int64_t pos, int64_t len) {
   if (pos >= len) return;

@@ -25,6 +25,7 @@ VOCAB = 49152
 HISTORY_LEN = 256
 SETTINGS = {
     "greedy": (SamplingParams(temperature=0.0), 4.0),
+    "greedy + 5 logprobs": (SamplingParams(temperature=0.0, logprobs=5), 4.0),
     "temperature only": (SamplingParams(temperature=0.7), 4.0),
     "top-k 50 + top-p 0.9, peaked": (SamplingParams(temperature=0.7, top_k=50, top_p=0.9), 4.0),
     "top-p 0.9, peaked": (SamplingParams(temperature=0.7, top_p=0.9), 4.0),

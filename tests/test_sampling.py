@@ -171,18 +171,32 @@ def test_min_tokens_suppresses_eos_and_stop_ids_until_reached():
     assert got[3] == EOS  # ignore_eos: eos is no stop token, so min_tokens leaves it alone
 
 
-def test_logprobs_are_raw_log_softmax():
+def test_logprobs_are_raw_log_softmax_for_the_rows_that_ask():
     rng = np.random.default_rng(5)
-    rows = random_rows(rng, 8)
+    asked = [None, 0, 5, None, MAX_LOGPROBS, 1, None, 3]
+    rows = [(dataclasses.replace(params, logprobs=n), prompt, output)
+            for (params, prompt, output), n in zip(random_rows(rng, 8), asked)]
     logits = random_logits(rng, len(rows))
     out = jit_sample(logits, metadata_for(rows, seeds=list(range(8))))
     log_softmax = logits - np.log(np.sum(np.exp(logits.astype(np.float64)), axis=1, keepdims=True))
     tokens = np.asarray(out.token_ids)
-    np.testing.assert_allclose(np.asarray(out.logprobs), log_softmax[np.arange(8), tokens], rtol=1e-5, atol=1e-5)
-    order = np.argsort(-logits, axis=1, kind="stable")[:, :MAX_LOGPROBS]
-    np.testing.assert_array_equal(np.asarray(out.top_ids), order)
-    np.testing.assert_allclose(np.asarray(out.top_logprobs), np.take_along_axis(log_softmax, order, 1),
+    ask = np.array([n is not None for n in asked])
+    np.testing.assert_allclose(np.asarray(out.logprobs)[ask], log_softmax[np.arange(8), tokens][ask],
                                rtol=1e-5, atol=1e-5)
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :MAX_LOGPROBS]
+    np.testing.assert_array_equal(np.asarray(out.top_ids)[ask], order[ask])
+    np.testing.assert_allclose(np.asarray(out.top_logprobs)[ask], np.take_along_axis(log_softmax, order, 1)[ask],
+                               rtol=1e-5, atol=1e-5)
+    # Without a row that asks, the log-softmax and top-k are skipped; the tokens stay the same.
+    plain = [(dataclasses.replace(params, logprobs=None), prompt, output) for params, prompt, output in rows]
+    skipped = jit_sample(logits, metadata_for(plain, seeds=list(range(8))))
+    np.testing.assert_array_equal(np.asarray(skipped.token_ids), tokens)
+    assert not np.any(np.asarray(skipped.top_logprobs)) and not np.any(np.asarray(skipped.logprobs))
+    # A row that asks for the sampled token's logprob alone (logprobs=0) still gets it.
+    only_chosen = [(dataclasses.replace(params, logprobs=0 if r == 1 else None), prompt, output)
+                   for r, (params, prompt, output) in enumerate(rows)]
+    out = jit_sample(logits, metadata_for(only_chosen, seeds=list(range(8))))
+    np.testing.assert_allclose(float(out.logprobs[1]), log_softmax[1, tokens[1]], rtol=1e-5, atol=1e-5)
 
 
 def chi_square_p_value(counts, probs):
@@ -219,20 +233,24 @@ def test_draws_follow_the_probabilities(params, spread):
 
 
 def test_same_seed_and_position_give_same_token_in_any_batch():
+    """Alone in its bucket, among greedy rows (the only row that draws), or among random rows."""
     rng = np.random.default_rng(7)
     request = (SamplingParams(temperature=1.0, top_p=0.9), [4, 5], [6])
-    request_logits = random_logits(rng, 1)
+    request_logits = rng.standard_normal((1, VOCAB)).astype(np.float32)  # flat: the draw is rarely the argmax
     tokens = []
-    for num_rows, row in ((4, 0), (4, 3), (16, 9)):
+    for num_rows, row, padding, greedy_others in ((1, 0, 0, False), (4, 2, 0, True), (4, 0, 2, False),
+                                                  (4, 3, 2, False), (16, 9, 2, False)):
         others = random_rows(rng, num_rows)
+        if greedy_others:
+            others = [(dataclasses.replace(params, temperature=0.0), prompt, output) for params, prompt, output in others]
         rows = others[:row] + [request] + others[row + 1:]
         seeds = list(rng.integers(0, 2**63, num_rows))
         seeds[row] = 1234567890123
-        logits = random_logits(rng, num_rows + 2)  # two padding rows in the bucket
+        logits = random_logits(rng, num_rows + padding)  # padding rows of the bucket are greedy
         logits[row] = request_logits[0]
-        out = jit_sample(logits, metadata_for(rows, seeds=seeds, num_seqs_bucket=num_rows + 2))
+        out = jit_sample(logits, metadata_for(rows, seeds=seeds, num_seqs_bucket=num_rows + padding))
         tokens.append(int(np.asarray(out.token_ids)[row]))
-    assert len(set(tokens)) == 1
+    assert len(set(tokens)) == 1 and tokens[0] != int(np.argmax(request_logits)), tokens
 
 
 def test_seed_children_and_positions_are_separate_streams():

@@ -48,8 +48,9 @@ from jaxinfer.tokenizer import Tokenizer
 from pallas_kernels import cpu_ffi, cpu_int8_dot
 
 # 6: the step takes StepInputs.num_steps and returns its outputs with a leading step axis
-# (multi-step decode).
-FORMAT_VERSION = 6
+# (multi-step decode). 7: the sampling metadata carries num_logprobs (logprobs computed only when
+# some row asks).
+FORMAT_VERSION = 7
 
 
 def environment() -> dict:

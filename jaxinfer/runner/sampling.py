@@ -300,10 +300,8 @@ def _logprobs(logits: jax.Array, token_ids: jax.Array) -> tuple[jax.Array, jax.A
 
 
 def _no_logprobs(logits: jax.Array, token_ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`_logprobs`' shapes, as zeros."""
-    num_rows, top = token_ids.shape[0], min(MAX_LOGPROBS, logits.shape[1])
-    return (jnp.zeros(num_rows, jnp.float32), jnp.zeros((num_rows, top), jnp.int32),
-            jnp.zeros((num_rows, top), jnp.float32))
+    """Zeros of `_logprobs`' shapes and dtypes (taken from it, so the branches cannot disagree)."""
+    return jax.tree.map(lambda shape: jnp.zeros(shape.shape, shape.dtype), jax.eval_shape(_logprobs, logits, token_ids))
 
 
 def _first_argmax(values: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -69,6 +69,8 @@ class Isa:
 
 # The build every x86-64 CPU of the last decade takes (Haswell, Zen 1 and later).
 AVX2 = Isa(("-mavx2", "-mfma", "-mf16c"), frozenset({"avx2", "fma", "f16c"}))
+# AVX2 with 16-lane registers (Skylake-SP, Zen 4 and later), for kernels whose loops are wider there.
+AVX512 = Isa(AVX2.compile_flags + ("-mavx512f",), AVX2.cpu_flags | {"avx512f"})
 
 
 class CpuKernel:

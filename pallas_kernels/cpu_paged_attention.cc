@@ -46,6 +46,10 @@
 // V[p, d] * S[p, :]. Every K/V row an item reads is converted once and used by all R rows, which is
 // what XLA's version (gathers of 128-position chunks, an online softmax whose state it copies every
 // step) does not manage at these sizes: SmolLM2's 128-token prefill spent 32 ms of 110 in attention.
+// Built with AVX-512 (cpu_paged_attention.py picks the build for the CPU), outer_block takes 8 rows
+// of A against one 16-lane register: on the Xeon VM a first chunk of 128 / 256 / 512 tokens (SmolLM2's
+// heads, bf16 pool) took 0.34 / 0.90 / 2.38 ms against the AVX2 build's 0.48 / 1.15 / 3.28
+// (benchmarks/bench_paged_attention.py, one run each, 2026-12-05); at 1024 both took about 13 ms.
 //
 // Only positions below seq_len are read, so whatever unused slots hold (NaN included) never
 // reaches the result; a block id outside the pool, a context longer than the block table or a chunk
@@ -86,8 +90,13 @@ constexpr int64_t kDecodePrefetch = 32;
 // K/V positions converted to float at a time (64 positions x D floats stay in L1).
 constexpr int64_t kTileTokens = 16;
 constexpr int64_t kChunkPositions = 64;
-// outer_block's shape: kBlockRows of A (positions or features) x 2 registers of rows.
+// outer_block's shape: kBlockRows of A (positions or features) x kBlockLanes rows (two AVX2
+// registers, or one AVX-512 register beside twice the rows of A).
+#if defined(__AVX512F__)
+constexpr int64_t kBlockRows = 8;
+#else
 constexpr int64_t kBlockRows = 4;
+#endif
 constexpr int64_t kBlockLanes = 2 * kLanes;
 
 // n rounded up to whole outer_block row blocks.
@@ -382,9 +391,35 @@ void merge_parts(int64_t parts, int64_t heads, int64_t d, const float* part_out,
 }
 
 // out[i * out_stride + 0..15] (+)= sum over k < n of a[i * a_i + k * a_k] * b[k * b_k + 0..15], for
-// i < kBlockRows: the register-blocked outer product both prefill products are made of (per k, two
-// loads of b and four broadcasts of a feed eight FMAs). The accumulators are named variables: as an
-// array GCC stored them to the stack on every iteration (3x slower).
+// i < kBlockRows: the register-blocked outer product both prefill products are made of. Per k, the
+// AVX2 build's two loads of b and four broadcasts of a feed eight FMAs; the AVX-512 build's one load
+// of b and eight broadcasts feed eight FMAs of twice the width. The accumulators are named
+// variables: as an array GCC stored them to the stack on every iteration (3x slower).
+#if defined(__AVX512F__)
+template <bool kAccumulate>
+inline void outer_block(const float* a, int64_t a_i, int64_t a_k, const float* b, int64_t b_k, int64_t n, float* out,
+                        int64_t out_stride) {
+  static_assert(kBlockRows == 8 && kBlockLanes == 16, "outer_block is written out for 8 x 16");
+  __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+  if (kAccumulate) {
+    c0 = _mm512_loadu_ps(out), c1 = _mm512_loadu_ps(out + out_stride), c2 = _mm512_loadu_ps(out + 2 * out_stride);
+    c3 = _mm512_loadu_ps(out + 3 * out_stride), c4 = _mm512_loadu_ps(out + 4 * out_stride);
+    c5 = _mm512_loadu_ps(out + 5 * out_stride), c6 = _mm512_loadu_ps(out + 6 * out_stride);
+    c7 = _mm512_loadu_ps(out + 7 * out_stride);
+  }
+  for (int64_t k = 0; k < n; ++k, a += a_k, b += b_k) {
+    const __m512 row = _mm512_loadu_ps(b);
+    c0 = _mm512_fmadd_ps(_mm512_set1_ps(a[0]), row, c0), c1 = _mm512_fmadd_ps(_mm512_set1_ps(a[a_i]), row, c1);
+    c2 = _mm512_fmadd_ps(_mm512_set1_ps(a[2 * a_i]), row, c2), c3 = _mm512_fmadd_ps(_mm512_set1_ps(a[3 * a_i]), row, c3);
+    c4 = _mm512_fmadd_ps(_mm512_set1_ps(a[4 * a_i]), row, c4), c5 = _mm512_fmadd_ps(_mm512_set1_ps(a[5 * a_i]), row, c5);
+    c6 = _mm512_fmadd_ps(_mm512_set1_ps(a[6 * a_i]), row, c6), c7 = _mm512_fmadd_ps(_mm512_set1_ps(a[7 * a_i]), row, c7);
+  }
+  _mm512_storeu_ps(out, c0), _mm512_storeu_ps(out + out_stride, c1), _mm512_storeu_ps(out + 2 * out_stride, c2);
+  _mm512_storeu_ps(out + 3 * out_stride, c3), _mm512_storeu_ps(out + 4 * out_stride, c4);
+  _mm512_storeu_ps(out + 5 * out_stride, c5), _mm512_storeu_ps(out + 6 * out_stride, c6);
+  _mm512_storeu_ps(out + 7 * out_stride, c7);
+}
+#else
 template <bool kAccumulate>
 inline void outer_block(const float* a, int64_t a_i, int64_t a_k, const float* b, int64_t b_k, int64_t n, float* out,
                         int64_t out_stride) {
@@ -409,6 +444,7 @@ inline void outer_block(const float* a, int64_t a_i, int64_t a_k, const float* b
   _mm256_storeu_ps(o1 + kLanes, c11), _mm256_storeu_ps(o2, c20), _mm256_storeu_ps(o2 + kLanes, c21);
   _mm256_storeu_ps(o3, c30), _mm256_storeu_ps(o3 + kLanes, c31);
 }
+#endif
 
 // Positions [c0, c0 + n) of kv head h as float rows [n rounded up to kBlockRows, D] in `rows` (the
 // rounding's rows zero).
@@ -487,7 +523,7 @@ void prefill(const Problem& p, const T* k, const T* v, const PrefillTile& tile, 
   for (int64_t c0 = 0; c0 < kv_len; c0 += kChunkPositions) {
     const int64_t n = std::min(kChunkPositions, kv_len - c0);
     convert_positions(p, v, p.v_scale, table, h, c0, n, scratch.kv_rows.data());
-        for (int64_t f = 0; f < d; f += kBlockRows)
+    for (int64_t f = 0; f < d; f += kBlockRows)
       for (int64_t r = 0; r < rows; r += kBlockLanes)
         outer_block<true>(scratch.kv_rows.data() + f, 1, d, logits + c0 * rows + r, rows, whole_blocks(n),
                           scratch.out_t.data() + f * rows + r, rows);

@@ -8,7 +8,8 @@
     serves(cache) -> bool   whether the kernel runs here for this pool (`available()` and a head_dim
                             that is a multiple of 8)
     available() -> bool     x86-64 with AVX2 and FMA, a C++ compiler, the CPU backend; builds and
-                            registers the kernel on first use (`pallas_kernels.cpu_ffi`)
+                            registers the kernel on first use (`pallas_kernels.cpu_ffi`; its AVX-512
+                            build where the CPU has it)
 
 Why a kernel: XLA's path (`ragged_paged_attention_xla`) gathers whole 128-position chunks, runs a
 loop with a dynamic trip count and merges partial softmaxes: about 100 us per layer for decodes at
@@ -31,10 +32,10 @@ import numpy as np
 
 from jaxinfer.cache.attention_metadata import AttentionMetadata
 from jaxinfer.cache.kv_pool import LayerKVCache
-from pallas_kernels.cpu_ffi import AVX2, CpuKernel
+from pallas_kernels.cpu_ffi import AVX2, AVX512, CpuKernel
 
 TARGET = "jaxinfer_paged_attention"
-KERNEL = CpuKernel("CPU paged attention kernel", (TARGET,), Path(__file__).with_suffix(".cc"), (AVX2,))
+KERNEL = CpuKernel("CPU paged attention kernel", (TARGET,), Path(__file__).with_suffix(".cc"), (AVX512, AVX2))
 available = KERNEL.available
 # The kernel's AVX2 loops take head_dim in whole 8-float registers.
 HEAD_DIM_MULTIPLE = 8

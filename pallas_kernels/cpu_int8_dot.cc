@@ -168,13 +168,17 @@ std::vector<int8_t> pack_x_tiles(const int8_t* x, int64_t m, int64_t k) {
 void amx_item(const Problem& p, int64_t item) {
   const int64_t n0 = item * kBlocksPerItem * kBlockCols;
   const int8_t* x_group = p.x_tiles;
+  int64_t loaded_rows = 0;  // ldtilecfg waits for the tile operations in flight: only when rows change
   for (int64_t g = 0; g < p.m; g += kAmxRows) {
     const int64_t rows = std::min(kAmxRows, p.m - g);
-    TileConfig config;
-    for (int t = 0; t < 4; ++t) config.rows[t] = 16, config.colsb[t] = 4 * rows;  // C: 16 outputs x rows
-    config.rows[4] = kAmxK / 4, config.colsb[4] = 4 * rows;                        // B: activations
-    for (int t = 5; t < 8; ++t) config.rows[t] = 16, config.colsb[t] = kAmxK;      // A: weights
-    _tile_loadconfig(&config);
+    if (rows != loaded_rows) {
+      TileConfig config;
+      for (int t = 0; t < 4; ++t) config.rows[t] = 16, config.colsb[t] = 4 * rows;  // C: 16 outputs x rows
+      config.rows[4] = kAmxK / 4, config.colsb[4] = 4 * rows;                        // B: activations
+      for (int t = 5; t < 8; ++t) config.rows[t] = 16, config.colsb[t] = kAmxK;      // A: weights
+      _tile_loadconfig(&config);
+      loaded_rows = rows;
+    }
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);

@@ -51,6 +51,18 @@
 // heads, bf16 pool) took 0.34 / 0.90 / 2.38 ms against the AVX2 build's 0.48 / 1.15 / 3.28
 // (benchmarks/bench_paged_attention.py, one run each, 2026-12-05); at 1024 both took about 13 ms.
 //
+// On CPUs with AMX-BF16, prefill tiles over a bfloat16 pool (block_size % 16 == 0, D % 32 == 0) take
+// both products on AMX tiles instead (`amx_logits`, `amx_values`), the softmax between them as above:
+// S^T [16 positions, 16 rows] tiles from K rows read in place from the pool (16 positions of a block
+// are rows at a fixed stride) times Q^T held as bfloat16 (f, f + 1) pairs; then P, the softmax's
+// weights transposed to [R, positions] and rounded to bfloat16, times V as (position, position + 1)
+// pairs, into O [R, D]. Rounding q and P to bfloat16 costs float32's precision (the results agree
+// with float32 attention to about 2^-8 of their scale; K and V are bfloat16 already, and q of a
+// bfloat16 model too). On the Xeon VM a first chunk of 128 / 256 / 512 / 1024 / 2048 tokens took
+// 0.35-0.41 / 0.71-0.86 / 2.0-2.2 / 6.4-6.7 / 21.8-24.5 ms against the FMA loop's 0.49-0.50 /
+// 1.17-1.51 / 3.4-3.6 / 11.1-12.1 / 33.2-38.5 (two alternating pairs, 2026-12-05): what is left is
+// mostly the softmax's passes and the transposes, not the products.
+//
 // Only positions below seq_len are read, so whatever unused slots hold (NaN included) never
 // reaches the result; a block id outside the pool, a context longer than the block table or a chunk
 // longer than its context is refused with an error rather than read.
@@ -65,6 +77,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_amx.h"
 #include "cpu_thread_pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -462,31 +475,174 @@ void convert_positions(const Problem& p, const T* pool, const float* scales, con
 
 struct PrefillScratch {
   std::vector<float> q_t, logits, kv_rows, out_t, last_visible, peak, sum;
+  std::vector<uint16_t> q_tiles, p_rows, v_tiles;  // the AMX path's bfloat16 operands
 };
+
+#if defined(__AVX512F__)
+// ---- AMX (bfloat16 pools; see the top of this file).
+constexpr int64_t kAmxTile = 16;       // positions, rows or features per tile side
+constexpr int64_t kAmxPairs = 32;      // bfloat16 values along K per tile step (16 pairs)
+constexpr int64_t kTileElems = 512;    // bfloat16 values in one 1 KB tile
+
+bool amx_serves(const Problem& p) {
+  return p.block_size % kAmxTile == 0 && p.head_dim % kAmxPairs == 0 && __builtin_cpu_supports("amx-bf16") &&
+         jaxinfer::tile_state_granted();
+}
+
+uint16_t to_bf16(float x) {  // round to nearest even (finite x)
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+// dst[c * dst_stride + i] = src[i * src_stride + c] rounded to bfloat16 (to nearest even), for an 8 x 8
+// block of floats: an AVX2 transpose in three rounds of shuffles, then one rounding and pack per row.
+inline void transpose_to_bf16(const float* src, int64_t src_stride, uint16_t* dst, int64_t dst_stride) {
+  __m256 a[kLanes], b[kLanes];
+  for (int i = 0; i < kLanes; ++i) a[i] = _mm256_loadu_ps(src + i * src_stride);
+  for (int i = 0; i < kLanes; i += 2) b[i] = _mm256_unpacklo_ps(a[i], a[i + 1]), b[i + 1] = _mm256_unpackhi_ps(a[i], a[i + 1]);
+  for (int i = 0; i < kLanes; i += 4)
+    for (int j = 0; j < 2; ++j)
+      a[i + 2 * j] = _mm256_shuffle_ps(b[i + j], b[i + j + 2], 0x44), a[i + 2 * j + 1] = _mm256_shuffle_ps(b[i + j], b[i + j + 2], 0xEE);
+  for (int i = 0; i < 4; ++i) {
+    b[i] = _mm256_permute2f128_ps(a[i], a[i + 4], 0x20);
+    b[i + 4] = _mm256_permute2f128_ps(a[i], a[i + 4], 0x31);
+  }
+  for (int c = 0; c < kLanes; ++c) {
+    const __m256i bits = _mm256_castps_si256(b[c]);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c * dst_stride),
+                     _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1)));
+  }
+}
+
+// Every tile here is 16 rows of 64 bytes: C (tile 0) 16 x 16 float32, A (1) and B (2) 16 x 32 bfloat16.
+void load_tile_config() {
+  jaxinfer::TileConfig config;
+  for (int t = 0; t < 3; ++t) config.rows[t] = kAmxTile, config.colsb[t] = 64;
+  _tile_loadconfig(&config);
+}
+
+// logits [padded_len, rows] = K Q^T for positions below kv_len rounded up to 16 (the rest zero): per
+// 16 positions (one run of rows inside a block, read in place as the A tile) and 16 rows, the sum
+// over head_dim steps of 32 of K tile x Q^T tile, Q^T held as B tiles of (f, f + 1) pairs.
+void amx_logits(const Problem& p, const uint16_t* k, const PrefillTile& tile, int64_t h, int64_t rows,
+                int64_t padded_len, PrefillScratch& scratch) {
+  const int64_t d = p.head_dim, group = p.num_heads / p.num_kv_heads, row_blocks = rows / kAmxTile;
+  const int64_t kv_len = tile.kv_len(), computed = (kv_len + kAmxTile - 1) / kAmxTile * kAmxTile;
+  const int32_t* table = p.block_tables + tile.seq * p.table_width;
+  // B tile (s, b): element (j, r, e) = Q[row b * 16 + r][feature s * 32 + 2 j + e].
+  scratch.q_tiles.assign(d / kAmxPairs * row_blocks * kTileElems, 0);
+  for (int64_t r = 0; r < tile.count * group; ++r) {
+    const float* q = p.q + ((tile.start + r / group) * p.num_heads + h * group + r % group) * d;
+    for (int64_t s = 0; s < d / kAmxPairs; ++s) {
+      uint16_t* column = scratch.q_tiles.data() + (s * row_blocks + r / kAmxTile) * kTileElems + r % kAmxTile * 2;
+      for (int64_t f = 0; f < kAmxPairs; ++f) column[f / 2 * 32 + f % 2] = to_bf16(q[s * kAmxPairs + f]);
+    }
+  }
+  float* logits = scratch.logits.data();
+  const int64_t k_stride = p.num_kv_heads * d * static_cast<int64_t>(sizeof(uint16_t));
+  for (int64_t pos0 = 0; pos0 < kv_len; pos0 += kAmxTile) {
+    // The 16 rows lie in one block (block_size % 16 == 0); those past kv_len are read but masked.
+    const uint16_t* keys = k + (pool_slot(p, table, pos0) * p.num_kv_heads + h) * d;
+    for (int64_t b = 0; b < row_blocks; ++b) {
+      _tile_zero(0);
+      for (int64_t s = 0; s < d / kAmxPairs; ++s) {
+        _tile_loadd(1, keys + s * kAmxPairs, k_stride);
+        _tile_loadd(2, scratch.q_tiles.data() + (s * row_blocks + b) * kTileElems, 64);
+        _tile_dpbf16ps(0, 1, 2);
+      }
+      _tile_stored(0, logits + pos0 * rows + b * kAmxTile, rows * static_cast<int64_t>(sizeof(float)));
+    }
+  }
+  std::fill(logits + computed * rows, logits + padded_len * rows, 0.0f);
+}
+
+// o [rows, D] = P V, P the softmax's unnormalized weights in logits [padded_len, rows] (zero past
+// kv_len): P as A tiles of 32 positions (transposed to [rows, padded_len] bfloat16), V as B tiles of
+// (position, position + 1) pairs by 16 features (zero past kv_len, whatever the pool holds there).
+void amx_values(const Problem& p, const uint16_t* v, const PrefillTile& tile, int64_t h, int64_t rows,
+                int64_t padded_len, PrefillScratch& scratch, float* o) {
+  const int64_t d = p.head_dim, kv_len = tile.kv_len(), chunks = padded_len / kAmxPairs;
+  const int32_t* table = p.block_tables + tile.seq * p.table_width;
+  const float* logits = scratch.logits.data();
+  scratch.p_rows.resize(rows * padded_len);
+  for (int64_t pos = 0; pos < padded_len; pos += kLanes)
+    for (int64_t r = 0; r < rows; r += kLanes)
+      transpose_to_bf16(logits + pos * rows + r, rows, scratch.p_rows.data() + r * padded_len + pos, padded_len);
+  // B tile (c, fb): row j holds (V[c * 32 + 2 j][fb * 16 + f], V[c * 32 + 2 j + 1][fb * 16 + f]) per f.
+  scratch.v_tiles.resize(chunks * (d / kAmxTile) * kTileElems);
+  alignas(64) static const uint16_t kZeros[kAmxTile] = {};
+  for (int64_t pair = 0; pair < padded_len / 2; ++pair) {
+    const uint16_t* rows_of_pair[2];
+    for (int e = 0; e < 2; ++e) {
+      const int64_t pos = 2 * pair + e;
+      rows_of_pair[e] = pos < kv_len ? v + (pool_slot(p, table, pos) * p.num_kv_heads + h) * d : nullptr;
+    }
+    for (int64_t fb = 0; fb < d / kAmxTile; ++fb) {
+      const uint16_t* even = rows_of_pair[0] ? rows_of_pair[0] + fb * kAmxTile : kZeros;
+      const uint16_t* odd = rows_of_pair[1] ? rows_of_pair[1] + fb * kAmxTile : kZeros;
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even)));
+      const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(odd)));
+      uint16_t* dst = scratch.v_tiles.data() + ((pair / kAmxTile * (d / kAmxTile) + fb) * kAmxTile + pair % kAmxTile) * 32;
+      _mm512_storeu_si512(dst, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+  for (int64_t b = 0; b < rows / kAmxTile; ++b)
+    for (int64_t fb = 0; fb < d / kAmxTile; ++fb) {
+      _tile_zero(0);
+      for (int64_t c = 0; c < chunks; ++c) {
+        _tile_loadd(1, scratch.p_rows.data() + b * kAmxTile * padded_len + c * kAmxPairs,
+                    padded_len * static_cast<int64_t>(sizeof(uint16_t)));
+        _tile_loadd(2, scratch.v_tiles.data() + (c * (d / kAmxTile) + fb) * kTileElems, 64);
+        _tile_dpbf16ps(0, 1, 2);
+      }
+      _tile_stored(0, o + b * kAmxTile * d + fb * kAmxTile, d * static_cast<int64_t>(sizeof(float)));
+    }
+}
+#endif  // __AVX512F__
 
 // One prefill tile against kv head h (see the top of this file). Row r of the item is query head
 // h * group + r % group of token start + r / group.
 template <typename T>
 void prefill(const Problem& p, const T* k, const T* v, const PrefillTile& tile, int64_t h, PrefillScratch& scratch) {
   const int64_t d = p.head_dim, group = p.num_heads / p.num_kv_heads, rows = kTileTokens * group;
-  const int64_t kv_len = tile.kv_len(), padded_len = whole_blocks(kv_len);
+  const int64_t kv_len = tile.kv_len();
   const int32_t* table = p.block_tables + tile.seq * p.table_width;
-  scratch.q_t.assign(d * rows, 0.0f);
-  for (int64_t i = 0; i < tile.count; ++i)
-    for (int64_t j = 0; j < group; ++j) {
-      const float* q = p.q + ((tile.start + i) * p.num_heads + h * group + j) * d;
-      for (int64_t f = 0; f < d; ++f) scratch.q_t[f * rows + i * group + j] = q[f];
-    }
+#if defined(__AVX512F__)
+  // The AMX path's P tiles take 32 positions at a time.
+  const bool amx = std::is_same_v<T, uint16_t> && amx_serves(p);
+  const int64_t padded_len = amx ? (kv_len + kAmxPairs - 1) / kAmxPairs * kAmxPairs : whole_blocks(kv_len);
+#else
+  const bool amx = false;
+  const int64_t padded_len = whole_blocks(kv_len);
+#endif
   scratch.logits.resize(padded_len * rows);
-  scratch.kv_rows.resize((kChunkPositions + kBlockRows) * d);
   float* logits = scratch.logits.data();
-  for (int64_t c0 = 0; c0 < kv_len; c0 += kChunkPositions) {
-    const int64_t n = std::min(kChunkPositions, kv_len - c0);
-    convert_positions(p, k, p.k_scale, table, h, c0, n, scratch.kv_rows.data());
-    for (int64_t pos = 0; pos < n; pos += kBlockRows)
-      for (int64_t r = 0; r < rows; r += kBlockLanes)
-        outer_block<false>(scratch.kv_rows.data() + pos * d, d, 1, scratch.q_t.data() + r, rows, d,
-                           logits + (c0 + pos) * rows + r, rows);
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, uint16_t>)
+    if (amx) {
+      load_tile_config();
+      amx_logits(p, k, tile, h, rows, padded_len, scratch);
+    }
+#endif
+  if (!amx) {
+    scratch.q_t.assign(d * rows, 0.0f);
+    for (int64_t i = 0; i < tile.count; ++i)
+      for (int64_t j = 0; j < group; ++j) {
+        const float* q = p.q + ((tile.start + i) * p.num_heads + h * group + j) * d;
+        for (int64_t f = 0; f < d; ++f) scratch.q_t[f * rows + i * group + j] = q[f];
+      }
+    scratch.kv_rows.resize((kChunkPositions + kBlockRows) * d);
+    for (int64_t c0 = 0; c0 < kv_len; c0 += kChunkPositions) {
+      const int64_t n = std::min(kChunkPositions, kv_len - c0);
+      convert_positions(p, k, p.k_scale, table, h, c0, n, scratch.kv_rows.data());
+      for (int64_t pos = 0; pos < n; pos += kBlockRows)
+        for (int64_t r = 0; r < rows; r += kBlockLanes)
+          outer_block<false>(scratch.kv_rows.data() + pos * d, d, 1, scratch.q_t.data() + r, rows, d,
+                             logits + (c0 + pos) * rows + r, rows);
+    }
   }
   if (p.soft_cap > 0)
     for (int64_t i = 0; i < kv_len * rows; ++i) logits[i] = p.soft_cap * std::tanh(logits[i] / p.soft_cap);
@@ -519,20 +675,31 @@ void prefill(const Problem& p, const T* k, const T* v, const PrefillTile& tile, 
       _mm256_storeu_ps(sum + vec * kLanes, _mm256_add_ps(_mm256_loadu_ps(sum + vec * kLanes), e));
     }
 
+  // The weighted sum of V rows: O^T [D, R] (FMA path) or O [R, D] (AMX), as strides of row and feature.
   scratch.out_t.assign(d * rows, 0.0f);
-  for (int64_t c0 = 0; c0 < kv_len; c0 += kChunkPositions) {
-    const int64_t n = std::min(kChunkPositions, kv_len - c0);
-    convert_positions(p, v, p.v_scale, table, h, c0, n, scratch.kv_rows.data());
-    for (int64_t f = 0; f < d; f += kBlockRows)
-      for (int64_t r = 0; r < rows; r += kBlockLanes)
-        outer_block<true>(scratch.kv_rows.data() + f, 1, d, logits + c0 * rows + r, rows, whole_blocks(n),
-                          scratch.out_t.data() + f * rows + r, rows);
-  }
+  int64_t row_stride = 1, feature_stride = rows;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, uint16_t>)
+    if (amx) {
+      amx_values(p, v, tile, h, rows, padded_len, scratch, scratch.out_t.data());
+      _tile_release();
+      row_stride = d, feature_stride = 1;
+    }
+#endif
+  if (!amx)
+    for (int64_t c0 = 0; c0 < kv_len; c0 += kChunkPositions) {
+      const int64_t n = std::min(kChunkPositions, kv_len - c0);
+      convert_positions(p, v, p.v_scale, table, h, c0, n, scratch.kv_rows.data());
+      for (int64_t f = 0; f < d; f += kBlockRows)
+        for (int64_t r = 0; r < rows; r += kBlockLanes)
+          outer_block<true>(scratch.kv_rows.data() + f, 1, d, logits + c0 * rows + r, rows, whole_blocks(n),
+                            scratch.out_t.data() + f * rows + r, rows);
+    }
   for (int64_t i = 0; i < tile.count; ++i)
     for (int64_t j = 0; j < group; ++j) {
       const int64_t r = i * group + j;
       float* out = p.out + ((tile.start + i) * p.num_heads + h * group + j) * d;
-      for (int64_t f = 0; f < d; ++f) out[f] = scratch.out_t[f * rows + r] / sum[r];
+      for (int64_t f = 0; f < d; ++f) out[f] = scratch.out_t[r * row_stride + f * feature_stride] / sum[r];
     }
 }
 

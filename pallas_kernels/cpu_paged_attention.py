@@ -32,18 +32,34 @@ import numpy as np
 
 from jaxinfer.cache.attention_metadata import AttentionMetadata
 from jaxinfer.cache.kv_pool import LayerKVCache
-from pallas_kernels.cpu_ffi import AVX2, AVX512, CpuKernel
+from pallas_kernels.cpu_ffi import AVX2, AVX512, CpuKernel, Isa, cpu_flags
 
 TARGET = "jaxinfer_paged_attention"
-KERNEL = CpuKernel("CPU paged attention kernel", (TARGET,), Path(__file__).with_suffix(".cc"), (AVX512, AVX2))
+# The AVX-512 build also holds the AMX-BF16 prefill loop, which it runs where the CPU has AMX.
+KERNEL = CpuKernel("CPU paged attention kernel", (TARGET,), Path(__file__).with_suffix(".cc"),
+                   (Isa(AVX512.compile_flags + ("-mamx-tile", "-mamx-bf16"), AVX512.cpu_flags), AVX2))
 available = KERNEL.available
 # The kernel's AVX2 loops take head_dim in whole 8-float registers.
 HEAD_DIM_MULTIPLE = 8
+# Prefill chunks over a bfloat16 pool multiply on AMX tiles where the CPU has AMX-BF16, with q and the
+# softmax weights rounded to bfloat16 (the .cc), so they agree with float32 attention to bfloat16's
+# precision (2^-8 of the output's scale; K and V are bfloat16 already). Elsewhere the kernel sums
+# float32 products of float32 values.
+AMX_PREFILL_TOLERANCE = 2.0 ** -7
 
 
 def serves(cache: LayerKVCache) -> bool:
     """Whether `paged_attention` can run for this pool here."""
     return cache.head_dim % HEAD_DIM_MULTIPLE == 0 and available()
+
+
+def amx_prefill_tolerance(cache: LayerKVCache) -> float | None:
+    """AMX_PREFILL_TOLERANCE where this pool's prefill chunks run on AMX here (a bfloat16 pool,
+    block_size % 16 == 0, head_dim % 32 == 0, a CPU with AMX-BF16 that takes the AVX-512 build), else
+    None: the error, relative to the output's largest magnitude, that the kernel's results may carry."""
+    amx = (available() and KERNEL.isa() is not AVX2 and "amx_bf16" in cpu_flags() and cache.k.dtype == jnp.bfloat16
+           and cache.block_size % 16 == 0 and cache.head_dim % 32 == 0)
+    return AMX_PREFILL_TOLERANCE if amx else None
 
 
 def paged_attention(scaled_q: jax.Array, cache: LayerKVCache, metadata: AttentionMetadata,

@@ -311,6 +311,20 @@ def test_cpu_kernel_prefill_tiles_match_the_reference(kv_dtype):
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("block_size,num_q_heads,num_kv_heads,head_dim", [(16, 9, 3, 64), (32, 8, 2, 128), (48, 4, 4, 32),
+                                                                          (8, 6, 2, 64)])
+def test_cpu_kernel_prefill_over_bfloat16_pools_matches_the_reference(block_size, num_q_heads, num_kv_heads, head_dim):
+    """bfloat16 pools, where CPUs with AMX-BF16 run prefill tiles on AMX (16 positions of a block read as
+    one tile, 32-position chunks of softmax weights): blocks of 16-48 positions (8 keeps the FMA loop),
+    4-16 query rows per token, head dims of one to four 32-feature steps, chunks that end mid-tile and
+    mid-block after prefixes, beside decodes."""
+    chunks = [(16, 16), (33, 33), (70, 301), (2, 95), (1, 130), (129, 129)]
+    batch = make_batch(block_size + head_dim, chunks, block_size=block_size, num_q_heads=num_q_heads,
+                       num_kv_heads=num_kv_heads, head_dim=head_dim, kv_dtype="bfloat16")
+    kernel_against_reference(batch)
+
+
+@needs_cpu_kernel
 def test_cpu_kernel_refuses_block_ids_outside_the_pool_and_chunks_longer_than_their_context():
     batch = make_batch(6, [(1, 20)], block_size=8, num_q_heads=2, num_kv_heads=1)
     tables = batch.metadata.block_tables.at[0, 1].set(batch.cache.num_blocks)

@@ -400,12 +400,8 @@ void pack_rectangle(const AmxProblem& p, int64_t k0, int64_t k1, int64_t n0, int
         _mm_prefetch(reinterpret_cast<const char*>(odd + 2 * kPrefetchPairs * p.n + c), _MM_HINT_T0);
       }
     uint16_t* row = panels + (pair / 16) * 2 * kTileElems + (pair % 16) * 32;
-    for (int64_t c = 0; c < cols; c += 16) {
-      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + c)));
-      const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(odd + c)));
-      uint16_t* tile_row = row + (c / kPanelCols) * panel_elems + ((c / 16) % 2) * kTileElems;
-      _mm512_storeu_si512(tile_row, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-    }
+    for (int64_t c = 0; c < cols; c += 16)
+      jaxinfer::store_pairs(even + c, odd + c, row + (c / kPanelCols) * panel_elems + ((c / 16) % 2) * kTileElems);
   }
 }
 

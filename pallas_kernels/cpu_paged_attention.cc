@@ -583,10 +583,8 @@ void amx_values(const Problem& p, const uint16_t* v, const PrefillTile& tile, in
     for (int64_t fb = 0; fb < d / kAmxTile; ++fb) {
       const uint16_t* even = rows_of_pair[0] ? rows_of_pair[0] + fb * kAmxTile : kZeros;
       const uint16_t* odd = rows_of_pair[1] ? rows_of_pair[1] + fb * kAmxTile : kZeros;
-      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even)));
-      const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(odd)));
-      uint16_t* dst = scratch.v_tiles.data() + ((pair / kAmxTile * (d / kAmxTile) + fb) * kAmxTile + pair % kAmxTile) * 32;
-      _mm512_storeu_si512(dst, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      jaxinfer::store_pairs(even, odd, scratch.v_tiles.data() +
+                                           ((pair / kAmxTile * (d / kAmxTile) + fb) * kAmxTile + pair % kAmxTile) * 32);
     }
   }
   for (int64_t b = 0; b < rows / kAmxTile; ++b)
@@ -675,18 +673,20 @@ void prefill(const Problem& p, const T* k, const T* v, const PrefillTile& tile, 
       _mm256_storeu_ps(sum + vec * kLanes, _mm256_add_ps(_mm256_loadu_ps(sum + vec * kLanes), e));
     }
 
-  // The weighted sum of V rows: O^T [D, R] (FMA path) or O [R, D] (AMX), as strides of row and feature.
-  scratch.out_t.assign(d * rows, 0.0f);
+  // The weighted sum of V rows: O^T [D, R] (FMA path, summed into zeros) or O [R, D] (AMX, whose
+  // tiles store every element), as strides of row and feature.
   int64_t row_stride = 1, feature_stride = rows;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, uint16_t>)
     if (amx) {
+      scratch.out_t.resize(d * rows);
       amx_values(p, v, tile, h, rows, padded_len, scratch, scratch.out_t.data());
       _tile_release();
       row_stride = d, feature_stride = 1;
     }
 #endif
-  if (!amx)
+  if (!amx) {
+    scratch.out_t.assign(d * rows, 0.0f);
     for (int64_t c0 = 0; c0 < kv_len; c0 += kChunkPositions) {
       const int64_t n = std::min(kChunkPositions, kv_len - c0);
       convert_positions(p, v, p.v_scale, table, h, c0, n, scratch.kv_rows.data());
@@ -695,6 +695,7 @@ void prefill(const Problem& p, const T* k, const T* v, const PrefillTile& tile, 
           outer_block<true>(scratch.kv_rows.data() + f, 1, d, logits + c0 * rows + r, rows, whole_blocks(n),
                             scratch.out_t.data() + f * rows + r, rows);
     }
+  }
   for (int64_t i = 0; i < tile.count; ++i)
     for (int64_t j = 0; j < group; ++j) {
       const int64_t r = i * group + j;

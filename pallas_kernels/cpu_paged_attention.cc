@@ -13,19 +13,24 @@
 //
 // Query head h reads kv head h / (H / KVH). Two loops, one per kind of chunk, share the work items:
 //
-// Decodes (1-token chunks) make one pass over the sequence's context with an online softmax: chunks
-// of kDecodeChunk positions, from two runs of the context read side by side, have their K and V rows
-// converted to float together; each query head's logits q.k are computed for 8 positions at once
-// (one FMA chain per position, the eight horizontal sums done together), its running sums rescaled
-// when the chunk raises its peak, and the chunk's exponentials times the V rows added into its
-// output, kept in registers across the chunk. Each K and V element is read once, against the XLA
-// path's gathers of whole chunks, loop bookkeeping and partial-softmax merges, which cost ~100 us per
-// layer even at short contexts. Against the two passes before (all logits, softmax, then V; one row
-// at a time, a horizontal sum per logit), bf16 SmolLM2 decode steps on the Zen 2 VM spent, in
-// attention, 17.8-18.1 against 22.0-22.2 ms at batch 8 and 1000 positions (steps 55-56 against
-// 66-68 ms), 22.6-23.4 against 29.6-30.7 at batch 32 and 300 (steps 141 against 152.5-152.8), and at
-// batch 1 and 1000 (with the lone decode's split below) 2.7-3.3 against 4.4-7.2 (steps 15.1-15.9
-// against 18.0-23.6): benchmarks/profile_step.py engines/bf16 --batch B --context N, two runs each.
+// Decodes (1-token chunks) make one pass over the sequence's context with an online softmax, in
+// chunks of kDecodeChunk positions from two runs of the context read side by side. For each kv head,
+// the query heads of its GQA group take the chunk's K rows together (up to 3 or 4 heads a pass, as
+// registers allow): each K value is loaded and converted once per pass, bfloat16 without shuffles
+// (odd and even features apart, q reordered to match), and the logits of 4 positions x the pass's
+// heads are summed in registers and across lanes at once. A head's running sums are rescaled when
+// the chunk raises its peak, and the V rows then add the chunk's exponentials into the pass's sums,
+// again all its heads at once. The next chunk's rows are prefetched one kv head at a time. Each K
+// and V element is read once, against the XLA path's gathers of whole chunks, loop bookkeeping and
+// partial-softmax merges, which cost ~100 us per layer even at short contexts. Against the loop
+// before (rows converted to float into a scratch buffer, then each query head over them on its own,
+// 8 positions' horizontal sums at a time), SmolLM2's bfloat16 decodes on the Xeon VM at 400
+// positions took 1.30-1.50 / 7.9 / 50.9-56.2 ms for 30 layers at batch 1 / 8 / 64 against
+// 1.71-1.74 / 12.0-14.5 / 66.3-70.7 (benchmarks/bench_paged_attention.py --batches 1,8,64
+// --contexts 400 --kv-dtype bfloat16 --layers 30, two alternating runs, 2026-12-05), and in a batch-64
+// engine step at 400 positions 57.8-61.4 against 81.1-84.3 ms (benchmarks/profile_step.py engines/bf16
+// --batch 64 --context 400). The AVX-512 build runs the loop in 16-float registers where D is a
+// multiple of 32, no faster than 8-float ones at D = 64 (the loop is not bound by its FMAs).
 // Decodes are the work items: from kMinPositionsToSplit positions in all, chunks of them are shared
 // with other threads (cpu_thread_pool.h; these measurements predate its own team of threads). In a
 // microbenchmark (benchmarks/bench_paged_attention.py, warm cache) sharing did not pay below 2048
@@ -73,7 +78,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -85,20 +89,19 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 8;  // floats per AVX2 register; the Python side requires D % kLanes == 0
+constexpr int kLanes = 8;  // floats per AVX2 register; the Python side requires D % (2 * kLanes) == 0
 // A call whose decodes read fewer positions than this stays on the calling thread; more are split
 // into about kItemsWhenSplit items shared with other threads (see the top of this file). A
 // prefill tile counts as its tokens x its context positions.
 constexpr int64_t kMinPositionsToSplit = 256;
 constexpr int64_t kItemsWhenSplit = 8;
 constexpr int64_t kLoneDecodeParts = 2;
-// Decodes convert K and V rows to float this many positions at a time (2 x KVH x 32 x D floats, in
-// L1 and L2), taken from kDecodeStreams runs of the context side by side, and prefetch each run
-// kDecodePrefetch positions ahead. On the Zen 2 VM (30 layers' K/V, 1000 positions, batch 8) chunks
-// of 16 were 25% slower, and 4 or 8 streams 5-35% slower than 2.
+// Decodes take this many positions at a time, from kDecodeStreams runs of the context side by side.
+// With the loop before (see the top of this file), on the Zen 2 VM (30 layers' K/V, 1000 positions,
+// batch 8) chunks of 16 were 25% slower, and 4 or 8 streams 5-35% slower than 2; with this one, on
+// the Xeon VM, chunks of 64 and 4 streams were within 7% of these.
 constexpr int64_t kDecodeChunk = 32;
 constexpr int64_t kDecodeStreams = 2;
-constexpr int64_t kDecodePrefetch = 32;
 // Prefill items: query tokens per tile (R = kTileTokens x group rows, whole pairs of registers), and
 // K/V positions converted to float at a time (64 positions x D floats stay in L1).
 constexpr int64_t kTileTokens = 16;
@@ -271,120 +274,290 @@ inline int64_t pool_slot(const Problem& p, const int32_t* table, int64_t pos) {
   return table[pos / p.block_size] * p.block_size + pos % p.block_size;
 }
 
-// Asks for the pool rows of position `pos` (all kv heads: contiguous), if it is in the context. A
-// context's blocks lie anywhere in the pool, so the hardware prefetcher cannot run ahead into the
-// next one; asking kDecodePrefetch positions ahead of the loop keeps rows arriving from memory.
+// Asks for the rows (rows[i] + h) * D of a pool, i < n: one kv head's rows of the next chunk of
+// a decode. A context's blocks lie anywhere in the pool, so the hardware prefetcher cannot run
+// ahead into the next one; asking for each kv head's rows while the current chunk's are in use
+// spreads the requests over the chunk's arithmetic (all the next chunk's rows at once, KVH x 2 x D
+// x 32 values, stalled it: more requests than the core keeps in flight).
 template <typename T>
-void prefetch_position(const Problem& p, const T* pool, const int32_t* table, int64_t pos, int64_t len) {
-  if (pos >= len) return;
-  const char* row = reinterpret_cast<const char*>(pool + pool_slot(p, table, pos) * p.num_kv_heads * p.head_dim);
-  const int64_t bytes = p.num_kv_heads * p.head_dim * static_cast<int64_t>(sizeof(T));
-  for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(row + line, _MM_HINT_T0);
-}
-
-// The sums of each of eight vectors' lanes, as one vector (lane i: v[i]'s sum).
-inline __m256 lane_sums(const __m256 v[8]) {
-  const __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
-  const __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
-  // Lanes 0-3 hold v[0..3]'s (first half's, second half's) partial sums, lanes 4-7 v[4..7]'s.
-  const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
-  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
-}
-
-// logits[i] = q . rows[i] for the kLanes rows [kLanes, d] (one FMA chain per row, lanes summed at once).
-inline void logits_of_rows(const float* q, const float* rows, int64_t d, float* logits) {
-  __m256 acc[kLanes];
-  for (int i = 0; i < kLanes; ++i) acc[i] = _mm256_setzero_ps();
-  for (int64_t f = 0; f < d; f += kLanes) {
-    const __m256 query = _mm256_loadu_ps(q + f);
-    for (int i = 0; i < kLanes; ++i) acc[i] = _mm256_fmadd_ps(query, _mm256_loadu_ps(rows + i * d + f), acc[i]);
-  }
-  _mm256_storeu_ps(logits, lane_sums(acc));
-}
-
-// out[0 .. kVectors * kLanes) += sum over i < n of weights[i] * rows[i * d + ...], the sums in registers.
-template <int kVectors>
-inline void add_weighted_rows(const float* weights, const float* rows, int64_t n, int64_t d, float* out) {
-  __m256 acc[kVectors];
-  for (int u = 0; u < kVectors; ++u) acc[u] = _mm256_loadu_ps(out + u * kLanes);
+void prefetch_rows(const T* pool, const int64_t* rows, int64_t n, int64_t h, int64_t d) {
+  const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
   for (int64_t i = 0; i < n; ++i) {
-    const __m256 weight = _mm256_broadcast_ss(weights + i);
-    for (int u = 0; u < kVectors; ++u)
-      acc[u] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(rows + i * d + u * kLanes), acc[u]);
+    const char* row = reinterpret_cast<const char*>(pool + (rows[i] + h) * d);
+    for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(row + line, _MM_HINT_T0);
   }
-  for (int u = 0; u < kVectors; ++u) _mm256_storeu_ps(out + u * kLanes, acc[u]);
 }
 
-// The K and V rows of positions[0..n) (all kv heads of a position lie together in the pool) as float
-// rows [KVH, kDecodeChunk, D] in `keys` and `values`, prefetching kDecodePrefetch positions past each.
-template <typename T>
-void gather_decode_rows(const Problem& p, const T* k, const T* v, const int32_t* table, const int64_t* positions,
-                        int64_t n, int64_t len, float* keys, float* values) {
-  const int64_t d = p.head_dim;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t first_row = pool_slot(p, table, positions[i]) * p.num_kv_heads;
-    prefetch_position(p, k, table, positions[i] + kDecodePrefetch, len);
-    prefetch_position(p, v, table, positions[i] + kDecodePrefetch, len);
-    for (int64_t h = 0; h < p.num_kv_heads; ++h)
-      for (auto [pool, scales, rows] : {std::tuple{k, p.k_scale, keys}, std::tuple{v, p.v_scale, values}}) {
-        float* dst = rows + (h * kDecodeChunk + i) * d;
-        const float* src = pool_row(pool, scales, first_row + h, d, dst);
-        if (src != dst) std::memcpy(dst, src, d * sizeof(float));
+// The decode loop is written once over a register width: Ymm (8 floats, every build) and, in the
+// AVX-512 build, Zmm (16 floats, where D is a multiple of 32). Each gives its loads, its
+// arithmetic, and how many query heads of a GQA group share one pass over the K/V rows (their
+// accumulators fill the registers: 4 K rows x kHeads heads of logit sums, and 2 parities of
+// positions x kHeads heads x 2 registers of value sums).
+//
+// load_features(row, a, b) takes a group of 2 x kWidth consecutive values of a K/V row (before its
+// scale) into two registers, in the order `arranged_feature` gives: bfloat16 values split into odd
+// and even features (a mask and a shift of one load, no shuffles), the other storage types into
+// their two halves. A decode takes q in that order and puts its sums back in feature order at the end.
+struct Ymm {
+  using Floats = __m256;
+  static constexpr int kWidth = 8, kHeads = 3;
+  static Floats zero() { return _mm256_setzero_ps(); }
+  static Floats load(const float* x) { return _mm256_loadu_ps(x); }
+  static void store(float* x, Floats v) { _mm256_storeu_ps(x, v); }
+  static Floats broadcast(const float* x) { return _mm256_broadcast_ss(x); }
+  static Floats fmadd(Floats a, Floats b, Floats c) { return _mm256_fmadd_ps(a, b, c); }
+  static Floats add(Floats a, Floats b) { return _mm256_add_ps(a, b); }
+  static __m256 halves_added(Floats v) { return v; }
+  static void load_features(const float* row, Floats& a, Floats& b) {
+    a = load(row);
+    b = load(row + kWidth);
+  }
+  static void load_features(const uint16_t* row, Floats& a, Floats& b) {
+    const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+    a = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+    b = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+  }
+  static void load_features(const int8_t* row, Floats& a, Floats& b) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
+    a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+    b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
+  }
+  static void load_features(const uint8_t* row, Floats& a, Floats& b) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
+    a = _mm256_i32gather_ps(kFp8.value, _mm256_cvtepu8_epi32(bytes), 4);
+    b = _mm256_i32gather_ps(kFp8.value, _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)), 4);
+  }
+};
+
+#if defined(__AVX512F__)
+struct Zmm {
+  using Floats = __m512;
+  static constexpr int kWidth = 16, kHeads = 4;
+  static Floats zero() { return _mm512_setzero_ps(); }
+  static Floats load(const float* x) { return _mm512_loadu_ps(x); }
+  static void store(float* x, Floats v) { _mm512_storeu_ps(x, v); }
+  static Floats broadcast(const float* x) { return _mm512_set1_ps(*x); }
+  static Floats fmadd(Floats a, Floats b, Floats c) { return _mm512_fmadd_ps(a, b, c); }
+  static Floats add(Floats a, Floats b) { return _mm512_add_ps(a, b); }
+  static __m256 halves_added(Floats v) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  }
+  static void load_features(const float* row, Floats& a, Floats& b) {
+    a = load(row);
+    b = load(row + kWidth);
+  }
+  static void load_features(const uint16_t* row, Floats& a, Floats& b) {
+    const __m512i pairs = _mm512_loadu_si512(row);
+    a = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+    b = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+  }
+  static void load_features(const int8_t* row, Floats& a, Floats& b) {
+    a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row))));
+    b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + kWidth))));
+  }
+  static void load_features(const uint8_t* row, Floats& a, Floats& b) {
+    const __m128i low = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
+    const __m128i high = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + kWidth));
+    a = _mm512_i32gather_ps(_mm512_cvtepu8_epi32(low), kFp8.value, 4);
+    b = _mm512_i32gather_ps(_mm512_cvtepu8_epi32(high), kFp8.value, 4);
+  }
+};
+#endif
+
+// The feature that slot t (< 2 x kWidth) of a group holds in `load_features`' order.
+template <class L, typename T>
+constexpr int64_t arranged_feature(int64_t t) {
+  if constexpr (std::is_same_v<T, uint16_t>) return t < L::kWidth ? 2 * t + 1 : 2 * (t - L::kWidth);
+  return t;
+}
+
+// The sums of each of four vectors' lanes (lane i: v[i]'s sum).
+template <class L>
+inline __m128 lane_sums(const typename L::Floats v[4]) {
+  const __m256 v0 = L::halves_added(v[0]), v1 = L::halves_added(v[1]);
+  const __m256 v2 = L::halves_added(v[2]), v3 = L::halves_added(v[3]);
+  // After two rounds lanes 0-3 hold v[0..3]'s first halves' sums, lanes 4-7 their second halves'.
+  const __m256 sums = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+  return _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
+}
+
+// logits[g * kDecodeChunk + i] = q_g . rows[i] for kHeads heads (q [kHeads, d] in `load_features`'
+// order) and 4 rows (their storage values, unscaled).
+template <class L, int kHeads, typename T>
+inline void group_logits(const float* q, const T* const rows[4], int64_t d, float* logits) {
+  typename L::Floats acc[kHeads][4];
+  for (int g = 0; g < kHeads; ++g)
+    for (int i = 0; i < 4; ++i) acc[g][i] = L::zero();
+  for (int64_t f = 0; f < d; f += 2 * L::kWidth)
+    for (int i = 0; i < 4; ++i) {
+      typename L::Floats a, b;
+      L::load_features(rows[i] + f, a, b);
+      for (int g = 0; g < kHeads; ++g) {
+        acc[g][i] = L::fmadd(L::load(q + g * d + f), a, acc[g][i]);
+        acc[g][i] = L::fmadd(L::load(q + g * d + f + L::kWidth), b, acc[g][i]);
       }
+    }
+  for (int g = 0; g < kHeads; ++g) _mm_storeu_ps(logits + g * kDecodeChunk, lane_sums<L>(acc[g]));
+}
+
+// out[g * d + f ..] (one group of features from f, `load_features`' order) += the sum over i < n of
+// weights[g * kDecodeChunk + i] * rows[i][f ..], for kHeads heads. Even and odd positions add into
+// separate registers: one chain of dependent FMAs per register would wait on the FMA's latency.
+template <class L, int kHeads, typename T>
+inline void group_values(const float* weights, const T* const* rows, int64_t n, int64_t f, int64_t d, float* out) {
+  using Floats = typename L::Floats;
+  Floats even[kHeads][2], odd[kHeads][2];
+  for (int g = 0; g < kHeads; ++g) {
+    even[g][0] = L::load(out + g * d + f);
+    even[g][1] = L::load(out + g * d + f + L::kWidth);
+    odd[g][0] = odd[g][1] = L::zero();
   }
+  auto add_row = [&](Floats(&acc)[kHeads][2], int64_t i) {
+    Floats a, b;
+    L::load_features(rows[i] + f, a, b);
+    for (int g = 0; g < kHeads; ++g) {
+      const Floats weight = L::broadcast(weights + g * kDecodeChunk + i);
+      acc[g][0] = L::fmadd(weight, a, acc[g][0]);
+      acc[g][1] = L::fmadd(weight, b, acc[g][1]);
+    }
+  };
+  int64_t i = 0;
+  for (; i + 1 < n; i += 2) {
+    add_row(even, i);
+    add_row(odd, i + 1);
+  }
+  if (i < n) add_row(even, i);
+  for (int g = 0; g < kHeads; ++g) {
+    L::store(out + g * d + f, L::add(even[g][0], odd[g][0]));
+    L::store(out + g * d + f + L::kWidth, L::add(even[g][1], odd[g][1]));
+  }
+}
+
+// One pass of `heads` (<= L::kHeads) query heads of a GQA group (q, out [heads, d], `load_features`'
+// order) over the n positions of a chunk: their logits [heads, kDecodeChunk] from the K rows (n
+// rounded up to whole groups of 4, the extra rows repeating a real one), or their value sums from
+// the V rows and the softmax's weights [heads, kDecodeChunk].
+template <class L, typename T, int kHeads = L::kHeads>
+void pass_logits(int64_t heads, const float* q, const T* const* k_rows, int64_t n, int64_t d, float* logits) {
+  if (heads < kHeads) {
+    if constexpr (kHeads > 1) pass_logits<L, T, kHeads - 1>(heads, q, k_rows, n, d, logits);
+    return;
+  }
+  for (int64_t i = 0; i < n; i += 4) group_logits<L, kHeads>(q, k_rows + i, d, logits + i);
+}
+template <class L, typename T, int kHeads = L::kHeads>
+void pass_values(int64_t heads, const float* weights, const T* const* v_rows, int64_t n, int64_t d, float* out) {
+  if (heads < kHeads) {
+    if constexpr (kHeads > 1) pass_values<L, T, kHeads - 1>(heads, weights, v_rows, n, d, out);
+    return;
+  }
+  for (int64_t f = 0; f < d; f += 2 * L::kWidth) group_values<L, kHeads>(weights, v_rows, n, f, d, out);
+}
+
+// The largest of x[0..n), n >= 1.
+float max_of(const float* x, int64_t n) {
+  __m256 peaks = _mm256_set1_ps(x[0]);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) peaks = _mm256_max_ps(peaks, _mm256_loadu_ps(x + i));
+  float lanes[kLanes];
+  _mm256_storeu_ps(lanes, peaks);
+  float peak = *std::max_element(lanes, lanes + kLanes);
+  for (; i < n; ++i) peak = std::max(peak, x[i]);
+  return peak;
 }
 
 struct DecodeScratch {
-  std::vector<float> logits, keys, values;
+  std::vector<float> q, sums;  // [H, D] in `load_features`' order
 };
+
+// decode_positions (below) over registers L.
+template <class L, typename T>
+void decode_positions_with(const Problem& p, const T* k, const T* v, int64_t s, int64_t t, int64_t len, int64_t p0,
+                           int64_t p1, float* out, float* peak, float* total, DecodeScratch& scratch) {
+  const int64_t heads = p.num_heads, kv_heads = p.num_kv_heads, d = p.head_dim, group = heads / kv_heads;
+  constexpr int64_t kGroup = 2 * L::kWidth;
+  scratch.q.resize(heads * d);
+  scratch.sums.assign(heads * d, 0.0f);
+  float *q = scratch.q.data(), *sums = scratch.sums.data();
+  const float* token_q = p.q + t * heads * d;
+  for (int64_t f = 0; f < heads * d; f += kGroup)
+    for (int64_t slot = 0; slot < kGroup; ++slot) q[f + slot] = token_q[f + arranged_feature<L, T>(slot)];
+  const int32_t* table = p.block_tables + s * p.table_width;
+  std::fill(peak, peak + heads, -INFINITY);
+  std::fill(total, total + heads, 0.0f);
+  float logits[L::kHeads * kDecodeChunk];
+  // The pool rows of kv head 0 of this chunk's positions and of the next's (n rounded up to whole
+  // groups of 4 with copies of the last).
+  int64_t rows[2][kDecodeChunk + 3];
+  const T *k_rows[kDecodeChunk + 3], *v_rows[kDecodeChunk];
+  // The range as kDecodeStreams runs read side by side, a position of each in turn: more reads in
+  // flight than one run gives, and the softmax does not mind the order.
+  const int64_t run_len = (p1 - p0 + kDecodeStreams - 1) / kDecodeStreams, per_run = kDecodeChunk / kDecodeStreams;
+  auto chunk_rows = [&](int64_t step, int64_t* chunk) {
+    int64_t n = 0;
+    for (int64_t i = step; i < std::min(run_len, step + per_run); ++i)
+      for (int64_t run = 0; run < kDecodeStreams; ++run)
+        if (const int64_t pos = p0 + run * run_len + i; pos < p1) chunk[n++] = pool_slot(p, table, pos) * kv_heads;
+    for (int64_t i = n; i % 4; ++i) chunk[i] = chunk[n - 1];
+    return n;
+  };
+  int64_t next_n = chunk_rows(0, rows[0]);
+  for (int64_t step = 0; step < run_len; step += per_run) {
+    const int64_t* now = rows[step / per_run % 2];
+    int64_t* next = rows[(step / per_run + 1) % 2];
+    const int64_t n = next_n;
+    next_n = step + per_run < run_len ? chunk_rows(step + per_run, next) : 0;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      for (int64_t i = 0; i < (n + 3) / 4 * 4; ++i) k_rows[i] = k + (now[i] + h) * d;
+      for (int64_t i = 0; i < n; ++i) v_rows[i] = v + (now[i] + h) * d;
+      prefetch_rows(k, next, next_n, h, d);
+      prefetch_rows(v, next, next_n, h, d);
+      for (int64_t j0 = h * group; j0 < (h + 1) * group; j0 += L::kHeads) {
+        const int64_t pass_heads = std::min<int64_t>(L::kHeads, (h + 1) * group - j0);
+        pass_logits<L>(pass_heads, q + j0 * d, k_rows, n, d, logits);
+        for (int64_t g = 0; g < pass_heads; ++g) {
+          float* head_logits = logits + g * kDecodeChunk;
+          const int64_t j = j0 + g;
+          if (p.k_scale)
+            for (int64_t i = 0; i < n; ++i) head_logits[i] *= p.k_scale[now[i] + h];
+          if (p.soft_cap > 0)
+            for (int64_t i = 0; i < n; ++i) head_logits[i] = p.soft_cap * std::tanh(head_logits[i] / p.soft_cap);
+          const float chunk_peak = max_of(head_logits, n);
+          if (chunk_peak > peak[j]) {
+            const float rescale = std::exp(peak[j] - chunk_peak);  // 0 at the first chunk
+            total[j] *= rescale;
+            for (int64_t f = 0; f < d; ++f) sums[j * d + f] *= rescale;
+            peak[j] = chunk_peak;
+          }
+          total[j] += exp_in_place(head_logits, n, peak[j]);
+          if (p.v_scale)
+            for (int64_t i = 0; i < n; ++i) head_logits[i] *= p.v_scale[now[i] + h];
+        }
+        pass_values<L>(pass_heads, logits, v_rows, n, d, sums + j0 * d);
+      }
+    }
+  }
+  for (int64_t f = 0; f < heads * d; f += kGroup)
+    for (int64_t slot = 0; slot < kGroup; ++slot) out[f + arranged_feature<L, T>(slot)] = sums[f + slot];
+}
 
 // Positions [p0, p1) of the decode of token t of sequence s (context len), every query head: out[j]
 // [D] (zeros on entry) = the sum over those positions of exp(logit - peak[j]) * V row, total[j] =
 // the sum of those exponentials, peak[j] = their largest logit (-inf and 0 for no positions). One
-// pass, an online softmax: each chunk's K and V rows are read together, and a head's sums are
-// rescaled when a chunk raises its peak. Callers divide by the total, or merge several ranges first.
+// pass, an online softmax, a chunk of positions at a time: for each kv head, its K rows give the
+// logits of its query heads, a pass of up to L::kHeads heads at once (so that each K value is
+// loaded and converted once per pass, not once per head); a head's sums are rescaled when the
+// chunk raises its peak; then the V rows add the chunk's exponentials into the pass's sums, again
+// all its heads at once. Callers divide by the total, or merge several ranges first.
 template <typename T>
 void decode_positions(const Problem& p, const T* k, const T* v, int64_t s, int64_t t, int64_t len, int64_t p0,
                       int64_t p1, float* out, float* peak, float* total, DecodeScratch& scratch) {
-  const int64_t heads = p.num_heads, d = p.head_dim, group = heads / p.num_kv_heads;
-  scratch.logits.resize(kDecodeChunk);
-  scratch.keys.resize(p.num_kv_heads * kDecodeChunk * d);
-  scratch.values.resize(scratch.keys.size());
-  float *logits = scratch.logits.data(), *keys = scratch.keys.data(), *values = scratch.values.data();
-  const float* q = p.q + t * heads * d;
-  const int32_t* table = p.block_tables + s * p.table_width;
-  std::fill(peak, peak + heads, -INFINITY);
-  std::fill(total, total + heads, 0.0f);
-  // The range as kDecodeStreams runs read side by side, a position of each in turn: more reads in
-  // flight than one run gives, and the softmax does not mind the order.
-  const int64_t run_len = (p1 - p0 + kDecodeStreams - 1) / kDecodeStreams;
-  int64_t positions[kDecodeChunk];
-  for (int64_t step = 0; step < run_len; step += kDecodeChunk / kDecodeStreams) {
-    int64_t n = 0;
-    for (int64_t i = step; i < std::min(run_len, step + kDecodeChunk / kDecodeStreams); ++i)
-      for (int64_t run = 0; run < kDecodeStreams; ++run)
-        if (const int64_t pos = p0 + run * run_len + i; pos < p1) positions[n++] = pos;  // the last run may be short
-    gather_decode_rows(p, k, v, table, positions, n, len, keys, values);
-    for (int64_t j = 0; j < heads; ++j) {
-      // Rows past n (at the last chunk) hold earlier rows or zeros: their logits are never read.
-      for (int64_t i = 0; i < n; i += kLanes)
-        logits_of_rows(q + j * d, keys + ((j / group) * kDecodeChunk + i) * d, d, logits + i);
-      if (p.soft_cap > 0)
-        for (int64_t i = 0; i < n; ++i) logits[i] = p.soft_cap * std::tanh(logits[i] / p.soft_cap);
-      const float chunk_peak = *std::max_element(logits, logits + n);
-      if (chunk_peak > peak[j]) {
-        const float rescale = std::exp(peak[j] - chunk_peak);  // 0 at the first chunk
-        total[j] *= rescale;
-        for (int64_t f = 0; f < d; ++f) out[j * d + f] *= rescale;
-        peak[j] = chunk_peak;
-      }
-      total[j] += exp_in_place(logits, n, peak[j]);
-      const float* rows = values + (j / group) * kDecodeChunk * d;
-      int64_t f = 0;
-      for (; f + 8 * kLanes <= d; f += 8 * kLanes) add_weighted_rows<8>(logits, rows + f, n, d, out + j * d + f);
-      for (; f < d; f += kLanes) add_weighted_rows<1>(logits, rows + f, n, d, out + j * d + f);
-    }
-  }
+#if defined(__AVX512F__)
+  if (p.head_dim % (2 * Zmm::kWidth) == 0)
+    return decode_positions_with<Zmm>(p, k, v, s, t, len, p0, p1, out, peak, total, scratch);
+#endif
+  decode_positions_with<Ymm>(p, k, v, s, t, len, p0, p1, out, peak, total, scratch);
 }
 
 // out [H, D] = the softmax-weighted sum over `parts` position ranges of one decode, from each part's
@@ -766,12 +939,12 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
                           ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> seq_lens,
                           ffi::Buffer<ffi::S32> query_start_loc, float soft_cap, ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = k.dimensions(), td = block_tables.dimensions();
-  if (qd.size() != 3 || kd.size() != 4 || td.size() != 2 || qd[2] != kd[3] || qd[2] % kLanes ||
+  if (qd.size() != 3 || kd.size() != 4 || td.size() != 2 || qd[2] != kd[3] || qd[2] % (2 * kLanes) ||
       qd[1] % kd[2] || v.element_type() != k.element_type() || seq_lens.element_count() != td[0] ||
       query_start_loc.element_count() != td[0] + 1)
     return ffi::Error::InvalidArgument(
         "jaxinfer_paged_attention: expected q [T, H, D], pools [blocks, block_size, KVH, D] with "
-        "H % KVH == 0 and D % 8 == 0, block_tables [S, B], seq_lens [S], query_start_loc [S + 1]");
+        "H % KVH == 0 and D % 16 == 0, block_tables [S, B], seq_lens [S], query_start_loc [S + 1]");
   const bool scaled = k_scale.element_count() > 0;
   const Problem p{q.typed_data(), scaled ? k_scale.typed_data() : nullptr, scaled ? v_scale.typed_data() : nullptr,
                   block_tables.typed_data(), seq_lens.typed_data(), query_start_loc.typed_data(),

@@ -6,7 +6,7 @@
         chunks alike, GQA, rows of padding tokens zero. K/V in any pool storage dtype (float32,
         bfloat16, int8 and fp8 with their scales).
     serves(cache) -> bool   whether the kernel runs here for this pool (`available()` and a head_dim
-                            that is a multiple of 8)
+                            that is a multiple of 16)
     available() -> bool     x86-64 with AVX2 and FMA, a C++ compiler, the CPU backend; builds and
                             registers the kernel on first use (`pallas_kernels.cpu_ffi`; its AVX-512
                             build where the CPU has it)
@@ -39,8 +39,8 @@ TARGET = "jaxinfer_paged_attention"
 KERNEL = CpuKernel("CPU paged attention kernel", (TARGET,), Path(__file__).with_suffix(".cc"),
                    (Isa(AVX512.compile_flags + ("-mamx-tile", "-mamx-bf16"), AVX512.cpu_flags), AVX2))
 available = KERNEL.available
-# The kernel's AVX2 loops take head_dim in whole 8-float registers.
-HEAD_DIM_MULTIPLE = 8
+# The kernel's decode loop takes head_dim in whole groups of 16 features (two 8-float registers).
+HEAD_DIM_MULTIPLE = 16
 # Prefill chunks over a bfloat16 pool multiply on AMX tiles where the CPU has AMX-BF16, with q and the
 # softmax weights rounded to bfloat16 (the .cc), so they agree with float32 attention to bfloat16's
 # precision (2^-8 of the output's scale; K and V are bfloat16 already). Elsewhere the kernel sums

@@ -254,11 +254,12 @@ def kernel_against_reference(batch: Batch, soft_cap: float | None = None) -> np.
 
 
 @needs_cpu_kernel
-@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(9, 3, 64), (8, 1, 16), (4, 4, 8), (6, 2, 128)])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(9, 3, 64), (8, 1, 16), (4, 4, 48), (6, 2, 128),
+                                                              (16, 2, 64)])
 def test_cpu_kernel_covers_long_contexts_and_head_layouts(num_q_heads, num_kv_heads, head_dim):
     """Decodes up to 1000 positions and prefill chunks (one under a tile, one over several tiles with a
-    prefix) for every GQA grouping and head dims from one AVX2 register up; the step compiles to the
-    kernel, with no XLA loop."""
+    prefix) for GQA groups of 1-8 query heads (one pass of the decode loop or several) and head dims
+    of one to eight 16-feature groups; the step compiles to the kernel, with no XLA loop."""
     lengths = [1, 7, 9, 300, 1000]
     chunks = [(1, length) for length in lengths] + [(5, 5), (37, 90)]
     batch = make_batch(num_q_heads + head_dim, chunks, block_size=8, num_q_heads=num_q_heads,
@@ -287,6 +288,18 @@ def test_cpu_kernel_splits_a_lone_decode_by_positions_and_matches_the_reference(
     sum, merged afterwards; an empty half, odd lengths, quantized pools and a soft cap included."""
     kernel_against_reference(make_batch(num_q_heads, chunks, block_size=16, num_q_heads=num_q_heads,
                                         num_kv_heads=num_kv_heads, head_dim=64, kv_dtype=kv_dtype), soft_cap=soft_cap)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16", "int8", "fp8"])
+@pytest.mark.parametrize("head_dim", [48, 64])
+def test_cpu_kernel_decodes_every_pool_dtype_in_either_register_width(kv_dtype, head_dim):
+    """Decodes over each pool storage type at a head_dim the AVX-512 build runs in 16-float registers
+    (64) and one it runs in 8-float registers (48, not a multiple of 32), four query heads per kv head
+    (one pass at 16 floats, two at 8), contexts ending mid-chunk."""
+    chunks = [(1, length) for length in (1, 5, 31, 33, 250)]
+    kernel_against_reference(make_batch(head_dim, chunks, block_size=16, num_q_heads=8, num_kv_heads=2,
+                                        head_dim=head_dim, kv_dtype=kv_dtype), soft_cap=0.8)
 
 
 @needs_cpu_kernel

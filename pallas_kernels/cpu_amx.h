@@ -3,6 +3,8 @@
 //
 // TileConfig          the 64-byte tile configuration _tile_loadconfig takes (palette 1): per tile
 //                     register t, rows[t] rows of colsb[t] bytes
+// kBf16TileK, kBf16TileElems  a full bfloat16 tile: 32 values along K per 64-byte row (16 pairs),
+//                             512 values in its 16 rows
 // tile_state_granted()  whether Linux grants the process the AMX tile state (arch_prctl
 //                       ARCH_REQ_XCOMP_PERM; asked once per process). Callers check the instructions
 //                       themselves: __builtin_cpu_supports("amx-int8") or ("amx-bf16").
@@ -19,6 +21,9 @@
 #include <cstdint>
 
 namespace jaxinfer {
+
+constexpr int64_t kBf16TileK = 32;
+constexpr int64_t kBf16TileElems = 512;
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};

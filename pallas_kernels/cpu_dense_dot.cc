@@ -349,9 +349,7 @@ void fma_dot(ffi::ThreadPool& pool, const float* x, const W* w, float* out, int6
 
 #if defined(__AVX512F__)
 // ---- AMX (see the top of this file).
-constexpr int64_t kAmxK = 32;        // K values per tile step: 16 (k, k + 1) pairs
 constexpr int64_t kPanelCols = 32;   // output columns per panel: two 16-column B tiles
-constexpr int64_t kTileElems = 512;  // bfloat16 values in one 1 KB tile
 // Rectangles of at most this many columns: each weight row is read in runs of 2 KB (runs of one
 // panel's 64 bytes, 6-98 KB apart, thrashed the TLB), and a packed rectangle of a slab stays in L2.
 constexpr int64_t kAmxMaxTileCols = 1024;
@@ -371,9 +369,11 @@ constexpr int64_t kPrefetchPairs = 8;
 constexpr int64_t kAmxMinRows = 8;
 
 using jaxinfer::TileConfig;
+using jaxinfer::kBf16TileElems;
+using jaxinfer::kBf16TileK;
 
 bool amx_serves(int64_t m, int64_t k, int64_t n) {
-  return m >= kAmxMinRows && k % kAmxK == 0 && n % kPanelCols == 0 &&
+  return m >= kAmxMinRows && k % kBf16TileK == 0 && n % kPanelCols == 0 &&
          __builtin_cpu_supports("amx-bf16") && jaxinfer::tile_state_granted();
 }
 
@@ -399,9 +399,9 @@ void pack_rectangle(const AmxProblem& p, int64_t k0, int64_t k1, int64_t n0, int
         _mm_prefetch(reinterpret_cast<const char*>(even + 2 * kPrefetchPairs * p.n + c), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(odd + 2 * kPrefetchPairs * p.n + c), _MM_HINT_T0);
       }
-    uint16_t* row = panels + (pair / 16) * 2 * kTileElems + (pair % 16) * 32;
+    uint16_t* row = panels + (pair / 16) * 2 * kBf16TileElems + (pair % 16) * 32;
     for (int64_t c = 0; c < cols; c += 16)
-      jaxinfer::store_pairs(even + c, odd + c, row + (c / kPanelCols) * panel_elems + ((c / 16) % 2) * kTileElems);
+      jaxinfer::store_pairs(even + c, odd + c, row + (c / kPanelCols) * panel_elems + ((c / 16) % 2) * kBf16TileElems);
   }
 }
 
@@ -434,10 +434,10 @@ void amx_panel(const AmxProblem& p, const uint16_t* panel, int64_t k0, int64_t k
       _tile_zero(3);
     }
     const uint16_t* a = p.x + g * p.k + k0;
-    for (int64_t s = 0; s < k1 - k0; s += kAmxK) {
-      const uint16_t* b = panel + (s / kAmxK) * 2 * kTileElems;
+    for (int64_t s = 0; s < k1 - k0; s += kBf16TileK) {
+      const uint16_t* b = panel + (s / kBf16TileK) * 2 * kBf16TileElems;
       _tile_loadd(6, b, 64);
-      _tile_loadd(7, b + kTileElems, 64);
+      _tile_loadd(7, b + kBf16TileElems, 64);
       _tile_loadd(4, a + s, x_stride);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 4, 7);
@@ -476,7 +476,7 @@ void amx_dot(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* w, float*
   const bool slabbed = m <= kAmxMaxSlabbedRows;
   const int64_t tile_cols = slabbed ? kAmxMaxTileCols
                                     : std::min(kAmxMaxTileCols, (n / kPanelCols + kTargetItems - 1) / kTargetItems * kPanelCols);
-  const Rectangles r = rectangles(k, n, tile_cols, kAmxK, slabbed ? k : 1);
+  const Rectangles r = rectangles(k, n, tile_cols, kBf16TileK, slabbed ? k : 1);
   std::vector<float> partial_sums(r.slabs > 1 ? r.slabs * m * n : 0);
   const AmxProblem p{x, w, r.slabs > 1 ? partial_sums.data() : out, m, k, n, r};
   jaxinfer::run_on_pool(pool, r.slabs * r.tiles, m, [p](int64_t i) { amx_item(p, i); });

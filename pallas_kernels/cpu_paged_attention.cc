@@ -656,12 +656,12 @@ struct PrefillScratch {
 
 #if defined(__AVX512F__)
 // ---- AMX (bfloat16 pools; see the top of this file).
+using jaxinfer::kBf16TileElems;
+using jaxinfer::kBf16TileK;
 constexpr int64_t kAmxTile = 16;       // positions, rows or features per tile side
-constexpr int64_t kAmxPairs = 32;      // bfloat16 values along K per tile step (16 pairs)
-constexpr int64_t kTileElems = 512;    // bfloat16 values in one 1 KB tile
 
 bool amx_serves(const Problem& p) {
-  return p.block_size % kAmxTile == 0 && p.head_dim % kAmxPairs == 0 && __builtin_cpu_supports("amx-bf16") &&
+  return p.block_size % kAmxTile == 0 && p.head_dim % kBf16TileK == 0 && __builtin_cpu_supports("amx-bf16") &&
          jaxinfer::tile_state_granted();
 }
 
@@ -709,12 +709,12 @@ void amx_logits(const Problem& p, const uint16_t* k, const PrefillTile& tile, in
   const int64_t kv_len = tile.kv_len(), computed = (kv_len + kAmxTile - 1) / kAmxTile * kAmxTile;
   const int32_t* table = p.block_tables + tile.seq * p.table_width;
   // B tile (s, b): element (j, r, e) = Q[row b * 16 + r][feature s * 32 + 2 j + e].
-  scratch.q_tiles.assign(d / kAmxPairs * row_blocks * kTileElems, 0);
+  scratch.q_tiles.assign(d / kBf16TileK * row_blocks * kBf16TileElems, 0);
   for (int64_t r = 0; r < tile.count * group; ++r) {
     const float* q = p.q + ((tile.start + r / group) * p.num_heads + h * group + r % group) * d;
-    for (int64_t s = 0; s < d / kAmxPairs; ++s) {
-      uint16_t* column = scratch.q_tiles.data() + (s * row_blocks + r / kAmxTile) * kTileElems + r % kAmxTile * 2;
-      for (int64_t f = 0; f < kAmxPairs; ++f) column[f / 2 * 32 + f % 2] = to_bf16(q[s * kAmxPairs + f]);
+    for (int64_t s = 0; s < d / kBf16TileK; ++s) {
+      uint16_t* column = scratch.q_tiles.data() + (s * row_blocks + r / kAmxTile) * kBf16TileElems + r % kAmxTile * 2;
+      for (int64_t f = 0; f < kBf16TileK; ++f) column[f / 2 * 32 + f % 2] = to_bf16(q[s * kBf16TileK + f]);
     }
   }
   float* logits = scratch.logits.data();
@@ -724,9 +724,9 @@ void amx_logits(const Problem& p, const uint16_t* k, const PrefillTile& tile, in
     const uint16_t* keys = k + (pool_slot(p, table, pos0) * p.num_kv_heads + h) * d;
     for (int64_t b = 0; b < row_blocks; ++b) {
       _tile_zero(0);
-      for (int64_t s = 0; s < d / kAmxPairs; ++s) {
-        _tile_loadd(1, keys + s * kAmxPairs, k_stride);
-        _tile_loadd(2, scratch.q_tiles.data() + (s * row_blocks + b) * kTileElems, 64);
+      for (int64_t s = 0; s < d / kBf16TileK; ++s) {
+        _tile_loadd(1, keys + s * kBf16TileK, k_stride);
+        _tile_loadd(2, scratch.q_tiles.data() + (s * row_blocks + b) * kBf16TileElems, 64);
         _tile_dpbf16ps(0, 1, 2);
       }
       _tile_stored(0, logits + pos0 * rows + b * kAmxTile, rows * static_cast<int64_t>(sizeof(float)));
@@ -740,7 +740,7 @@ void amx_logits(const Problem& p, const uint16_t* k, const PrefillTile& tile, in
 // (position, position + 1) pairs by 16 features (zero past kv_len, whatever the pool holds there).
 void amx_values(const Problem& p, const uint16_t* v, const PrefillTile& tile, int64_t h, int64_t rows,
                 int64_t padded_len, PrefillScratch& scratch, float* o) {
-  const int64_t d = p.head_dim, kv_len = tile.kv_len(), chunks = padded_len / kAmxPairs;
+  const int64_t d = p.head_dim, kv_len = tile.kv_len(), chunks = padded_len / kBf16TileK;
   const int32_t* table = p.block_tables + tile.seq * p.table_width;
   const float* logits = scratch.logits.data();
   scratch.p_rows.resize(rows * padded_len);
@@ -748,7 +748,7 @@ void amx_values(const Problem& p, const uint16_t* v, const PrefillTile& tile, in
     for (int64_t r = 0; r < rows; r += kLanes)
       transpose_to_bf16(logits + pos * rows + r, rows, scratch.p_rows.data() + r * padded_len + pos, padded_len);
   // B tile (c, fb): row j holds (V[c * 32 + 2 j][fb * 16 + f], V[c * 32 + 2 j + 1][fb * 16 + f]) per f.
-  scratch.v_tiles.resize(chunks * (d / kAmxTile) * kTileElems);
+  scratch.v_tiles.resize(chunks * (d / kAmxTile) * kBf16TileElems);
   alignas(64) static const uint16_t kZeros[kAmxTile] = {};
   for (int64_t pair = 0; pair < padded_len / 2; ++pair) {
     const uint16_t* rows_of_pair[2];
@@ -767,9 +767,9 @@ void amx_values(const Problem& p, const uint16_t* v, const PrefillTile& tile, in
     for (int64_t fb = 0; fb < d / kAmxTile; ++fb) {
       _tile_zero(0);
       for (int64_t c = 0; c < chunks; ++c) {
-        _tile_loadd(1, scratch.p_rows.data() + b * kAmxTile * padded_len + c * kAmxPairs,
+        _tile_loadd(1, scratch.p_rows.data() + b * kAmxTile * padded_len + c * kBf16TileK,
                     padded_len * static_cast<int64_t>(sizeof(uint16_t)));
-        _tile_loadd(2, scratch.v_tiles.data() + (c * (d / kAmxTile) + fb) * kTileElems, 64);
+        _tile_loadd(2, scratch.v_tiles.data() + (c * (d / kAmxTile) + fb) * kBf16TileElems, 64);
         _tile_dpbf16ps(0, 1, 2);
       }
       _tile_stored(0, o + b * kAmxTile * d + fb * kAmxTile, d * static_cast<int64_t>(sizeof(float)));
@@ -787,7 +787,7 @@ void prefill(const Problem& p, const T* k, const T* v, const PrefillTile& tile, 
 #if defined(__AVX512F__)
   // The AMX path's P tiles take 32 positions at a time.
   const bool amx = std::is_same_v<T, uint16_t> && amx_serves(p);
-  const int64_t padded_len = amx ? (kv_len + kAmxPairs - 1) / kAmxPairs * kAmxPairs : whole_blocks(kv_len);
+  const int64_t padded_len = amx ? (kv_len + kBf16TileK - 1) / kBf16TileK * kBf16TileK : whole_blocks(kv_len);
 #else
   const bool amx = false;
   const int64_t padded_len = whole_blocks(kv_len);

@@ -7,12 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from jaxinfer.bench import roofline
+from jaxinfer.bench import device_probe, roofline
 from jaxinfer.bench.latency import kv_bytes_per_position, streamed_weight_bytes
 from jaxinfer.cache.kv_pool import init_layer_cache
 from jaxinfer.model.config import ModelConfig
 from jaxinfer.model.llama import param_shapes
 from jaxinfer.quant.apply import quantize_params
+from pallas_kernels import cpu_dense_dot
 
 def random_config(rng: np.random.Generator, tie: bool) -> ModelConfig:
     kv_heads = int(rng.integers(1, 4))
@@ -88,6 +89,26 @@ def test_step_estimates_take_the_slower_bound():
         assert step.flops == batch * roofline.decode_flops_per_token(cfg, 101)
         assert step.time_s == max(step.flops / 50e9, step.bytes / 20e9)
         assert step.intensity == step.flops / step.bytes
+
+
+@pytest.mark.skipif(not cpu_dense_dot.available(), reason="the CPU dense kernel does not run here")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows", [4, 32])
+def test_matmul_probe_times_the_matmul_an_engine_step_runs(monkeypatch, dtype, rows):
+    # The CPU kernel where a step would call it (a bfloat16 engine's prefill on AMX tiles, several
+    # times faster than XLA's float32 dot that the probe once timed whatever the engine's dtype),
+    # XLA's dot where the kernel does not take the rows.
+    operands = []
+    original = cpu_dense_dot.dense_dot
+
+    def recording(x, w):
+        operands.append((x.shape, x.dtype, w.shape, w.dtype))
+        return original(x, w)
+
+    monkeypatch.setattr(cpu_dense_dot, "dense_dot", recording)
+    assert device_probe.matmul_rate(dtype, rows=rows, k=64, n=96, repeats=1) > 0
+    served = cpu_dense_dot.serves(rows, jax.numpy.zeros((64, 96), dtype))
+    assert operands == ([((rows, 64), np.dtype(dtype), (64, 96), np.dtype(dtype))] if served else [])
 
 
 @pytest.mark.parametrize("tie", [True, False])

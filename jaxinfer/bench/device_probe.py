@@ -2,7 +2,9 @@
 
 Bandwidth is bytes read + written per second copying a large float32 array (a jitted jax scale;
 on a CPU the better of that, which XLA may spread over several threads, and a numpy copy); the matmul rate
-is FLOP/s of a jitted float32 `[rows, k] @ [k, n]` with device-resident operands. Both report
+is FLOP/s of a jitted `[rows, k] @ [k, n]` with device-resident operands in the engine's dtype,
+taken the way an engine's step takes it: on a CPU where the dense kernel runs, through it (AMX
+tiles for bfloat16 where the CPU has them), else XLA's dot, float32 sums either way. Both report
 the median of several timed repetitions after a warm-up.
 """
 
@@ -14,6 +16,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxinfer.model.layers import linear
+from jaxinfer.runner.step import route_dense_weight
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -41,10 +46,12 @@ def copy_bandwidth(num_bytes: int | None = None, repeats: int = 7) -> float:
     return 2 * num_bytes / seconds
 
 
-def matmul_rate(rows: int = 256, k: int = 2048, n: int = 2048, repeats: int = 7) -> float:
-    """FLOP/s of a float32 matmul of shape [rows, k] @ [k, n]."""
+def matmul_rate(dtype: str = "float32", rows: int = 256, k: int = 2048, n: int = 2048, repeats: int = 7) -> float:
+    """FLOP/s of a `dtype` (float32 or bfloat16) matmul of shape [rows, k] @ [k, n] through the
+    engine's dense path (`linear` on the weight as a one-device step routes it)."""
     rng = np.random.default_rng(0)
-    x = jax.device_put(rng.standard_normal((rows, k), dtype=np.float32))
-    w = jax.device_put(rng.standard_normal((k, n), dtype=np.float32))
-    matmul = jax.jit(jnp.matmul)
-    return 2 * rows * k * n / median_seconds(lambda: matmul(x, w).block_until_ready(), repeats)
+    x = jax.device_put(rng.standard_normal((rows, k), dtype=np.float32).astype(dtype))
+    w = jax.device_put(rng.standard_normal((k, n), dtype=np.float32).astype(dtype))
+    weight = route_dense_weight(w, num_devices=1)
+    matmul = jax.jit(linear)
+    return 2 * rows * k * n / median_seconds(lambda: matmul(x, weight).block_until_ready(), repeats)

@@ -37,9 +37,12 @@ def _model_and_dtypes(args) -> tuple[ModelConfig, str, str]:
 def main(args) -> None:
     cfg, dtype, kv_dtype = _model_and_dtypes(args)
     bandwidth = args.bandwidth * 1e9 if args.bandwidth else device_probe.copy_bandwidth()
-    flops = args.flops * 1e9 if args.flops else device_probe.matmul_rate()
+    # Quantized engines multiply in float32 activations on a CPU; the probe times the unquantized dense path.
+    matmul_dtype = "bfloat16" if dtype == "bfloat16" else "float32"
+    flops = args.flops * 1e9 if args.flops else device_probe.matmul_rate(matmul_dtype)
     report = roofline_report(cfg, Device(bandwidth, flops), args.batch, args.context, dtype, kv_dtype)
     report["device"]["measured"] = {"bandwidth": args.bandwidth is None, "flops": args.flops is None}
+    report["device"]["matmul_dtype"] = matmul_dtype
     print(format_report(report))
     write_results(args.output, report)
 
@@ -50,7 +53,7 @@ def format_report(report: dict) -> str:
         f"model {report['model']['name'] or '?'}: {report['model']['num_params'] / 1e6:.1f}M parameters, "
         f"weights {report['dtype']}, KV {report['kv_dtype']}",
         f"device: copy bandwidth {device['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
-        f"matmul {device['flops_per_s'] / 1e9:.1f} GFLOP/s",
+        f"matmul {device['flops_per_s'] / 1e9:.1f} GFLOP/s ({device.get('matmul_dtype', 'given')})",
         f"weight bytes             {report['weight_bytes'] / 1e6:10.1f} MB",
         f"KV bytes per token       {report['kv_bytes_per_token']:10.0f} B",
         f"decode FLOPs per token   {report['decode_flops_per_token'] / 1e6:10.1f} MFLOP (context {report['context_len']})",

@@ -84,20 +84,24 @@ class KernelDenseWeight:
         return cpu_dense_dot.dense_dot(x_rows, self.w).astype(x.dtype).reshape(*x.shape[:-1], -1)
 
 
+def route_dense_weight(w, num_devices: int):
+    """`w` as a step multiplies it: wrapped as KernelDenseWeight where it is a float32 or bfloat16
+    weight the CPU kernel takes, the kernel runs here and the step has one device (a custom call is
+    not partitioned by GSPMD); as it is otherwise."""
+    if num_devices == 1 and cpu_dense_dot.available() and cpu_dense_dot.serves(1, w):
+        return KernelDenseWeight(w)
+    return w
+
+
 def route_dense_weights(params, num_devices: int):
-    """`params` with every float32 or bfloat16 layer matmul weight and head wrapped as
-    KernelDenseWeight when the CPU kernel runs here and the step has one device (a custom call is
-    not partitioned by GSPMD). A tied head becomes an `lm_head` wrapping the embedding table, which the token lookup
-    keeps reading unwrapped."""
+    """`params` with every layer matmul weight and the head routed by `route_dense_weight`. A tied
+    head becomes an `lm_head` wrapping the embedding table, which the token lookup keeps reading
+    unwrapped."""
     if num_devices != 1 or not cpu_dense_dot.available():
         return params
-
-    def route(w):
-        return KernelDenseWeight(w) if cpu_dense_dot.serves(1, w) else w
-
-    layers = [{name: route(w) if name in LINEAR_WEIGHTS else w for name, w in layer.items()}
+    layers = [{name: route_dense_weight(w, num_devices) if name in LINEAR_WEIGHTS else w for name, w in layer.items()}
               for layer in params["layers"]]
-    return {**params, "layers": layers, "lm_head": route(head_weight(params))}
+    return {**params, "layers": layers, "lm_head": route_dense_weight(head_weight(params), num_devices)}
 
 
 def attention_implementation(num_devices: int) -> str | None:

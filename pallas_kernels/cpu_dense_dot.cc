@@ -25,8 +25,14 @@
 // pairs into a 16 x 16 float32 C tile. A is 16 activation rows read in place; B comes from the
 // weight's [K, N] rows by interleaving each pair of rows (one zero-extend, shift and or per 16
 // columns), done once per item into panels of 32 columns over all of K, which every group of 32
-// activation rows then reuses; C is stored straight into y. The multiply-adds of a prefill step
-// (128-256 rows) become cheap next to streaming the weight.
+// activation rows then reuses; C is stored straight into y. At a prefill step's 256 rows the loop
+// is bound by its tile loads, not the multiplies: on one core of the Xeon VM (single-thread
+// harnesses, interleaved rounds, 2026-12-05) tdpbf16ps alone ran 2.3-2.6 TFLOP/s, the 2 x 2 tile
+// loop fed from L1 0.5-1.2 (with the VM's phase; double-buffered operand tiles and other load
+// orders gained nothing), and an item with its packing 0.4-0.6. Packing is about 23% of an item;
+// weights packed ahead would have been 17% faster at 256 rows and 4% at 64 with the weights
+// streaming from memory, and packing the next panel between the current panel's tile operations
+// 16-23% faster with warm weights but no faster with cold ones, so the packing stays per item.
 //
 // AVX512-BF16 (bfloat16 from kDpMinRows rows on CPUs with vdpbf16ps but no AMX, as AMD's Zen 4
 // and later; K even): vdpbf16ps adds, per float32 lane, the products of one (k, k + 1) pair, so

@@ -31,6 +31,11 @@
 // engine step at 400 positions 57.8-61.4 against 81.1-84.3 ms (benchmarks/profile_step.py engines/bf16
 // --batch 64 --context 400). The AVX-512 build runs the loop in 16-float registers where D is a
 // multiple of 32, no faster than 8-float ones at D = 64 (the loop is not bound by its FMAs).
+// Taking a bfloat16 pool's logits on AMX tiles instead (each block's 16-position groups read in
+// place as A tiles, q as bfloat16 high and low parts) was slower: 77-83 against 62-69 ms at batch
+// 64 and 400 positions for 30 layers, about the same at batch 8 (two alternating runs, Xeon VM,
+// 2026-12-05); the loop then mostly waits on its prefetches, reading K/V at 7-11 GB/s where two
+// cores stream 23.5.
 // Decodes are the work items: from kMinPositionsToSplit positions in all, chunks of them are shared
 // with other threads (cpu_thread_pool.h; these measurements predate its own team of threads). In a
 // microbenchmark (benchmarks/bench_paged_attention.py, warm cache) sharing did not pay below 2048

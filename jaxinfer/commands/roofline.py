@@ -42,7 +42,7 @@ def main(args) -> None:
     flops = args.flops * 1e9 if args.flops else device_probe.matmul_rate(matmul_dtype)
     report = roofline_report(cfg, Device(bandwidth, flops), args.batch, args.context, dtype, kv_dtype)
     report["device"]["measured"] = {"bandwidth": args.bandwidth is None, "flops": args.flops is None}
-    report["device"]["matmul_dtype"] = matmul_dtype
+    report["device"]["matmul_dtype"] = "given" if args.flops else matmul_dtype
     print(format_report(report))
     write_results(args.output, report)
 
@@ -53,7 +53,7 @@ def format_report(report: dict) -> str:
         f"model {report['model']['name'] or '?'}: {report['model']['num_params'] / 1e6:.1f}M parameters, "
         f"weights {report['dtype']}, KV {report['kv_dtype']}",
         f"device: copy bandwidth {device['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
-        f"matmul {device['flops_per_s'] / 1e9:.1f} GFLOP/s ({device.get('matmul_dtype', 'given')})",
+        f"matmul {device['flops_per_s'] / 1e9:.1f} GFLOP/s ({device['matmul_dtype']})",
         f"weight bytes             {report['weight_bytes'] / 1e6:10.1f} MB",
         f"KV bytes per token       {report['kv_bytes_per_token']:10.0f} B",
         f"decode FLOPs per token   {report['decode_flops_per_token'] / 1e6:10.1f} MFLOP (context {report['context_len']})",

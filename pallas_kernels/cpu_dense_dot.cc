@@ -4,7 +4,7 @@
 //   jaxinfer_dense_dot: x [M, K] f32 | bf16, w [K, N] f32 | bf16 (row-major, N % 16 == 0),
 //                       x in w's dtype -> y [M, N] f32
 //
-// Four loops, all summing in float32:
+// Four loops, all summing in float32, and a SwiGLU after the product:
 //
 // FMA (float32; bfloat16 at one row, or where neither bfloat16 loop below serves): a few-row matmul
 // reads every weight once and does M multiply-adds with it, so it runs at the rate the weight
@@ -33,6 +33,17 @@
 // weights packed ahead would have been 17% faster at 256 rows and 4% at 64 with the weights
 // streaming from memory, and packing the next panel between the current panel's tile operations
 // 16-23% faster with warm weights but no faster with cold ones, so the packing stays per item.
+//
+// SwiGLU (jaxinfer_dense_swiglu, bfloat16, AVX-512 builds): the MLP's gate_up matmul and its
+// silu(gate) * up in one call. The weight interleaves gate_i and up_i by column, so every 32
+// columns of the product are 16 (gate, up) pairs; each AMX item takes them from its part of the
+// product while that is in L2 (other loops: one pass after the product), with gate and up rounded
+// to bfloat16 first, as the unfused path's bfloat16 product is. It replaces XLA's fusion over the
+// product, which read it back from memory: on the Xeon VM a 512-token prefill step's matmuls and
+// SwiGLU took 64.6 / 71.7 ms against 81.8 / 78.3 (traced, alternating; a third pair, 110.9 against
+// 88.3, ran as the VM slowed down; whole steps were faster in 4 of 6 pairs), and the offline
+// benchmark's workload ran at 396.2 / 440.3 against 361.4 / 362.7 output tokens/s
+// (benchmarks/profile_offline.py, two alternating pairs, 2026-12-05).
 //
 // AVX512-BF16 (bfloat16 from kDpMinRows rows on CPUs with vdpbf16ps but no AMX, as AMD's Zen 4
 // and later; K even): vdpbf16ps adds, per float32 lane, the products of one (k, k + 1) pair, so
@@ -71,6 +82,7 @@
 #include <vector>
 
 #include "cpu_amx.h"
+#include "cpu_exp.h"
 #include "cpu_row_count.h"
 #include "cpu_thread_pool.h"
 #include "xla/ffi/api/ffi.h"
@@ -389,7 +401,34 @@ struct AmxProblem {
   float* partial;     // [slabs, M, N]
   int64_t m, k, n;
   Rectangles r;
+  uint16_t* act = nullptr;  // [M, N / 2] bf16: with it each item also takes its columns' SwiGLU (one slab)
 };
+
+// 16 (gate, up) pairs of a product's columns (the gate_up weight interleaves gate_i and up_i) ->
+// 16 bfloat16 silu(gate) * up, gate and up first rounded to bfloat16 as the unfused path's product
+// is, then silu(g) = g * sigmoid(g), sigmoid from exp(-|g|) (which cannot overflow), in float32.
+inline __m512 bf16_rounded(__m512 x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+inline void swiglu_pairs(const float* pairs, uint16_t* act) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const __m512 a = _mm512_loadu_ps(pairs), b = _mm512_loadu_ps(pairs + 16);
+  const __m512 gate = bf16_rounded(_mm512_permutex2var_ps(a, even, b));
+  const __m512 up = bf16_rounded(_mm512_permutex2var_ps(a, odd, b));
+  const __m512 e = jaxinfer::exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gate)));
+  const __m512 positive = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+  const __m512 sigmoid = _mm512_mask_mul_ps(positive, _mm512_cmp_ps_mask(gate, _mm512_setzero_ps(), _CMP_LT_OQ),
+                                            positive, e);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(act),
+                      (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_mul_ps(gate, sigmoid), up)));
+}
+
+// act [M, N / 2] = swiglu_pairs over every 32 columns of y [M, N].
+void swiglu_rows(const float* y, int64_t m, int64_t n, uint16_t* act) {
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t c = 0; c < n; c += kPanelCols) swiglu_pairs(y + r * n + c, act + r * (n / 2) + c / 2);
+}
 
 // Rows k0 .. k1 - 1, columns n0 .. n0 + cols - 1 of w as B tiles: panel j (columns n0 + 32 j ..)
 // holds, for K step s of the slab and half h (16 columns), the tile at
@@ -475,18 +514,29 @@ void amx_item(const AmxProblem& p, int64_t i) {
     amx_panel(p, panels.data() + j * (k1 - k0) * kPanelCols, k0, k1, n0 + j * kPanelCols,
               p.partial + slab * p.m * p.n, loaded);
   _tile_release();
+  // The item's part of the product is still in L2: its SwiGLU from there. Taken per 32-row group
+  // straight from the tile stores (through L1) it was slower: a 512-token prefill step's 137 / 161 /
+  // 141 against 123 / 151 / 136 ms unfused (Xeon VM, 2026-12-05), the vector work then waiting on
+  // the tile stores and the tiles on it.
+  if (p.act)
+    for (int64_t r = 0; r < p.m; ++r)
+      for (int64_t c = n0; c < n0 + cols; c += kPanelCols)
+        swiglu_pairs(p.partial + r * p.n + c, p.act + r * (p.n / 2) + c / 2);
 }
 
+// out = x w; with `act` also its SwiGLU into act: per item (amx_item), or over out once the K
+// slabs' partial sums are added.
 void amx_dot(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* w, float* out, int64_t m, int64_t k,
-             int64_t n) {
+             int64_t n, uint16_t* act = nullptr) {
   const bool slabbed = m <= kAmxMaxSlabbedRows;
   const int64_t tile_cols = slabbed ? kAmxMaxTileCols
                                     : std::min(kAmxMaxTileCols, (n / kPanelCols + kTargetItems - 1) / kTargetItems * kPanelCols);
   const Rectangles r = rectangles(k, n, tile_cols, kBf16TileK, slabbed ? k : 1);
   std::vector<float> partial_sums(r.slabs > 1 ? r.slabs * m * n : 0);
-  const AmxProblem p{x, w, r.slabs > 1 ? partial_sums.data() : out, m, k, n, r};
+  const AmxProblem p{x, w, r.slabs > 1 ? partial_sums.data() : out, m, k, n, r, r.slabs == 1 ? act : nullptr};
   jaxinfer::run_on_pool(pool, r.slabs * r.tiles, m, [p](int64_t i) { amx_item(p, i); });
   if (r.slabs > 1) sum_partials(p.partial, r.slabs, m * n, out);
+  if (act && !p.act) swiglu_rows(out, m, n, act);
 }
 
 // ---- AVX512-BF16 (see the top of this file).
@@ -671,6 +721,29 @@ void gemm_dot(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* w, float
 }
 #endif  // !__AVX512F__
 
+// y = x w for bfloat16 x and w, by the first loop that serves; with `act` (AVX-512 builds) also the
+// SwiGLU of y's (gate, up) column pairs into act [M, N / 2], inside the AMX loop's items where that
+// loop runs, else in a pass over y.
+void bf16_dot(ffi::ThreadPool& pool, const uint16_t* x16, const uint16_t* w16, float* out, int64_t m, int64_t k,
+              int64_t n, uint16_t* act = nullptr) {
+#if defined(__AVX512F__)
+  if (amx_serves(m, k, n)) return amx_dot(pool, x16, w16, out, m, k, n, act);
+  if (dp_serves(m, k))
+    dp_dot(pool, x16, w16, out, m, k, n);
+  else {
+    std::vector<float> x32(m * k);
+    for (int64_t i = 0; i < m * k; ++i) x32[i] = bf16_to_f32(x16[i]);
+    fma_dot(pool, x32.data(), w16, out, m, k, n);
+  }
+  if (act) swiglu_rows(out, m, n, act);
+#else
+  if (m > kFmaRows) return gemm_dot(pool, x16, w16, out, m, k, n);
+  std::vector<float> x32(m * k);
+  for (int64_t i = 0; i < m * k; ++i) x32[i] = bf16_to_f32(x16[i]);
+  fma_dot(pool, x32.data(), w16, out, m, k, n);
+#endif
+}
+
 ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   const auto dtype = w.element_type();
@@ -680,32 +753,34 @@ ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
                                        "with N a multiple of 16");
   const int64_t m = xd[0], k = xd[1], n = wd[1];
   float* out = y->typed_data();
-  if (dtype == ffi::DataType::F32) {
+  if (dtype == ffi::DataType::F32)
     fma_dot(pool, static_cast<const float*>(x.untyped_data()), static_cast<const float*>(w.untyped_data()), out, m,
             k, n);
-    return ffi::Error::Success();
-  }
-  const auto* x16 = static_cast<const uint16_t*>(x.untyped_data());
-  const auto* w16 = static_cast<const uint16_t*>(w.untyped_data());
-#if defined(__AVX512F__)
-  if (amx_serves(m, k, n)) {
-    amx_dot(pool, x16, w16, out, m, k, n);
-    return ffi::Error::Success();
-  }
-  if (dp_serves(m, k)) {
-    dp_dot(pool, x16, w16, out, m, k, n);
-    return ffi::Error::Success();
-  }
-#else
-  if (m > kFmaRows) {
-    gemm_dot(pool, x16, w16, out, m, k, n);
-    return ffi::Error::Success();
-  }
-#endif
-  std::vector<float> x32(m * k);
-  for (int64_t i = 0; i < m * k; ++i) x32[i] = bf16_to_f32(x16[i]);
-  fma_dot(pool, x32.data(), w16, out, m, k, n);
+  else
+    bf16_dot(pool, static_cast<const uint16_t*>(x.untyped_data()), static_cast<const uint16_t*>(w.untyped_data()),
+             out, m, k, n);
   return ffi::Error::Success();
+}
+
+// silu(gate) * up of x w_gate_up, whose columns interleave gate_i and up_i (jaxinfer.model.llama),
+// as bfloat16 [M, N / 2]: the MLP's first half in one call (see the top of this file).
+ffi::Error DenseSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                       ffi::ResultBuffer<ffi::BF16> act) {
+#if defined(__AVX512F__)
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || wd[1] % kPanelCols != 0 || xd[0] < 1)
+    return ffi::Error::InvalidArgument("jaxinfer_dense_swiglu: expected x [M, K] and w [K, N], both bf16, with N "
+                                       "a multiple of 32");
+  const int64_t m = xd[0], k = xd[1], n = wd[1];
+  // The float32 product, kept per thread so that calls do not allocate.
+  thread_local std::vector<float> product;
+  product.resize(m * n);
+  bf16_dot(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), reinterpret_cast<const uint16_t*>(w.typed_data()),
+           product.data(), m, k, n, reinterpret_cast<uint16_t*>(act->typed_data()));
+  return ffi::Error::Success();
+#else
+  return ffi::Error::InvalidArgument("jaxinfer_dense_swiglu: this build has no AVX-512 (use the unfused path)");
+#endif
 }
 
 }  // namespace
@@ -716,3 +791,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_dense_dot, DenseDot,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_dense_swiglu, DenseSwiglu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>());

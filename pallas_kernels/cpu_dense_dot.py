@@ -8,6 +8,9 @@ or AVX512-BF16 for bfloat16): a C++ kernel called through XLA FFI, reading the w
         loop otherwise) or without AVX-512 (the GEMM loop beyond MAX_FMA_ROWS), else up to
         MAX_FMA_ROWS (from 2 rows in the AVX512-BF16 loop where the CPU has it and K is even)
     serves(rows, w) -> bool   whether dense_dot takes this weight and row count
+    dense_swiglu(x [M, K], w_gate_up [K, 2F]) -> [M, F] bf16   silu(gate) * up of the product,
+        gate_i and up_i interleaved by column (jaxinfer.model.llama), bfloat16 on a CPU with AMX-BF16
+    serves_swiglu(rows, w) -> bool   whether dense_swiglu takes them
     available() -> bool       whether it runs here (x86-64 with AVX2 and FMA, a C++ compiler, the CPU
                               backend); builds and registers it on first use
 
@@ -66,8 +69,9 @@ import jax.numpy as jnp
 from pallas_kernels import cpu_ffi
 
 TARGET = "jaxinfer_dense_dot"
+SWIGLU_TARGET = "jaxinfer_dense_swiglu"
 KERNEL = cpu_ffi.CpuKernel(
-    "CPU dense matmul kernel", (TARGET,), Path(__file__).with_suffix(".cc"),
+    "CPU dense matmul kernel", (TARGET, SWIGLU_TARGET), Path(__file__).with_suffix(".cc"),
     (cpu_ffi.Isa(("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
                  frozenset({"avx2", "fma", "avx512f"})), cpu_ffi.AVX2))
 available = KERNEL.available
@@ -91,6 +95,26 @@ def serves(rows: int, w) -> bool:
     if not (getattr(w, "ndim", 0) == 2 and w.dtype in DTYPES and w.shape[1] % LANE == 0 and rows >= 1):
         return False
     return rows <= MAX_FMA_ROWS or (w.dtype == jnp.bfloat16 and (AMX_BF16 or GEMM_BF16))
+
+
+def serves_swiglu(rows: int, w) -> bool:
+    """Whether `dense_swiglu` takes `rows` activation rows against the gate_up weight `w`: bfloat16
+    on a CPU with AMX-BF16, whose loop applies the SwiGLU at its tile stores."""
+    return (AMX_BF16 and not GEMM_BF16 and getattr(w, "ndim", 0) == 2 and w.dtype == jnp.bfloat16
+            and w.shape[1] % (2 * LANE) == 0 and rows >= 1)
+
+
+def dense_swiglu(x: jax.Array, w_gate_up: jax.Array) -> jax.Array:
+    """silu(gate) * up of `x [M, K] @ w_gate_up [K, 2F]`, whose columns interleave gate_i and up_i,
+    as bfloat16 [M, F] (module docstring): gate and up rounded to bfloat16 first, as
+    `jaxinfer.model.layers.swiglu_mlp` takes them from `linear`, then float32 math."""
+    if not (x.ndim == 2 and x.dtype == w_gate_up.dtype and x.shape[1] == w_gate_up.shape[0]
+            and serves_swiglu(x.shape[0], w_gate_up)):
+        raise ValueError(f"dense_swiglu takes bfloat16 x [M, K] and w [K, N] with N a multiple of {2 * LANE} on a "
+                         f"CPU with AMX-BF16; got {x.shape} {x.dtype} and {w_gate_up.shape} {w_gate_up.dtype}")
+    KERNEL.ensure_registered()
+    out = jax.ShapeDtypeStruct((x.shape[0], w_gate_up.shape[1] // 2), jnp.bfloat16)
+    return jax.ffi.ffi_call(SWIGLU_TARGET, out)(x, w_gate_up)
 
 
 def dense_dot(x: jax.Array, w: jax.Array) -> jax.Array:

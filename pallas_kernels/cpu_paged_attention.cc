@@ -87,6 +87,7 @@
 #include <vector>
 
 #include "cpu_amx.h"
+#include "cpu_exp.h"
 #include "cpu_thread_pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -187,22 +188,7 @@ void axpy(float a, const float* x, float* y, int64_t d) {
     _mm256_storeu_ps(y + i, _mm256_fmadd_ps(scale, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
 }
 
-// exp(x) for 8 floats x <= 0 (logits minus their maximum), to about 2 ulp: x = n ln2 + r with
-// |r| <= ln2 / 2, exp(r) by Cephes' expf polynomial, 2^n through the exponent bits. libm's scalar
-// expf was most of the kernel's time at long contexts.
-__m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // below this exp(x) is under float's normal range
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 poly = _mm256_set1_ps(1.9875691500e-4f);
-  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c));
-  const __m256 exp_r = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(poly, r), r, r), _mm256_set1_ps(1.0f));
-  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(exp_r, _mm256_castsi256_ps(two_n));
-}
+using jaxinfer::exp_nonpositive;
 
 // row[i] = exp(row[i] - peak) in place (peak: the row's largest value); returns their sum.
 float exp_in_place(float* row, int64_t len, float peak) {

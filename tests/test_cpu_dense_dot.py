@@ -6,7 +6,8 @@ float32 and bfloat16 weights, on its GEMM loop for bfloat16 in the AVX2 build (r
 loop for bfloat16 (full and partial groups of 16 and 32 rows, panels of one to eight per item) and
 on its AVX512-BF16 loop (passes of 4 (k, k + 1) pairs and single pairs,
 32-column steps and a last 16, chunks of 4 rows, K slabs and column tiles), on the CPUs that have
-them, and the step's routing of float32 and bfloat16 weights to it."""
+them, and the step's routing of float32 and bfloat16 weights to it; its SwiGLU (AMX items, slabbed
+products, the FMA loop) against float64 and the MLP's unfused path, and swiglu_mlp's use of it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfer.model.layers import linear
+from jaxinfer.model.layers import linear, swiglu_mlp
 from jaxinfer.runner.step import KernelDenseWeight, route_dense_weights
 from pallas_kernels import cpu_dense_dot
 
@@ -62,6 +63,41 @@ def test_fma_loop_takes_bfloat16_rows_in_chunks_where_amx_does_not_fit(rng, m, k
                                      (45, 96, 3072), (130, 576, 256), (256, 64, 8192)])
 def test_amx_loop_matches_float64_matmul(rng, m, k, n):
     assert_matches_float64(*random_problem(rng, m, k, n, jnp.bfloat16))
+
+
+@needs_kernel
+@pytest.mark.skipif(not cpu_dense_dot.AMX_BF16, reason="needs a CPU with AMX-BF16")
+@pytest.mark.parametrize("m, k, n", [(3, 64, 32), (8, 64, 64), (32, 576, 3072), (33, 576, 3072), (200, 96, 160),
+                                     (256, 576, 3072)])
+def test_fused_swiglu_matches_the_unfused_mlp_half(rng, m, k, n):
+    # Rows below 8 (the FMA loop), slabbed AMX (up to 32 rows: the SwiGLU after the slabs' sum) and
+    # the AMX loop's tile stores (partial row groups at 33 and 200 rows).
+    x, w, x64, w64 = random_problem(rng, m, k, n, jnp.bfloat16)
+    weight = KernelDenseWeight(w)
+    assert weight.fuses_swiglu(x)
+    fused = np.asarray(jax.jit(weight.swiglu)(x)).astype(np.float64)
+    assert fused.shape == (m, n // 2)
+    # The float64 oracle: silu(gate) * up of the product, gate and up rounded to bfloat16 first.
+    product = (x64 @ w64).astype(jnp.bfloat16).astype(np.float64)
+    gate, up = product[:, 0::2], product[:, 1::2]
+    want = gate * np.exp(-np.logaddexp(0.0, -gate)) * up  # sigmoid without overflow
+    # bfloat16 rounding of gate, up (the kernel's float32 sums may round to the next value) and the result.
+    np.testing.assert_allclose(fused, want, rtol=2**-6, atol=2**-12 * np.abs(want).max())
+    # swiglu_mlp's unfused path on the same product: linear's bfloat16 gate and up, then silu's tanh
+    # form in float32, which loses the small values of very negative gates to cancellation (0
+    # below about -17); the fused exp form keeps them. Elsewhere both round alike.
+    gate_up = np.asarray(jax.jit(cpu_dense_dot.dense_dot)(x, w)).astype(jnp.bfloat16).astype(np.float32)
+    gate32, up32 = gate_up[:, 0::2], gate_up[:, 1::2]
+    unfused = (gate32 * (0.5 + 0.5 * np.tanh(0.5 * gate32)) * up32).astype(jnp.bfloat16).astype(np.float64)
+    np.testing.assert_allclose(fused, unfused, rtol=2**-7, atol=2**-12 * np.abs(unfused).max())
+
+
+def test_swiglu_mlp_takes_the_fused_kernel_where_it_serves(rng):
+    x, w, _, _ = random_problem(rng, 40, 64, 96, jnp.bfloat16)
+    w_down = jnp.asarray(rng.standard_normal((48, 64)), jnp.bfloat16)
+    text = jax.jit(swiglu_mlp).lower(x, KernelDenseWeight(w), w_down).as_text()
+    assert (cpu_dense_dot.SWIGLU_TARGET in text) == (cpu_dense_dot.available() and cpu_dense_dot.serves_swiglu(40, w))
+    assert cpu_dense_dot.SWIGLU_TARGET not in jax.jit(swiglu_mlp).lower(x, w, w_down).as_text()
 
 
 @needs_kernel

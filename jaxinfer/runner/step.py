@@ -83,6 +83,15 @@ class KernelDenseWeight:
         x_rows = x.reshape(rows, -1).astype(self.w.dtype)
         return cpu_dense_dot.dense_dot(x_rows, self.w).astype(x.dtype).reshape(*x.shape[:-1], -1)
 
+    def fuses_swiglu(self, x: jax.Array) -> bool:
+        """Whether `swiglu` takes x: bfloat16 activations where the kernel fuses the MLP's SwiGLU."""
+        return x.dtype == self.w.dtype and cpu_dense_dot.serves_swiglu(math.prod(x.shape[:-1]), self.w)
+
+    def swiglu(self, x: jax.Array) -> jax.Array:
+        """silu(gate) * up of x times this gate_up weight, in x's dtype (`swiglu_mlp`'s first half)."""
+        rows = math.prod(x.shape[:-1])
+        return cpu_dense_dot.dense_swiglu(x.reshape(rows, -1), self.w).reshape(*x.shape[:-1], -1)
+
 
 def route_dense_weight(w, num_devices: int):
     """`w` as a step multiplies it: wrapped as KernelDenseWeight where it is a float32 or bfloat16

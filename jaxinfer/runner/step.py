@@ -72,7 +72,9 @@ class KernelDenseWeight:
     counts it serves (float32 up to cpu_dense_dot.MAX_FMA_ROWS rows, bfloat16 any with AMX or
     without AVX-512); others stay XLA's dot. Either way x is taken in the weight's dtype and the
     product accumulates in float32, returned in x's dtype (as `linear` on the bare weight, and as
-    the head's float32 logits). Made inside the traced step only, never stored."""
+    the head's float32 logits). As an MLP's gate_up weight in bfloat16 on an AMX CPU it also takes
+    the SwiGLU in the same kernel call (`fuses_swiglu`, `swiglu`). Made inside the traced step only,
+    never stored."""
     w: jax.Array
 
     def matmul(self, x: jax.Array) -> jax.Array:

@@ -424,10 +424,11 @@ inline void swiglu_pairs(const float* pairs, uint16_t* act) {
                       (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_mul_ps(gate, sigmoid), up)));
 }
 
-// act [M, N / 2] = swiglu_pairs over every 32 columns of y [M, N].
-void swiglu_rows(const float* y, int64_t m, int64_t n, uint16_t* act) {
+// Columns c0 / 2 .. c1 / 2 - 1 of act [M, N / 2] = swiglu_pairs over columns c0 .. c1 - 1 of y [M, N]
+// (c0, c1 multiples of 32).
+void swiglu_columns(const float* y, int64_t m, int64_t n, int64_t c0, int64_t c1, uint16_t* act) {
   for (int64_t r = 0; r < m; ++r)
-    for (int64_t c = 0; c < n; c += kPanelCols) swiglu_pairs(y + r * n + c, act + r * (n / 2) + c / 2);
+    for (int64_t c = c0; c < c1; c += kPanelCols) swiglu_pairs(y + r * n + c, act + r * (n / 2) + c / 2);
 }
 
 // Rows k0 .. k1 - 1, columns n0 .. n0 + cols - 1 of w as B tiles: panel j (columns n0 + 32 j ..)
@@ -518,10 +519,7 @@ void amx_item(const AmxProblem& p, int64_t i) {
   // straight from the tile stores (through L1) it was slower: a 512-token prefill step's 137 / 161 /
   // 141 against 123 / 151 / 136 ms unfused (Xeon VM, 2026-12-05), the vector work then waiting on
   // the tile stores and the tiles on it.
-  if (p.act)
-    for (int64_t r = 0; r < p.m; ++r)
-      for (int64_t c = n0; c < n0 + cols; c += kPanelCols)
-        swiglu_pairs(p.partial + r * p.n + c, p.act + r * (p.n / 2) + c / 2);
+  if (p.act) swiglu_columns(p.partial, p.m, p.n, n0, n0 + cols, p.act);
 }
 
 // out = x w; with `act` also its SwiGLU into act: per item (amx_item), or over out once the K
@@ -536,7 +534,7 @@ void amx_dot(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* w, float*
   const AmxProblem p{x, w, r.slabs > 1 ? partial_sums.data() : out, m, k, n, r, r.slabs == 1 ? act : nullptr};
   jaxinfer::run_on_pool(pool, r.slabs * r.tiles, m, [p](int64_t i) { amx_item(p, i); });
   if (r.slabs > 1) sum_partials(p.partial, r.slabs, m * n, out);
-  if (act && !p.act) swiglu_rows(out, m, n, act);
+  if (act && !p.act) swiglu_columns(out, m, n, 0, n, act);
 }
 
 // ---- AVX512-BF16 (see the top of this file).
@@ -726,21 +724,24 @@ void gemm_dot(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* w, float
 // loop runs, else in a pass over y.
 void bf16_dot(ffi::ThreadPool& pool, const uint16_t* x16, const uint16_t* w16, float* out, int64_t m, int64_t k,
               int64_t n, uint16_t* act = nullptr) {
+  // The FMA loop takes float32 rows.
+  auto fma_rows = [&] {
+    std::vector<float> x32(m * k);
+    for (int64_t i = 0; i < m * k; ++i) x32[i] = bf16_to_f32(x16[i]);
+    fma_dot(pool, x32.data(), w16, out, m, k, n);
+  };
 #if defined(__AVX512F__)
   if (amx_serves(m, k, n)) return amx_dot(pool, x16, w16, out, m, k, n, act);
   if (dp_serves(m, k))
     dp_dot(pool, x16, w16, out, m, k, n);
-  else {
-    std::vector<float> x32(m * k);
-    for (int64_t i = 0; i < m * k; ++i) x32[i] = bf16_to_f32(x16[i]);
-    fma_dot(pool, x32.data(), w16, out, m, k, n);
-  }
-  if (act) swiglu_rows(out, m, n, act);
+  else
+    fma_rows();
+  if (act) swiglu_columns(out, m, n, 0, n, act);
 #else
-  if (m > kFmaRows) return gemm_dot(pool, x16, w16, out, m, k, n);
-  std::vector<float> x32(m * k);
-  for (int64_t i = 0; i < m * k; ++i) x32[i] = bf16_to_f32(x16[i]);
-  fma_dot(pool, x32.data(), w16, out, m, k, n);
+  if (m > kFmaRows)
+    gemm_dot(pool, x16, w16, out, m, k, n);
+  else
+    fma_rows();
 #endif
 }
 

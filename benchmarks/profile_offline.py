@@ -1,7 +1,7 @@
 """Where an offline run's time goes: the steps of `jaxinfer bench throughput`'s workload, by bucket.
 
 Runs the offline workload (all requests at once; the same random requests as `jaxinfer bench
-throughput` for the same --num-requests, --input-len, --output-len and --seed) through an
+throughput` for the same workload options, a --dataset of prompts included) through an
 in-process engine and times every call of the compiled step, grouped by the bucket it ran and the
 model steps per call (a multi-step decode call runs several). It prints the output tokens/s, the
 wall time split into the steps and everything else (scheduling, inputs, outputs: the host), and
@@ -17,8 +17,10 @@ import argparse
 import collections
 import time
 
-from jaxinfer.bench.dataset import LengthRange, fresh_prefixes, random_requests
+from jaxinfer.bench.dataset import fresh_prefixes
 from jaxinfer.bench.engine_runs import drive
+from jaxinfer.bench.runs import warm_up, workload
+from jaxinfer.commands.bench import add_workload_args
 from jaxinfer.engine.create import create_engine
 from jaxinfer.runner.model_runner import ModelRunner
 
@@ -26,14 +28,12 @@ from jaxinfer.runner.model_runner import ModelRunner
 def timed_calls(runner: ModelRunner) -> dict[tuple[str, int], list[float]]:
     """Wraps `runner.execute` so that every call's seconds land under (bucket name, model steps)."""
     seconds = collections.defaultdict(list)
-    execute, ladder = runner.execute, runner.engine_cfg.ladder
+    execute = runner.execute
 
     def timed(out, seed_of):
-        chunks = out.scheduled
-        bucket = ladder.select(sum(c.num_new_tokens for c in chunks), len(chunks), sum(c.num_samples for c in chunks))
         start = time.perf_counter()
         result = execute(out, seed_of)
-        seconds[(bucket.name, out.num_steps)].append(time.perf_counter() - start)
+        seconds[(runner.bucket_of(out).name, out.num_steps)].append(time.perf_counter() - start)
         return result
 
     runner.execute = timed
@@ -43,18 +43,13 @@ def timed_calls(runner: ModelRunner) -> dict[tuple[str, int], list[float]]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", nargs="?", help="engine directory, checkpoint or .gguf (default model if omitted)")
-    parser.add_argument("--num-requests", type=int, default=256)
-    parser.add_argument("--input-len", type=LengthRange.parse, default=LengthRange(16, 512))
-    parser.add_argument("--output-len", type=LengthRange.parse, default=LengthRange(16, 256))
-    parser.add_argument("--seed", type=int, default=0)
+    add_workload_args(parser, num_requests=256)
     args = parser.parse_args()
     engine = create_engine(args.model, progress=False)
     vocab = engine.model_cfg.vocab_size
-    warm = random_requests(4, LengthRange(8, 40), LengthRange(4, 4), vocab, seed=12345)
-    drive(engine, warm, [0.0] * len(warm))
+    warm_up(engine)
     # Shifted first tokens, as bench throughput's own run takes them (no prefix cache from earlier runs).
-    requests = fresh_prefixes(random_requests(args.num_requests, args.input_len, args.output_len, vocab, args.seed),
-                              1, vocab)
+    requests = fresh_prefixes(workload(args, vocab, engine.tokenizer.encode), 1, vocab)
     seconds = timed_calls(engine.runner)
     _, wall = drive(engine, requests, [0.0] * len(requests))
     in_steps = sum(map(sum, seconds.values()))

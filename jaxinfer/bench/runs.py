@@ -45,13 +45,13 @@ def _engine(args, max_num_seqs: int | None = None):
                          decode_steps=args.decode_steps)
 
 
-def _workload(args, vocab_size: int, encode) -> list[BenchRequest]:
+def workload(args, vocab_size: int, encode) -> list[BenchRequest]:
     if args.dataset is not None:
         return jsonl_requests(args.dataset, encode, args.output_len.high)[:args.num_requests]
     return random_requests(args.num_requests, args.input_len, args.output_len, vocab_size, args.seed)
 
 
-def _warm_up(engine) -> None:
+def warm_up(engine) -> None:
     """A few short requests through every step kind, so first-call costs stay out of the figures."""
     warm = random_requests(4, LengthRange(8, 40), LengthRange(4, 4), engine.model_cfg.vocab_size, seed=12345)
     drive(engine, warm, [0.0] * len(warm))
@@ -91,8 +91,8 @@ def _samples(timings: list[RequestTiming]) -> dict[str, list[float]]:
 def throughput_main(args) -> None:
     baselines = _external_baselines(args)
     engine = _engine(args)
-    requests = _workload(args, engine.model_cfg.vocab_size, engine.tokenizer.encode)
-    _warm_up(engine)
+    requests = workload(args, engine.model_cfg.vocab_size, engine.tokenizer.encode)
+    warm_up(engine)
     offsets = [0.0] * len(requests)
     systems, samples = {}, {}
     systems["jaxinfer"], timings = _run_engine(engine, requests, offsets, run_index=1)
@@ -132,7 +132,7 @@ def _rates(totals: dict) -> dict:
 def latency_main(args) -> None:
     baselines = _external_baselines(args)
     engine = _engine(args, max_num_seqs=args.max_num_seqs or max(args.batch_sizes))
-    _warm_up(engine)
+    warm_up(engine)
     bandwidth = args.bandwidth * 1e9 if args.bandwidth else copy_bandwidth()
     ours = {"ttft_s": {str(n): latency.ttft(engine, n, args.repeats, args.seed + n) for n in args.prompt_lens},
             "decode_tokens_per_s": {str(b): latency.decode_rate(engine, b, args.decode_context, args.decode_tokens,
@@ -190,13 +190,13 @@ def serve_main(args) -> None:
         from jaxinfer.bench.grpc_load import model_vocab_size, run_load
 
         vocab_size = model_vocab_size(args.target)
-        requests = _workload(args, vocab_size, _no_text_prompts)
+        requests = workload(args, vocab_size, _no_text_prompts)
         runs = {"jaxinfer serve": lambda index, offsets, concurrency: run_load(
             args.target, fresh_prefixes(requests, index, vocab_size), offsets, concurrency)}
     else:
         engine = _engine(args)
-        requests = _workload(args, engine.model_cfg.vocab_size, engine.tokenizer.encode)
-        _warm_up(engine)
+        requests = workload(args, engine.model_cfg.vocab_size, engine.tokenizer.encode)
+        warm_up(engine)
         static_batch = args.static_batch or engine.engine_cfg.max_num_seqs
         runs = {"jaxinfer": lambda index, offsets, _: drive(
             engine, fresh_prefixes(requests, index, engine.model_cfg.vocab_size), offsets)}

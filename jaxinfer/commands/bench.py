@@ -46,7 +46,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-steps", type=int, help="model steps per decode-only call (1: one step a call)")
 
 
-def _add_workload_args(parser: argparse.ArgumentParser, num_requests: int) -> None:
+def add_workload_args(parser: argparse.ArgumentParser, num_requests: int) -> None:
     parser.add_argument("--num-requests", type=int, default=num_requests)
     parser.add_argument("--input-len", type=LengthRange.parse, default=LengthRange(16, 512),
                         help="prompt tokens: N or LO:HI (uniform)")
@@ -86,7 +86,7 @@ def add_bench_parsers(subparsers) -> None:
 
     throughput = modes.add_parser("throughput", help="offline: all requests at once")
     _add_engine_args(throughput)
-    _add_workload_args(throughput, num_requests=256)
+    add_workload_args(throughput, num_requests=256)
     _add_baseline_args(throughput, workload=True)
     throughput.add_argument("--static-batch", type=int, help="static batch size (default: max_num_seqs)")
     _add_output_args(throughput, "throughput")
@@ -109,7 +109,7 @@ def add_bench_parsers(subparsers) -> None:
     serve = modes.add_parser("serve", help="timed arrivals against --target HOST:PORT or an in-process engine")
     _add_engine_args(serve)
     serve.add_argument("--target", help="HOST:PORT of a `jaxinfer serve` gRPC server (else in-process MODEL)")
-    _add_workload_args(serve, num_requests=64)
+    add_workload_args(serve, num_requests=64)
     load = serve.add_mutually_exclusive_group()
     load.add_argument("--request-rate", type=_float_list, default=[math.inf],
                       help="requests/s, comma-separated for a sweep (inf: all at once)")

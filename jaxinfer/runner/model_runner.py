@@ -73,8 +73,7 @@ class ModelRunner:
         scheduled entry (aligned with `out.scheduled`, empty for mid-prompt chunks)."""
         chunks = out.scheduled
         ecfg = self.engine_cfg
-        bucket = ecfg.ladder.select(sum(c.num_new_tokens for c in chunks), len(chunks),
-                                    sum(c.num_samples for c in chunks))
+        bucket = self.bucket_of(out)
         if bucket not in self.executables:
             raise EngineError(f"no compiled step for bucket {bucket.name}; the engine was built with other buckets")
         inputs, rows = build_step_inputs(chunks, out.block_copies, bucket, ecfg.block_size, ecfg.max_blocks_per_seq,
@@ -91,6 +90,12 @@ class ModelRunner:
                                                    result.top_ids[step, row], result.top_logprobs[step, row]))
             steps.append(sampled)
         return steps
+
+    def bucket_of(self, out: SchedulerOutput) -> Bucket:
+        """The compiled bucket a call of `out` runs: its tokens, sequences and samples."""
+        chunks = out.scheduled
+        return self.engine_cfg.ladder.select(sum(c.num_new_tokens for c in chunks), len(chunks),
+                                             sum(c.num_samples for c in chunks))
 
     def _sampling_metadata(self, chunks, rows, bucket: Bucket, seed_of: Callable[[str], int]):
         seqs = [chunks[entry].seq for entry, _ in rows]

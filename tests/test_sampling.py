@@ -135,6 +135,20 @@ def test_greedy_is_argmax_of_penalized_logits():
     np.testing.assert_array_equal(np.asarray(jit_sample(logits, plain).token_ids), np.argmax(logits, axis=1))
 
 
+def test_greedy_takes_the_first_of_tied_maxima_in_any_block():
+    """A vocabulary of two whole blocks of 256 tokens (the argmax's first level) and a partial third."""
+    vocab = 700
+    rng = np.random.default_rng(9)
+    logits = rng.standard_normal((7, vocab)).astype(np.float32)
+    for row, tied in enumerate([(3, 4), (250, 600), (255, 256), (699,), (513, 699), (0, 699)]):
+        logits[row, list(tied)] = 10.0 + row
+    logits[6] = -np.inf
+    md = metadata_for([(SamplingParams(temperature=0.0), [], [])] * len(logits), vocab=vocab)
+    got = np.asarray(jit_sample(logits, md).token_ids)
+    np.testing.assert_array_equal(got, [3, 250, 255, 699, 513, 0, 0])
+    np.testing.assert_array_equal(got, np.argmax(logits, axis=1))
+
+
 def test_penalties_follow_hf_vllm_semantics():
     rng = np.random.default_rng(3)
     rows = random_rows(rng, 16)

@@ -31,11 +31,14 @@ Rows where it does not (k > max_candidates, or a flat distribution whose nucleus
 resolved exactly by a 32-step bisection over the float bit patterns of the full row, run only when
 some row needs it. A full sort of [S, V] is avoided: on CPU it is 50-200x slower than `lax.top_k`.
 The draw is an exact two-level inverse CDF (block of 256 tokens, then token within the block),
-with two uniforms per row, so no [S, V] random numbers or cumulative sums are materialized. The
-filters and the draw run only when some row samples, and the log-softmax and `lax.top_k` of the
-logprobs only when some row asks for them: on the 2-core Zen 2 VM a greedy step without logprobs
-went from 7.8 to 1.5 ms at S = 32 (and from 0.36 to 0.20 at S = 1), sampling at temperature 1 from
-7.7 to 3.4 (benchmarks/bench_sampling.py), where a bfloat16 decode step at S = 32 takes 120-140 ms.
+with two uniforms per row, so no [S, V] random numbers, weights or cumulative sums are
+materialized; the greedy argmax is two-level the same way. The filters and the draw run only when
+some row samples, and the log-softmax and `lax.top_k` of the logprobs only when some row asks for
+them: on the 2-core Zen 2 VM a greedy step without logprobs went from 7.8 to 1.5 ms at S = 32 (and
+from 0.36 to 0.20 at S = 1), sampling at temperature 1 from 7.7 to 3.4 (benchmarks/bench_sampling.py),
+where a bfloat16 decode step at S = 32 takes 120-140 ms. The two-level argmax and draw then took a
+greedy `sample` at S = 64 on the Xeon VM from about 3.7 to 0.8 ms, and one at temperature 0.7 from
+about 8 to 4 (in-process A/B against the one-level forms, 2026-12-05).
 
 Randomness: each row's uniforms come from the threefry key
 fold_in(fold_in(key(seed), child_index), output_position), so the same request and seed give the
@@ -64,7 +67,7 @@ from jaxinfer.sampling_params import MAX_LOGPROBS, SamplingParams
 # nuclei of peaked distributions.
 DEFAULT_MAX_CANDIDATES = 128
 DEFAULT_SUPPRESS_LEN = 8
-_DRAW_BLOCK = 256
+_BLOCK = 256  # tokens per block of the two-level passes: the greedy argmax and the draw
 _BISECTION_STEPS = 32  # bit patterns of float32 span 2**32 values
 
 
@@ -203,11 +206,15 @@ def _fill_history(row: np.ndarray, token_ids: Sequence[int], what: str, vocab_si
 
 def penalized_logits(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
     """[S, V] float32 logits after repetition/frequency/presence penalties and min_tokens bans."""
-    vocab = logits.shape[1]
-    # Skipping is exact: neutral penalties and no bans leave every value unchanged bit for bit.
-    active = (jnp.any(md.repetition_penalty != 1) | jnp.any(md.presence_penalty != 0)
-              | jnp.any(md.frequency_penalty != 0) | jnp.any(md.suppressed_token_ids < vocab))
-    return jax.lax.cond(active, _apply_penalties, lambda values, _: values, logits, md)
+    return jax.lax.cond(_penalties_active(md, logits.shape[1]), _apply_penalties, lambda values, _: values,
+                        logits, md)
+
+
+def _penalties_active(md: SamplingMetadata, vocab: int) -> jax.Array:
+    """Whether some row has penalties or bans. Skipping them is exact: neutral penalties and no
+    bans leave every value unchanged bit for bit."""
+    return (jnp.any(md.repetition_penalty != 1) | jnp.any(md.presence_penalty != 0)
+            | jnp.any(md.frequency_penalty != 0) | jnp.any(md.suppressed_token_ids < vocab))
 
 
 def _apply_penalties(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
@@ -275,13 +282,16 @@ def sample(logits: jax.Array, md: SamplingMetadata,
         raise EngineError(f"sample: logits have {logits.shape[0]} rows but the sampling metadata "
                           f"{md.temperature.shape[0]}; build both for the same sequence bucket")
     logits = logits.astype(jnp.float32)
-    penalized = penalized_logits(logits, md)
-    greedy_ids, penalized_max = _first_argmax(penalized)
-
     # Each branch pair below gives every row that reads its result the same value whichever
     # branch runs, so a row's token and logprobs never depend on the other rows of the batch.
+    # The greedy tokens come out of their cond as [S] arrays: a cond that returned the penalized
+    # [S, V] logits would copy them whenever it skipped the penalties (1 ms at S = 64).
+    greedy_ids, penalized_max = jax.lax.cond(
+        _penalties_active(md, logits.shape[1]),
+        lambda: _first_argmax(_apply_penalties(logits, md)), lambda: _first_argmax(logits))
+
     def draw():
-        filtered = _filter(penalized, penalized_max, md, max_candidates)
+        filtered = _filter(penalized_logits(logits, md), penalized_max, md, max_candidates)
         return _draw(filtered.scaled, filtered.threshold, filtered.row_max, _row_uniforms(md))
 
     drawn = jax.lax.cond(jnp.any(md.temperature != 0), draw, lambda: greedy_ids)
@@ -306,11 +316,27 @@ def _no_logprobs(logits: jax.Array, token_ids: jax.Array) -> tuple[jax.Array, ja
 
 def _first_argmax(values: jax.Array) -> tuple[jax.Array, jax.Array]:
     """([S] int32 first index of each row's max, [S] the max)."""
-    # Two plain reductions: XLA:CPU's variadic argmax reduce is ~3x slower on [S, V].
-    vocab = values.shape[1]
-    row_max = jnp.max(values, axis=1)
-    is_max = values == row_max[:, None]
-    return jnp.min(jnp.where(is_max, jnp.arange(vocab, dtype=jnp.int32)[None, :], vocab), axis=1), row_max
+    # In two levels, the maxima of blocks of _BLOCK tokens, then the first block that holds the
+    # row's max and the first such token in it: one pass over [S, V] and two small ones. The
+    # one-level form (a [S, V] select of indices where values equal the max, then their min)
+    # writes and reads an int32 [S, V] and took 3.7 ms of a greedy `sample` at S = 64 on the Xeon
+    # VM against 0.7 here; XLA:CPU's variadic argmax reduce is slower still on [S, V].
+    blocks = _blocks(values, -jnp.inf)
+    # The barrier keeps XLA from turning the max of the block maxima into a second pass over [S, V].
+    block_max = jax.lax.optimization_barrier(jnp.max(blocks, axis=2))
+    row_max = jnp.max(block_max, axis=1)
+    first_block = jnp.argmax(block_max == row_max[:, None], axis=1)
+    block = jnp.take_along_axis(blocks, first_block[:, None, None], axis=1)[:, 0]
+    within = jnp.argmax(block == row_max[:, None], axis=1)
+    return (first_block * _BLOCK + within).astype(jnp.int32), row_max
+
+
+def _blocks(values: jax.Array, fill: float) -> jax.Array:
+    """[S, V] -> [S, ceil(V / _BLOCK), _BLOCK], the last block padded with `fill`."""
+    num_rows, vocab = values.shape
+    num_blocks = -(-vocab // _BLOCK)
+    return jnp.pad(values, ((0, 0), (0, num_blocks * _BLOCK - vocab)), constant_values=fill).reshape(
+        num_rows, num_blocks, _BLOCK)
 
 
 def _filter_threshold(scaled: jax.Array, row_max: jax.Array, md: SamplingMetadata,
@@ -412,14 +438,16 @@ def _row_uniforms(md: SamplingMetadata) -> jax.Array:
 def _draw(scaled: jax.Array, threshold: jax.Array, row_max: jax.Array, uniforms: jax.Array) -> jax.Array:
     """[S] int32: one token per row from softmax(scaled) over scaled >= threshold, by a block of
     tokens, then a token within it; `row_max` [S] is the largest kept value of each row."""
-    num_rows, vocab = scaled.shape
-    num_blocks = -(-vocab // _DRAW_BLOCK)
-    weights = jnp.where(scaled >= threshold[:, None], jnp.exp(scaled - row_max[:, None]), 0.0)
-    weights = jnp.pad(weights, ((0, 0), (0, num_blocks * _DRAW_BLOCK - vocab)))
-    weights = weights.reshape(num_rows, num_blocks, _DRAW_BLOCK)
-    block = _inverse_cdf(jnp.sum(weights, axis=2), uniforms[:, 0])
-    block_weights = jnp.take_along_axis(weights, block[:, None, None], axis=1)[:, 0]
-    return block * _DRAW_BLOCK + _inverse_cdf(block_weights, uniforms[:, 1])
+    def weights(values):  # scaled values [S, ...] -> their unnormalized probabilities
+        shape = (-1,) + (1,) * (values.ndim - 1)
+        return jnp.where(values >= threshold.reshape(shape), jnp.exp(values - row_max.reshape(shape)), 0.0)
+
+    # The weights of the chosen block are taken again from its scaled values rather than kept:
+    # an [S, V] array of weights read twice would be written out in full.
+    blocks = _blocks(scaled, -jnp.inf)
+    block = _inverse_cdf(jnp.sum(weights(blocks), axis=2), uniforms[:, 0])
+    chosen = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]
+    return block * _BLOCK + _inverse_cdf(weights(chosen), uniforms[:, 1])
 
 
 def _inverse_cdf(weights: jax.Array, uniform: jax.Array) -> jax.Array:

@@ -31,14 +31,14 @@ Rows where it does not (k > max_candidates, or a flat distribution whose nucleus
 resolved exactly by a 32-step bisection over the float bit patterns of the full row, run only when
 some row needs it. A full sort of [S, V] is avoided: on CPU it is 50-200x slower than `lax.top_k`.
 The draw is an exact two-level inverse CDF (block of 256 tokens, then token within the block),
-with two uniforms per row, so no [S, V] random numbers, weights or cumulative sums are
-materialized; the greedy argmax is two-level the same way. The filters and the draw run only when
-some row samples, and the log-softmax and `lax.top_k` of the logprobs only when some row asks for
-them: on the 2-core Zen 2 VM a greedy step without logprobs went from 7.8 to 1.5 ms at S = 32 (and
-from 0.36 to 0.20 at S = 1), sampling at temperature 1 from 7.7 to 3.4 (benchmarks/bench_sampling.py),
-where a bfloat16 decode step at S = 32 takes 120-140 ms. The two-level argmax and draw then took a
-greedy `sample` at S = 64 on the Xeon VM from about 3.7 to 0.8 ms, and one at temperature 0.7 from
-about 8 to 4 (in-process A/B against the one-level forms, 2026-12-05).
+with two uniforms per row, so no [S, V] random numbers or cumulative sums are materialized; the
+greedy argmax is two-level the same way. The filters and the draw run only when some row samples,
+and the log-softmax and `lax.top_k` of the logprobs only when some row asks for them: on the 2-core
+Zen 2 VM a greedy step without logprobs went from 7.8 to 1.5 ms at S = 32 (and from 0.36 to 0.20 at
+S = 1), sampling at temperature 1 from 7.7 to 3.4 (benchmarks/bench_sampling.py), where a bfloat16
+decode step at S = 32 takes 120-140 ms. The two-level argmax then took a greedy `sample` at S = 64
+on the Xeon VM from about 3.7 to 0.8 ms, and with the changes to the draw and the filters noted
+below, one at temperature 0.7 from about 8 to 4 (in-process A/B, 2026-12-05).
 
 Randomness: each row's uniforms come from the threefry key
 fold_in(fold_in(key(seed), child_index), output_position), so the same request and seed give the
@@ -447,8 +447,9 @@ def _draw(scaled: jax.Array, threshold: jax.Array, row_max: jax.Array, uniforms:
         shape = (-1,) + (1,) * (values.ndim - 1)
         return jnp.where(values >= threshold.reshape(shape), jnp.exp(values - row_max.reshape(shape)), 0.0)
 
-    # The weights of the chosen block are taken again from its scaled values rather than kept:
-    # an [S, V] array of weights read twice would be written out in full.
+    # The chosen block's weights are taken again from its scaled values, so that the [S, V] weights
+    # have one use, the block sums: with two, XLA:CPU wrote out the exponentials and then the
+    # weights as two arrays (sampling at S = 64 took 0.82-0.88x as long with one, Xeon VM).
     blocks = _blocks(scaled, -jnp.inf)
     block = _inverse_cdf(jnp.sum(weights(blocks), axis=2), uniforms[:, 0])
     chosen = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]

@@ -137,3 +137,12 @@ def test_kv_bytes_per_position_counts_every_layer_and_the_scales(kv_dtype, eleme
     caches = [init_layer_cache(7, 4, cfg.num_kv_heads, cfg.head_dim, kv_dtype) for _ in range(cfg.num_layers)]
     expected = roofline.kv_bytes_per_token(cfg, element_bytes) + 2 * cfg.num_layers * cfg.num_kv_heads * scale_bytes
     assert kv_bytes_per_position(caches) == expected
+
+
+def test_last_level_cache_is_the_highest_level_sysfs_lists(tmp_path):
+    for index, (level, size) in enumerate([("1", "48K"), ("1", "32K"), ("2", "2048K"), ("3", "300M\n"), ("x", "9G")]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "level").write_text(level)
+        (tmp_path / f"index{index}" / "size").write_text(size)
+    assert device_probe.last_level_cache_bytes(tmp_path) == 300 * 2**20
+    assert device_probe.last_level_cache_bytes(tmp_path / "missing") is None

@@ -5,12 +5,14 @@ on a CPU the better of that, which XLA may spread over several threads, and a nu
 is FLOP/s of a jitted `[rows, k] @ [k, n]` with device-resident operands in the engine's dtype,
 taken the way an engine's step takes it: on a CPU where the dense kernel runs, through it (AMX
 tiles for bfloat16 where the CPU has them), else XLA's dot, float32 sums either way. Both report
-the median of several timed repetitions after a warm-up.
+the median of several timed repetitions after a warm-up. `last_level_cache_bytes` reads the size
+of the CPU's largest cache: weights that fit in it can stream faster than the copy bandwidth.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -55,3 +57,21 @@ def matmul_rate(dtype: str = "float32", rows: int = 256, k: int = 2048, n: int =
     weight = route_dense_weight(w, num_devices=1)
     matmul = jax.jit(linear)
     return 2 * rows * k * n / median_seconds(lambda: matmul(x, weight).block_until_ready(), repeats)
+
+
+def last_level_cache_bytes(cache_dir: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
+    """Size of the highest-level cache CPU 0 sees (sysfs `indexN/level` and `size`, as "307200K"),
+    or None where the backend is not the CPU or sysfs does not say."""
+    if jax.default_backend() != "cpu":
+        return None
+    caches = []
+    for index in cache_dir.glob("index*"):
+        try:
+            level, size = int((index / "level").read_text()), (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:].upper(), 1)
+        digits = size[:-1] if scale > 1 else size
+        if digits.isdigit():
+            caches.append((level, int(digits) * scale))
+    return max(caches)[1] if caches else None

@@ -65,8 +65,12 @@ def kv_bytes_per_position(caches: Sequence[LayerKVCache]) -> float:
     return sum(leaf.nbytes for leaf in jax.tree.leaves(caches)) / (caches[0].num_blocks * caches[0].block_size)
 
 
+def token_bytes(engine: LLMEngine, context: int = 0) -> float:
+    """Bytes a batch-1 decode token reads: its weights once, and the K/V of `context` positions."""
+    return streamed_weight_bytes(engine.runner.params) + context * kv_bytes_per_position(engine.runner.kv_caches)
+
+
 def bandwidth_roofline(engine: LLMEngine, bandwidth_bytes_per_s: float, context: int = 0) -> float:
     """Tokens/s at batch 1 if each token costs exactly one read of its weights, and of the K/V of
     `context` positions, at this bandwidth."""
-    token_bytes = streamed_weight_bytes(engine.runner.params) + context * kv_bytes_per_position(engine.runner.kv_caches)
-    return bandwidth_bytes_per_s / token_bytes
+    return bandwidth_bytes_per_s / token_bytes(engine, context)

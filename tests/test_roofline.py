@@ -10,6 +10,7 @@ import pytest
 from jaxinfer.bench import device_probe, roofline
 from jaxinfer.bench.latency import kv_bytes_per_position, streamed_weight_bytes
 from jaxinfer.cache.kv_pool import init_layer_cache
+from jaxinfer.commands.roofline import format_report
 from jaxinfer.model.config import ModelConfig
 from jaxinfer.model.llama import param_shapes
 from jaxinfer.quant.apply import quantize_params
@@ -77,6 +78,12 @@ def test_default_model_kv_bytes_and_batch1_roofline():
     assert report["batch1_decode_bandwidth_bound_tokens_per_s"] == pytest.approx(30e9 / (4 * cfg.num_params))
     assert 55 < report["batch1_decode_bandwidth_bound_tokens_per_s"] < 57
     assert report["decode_step"]["bound"] == "bandwidth"
+    # Weights that fit in the CPU's last-level cache are said to, since decode can then beat the bound.
+    note = "last-level cache, which can serve them faster"
+    report["device"]["matmul_dtype"] = "given"
+    for cache, noted in ((None, False), (report["weight_bytes"] - 1, False), (report["weight_bytes"], True)):
+        report["device"]["last_level_cache_bytes"] = cache
+        assert (note in format_report(report)) == noted, cache
 
 
 def test_step_estimates_take_the_slower_bound():

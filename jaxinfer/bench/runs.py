@@ -9,7 +9,7 @@ from jaxinfer.bench import latency, plots
 from jaxinfer.bench.arrivals import arrival_offsets
 from jaxinfer.bench.dataset import (BenchRequest, LengthRange, fresh_prefixes, jsonl_requests, random_requests,
                                     workload_summary)
-from jaxinfer.bench.device_probe import copy_bandwidth, last_level_cache_bytes
+from jaxinfer.bench.device_probe import cache_note, copy_bandwidth, last_level_cache_bytes
 from jaxinfer.bench.engine_runs import drive
 from jaxinfer.bench.baselines import BASELINES, checkpoint_source, run_job
 from jaxinfer.bench.metrics import RequestTiming, run_metrics
@@ -166,10 +166,8 @@ def latency_main(args) -> None:
         print(f"batch-1 decode {batch1:.1f} tokens/s = {batch1 / stream_rate:.2f} of the memory-bandwidth roofline "
               f"({stream_rate:.1f} tokens/s at {bandwidth / 1e9:.1f} GB/s copy bandwidth: the weights and "
               f"{context} positions' K/V a token)")
-        if cache is not None and read_per_token <= cache:
-            print(f"  the {read_per_token / 1e6:.0f} MB a token reads fit in this CPU's {cache / 2**20:.0f} MiB "
-                  "last-level cache, which can serve them faster than the memory the copy probe measured, "
-                  "so the ratio can exceed 1")
+        if note := cache_note(read_per_token, cache):
+            print(f"  {note}, so the ratio can exceed 1")
     write_results(args.output, {"engine_config": vars(engine.engine_cfg), "roofline": roofline_fields,
                                 "systems": systems, "jaxinfer_advantage": advantages(systems, columns, "jaxinfer")})
     if args.plot:

@@ -43,6 +43,7 @@ def main(args) -> None:
     report = roofline_report(cfg, Device(bandwidth, flops), args.batch, args.context, dtype, kv_dtype)
     report["device"]["measured"] = {"bandwidth": args.bandwidth is None, "flops": args.flops is None}
     report["device"]["matmul_dtype"] = "given" if args.flops else matmul_dtype
+    report["device"]["last_level_cache_bytes"] = device_probe.last_level_cache_bytes()
     print(format_report(report))
     write_results(args.output, report)
 
@@ -64,4 +65,10 @@ def format_report(report: dict) -> str:
           for label, step, rate in (("decode ", decode, report["decode_tokens_per_s"]),
                                     ("prefill", prefill, report["prefill_tokens_per_s"]))),
         f"batch-1 decode bandwidth bound: {report['batch1_decode_bandwidth_bound_tokens_per_s']:.1f} tokens/s",
+        *_cache_note(report),
     ])
+
+
+def _cache_note(report: dict) -> list[str]:
+    note = device_probe.cache_note(report["weight_bytes"], report["device"].get("last_level_cache_bytes"))
+    return [f"  {note}"] if note else []

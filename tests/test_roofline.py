@@ -78,10 +78,11 @@ def test_default_model_kv_bytes_and_batch1_roofline():
     assert report["batch1_decode_bandwidth_bound_tokens_per_s"] == pytest.approx(30e9 / (4 * cfg.num_params))
     assert 55 < report["batch1_decode_bandwidth_bound_tokens_per_s"] < 57
     assert report["decode_step"]["bound"] == "bandwidth"
-    # Weights that fit in the CPU's last-level cache are said to, since decode can then beat the bound.
+    # A decode step whose reads fit in the CPU's last-level cache is said to, since it can then beat the bound.
     note = "last-level cache, which can serve them faster"
     report["device"]["matmul_dtype"] = "given"
-    for cache, noted in ((None, False), (report["weight_bytes"] - 1, False), (report["weight_bytes"], True)):
+    step_bytes = report["decode_step"]["bytes"]
+    for cache, noted in ((None, False), (step_bytes - 1, False), (step_bytes, True)):
         report["device"]["last_level_cache_bytes"] = cache
         assert (note in format_report(report)) == noted, cache
 

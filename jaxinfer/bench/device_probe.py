@@ -77,10 +77,10 @@ def last_level_cache_bytes(cache_dir: Path = Path("/sys/devices/system/cpu/cpu0/
     return max(caches)[1] if caches else None
 
 
-def cache_note(bytes_per_token: float, cache_bytes: int | None) -> str | None:
-    """Where the bytes a decode token reads fit in the CPU's last-level cache (`cache_bytes`, None
-    if unknown), a note that the cache can serve them faster than the memory a roofline assumes."""
-    if cache_bytes is None or bytes_per_token > cache_bytes:
+def cache_note(bytes_per_step: float, cache_bytes: int | None) -> str | None:
+    """Where the bytes a decode step reads fit in the CPU's last-level cache (`cache_bytes`, None if
+    unknown), a note that the cache can serve them faster than the memory a roofline assumes."""
+    if cache_bytes is None or bytes_per_step > cache_bytes:
         return None
-    return (f"the {bytes_per_token / 1e6:.0f} MB a token reads fit in this CPU's {cache_bytes / 2**20:.0f} MiB "
+    return (f"the {bytes_per_step / 1e6:.0f} MB a decode step reads fit in this CPU's {cache_bytes / 2**20:.0f} MiB "
             "last-level cache, which can serve them faster than the memory bandwidth the roofline assumes")

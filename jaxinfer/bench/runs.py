@@ -140,7 +140,8 @@ def latency_main(args) -> None:
                                     for b in args.batch_sizes}}
     # the context a batch-1 decode step reads: the prompt and, on average, half the decoded tokens
     context = args.decode_context + args.decode_tokens // 2
-    stream_rate = latency.bandwidth_roofline(engine, bandwidth, context)
+    read_per_token = latency.token_bytes(engine, context)
+    stream_rate = bandwidth / read_per_token
     systems = {"jaxinfer": ours}
     vocab = engine.model_cfg.vocab_size
     for baseline in baselines:
@@ -158,7 +159,7 @@ def latency_main(args) -> None:
                   for b in args.batch_sizes])
     print(comparison_table(systems, columns, reference="jaxinfer"))
     batch1 = ours["decode_tokens_per_s"].get("1")
-    read_per_token, cache = latency.token_bytes(engine, context), last_level_cache_bytes()
+    cache = last_level_cache_bytes()
     roofline_fields = {"copy_bandwidth_gb_per_s": bandwidth / 1e9, "roofline_tokens_per_s": stream_rate,
                        "mean_context": context, "token_bytes": read_per_token, "last_level_cache_bytes": cache}
     if batch1 is not None:

@@ -70,5 +70,5 @@ def format_report(report: dict) -> str:
 
 
 def _cache_note(report: dict) -> list[str]:
-    note = device_probe.cache_note(report["weight_bytes"], report["device"].get("last_level_cache_bytes"))
+    note = device_probe.cache_note(report["decode_step"]["bytes"], report["device"].get("last_level_cache_bytes"))
     return [f"  {note}"] if note else []

@@ -99,7 +99,8 @@ def serves(rows: int, w) -> bool:
 
 def serves_swiglu(rows: int, w) -> bool:
     """Whether `dense_swiglu` takes `rows` activation rows against the gate_up weight `w`: bfloat16
-    on a CPU with AMX-BF16, whose loop applies the SwiGLU at its tile stores."""
+    on a CPU with AMX-BF16, whose AMX items take the SwiGLU of their part of the product while it is
+    in L2 (other row counts: one pass after the product)."""
     return (AMX_BF16 and not GEMM_BF16 and getattr(w, "ndim", 0) == 2 and w.dtype == jnp.bfloat16
             and w.shape[1] % (2 * LANE) == 0 and rows >= 1)
 

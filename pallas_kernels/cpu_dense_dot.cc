@@ -3,8 +3,11 @@
 //
 //   jaxinfer_dense_dot: x [M, K] f32 | bf16, w [K, N] f32 | bf16 (row-major, N % 16 == 0),
 //                       x in w's dtype -> y [M, N] f32
+//   jaxinfer_dense_swiglu: x [M, K] bf16, w_gate_up [K, N] bf16 -> act [M, N / 2] bf16
+//   jaxinfer_dense_add_norm: x [M, K] bf16, w [K, N] bf16, residual [M, N] f32, norm weight [N]
+//                            f32 | bf16; attribute eps -> (residual + y [M, N] f32, its RMSNorm bf16)
 //
-// Four loops, all summing in float32, and a SwiGLU after the product:
+// Four loops, all summing in float32, and a SwiGLU or a residual add and RMSNorm after the product:
 //
 // FMA (float32; bfloat16 at one row, or where neither bfloat16 loop below serves): a few-row matmul
 // reads every weight once and does M multiply-adds with it, so it runs at the rate the weight
@@ -45,6 +48,16 @@
 // benchmark's workload ran at 396.2 / 440.3 against 361.4 / 362.7 output tokens/s
 // (benchmarks/profile_offline.py, two alternating pairs, 2026-12-05).
 //
+// Residual add and RMSNorm (jaxinfer_dense_add_norm, both builds): a layer's output projection (o or
+// down), the residual add and the next norm in one call. The product, by whichever loop serves,
+// rounded to bfloat16 as the unfused path's `linear` returns it, is added to the float32 residual
+// stream, and each row of the sum normed, in one pass over rows shared with the thread pool. It
+// replaces four XLA operations over the rows (convert-add, the sum of squares, rsqrt, multiply-
+// convert), 180 a step of SmolLM2. On the Xeon VM, traced engine steps (benchmarks/profile_step.py,
+// alternating, 2026-12-05): the dense kernels and those operations took 1.71x the SwiGLU's time in
+// a batch-64 decode step against 1.81x unfused (four pairs; about 2% of the step), 0.97x against
+// 1.01x in a 256-token prefill step, and the same at batch 1.
+//
 // AVX512-BF16 (bfloat16 from kDpMinRows rows on CPUs with vdpbf16ps but no AMX, as AMD's Zen 4
 // and later; K even): vdpbf16ps adds, per float32 lane, the products of one (k, k + 1) pair, so
 // it does twice the multiply-adds of an FMA per instruction and needs no widening. Items and the
@@ -76,6 +89,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -125,6 +139,21 @@ using VecI = __m512i;
 inline VecI load_bits(const uint16_t* w) { return _mm512_loadu_si512(w); }
 inline VecF low_halves(VecI v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
 inline VecF high_halves(VecI v) { return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(-65536))); }
+inline VecF mul(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
+inline float lane_sum(VecF v) { return _mm512_reduce_add_ps(v); }
+// v rounded to the nearest bfloat16 (ties to even) as XLA's convert does, NaN kept a quiet NaN: the
+// bfloat16 bits in each lane's top half, the low half zero (so also the rounded float32).
+inline VecI bf16_bits(VecF v) {
+  const __m512i bits = _mm512_castps_si512(v), top = _mm512_set1_epi32(-65536);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), top);
+  const __m512i quiet = _mm512_and_si512(_mm512_or_si512(bits, _mm512_set1_epi32(0x400000)), top);
+  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, quiet);
+}
+inline VecF bits_as_f32(VecI v) { return _mm512_castsi512_ps(v); }
+inline void store_bf16(uint16_t* p, VecI bits) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
 // (even, odd) -> the 2 x kLane values in order.
 inline void interleave(VecF even, VecF odd, float* out) {
   alignas(64) static constexpr int32_t kLow[16] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
@@ -149,6 +178,25 @@ using VecI = __m256i;
 inline VecI load_bits(const uint16_t* w) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)); }
 inline VecF low_halves(VecI v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
 inline VecF high_halves(VecI v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(-65536))); }
+inline VecF mul(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
+inline float lane_sum(VecF v) {
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  sum = _mm_hadd_ps(sum, sum);
+  return _mm_cvtss_f32(_mm_hadd_ps(sum, sum));
+}
+inline VecI bf16_bits(VecF v) {
+  const __m256i bits = _mm256_castps_si256(v), top = _mm256_set1_epi32(-65536);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), top);
+  const __m256i quiet = _mm256_and_si256(_mm256_or_si256(bits, _mm256_set1_epi32(0x400000)), top);
+  return _mm256_blendv_epi8(rounded, quiet, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+inline VecF bits_as_f32(VecI v) { return _mm256_castsi256_ps(v); }
+inline void store_bf16(uint16_t* p, VecI bits) {
+  const __m256i high = _mm256_srli_epi32(bits, 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1)));
+}
 inline void interleave(VecF even, VecF odd, float* out) {
   const __m256 a = _mm256_unpacklo_ps(even, odd), b = _mm256_unpackhi_ps(even, odd);
   _mm256_storeu_ps(out, _mm256_permute2f128_ps(a, b, 0x20));
@@ -784,6 +832,62 @@ ffi::Error DenseSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
 #endif
 }
 
+// ---- Residual add and RMSNorm (jaxinfer_dense_add_norm, see the top of this file).
+// Rows per work item of the pass after the product: a 256-row step makes 8 items.
+constexpr int64_t kNormRowsPerItem = 32;
+
+// Rows r0 .. r1 - 1: residual_out = residual + bf16(product), normed = bf16(residual_out *
+// rsqrt(mean(residual_out^2) + eps) * norm_w), in the order of `jaxinfer.model.layers.rms_norm` (n
+// is a multiple of kLane). residual_out may be residual itself.
+void add_norm_rows(const float* product, const float* residual, const float* norm_w, int64_t n, float eps,
+                   int64_t r0, int64_t r1, float* residual_out, uint16_t* normed) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float *y = product + r * n, *x = residual + r * n;
+    float* sum = residual_out + r * n;
+    VecF squares = broadcast(0.0f);
+    for (int64_t c = 0; c < n; c += kLane) {
+      const VecF value = add(load_f32(x + c), bits_as_f32(bf16_bits(load_f32(y + c))));
+      store_f32(sum + c, value);
+      squares = fmadd(value, value, squares);
+    }
+    const VecF scale = broadcast(1.0f / std::sqrt(lane_sum(squares) / static_cast<float>(n) + eps));
+    for (int64_t c = 0; c < n; c += kLane)
+      store_bf16(normed + r * n + c, bf16_bits(mul(mul(load_f32(sum + c), scale), load_f32(norm_w + c))));
+  }
+}
+
+// (residual + x w, its RMSNorm times norm_weight): the product of any of the loops above, rounded
+// to bfloat16 as the unfused path's `linear` returns it, then one pass over it by rows.
+ffi::Error DenseAddNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                        ffi::Buffer<ffi::F32> residual, ffi::AnyBuffer norm_weight, float eps,
+                        ffi::ResultBuffer<ffi::F32> residual_out, ffi::ResultBuffer<ffi::BF16> normed) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), rd = residual.dimensions(), nd = norm_weight.dimensions();
+  const auto norm_dtype = norm_weight.element_type();
+  if (xd.size() != 2 || wd.size() != 2 || rd.size() != 2 || nd.size() != 1 || xd[1] != wd[0] || xd[0] < 1 ||
+      wd[1] % kColumnMultiple != 0 || rd[0] != xd[0] || rd[1] != wd[1] || nd[0] != wd[1] ||
+      !(norm_dtype == ffi::DataType::F32 || norm_dtype == ffi::DataType::BF16))
+    return ffi::Error::InvalidArgument("jaxinfer_dense_add_norm: expected bf16 x [M, K] and w [K, N], f32 residual "
+                                       "[M, N], f32 or bf16 norm weight [N], with N a multiple of 16");
+  const int64_t m = xd[0], k = xd[1], n = wd[1];
+  std::vector<float> norm_w(n);
+  for (int64_t c = 0; c < n; ++c)
+    norm_w[c] = norm_dtype == ffi::DataType::F32
+                    ? static_cast<const float*>(norm_weight.untyped_data())[c]
+                    : bf16_to_f32(static_cast<const uint16_t*>(norm_weight.untyped_data())[c]);
+  // The float32 product, kept per thread so that calls do not allocate.
+  thread_local std::vector<float> product;
+  product.resize(m * n);
+  bf16_dot(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), reinterpret_cast<const uint16_t*>(w.typed_data()),
+           product.data(), m, k, n);
+  const float *y = product.data(), *norm = norm_w.data(), *res = residual.typed_data();
+  float* out = residual_out->typed_data();
+  uint16_t* act = reinterpret_cast<uint16_t*>(normed->typed_data());
+  jaxinfer::run_on_pool(pool, (m + kNormRowsPerItem - 1) / kNormRowsPerItem, m, [=](int64_t i) {
+    add_norm_rows(y, res, norm, n, eps, i * kNormRowsPerItem, std::min(m, (i + 1) * kNormRowsPerItem), out, act);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_dense_dot, DenseDot,
@@ -798,4 +902,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_dense_swiglu, DenseSwiglu,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_dense_add_norm, DenseAddNorm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>());

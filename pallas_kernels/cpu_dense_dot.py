@@ -11,6 +11,11 @@ or AVX512-BF16 for bfloat16): a C++ kernel called through XLA FFI, reading the w
     dense_swiglu(x [M, K], w_gate_up [K, 2F]) -> [M, F] bf16   silu(gate) * up of the product,
         gate_i and up_i interleaved by column (jaxinfer.model.llama), bfloat16 on a CPU with AMX-BF16
     serves_swiglu(rows, w) -> bool   whether dense_swiglu takes them
+    dense_add_norm(x [M, K], w [K, N], residual [M, N], norm_weight [N], eps)
+        -> (residual + x @ w [M, N] f32, its RMSNorm [M, N] bf16)   bfloat16 x and w, the product
+        rounded to bfloat16 before the add (a layer's output projection, the residual add and the
+        next norm in one call)
+    serves_add_norm(rows, w) -> bool   whether dense_add_norm takes them
     available() -> bool       whether it runs here (x86-64 with AVX2 and FMA, a C++ compiler, the CPU
                               backend); builds and registers it on first use
 
@@ -65,13 +70,15 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import cpu_ffi
 
 TARGET = "jaxinfer_dense_dot"
 SWIGLU_TARGET = "jaxinfer_dense_swiglu"
+ADD_NORM_TARGET = "jaxinfer_dense_add_norm"
 KERNEL = cpu_ffi.CpuKernel(
-    "CPU dense matmul kernel", (TARGET, SWIGLU_TARGET), Path(__file__).with_suffix(".cc"),
+    "CPU dense matmul kernel", (TARGET, SWIGLU_TARGET, ADD_NORM_TARGET), Path(__file__).with_suffix(".cc"),
     (cpu_ffi.Isa(("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
                  frozenset({"avx2", "fma", "avx512f"})), cpu_ffi.AVX2))
 available = KERNEL.available
@@ -116,6 +123,31 @@ def dense_swiglu(x: jax.Array, w_gate_up: jax.Array) -> jax.Array:
     KERNEL.ensure_registered()
     out = jax.ShapeDtypeStruct((x.shape[0], w_gate_up.shape[1] // 2), jnp.bfloat16)
     return jax.ffi.ffi_call(SWIGLU_TARGET, out)(x, w_gate_up)
+
+
+def serves_add_norm(rows: int, w) -> bool:
+    """Whether `dense_add_norm` takes `rows` activation rows against the weight `w`: a bfloat16
+    weight at the row counts `dense_dot` takes."""
+    return getattr(w, "dtype", None) == jnp.bfloat16 and serves(rows, w)
+
+
+def dense_add_norm(x: jax.Array, w: jax.Array, residual: jax.Array, norm_weight: jax.Array,
+                   eps: float) -> tuple[jax.Array, jax.Array]:
+    """`residual [M, N] f32 + x [M, K] @ w [K, N]` and its RMSNorm times `norm_weight [N]`, as
+    (float32 [M, N], bfloat16 [M, N]) (module docstring): the product rounded to bfloat16 first, as
+    `jaxinfer.model.layers.residual_rms_norm` takes it from `linear`, then float32 math. The
+    residual's buffer is reused for the sum."""
+    m, n = x.shape[0], w.shape[-1]
+    if not (x.ndim == 2 and x.dtype == w.dtype and x.shape[1] == w.shape[0] and serves_add_norm(m, w)
+            and residual.shape == (m, n) and residual.dtype == jnp.float32 and norm_weight.shape == (n,)
+            and norm_weight.dtype in DTYPES):
+        raise ValueError(f"dense_add_norm takes bfloat16 x [M, K] and w [K, N] (N a multiple of {LANE}), a float32 "
+                         f"residual [M, N] and a norm weight [N]; got {x.shape} {x.dtype}, {w.shape} {w.dtype}, "
+                         f"{residual.shape} {residual.dtype}, {norm_weight.shape} {norm_weight.dtype}")
+    KERNEL.ensure_registered()
+    out = (jax.ShapeDtypeStruct((m, n), jnp.float32), jax.ShapeDtypeStruct((m, n), jnp.bfloat16))
+    return jax.ffi.ffi_call(ADD_NORM_TARGET, out, input_output_aliases={2: 0})(
+        x, w, residual, norm_weight, eps=np.float32(eps))
 
 
 def dense_dot(x: jax.Array, w: jax.Array) -> jax.Array:

@@ -7,7 +7,8 @@ loop for bfloat16 (full and partial groups of 16 and 32 rows, panels of one to e
 on its AVX512-BF16 loop (passes of 4 (k, k + 1) pairs and single pairs,
 32-column steps and a last 16, chunks of 4 rows, K slabs and column tiles), on the CPUs that have
 them, and the step's routing of float32 and bfloat16 weights to it; its SwiGLU (AMX items, slabbed
-products, the FMA loop) against float64 and the MLP's unfused path, and swiglu_mlp's use of it."""
+products, the FMA loop) against float64 and the MLP's unfused path, and swiglu's use of it; its
+residual add and RMSNorm against float64 and the unfused path, and residual_rms_norm's use of it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfer.model.layers import linear, swiglu_mlp
+from jaxinfer.model.layers import linear, residual_rms_norm, swiglu
 from jaxinfer.runner.step import KernelDenseWeight, route_dense_weights
 from pallas_kernels import cpu_dense_dot
 
@@ -83,7 +84,7 @@ def test_fused_swiglu_matches_the_unfused_mlp_half(rng, m, k, n):
     want = gate * np.exp(-np.logaddexp(0.0, -gate)) * up  # sigmoid without overflow
     # bfloat16 rounding of gate, up (the kernel's float32 sums may round to the next value) and the result.
     np.testing.assert_allclose(fused, want, rtol=2**-6, atol=2**-12 * np.abs(want).max())
-    # swiglu_mlp's unfused path on the same product: linear's bfloat16 gate and up, then silu's tanh
+    # swiglu's unfused path on the same product: linear's bfloat16 gate and up, then silu's tanh
     # form in float32, which loses the small values of very negative gates to cancellation (0
     # below about -17); the fused exp form keeps them. Elsewhere both round alike.
     gate_up = np.asarray(jax.jit(cpu_dense_dot.dense_dot)(x, w)).astype(jnp.bfloat16).astype(np.float32)
@@ -92,12 +93,69 @@ def test_fused_swiglu_matches_the_unfused_mlp_half(rng, m, k, n):
     np.testing.assert_allclose(fused, unfused, rtol=2**-7, atol=2**-12 * np.abs(unfused).max())
 
 
-def test_swiglu_mlp_takes_the_fused_kernel_where_it_serves(rng):
+def test_swiglu_takes_the_fused_kernel_where_it_serves(rng):
     x, w, _, _ = random_problem(rng, 40, 64, 96, jnp.bfloat16)
-    w_down = jnp.asarray(rng.standard_normal((48, 64)), jnp.bfloat16)
-    text = jax.jit(swiglu_mlp).lower(x, KernelDenseWeight(w), w_down).as_text()
+    text = jax.jit(swiglu).lower(x, KernelDenseWeight(w)).as_text()
     assert (cpu_dense_dot.SWIGLU_TARGET in text) == (cpu_dense_dot.available() and cpu_dense_dot.serves_swiglu(40, w))
-    assert cpu_dense_dot.SWIGLU_TARGET not in jax.jit(swiglu_mlp).lower(x, w, w_down).as_text()
+    assert cpu_dense_dot.SWIGLU_TARGET not in jax.jit(swiglu).lower(x, w).as_text()
+
+
+def residual_norm_problem(rng, m: int, k: int, n: int):
+    """bfloat16 x [m, k] and w [k, n], a float32 residual [m, n] of a default-model-like scale (up
+    to thousands), a bfloat16 norm weight [n]."""
+    x, w, x64, w64 = random_problem(rng, m, k, n, jnp.bfloat16)
+    residual = jnp.asarray(rng.standard_normal((m, n)) * rng.uniform(1, 3000, (m, 1)), jnp.float32)
+    norm_weight = jnp.asarray(rng.uniform(0.2, 3, n), jnp.bfloat16)
+    return x, w, residual, norm_weight, x64, w64
+
+
+@needs_kernel
+@pytest.mark.parametrize("m, k, n", [(1, 576, 576), (3, 37, 48), (8, 1536, 576), (17, 64, 80), (40, 576, 576),
+                                     (256, 1536, 576)])
+def test_residual_add_and_rms_norm_match_float64(rng, m, k, n):
+    """One row (the FMA loop's runs), a few (its row blocks), and beyond 8 (AMX, the GEMM loop or
+    the FMA loop's chunks, by CPU); one item of the pass over rows and several (32 rows each)."""
+    x, w, residual, norm_weight, x64, w64 = residual_norm_problem(rng, m, k, n)
+    eps = 1e-5
+    total, normed = jax.jit(KernelDenseWeight(w).residual_norm, static_argnums=3)(x, residual, norm_weight, eps)
+    assert total.dtype == jnp.float32 and normed.dtype == jnp.bfloat16 and normed.shape == (m, n)
+    # The float64 oracle: the product rounded to bfloat16 (the kernel's float32 sums may round to the
+    # neighbouring value), added to the residual, then the RMSNorm.
+    product = (x64 @ w64).astype(jnp.bfloat16).astype(np.float64)
+    want_total = np.asarray(residual, np.float64) + product
+    bound = 2**-7 * (np.abs(x64) @ np.abs(w64)) + 2**-22 * np.abs(want_total)
+    assert np.all(np.abs(np.asarray(total, np.float64) - want_total) <= bound)
+    want = want_total / np.sqrt(np.mean(want_total**2, axis=-1, keepdims=True) + eps) * np.asarray(
+        norm_weight.astype(jnp.float32), np.float64)
+    np.testing.assert_allclose(np.asarray(normed, np.float64), want, rtol=2**-7, atol=1e-6)
+    # The unfused path on the same weight: the same sums bit for bit where the products agree, the
+    # norm within one bfloat16 step.
+    unfused_total, unfused = jax.jit(residual_rms_norm, static_argnums=4)(residual, x, w, norm_weight, eps)
+    assert np.mean(np.asarray(total) == np.asarray(unfused_total)) > 0.99
+    np.testing.assert_allclose(np.asarray(normed, np.float32), np.asarray(unfused, np.float32), rtol=2**-7)
+
+
+def test_residual_rms_norm_takes_the_fused_kernel_where_it_serves(rng):
+    x, w, residual, norm_weight, _, _ = residual_norm_problem(rng, 40, 64, 96)
+
+    def text(w):
+        return jax.jit(residual_rms_norm, static_argnums=4).lower(residual, x, w, norm_weight, 1e-5).as_text()
+
+    assert (cpu_dense_dot.ADD_NORM_TARGET in text(KernelDenseWeight(w))) == (
+        cpu_dense_dot.available() and cpu_dense_dot.serves_add_norm(40, w))
+    assert cpu_dense_dot.ADD_NORM_TARGET not in text(w)
+    assert cpu_dense_dot.ADD_NORM_TARGET not in text(KernelDenseWeight(w.astype(jnp.float32)))
+
+
+@needs_kernel
+def test_residual_add_and_rms_norm_refuse_what_they_do_not_take(rng):
+    x, w, residual, norm_weight, _, _ = residual_norm_problem(rng, 4, 32, 48)
+    with pytest.raises(ValueError, match="float32 residual"):
+        cpu_dense_dot.dense_add_norm(x, w, residual.astype(jnp.bfloat16), norm_weight, 1e-5)
+    with pytest.raises(ValueError, match="norm weight"):
+        cpu_dense_dot.dense_add_norm(x, w, residual, norm_weight[:16], 1e-5)
+    with pytest.raises(ValueError, match="bfloat16 x"):
+        cpu_dense_dot.dense_add_norm(x.astype(jnp.float32), w.astype(jnp.float32), residual, norm_weight, 1e-5)
 
 
 @needs_kernel

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.model.config import ModelConfig
-from jaxinfer.model.layers import apply_rope, linear, rms_norm, rope_inverse_frequencies, swiglu_mlp
+from jaxinfer.model.layers import apply_rope, linear, residual_rms_norm, rms_norm, rope_inverse_frequencies, swiglu
 
 Params = dict[str, Any]
 # The layer weights that are matmuls (`linear`): what quantization and the CPU kernels replace.
@@ -64,18 +64,21 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     # of the weight (tests/test_model_hlo.py).
     x = jnp.take(params["embed"].T, tokens, axis=0, mode="clip").astype(jnp.float32)
     inv_freq = rope_inverse_frequencies(cfg)
+    layers, eps = params["layers"], cfg.rms_norm_eps
+    # Each residual add is taken with the norm after it: the MLP's with the next layer's, the last
+    # layer's with the final norm.
+    next_norms = [layer["attn_norm"] for layer in layers[1:]] + [params["final_norm"]]
+    h = rms_norm(x, layers[0]["attn_norm"], eps).astype(dtype)
     new_caches = []
-    for layer, cache in zip(params["layers"], kv_caches, strict=True):
-        h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps).astype(dtype)
+    for layer, next_norm, cache in zip(layers, next_norms, kv_caches, strict=True):
         q, k, v = _project_qkv(h, layer, cfg)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         attn, cache = attend(q, k, v, cache)
-        x = x + linear(attn.reshape(*attn.shape[:-2], -1), layer["wo"])
-        h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps).astype(dtype)
-        x = x + swiglu_mlp(h, layer["w_gate_up"], layer["w_down"])
+        x, h = residual_rms_norm(x, attn.reshape(*attn.shape[:-2], -1), layer["wo"], layer["mlp_norm"], eps)
+        x, h = residual_rms_norm(x, swiglu(h, layer["w_gate_up"]), layer["w_down"], next_norm, eps)
         new_caches.append(cache)
-    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps).astype(dtype), new_caches
+    return h, new_caches
 
 
 def head_weight(params: Params):

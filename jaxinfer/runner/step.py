@@ -73,8 +73,9 @@ class KernelDenseWeight:
     without AVX-512); others stay XLA's dot. Either way x is taken in the weight's dtype and the
     product accumulates in float32, returned in x's dtype (as `linear` on the bare weight, and as
     the head's float32 logits). As an MLP's gate_up weight in bfloat16 on an AMX CPU it also takes
-    the SwiGLU in the same kernel call (`fuses_swiglu`, `swiglu`). Made inside the traced step only,
-    never stored."""
+    the SwiGLU in the same kernel call (`fuses_swiglu`, `swiglu`), and as an output projection in
+    bfloat16 the residual add and the next RMSNorm (`fuses_residual_norm`, `residual_norm`). Made
+    inside the traced step only, never stored."""
     w: jax.Array
 
     def matmul(self, x: jax.Array) -> jax.Array:
@@ -90,9 +91,21 @@ class KernelDenseWeight:
         return x.dtype == self.w.dtype and cpu_dense_dot.serves_swiglu(math.prod(x.shape[:-1]), self.w)
 
     def swiglu(self, x: jax.Array) -> jax.Array:
-        """silu(gate) * up of x times this gate_up weight, in x's dtype (`swiglu_mlp`'s first half)."""
+        """silu(gate) * up of x times this gate_up weight, in x's dtype (`swiglu`)."""
         rows = math.prod(x.shape[:-1])
         return cpu_dense_dot.dense_swiglu(x.reshape(rows, -1), self.w).reshape(*x.shape[:-1], -1)
+
+    def fuses_residual_norm(self, x: jax.Array) -> bool:
+        """Whether `residual_norm` takes x: bfloat16 activations at row counts the kernel serves."""
+        return x.dtype == self.w.dtype and cpu_dense_dot.serves_add_norm(math.prod(x.shape[:-1]), self.w)
+
+    def residual_norm(self, x: jax.Array, residual: jax.Array, norm_weight: jax.Array,
+                      eps: float) -> tuple[jax.Array, jax.Array]:
+        """residual + x times this weight, and its RMSNorm (`residual_rms_norm`), in one kernel call."""
+        rows = math.prod(x.shape[:-1])
+        total, normed = cpu_dense_dot.dense_add_norm(x.reshape(rows, -1), self.w, residual.reshape(rows, -1),
+                                                     norm_weight, eps)
+        return total.reshape(residual.shape), normed.reshape(residual.shape)
 
 
 def route_dense_weight(w, num_devices: int):

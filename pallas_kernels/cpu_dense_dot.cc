@@ -6,8 +6,11 @@
 //   jaxinfer_dense_swiglu: x [M, K] bf16, w_gate_up [K, N] bf16 -> act [M, N / 2] bf16
 //   jaxinfer_dense_add_norm: x [M, K] bf16, w [K, N] bf16, residual [M, N] f32, norm weight [N]
 //                            f32 | bf16; attribute eps -> (residual + y [M, N] f32, its RMSNorm bf16)
+//   jaxinfer_dense_qkv_rope: x [M, K] bf16, w_qkv [K, N] bf16, cos, sin [M, D / 2] f32; attributes
+//                            kv_heads, q_per_kv -> q, k, v bf16, q and k rotated
 //
-// Four loops, all summing in float32, and a SwiGLU or a residual add and RMSNorm after the product:
+// Four loops, all summing in float32, and a SwiGLU, a residual add and RMSNorm, or the qkv split and
+// RoPE after the product:
 //
 // FMA (float32; bfloat16 at one row, or where neither bfloat16 loop below serves): a few-row matmul
 // reads every weight once and does M multiply-adds with it, so it runs at the rate the weight
@@ -57,6 +60,15 @@
 // alternating, 2026-12-05): the dense kernels and those operations took 1.71x the SwiGLU's time in
 // a batch-64 decode step against 1.81x unfused (four pairs; about 2% of the step), 0.97x against
 // 1.01x in a 256-token prefill step, and the same at batch 1.
+//
+// qkv split and RoPE (jaxinfer_dense_qkv_rope, both builds): the qkv projection, its split into
+// heads (grouped by kv head, jaxinfer.model.llama) and the rotation of q and k, in the same pass over
+// rows after the product, from cos and sin the step computes once. It replaces eleven XLA operations a
+// layer (the product's conversion, the halves' slices and concatenations, the rotations, v's copy).
+// On the Xeon VM, traced engine steps (benchmarks/profile_step.py, four alternating pairs,
+// 2026-12-05): the dense kernels and those operations took 1.15x the SwiGLU's time in a 256-token
+// prefill step against 1.26x unfused (about 4% of the step; whole steps faster in 3 of the 4 pairs),
+// and 1.83x against 1.88x in a batch-64 decode step (about 1%).
 //
 // AVX512-BF16 (bfloat16 from kDpMinRows rows on CPUs with vdpbf16ps but no AMX, as AMD's Zen 4
 // and later; K even): vdpbf16ps adds, per float32 lane, the products of one (k, k + 1) pair, so
@@ -140,6 +152,7 @@ inline VecI load_bits(const uint16_t* w) { return _mm512_loadu_si512(w); }
 inline VecF low_halves(VecI v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
 inline VecF high_halves(VecI v) { return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(-65536))); }
 inline VecF mul(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
+inline VecF sub(VecF a, VecF b) { return _mm512_sub_ps(a, b); }
 inline float lane_sum(VecF v) { return _mm512_reduce_add_ps(v); }
 // v rounded to the nearest bfloat16 (ties to even) as XLA's convert does, NaN kept a quiet NaN: the
 // bfloat16 bits in each lane's top half, the low half zero (so also the rounded float32).
@@ -179,6 +192,7 @@ inline VecI load_bits(const uint16_t* w) { return _mm256_loadu_si256(reinterpret
 inline VecF low_halves(VecI v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
 inline VecF high_halves(VecI v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(-65536))); }
 inline VecF mul(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
+inline VecF sub(VecF a, VecF b) { return _mm256_sub_ps(a, b); }
 inline float lane_sum(VecF v) {
   __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   sum = _mm_hadd_ps(sum, sum);
@@ -832,9 +846,25 @@ ffi::Error DenseSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
 #endif
 }
 
-// ---- Residual add and RMSNorm (jaxinfer_dense_add_norm, see the top of this file).
-// Rows per work item of the pass after the product: a 256-row step makes 8 items.
-constexpr int64_t kNormRowsPerItem = 32;
+// ---- Passes over the product's rows: the residual add and RMSNorm, RoPE (see the top of this file).
+// Rows per work item of such a pass: a 256-row step makes 8 items.
+constexpr int64_t kPassRowsPerItem = 32;
+
+// The float32 product y = x w (bfloat16 x [M, K], w [K, N]) by the first loop that serves, into a
+// buffer kept per thread so that calls do not allocate; then rows(y, r0, r1) over all M rows, in
+// items of kPassRowsPerItem rows shared with the pool.
+template <typename RowsFn>
+void product_then_rows(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, ffi::Buffer<ffi::BF16>& w, RowsFn rows) {
+  const int64_t m = x.dimensions()[0], k = x.dimensions()[1], n = w.dimensions()[1];
+  thread_local std::vector<float> product;
+  product.resize(m * n);
+  bf16_dot(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), reinterpret_cast<const uint16_t*>(w.typed_data()),
+           product.data(), m, k, n);
+  const float* y = product.data();
+  jaxinfer::run_on_pool(pool, (m + kPassRowsPerItem - 1) / kPassRowsPerItem, m, [&](int64_t i) {
+    rows(y, i * kPassRowsPerItem, std::min(m, (i + 1) * kPassRowsPerItem));
+  });
+}
 
 // Rows r0 .. r1 - 1: residual_out = residual + bf16(product), normed = bf16(residual_out *
 // rsqrt(mean(residual_out^2) + eps) * norm_w), in the order of `jaxinfer.model.layers.rms_norm` (n
@@ -868,22 +898,69 @@ ffi::Error DenseAddNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
       !(norm_dtype == ffi::DataType::F32 || norm_dtype == ffi::DataType::BF16))
     return ffi::Error::InvalidArgument("jaxinfer_dense_add_norm: expected bf16 x [M, K] and w [K, N], f32 residual "
                                        "[M, N], f32 or bf16 norm weight [N], with N a multiple of 16");
-  const int64_t m = xd[0], k = xd[1], n = wd[1];
+  const int64_t n = wd[1];
   std::vector<float> norm_w(n);
   for (int64_t c = 0; c < n; ++c)
     norm_w[c] = norm_dtype == ffi::DataType::F32
                     ? static_cast<const float*>(norm_weight.untyped_data())[c]
                     : bf16_to_f32(static_cast<const uint16_t*>(norm_weight.untyped_data())[c]);
-  // The float32 product, kept per thread so that calls do not allocate.
-  thread_local std::vector<float> product;
-  product.resize(m * n);
-  bf16_dot(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), reinterpret_cast<const uint16_t*>(w.typed_data()),
-           product.data(), m, k, n);
-  const float *y = product.data(), *norm = norm_w.data(), *res = residual.typed_data();
+  const float *norm = norm_w.data(), *res = residual.typed_data();
   float* out = residual_out->typed_data();
   uint16_t* act = reinterpret_cast<uint16_t*>(normed->typed_data());
-  jaxinfer::run_on_pool(pool, (m + kNormRowsPerItem - 1) / kNormRowsPerItem, m, [=](int64_t i) {
-    add_norm_rows(y, res, norm, n, eps, i * kNormRowsPerItem, std::min(m, (i + 1) * kNormRowsPerItem), out, act);
+  product_then_rows(pool, x, w, [=](const float* y, int64_t r0, int64_t r1) {
+    add_norm_rows(y, res, norm, n, eps, r0, r1, out, act);
+  });
+  return ffi::Error::Success();
+}
+
+// Rows r0 .. r1 - 1 of a grouped qkv product y [M, kv_heads * (q_per_kv + 2) * d] (for each kv
+// head: its q_per_kv query heads, then k, then v; jaxinfer.model.llama) -> q [M, kv_heads * q_per_kv
+// * d], k and v [M, kv_heads * d], bfloat16. Every value is first rounded to bfloat16, as the
+// unfused path's `linear` returns it; q and k heads are then rotated in float32 by the row's cos and
+// sin [M, d / 2] in `jaxinfer.model.layers.apply_rope`'s half-split form (x * cos + roll(x, d / 2)
+// * (-sin, sin)) and rounded again. d / 2 is a multiple of kLane.
+void qkv_rope_rows(const float* y, const float* cos, const float* sin, int64_t kv_heads, int64_t q_per_kv, int64_t d,
+                   int64_t r0, int64_t r1, uint16_t* q, uint16_t* k, uint16_t* v) {
+  const int64_t half = d / 2, n = kv_heads * (q_per_kv + 2) * d;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float *c = cos + r * half, *s = sin + r * half;
+    auto rotate = [&](const float* head, uint16_t* out) {
+      for (int64_t i = 0; i < half; i += kLane) {
+        const VecF first = bits_as_f32(bf16_bits(load_f32(head + i)));
+        const VecF second = bits_as_f32(bf16_bits(load_f32(head + half + i)));
+        const VecF cos_i = load_f32(c + i), sin_i = load_f32(s + i);
+        store_bf16(out + i, bf16_bits(sub(mul(first, cos_i), mul(second, sin_i))));
+        store_bf16(out + half + i, bf16_bits(add(mul(second, cos_i), mul(first, sin_i))));
+      }
+    };
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      const float* group = y + r * n + g * (q_per_kv + 2) * d;
+      for (int64_t j = 0; j < q_per_kv; ++j) rotate(group + j * d, q + (r * kv_heads * q_per_kv + g * q_per_kv + j) * d);
+      rotate(group + q_per_kv * d, k + (r * kv_heads + g) * d);
+      for (int64_t i = 0; i < d; i += kLane)
+        store_bf16(v + (r * kv_heads + g) * d + i, bf16_bits(load_f32(group + (q_per_kv + 1) * d + i)));
+    }
+  }
+}
+
+// (q, k, v) of x w_qkv, q and k rotated (RoPE): the attention's inputs in one call.
+ffi::Error DenseQkvRope(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                        ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin, int64_t kv_heads, int64_t q_per_kv,
+                        ffi::ResultBuffer<ffi::BF16> q, ffi::ResultBuffer<ffi::BF16> k, ffi::ResultBuffer<ffi::BF16> v) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), cd = cos.dimensions(), sd = sin.dimensions();
+  const int64_t heads = kv_heads * (q_per_kv + 2);
+  if (xd.size() != 2 || wd.size() != 2 || cd.size() != 2 || xd[1] != wd[0] || xd[0] < 1 || kv_heads < 1 ||
+      q_per_kv < 1 || wd[1] % heads != 0 || cd[0] != xd[0] || sd.size() != 2 || sd[0] != cd[0] || sd[1] != cd[1] ||
+      wd[1] / heads != 2 * cd[1] || cd[1] % kLane != 0)
+    return ffi::Error::InvalidArgument("jaxinfer_dense_qkv_rope: expected bf16 x [M, K] and w [K, kv_heads * "
+                                       "(q_per_kv + 2) * D], f32 cos and sin [M, D / 2] with D a multiple of 32");
+  const int64_t d = wd[1] / heads;
+  const float *c = cos.typed_data(), *s = sin.typed_data();
+  uint16_t* q_out = reinterpret_cast<uint16_t*>(q->typed_data());
+  uint16_t* k_out = reinterpret_cast<uint16_t*>(k->typed_data());
+  uint16_t* v_out = reinterpret_cast<uint16_t*>(v->typed_data());
+  product_then_rows(pool, x, w, [=](const float* y, int64_t r0, int64_t r1) {
+    qkv_rope_rows(y, c, s, kv_heads, q_per_kv, d, r0, r1, q_out, k_out, v_out);
   });
   return ffi::Error::Success();
 }
@@ -913,4 +990,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_dense_add_norm, DenseAddNorm,
                                   .Arg<ffi::AnyBuffer>()
                                   .Attr<float>("eps")
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_dense_qkv_rope, DenseQkvRope,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kv_heads")
+                                  .Attr<int64_t>("q_per_kv")
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>());

@@ -16,6 +16,10 @@ or AVX512-BF16 for bfloat16): a C++ kernel called through XLA FFI, reading the w
         rounded to bfloat16 before the add (a layer's output projection, the residual add and the
         next norm in one call)
     serves_add_norm(rows, w) -> bool   whether dense_add_norm takes them
+    dense_qkv_rope(x [M, K], w_qkv [K, N], cos, sin [M, D / 2], kv_heads, q_per_kv)
+        -> (q [M, kv_heads * q_per_kv * D], k, v [M, kv_heads * D]) bf16   bfloat16 x and w, whose
+        columns group each kv head's query heads, k and v (jaxinfer.model.llama); q and k rotated
+    serves_qkv_rope(rows, w, head_dim) -> bool   whether dense_qkv_rope takes them
     available() -> bool       whether it runs here (x86-64 with AVX2 and FMA, a C++ compiler, the CPU
                               backend); builds and registers it on first use
 
@@ -77,8 +81,9 @@ from pallas_kernels import cpu_ffi
 TARGET = "jaxinfer_dense_dot"
 SWIGLU_TARGET = "jaxinfer_dense_swiglu"
 ADD_NORM_TARGET = "jaxinfer_dense_add_norm"
+QKV_ROPE_TARGET = "jaxinfer_dense_qkv_rope"
 KERNEL = cpu_ffi.CpuKernel(
-    "CPU dense matmul kernel", (TARGET, SWIGLU_TARGET, ADD_NORM_TARGET), Path(__file__).with_suffix(".cc"),
+    "CPU dense matmul kernel", (TARGET, SWIGLU_TARGET, ADD_NORM_TARGET, QKV_ROPE_TARGET), Path(__file__).with_suffix(".cc"),
     (cpu_ffi.Isa(("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
                  frozenset({"avx2", "fma", "avx512f"})), cpu_ffi.AVX2))
 available = KERNEL.available
@@ -148,6 +153,35 @@ def dense_add_norm(x: jax.Array, w: jax.Array, residual: jax.Array, norm_weight:
     out = (jax.ShapeDtypeStruct((m, n), jnp.float32), jax.ShapeDtypeStruct((m, n), jnp.bfloat16))
     return jax.ffi.ffi_call(ADD_NORM_TARGET, out, input_output_aliases={2: 0})(
         x, w, residual, norm_weight, eps=np.float32(eps))
+
+
+def serves_qkv_rope(rows: int, w, head_dim: int) -> bool:
+    """Whether `dense_qkv_rope` takes `rows` activation rows against the grouped qkv weight `w` of
+    heads of `head_dim`: a bfloat16 weight at the row counts `dense_dot` takes, head_dim a multiple
+    of 2 x LANE (whole registers in each half of a head)."""
+    return getattr(w, "dtype", None) == jnp.bfloat16 and head_dim % (2 * LANE) == 0 and serves(rows, w)
+
+
+def dense_qkv_rope(x: jax.Array, w: jax.Array, cos: jax.Array, sin: jax.Array, kv_heads: int,
+                   q_per_kv: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q, k and v of `x [M, K] @ w [K, kv_heads * (q_per_kv + 2) * D]`, q and k rotated by the rows'
+    `cos` and `sin` [M, D / 2] float32, all bfloat16 (module docstring): every value rounded to
+    bfloat16 first, as `jaxinfer.model.llama` takes them from `linear`, then `apply_rope`'s float32
+    math."""
+    m, half = x.shape[0], cos.shape[-1]
+    head_dim = 2 * half
+    if not (x.ndim == 2 and x.dtype == w.dtype and x.shape[1] == w.shape[0] and serves_qkv_rope(m, w, head_dim)
+            and w.shape[1] == kv_heads * (q_per_kv + 2) * head_dim and cos.shape == sin.shape == (m, half)
+            and cos.dtype == sin.dtype == jnp.float32):
+        raise ValueError(f"dense_qkv_rope takes bfloat16 x [M, K] and w [K, kv_heads * (q_per_kv + 2) * D] with D a "
+                         f"multiple of {2 * LANE}, and float32 cos and sin [M, D / 2]; got {x.shape} {x.dtype}, "
+                         f"{w.shape} {w.dtype}, {cos.shape} {cos.dtype}, {sin.shape} {sin.dtype} for {kv_heads} kv "
+                         f"heads of {q_per_kv} query heads")
+    KERNEL.ensure_registered()
+    kv = jax.ShapeDtypeStruct((m, kv_heads * head_dim), jnp.bfloat16)
+    out = (jax.ShapeDtypeStruct((m, kv_heads * q_per_kv * head_dim), jnp.bfloat16), kv, kv)
+    return jax.ffi.ffi_call(QKV_ROPE_TARGET, out)(x, w, cos, sin, kv_heads=np.int64(kv_heads),
+                                                  q_per_kv=np.int64(q_per_kv))
 
 
 def dense_dot(x: jax.Array, w: jax.Array) -> jax.Array:

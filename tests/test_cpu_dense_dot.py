@@ -8,7 +8,8 @@ on its AVX512-BF16 loop (passes of 4 (k, k + 1) pairs and single pairs,
 32-column steps and a last 16, chunks of 4 rows, K slabs and column tiles), on the CPUs that have
 them, and the step's routing of float32 and bfloat16 weights to it; its SwiGLU (AMX items, slabbed
 products, the FMA loop) against float64 and the MLP's unfused path, and swiglu's use of it; its
-residual add and RMSNorm against float64 and the unfused path, and residual_rms_norm's use of it."""
+residual add and RMSNorm against float64 and the unfused path, and residual_rms_norm's use of it; its
+qkv split and RoPE against float64 and the unfused path, and the model's use of it."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfer.model.layers import linear, residual_rms_norm, swiglu
+from types import SimpleNamespace
+
+from jaxinfer.model import llama
+from jaxinfer.model.layers import linear, residual_rms_norm, rope_cos_sin, swiglu
 from jaxinfer.runner.step import KernelDenseWeight, route_dense_weights
 from pallas_kernels import cpu_dense_dot
 
@@ -156,6 +160,70 @@ def test_residual_add_and_rms_norm_refuse_what_they_do_not_take(rng):
         cpu_dense_dot.dense_add_norm(x, w, residual, norm_weight[:16], 1e-5)
     with pytest.raises(ValueError, match="bfloat16 x"):
         cpu_dense_dot.dense_add_norm(x.astype(jnp.float32), w.astype(jnp.float32), residual, norm_weight, 1e-5)
+
+
+def qkv_problem(rng, m: int, kv_heads: int, q_per_kv: int, head_dim: int, k: int = 96):
+    """bfloat16 x [m, k] and a grouped qkv weight, the model config's head counts, and the cos and sin
+    of random positions up to 4096 (so that rotations reach every angle)."""
+    x, w, x64, w64 = random_problem(rng, m, k, kv_heads * (q_per_kv + 2) * head_dim, jnp.bfloat16)
+    cfg = SimpleNamespace(num_kv_heads=kv_heads, q_per_kv=q_per_kv, head_dim=head_dim, num_heads=kv_heads * q_per_kv)
+    inv_freq = (1.0 / 10000 ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
+    cos, sin = rope_cos_sin(jnp.asarray(rng.integers(0, 4096, m), jnp.int32), inv_freq)
+    return x, w, cfg, cos, sin, x64, w64
+
+
+@needs_kernel
+@pytest.mark.parametrize("m, kv_heads, q_per_kv, head_dim", [(1, 3, 3, 64), (5, 2, 4, 32), (40, 3, 3, 64),
+                                                             (70, 1, 1, 128)])
+def test_qkv_split_and_rope_match_float64(rng, m, kv_heads, q_per_kv, head_dim):
+    """One row, a few, several items of the pass over rows (32 rows each); heads of 32 to 128."""
+    x, w, cfg, cos, sin, x64, w64 = qkv_problem(rng, m, kv_heads, q_per_kv, head_dim)
+    q, k, v = jax.jit(KernelDenseWeight(w).qkv_rope, static_argnums=(3, 4))(x, cos, sin, kv_heads, q_per_kv)
+    assert q.shape == (m, kv_heads * q_per_kv, head_dim) and k.shape == v.shape == (m, kv_heads, head_dim)
+    assert q.dtype == k.dtype == v.dtype == jnp.bfloat16
+    # The float64 oracle: the product rounded to bfloat16 (the kernel's float32 sums may round to the
+    # neighbouring value), grouped by kv head, q and k heads rotated by the half-split RoPE.
+    product = (x64 @ w64).astype(jnp.bfloat16).astype(np.float64).reshape(m, kv_heads, q_per_kv + 2, head_dim)
+    c, s = np.asarray(cos, np.float64)[:, None, :], np.asarray(sin, np.float64)[:, None, :]
+
+    def rotate(heads):
+        first, second = heads[..., :head_dim // 2], heads[..., head_dim // 2:]
+        return np.concatenate([first * c - second * s, second * c + first * s], axis=-1)
+
+    want_q = rotate(product[:, :, :q_per_kv].reshape(m, -1, head_dim))
+    magnitude = (np.abs(x64) @ np.abs(w64)).max()
+    for got, want in ((q, want_q), (k, rotate(product[:, :, q_per_kv])), (v, product[:, :, q_per_kv + 1])):
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2**-7, atol=2**-8 * magnitude)
+    # The unfused path on the same weight: the same values but for a rare rounding step.
+    unfused = jax.jit(lambda x, layer: llama._project_qkv_rope(x, layer, cfg, cos, sin))(x, {"w_qkv": w})
+    for got, want in zip((q, k, v), unfused):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        assert np.mean(got == want) > 0.99
+        np.testing.assert_allclose(got, want, rtol=2**-7, atol=2**-7 * np.abs(want).max())
+
+
+def test_the_model_takes_the_fused_qkv_kernel_where_it_serves(rng):
+    x, w, cfg, cos, sin, _, _ = qkv_problem(rng, 40, 3, 3, 64)
+
+    def text(layer):
+        return jax.jit(lambda x, layer: llama._project_qkv_rope(x, layer, cfg, cos, sin)).lower(x, layer).as_text()
+
+    serves = cpu_dense_dot.available() and cpu_dense_dot.serves_qkv_rope(40, w, 64)
+    assert (cpu_dense_dot.QKV_ROPE_TARGET in text({"w_qkv": KernelDenseWeight(w)})) == serves
+    assert cpu_dense_dot.QKV_ROPE_TARGET not in text({"w_qkv": w})
+    # A qkv bias (Qwen2) is added before the rotation: the kernel does not take it.
+    bias = jnp.asarray(rng.standard_normal(w.shape[1]), jnp.bfloat16)
+    assert cpu_dense_dot.QKV_ROPE_TARGET not in text({"w_qkv": KernelDenseWeight(w), "b_qkv": bias})
+
+
+@needs_kernel
+def test_qkv_split_and_rope_refuse_what_they_do_not_take(rng):
+    x, w, cfg, cos, sin, _, _ = qkv_problem(rng, 4, 3, 3, 64)
+    with pytest.raises(ValueError, match="3 kv heads of 2 query heads"):
+        cpu_dense_dot.dense_qkv_rope(x, w, cos, sin, 3, 2)
+    with pytest.raises(ValueError, match="float32 cos and sin"):
+        cpu_dense_dot.dense_qkv_rope(x, w, cos[:2], sin[:2], 3, 3)
+    assert not cpu_dense_dot.serves_qkv_rope(4, w, 48)
 
 
 @needs_kernel

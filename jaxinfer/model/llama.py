@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.model.config import ModelConfig
-from jaxinfer.model.layers import apply_rope, linear, residual_rms_norm, rms_norm, rope_inverse_frequencies, swiglu
+from jaxinfer.model.layers import (apply_rope, linear, residual_rms_norm, rms_norm, rope_cos_sin, rope_inverse_frequencies,
+                                   swiglu)
 
 Params = dict[str, Any]
 # The layer weights that are matmuls (`linear`): what quantization and the CPU kernels replace.
@@ -63,7 +64,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     # layout that made XLA:CPU turn every bf16 layer dot into a float32 dot over a converted copy
     # of the weight (tests/test_model_hlo.py).
     x = jnp.take(params["embed"].T, tokens, axis=0, mode="clip").astype(jnp.float32)
-    inv_freq = rope_inverse_frequencies(cfg)
+    cos, sin = rope_cos_sin(positions, rope_inverse_frequencies(cfg))
     layers, eps = params["layers"], cfg.rms_norm_eps
     # Each residual add is taken with the norm after it: the MLP's with the next layer's, the last
     # layer's with the final norm.
@@ -71,9 +72,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     h = rms_norm(x, layers[0]["attn_norm"], eps).astype(dtype)
     new_caches = []
     for layer, next_norm, cache in zip(layers, next_norms, kv_caches, strict=True):
-        q, k, v = _project_qkv(h, layer, cfg)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q, k, v = _project_qkv_rope(h, layer, cfg, cos, sin)
         attn, cache = attend(q, k, v, cache)
         x, h = residual_rms_norm(x, attn.reshape(*attn.shape[:-2], -1), layer["wo"], layer["mlp_norm"], eps)
         x, h = residual_rms_norm(x, swiglu(h, layer["w_gate_up"]), layer["w_down"], next_norm, eps)
@@ -96,14 +95,20 @@ def compute_logits(params: Params, hidden: jax.Array) -> jax.Array:
     return jnp.einsum("...h,hv->...v", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
-def _project_qkv(h: jax.Array, layer: Params, cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """q `[..., heads, hd]`, k and v `[..., kv_heads, hd]` from one matmul over the grouped w_qkv."""
-    y = linear(h, layer["w_qkv"])
+def _project_qkv_rope(h: jax.Array, layer: Params, cfg: ModelConfig, cos: jax.Array,
+                      sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q `[..., heads, hd]`, k and v `[..., kv_heads, hd]` from one matmul over the grouped w_qkv, q
+    and k rotated by `apply_rope`. A weight that takes the product and the rotation at once (the CPU
+    kernel's, jaxinfer.runner.step) does so in one call."""
+    w = layer["w_qkv"]
+    if "b_qkv" not in layer and getattr(w, "fuses_qkv_rope", lambda *_: False)(h, cfg.head_dim):
+        return w.qkv_rope(h, cos, sin, cfg.num_kv_heads, cfg.q_per_kv)
+    y = linear(h, w)
     if "b_qkv" in layer:
         y = y + layer["b_qkv"].astype(y.dtype)
     groups = y.reshape(*y.shape[:-1], cfg.num_kv_heads, cfg.q_per_kv + 2, cfg.head_dim)
     q = groups[..., :cfg.q_per_kv, :].reshape(*y.shape[:-1], cfg.num_heads, cfg.head_dim)
-    return q, groups[..., cfg.q_per_kv, :], groups[..., cfg.q_per_kv + 1, :]
+    return apply_rope(q, cos, sin), apply_rope(groups[..., cfg.q_per_kv, :], cos, sin), groups[..., cfg.q_per_kv + 1, :]
 
 
 def fuse_projections(layer: Params, cfg: ModelConfig) -> Params:

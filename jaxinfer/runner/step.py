@@ -74,8 +74,9 @@ class KernelDenseWeight:
     product accumulates in float32, returned in x's dtype (as `linear` on the bare weight, and as
     the head's float32 logits). As an MLP's gate_up weight in bfloat16 on an AMX CPU it also takes
     the SwiGLU in the same kernel call (`fuses_swiglu`, `swiglu`), and as an output projection in
-    bfloat16 the residual add and the next RMSNorm (`fuses_residual_norm`, `residual_norm`). Made
-    inside the traced step only, never stored."""
+    bfloat16 the residual add and the next RMSNorm (`fuses_residual_norm`, `residual_norm`), and as
+    the grouped qkv weight the split into heads and RoPE (`fuses_qkv_rope`, `qkv_rope`). Made inside
+    the traced step only, never stored."""
     w: jax.Array
 
     def matmul(self, x: jax.Array) -> jax.Array:
@@ -106,6 +107,21 @@ class KernelDenseWeight:
         total, normed = cpu_dense_dot.dense_add_norm(x.reshape(rows, -1), self.w, residual.reshape(rows, -1),
                                                      norm_weight, eps)
         return total.reshape(residual.shape), normed.reshape(residual.shape)
+
+    def fuses_qkv_rope(self, x: jax.Array, head_dim: int) -> bool:
+        """Whether `qkv_rope` takes x: bfloat16 activations at row counts the kernel serves."""
+        return x.dtype == self.w.dtype and cpu_dense_dot.serves_qkv_rope(math.prod(x.shape[:-1]), self.w, head_dim)
+
+    def qkv_rope(self, x: jax.Array, cos: jax.Array, sin: jax.Array, num_kv_heads: int,
+                 q_per_kv: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q `[..., heads, hd]`, k and v `[..., kv_heads, hd]` of x times this grouped qkv weight, q and k
+        rotated by cos and sin `[..., hd // 2]` (`apply_rope`), in one kernel call."""
+        lead, rows = x.shape[:-1], math.prod(x.shape[:-1])
+        q, k, v = cpu_dense_dot.dense_qkv_rope(x.reshape(rows, -1), self.w, cos.reshape(rows, -1),
+                                               sin.reshape(rows, -1), num_kv_heads, q_per_kv)
+        head_dim = 2 * cos.shape[-1]
+        return (q.reshape(*lead, num_kv_heads * q_per_kv, head_dim), k.reshape(*lead, num_kv_heads, head_dim),
+                v.reshape(*lead, num_kv_heads, head_dim))
 
 
 def route_dense_weight(w, num_devices: int):

@@ -56,15 +56,17 @@
 // rounded to bfloat16 as the unfused path's `linear` returns it, is added to the float32 residual
 // stream, and each row of the sum normed, in one pass over rows shared with the thread pool. It
 // replaces four XLA operations over the rows (convert-add, the sum of squares, rsqrt, multiply-
-// convert), 180 a step of SmolLM2. On the Xeon VM, traced engine steps (benchmarks/profile_step.py,
+// convert), eight a layer. On the Xeon VM, traced engine steps (benchmarks/profile_step.py,
 // alternating, 2026-12-05): the dense kernels and those operations took 1.71x the SwiGLU's time in
 // a batch-64 decode step against 1.81x unfused (four pairs; about 2% of the step), 0.97x against
 // 1.01x in a 256-token prefill step, and the same at batch 1.
 //
 // qkv split and RoPE (jaxinfer_dense_qkv_rope, both builds): the qkv projection, its split into
 // heads (grouped by kv head, jaxinfer.model.llama) and the rotation of q and k, in the same pass over
-// rows after the product, from cos and sin the step computes once. It replaces eleven XLA operations a
-// layer (the product's conversion, the halves' slices and concatenations, the rotations, v's copy).
+// rows after the product, from cos and sin the step computes once. It replaces the XLA operations
+// between the product and the attention's inputs (the product's conversion, the halves' slices and
+// concatenations, the rotations, v's copy). With both passes a traced 256-token step of SmolLM2 runs
+// 385 operations where it ran 837.
 // On the Xeon VM, traced engine steps (benchmarks/profile_step.py, four alternating pairs,
 // 2026-12-05): the dense kernels and those operations took 1.15x the SwiGLU's time in a 256-token
 // prefill step against 1.26x unfused (about 4% of the step; whole steps faster in 3 of the 4 pairs),

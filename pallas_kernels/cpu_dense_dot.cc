@@ -955,7 +955,8 @@ ffi::Error DenseQkvRope(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
       q_per_kv < 1 || wd[1] % heads != 0 || cd[0] != xd[0] || sd.size() != 2 || sd[0] != cd[0] || sd[1] != cd[1] ||
       wd[1] / heads != 2 * cd[1] || cd[1] % kLane != 0)
     return ffi::Error::InvalidArgument("jaxinfer_dense_qkv_rope: expected bf16 x [M, K] and w [K, kv_heads * "
-                                       "(q_per_kv + 2) * D], f32 cos and sin [M, D / 2] with D a multiple of 32");
+                                       "(q_per_kv + 2) * D], f32 cos and sin [M, D / 2] with D / 2 a multiple "
+                                       "of the vector width (16 floats with AVX-512, 8 without)");
   const int64_t d = wd[1] / heads;
   const float *c = cos.typed_data(), *s = sin.typed_data();
   uint16_t* q_out = reinterpret_cast<uint16_t*>(q->typed_data());

@@ -83,7 +83,8 @@ SWIGLU_TARGET = "jaxinfer_dense_swiglu"
 ADD_NORM_TARGET = "jaxinfer_dense_add_norm"
 QKV_ROPE_TARGET = "jaxinfer_dense_qkv_rope"
 KERNEL = cpu_ffi.CpuKernel(
-    "CPU dense matmul kernel", (TARGET, SWIGLU_TARGET, ADD_NORM_TARGET, QKV_ROPE_TARGET), Path(__file__).with_suffix(".cc"),
+    "CPU dense matmul kernel", (TARGET, SWIGLU_TARGET, ADD_NORM_TARGET, QKV_ROPE_TARGET),
+    Path(__file__).with_suffix(".cc"),
     (cpu_ffi.Isa(("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
                  frozenset({"avx2", "fma", "avx512f"})), cpu_ffi.AVX2))
 available = KERNEL.available

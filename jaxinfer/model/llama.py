@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.model.config import ModelConfig
-from jaxinfer.model.layers import (apply_rope, linear, residual_rms_norm, rms_norm, rope_cos_sin, rope_inverse_frequencies,
-                                   swiglu)
+from jaxinfer.model.layers import (apply_rope, linear, residual_rms_norm, rms_norm, rope_cos_sin,
+                                   rope_inverse_frequencies, swiglu)
 
 Params = dict[str, Any]
 # The layer weights that are matmuls (`linear`): what quantization and the CPU kernels replace.

@@ -157,7 +157,9 @@ inline VecF mul(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
 inline VecF sub(VecF a, VecF b) { return _mm512_sub_ps(a, b); }
 inline float lane_sum(VecF v) { return _mm512_reduce_add_ps(v); }
 // v rounded to the nearest bfloat16 (ties to even) as XLA's convert does, NaN kept a quiet NaN: the
-// bfloat16 bits in each lane's top half, the low half zero (so also the rounded float32).
+// bfloat16 bits in each lane's top half, the low half zero (so also the rounded float32). In integer
+// operations, since this build also runs on AVX-512 CPUs without AVX512-BF16; the SwiGLU, which
+// runs only on AMX CPUs, rounds with their one-instruction vcvtneps2bf16 (`bf16_rounded`).
 inline VecI bf16_bits(VecF v) {
   const __m512i bits = _mm512_castps_si512(v), top = _mm512_set1_epi32(-65536);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
@@ -827,6 +829,14 @@ ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
   return ffi::Error::Success();
 }
 
+// A float32 buffer of `size` values kept per thread, so that calls do not allocate: the product of
+// the calls that take a pass over it before returning (the SwiGLU, the passes over rows below).
+float* product_buffer(int64_t size) {
+  thread_local std::vector<float> product;
+  product.resize(size);
+  return product.data();
+}
+
 // silu(gate) * up of x w_gate_up, whose columns interleave gate_i and up_i (jaxinfer.model.llama),
 // as bfloat16 [M, N / 2]: the MLP's first half in one call (see the top of this file).
 ffi::Error DenseSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
@@ -837,11 +847,8 @@ ffi::Error DenseSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
     return ffi::Error::InvalidArgument("jaxinfer_dense_swiglu: expected x [M, K] and w [K, N], both bf16, with N "
                                        "a multiple of 32");
   const int64_t m = xd[0], k = xd[1], n = wd[1];
-  // The float32 product, kept per thread so that calls do not allocate.
-  thread_local std::vector<float> product;
-  product.resize(m * n);
   bf16_dot(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), reinterpret_cast<const uint16_t*>(w.typed_data()),
-           product.data(), m, k, n, reinterpret_cast<uint16_t*>(act->typed_data()));
+           product_buffer(m * n), m, k, n, reinterpret_cast<uint16_t*>(act->typed_data()));
   return ffi::Error::Success();
 #else
   return ffi::Error::InvalidArgument("jaxinfer_dense_swiglu: this build has no AVX-512 (use the unfused path)");
@@ -852,17 +859,15 @@ ffi::Error DenseSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
 // Rows per work item of such a pass: a 256-row step makes 8 items.
 constexpr int64_t kPassRowsPerItem = 32;
 
-// The float32 product y = x w (bfloat16 x [M, K], w [K, N]) by the first loop that serves, into a
-// buffer kept per thread so that calls do not allocate; then rows(y, r0, r1) over all M rows, in
-// items of kPassRowsPerItem rows shared with the pool.
+// The float32 product y = x w (bfloat16 x [M, K], w [K, N]) by the first loop that serves, into
+// `product_buffer`; then rows(y, r0, r1) over all M rows, in items of kPassRowsPerItem rows shared
+// with the pool.
 template <typename RowsFn>
 void product_then_rows(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, ffi::Buffer<ffi::BF16>& w, RowsFn rows) {
   const int64_t m = x.dimensions()[0], k = x.dimensions()[1], n = w.dimensions()[1];
-  thread_local std::vector<float> product;
-  product.resize(m * n);
-  bf16_dot(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), reinterpret_cast<const uint16_t*>(w.typed_data()),
-           product.data(), m, k, n);
-  const float* y = product.data();
+  float* y = product_buffer(m * n);
+  bf16_dot(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), reinterpret_cast<const uint16_t*>(w.typed_data()), y,
+           m, k, n);
   jaxinfer::run_on_pool(pool, (m + kPassRowsPerItem - 1) / kPassRowsPerItem, m, [&](int64_t i) {
     rows(y, i * kPassRowsPerItem, std::min(m, (i + 1) * kPassRowsPerItem));
   });

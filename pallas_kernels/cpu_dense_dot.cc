@@ -3,6 +3,7 @@
 //
 //   jaxinfer_dense_dot: x [M, K] f32 | bf16, w [K, N] f32 | bf16 (row-major, N % 16 == 0),
 //                       x in w's dtype -> y [M, N] f32
+//   (every bfloat16 w may also come as its AMX panels [N / 32, K / 32, 2, 16, 16, 2], `Bf16Weight`)
 //   jaxinfer_dense_swiglu: x [M, K] bf16, w_gate_up [K, N] bf16 -> act [M, N / 2] bf16
 //   jaxinfer_dense_add_norm: x [M, K] bf16, w [K, N] bf16, residual [M, N] f32, norm weight [N]
 //                            f32 | bf16; attribute eps -> (residual + y [M, N] f32, its RMSNorm bf16)
@@ -26,7 +27,8 @@
 // decode) reads each rectangle as kRuns runs of rows at once instead, for the prefetchers'
 // sake (`rectangle_in_runs`).
 //
-// AMX (bfloat16 from kAmxMinRows rows, K % 32 == 0, N % 32 == 0, and the OS grants the tile state):
+// AMX (bfloat16 from kAmxMinRows rows, K % 32 == 0, N % 32 == 0, or any rows of a weight passed as
+// its panels; and the OS grants the tile state):
 // tdpbf16ps multiplies a 16 x 32 bfloat16 A tile by a 32 x 16 B tile held as 16 rows of (k, k + 1)
 // pairs into a 16 x 16 float32 C tile. A is 16 activation rows read in place; B comes from the
 // weight's [K, N] rows by interleaving each pair of rows (one zero-extend, shift and or per 16
@@ -35,10 +37,15 @@
 // is bound by its tile loads, not the multiplies: on one core of the Xeon VM (single-thread
 // harnesses, interleaved rounds, 2026-12-05) tdpbf16ps alone ran 2.3-2.6 TFLOP/s, the 2 x 2 tile
 // loop fed from L1 0.5-1.2 (with the VM's phase; double-buffered operand tiles and other load
-// orders gained nothing), and an item with its packing 0.4-0.6. Packing is about 23% of an item;
-// weights packed ahead would have been 17% faster at 256 rows and 4% at 64 with the weights
-// streaming from memory, and packing the next panel between the current panel's tile operations
-// 16-23% faster with warm weights but no faster with cold ones, so the packing stays per item.
+// orders gained nothing), and an item with its packing 0.4-0.6. A weight passed prepacked as its
+// panels (what a one-device bfloat16 engine stores on an AMX CPU, jaxinfer.model.panel_weight)
+// skips the packing: its items are column tiles over all of K, read in address order, at any row
+// count, since a tile operation on a one-row A tile costs no more than streaming its B tile. The
+// packing had cost most at decode's row counts, where its strided reads of the weight rows (2 KB
+// runs, 6-98 KB apart) stream slower than the panels: per matmul 1.3-2.3x faster at 8-16 rows,
+// 1.05-1.4x at 64 and 1.1-1.4x at 256, and at 1-4 rows about the FMA loop's speed (0.9-1.3x;
+// benchmarks/bench_dense_dot.py, 2026-12-06). (Packing the next panel between the current panel's
+// tile operations had been 16-23% faster with warm weights but no faster with cold ones.)
 //
 // SwiGLU (jaxinfer_dense_swiglu, bfloat16, AVX-512 builds): the MLP's gate_up matmul and its
 // silu(gate) * up in one call. The weight interleaves gate_i and up_i by column, so every 32
@@ -127,6 +134,42 @@ constexpr int64_t kMaxTileCols = 4096;
 // At least this many K rows per slab, and about this many work items per call.
 constexpr int64_t kMinSlabRows = 32;
 constexpr int64_t kTargetItems = 8;
+// Output columns per AMX panel: two 16-column B tiles.
+constexpr int64_t kPanelCols = 32;
+
+// A bfloat16 weight as a call passes it: w [K, N] as checkpoints store it, or prepacked as AMX
+// panels [N / 32, K / 32, 2, 16, 16, 2] (cpu_dense_dot.py `pack_panels`), where panel j holds
+// columns 32 j .. 32 j + 31 over all of K as `pack_rectangle` lays a rectangle out. k = n = 0 when
+// the dimensions are neither.
+struct Bf16Weight {
+  const uint16_t* data;
+  int64_t k = 0, n = 0;
+  bool panels = false;
+};
+
+template <typename Dims>
+Bf16Weight bf16_weight(const void* data, const Dims& d) {
+  const auto* w = static_cast<const uint16_t*>(data);
+  if (d.size() == 2) return {w, d[0], d[1], false};
+  if (d.size() == 6 && d[2] == 2 && d[3] == 16 && d[4] == 16 && d[5] == 2)
+    return {w, d[1] * jaxinfer::kBf16TileK, d[0] * kPanelCols, true};
+  return {w};
+}
+
+// w [K, N] from its panels, for the calls that AMX cannot take (the OS refused the tile state, or an
+// AVX2 build): slow, but exact.
+void unpack_panels(const Bf16Weight& w, uint16_t* out) {
+  const int64_t steps = w.k / jaxinfer::kBf16TileK;
+  for (int64_t j = 0; j < w.n / kPanelCols; ++j)
+    for (int64_t s = 0; s < steps; ++s)
+      for (int64_t h = 0; h < 2; ++h)
+        for (int64_t i = 0; i < 16; ++i)
+          for (int64_t c = 0; c < 16; ++c)
+            for (int64_t e = 0; e < 2; ++e)
+              out[(s * jaxinfer::kBf16TileK + 2 * i + e) * w.n + j * kPanelCols + h * 16 + c] =
+                  w.data[((((j * steps + s) * 2 + h) * 16 + i) * 16 + c) * 2 + e];
+}
+
 // Activation rows per pass of the FMA loop (one partial-sum row each); larger M runs in row chunks.
 constexpr int kFmaRows = 8;
 // Weight rows walked together: the partial sums are loaded and stored once per eight rows, and the
@@ -433,7 +476,6 @@ void fma_dot(ffi::ThreadPool& pool, const float* x, const W* w, float* out, int6
 
 #if defined(__AVX512F__)
 // ---- AMX (see the top of this file).
-constexpr int64_t kPanelCols = 32;   // output columns per panel: two 16-column B tiles
 // Rectangles of at most this many columns: each weight row is read in runs of 2 KB (runs of one
 // panel's 64 bytes, 6-98 KB apart, thrashed the TLB), and a packed rectangle of a slab stays in L2.
 constexpr int64_t kAmxMaxTileCols = 1024;
@@ -456,14 +498,18 @@ using jaxinfer::TileConfig;
 using jaxinfer::kBf16TileElems;
 using jaxinfer::kBf16TileK;
 
-bool amx_serves(int64_t m, int64_t k, int64_t n) {
-  return m >= kAmxMinRows && k % kBf16TileK == 0 && n % kPanelCols == 0 &&
-         __builtin_cpu_supports("amx-bf16") && jaxinfer::tile_state_granted();
+bool amx_runs() { return __builtin_cpu_supports("amx-bf16") && jaxinfer::tile_state_granted(); }
+
+// Prepacked panels serve any rows: the tile operations cost no more than streaming the panels (a
+// 16-row A tile holding one row multiplies as fast as a full one).
+bool amx_serves(int64_t m, const Bf16Weight& w) {
+  return (w.panels || (m >= kAmxMinRows && w.k % kBf16TileK == 0 && w.n % kPanelCols == 0)) && amx_runs();
 }
 
 struct AmxProblem {
   const uint16_t* x;  // [M, K] bf16
-  const uint16_t* w;  // [K, N] bf16
+  const uint16_t* w;  // [K, N] bf16, or its panels
+  bool panels;
   float* partial;     // [slabs, M, N]
   int64_t m, k, n;
   Rectangles r;
@@ -573,13 +619,17 @@ void amx_item(const AmxProblem& p, int64_t i) {
   const int64_t slab = i / p.r.tiles, tile = i % p.r.tiles;
   const int64_t k0 = slab * p.r.slab_rows, k1 = std::min(p.k, k0 + p.r.slab_rows);
   const int64_t n0 = tile * p.r.tile_cols, cols = std::min(p.n, n0 + p.r.tile_cols) - n0;
-  thread_local std::vector<uint16_t> panels;
-  panels.resize((k1 - k0) * cols);
-  pack_rectangle(p, k0, k1, n0, cols, panels.data());
+  thread_local std::vector<uint16_t> packed;
+  const uint16_t* panels = p.w + n0 * p.k;  // prepacked: this tile's panels over all of K
+  if (!p.panels) {
+    packed.resize((k1 - k0) * cols);
+    pack_rectangle(p, k0, k1, n0, cols, packed.data());
+    panels = packed.data();
+  }
   int loaded = -1;
   for (int64_t j = 0; j < cols / kPanelCols; ++j)
-    amx_panel(p, panels.data() + j * (k1 - k0) * kPanelCols, k0, k1, n0 + j * kPanelCols,
-              p.partial + slab * p.m * p.n, loaded);
+    amx_panel(p, panels + j * (k1 - k0) * kPanelCols, k0, k1, n0 + j * kPanelCols, p.partial + slab * p.m * p.n,
+              loaded);
   _tile_release();
   // The item's part of the product is still in L2: its SwiGLU from there. Taken per 32-row group
   // straight from the tile stores (through L1) it was slower: a 512-token prefill step's 137 / 161 /
@@ -590,14 +640,17 @@ void amx_item(const AmxProblem& p, int64_t i) {
 
 // out = x w; with `act` also its SwiGLU into act: per item (amx_item), or over out once the K
 // slabs' partial sums are added.
-void amx_dot(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* w, float* out, int64_t m, int64_t k,
-             int64_t n, uint16_t* act = nullptr) {
-  const bool slabbed = m <= kAmxMaxSlabbedRows;
+void amx_dot(ffi::ThreadPool& pool, const uint16_t* x, const Bf16Weight& w, float* out, int64_t m,
+             uint16_t* act = nullptr) {
+  const int64_t k = w.k, n = w.n;
+  // Prepacked panels stream in address order over all of K whatever the rows.
+  const bool slabbed = !w.panels && m <= kAmxMaxSlabbedRows;
   const int64_t tile_cols = slabbed ? kAmxMaxTileCols
                                     : std::min(kAmxMaxTileCols, (n / kPanelCols + kTargetItems - 1) / kTargetItems * kPanelCols);
   const Rectangles r = rectangles(k, n, tile_cols, kBf16TileK, slabbed ? k : 1);
   std::vector<float> partial_sums(r.slabs > 1 ? r.slabs * m * n : 0);
-  const AmxProblem p{x, w, r.slabs > 1 ? partial_sums.data() : out, m, k, n, r, r.slabs == 1 ? act : nullptr};
+  const AmxProblem p{x, w.data, w.panels, r.slabs > 1 ? partial_sums.data() : out, m, k, n, r,
+                     r.slabs == 1 ? act : nullptr};
   jaxinfer::run_on_pool(pool, r.slabs * r.tiles, m, [p](int64_t i) { amx_item(p, i); });
   if (r.slabs > 1) sum_partials(p.partial, r.slabs, m * n, out);
   if (act && !p.act) swiglu_columns(out, m, n, 0, n, act);
@@ -788,8 +841,19 @@ void gemm_dot(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* w, float
 // y = x w for bfloat16 x and w, by the first loop that serves; with `act` (AVX-512 builds) also the
 // SwiGLU of y's (gate, up) column pairs into act [M, N / 2], inside the AMX loop's items where that
 // loop runs, else in a pass over y.
-void bf16_dot(ffi::ThreadPool& pool, const uint16_t* x16, const uint16_t* w16, float* out, int64_t m, int64_t k,
-              int64_t n, uint16_t* act = nullptr) {
+void bf16_dot(ffi::ThreadPool& pool, const uint16_t* x16, const Bf16Weight& w, float* out, int64_t m,
+              uint16_t* act = nullptr) {
+#if defined(__AVX512F__)
+  if (amx_serves(m, w)) return amx_dot(pool, x16, w, out, m, act);
+#endif
+  if (w.panels) {
+    thread_local std::vector<uint16_t> plain;
+    plain.resize(w.k * w.n);
+    unpack_panels(w, plain.data());
+    return bf16_dot(pool, x16, {plain.data(), w.k, w.n, false}, out, m, act);
+  }
+  const uint16_t* w16 = w.data;
+  const int64_t k = w.k, n = w.n;
   // The FMA loop takes float32 rows.
   auto fma_rows = [&] {
     std::vector<float> x32(m * k);
@@ -797,7 +861,6 @@ void bf16_dot(ffi::ThreadPool& pool, const uint16_t* x16, const uint16_t* w16, f
     fma_dot(pool, x32.data(), w16, out, m, k, n);
   };
 #if defined(__AVX512F__)
-  if (amx_serves(m, k, n)) return amx_dot(pool, x16, w16, out, m, k, n, act);
   if (dp_serves(m, k))
     dp_dot(pool, x16, w16, out, m, k, n);
   else
@@ -812,20 +875,23 @@ void bf16_dot(ffi::ThreadPool& pool, const uint16_t* x16, const uint16_t* w16, f
 }
 
 ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), wd = w.dimensions();
+  const auto xd = x.dimensions();
   const auto dtype = w.element_type();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || wd[1] % kColumnMultiple != 0 || xd[0] < 1 ||
-      x.element_type() != dtype || !(dtype == ffi::DataType::F32 || dtype == ffi::DataType::BF16))
+  const bool bf16 = dtype == ffi::DataType::BF16;
+  const Bf16Weight weight = bf16_weight(w.untyped_data(), w.dimensions());
+  if (xd.size() != 2 || weight.n == 0 || (weight.panels && !bf16) || xd[1] != weight.k ||
+      weight.n % kColumnMultiple != 0 || xd[0] < 1 || x.element_type() != dtype ||
+      !(dtype == ffi::DataType::F32 || bf16))
     return ffi::Error::InvalidArgument("jaxinfer_dense_dot: expected x [M, K] and w [K, N], both f32 or both bf16, "
-                                       "with N a multiple of 16");
-  const int64_t m = xd[0], k = xd[1], n = wd[1];
+                                       "with N a multiple of 16 (or bf16 w as its panels [N / 32, K / 32, 2, 16, "
+                                       "16, 2])");
+  const int64_t m = xd[0];
   float* out = y->typed_data();
-  if (dtype == ffi::DataType::F32)
-    fma_dot(pool, static_cast<const float*>(x.untyped_data()), static_cast<const float*>(w.untyped_data()), out, m,
-            k, n);
+  if (bf16)
+    bf16_dot(pool, static_cast<const uint16_t*>(x.untyped_data()), weight, out, m);
   else
-    bf16_dot(pool, static_cast<const uint16_t*>(x.untyped_data()), static_cast<const uint16_t*>(w.untyped_data()),
-             out, m, k, n);
+    fma_dot(pool, static_cast<const float*>(x.untyped_data()), static_cast<const float*>(w.untyped_data()), out, m,
+            weight.k, weight.n);
   return ffi::Error::Success();
 }
 
@@ -842,13 +908,14 @@ float* product_buffer(int64_t size) {
 ffi::Error DenseSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
                        ffi::ResultBuffer<ffi::BF16> act) {
 #if defined(__AVX512F__)
-  const auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || wd[1] % kPanelCols != 0 || xd[0] < 1)
-    return ffi::Error::InvalidArgument("jaxinfer_dense_swiglu: expected x [M, K] and w [K, N], both bf16, with N "
-                                       "a multiple of 32");
-  const int64_t m = xd[0], k = xd[1], n = wd[1];
-  bf16_dot(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), reinterpret_cast<const uint16_t*>(w.typed_data()),
-           product_buffer(m * n), m, k, n, reinterpret_cast<uint16_t*>(act->typed_data()));
+  const auto xd = x.dimensions();
+  const Bf16Weight weight = bf16_weight(w.untyped_data(), w.dimensions());
+  if (xd.size() != 2 || weight.n == 0 || xd[1] != weight.k || weight.n % kPanelCols != 0 || xd[0] < 1)
+    return ffi::Error::InvalidArgument("jaxinfer_dense_swiglu: expected x [M, K] and w [K, N] (or its panels), both "
+                                       "bf16, with N a multiple of 32");
+  const int64_t m = xd[0];
+  bf16_dot(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), weight, product_buffer(m * weight.n), m,
+           reinterpret_cast<uint16_t*>(act->typed_data()));
   return ffi::Error::Success();
 #else
   return ffi::Error::InvalidArgument("jaxinfer_dense_swiglu: this build has no AVX-512 (use the unfused path)");
@@ -863,11 +930,10 @@ constexpr int64_t kPassRowsPerItem = 32;
 // `product_buffer`; then rows(y, r0, r1) over all M rows, in items of kPassRowsPerItem rows shared
 // with the pool.
 template <typename RowsFn>
-void product_then_rows(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, ffi::Buffer<ffi::BF16>& w, RowsFn rows) {
-  const int64_t m = x.dimensions()[0], k = x.dimensions()[1], n = w.dimensions()[1];
-  float* y = product_buffer(m * n);
-  bf16_dot(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), reinterpret_cast<const uint16_t*>(w.typed_data()), y,
-           m, k, n);
+void product_then_rows(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, const Bf16Weight& w, RowsFn rows) {
+  const int64_t m = x.dimensions()[0];
+  float* y = product_buffer(m * w.n);
+  bf16_dot(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), w, y, m);
   jaxinfer::run_on_pool(pool, (m + kPassRowsPerItem - 1) / kPassRowsPerItem, m, [&](int64_t i) {
     rows(y, i * kPassRowsPerItem, std::min(m, (i + 1) * kPassRowsPerItem));
   });
@@ -898,14 +964,16 @@ void add_norm_rows(const float* product, const float* residual, const float* nor
 ffi::Error DenseAddNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
                         ffi::Buffer<ffi::F32> residual, ffi::AnyBuffer norm_weight, float eps,
                         ffi::ResultBuffer<ffi::F32> residual_out, ffi::ResultBuffer<ffi::BF16> normed) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), rd = residual.dimensions(), nd = norm_weight.dimensions();
+  const auto xd = x.dimensions(), rd = residual.dimensions(), nd = norm_weight.dimensions();
   const auto norm_dtype = norm_weight.element_type();
-  if (xd.size() != 2 || wd.size() != 2 || rd.size() != 2 || nd.size() != 1 || xd[1] != wd[0] || xd[0] < 1 ||
-      wd[1] % kColumnMultiple != 0 || rd[0] != xd[0] || rd[1] != wd[1] || nd[0] != wd[1] ||
+  const Bf16Weight weight = bf16_weight(w.untyped_data(), w.dimensions());
+  const int64_t n = weight.n;
+  if (xd.size() != 2 || n == 0 || rd.size() != 2 || nd.size() != 1 || xd[1] != weight.k || xd[0] < 1 ||
+      n % kColumnMultiple != 0 || rd[0] != xd[0] || rd[1] != n || nd[0] != n ||
       !(norm_dtype == ffi::DataType::F32 || norm_dtype == ffi::DataType::BF16))
-    return ffi::Error::InvalidArgument("jaxinfer_dense_add_norm: expected bf16 x [M, K] and w [K, N], f32 residual "
-                                       "[M, N], f32 or bf16 norm weight [N], with N a multiple of 16");
-  const int64_t n = wd[1];
+    return ffi::Error::InvalidArgument("jaxinfer_dense_add_norm: expected bf16 x [M, K] and w [K, N] (or its "
+                                       "panels), f32 residual [M, N], f32 or bf16 norm weight [N], with N a "
+                                       "multiple of 16");
   std::vector<float> norm_w(n);
   for (int64_t c = 0; c < n; ++c)
     norm_w[c] = norm_dtype == ffi::DataType::F32
@@ -914,7 +982,7 @@ ffi::Error DenseAddNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
   const float *norm = norm_w.data(), *res = residual.typed_data();
   float* out = residual_out->typed_data();
   uint16_t* act = reinterpret_cast<uint16_t*>(normed->typed_data());
-  product_then_rows(pool, x, w, [=](const float* y, int64_t r0, int64_t r1) {
+  product_then_rows(pool, x, weight, [=](const float* y, int64_t r0, int64_t r1) {
     add_norm_rows(y, res, norm, n, eps, r0, r1, out, act);
   });
   return ffi::Error::Success();
@@ -954,20 +1022,21 @@ void qkv_rope_rows(const float* y, const float* cos, const float* sin, int64_t k
 ffi::Error DenseQkvRope(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
                         ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin, int64_t kv_heads, int64_t q_per_kv,
                         ffi::ResultBuffer<ffi::BF16> q, ffi::ResultBuffer<ffi::BF16> k, ffi::ResultBuffer<ffi::BF16> v) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), cd = cos.dimensions(), sd = sin.dimensions();
+  const auto xd = x.dimensions(), cd = cos.dimensions(), sd = sin.dimensions();
+  const Bf16Weight weight = bf16_weight(w.untyped_data(), w.dimensions());
   const int64_t heads = kv_heads * (q_per_kv + 2);
-  if (xd.size() != 2 || wd.size() != 2 || cd.size() != 2 || xd[1] != wd[0] || xd[0] < 1 || kv_heads < 1 ||
-      q_per_kv < 1 || wd[1] % heads != 0 || cd[0] != xd[0] || sd.size() != 2 || sd[0] != cd[0] || sd[1] != cd[1] ||
-      wd[1] / heads != 2 * cd[1] || cd[1] % kLane != 0)
+  if (xd.size() != 2 || weight.n == 0 || cd.size() != 2 || xd[1] != weight.k || xd[0] < 1 || kv_heads < 1 ||
+      q_per_kv < 1 || weight.n % heads != 0 || cd[0] != xd[0] || sd.size() != 2 || sd[0] != cd[0] ||
+      sd[1] != cd[1] || weight.n / heads != 2 * cd[1] || cd[1] % kLane != 0)
     return ffi::Error::InvalidArgument("jaxinfer_dense_qkv_rope: expected bf16 x [M, K] and w [K, kv_heads * "
-                                       "(q_per_kv + 2) * D], f32 cos and sin [M, D / 2] with D / 2 a multiple "
-                                       "of the vector width (16 floats with AVX-512, 8 without)");
-  const int64_t d = wd[1] / heads;
+                                       "(q_per_kv + 2) * D] (or its panels), f32 cos and sin [M, D / 2] with D / 2 "
+                                       "a multiple of the vector width (16 floats with AVX-512, 8 without)");
+  const int64_t d = weight.n / heads;
   const float *c = cos.typed_data(), *s = sin.typed_data();
   uint16_t* q_out = reinterpret_cast<uint16_t*>(q->typed_data());
   uint16_t* k_out = reinterpret_cast<uint16_t*>(k->typed_data());
   uint16_t* v_out = reinterpret_cast<uint16_t*>(v->typed_data());
-  product_then_rows(pool, x, w, [=](const float* y, int64_t r0, int64_t r1) {
+  product_then_rows(pool, x, weight, [=](const float* y, int64_t r0, int64_t r1) {
     qkv_rope_rows(y, c, s, kv_heads, q_per_kv, d, r0, r1, q_out, k_out, v_out);
   });
   return ffi::Error::Success();

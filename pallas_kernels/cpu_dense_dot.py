@@ -1,6 +1,7 @@
 """A matmul of activation rows by a float32 or bfloat16 weight on x86 CPUs (AVX2 or AVX-512; AMX
 or AVX512-BF16 for bfloat16): a C++ kernel called through XLA FFI, reading the weight in its own
-`[K, N]` layout (no packing kept).
+`[K, N]` layout, or, for bfloat16 on AMX CPUs, as the AMX panels an engine stores it in
+(`pack_panels`).
 
     dense_dot(x [M, K], w [K, N]) -> [M, N] f32   x and w both float32 or both bfloat16; float32
         sums. Takes (`serves`): N % 16 == 0; float32 up to MAX_FMA_ROWS rows; bfloat16 any rows on
@@ -8,6 +9,9 @@ or AVX512-BF16 for bfloat16): a C++ kernel called through XLA FFI, reading the w
         loop otherwise) or without AVX-512 (the GEMM loop beyond MAX_FMA_ROWS), else up to
         MAX_FMA_ROWS (from 2 rows in the AVX512-BF16 loop where the CPU has it and K is even)
     serves(rows, w) -> bool   whether dense_dot takes this weight and row count
+    pack_panels(w [K, N]) -> [N / 32, K / 32, 2, 16, 16, 2]   a bfloat16 weight as AMX panels, which
+        every call here takes in place of w, at any rows (packs_panels says which weights fit);
+        unpack_panels gives w back, weight_shape (K, N) of either
     dense_swiglu(x [M, K], w_gate_up [K, 2F]) -> [M, F] bf16   silu(gate) * up of the product,
         gate_i and up_i interleaved by column (jaxinfer.model.llama), bfloat16 on a CPU with AMX-BF16
     serves_swiglu(rows, w) -> bool   whether dense_swiglu takes them
@@ -101,10 +105,49 @@ AMX_BF16 = "amx_bf16" in cpu_ffi.cpu_flags()
 DP_BF16 = "avx512_bf16" in cpu_ffi.cpu_flags() and not AMX_BF16
 LANE = 16
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+# A bfloat16 weight's AMX panels: 32 columns each over all of K, as 16-row B tiles of (k, k + 1) pairs.
+PANEL_COLS = 32
+PANEL_K = 32
+PANEL_TILE = (2, 16, 16, 2)
+
+
+def packs_panels(w) -> bool:
+    """Whether `pack_panels` takes `w`: a bfloat16 `[K, N]` weight with K and N multiples of 32. The
+    AMX loop takes panels at any rows; where AMX does not run (a CPU without it, or the OS refused
+    the tile state) a call unpacks them first, slowly."""
+    return (getattr(w, "ndim", 0) == 2 and w.dtype == jnp.bfloat16 and w.shape[0] % PANEL_K == 0
+            and w.shape[1] % PANEL_COLS == 0)
+
+
+def pack_panels(w):
+    """`w [K, N]` as its AMX panels `[N / 32, K / 32, 2, 16, 16, 2]`: panel j, K step s, half h
+    (16 columns), tile row i, column c, pair element e hold w[32 s + 2 i + e, 32 j + 16 h + c]. The
+    AMX loop reads them in address order, where it otherwise packs every call's weight into tiles
+    again. numpy or jax arrays (traceable)."""
+    k, n = w.shape
+    return w.reshape(k // PANEL_K, 16, 2, n // PANEL_COLS, 2, 16).transpose(3, 0, 4, 1, 5, 2)
+
+
+def unpack_panels(panels):
+    """The `[K, N]` weight whose panels these are (`pack_panels`)."""
+    k, n = weight_shape(panels)
+    return panels.transpose(1, 3, 5, 0, 2, 4).reshape(k, n)
+
+
+def is_panels(w) -> bool:
+    return getattr(w, "ndim", 0) == 6 and tuple(w.shape[2:]) == PANEL_TILE
+
+
+def weight_shape(w) -> tuple[int, int]:
+    """`(K, N)` of a `[K, N]` weight or of its panels."""
+    return (w.shape[1] * PANEL_K, w.shape[0] * PANEL_COLS) if is_panels(w) else tuple(w.shape)
 
 
 def serves(rows: int, w) -> bool:
-    """Whether `dense_dot` takes `rows` activation rows against the weight `w`."""
+    """Whether `dense_dot` takes `rows` activation rows against the weight `w` (`[K, N]`, or its
+    panels: bfloat16, any rows)."""
+    if is_panels(w):
+        return w.dtype == jnp.bfloat16 and rows >= 1
     if not (getattr(w, "ndim", 0) == 2 and w.dtype in DTYPES and w.shape[1] % LANE == 0 and rows >= 1):
         return False
     return rows <= MAX_FMA_ROWS or (w.dtype == jnp.bfloat16 and (AMX_BF16 or GEMM_BF16))
@@ -114,20 +157,20 @@ def serves_swiglu(rows: int, w) -> bool:
     """Whether `dense_swiglu` takes `rows` activation rows against the gate_up weight `w`: bfloat16
     on a CPU with AMX-BF16, whose AMX items take the SwiGLU of their part of the product while it is
     in L2 (other row counts: one pass after the product)."""
-    return (AMX_BF16 and not GEMM_BF16 and getattr(w, "ndim", 0) == 2 and w.dtype == jnp.bfloat16
-            and w.shape[1] % (2 * LANE) == 0 and rows >= 1)
+    return (AMX_BF16 and not GEMM_BF16 and serves(rows, w) and w.dtype == jnp.bfloat16
+            and weight_shape(w)[1] % (2 * LANE) == 0)
 
 
 def dense_swiglu(x: jax.Array, w_gate_up: jax.Array) -> jax.Array:
     """silu(gate) * up of `x [M, K] @ w_gate_up [K, 2F]`, whose columns interleave gate_i and up_i,
     as bfloat16 [M, F] (module docstring): gate and up rounded to bfloat16 first, as
     `jaxinfer.model.layers.swiglu_mlp` takes them from `linear`, then float32 math."""
-    if not (x.ndim == 2 and x.dtype == w_gate_up.dtype and x.shape[1] == w_gate_up.shape[0]
-            and serves_swiglu(x.shape[0], w_gate_up)):
+    k, n = weight_shape(w_gate_up)
+    if not (x.ndim == 2 and x.dtype == w_gate_up.dtype and x.shape[1] == k and serves_swiglu(x.shape[0], w_gate_up)):
         raise ValueError(f"dense_swiglu takes bfloat16 x [M, K] and w [K, N] with N a multiple of {2 * LANE} on a "
                          f"CPU with AMX-BF16; got {x.shape} {x.dtype} and {w_gate_up.shape} {w_gate_up.dtype}")
     KERNEL.ensure_registered()
-    out = jax.ShapeDtypeStruct((x.shape[0], w_gate_up.shape[1] // 2), jnp.bfloat16)
+    out = jax.ShapeDtypeStruct((x.shape[0], n // 2), jnp.bfloat16)
     return jax.ffi.ffi_call(SWIGLU_TARGET, out)(x, w_gate_up)
 
 
@@ -143,8 +186,8 @@ def dense_add_norm(x: jax.Array, w: jax.Array, residual: jax.Array, norm_weight:
     (float32 [M, N], bfloat16 [M, N]) (module docstring): the product rounded to bfloat16 first, as
     `jaxinfer.model.layers.residual_rms_norm` takes it from `linear`, then float32 math. The
     residual's buffer is reused for the sum."""
-    m, n = x.shape[0], w.shape[-1]
-    if not (x.ndim == 2 and x.dtype == w.dtype and x.shape[1] == w.shape[0] and serves_add_norm(m, w)
+    m, (k, n) = x.shape[0], weight_shape(w)
+    if not (x.ndim == 2 and x.dtype == w.dtype and x.shape[1] == k and serves_add_norm(m, w)
             and residual.shape == (m, n) and residual.dtype == jnp.float32 and norm_weight.shape == (n,)
             and norm_weight.dtype in DTYPES):
         raise ValueError(f"dense_add_norm takes bfloat16 x [M, K] and w [K, N] (N a multiple of {LANE}), a float32 "
@@ -169,10 +212,10 @@ def dense_qkv_rope(x: jax.Array, w: jax.Array, cos: jax.Array, sin: jax.Array, k
     `cos` and `sin` [M, D / 2] float32, all bfloat16 (module docstring): every value rounded to
     bfloat16 first, as `jaxinfer.model.llama` takes them from `linear`, then `apply_rope`'s float32
     math."""
-    m, half = x.shape[0], cos.shape[-1]
+    m, half, (k, n) = x.shape[0], cos.shape[-1], weight_shape(w)
     head_dim = 2 * half
-    if not (x.ndim == 2 and x.dtype == w.dtype and x.shape[1] == w.shape[0] and serves_qkv_rope(m, w, head_dim)
-            and w.shape[1] == kv_heads * (q_per_kv + 2) * head_dim and cos.shape == sin.shape == (m, half)
+    if not (x.ndim == 2 and x.dtype == w.dtype and x.shape[1] == k and serves_qkv_rope(m, w, head_dim)
+            and n == kv_heads * (q_per_kv + 2) * head_dim and cos.shape == sin.shape == (m, half)
             and cos.dtype == sin.dtype == jnp.float32):
         raise ValueError(f"dense_qkv_rope takes bfloat16 x [M, K] and w [K, kv_heads * (q_per_kv + 2) * D] with D a "
                          f"multiple of {2 * LANE}, and float32 cos and sin [M, D / 2]; got {x.shape} {x.dtype}, "
@@ -187,10 +230,11 @@ def dense_qkv_rope(x: jax.Array, w: jax.Array, cos: jax.Array, sin: jax.Array, k
 
 def dense_dot(x: jax.Array, w: jax.Array) -> jax.Array:
     """`x [M, K] @ w [K, N]` in float32 by the kernel (module docstring)."""
-    if not (x.ndim == 2 and x.dtype == w.dtype and x.shape[1] == w.shape[0] and serves(x.shape[0], w)):
+    k, n = weight_shape(w)
+    if not (x.ndim == 2 and x.dtype == w.dtype and x.shape[1] == k and serves(x.shape[0], w)):
         raise ValueError(f"dense_dot takes x [M, K] and w [K, N] of one dtype (float32 with 1 <= M <= "
                          f"{MAX_FMA_ROWS}, or bfloat16), N a multiple of {LANE}; got {x.shape} {x.dtype} and "
                          f"{w.shape} {w.dtype}")
     KERNEL.ensure_registered()
-    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out)(x, w)

@@ -314,3 +314,54 @@ def test_calls_from_several_threads_at_once_all_match(rng):
         for results, want, magnitude in pool.map(run, problems):
             for got in results:
                 assert np.all(np.abs(got - want) <= 1e-6 * magnitude)
+
+
+def test_panels_hold_the_weight_and_give_it_back(rng):
+    """pack_panels' layout (cpu_dense_dot.py): w[32 s + 2 i + e, 32 j + 16 h + c] at [j, s, h, i, c, e]."""
+    w = rng.standard_normal((96, 160)).astype(np.float32)
+    panels = cpu_dense_dot.pack_panels(w)
+    assert panels.shape == (5, 3, 2, 16, 16, 2) and cpu_dense_dot.weight_shape(panels) == (96, 160)
+    for j, s, h, i, c, e in [(0, 0, 0, 0, 0, 0), (4, 2, 1, 15, 15, 1), (2, 1, 0, 7, 3, 1), (3, 0, 1, 9, 12, 0)]:
+        assert panels[j, s, h, i, c, e] == w[32 * s + 2 * i + e, 32 * j + 16 * h + c]
+    np.testing.assert_array_equal(cpu_dense_dot.unpack_panels(panels), w)
+    np.testing.assert_array_equal(jax.jit(cpu_dense_dot.unpack_panels)(jax.jit(cpu_dense_dot.pack_panels)(w)), w)
+    assert cpu_dense_dot.packs_panels(jnp.zeros((96, 160), jnp.bfloat16))
+    assert not cpu_dense_dot.packs_panels(jnp.zeros((96, 176), jnp.bfloat16))
+    assert not cpu_dense_dot.packs_panels(jnp.zeros((96, 160), jnp.float32))
+
+
+@needs_kernel
+@pytest.mark.parametrize("m, k, n", [(1, 576, 960), (3, 64, 32), (8, 1536, 576), (17, 96, 160), (33, 576, 3072),
+                                     (130, 64, 2080)])
+def test_kernel_takes_weights_as_panels_at_any_rows(rng, m, k, n):
+    """AMX straight from the panels, one item's columns or many, 1 to 130 rows (on CPUs without AMX
+    the call unpacks them first)."""
+    x, w, x64, w64 = random_problem(rng, m, k, n, jnp.bfloat16)
+    panels = cpu_dense_dot.pack_panels(w)
+    assert cpu_dense_dot.serves(m, panels)
+    assert_matches_float64(x, panels, x64, w64)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [5, 40])
+def test_fused_passes_take_weights_as_panels(rng, m):
+    """The SwiGLU, residual-norm and qkv-RoPE calls on panels give what they give on the weight (the
+    same sums beyond 32 rows, where both run AMX over all of K; within rounding below)."""
+    same = 1.0 if m > 32 and cpu_dense_dot.AMX_BF16 else 0.99
+
+    def agree(got, want):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        assert got.shape == want.shape and np.mean(got == want) >= same
+        np.testing.assert_allclose(got, want, rtol=2**-7, atol=2**-7 * np.abs(want).max())
+
+    x, w, residual, norm_weight, _, _ = residual_norm_problem(rng, m, 96, 160)
+    panels = cpu_dense_dot.pack_panels(w)
+    for got, want in zip(cpu_dense_dot.dense_add_norm(x, panels, residual, norm_weight, 1e-5),
+                         cpu_dense_dot.dense_add_norm(x, w, residual, norm_weight, 1e-5)):
+        agree(got, want)
+    if cpu_dense_dot.serves_swiglu(m, w):
+        agree(cpu_dense_dot.dense_swiglu(x, panels), cpu_dense_dot.dense_swiglu(x, w))
+    x, w, _, cos, sin, _, _ = qkv_problem(rng, m, 2, 3, 32)
+    for got, want in zip(cpu_dense_dot.dense_qkv_rope(x, cpu_dense_dot.pack_panels(w), cos, sin, 2, 3),
+                         cpu_dense_dot.dense_qkv_rope(x, w, cos, sin, 2, 3)):
+        agree(got, want)

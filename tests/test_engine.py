@@ -17,6 +17,7 @@ from jaxinfer.checkpoint import load_checkpoint
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.create import engine_from_checkpoint
 from jaxinfer.model.llama import compute_logits
+from jaxinfer.model.panel_weight import has_panel_weights, uses_panel_weights
 from jaxinfer.model.sharding import make_mesh, place_params
 from jaxinfer.reference import ReferenceGenerator
 from jaxinfer.runner.batch import build_step_inputs
@@ -236,13 +237,16 @@ def test_tensor_parallel_engine_matches_reference(tp):
                    for kernel in (cpu_dense_dot, cpu_paged_attention))
 
 
-def test_bfloat16_engine_tracks_the_bfloat16_reference(checkpoint):
-    """A bfloat16 engine (on x86 with AMX, its prefill and decode matmuls in the CPU dense kernel's
-    AMX and FMA loops; on AVX512-BF16 CPUs without AMX, its batch-2-8 decodes in the kernel's
-    AVX512-BF16 loop) against XLA's bfloat16 reference on the same tokens. bfloat16 activations
-    round differently when sums run in another order, so instead of equal greedy tokens: each
-    generated token is the reference's argmax or within 0.05 nats of it, with the logprob the
-    reference gives it (within 0.01; on this model both agree to 1e-6)."""
+@pytest.mark.parametrize("name", ["tiny-llama3", "tiny-smollm2"])
+def test_bfloat16_engine_tracks_the_bfloat16_reference(name):
+    """A bfloat16 engine (on x86 with AMX, every matmul in the CPU dense kernel's AMX loop from the
+    weights stored as its panels, a tied embedding table (tiny-smollm2) looked up through them; on
+    AVX512-BF16 CPUs without AMX, its batch-2-8 decodes in the kernel's AVX512-BF16 loop) against
+    XLA's bfloat16 reference on the same tokens. bfloat16 activations round differently when sums
+    run in another order, so instead of equal greedy tokens: each generated token is the
+    reference's argmax or within 0.05 nats of it, with the logprob the reference gives it (within
+    0.01; on these models both agree to 1e-6)."""
+    checkpoint = load_checkpoint(CHECKPOINTS_DIR / name)
     params, cfg = place_params(checkpoint.params, checkpoint.config, make_mesh(1), "bfloat16")
     reference = ReferenceGenerator(params, cfg, max_len=MAX_LEN)
     engine = make_engine(checkpoint, dtype="bfloat16")
@@ -262,6 +266,7 @@ def test_bfloat16_engine_tracks_the_bfloat16_reference(checkpoint):
     assert_pool_whole(engine)
     steps = [step.as_text() for step in engine.runner.executables.values()]
     assert all(cpu_dense_dot.TARGET in hlo for hlo in steps) == cpu_dense_dot.available()
+    assert has_panel_weights(engine.runner.params) == uses_panel_weights("bfloat16", None, 1)
 
 
 def test_head_and_sampling_run_at_the_smallest_row_count_that_holds_the_rows(checkpoint):

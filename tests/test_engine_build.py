@@ -106,3 +106,25 @@ def test_generate_refuses_to_quantize_a_built_engine(engine_dir, capsys):
 
     assert main(["generate", "--model", str(engine_dir), "--quant", "w4a8", "--prompt", "hi"]) == 2
     assert "fixed at build" in capsys.readouterr().err
+
+
+def test_bfloat16_engine_round_trips_its_panel_weights(tmp_path):
+    """A bfloat16 build stores its matmul weights as AMX panels where the kernel runs them (the
+    manifest says so) and loads them back into the same structure: the same tokens as in-process."""
+    from jaxinfer.engine.create import create_engine
+    from jaxinfer.model.panel_weight import has_panel_weights, uses_panel_weights
+
+    settings = dict(progress=False, dtype="bfloat16", max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128,
+                    kv_memory="2MiB")
+    directory = build_engine(CHECKPOINTS_DIR / "tiny-smollm2", tmp_path / "bf16", **settings)
+    panels = uses_panel_weights("bfloat16", None, 1)
+    assert json.loads((directory / "manifest.json").read_text())["panel_weights"] == panels
+    loaded = load_engine(directory, progress=False)
+    fresh = create_engine(CHECKPOINTS_DIR / "tiny-smollm2", **settings)
+    assert has_panel_weights(loaded.runner.params) == panels
+    assert jax.tree.structure(loaded.runner.params) == jax.tree.structure(fresh.runner.params)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, 512, 20).tolist() for _ in range(3)]
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * 3
+    assert [o[0].token_ids for o in generate(loaded, prompts, params)] == \
+           [o[0].token_ids for o in generate(fresh, prompts, params)]

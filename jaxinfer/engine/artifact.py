@@ -6,7 +6,9 @@ Layout:
                          model config, engine (build) config, buckets, KV plan, the project's own
                          FFI kernels the executables call, sha256 of every file
     weights/             orbax checkpoint of the params in their serving layout and dtype
-                         (heads already padded for the mesh, quantized weights already quantized)
+                         (heads already padded for the mesh, quantized weights already quantized,
+                         bfloat16 matmul weights as the CPU kernel's AMX panels where the manifest
+                         says `panel_weights`)
     tokenizer.json       the tokenizer; tokenizer_meta.json: eos/bos ids and the chat template
     executables/<bucket>.bin   the serialized compiled step of each bucket
 
@@ -40,6 +42,7 @@ from jaxinfer.engine.create import ENGINE_MANIFEST
 from jaxinfer.engine.llm_engine import LLMEngine
 from jaxinfer.errors import EngineError
 from jaxinfer.model.config import ModelConfig, RopeScaling
+from jaxinfer.model.panel_weight import has_panel_weights, pack_panel_weights
 from jaxinfer.model.sharding import make_mesh, param_shardings
 from jaxinfer.quant.apply import abstract_quantized_params, pack_for_cpu_kernel
 from jaxinfer.runner.buckets import Bucket
@@ -90,6 +93,7 @@ def save_engine(output: Path, engine: LLMEngine, source: str) -> Path:
         "num_kv_blocks": runner.num_blocks,
         "buckets": [dataclasses.asdict(b) for b in runner.executables],
         "ffi_kernels": sorted(ffi_kernels),
+        "panel_weights": has_panel_weights(runner.params),
         "files": {str(p.relative_to(output)): _sha256(p) for p in sorted(output.rglob("*")) if p.is_file()},
     }
     (output / ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -160,10 +164,13 @@ def load_engine_weights(directory: Path):
     cpu_ffi.ensure_registered(manifest.get("ffi_kernels", ()))
     # Executables that call the CPU int8 kernel were built with int8 weights packed for it.
     packed = cpu_int8_dot.TARGET in manifest.get("ffi_kernels", ())
-    return manifest, cfg, engine_cfg, mesh, _restore_weights(directory / "weights", cfg, mesh, engine_cfg, packed)
+    weights = _restore_weights(directory / "weights", cfg, mesh, engine_cfg, packed,
+                               manifest.get("panel_weights", False))
+    return manifest, cfg, engine_cfg, mesh, weights
 
 
-def _restore_weights(path: Path, cfg: ModelConfig, mesh: Mesh, engine_cfg: EngineConfig, packed_for_cpu_kernel: bool):
+def _restore_weights(path: Path, cfg: ModelConfig, mesh: Mesh, engine_cfg: EngineConfig, packed_for_cpu_kernel: bool,
+                     panel_weights: bool):
     from jaxinfer.model.llama import param_shapes
 
     structs = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, engine_cfg.dtype), param_shapes(cfg),
@@ -172,6 +179,8 @@ def _restore_weights(path: Path, cfg: ModelConfig, mesh: Mesh, engine_cfg: Engin
         structs = abstract_quantized_params(structs, cfg, engine_cfg.quant)
     if packed_for_cpu_kernel:
         structs = jax.eval_shape(pack_for_cpu_kernel, structs)
+    if panel_weights:
+        structs = jax.eval_shape(pack_panel_weights, structs)
     target = jax.tree.map(lambda struct, sharding: jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=sharding),
                           structs, param_shardings(cfg, mesh, structs))
     return ocp.StandardCheckpointer().restore(path.resolve(), target)

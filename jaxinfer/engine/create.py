@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+
+import jax
 from pathlib import Path
 
 from jaxinfer.cache.kv_pool import plan_kv_memory
 from jaxinfer.checkpoint import Checkpoint, load_checkpoint
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.llm_engine import LLMEngine
-from jaxinfer.model.sharding import make_mesh, pad_heads, place_params
+from jaxinfer.model.panel_weight import pack_panel_weights, uses_panel_weights
+from jaxinfer.model.sharding import make_mesh, pad_heads, param_shardings, place_params
 from jaxinfer.quant.apply import calibrate, pack_for_cpu_kernel, quantize_params, uses_cpu_kernel
 from jaxinfer.quant.apply import describe as describe_quantization
 from jaxinfer.runner.model_runner import ModelRunner, allocate_kv_caches, compile_steps
@@ -54,7 +57,8 @@ def prepare_device_state(checkpoint: Checkpoint, engine_cfg: EngineConfig, progr
 def serving_params(checkpoint: Checkpoint, engine_cfg: EngineConfig, mesh, progress: bool = True):
     """The checkpoint's params as the engine serves them: heads padded for the mesh, linear
     weights quantized when `engine_cfg.quant` is set (packed for the CPU kernels where they run),
-    cast and placed; returns (params, config)."""
+    cast and placed, bfloat16 matmul weights stored as AMX panels where the CPU kernel runs them
+    (jaxinfer.model.panel_weight); returns (params, config)."""
     params, cfg = pad_heads(checkpoint.params, checkpoint.config, engine_cfg.tp)
     if engine_cfg.quant:
         params = quantize_params(params, cfg, engine_cfg.quant,
@@ -62,6 +66,9 @@ def serving_params(checkpoint: Checkpoint, engine_cfg: EngineConfig, mesh, progr
     if uses_cpu_kernel(engine_cfg.quant, engine_cfg.tp):
         params = pack_for_cpu_kernel(params)
     params, cfg = place_params(params, cfg, mesh, engine_cfg.dtype)
+    if uses_panel_weights(engine_cfg.dtype, engine_cfg.quant, engine_cfg.tp):
+        params = pack_panel_weights(params)
+        params = jax.device_put(params, param_shardings(cfg, mesh, params))
     if progress and engine_cfg.quant:
         print(describe_quantization(params, engine_cfg.quant, engine_cfg.dtype), file=sys.stderr)
     return params, cfg

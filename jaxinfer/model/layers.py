@@ -27,6 +27,18 @@ def linear(x: jax.Array, w) -> jax.Array:
     return w.matmul(x)
 
 
+def embedding_columns(table, tokens: jax.Array) -> jax.Array:
+    """Columns `tokens` of an embedding table `[hidden, vocab]` as rows `[..., hidden]`, tokens
+    clipped into range. Plain tables are handled here; a table stored in another layout
+    (jaxinfer.model.panel_weight) carries its own `columns`."""
+    if isinstance(table, (jax.Array, np.ndarray)):
+        # Rows of the transposed table: a column gather (table[:, tokens], then moveaxis) left x in a
+        # layout that made XLA:CPU turn every bf16 layer dot into a float32 dot over a converted copy
+        # of the weight (tests/test_model_hlo.py).
+        return jnp.take(table.T, tokens, axis=0, mode="clip")
+    return table.columns(tokens)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm over the last axis, computed in float32, returned in x's dtype."""
     x32 = x.astype(jnp.float32)

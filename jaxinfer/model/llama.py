@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.model.config import ModelConfig
-from jaxinfer.model.layers import (apply_rope, linear, residual_rms_norm, rms_norm, rope_cos_sin,
+from jaxinfer.model.layers import (apply_rope, embedding_columns, linear, residual_rms_norm, rms_norm, rope_cos_sin,
                                    rope_inverse_frequencies, swiglu)
 
 Params = dict[str, Any]
@@ -60,10 +60,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     model reaches magnitudes of ~5000, where bfloat16 steps by 32: with a float32 stream its hidden
     states are 6x closer to float32's and the mean KL to float32 halves (0.00084 -> 0.00039)."""
     dtype = params["final_norm"].dtype
-    # Rows of the transposed table: a column gather (embed[:, tokens], then moveaxis) left x in a
-    # layout that made XLA:CPU turn every bf16 layer dot into a float32 dot over a converted copy
-    # of the weight (tests/test_model_hlo.py).
-    x = jnp.take(params["embed"].T, tokens, axis=0, mode="clip").astype(jnp.float32)
+    x = embedding_columns(params["embed"], tokens).astype(jnp.float32)
     cos, sin = rope_cos_sin(positions, rope_inverse_frequencies(cfg))
     layers, eps = params["layers"], cfg.rms_norm_eps
     # Each residual add is taken with the norm after it: the MLP's with the next layer's, the last

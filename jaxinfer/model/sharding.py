@@ -20,6 +20,7 @@ from jaxinfer.configs import logical_axis_rules
 from jaxinfer.errors import EngineError
 from jaxinfer.model.config import ModelConfig
 from jaxinfer.model.llama import param_logical_axes
+from jaxinfer.model.panel_weight import panel_logical_axes
 from jaxinfer.quant.apply import is_quantized, quantized_logical_axes
 
 
@@ -37,10 +38,11 @@ def logical_sharding(mesh: Mesh, logical_axes: tuple[str | None, ...]) -> NamedS
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, params=None):
     """NamedShardings in the structure of `param_logical_axes`, or of `params` when given: a
-    quantized weight (jaxinfer.quant) gets one sharding per field, derived from its layer's axes."""
+    quantized weight (jaxinfer.quant) gets one sharding per field, derived from its layer's axes,
+    and a PanelWeight its panels' (jaxinfer.model.panel_weight)."""
     axes = param_logical_axes(cfg)
     if params is not None:
-        axes = quantized_logical_axes(params, axes)
+        axes = quantized_logical_axes(params, panel_logical_axes(params, axes))
     return jax.tree.map(lambda leaf_axes: logical_sharding(mesh, leaf_axes), axes,
                         is_leaf=lambda x: isinstance(x, tuple))
 

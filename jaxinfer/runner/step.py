@@ -47,6 +47,7 @@ from jaxinfer.cache.kv_pool import write_kv
 from jaxinfer.errors import EngineError
 from jaxinfer.model.config import ModelConfig
 from jaxinfer.model.llama import LINEAR_WEIGHTS, compute_logits, forward, head_weight
+from jaxinfer.model.panel_weight import PanelWeight
 from jaxinfer.runner.buckets import Bucket
 from jaxinfer.runner.sampling import SamplerOutput, SamplingMetadata, sample
 from pallas_kernels import cpu_dense_dot
@@ -70,13 +71,13 @@ class StepInputs:
 class KernelDenseWeight:
     """A float32 or bfloat16 `[in, out]` weight whose matmuls run in the CPU dense kernel for the row
     counts it serves (float32 up to cpu_dense_dot.MAX_FMA_ROWS rows, bfloat16 any with AMX or
-    without AVX-512); others stay XLA's dot. Either way x is taken in the weight's dtype and the
-    product accumulates in float32, returned in x's dtype (as `linear` on the bare weight, and as
-    the head's float32 logits). As an MLP's gate_up weight in bfloat16 on an AMX CPU it also takes
-    the SwiGLU in the same kernel call (`fuses_swiglu`, `swiglu`), and as an output projection in
-    bfloat16 the residual add and the next RMSNorm (`fuses_residual_norm`, `residual_norm`), and as
-    the grouped qkv weight the split into heads and RoPE (`fuses_qkv_rope`, `qkv_rope`). Made inside
-    the traced step only, never stored."""
+    without AVX-512, a bfloat16 weight's AMX panels any); others stay XLA's dot. Either way x is
+    taken in the weight's dtype and the product accumulates in float32, returned in x's dtype (as
+    `linear` on the bare weight, and as the head's float32 logits). As an MLP's gate_up weight in
+    bfloat16 on an AMX CPU it also takes the SwiGLU in the same kernel call (`fuses_swiglu`,
+    `swiglu`), and as an output projection in bfloat16 the residual add and the next RMSNorm
+    (`fuses_residual_norm`, `residual_norm`), and as the grouped qkv weight the split into heads and
+    RoPE (`fuses_qkv_rope`, `qkv_rope`). Made inside the traced step only, never stored."""
     w: jax.Array
 
     def matmul(self, x: jax.Array) -> jax.Array:
@@ -126,10 +127,11 @@ class KernelDenseWeight:
 
 def route_dense_weight(w, num_devices: int):
     """`w` as a step multiplies it: wrapped as KernelDenseWeight where it is a float32 or bfloat16
-    weight the CPU kernel takes, the kernel runs here and the step has one device (a custom call is
-    not partitioned by GSPMD); as it is otherwise."""
-    if num_devices == 1 and cpu_dense_dot.available() and cpu_dense_dot.serves(1, w):
-        return KernelDenseWeight(w)
+    weight the CPU kernel takes (a PanelWeight: its panels), the kernel runs here and the step has
+    one device (a custom call is not partitioned by GSPMD); as it is otherwise."""
+    stored = w.panels if isinstance(w, PanelWeight) else w
+    if num_devices == 1 and cpu_dense_dot.available() and cpu_dense_dot.serves(1, stored):
+        return KernelDenseWeight(stored)
     return w
 
 

@@ -112,11 +112,11 @@ PANEL_TILE = (2, 16, 16, 2)
 
 
 def packs_panels(w) -> bool:
-    """Whether `pack_panels` takes `w`: a bfloat16 `[K, N]` weight with K and N multiples of 32. The
-    AMX loop takes panels at any rows; where AMX does not run (a CPU without it, or the OS refused
-    the tile state) a call unpacks them first, slowly."""
-    return (getattr(w, "ndim", 0) == 2 and w.dtype == jnp.bfloat16 and w.shape[0] % PANEL_K == 0
-            and w.shape[1] % PANEL_COLS == 0)
+    """Whether `pack_panels` takes `w`: a `[K, N]` weight with K and N multiples of 32 (the kernel
+    takes bfloat16 panels; a float32 weight may be packed before it is cast). The AMX loop takes
+    panels at any rows; where AMX does not run (a CPU without it, or the OS refused the tile state)
+    a call unpacks them first, slowly."""
+    return getattr(w, "ndim", 0) == 2 and w.shape[0] % PANEL_K == 0 and w.shape[1] % PANEL_COLS == 0
 
 
 def pack_panels(w):

@@ -327,7 +327,7 @@ def test_panels_hold_the_weight_and_give_it_back(rng):
     np.testing.assert_array_equal(jax.jit(cpu_dense_dot.unpack_panels)(jax.jit(cpu_dense_dot.pack_panels)(w)), w)
     assert cpu_dense_dot.packs_panels(jnp.zeros((96, 160), jnp.bfloat16))
     assert not cpu_dense_dot.packs_panels(jnp.zeros((96, 176), jnp.bfloat16))
-    assert not cpu_dense_dot.packs_panels(jnp.zeros((96, 160), jnp.float32))
+    assert not cpu_dense_dot.packs_panels(jnp.zeros((80, 160), jnp.bfloat16))
 
 
 @needs_kernel

@@ -4,6 +4,8 @@ shardings."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,12 +58,24 @@ def test_an_engine_packs_every_layer_matmul_and_the_head(rng):
         assert jax.tree.structure(param_shardings(cfg, make_mesh(1), packed)) == jax.tree.structure(packed)
 
 
-def test_only_bfloat16_weights_with_whole_panels_are_packed(rng):
-    layer = {"w_qkv": random_weight(rng, 64, 96), "wo": random_weight(rng, 64, 48),
-             "w_gate_up": random_weight(rng, 64, 128).astype(jnp.float32), "w_down": random_weight(rng, 40, 64),
-             "attn_norm": jnp.ones(64, jnp.bfloat16)}
-    packed = pack_panel_weights({"embed": random_weight(rng, 64, 160), "layers": [layer]})
-    assert {name: type(w).__name__ for name, w in packed["layers"][0].items()} == {
-        "w_qkv": "PanelWeight", "wo": "ArrayImpl", "w_gate_up": "ArrayImpl", "w_down": "ArrayImpl",
-        "attn_norm": "ArrayImpl"}
-    assert isinstance(packed["embed"], PanelWeight)
+def test_weights_with_whole_panels_are_packed_before_they_are_placed(rng):
+    """As an engine builds its params: the checkpoint's float32 numpy arrays packed as views, then
+    cast to bfloat16 and placed (place_params makes the one copy); shapes off 32 stay as they are."""
+    def weight(k, n):
+        return rng.standard_normal((k, n)).astype(np.float32)
+
+    layer = {"w_qkv": weight(64, 96), "wo": weight(64, 48), "w_gate_up": weight(64, 128), "w_down": weight(40, 64),
+             "attn_norm": np.ones(64, np.float32), "mlp_norm": np.ones(64, np.float32)}
+    params = {"embed": weight(64, 160), "final_norm": np.ones(64, np.float32), "layers": [layer]}
+    packed = pack_panel_weights(params)
+    kinds = {name: type(w).__name__ for name, w in packed["layers"][0].items()}
+    assert kinds == {"w_qkv": "PanelWeight", "wo": "ndarray", "w_gate_up": "PanelWeight", "w_down": "ndarray",
+                     "attn_norm": "ndarray", "mlp_norm": "ndarray"}
+    assert np.shares_memory(packed["embed"].panels, params["embed"])
+    cfg = load_checkpoint(CHECKPOINTS_DIR / "tiny-smollm2").config
+    cfg = dataclasses.replace(cfg, hidden_size=64, intermediate_size=64, num_layers=1, vocab_size=160,
+                              num_heads=2, num_kv_heads=1, head_dim=32)
+    placed, _ = place_params(packed, cfg, make_mesh(1), "bfloat16")
+    assert placed["embed"].dtype == jnp.bfloat16 and isinstance(placed["embed"].panels, jax.Array)
+    np.testing.assert_array_equal(np.asarray(cpu_dense_dot.unpack_panels(placed["layers"][0]["w_gate_up"].panels)),
+                                  np.asarray(jnp.asarray(layer["w_gate_up"], jnp.bfloat16)))

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-
-import jax
 from pathlib import Path
 
 from jaxinfer.cache.kv_pool import plan_kv_memory
@@ -14,7 +12,7 @@ from jaxinfer.checkpoint import Checkpoint, load_checkpoint
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.llm_engine import LLMEngine
 from jaxinfer.model.panel_weight import pack_panel_weights, uses_panel_weights
-from jaxinfer.model.sharding import make_mesh, pad_heads, param_shardings, place_params
+from jaxinfer.model.sharding import make_mesh, pad_heads, place_params
 from jaxinfer.quant.apply import calibrate, pack_for_cpu_kernel, quantize_params, uses_cpu_kernel
 from jaxinfer.quant.apply import describe as describe_quantization
 from jaxinfer.runner.model_runner import ModelRunner, allocate_kv_caches, compile_steps
@@ -65,10 +63,10 @@ def serving_params(checkpoint: Checkpoint, engine_cfg: EngineConfig, mesh, progr
                                  calibrate(params, cfg, checkpoint.tokenizer, engine_cfg.quant))
     if uses_cpu_kernel(engine_cfg.quant, engine_cfg.tp):
         params = pack_for_cpu_kernel(params)
-    params, cfg = place_params(params, cfg, mesh, engine_cfg.dtype)
     if uses_panel_weights(engine_cfg.dtype, engine_cfg.quant, engine_cfg.tp):
+        # Packed as numpy views of the checkpoint's arrays: placing them makes the one copy.
         params = pack_panel_weights(params)
-        params = jax.device_put(params, param_shardings(cfg, mesh, params))
+    params, cfg = place_params(params, cfg, mesh, engine_cfg.dtype)
     if progress and engine_cfg.quant:
         print(describe_quantization(params, engine_cfg.quant, engine_cfg.dtype), file=sys.stderr)
     return params, cfg

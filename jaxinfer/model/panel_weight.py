@@ -14,8 +14,10 @@ again at every call (pallas_kernels.cpu_dense_dot `pack_panels`).
     pack_panel_weights(params) -> params              every layer matmul weight and the head (for
                                                       tied embeddings the table itself, which the
                                                       lookup then reads through `columns`) as
-                                                      PanelWeight; traceable (jax.eval_shape gives
-                                                      an engine's restore structure)
+                                                      PanelWeight, in any dtype (numpy params are
+                                                      packed as views before they are cast and
+                                                      placed); traceable (jax.eval_shape gives an
+                                                      engine's restore structure)
     panel_logical_axes(params, axes) -> axes          a PanelWeight's (out, in, None...) axes
 
 No weight is kept twice: the panels are the only copy, so the engine's memory stays the checkpoint's.
@@ -99,4 +101,5 @@ def panel_logical_axes(params, axes):
         in_axis, out_axis = param_axes
         return PanelWeight((out_axis, in_axis) + (None,) * 4)
 
-    return jax.tree.map(expand, params, axes, is_leaf=lambda x: isinstance(x, PanelWeight))
+    # Every weight is a leaf here, quantized ones (pytrees of their own) included.
+    return jax.tree.map(expand, params, axes, is_leaf=lambda x: not isinstance(x, (dict, list)))

@@ -42,7 +42,8 @@ from pallas_kernels import cpu_dense_dot
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PanelWeight:
-    """A bfloat16 weight `[K, N]` stored as its AMX panels (module docstring)."""
+    """A weight `[K, N]` stored as its AMX panels (module docstring): bfloat16 in an engine, float32
+    numpy views of a checkpoint's arrays between packing and placing."""
 
     panels: jax.Array
 

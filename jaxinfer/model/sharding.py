@@ -42,7 +42,7 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, params=None):
     and a PanelWeight its panels' (jaxinfer.model.panel_weight)."""
     axes = param_logical_axes(cfg)
     if params is not None:
-        axes = quantized_logical_axes(params, panel_logical_axes(params, axes))
+        axes = panel_logical_axes(params, quantized_logical_axes(params, axes))
     return jax.tree.map(lambda leaf_axes: logical_sharding(mesh, leaf_axes), axes,
                         is_leaf=lambda x: isinstance(x, tuple))
 

@@ -223,7 +223,8 @@ def quantized_logical_axes(params, axes):
 
     if "lm_head" in params and "lm_head" not in axes:  # a tied table's quantized copy
         axes = {**axes, "lm_head": axes["embed"]}
-    return jax.tree.map(expand, params, axes, is_leaf=is_quantized)
+    # Every weight is a leaf here (quantized weights are pytrees of their own, as is a PanelWeight).
+    return jax.tree.map(expand, params, axes, is_leaf=lambda x: not isinstance(x, (dict, list)))
 
 
 def weight_bytes(params) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 from conftest import CHECKPOINTS_DIR
 from jaxinfer.checkpoint import load_checkpoint
 from jaxinfer.model.layers import embedding_columns, linear
-from jaxinfer.model.llama import LINEAR_WEIGHTS, param_shapes
+from jaxinfer.model.llama import LINEAR_WEIGHTS, compute_logits, param_shapes
 from jaxinfer.model.panel_weight import PanelWeight, has_panel_weights, pack_panel_weights
 from jaxinfer.model.sharding import make_mesh, param_shardings, place_params
 from pallas_kernels import cpu_dense_dot
@@ -29,6 +29,9 @@ def test_panel_weight_multiplies_and_looks_up_as_the_weight_it_stands_for(rng):
     assert stored.shape == (96, 512) and stored.dtype == jnp.bfloat16
     x = jnp.asarray(rng.standard_normal((2, 3, 96)), jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(stored.matmul(x), np.float32), np.asarray(linear(x, w), np.float32))
+    # As the head: the model's float32 logits of bfloat16 hidden states, the same as from the plain table.
+    np.testing.assert_array_equal(np.asarray(compute_logits({"embed": stored}, x)),
+                                  np.asarray(compute_logits({"embed": w}, x)))
     # Token ids in range and out of it (clipped, as jnp.take's mode="clip").
     tokens = jnp.asarray(np.concatenate([rng.integers(0, 512, (2, 7)), [[-3] * 7, [600] * 7]]), jnp.int32)
     got = jax.jit(embedding_columns)(stored, tokens)

@@ -3,9 +3,10 @@ engine keeps on a CPU with AMX-BF16, whose kernel would otherwise pack every wei
 again at every call (pallas_kernels.cpu_dense_dot `pack_panels`).
 
     PanelWeight(panels [N/32, K/32, 2, 16, 16, 2] bf16) stands for a weight w [K, N]:
-        matmul(x [..., K]) -> [..., N] in x's dtype   XLA's dot over the unpacked weight (the model
-                                                      outside engine steps; a step routes the
-                                                      panels to the kernel, jaxinfer.runner.step)
+        matmul(x [..., K]) -> [..., N] in x's dtype   XLA's dot over the unpacked weight, x in its
+                                                      dtype (the model outside engine steps; a
+                                                      step routes the panels to the kernel,
+                                                      jaxinfer.runner.step)
         columns(ids [...] int) -> [..., K]            columns of w: the token lookup of a tied
                                                       embedding table [hidden, vocab]
         shape (K, N), dtype
@@ -56,8 +57,11 @@ class PanelWeight:
         return self.panels.dtype
 
     def matmul(self, x: jax.Array) -> jax.Array:
+        """x taken in the weight's dtype, float32 sums, returned in x's dtype: as an engine step's
+        kernel (jaxinfer.runner.step.KernelDenseWeight), and as the model's plain head takes its
+        bfloat16 hidden states."""
         w = cpu_dense_dot.unpack_panels(self.panels)
-        y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        y = jnp.einsum("...i,io->...o", x.astype(w.dtype), w, preferred_element_type=jnp.float32)
         return y.astype(x.dtype)
 
     def columns(self, ids: jax.Array) -> jax.Array:

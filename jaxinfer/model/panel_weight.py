@@ -22,9 +22,10 @@ again at every call (pallas_kernels.cpu_dense_dot `pack_panels`).
     panel_logical_axes(params, axes) -> axes          a PanelWeight's (out, in, None...) axes
 
 No weight is kept twice: the panels are the only copy, so the engine's memory stays the checkpoint's.
-Why: the packing took about half of the AMX loop's time. Against the same kernel packing at every
-call, the default model's weights streaming from memory (benchmarks/bench_dense_dot.py, Xeon VM,
-2026-12-06, medians of 9): 0.9-1.3x at 1-2 rows, 1.05-1.2x at 4, 1.3-2.0x at 8, 1.3-2.3x at 16,
+Why: the packing took about half of the AMX loop's time. Against the same kernel on the `[K, N]`
+weight (packing at every call; at 1-2 rows its FMA loop), the default model's weights streaming from
+memory (benchmarks/bench_dense_dot.py, Xeon VM, 2026-12-06, medians of 9), speed-ups of 0.9-1.3x at
+1-2 rows, 1.05-1.2x at 4, 1.3-2.0x at 8, 1.3-2.3x at 16,
 1.05-1.4x at 64, 1.1-1.4x at 256; the 576 x 49152 head at 8 / 16 rows in 3.1 / 2.6 ms against
 6.3 / 5.8.
 """

@@ -27,6 +27,14 @@ def linear(x: jax.Array, w) -> jax.Array:
     return w.matmul(x)
 
 
+def linear_in_weight_dtype(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x [..., in] @ w [in, out] -> [..., out]` with x taken in w's dtype and float32 sums, returned
+    in x's dtype: how a weight stored for a CPU kernel multiplies where XLA's dot runs instead (float32
+    activations against a bfloat16 head give float32 logits of the bfloat16 product)."""
+    y = jnp.einsum("...i,io->...o", x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
+
+
 def embedding_columns(table, tokens: jax.Array) -> jax.Array:
     """Columns `tokens` of an embedding table `[hidden, vocab]` as rows `[..., hidden]`, tokens
     clipped into range. Plain tables are handled here; a table stored in another layout

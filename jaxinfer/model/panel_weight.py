@@ -37,6 +37,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.model.layers import linear_in_weight_dtype
 from jaxinfer.model.llama import LINEAR_WEIGHTS
 from pallas_kernels import cpu_dense_dot
 
@@ -61,9 +62,7 @@ class PanelWeight:
         """x taken in the weight's dtype, float32 sums, returned in x's dtype: as an engine step's
         kernel (jaxinfer.runner.step.KernelDenseWeight), and as the model's plain head takes its
         bfloat16 hidden states."""
-        w = cpu_dense_dot.unpack_panels(self.panels)
-        y = jnp.einsum("...i,io->...o", x.astype(w.dtype), w, preferred_element_type=jnp.float32)
-        return y.astype(x.dtype)
+        return linear_in_weight_dtype(x, cpu_dense_dot.unpack_panels(self.panels))
 
     def columns(self, ids: jax.Array) -> jax.Array:
         """Columns `ids` of the weight as rows `[..., K]`, ids clipped into range (as `jnp.take`'s

@@ -46,6 +46,7 @@ from jaxinfer.cache.attention_metadata import AttentionMetadata
 from jaxinfer.cache.kv_pool import write_kv
 from jaxinfer.errors import EngineError
 from jaxinfer.model.config import ModelConfig
+from jaxinfer.model.layers import linear_in_weight_dtype
 from jaxinfer.model.llama import LINEAR_WEIGHTS, compute_logits, forward, head_weight
 from jaxinfer.model.panel_weight import PanelWeight
 from jaxinfer.runner.buckets import Bucket
@@ -83,8 +84,7 @@ class KernelDenseWeight:
     def matmul(self, x: jax.Array) -> jax.Array:
         rows = math.prod(x.shape[:-1])
         if not cpu_dense_dot.serves(rows, self.w):
-            y = jnp.einsum("...i,io->...o", x.astype(self.w.dtype), self.w, preferred_element_type=jnp.float32)
-            return y.astype(x.dtype)
+            return linear_in_weight_dtype(x, self.w)
         x_rows = x.reshape(rows, -1).astype(self.w.dtype)
         return cpu_dense_dot.dense_dot(x_rows, self.w).astype(x.dtype).reshape(*x.shape[:-1], -1)
 

@@ -200,10 +200,9 @@ float exp_in_place(float* row, int64_t len, float peak) {
     _mm256_storeu_ps(row + pos, e);
     sums = _mm256_add_ps(sums, e);
   }
-  float lanes[kLanes];
-  _mm256_storeu_ps(lanes, sums);
-  float total = 0;
-  for (const float lane : lanes) total += lane;
+  __m128 half = _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
+  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  float total = _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
   for (; pos < len; ++pos) total += row[pos] = std::exp(row[pos] - peak);
   return total;
 }
@@ -270,9 +269,17 @@ inline int64_t pool_slot(const Problem& p, const int32_t* table, int64_t pos) {
 
 // Asks for the rows (rows[i] + h) * D of a pool, i < n: one kv head's rows of the next chunk of
 // a decode. A context's blocks lie anywhere in the pool, so the hardware prefetcher cannot run
-// ahead into the next one; asking for one kv head's rows at a time spreads the requests over the
-// current chunk's arithmetic. Without it, 64 decodes of 400 positions over 30 layers' pools took
-// 1.37x as long on one core of the Xeon VM (a standalone harness of this loop, 2026-12-05).
+// ahead into the next one; the decode loop asks for a few rows between each group of logits, which
+// spreads the requests over the current chunk's arithmetic. Without it, 64 decodes of 400 positions
+// over 30 layers' pools took 1.37x as long on one core of the Xeon VM (a standalone harness of this
+// loop, 2026-12-05). Asked for all at once per kv head (128 lines in one burst), the requests
+// stalled the loop until the line fill buffers drained, so that the arithmetic and the reads added
+// up rather than overlapped; spread over the groups of logits they took 32 decodes of 300
+// positions over 30 layers' pools from 122-125 to 104-109 ns a position on one core (a standalone
+// harness; the same rows from L2 take 54), and 64 decodes over 30 layers from 46.7-54.1 to
+// 42.8-43.5 ms (benchmarks/bench_paged_attention.py --batches 64 --contexts 300 --kv-dtype bfloat16
+// --layers 30, two alternating pairs), 40.7 / 45.7 to 38.7 / 41.0 ms of a batch-64 engine step
+// (benchmarks/profile_step.py engines/bf16 --batch 64 --context 300, ABBA), Xeon VM, 2026-12-06.
 template <typename T>
 void prefetch_rows(const T* pool, const int64_t* rows, int64_t n, int64_t h, int64_t d) {
   const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
@@ -454,9 +461,9 @@ float max_of(const float* x, int64_t n) {
   __m256 peaks = _mm256_set1_ps(x[0]);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) peaks = _mm256_max_ps(peaks, _mm256_loadu_ps(x + i));
-  float lanes[kLanes];
-  _mm256_storeu_ps(lanes, peaks);
-  float peak = *std::max_element(lanes, lanes + kLanes);
+  __m128 half = _mm_max_ps(_mm256_castps256_ps128(peaks), _mm256_extractf128_ps(peaks, 1));
+  half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+  float peak = _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
   for (; i < n; ++i) peak = std::max(peak, x[i]);
   return peak;
 }
@@ -488,11 +495,19 @@ void decode_positions_with(const Problem& p, const T* k, const T* v, int64_t s, 
   // The range as kDecodeStreams runs read side by side, a position of each in turn: more reads in
   // flight than one run gives, and the softmax does not mind the order.
   const int64_t run_len = (p1 - p0 + kDecodeStreams - 1) / kDecodeStreams, per_run = kDecodeChunk / kDecodeStreams;
+  // Each run's next position as (block table index, offset in the block), stepped without dividing.
+  int64_t run_block[kDecodeStreams], run_offset[kDecodeStreams];
+  for (int64_t run = 0; run < kDecodeStreams; ++run) {
+    run_block[run] = (p0 + run * run_len) / p.block_size;
+    run_offset[run] = (p0 + run * run_len) % p.block_size;
+  }
   auto chunk_rows = [&](int64_t step, int64_t* chunk) {
     int64_t n = 0;
     for (int64_t i = step; i < std::min(run_len, step + per_run); ++i)
-      for (int64_t run = 0; run < kDecodeStreams; ++run)
-        if (const int64_t pos = p0 + run * run_len + i; pos < p1) chunk[n++] = pool_slot(p, table, pos) * kv_heads;
+      for (int64_t run = 0; run < kDecodeStreams; ++run) {
+        if (p0 + run * run_len + i < p1) chunk[n++] = (table[run_block[run]] * p.block_size + run_offset[run]) * kv_heads;
+        if (++run_offset[run] == p.block_size) run_offset[run] = 0, ++run_block[run];
+      }
     for (int64_t i = n; i % 4; ++i) chunk[i] = chunk[n - 1];
     return n;
   };
@@ -505,11 +520,17 @@ void decode_positions_with(const Problem& p, const T* k, const T* v, int64_t s, 
     for (int64_t h = 0; h < kv_heads; ++h) {
       for (int64_t i = 0; i < (n + 3) / 4 * 4; ++i) k_rows[i] = k + (now[i] + h) * d;
       for (int64_t i = 0; i < n; ++i) v_rows[i] = v + (now[i] + h) * d;
-      prefetch_rows(k, next, next_n, h, d);
-      prefetch_rows(v, next, next_n, h, d);
       for (int64_t j0 = h * group; j0 < (h + 1) * group; j0 += L::kHeads) {
         const int64_t pass_heads = std::min<int64_t>(L::kHeads, (h + 1) * group - j0);
-        pass_logits<L>(pass_heads, q + j0 * d, k_rows, n, d, logits);
+        // The group's first pass asks for this kv head's K and V rows of the next chunk, as many
+        // positions before each group of logits as the group takes.
+        for (int64_t i = 0; i < n; i += 4) {
+          if (j0 == h * group && i < next_n) {
+            prefetch_rows(k, next + i, std::min<int64_t>(4, next_n - i), h, d);
+            prefetch_rows(v, next + i, std::min<int64_t>(4, next_n - i), h, d);
+          }
+          pass_logits<L>(pass_heads, q + j0 * d, k_rows + i, 4, d, logits + i);
+        }
         for (int64_t g = 0; g < pass_heads; ++g) {
           float* head_logits = logits + g * kDecodeChunk;
           const int64_t j = j0 + g;

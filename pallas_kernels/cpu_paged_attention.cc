@@ -436,16 +436,16 @@ inline void group_values(const float* weights, const T* const* rows, int64_t n, 
 }
 
 // One pass of `heads` (<= L::kHeads) query heads of a GQA group (q, out [heads, d], `load_features`'
-// order) over the n positions of a chunk: their logits [heads, kDecodeChunk] from the K rows (n
-// rounded up to whole groups of 4, the extra rows repeating a real one), or their value sums from
-// the V rows and the softmax's weights [heads, kDecodeChunk].
+// order): their logits [heads, kDecodeChunk] for a group of 4 positions from their K rows (at a
+// chunk's end, the extra rows repeat a real one), or their value sums over the n positions of a
+// chunk from the V rows and the softmax's weights [heads, kDecodeChunk].
 template <class L, typename T, int kHeads = L::kHeads>
-void pass_logits(int64_t heads, const float* q, const T* const* k_rows, int64_t n, int64_t d, float* logits) {
+void pass_logits(int64_t heads, const float* q, const T* const* k_rows, int64_t d, float* logits) {
   if (heads < kHeads) {
-    if constexpr (kHeads > 1) pass_logits<L, T, kHeads - 1>(heads, q, k_rows, n, d, logits);
+    if constexpr (kHeads > 1) pass_logits<L, T, kHeads - 1>(heads, q, k_rows, d, logits);
     return;
   }
-  for (int64_t i = 0; i < n; i += 4) group_logits<L, kHeads>(q, k_rows + i, d, logits + i);
+  group_logits<L, kHeads>(q, k_rows, d, logits);
 }
 template <class L, typename T, int kHeads = L::kHeads>
 void pass_values(int64_t heads, const float* weights, const T* const* v_rows, int64_t n, int64_t d, float* out) {
@@ -529,7 +529,7 @@ void decode_positions_with(const Problem& p, const T* k, const T* v, int64_t s, 
             prefetch_rows(k, next + i, std::min<int64_t>(4, next_n - i), h, d);
             prefetch_rows(v, next + i, std::min<int64_t>(4, next_n - i), h, d);
           }
-          pass_logits<L>(pass_heads, q + j0 * d, k_rows + i, 4, d, logits + i);
+          pass_logits<L>(pass_heads, q + j0 * d, k_rows + i, d, logits + i);
         }
         for (int64_t g = 0; g < pass_heads; ++g) {
           float* head_logits = logits + g * kDecodeChunk;

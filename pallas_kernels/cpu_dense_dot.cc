@@ -758,22 +758,34 @@ void pack_row_block(const uint16_t* x, int64_t m, int64_t k, int64_t b, float* o
   }
 }
 
+// Weight rows ahead of the one being packed that `pack_panels` asks for.
+constexpr int64_t kPackPrefetchRows = 8;
+
 // Rows k0 .. k0 + depth - 1 of w [K, N], columns n0 .. n0 + panels * kGemmCols - 1, as float32
 // panels of kGemmCols columns: panel p holds panel[(p * depth + kk) * kGemmCols + c] =
 // w[k0 + kk, n0 + p * kGemmCols + c], the even and odd columns of each group apart (`ColumnGroup`),
 // so the tile's sums come out as (even, odd) and `interleave` orders them. The weight is read a
 // row at a time across all the panels: packed one panel after another, each 32-byte piece of a
 // row came from a line (and, for the head's 98 KB rows, a page) of its own, and the head took
-// 21.8 ms at 16 rows against 14.0-15.7 this way (136 against 112-123 at 256).
+// 21.8 ms at 16 rows against 14.0-15.7 this way (136 against 112-123 at 256). The row
+// kPackPrefetchRows ahead is asked for as each row is packed (consecutive rows' pieces lie 1-98 KB
+// apart); it pays at decode's row counts, where an item's packing weighs most (Zen 3 VM, 2026-12-06,
+// benchmarks/bench_dense_dot.py, two alternating pairs, each matmul against XLA's float32 dot in the
+// same run: 0.85 against 0.96 of its time at 16 rows, 0.74 against 0.85 at 32, 0.93 against 1.05 at
+// 64; a traced batch-16 decode step's matmuls 73.3 / 62.3 against 72.1 / 86.0 ms).
 void pack_panels(const uint16_t* w, int64_t n, int64_t k0, int64_t depth, int64_t n0, int64_t panels, float* out) {
   using Group = ColumnGroup<uint16_t>;
-  for (int64_t kk = 0; kk < depth; ++kk)
+  for (int64_t kk = 0; kk < depth; ++kk) {
+    if (kk + kPackPrefetchRows < depth)
+      for (int64_t byte = 0; byte < panels * kGemmCols * 2; byte += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (k0 + kk + kPackPrefetchRows) * n + n0) + byte, _MM_HINT_T0);
     for (int64_t p = 0; p < panels; ++p) {
       const Group::Bits bits = Group::load(w + (k0 + kk) * n + n0 + p * kGemmCols);
       float* panel_row = out + (p * depth + kk) * kGemmCols;
       store_f32(panel_row, Group::vector(bits, 0));
       store_f32(panel_row + kLane, Group::vector(bits, 1));
     }
+  }
 }
 
 // out[r, 0 .. kGemmCols) (+)= the sum over kk < depth of rows[kk * kGemmRows + r] *

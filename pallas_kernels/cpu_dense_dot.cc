@@ -772,7 +772,8 @@ constexpr int64_t kPackPrefetchRows = 8;
 // apart); it pays at decode's row counts, where an item's packing weighs most (Zen 3 VM, 2026-12-06,
 // benchmarks/bench_dense_dot.py, two alternating pairs, each matmul against XLA's float32 dot in the
 // same run: 0.85 against 0.96 of its time at 16 rows, 0.74 against 0.85 at 32, 0.93 against 1.05 at
-// 64; a traced batch-16 decode step's matmuls 73.3 / 62.3 against 72.1 / 86.0 ms).
+// 64; the offline benchmark's workload 157.7 / 158.2 against 151.3 / 150.4 output tokens/s, its
+// batch-64 decode steps 188.1 / 191.3 against 204.0 / 212.0 ms).
 void pack_panels(const uint16_t* w, int64_t n, int64_t k0, int64_t depth, int64_t n0, int64_t panels, float* out) {
   using Group = ColumnGroup<uint16_t>;
   for (int64_t kk = 0; kk < depth; ++kk) {

@@ -777,9 +777,11 @@ constexpr int64_t kPackPrefetchRows = 8;
 void pack_panels(const uint16_t* w, int64_t n, int64_t k0, int64_t depth, int64_t n0, int64_t panels, float* out) {
   using Group = ColumnGroup<uint16_t>;
   for (int64_t kk = 0; kk < depth; ++kk) {
-    if (kk + kPackPrefetchRows < depth)
-      for (int64_t byte = 0; byte < panels * kGemmCols * 2; byte += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(w + (k0 + kk + kPackPrefetchRows) * n + n0) + byte, _MM_HINT_T0);
+    if (kk + kPackPrefetchRows < depth) {
+      const char* ahead = reinterpret_cast<const char*>(w + (k0 + kk + kPackPrefetchRows) * n + n0);
+      for (int64_t byte = 0; byte < panels * kGemmCols * int64_t{sizeof(uint16_t)}; byte += 64)
+        _mm_prefetch(ahead + byte, _MM_HINT_T0);
+    }
     for (int64_t p = 0; p < panels; ++p) {
       const Group::Bits bits = Group::load(w + (k0 + kk) * n + n0 + p * kGemmCols);
       float* panel_row = out + (p * depth + kk) * kGemmCols;

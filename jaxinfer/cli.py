@@ -11,6 +11,7 @@ import sys
 
 from jaxinfer.commands.bench import add_bench_parsers
 from jaxinfer.commands.eval import add_eval_parsers
+from jaxinfer.engine.config import KV_DTYPES
 from jaxinfer.errors import JaxinferError
 from jaxinfer.quant.apply import QUANT_MODES
 
@@ -45,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     build = commands.add_parser("build", help="compile an engine directory ahead of time")
     _add_model_args(build)
     build.add_argument("--output", required=True, help="engine directory to write")
-    build.add_argument("--kv-dtype", choices=["auto", "float32", "bfloat16", "int8", "fp8"])
+    build.add_argument("--kv-dtype", choices=["auto", *KV_DTYPES])
     build.add_argument("--max-num-seqs", type=int)
     build.add_argument("--max-num-batched-tokens", type=int)
     build.add_argument("--max-model-len", type=int)

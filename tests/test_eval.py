@@ -2,8 +2,10 @@
 logits, and end to end through the `eval perplexity` parser."""
 
 import argparse
+import functools
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,9 +14,10 @@ from jaxinfer.checkpoint import load_checkpoint
 from jaxinfer.commands.eval import add_eval_parsers
 from jaxinfer.eval.corpus import HELDOUT, corpus_windows
 from jaxinfer.eval.perplexity import evaluate
+from jaxinfer.model.llama import compute_logits, forward
 from jaxinfer.model.sharding import make_mesh, place_params
 from jaxinfer.quant.apply import quantize_params
-from jaxinfer.reference import ReferenceGenerator
+from jaxinfer.reference import ContiguousKV, ReferenceGenerator, contiguous_attend
 
 CHECKPOINT = CHECKPOINTS_DIR / "tiny-llama3"
 
@@ -62,15 +65,36 @@ def test_kl_against_the_unquantized_model(checkpoint, windows):
     assert evaluate(params, cfg, windows, reference_params=params).mean_kl == pytest.approx(0.0, abs=1e-7)
 
 
+def test_kv_dtype_rounds_the_models_keys_and_values_as_its_pool_stores_them(checkpoint, windows):
+    """bfloat16 K/V under a float32 model: the same perplexity as the forward over contiguous caches
+    held in bfloat16 (which round each row as it is written), not the float32 one; float32 K/V
+    change nothing."""
+    params, cfg = place_params(checkpoint.params, checkpoint.config, make_mesh(1), "float32")
+    tokens = jnp.asarray(windows, jnp.int32)
+    cache_shape = (*tokens.shape, cfg.num_kv_heads, cfg.head_dim)
+    caches = [ContiguousKV(jnp.zeros(cache_shape, jnp.bfloat16), jnp.zeros(cache_shape, jnp.bfloat16))
+              for _ in range(cfg.num_layers)]
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    attend = functools.partial(contiguous_attend, start=jnp.int32(0), sm_scale=cfg.head_dim ** -0.5)
+    hidden, _ = forward(params, cfg, tokens, positions, caches, attend)
+    log_probs = numpy_log_probs(np.asarray(compute_logits(params, hidden)))
+    nll = -np.take_along_axis(log_probs[:, :-1], windows[:, 1:, None], axis=-1)
+    plain = evaluate(params, cfg, windows)
+    rounded = evaluate(params, cfg, windows, reference_params=params, kv_dtype="bfloat16")
+    np.testing.assert_allclose(rounded.perplexity, np.exp(nll.mean()), rtol=1e-5)
+    assert rounded.perplexity != plain.perplexity and rounded.mean_kl > 0
+    assert evaluate(params, cfg, windows, kv_dtype="float32").perplexity == plain.perplexity
+
+
 def test_eval_perplexity_command_writes_json(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_eval_parsers(parser.add_subparsers())
     output = tmp_path / "ppl.json"
     args = parser.parse_args(["eval", "perplexity", str(CHECKPOINT), "--quant", "int8", "--windows", "2",
-                              "--window-len", "16", "--output", str(output)])
+                              "--window-len", "16", "--kv-dtype", "bfloat16", "--output", str(output)])
     module_name, function_name = args.run.split(":")
     getattr(__import__(module_name, fromlist=[function_name]), function_name)(args)
     report = json.loads(output.read_text())
-    assert report["quant"] == "int8" and report["predictions"] == 2 * 15
+    assert report["quant"] == "int8" and report["kv_dtype"] == "bfloat16" and report["predictions"] == 2 * 15
     assert report["mean_kl"] > 0 and report["perplexity"] > 1
     assert "perplexity" in capsys.readouterr().out

@@ -8,8 +8,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxinfer.cache.kv_pool import (LayerKVCache, dequantize_kv, device_kv_budget, init_layer_cache, plan_kv_memory,
-                                    quantize_kv, write_kv)
+from jaxinfer.cache.kv_pool import (LayerKVCache, as_stored, dequantize_kv, device_kv_budget, init_layer_cache,
+                                    plan_kv_memory, quantize_kv, write_kv)
 from jaxinfer.errors import EngineError
 
 NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 6, 8, 3, 16
@@ -80,6 +80,23 @@ def test_dequantized_rows_stay_within_half_a_quantization_step(kv_dtype, relativ
     bound = relative * np.abs(rows) + steps * np.asarray(scales)[..., None]
     assert np.all(np.abs(restored - rows) <= bound * (1 + 1e-6))
     np.testing.assert_array_equal(restored[0, 0], 0.0)
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16", "int8", "fp8"])
+def test_as_stored_is_what_attention_reads_back_from_the_pool(kv_dtype):
+    """The rows a pool returns (write_kv, then the values dequantized with their scales, as the
+    attention kernels read them) against as_stored on the same rows."""
+    k, v, slots = random_write(7, 12)
+    pool = write_kv(init_layer_cache(NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM, kv_dtype), jnp.asarray(k),
+                    jnp.asarray(v), jnp.asarray(slots))
+    blocks, offsets = slots // BLOCK_SIZE, slots % BLOCK_SIZE
+    for values, scales, rows in ((pool.k, pool.k_scale, k), (pool.v, pool.v_scale, v)):
+        read = dequantize_kv(values[blocks, offsets], None if scales is None else scales[blocks, offsets])
+        stored = as_stored(jnp.asarray(rows), kv_dtype)
+        assert stored.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(stored), np.asarray(read))
+        if kv_dtype != "float32":
+            assert not np.array_equal(np.asarray(stored), rows)
 
 
 def test_donated_write_updates_the_pool_in_place():

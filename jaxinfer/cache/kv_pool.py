@@ -15,6 +15,7 @@ Engine-facing API (one `LayerKVCache` per layer; the model holds a list of them)
     write_kv(cache, k [T, kvh, hd], v [T, kvh, hd], slot_mapping [T] int32) -> LayerKVCache
         Scatters the step's new K/V into their slots, quantizing when the storage is int8/fp8. Call it
         inside the jitted step and donate the pool there: XLA then updates the buffers in place.
+    as_stored(x [..., hd], kv_dtype) -> x as attention reads it back from such a pool
     plan_kv_memory(num_layers, num_kv_heads, head_dim, kv_dtype, block_size, budget_bytes)
         -> KVMemoryPlan (num_blocks, max_concurrent_tokens, bytes_per_token, describe()).
     device_kv_budget(fraction, device=None) -> int bytes, where the backend reports its memory (GPU);
@@ -123,6 +124,16 @@ def dequantize_kv(values: jax.Array, scale: jax.Array | None) -> jax.Array:
     if scale is None:
         return values
     return values * scale[..., None]
+
+
+def as_stored(x: jax.Array, kv_dtype: str) -> jax.Array:
+    """x [..., head_dim] as attention reads it back from a pool of `kv_dtype`: rounded to the
+    storage dtype (int8/fp8: scaled per row, as `write_kv` stores it), in x's dtype. For models
+    that attend over a contiguous cache (jaxinfer.eval) to see the pool's rounding."""
+    dtype = storage_dtype(kv_dtype)
+    if is_quantized_dtype(dtype):
+        return dequantize_kv(*quantize_kv(x, dtype)).astype(x.dtype)
+    return x.astype(dtype).astype(x.dtype)
 
 
 def write_kv(cache: LayerKVCache, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> LayerKVCache:

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from jaxinfer.engine.config import KV_DTYPES
 from jaxinfer.eval.corpus import DEFAULT_WINDOW_LEN, DEFAULT_WINDOWS, HELDOUT
 from jaxinfer.quant.apply import QUANT_MODES
 
@@ -25,6 +26,8 @@ def add_eval_parsers(subparsers) -> None:
     perplexity.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="number of windows")
     perplexity.add_argument("--window-len", type=int, default=DEFAULT_WINDOW_LEN, help="tokens per window")
     perplexity.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    perplexity.add_argument("--kv-dtype", choices=["auto", *KV_DTYPES],
+                            help="K/V storage of the model, as `jaxinfer build --kv-dtype` (default: engine.yaml's)")
     perplexity.add_argument("--text", help="plain-text file to evaluate on (default: data/corpus/heldout.txt)")
     perplexity.add_argument("--output", type=Path, help="write the figures as JSON")
     perplexity.set_defaults(run="jaxinfer.commands.eval:perplexity_main")
@@ -34,10 +37,11 @@ def perplexity_main(args) -> None:
     from jaxinfer.eval.report import perplexity_report
 
     report = perplexity_report(args.model, args.quant, args.reference, args.windows, args.window_len, args.dtype,
-                               args.text or HELDOUT)
+                               args.text or HELDOUT, kv_dtype=args.kv_dtype)
     kl = "n/a" if report["mean_kl"] is None else f"{report['mean_kl']:.5f}"
     print(f"perplexity {report['perplexity']:.4f} (mean NLL {report['mean_nll']:.4f} over {report['predictions']} "
-          f"predictions), mean KL vs unquantized {kl}, weights {report['weight_bytes'] / 2**20:.1f} MiB")
+          f"predictions), mean KL vs unquantized {kl}, weights {report['weight_bytes'] / 2**20:.1f} MiB, "
+          f"K/V stored as {report['kv_dtype']}")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(report, indent=2))

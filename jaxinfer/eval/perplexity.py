@@ -1,8 +1,12 @@
 """Perplexity and KL divergence of a model over fixed token windows: pure functions of params.
 
-    causal_hidden(params, cfg, tokens [B, S] int32) -> final hidden states [B, S, hidden]
-    window_log_probs(params, cfg, tokens [B, S]) -> next-token log-probabilities [B, S, vocab] f32
-    evaluate(params, cfg, windows [N, S], reference_params=None, batch_size=1) -> Evaluation
+    causal_hidden(params, cfg, tokens [B, S] int32, kv_dtype=None) -> final hidden states [B, S, hidden]
+    window_log_probs(params, cfg, tokens [B, S], kv_dtype=None) -> next-token log-probabilities [B, S, vocab] f32
+    evaluate(params, cfg, windows [N, S], reference_params=None, batch_size=1, kv_dtype=None) -> Evaluation
+
+kv_dtype (a KV pool dtype name, jaxinfer.cache.kv_pool) rounds every K/V row as an engine's pool of
+that dtype stores it before attention reads it; None keeps them in the params' dtype. The
+reference model's K/V are never rounded.
 
 Each window is scored on its own, from position 0 (a fresh causal context): token t+1 is
 predicted from tokens 0..t, so a window of S tokens contributes S-1 predictions. Perplexity is
@@ -22,6 +26,7 @@ import numpy as np
 
 from jaxinfer.model.config import ModelConfig
 from jaxinfer.model.llama import compute_logits, forward
+from jaxinfer.cache.kv_pool import as_stored
 from jaxinfer.reference import ContiguousKV, contiguous_attend
 
 
@@ -33,23 +38,28 @@ class Evaluation:
     num_predictions: int
 
 
-def causal_hidden(params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+def causal_hidden(params, cfg: ModelConfig, tokens: jax.Array, kv_dtype: str | None = None) -> jax.Array:
     """The model over whole windows `[B, S]` with dense causal attention (a contiguous cache of
-    exactly S positions, written once)."""
+    exactly S positions, written once), K/V rounded as a pool of kv_dtype stores them."""
     batch, seq = tokens.shape
     dtype = params["final_norm"].dtype
     cache_shape = (batch, seq, cfg.num_kv_heads, cfg.head_dim)
     caches = [ContiguousKV(jnp.zeros(cache_shape, dtype), jnp.zeros(cache_shape, dtype))
               for _ in range(cfg.num_layers)]
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), tokens.shape)
-    attend = functools.partial(contiguous_attend, start=jnp.int32(0), sm_scale=cfg.head_dim ** -0.5)
+
+    def attend(q, k, v, cache):
+        if kv_dtype is not None:
+            k, v = as_stored(k, kv_dtype), as_stored(v, kv_dtype)
+        return contiguous_attend(q, k, v, cache, start=jnp.int32(0), sm_scale=cfg.head_dim ** -0.5)
+
     hidden, _ = forward(params, cfg, tokens, positions, caches, attend)
     return hidden
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def window_log_probs(params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
-    return jax.nn.log_softmax(compute_logits(params, causal_hidden(params, cfg, tokens)), axis=-1)
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def window_log_probs(params, cfg: ModelConfig, tokens: jax.Array, kv_dtype: str | None = None) -> jax.Array:
+    return jax.nn.log_softmax(compute_logits(params, causal_hidden(params, cfg, tokens, kv_dtype)), axis=-1)
 
 
 @jax.jit
@@ -66,13 +76,13 @@ def _prediction_kl(log_probs: jax.Array, reference_log_probs: jax.Array) -> jax.
 
 
 def evaluate(params, cfg: ModelConfig, windows: np.ndarray, reference_params=None,
-             batch_size: int = 1) -> Evaluation:
-    """Perplexity of `params` over `windows [N, S]` int32, and the mean KL against
-    `reference_params` (same config) when given."""
+             batch_size: int = 1, kv_dtype: str | None = None) -> Evaluation:
+    """Perplexity of `params` over `windows [N, S]` int32, its K/V rounded as a pool of kv_dtype
+    stores them, and the mean KL against `reference_params` (same config) when given."""
     nll_sum, kl_sum, count = 0.0, 0.0, 0
     for start in range(0, len(windows), batch_size):
         tokens = jnp.asarray(windows[start:start + batch_size], dtype=jnp.int32)
-        log_probs = window_log_probs(params, cfg, tokens)
+        log_probs = window_log_probs(params, cfg, tokens, kv_dtype)
         nll_sum += float(jnp.sum(_prediction_nll(log_probs, tokens)))
         count += tokens.shape[0] * (tokens.shape[1] - 1)
         if reference_params is not None:

@@ -25,5 +25,11 @@ def default_dtype(backend: str | None = None, quantized: bool = False) -> str:
     return load_config("defaults")["quantized_dtype" if quantized else "dtype"][backend or jax.default_backend()]
 
 
+def default_kv_dtype(dtype: str, quantized: bool, backend: str | None = None) -> str:
+    """What `kv_dtype: auto` stores K/V as: the engine's dtype, or for an engine with quantized
+    weights the backend's quantized_kv_dtype."""
+    return load_config("defaults")["quantized_kv_dtype"][backend or jax.default_backend()] if quantized else dtype
+
+
 def logical_axis_rules() -> tuple[tuple[str, str | None], ...]:
     return tuple(load_config("sharding")["logical_axis_rules"].items())

@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import CHECKPOINTS_DIR
 from jaxinfer.checkpoint import load_checkpoint
+from jaxinfer.configs import load_config
 from jaxinfer.engine.artifact import load_engine, read_manifest
 from jaxinfer.engine.build import build_engine
 from jaxinfer.engine.config import EngineConfig
@@ -25,7 +26,10 @@ from jaxinfer.sampling_params import SamplingParams
 from pallas_kernels import cpu_int4_dot, cpu_int8_dot
 
 CHECKPOINT = CHECKPOINTS_DIR / "tiny-llama3"
-SETTINGS = dict(dtype="float32", max_num_seqs=4, max_num_batched_tokens=16, max_model_len=128, kv_memory="2MiB")
+# K/V stored exactly (float32, where quantized engines default to bfloat16): these tests check the
+# weights' quantization against references that keep K/V in float32.
+SETTINGS = dict(dtype="float32", kv_dtype="float32", max_num_seqs=4, max_num_batched_tokens=16, max_model_len=128,
+                kv_memory="2MiB")
 NEW_TOKENS = 12
 
 
@@ -95,6 +99,15 @@ def test_quantized_engine_matches_the_model_on_dequantized_weights(checkpoint, p
     np.testing.assert_allclose(quantized.prompt_logits(prompts), oracle.prompt_logits(prompts), atol=logits_atol)
     greedy = {"dequantized": oracle, "quantized": quantized}[greedy_oracle]
     assert_greedy_agrees_until_a_near_tie(engine_greedy(engine, prompts), greedy, prompts, tie_margin)
+
+
+def test_auto_kv_dtype_is_the_backends_quantized_kv_dtype_for_quantized_weights():
+    expected = load_config("defaults")["quantized_kv_dtype"][jax.default_backend()]
+    assert EngineConfig.create(quant="w4a8", dtype="float32", kv_dtype="auto").kv_dtype == expected
+    assert EngineConfig.create(quant="int8", kv_dtype="auto").kv_dtype == expected
+    assert EngineConfig.create(dtype="float32", kv_dtype="auto").kv_dtype == "float32"
+    assert EngineConfig.create(dtype="bfloat16", kv_dtype="auto").kv_dtype == "bfloat16"
+    assert EngineConfig.create(quant="w4a8", kv_dtype="int8").kv_dtype == "int8"
 
 
 @pytest.mark.parametrize("quant", ["int3", "INT8", "awq", ""])

@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from jaxinfer.cache.kv_pool import device_kv_budget
-from jaxinfer.configs import default_dtype, load_config
+from jaxinfer.configs import default_dtype, default_kv_dtype, load_config
 from jaxinfer.errors import EngineError
 from jaxinfer.quant.apply import QUANT_MODES
 from jaxinfer.runner.buckets import BucketLadder
@@ -64,7 +64,7 @@ class EngineConfig:
         if values.get("dtype") in (None, "auto"):
             values["dtype"] = default_dtype(quantized=values.get("quant") is not None)
         if values["kv_dtype"] == "auto":
-            values["kv_dtype"] = values["dtype"]
+            values["kv_dtype"] = default_kv_dtype(values["dtype"], quantized=values.get("quant") is not None)
         values["kv_memory"] = str(values["kv_memory"])
         return cls(**values)
 

@@ -8,12 +8,29 @@ batch, forced to exactly the requested number of new tokens. It imports only the
 transformers and worker_protocol.
 """
 
+import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from worker_protocol import serve
+
+
+class FirstTokenClock:
+    """A `generate` streamer that notes when the first new tokens come out: generate hands it the
+    prompt first, then each step's tokens."""
+
+    def __init__(self):
+        self.puts, self.first = 0, None
+
+    def put(self, tokens) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
 
 
 class HFBackend:
@@ -28,13 +45,15 @@ class HFBackend:
         self.model = model.eval()
         self.info = {"torch": torch.__version__, "dtype": job["dtype"]}
 
-    def generate(self, prompts: list[list[int]], new_tokens: int) -> None:
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> float:
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        clock = FirstTokenClock()
         with torch.inference_mode():
             self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=clock)
+        return clock.first
 
 
 if __name__ == "__main__":

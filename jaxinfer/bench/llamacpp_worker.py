@@ -11,6 +11,7 @@ ignored. It imports only the standard library, llama_cpp and worker_protocol.
 """
 
 import itertools
+import time
 
 import llama_cpp
 
@@ -23,14 +24,17 @@ class LlamaCppBackend:
                                    n_threads=job["threads"], n_threads_batch=job["threads"], verbose=False)
         self.info = {"llama_cpp_python": llama_cpp.__version__}
 
-    def generate(self, prompts: list[list[int]], new_tokens: int) -> None:
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> float:
         if len(prompts) != 1:
             raise ValueError(f"llama-cpp-python generates one sequence at a time, not {len(prompts)}")
         # n_tokens = 0 makes generate() clear the KV cache instead of reusing the previous prompt's prefix.
         self.llm.reset()
         tokens = self.llm.generate(prompts[0], temp=0.0, reset=True)
-        for _ in itertools.islice(tokens, new_tokens):
+        next(tokens)
+        first = time.perf_counter()
+        for _ in itertools.islice(tokens, new_tokens - 1):
             pass
+        return first
 
 
 if __name__ == "__main__":

@@ -12,13 +12,16 @@ JOB.json: {"model": checkpoint path, "threads": int, "dtype": the engine's ("flo
       -> {"duration_s", "input_tokens", "output_tokens", "num_requests", "batch_size"}
   latency: "ttft_prompts": {length: [[ids], ...]}, "decode_prompts": [[ids], ...], "decode_tokens": N,
            "batch_sizes": [1, 8]
-      TTFT: median time of a 1-token generation per prompt length. Decode rate at batch b:
-      b x (N - 1) tokens over the time an N-token generation takes beyond a 1-token one.
+      TTFT: median time to the first new token per prompt length. Decode rate at batch b:
+      b x (N - 1) tokens over the time from an N-token generation's first new tokens to its end
+      (as the engine's own rate counts from first token to last: the prompt's prefill, whose time
+      varies from run to run, stays out of it).
       -> {"ttft_s": {length: s}, "decode_tokens_per_s": {b: tokens/s}}
 Both results also carry the worker's `info` (library versions, the dtype it ran) and "threads".
 
 A worker calls `serve(load)`, where `load(job)` returns a Backend: `generate(prompts, new_tokens)`
-runs one greedy generation of exactly `new_tokens` tokens for a batch of prompts (token id lists).
+runs one greedy generation of exactly `new_tokens` tokens for a batch of prompts (token id lists)
+and returns the time.perf_counter() at which its first new tokens came out.
 """
 
 import json
@@ -35,14 +38,15 @@ WARM_UP_TOKENS = 2
 class Backend(Protocol):
     info: dict
 
-    def generate(self, prompts: list[list[int]], new_tokens: int) -> None: ...
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> float: ...
 
 
 def timed_generate(backend: Backend, prompts: list[list[int]], new_tokens: int,
-                   clock: Callable[[], float] = time.perf_counter) -> float:
+                   clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
+    """(seconds to the first new tokens, seconds to the end) of one generation."""
     start = clock()
-    backend.generate(prompts, new_tokens)
-    return clock() - start
+    first = backend.generate(prompts, new_tokens)
+    return first - start, clock() - start
 
 
 def throughput(backend: Backend, job: dict, clock: Callable[[], float] = time.perf_counter) -> dict:
@@ -57,15 +61,15 @@ def throughput(backend: Backend, job: dict, clock: Callable[[], float] = time.pe
 
 
 def latency(backend: Backend, job: dict, clock: Callable[[], float] = time.perf_counter) -> dict:
-    ttft = {length: statistics.median(timed_generate(backend, [ids], 1, clock) for ids in prompts)
+    ttft = {length: statistics.median(timed_generate(backend, [ids], 1, clock)[0] for ids in prompts)
             for length, prompts in job["ttft_prompts"].items()}
     n = job["decode_tokens"]
     rates = {}
     for b in job["batch_sizes"]:
         prompts = job["decode_prompts"][:b]
         timed_generate(backend, prompts, WARM_UP_TOKENS, clock)  # warm-up for this batch shape
-        decode_s = timed_generate(backend, prompts, n, clock) - timed_generate(backend, prompts, 1, clock)
-        rates[str(b)] = b * (n - 1) / decode_s
+        first_s, end_s = timed_generate(backend, prompts, n, clock)
+        rates[str(b)] = b * (n - 1) / (end_s - first_s)
     return {"ttft_s": ttft, "decode_tokens_per_s": rates}
 
 

@@ -56,7 +56,7 @@ def main() -> None:
         quant = None if mode == "none" else mode
         engine_cfg = dataclasses.replace(EngineConfig.create(quant=quant, **ENGINE), tp=1)
         params, cfg = serving_params(checkpoint, engine_cfg, make_mesh(1))
-        result = evaluate(params, cfg, windows, reference)
+        result = evaluate(params, cfg, windows, reference, kv_dtype=engine_cfg.kv_dtype)
         if reference is None:
             reference, baseline = params, result.perplexity
         llm = LLM(args.model, progress=False, quant=quant, **ENGINE)

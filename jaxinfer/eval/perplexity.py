@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer.cache.kv_pool import as_stored
 from jaxinfer.model.config import ModelConfig
 from jaxinfer.model.llama import compute_logits, forward
-from jaxinfer.cache.kv_pool import as_stored
 from jaxinfer.reference import ContiguousKV, contiguous_attend
 
 

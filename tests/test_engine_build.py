@@ -1,7 +1,10 @@
 """`jaxinfer build` engine directories: round trip, no compilation after load, clear refusals."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -128,3 +131,31 @@ def test_bfloat16_engine_round_trips_its_panel_weights(tmp_path):
     params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * 3
     assert [o[0].token_ids for o in generate(loaded, prompts, params)] == \
            [o[0].token_ids for o in generate(fresh, prompts, params)]
+
+
+def test_build_refuses_the_persistent_compilation_cache(tmp_path):
+    """Executables from jax's persistent cache serialize without some functions (XLA:CPU): an engine
+    built from them fails when it runs, so the Python API refuses to build with the cache on..."""
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "cache"))
+    try:
+        with pytest.raises(EngineError, match="persistent compilation cache is on"):
+            build_engine(CHECKPOINTS_DIR / "tiny-llama3", tmp_path / "engine", progress=False)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+
+
+def test_build_command_compiles_without_the_persistent_cache(tmp_path):
+    """...and `jaxinfer build` turns the cache off before anything compiles: nothing goes through it
+    (with it, a second build's cache hits made an engine that failed at its first step), and the
+    engine it writes generates."""
+    cache = tmp_path / "cache"
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    subprocess.run([sys.executable, "-m", "jaxinfer.cli", "build", "--model", str(CHECKPOINTS_DIR / "tiny-llama3"),
+                    "--output", str(tmp_path / "engine"), "--dtype", "float32", "--max-num-seqs", "2",
+                    "--max-num-batched-tokens", "16", "--max-model-len", "64", "--kv-memory", "1MiB",
+                    "--decode-steps", "1"], env=env, check=True, capture_output=True)
+    assert not cache.exists() or not any(cache.iterdir())
+    engine = load_engine(tmp_path / "engine", progress=False)
+    [output] = generate(engine, [[5, 6, 7]], [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)])
+    assert len(output[0].token_ids) == 4

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from jaxinfer.engine.build import build_engine
+from jaxinfer.engine.build import build_engine, turn_off_persistent_cache
 from jaxinfer.engine.create import create_engine, is_engine_dir
 from serving.server import ServerConfig, run_server
 
@@ -25,6 +25,7 @@ def _load_engine(engine_dir: str | None):
         engine_dir = default_engine_dir()
         if not is_engine_dir(engine_dir):
             print(f"jaxinfer: building the default model's engine into {engine_dir}", file=sys.stderr, flush=True)
+            turn_off_persistent_cache()
             build_engine(None, engine_dir)
     return create_engine(engine_dir)
 

@@ -6,13 +6,24 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+
 from jaxinfer.checkpoint import load_checkpoint
 from jaxinfer.engine.artifact import save_engine
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.create import engine_from_checkpoint
+from jaxinfer.errors import EngineError
 
 
 def build_engine(model: str | Path | None, output: str | Path, progress: bool = True, **overrides) -> Path:
+    # An executable that jax's persistent compilation cache hands back serializes without some of its
+    # functions (XLA:CPU, jax 0.12.1): the engine would fail when loaded ("Function
+    # bitcast_gather_fusion not found"). A build compiles afresh or not at all.
+    if jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir:
+        raise EngineError(f"jax's persistent compilation cache is on ({jax.config.jax_compilation_cache_dir}): "
+                          "executables it returns do not serialize whole, so this engine would fail to run. "
+                          "Build with the cache off: unset JAX_COMPILATION_CACHE_DIR or set "
+                          "jax_enable_compilation_cache to False before the first compilation.")
     start = time.perf_counter()
     checkpoint = load_checkpoint(model)
     engine = engine_from_checkpoint(checkpoint, EngineConfig.create(**overrides), progress)
@@ -22,7 +33,14 @@ def build_engine(model: str | Path | None, output: str | Path, progress: bool = 
     return path
 
 
+def turn_off_persistent_cache() -> None:
+    """For commands that build before anything compiles: jax decides at its first compilation
+    whether the persistent cache is used, so turning it off later does not take effect."""
+    jax.config.update("jax_enable_compilation_cache", False)
+
+
 def main(args) -> None:
+    turn_off_persistent_cache()
     build_engine(args.model, args.output, dtype=args.dtype, tp=args.tp, kv_dtype=args.kv_dtype,
                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                  max_model_len=args.max_model_len, block_size=args.block_size, kv_memory=args.kv_memory,

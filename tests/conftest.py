@@ -4,11 +4,11 @@ dot bound of the backend the tests run on, and shared fixtures."""
 import os
 
 # Must precede the first jax import. 8 CPU devices let tests build meshes of up to 8 devices.
-# LLVM at -O0 for XLA:CPU's own fusions (our FFI kernels are prebuilt C++, the HLO passes unchanged):
-# it compiles the suite's hundreds of small engine steps faster (the suite took 768 s instead of
-# 1058 s on the Zen 3 VM, 2026-12-06) and leaves what the tests check alone, since speed is measured
-# by the benchmarks. The gRPC tests' child server runs without these flags, so its greedy tokens,
-# compiled as in production, are checked against an engine compiled here.
+# XLA:CPU's backend optimization level 0 (LLVM code generation of its own fusions; our FFI kernels
+# are prebuilt C++) compiles the suite's hundreds of small engine steps faster (the suite took 768 s
+# instead of 1058 s on the Zen 3 VM, 2026-12-06) and leaves what the tests check alone, since speed
+# is measured by the benchmarks. The gRPC tests' child server runs without these flags, so its
+# greedy tokens, compiled as in production, are checked against an engine compiled here.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 
 import zlib  # noqa: E402

@@ -113,6 +113,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -174,8 +175,28 @@ void unpack_panels(const Bf16Weight& w, uint16_t* out) {
 constexpr int kFmaRows = 8;
 // Weight rows walked together: the partial sums are loaded and stored once per eight rows, and the
 // eight rows ahead are prefetched (both measured faster than four rows and no prefetch at 2-8
-// activation rows; at one row within noise).
+// activation rows; at one row within noise), where `rows_ahead_pay` says so.
 constexpr int kRowsPerPass = 8;
+// Bytes over which the L1 data cache's set index runs once (64 sets of 64-byte lines in the 8-way
+// 32 KB and 12-way 48 KB L1s of the x86 CPUs this runs on): addresses this far apart share a set.
+constexpr int64_t kL1SetSpan = 4096;
+
+// Whether the FMA loop prefetches the next pass's weight rows (at each column group, the eight
+// rows after the eight it reads). Those 16 lines lie row_bytes apart, and they only stay in L1
+// where they spread over its sets: rows a multiple of 4 KB apart (the LM head's 98 KB rows, a
+// 2048-column weight's) all fall in one set (8 ways on Zen, 12 on recent Xeons) and evict each
+// other and the rows being read.
+// Zen 3 VM, 2026-12-06: SmolLM2's 576 x 49152 bfloat16 head at 2 / 4 / 8 rows, jitted calls on
+// both cores (three alternating rounds), took 1.9-2.1 / 2.3-4.1 / 4.4-5.2 ms without the
+// prefetches against 2.5-3.0 / 3.1-3.6 / 5.3-6.4 with them; in a single-thread harness of the
+// loop 3.1 / 3.9 / 7.6-7.8 against 5.4-5.6 / 7.6-7.7 / 11.2-11.3 (narrower column tiles did not
+// change that). The 3072-column weight (6 KB rows: two sets) ran the same either way
+// (bench_dense_dot, three alternating pairs), the 960- and 576-column ones (16 rows, 16 sets)
+// 1.1-1.4x faster with them (harness).
+bool rows_ahead_pay(int64_t row_bytes) {
+  const int64_t sets_touched = kL1SetSpan / std::gcd(row_bytes, kL1SetSpan);
+  return sets_touched >= 2 * kRowsPerPass / 4;  // at most 4 of the 16 lines to a set
+}
 
 // The FMA loop's float32 vector: kLane lanes, and kLane weights from memory as float32 (bfloat16
 // bits are a float32's top half).
@@ -382,9 +403,10 @@ template <int R, typename W>
 void rectangle(const Problem<float, W>& p, int64_t slab, int64_t tile, int64_t r0) {
   const auto [k0, k1, n0, n1, xs, out] = zeroed_rectangle(p, slab, tile, r0, R);
   const int64_t grouped_end = n0 + (n1 - n0) / kGroupCols * kGroupCols;
+  const bool prefetch = rows_ahead_pay(p.n * int64_t{sizeof(W)});
   int64_t k = k0;
   for (; k + kRowsPerPass <= k1; k += kRowsPerPass)
-    weight_rows<R, kRowsPerPass>(p, xs, out, k, n0, grouped_end, n1, k + 2 * kRowsPerPass <= k1);
+    weight_rows<R, kRowsPerPass>(p, xs, out, k, n0, grouped_end, n1, prefetch && k + 2 * kRowsPerPass <= k1);
   for (; k < k1; ++k) weight_rows<R, 1>(p, xs, out, k, n0, grouped_end, n1, false);
 }
 

@@ -47,7 +47,8 @@ def assert_matches_float64(x, w, x64, w64):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("k, n", [(5, 16), (37, 16), (576, 960), (1536, 576), (200, 4112), (64, 8240)])
+# n = 2048: rows 4 or 8 KB apart, which the loop walks without prefetching the rows ahead.
+@pytest.mark.parametrize("k, n", [(5, 16), (37, 16), (576, 960), (1536, 576), (200, 4112), (64, 8240), (48, 2048)])
 def test_fma_loop_matches_float64_matmul(rng, k, n, dtype):
     for m in range(1, cpu_dense_dot.MAX_FMA_ROWS + 1):
         assert_matches_float64(*random_problem(rng, m, k, n, dtype))

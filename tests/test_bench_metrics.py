@@ -10,6 +10,8 @@ from jaxinfer.bench.arrivals import arrival_offsets
 from jaxinfer.bench.dataset import LengthRange, jsonl_requests, random_requests
 from jaxinfer.bench.latency import all_decoding_rate
 from jaxinfer.bench.metrics import RequestTiming, parse_slo, run_metrics, summarize
+from jaxinfer.bench.results import comparison_table
+from jaxinfer.bench.runs import SERVE_COLUMNS, SLO_COLUMNS
 from jaxinfer.errors import RequestError
 
 
@@ -96,6 +98,9 @@ def test_run_metrics_throughput_and_goodput():
     good = [t for t in timings if t.ttft <= 0.06 and (t.tpot is None or t.tpot <= 0.08)]
     assert 0 < len(good) < len(timings)
     assert metrics["goodput_requests_per_s"] == pytest.approx(len(good) / 12.5)
+    table = comparison_table({"jaxinfer": metrics}, SERVE_COLUMNS + SLO_COLUMNS, reference="jaxinfer")
+    header, row = table.splitlines()[:2]
+    assert "goodput requests/s" in header and row.split()[-2:] == [f"{len(good) / 12.5:.2f}", f"{len(good) / 80:.2f}"]
     assert metrics["ttft_s"]["p99"] == pytest.approx(percentile_oracle([t.ttft for t in timings], 99))
 
 

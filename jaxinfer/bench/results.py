@@ -14,7 +14,6 @@ from pathlib import Path
 import jax
 
 
-
 def environment() -> dict:
     return {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(sys.argv), "jax": jax.__version__, "backend": jax.default_backend(),

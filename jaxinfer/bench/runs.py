@@ -32,7 +32,11 @@ SERVE_COLUMNS = [
     Column(("itl_s", "p99"), "ITL p99 s", False, "{:.4f}"),
     Column(("e2e_s", "median"), "E2E p50 s", False, "{:.2f}"),
 ]
-
+# With --slo: the requests per second that met every SLO, and their share of all requests.
+SLO_COLUMNS = [
+    Column(("goodput_requests_per_s",), "goodput requests/s", True),
+    Column(("slo_attainment",), "within SLO", True),
+]
 
 
 # -- shared steps -------------------------------------------------------------------------------

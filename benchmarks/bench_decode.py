@@ -11,7 +11,6 @@ Each rate is the median of --repeats runs of `batch / mean TPOT` over greedy req
 from __future__ import annotations
 
 import argparse
-import statistics
 
 from jaxinfer.bench import latency
 from jaxinfer.bench.device_probe import copy_bandwidth
@@ -29,14 +28,13 @@ def main() -> None:
     args = parser.parse_args()
     engine = create_engine(args.model, dtype=args.dtype, max_num_seqs=max(BATCH_SIZES), max_num_batched_tokens=128,
                            max_model_len=512, kv_memory="256MiB")
-    latency.decode_rate(engine, 1, 16, 8, seed=999)  # warm-up
+    latency.decode_rate(engine, 1, 16, 8, repeats=1, seed=999)  # warm-up
     bandwidth = copy_bandwidth()
     stream_rate = latency.bandwidth_roofline(engine, bandwidth)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> batch-1 roofline {stream_rate:.1f} tokens/s "
           f"({engine.engine_cfg.dtype} weights)")
     for batch in BATCH_SIZES:
-        rate = statistics.median(latency.decode_rate(engine, batch, 16, args.decode_tokens, seed=batch * 100 + r)
-                                 for r in range(args.repeats))
+        rate = latency.decode_rate(engine, batch, 16, args.decode_tokens, args.repeats, seed=batch * 100)
         print(f"batch {batch}: {rate:7.1f} tokens/s  ({rate / stream_rate:.2f} of the batch-1 bandwidth roofline)")
 
 

@@ -31,19 +31,21 @@ class FakeClock:
 class FakeBackend:
     """Generation costs fake-clock time: prefill by prompt length, then one step per further token.
     With `jitter`, every other prefill takes that much longer (a real prefill's time varies from
-    run to run; at long prompts by more than a whole decode takes)."""
+    run to run; at long prompts by more than a whole decode takes); the calls numbered (from 1) in
+    `slow_calls` decode 3x slower (a noisy neighbour)."""
 
     info = {"fake": "1"}
 
-    def __init__(self, clock: FakeClock, jitter: float = 0.0):
-        self.clock, self.jitter = clock, jitter
+    def __init__(self, clock: FakeClock, jitter: float = 0.0, slow_calls: tuple[int, ...] = ()):
+        self.clock, self.jitter, self.slow_calls = clock, jitter, slow_calls
         self.calls = []
 
     def generate(self, prompts, new_tokens):
         self.calls.append(([list(p) for p in prompts], new_tokens))
         self.clock.now += PREFILL_S * max(len(p) for p in prompts) + self.jitter * (len(self.calls) % 2)
         first = self.clock.now
-        self.clock.now += step_s(len(prompts)) * (new_tokens - 1)
+        slowdown = 3 if len(self.calls) in self.slow_calls else 1
+        self.clock.now += slowdown * step_s(len(prompts)) * (new_tokens - 1)
         return first
 
 
@@ -54,18 +56,20 @@ def step_s(batch: int) -> float:
 @pytest.mark.parametrize("jitter", [0.0, 0.5])
 def test_latency_protocol_recovers_the_backend_costs(jitter):
     """The decode rate counts from the first new tokens to the last: a prefill that takes longer in
-    one generation than another (jitter) does not move it."""
+    one generation than another (jitter) does not move it, and it is the median of the repeats:
+    one slow generation per batch size (calls 8 and 12, after 6 TTFT calls and a warm-up) does not
+    move it either."""
     clock = FakeClock()
-    backend = FakeBackend(clock, jitter)
+    backend = FakeBackend(clock, jitter, slow_calls=(8, 12))
     prompts_16 = [[7] * 16 for _ in range(4)]
-    job = {"job": "latency", "decode_tokens": 32, "batch_sizes": [1, 4],
+    job = {"job": "latency", "decode_tokens": 32, "batch_sizes": [1, 4], "decode_repeats": 3,
            "ttft_prompts": {"8": [[1] * 8] * 3, "64": [[2] * 64] * 3}, "decode_prompts": prompts_16}
     result = worker_protocol.latency(backend, job, clock)
     if not jitter:
         assert result["ttft_s"] == {"8": pytest.approx(8 * PREFILL_S), "64": pytest.approx(64 * PREFILL_S)}
     assert result["decode_tokens_per_s"] == {"1": pytest.approx(1 / step_s(1)), "4": pytest.approx(4 / step_s(4))}
     decode_calls = [(len(prompts), tokens) for prompts, tokens in backend.calls if prompts[0] == prompts_16[0]]
-    assert decode_calls == [(1, 2), (1, 32), (4, 2), (4, 32)]
+    assert decode_calls == [(1, 2), (1, 32), (1, 32), (1, 32), (4, 2), (4, 32), (4, 32), (4, 32)]
 
 
 def test_throughput_protocol_batches_in_order_and_counts_only_requested_tokens():

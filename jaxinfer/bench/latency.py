@@ -3,7 +3,7 @@
 `ttft(engine, prompt_len, ...)`: median time to first token of single requests (distinct random
 prompts, so the prefix cache never helps). `decode_rate(engine, batch, ...)`: tokens/s of
 `batch` concurrent greedy requests while all of them decode (`all_decoding_rate`), after prompts of
-`prompt_len` tokens (the context each decode step reads).
+`prompt_len` tokens (the context each decode step reads): the median of `repeats` such runs.
 `bandwidth_roofline`: the batch-1 roofline, tokens/s if each token read its weights once (the bytes
 they take as stored, `streamed_weight_bytes`) and the K/V of its context, at the copy bandwidth.
 """
@@ -30,11 +30,11 @@ def ttft(engine: LLMEngine, prompt_len: int, repeats: int, seed: int) -> float:
     return float(np.median([drive(engine, [r], [0.0])[0][0].ttft for r in requests]))
 
 
-def decode_rate(engine: LLMEngine, batch: int, prompt_len: int, decode_tokens: int, seed: int) -> float:
-    requests = random_requests(batch, LengthRange(prompt_len, prompt_len), LengthRange(decode_tokens, decode_tokens),
-                               engine.model_cfg.vocab_size, seed)
-    timings, _ = drive(engine, requests, [0.0] * batch)
-    return all_decoding_rate(timings)
+def decode_rate(engine: LLMEngine, batch: int, prompt_len: int, decode_tokens: int, repeats: int, seed: int) -> float:
+    requests = random_requests(batch * repeats, LengthRange(prompt_len, prompt_len),
+                               LengthRange(decode_tokens, decode_tokens), engine.model_cfg.vocab_size, seed)
+    return float(np.median([all_decoding_rate(drive(engine, requests[i:i + batch], [0.0] * batch)[0])
+                            for i in range(0, len(requests), batch)]))
 
 
 def all_decoding_rate(timings: Sequence[RequestTiming]) -> float:

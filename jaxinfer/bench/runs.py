@@ -140,7 +140,7 @@ def latency_main(args) -> None:
     bandwidth = args.bandwidth * 1e9 if args.bandwidth else copy_bandwidth()
     ours = {"ttft_s": {str(n): latency.ttft(engine, n, args.repeats, args.seed + n) for n in args.prompt_lens},
             "decode_tokens_per_s": {str(b): latency.decode_rate(engine, b, args.decode_context, args.decode_tokens,
-                                                                      args.seed + b)
+                                                                      args.repeats, args.seed + b)
                                     for b in args.batch_sizes}}
     # the context a batch-1 decode step reads: the prompt and, on average, half the decoded tokens
     context = args.decode_context + args.decode_tokens // 2
@@ -150,7 +150,7 @@ def latency_main(args) -> None:
     vocab = engine.model_cfg.vocab_size
     for baseline in baselines:
         systems[baseline.label] = _run_baseline(args, baseline, engine, {
-            "job": "latency", "decode_tokens": args.decode_tokens,
+            "job": "latency", "decode_tokens": args.decode_tokens, "decode_repeats": args.repeats,
             # one at a time, a baseline that does not batch has only a batch-1 decode rate
             "batch_sizes": [b for b in args.batch_sizes if baseline.batched or b == 1],
             "ttft_prompts": {str(n): [list(r.prompt_token_ids) for r in random_requests(

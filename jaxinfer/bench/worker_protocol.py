@@ -11,11 +11,11 @@ JOB.json: {"model": checkpoint path, "threads": int, "dtype": the engine's ("flo
       batch (EOS ignored); only each request's own max_tokens count as output.
       -> {"duration_s", "input_tokens", "output_tokens", "num_requests", "batch_size"}
   latency: "ttft_prompts": {length: [[ids], ...]}, "decode_prompts": [[ids], ...], "decode_tokens": N,
-           "batch_sizes": [1, 8]
-      TTFT: median time to the first new token per prompt length. Decode rate at batch b:
-      b x (N - 1) tokens over the time from an N-token generation's first new tokens to its end
-      (as the engine's own rate counts from first token to last: the prompt's prefill, whose time
-      varies from run to run, stays out of it).
+           "batch_sizes": [1, 8], "decode_repeats": R (default 1)
+      TTFT: median time to the first new token per prompt length. Decode rate at batch b: the
+      median over R N-token generations of b x (N - 1) tokens over the time from the generation's
+      first new tokens to its end (as the engine's own rate counts from first token to last: the
+      prompt's prefill, whose time varies from run to run, stays out of it).
       -> {"ttft_s": {length: s}, "decode_tokens_per_s": {b: tokens/s}}
 Both results also carry the worker's `info` (library versions, the dtype it ran) and "threads".
 
@@ -68,8 +68,9 @@ def latency(backend: Backend, job: dict, clock: Callable[[], float] = time.perf_
     for b in job["batch_sizes"]:
         prompts = job["decode_prompts"][:b]
         timed_generate(backend, prompts, WARM_UP_TOKENS, clock)  # warm-up for this batch shape
-        first_s, end_s = timed_generate(backend, prompts, n, clock)
-        rates[str(b)] = b * (n - 1) / (end_s - first_s)
+        rates[str(b)] = statistics.median(b * (n - 1) / (end_s - first_s) for first_s, end_s in
+                                          (timed_generate(backend, prompts, n, clock)
+                                           for _ in range(job.get("decode_repeats", 1))))
     return {"ttft_s": ttft, "decode_tokens_per_s": rates}
 
 

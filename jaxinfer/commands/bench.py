@@ -99,7 +99,8 @@ def add_bench_parsers(subparsers) -> None:
     lat.add_argument("--decode-tokens", type=int, default=64)
     lat.add_argument("--decode-context", type=int, default=16,
                      help="prompt tokens of each decode-rate request: the context its decode steps read")
-    lat.add_argument("--repeats", type=int, default=3)
+    lat.add_argument("--repeats", type=int, default=3,
+                     help="runs per figure (TTFT per prompt length, decode rate per batch size), their median shown")
     lat.add_argument("--bandwidth", type=float, help="copy bandwidth in GB/s (measured when not given)")
     lat.add_argument("--seed", type=int, default=0)
     _add_baseline_args(lat, workload=False)

@@ -182,21 +182,18 @@ constexpr int kRowsPerPass = 8;
 constexpr int64_t kL1SetSpan = 4096;
 
 // Whether the FMA loop prefetches the next pass's weight rows (at each column group, the eight
-// rows after the eight it reads). Those 16 lines lie row_bytes apart, and they only stay in L1
-// where they spread over its sets: rows a multiple of 4 KB apart (the LM head's 98 KB rows, a
-// 2048-column weight's) all fall in one set (8 ways on Zen, 12 on recent Xeons) and evict each
-// other and the rows being read.
-// Zen 3 VM, 2026-12-06: SmolLM2's 576 x 49152 bfloat16 head at 2 / 4 / 8 rows, jitted calls on
-// both cores (three alternating rounds), took 1.9-2.1 / 2.3-4.1 / 4.4-5.2 ms without the
-// prefetches against 2.5-3.0 / 3.1-3.6 / 5.3-6.4 with them; in a single-thread harness of the
-// loop 3.1 / 3.9 / 7.6-7.8 against 5.4-5.6 / 7.6-7.7 / 11.2-11.3 (narrower column tiles did not
-// change that). The 3072-column weight (6 KB rows: two sets) ran the same either way
-// (bench_dense_dot, three alternating pairs), the 960- and 576-column ones (16 rows, 16 sets)
-// 1.1-1.4x faster with them (harness).
-bool rows_ahead_pay(int64_t row_bytes) {
-  const int64_t sets_touched = kL1SetSpan / std::gcd(row_bytes, kL1SetSpan);
-  return sets_touched >= 2 * kRowsPerPass / 4;  // at most 4 of the 16 lines to a set
-}
+// rows after the eight it reads). Those 16 lines lie row_bytes apart; rows a multiple of 4 KB apart
+// (the LM head's 98 KB rows, any 2048-column bfloat16 weight's) all fall in one L1 set (8 ways on
+// Zen, 12 on recent Xeons), where they evict each other and the rows being read. Zen 3 VM,
+// 2026-12-06: SmolLM2's 576 x 49152 bfloat16 head at 2 / 4 / 8 rows, jitted calls on both cores
+// (three alternating rounds), took 1.9-2.1 / 2.3-4.1 / 4.4-5.2 ms without the prefetches against
+// 2.5-3.0 / 3.1-3.6 / 5.3-6.4 with them; a single-thread harness of the loop 3.1 / 3.9 / 7.6-7.8
+// against 5.4-5.6 / 7.6-7.7 / 11.2-11.3 (narrower column tiles did not change that). Rows that
+// spread over two sets or more keep them: dropping them for the 3072-column weight too (6 KB
+// rows: two sets) made traced batch-8 engine steps' dense matmuls slower (18.0-20.0 against
+// 15.6-18.8 ms, three alternating pairs), and the 960- and 576-column weights ran 1.1-1.4x
+// faster with them (harness).
+bool rows_ahead_pay(int64_t row_bytes) { return std::gcd(row_bytes, kL1SetSpan) < kL1SetSpan; }
 
 // The FMA loop's float32 vector: kLane lanes, and kLane weights from memory as float32 (bfloat16
 // bits are a float32's top half).

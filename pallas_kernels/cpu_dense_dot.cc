@@ -2,13 +2,18 @@
 // AVX512-BF16 for bfloat16), as an XLA FFI custom call (built and registered by cpu_dense_dot.py).
 //
 //   jaxinfer_dense_dot: x [M, K] f32 | bf16, w [K, N] f32 | bf16 (row-major, N % 16 == 0),
-//                       x in w's dtype -> y [M, N] f32
+//                       x in w's dtype, live [] s32 -> y [M, N] f32
 //   (every bfloat16 w may also come as its AMX panels [N / 32, K / 32, 2, 16, 16, 2], `Bf16Weight`)
-//   jaxinfer_dense_swiglu: x [M, K] bf16, w_gate_up [K, N] bf16 -> act [M, N / 2] bf16
+//   jaxinfer_dense_swiglu: x [M, K] bf16, w_gate_up [K, N] bf16, live -> act [M, N / 2] bf16
 //   jaxinfer_dense_add_norm: x [M, K] bf16, w [K, N] bf16, residual [M, N] f32, norm weight [N]
-//                            f32 | bf16; attribute eps -> (residual + y [M, N] f32, its RMSNorm bf16)
-//   jaxinfer_dense_qkv_rope: x [M, K] bf16, w_qkv [K, N] bf16, cos, sin [M, D / 2] f32; attributes
+//                            f32 | bf16, live; attribute eps -> (residual + y [M, N] f32, its RMSNorm bf16)
+//   jaxinfer_dense_qkv_rope: x [M, K] bf16, w_qkv [K, N] bf16, cos, sin [M, D / 2] f32, live; attributes
 //                            kv_heads, q_per_kv -> q, k, v bf16, q and k rotated
+//
+// Every call computes the first `live` rows (clamped to [0, M]) and writes zeros in the rest: an
+// engine step passes its real tokens' count, so the padding rows of its shape bucket (a 150-token
+// step runs in the 256-token bucket) cost nothing in the matmuls, which on a CPU cost in proportion
+// to their rows.
 //
 // Four loops, all summing in float32, and a SwiGLU, a residual add and RMSNorm, or the qkv split and
 // RoPE after the product:
@@ -908,7 +913,19 @@ void bf16_dot(ffi::ThreadPool& pool, const uint16_t* x16, const Bf16Weight& w, f
 #endif
 }
 
-ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y) {
+// The rows a call computes: the first `live` of its M (module comment).
+int64_t live_rows(ffi::Buffer<ffi::S32> live, int64_t m) {
+  return std::clamp<int64_t>(live.typed_data()[0], 0, m);
+}
+
+// Zeros rows live .. M - 1 of a row-major [M, n] output.
+template <typename T>
+void zero_rows_from(T* out, int64_t live, int64_t m, int64_t n) {
+  std::fill(out + live * n, out + m * n, T{0});
+}
+
+ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> live,
+                    ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions();
   const auto dtype = w.element_type();
   const bool bf16 = dtype == ffi::DataType::BF16;
@@ -919,8 +936,10 @@ ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
     return ffi::Error::InvalidArgument("jaxinfer_dense_dot: expected x [M, K] and w [K, N], both f32 or both bf16, "
                                        "with N a multiple of 16 (or bf16 w as its panels [N / 32, K / 32, 2, 16, "
                                        "16, 2])");
-  const int64_t m = xd[0];
+  const int64_t m = live_rows(live, xd[0]);
   float* out = y->typed_data();
+  zero_rows_from(out, m, xd[0], weight.n);
+  if (m == 0) return ffi::Error::Success();
   if (bf16)
     bf16_dot(pool, static_cast<const uint16_t*>(x.untyped_data()), weight, out, m);
   else
@@ -940,16 +959,17 @@ float* product_buffer(int64_t size) {
 // silu(gate) * up of x w_gate_up, whose columns interleave gate_i and up_i (jaxinfer.model.llama),
 // as bfloat16 [M, N / 2]: the MLP's first half in one call (see the top of this file).
 ffi::Error DenseSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
-                       ffi::ResultBuffer<ffi::BF16> act) {
+                       ffi::Buffer<ffi::S32> live, ffi::ResultBuffer<ffi::BF16> act) {
 #if defined(__AVX512F__)
   const auto xd = x.dimensions();
   const Bf16Weight weight = bf16_weight(w.untyped_data(), w.dimensions());
   if (xd.size() != 2 || weight.n == 0 || xd[1] != weight.k || weight.n % kPanelCols != 0 || xd[0] < 1)
     return ffi::Error::InvalidArgument("jaxinfer_dense_swiglu: expected x [M, K] and w [K, N] (or its panels), both "
                                        "bf16, with N a multiple of 32");
-  const int64_t m = xd[0];
-  bf16_dot(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), weight, product_buffer(m * weight.n), m,
-           reinterpret_cast<uint16_t*>(act->typed_data()));
+  const int64_t m = live_rows(live, xd[0]);
+  uint16_t* out = reinterpret_cast<uint16_t*>(act->typed_data());
+  zero_rows_from(out, m, xd[0], weight.n / 2);
+  if (m > 0) bf16_dot(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), weight, product_buffer(m * weight.n), m, out);
   return ffi::Error::Success();
 #else
   return ffi::Error::InvalidArgument("jaxinfer_dense_swiglu: this build has no AVX-512 (use the unfused path)");
@@ -960,12 +980,12 @@ ffi::Error DenseSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
 // Rows per work item of such a pass: a 256-row step makes 8 items.
 constexpr int64_t kPassRowsPerItem = 32;
 
-// The float32 product y = x w (bfloat16 x [M, K], w [K, N]) by the first loop that serves, into
-// `product_buffer`; then rows(y, r0, r1) over all M rows, in items of kPassRowsPerItem rows shared
-// with the pool.
+// The float32 product y = x w (the first m rows of bfloat16 x [M, K], w [K, N]) by the first loop
+// that serves, into `product_buffer`; then rows(y, r0, r1) over those m rows, in items of
+// kPassRowsPerItem rows shared with the pool.
 template <typename RowsFn>
-void product_then_rows(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, const Bf16Weight& w, RowsFn rows) {
-  const int64_t m = x.dimensions()[0];
+void product_then_rows(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, const Bf16Weight& w, int64_t m, RowsFn rows) {
+  if (m == 0) return;
   float* y = product_buffer(m * w.n);
   bf16_dot(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), w, y, m);
   jaxinfer::run_on_pool(pool, (m + kPassRowsPerItem - 1) / kPassRowsPerItem, m, [&](int64_t i) {
@@ -996,8 +1016,8 @@ void add_norm_rows(const float* product, const float* residual, const float* nor
 // (residual + x w, its RMSNorm times norm_weight): the product of any of the loops above, rounded
 // to bfloat16 as the unfused path's `linear` returns it, then one pass over it by rows.
 ffi::Error DenseAddNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
-                        ffi::Buffer<ffi::F32> residual, ffi::AnyBuffer norm_weight, float eps,
-                        ffi::ResultBuffer<ffi::F32> residual_out, ffi::ResultBuffer<ffi::BF16> normed) {
+                        ffi::Buffer<ffi::F32> residual, ffi::AnyBuffer norm_weight, ffi::Buffer<ffi::S32> live,
+                        float eps, ffi::ResultBuffer<ffi::F32> residual_out, ffi::ResultBuffer<ffi::BF16> normed) {
   const auto xd = x.dimensions(), rd = residual.dimensions(), nd = norm_weight.dimensions();
   const auto norm_dtype = norm_weight.element_type();
   const Bf16Weight weight = bf16_weight(w.untyped_data(), w.dimensions());
@@ -1016,7 +1036,10 @@ ffi::Error DenseAddNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
   const float *norm = norm_w.data(), *res = residual.typed_data();
   float* out = residual_out->typed_data();
   uint16_t* act = reinterpret_cast<uint16_t*>(normed->typed_data());
-  product_then_rows(pool, x, weight, [=](const float* y, int64_t r0, int64_t r1) {
+  const int64_t m = live_rows(live, xd[0]);
+  zero_rows_from(out, m, xd[0], n);
+  zero_rows_from(act, m, xd[0], n);
+  product_then_rows(pool, x, weight, m, [=](const float* y, int64_t r0, int64_t r1) {
     add_norm_rows(y, res, norm, n, eps, r0, r1, out, act);
   });
   return ffi::Error::Success();
@@ -1054,8 +1077,9 @@ void qkv_rope_rows(const float* y, const float* cos, const float* sin, int64_t k
 
 // (q, k, v) of x w_qkv, q and k rotated (RoPE): the attention's inputs in one call.
 ffi::Error DenseQkvRope(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
-                        ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin, int64_t kv_heads, int64_t q_per_kv,
-                        ffi::ResultBuffer<ffi::BF16> q, ffi::ResultBuffer<ffi::BF16> k, ffi::ResultBuffer<ffi::BF16> v) {
+                        ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::S32> live,
+                        int64_t kv_heads, int64_t q_per_kv, ffi::ResultBuffer<ffi::BF16> q,
+                        ffi::ResultBuffer<ffi::BF16> k, ffi::ResultBuffer<ffi::BF16> v) {
   const auto xd = x.dimensions(), cd = cos.dimensions(), sd = sin.dimensions();
   const Bf16Weight weight = bf16_weight(w.untyped_data(), w.dimensions());
   const int64_t heads = kv_heads * (q_per_kv + 2);
@@ -1070,7 +1094,11 @@ ffi::Error DenseQkvRope(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
   uint16_t* q_out = reinterpret_cast<uint16_t*>(q->typed_data());
   uint16_t* k_out = reinterpret_cast<uint16_t*>(k->typed_data());
   uint16_t* v_out = reinterpret_cast<uint16_t*>(v->typed_data());
-  product_then_rows(pool, x, weight, [=](const float* y, int64_t r0, int64_t r1) {
+  const int64_t m = live_rows(live, xd[0]);
+  zero_rows_from(q_out, m, xd[0], kv_heads * q_per_kv * d);
+  zero_rows_from(k_out, m, xd[0], kv_heads * d);
+  zero_rows_from(v_out, m, xd[0], kv_heads * d);
+  product_then_rows(pool, x, weight, m, [=](const float* y, int64_t r0, int64_t r1) {
     qkv_rope_rows(y, c, s, kv_heads, q_per_kv, d, r0, r1, q_out, k_out, v_out);
   });
   return ffi::Error::Success();
@@ -1083,6 +1111,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_dense_dot, DenseDot,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_dense_swiglu, DenseSwiglu,
@@ -1090,6 +1119,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_dense_swiglu, DenseSwiglu,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_dense_add_norm, DenseAddNorm,
@@ -1099,6 +1129,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_dense_add_norm, DenseAddNorm,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<float>("eps")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>());
@@ -1110,6 +1141,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_dense_qkv_rope, DenseQkvRope,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("kv_heads")
                                   .Attr<int64_t>("q_per_kv")
                                   .Ret<ffi::Buffer<ffi::BF16>>()

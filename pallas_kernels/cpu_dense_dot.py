@@ -3,6 +3,10 @@ or AVX512-BF16 for bfloat16): a C++ kernel called through XLA FFI, reading the w
 `[K, N]` layout, or, for bfloat16 on AMX CPUs, as the AMX panels an engine stores it in
 (`pack_panels`).
 
+Every call takes `live_rows` (a traced int32 scalar; default M): it computes the first live_rows rows
+and returns zeros in the rest, so an engine step's padding rows (its shape bucket's, past its real
+tokens) cost nothing.
+
     dense_dot(x [M, K], w [K, N]) -> [M, N] f32   x and w both float32 or both bfloat16; float32
         sums. Takes (`serves`): N % 16 == 0; float32 up to MAX_FMA_ROWS rows; bfloat16 any rows on
         a CPU with AMX-BF16 (its AMX loop from 8 rows where K % 32 == 0 and N % 32 == 0, the FMA
@@ -161,7 +165,12 @@ def serves_swiglu(rows: int, w) -> bool:
             and weight_shape(w)[1] % (2 * LANE) == 0)
 
 
-def dense_swiglu(x: jax.Array, w_gate_up: jax.Array) -> jax.Array:
+def _live(x: jax.Array, live_rows: jax.Array | None) -> jax.Array:
+    """The kernels' `live` operand: how many of x's first rows to compute (module docstring)."""
+    return jnp.asarray(x.shape[0] if live_rows is None else live_rows, jnp.int32)
+
+
+def dense_swiglu(x: jax.Array, w_gate_up: jax.Array, live_rows: jax.Array | None = None) -> jax.Array:
     """silu(gate) * up of `x [M, K] @ w_gate_up [K, 2F]`, whose columns interleave gate_i and up_i,
     as bfloat16 [M, F] (module docstring): gate and up rounded to bfloat16 first, as
     `jaxinfer.model.layers.swiglu_mlp` takes them from `linear`, then float32 math."""
@@ -171,7 +180,7 @@ def dense_swiglu(x: jax.Array, w_gate_up: jax.Array) -> jax.Array:
                          f"CPU with AMX-BF16; got {x.shape} {x.dtype} and {w_gate_up.shape} {w_gate_up.dtype}")
     KERNEL.ensure_registered()
     out = jax.ShapeDtypeStruct((x.shape[0], n // 2), jnp.bfloat16)
-    return jax.ffi.ffi_call(SWIGLU_TARGET, out)(x, w_gate_up)
+    return jax.ffi.ffi_call(SWIGLU_TARGET, out)(x, w_gate_up, _live(x, live_rows))
 
 
 def serves_add_norm(rows: int, w) -> bool:
@@ -181,7 +190,7 @@ def serves_add_norm(rows: int, w) -> bool:
 
 
 def dense_add_norm(x: jax.Array, w: jax.Array, residual: jax.Array, norm_weight: jax.Array,
-                   eps: float) -> tuple[jax.Array, jax.Array]:
+                   eps: float, live_rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """`residual [M, N] f32 + x [M, K] @ w [K, N]` and its RMSNorm times `norm_weight [N]`, as
     (float32 [M, N], bfloat16 [M, N]) (module docstring): the product rounded to bfloat16 first, as
     `jaxinfer.model.layers.residual_rms_norm` takes it from `linear`, then float32 math. The
@@ -196,7 +205,7 @@ def dense_add_norm(x: jax.Array, w: jax.Array, residual: jax.Array, norm_weight:
     KERNEL.ensure_registered()
     out = (jax.ShapeDtypeStruct((m, n), jnp.float32), jax.ShapeDtypeStruct((m, n), jnp.bfloat16))
     return jax.ffi.ffi_call(ADD_NORM_TARGET, out, input_output_aliases={2: 0})(
-        x, w, residual, norm_weight, eps=np.float32(eps))
+        x, w, residual, norm_weight, _live(x, live_rows), eps=np.float32(eps))
 
 
 def serves_qkv_rope(rows: int, w, head_dim: int) -> bool:
@@ -207,7 +216,7 @@ def serves_qkv_rope(rows: int, w, head_dim: int) -> bool:
 
 
 def dense_qkv_rope(x: jax.Array, w: jax.Array, cos: jax.Array, sin: jax.Array, kv_heads: int,
-                   q_per_kv: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+                   q_per_kv: int, live_rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q, k and v of `x [M, K] @ w [K, kv_heads * (q_per_kv + 2) * D]`, q and k rotated by the rows'
     `cos` and `sin` [M, D / 2] float32, all bfloat16 (module docstring): every value rounded to
     bfloat16 first, as `jaxinfer.model.llama` takes them from `linear`, then `apply_rope`'s float32
@@ -224,11 +233,11 @@ def dense_qkv_rope(x: jax.Array, w: jax.Array, cos: jax.Array, sin: jax.Array, k
     KERNEL.ensure_registered()
     kv = jax.ShapeDtypeStruct((m, kv_heads * head_dim), jnp.bfloat16)
     out = (jax.ShapeDtypeStruct((m, kv_heads * q_per_kv * head_dim), jnp.bfloat16), kv, kv)
-    return jax.ffi.ffi_call(QKV_ROPE_TARGET, out)(x, w, cos, sin, kv_heads=np.int64(kv_heads),
+    return jax.ffi.ffi_call(QKV_ROPE_TARGET, out)(x, w, cos, sin, _live(x, live_rows), kv_heads=np.int64(kv_heads),
                                                   q_per_kv=np.int64(q_per_kv))
 
 
-def dense_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+def dense_dot(x: jax.Array, w: jax.Array, live_rows: jax.Array | None = None) -> jax.Array:
     """`x [M, K] @ w [K, N]` in float32 by the kernel (module docstring)."""
     k, n = weight_shape(w)
     if not (x.ndim == 2 and x.dtype == w.dtype and x.shape[1] == k and serves(x.shape[0], w)):
@@ -237,4 +246,4 @@ def dense_dot(x: jax.Array, w: jax.Array) -> jax.Array:
                          f"{w.shape} {w.dtype}")
     KERNEL.ensure_registered()
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(x, w)
+    return jax.ffi.ffi_call(TARGET, out)(x, w, _live(x, live_rows))

@@ -366,3 +366,33 @@ def test_fused_passes_take_weights_as_panels(rng, m):
     for got, want in zip(cpu_dense_dot.dense_qkv_rope(x, cpu_dense_dot.pack_panels(w), cos, sin, 2, 3),
                          cpu_dense_dot.dense_qkv_rope(x, w, cos, sin, 2, 3)):
         agree(got, want)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m, live", [(8, 5), (40, 23), (40, 0), (40, 99)])
+def test_calls_compute_only_the_live_rows(rng, m, live):
+    """An engine step passes its real tokens' count: each call's first `live` rows (clamped to [0, M])
+    come out as a call on those rows alone (the same loop, bit for bit) and the rest as zeros."""
+    kv_heads, q_per_kv, head_dim = 3, 3, 64
+    x, w, _, _ = random_problem(rng, m, 576, kv_heads * (q_per_kv + 2) * head_dim, jnp.bfloat16)
+    n = w.shape[1]
+    residual = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
+    norm_weight = jnp.asarray(rng.uniform(0.2, 3, n), jnp.bfloat16)
+    cos, sin = rope_cos_sin(jnp.asarray(rng.integers(0, 4096, m), jnp.int32),
+                            (1.0 / 10000 ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32))
+    calls = {
+        "dot": lambda rows, live_rows: cpu_dense_dot.dense_dot(x[:rows], w, live_rows),
+        "add_norm": lambda rows, live_rows: cpu_dense_dot.dense_add_norm(
+            x[:rows], w, residual[:rows], norm_weight, 1e-5, live_rows),
+        "qkv_rope": lambda rows, live_rows: cpu_dense_dot.dense_qkv_rope(
+            x[:rows], w, cos[:rows], sin[:rows], kv_heads, q_per_kv, live_rows),
+    }
+    rows = min(live, m)
+    for name, call in calls.items():
+        got = jax.tree.leaves(jax.jit(call, static_argnums=0)(m, jnp.int32(live)))
+        want = jax.tree.leaves(jax.jit(call, static_argnums=0)(rows, None)) if rows else [None] * len(got)
+        for got_out, want_out in zip(got, want):
+            got_out = np.asarray(got_out)
+            assert not got_out[rows:].any(), name
+            if rows:
+                np.testing.assert_array_equal(got_out[:rows], np.asarray(want_out), err_msg=name)

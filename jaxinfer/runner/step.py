@@ -5,7 +5,8 @@ bucket, up to `decode_steps` such passes, each taking the tokens the last one sa
 function; the engine compiles it ahead of time once per shape bucket (T tokens, S rows) with the KV
 caches donated, so the pool is updated in place. `num_devices` (the mesh's) picks the attention
 implementation and whether float32 and bfloat16 weights take the CPU dense kernel
-(`route_dense_weights`). Shapes:
+(`route_dense_weights`), which multiplies only the real tokens' rows (`query_start_loc[-1]` of them:
+the bucket's padding costs no matmul work). Shapes:
 
     inputs.tokens          [T] int32     new tokens of all scheduled sequences, end to end, padded
     inputs.positions       [T] int32     their positions in their sequences
@@ -78,15 +79,18 @@ class KernelDenseWeight:
     bfloat16 on an AMX CPU it also takes the SwiGLU in the same kernel call (`fuses_swiglu`,
     `swiglu`), and as an output projection in bfloat16 the residual add and the next RMSNorm
     (`fuses_residual_norm`, `residual_norm`), and as the grouped qkv weight the split into heads and
-    RoPE (`fuses_qkv_rope`, `qkv_rope`). Made inside the traced step only, never stored."""
+    RoPE (`fuses_qkv_rope`, `qkv_rope`). With `live_rows` (the step's real tokens, a traced int32
+    scalar) the kernel computes only the first live_rows rows and gives zeros for the bucket's
+    padding rows after them. Made inside the traced step only, never stored."""
     w: jax.Array
+    live_rows: jax.Array | None = None
 
     def matmul(self, x: jax.Array) -> jax.Array:
         rows = math.prod(x.shape[:-1])
         if not cpu_dense_dot.serves(rows, self.w):
             return linear_in_weight_dtype(x, self.w)
         x_rows = x.reshape(rows, -1).astype(self.w.dtype)
-        return cpu_dense_dot.dense_dot(x_rows, self.w).astype(x.dtype).reshape(*x.shape[:-1], -1)
+        return cpu_dense_dot.dense_dot(x_rows, self.w, self.live_rows).astype(x.dtype).reshape(*x.shape[:-1], -1)
 
     def fuses_swiglu(self, x: jax.Array) -> bool:
         """Whether `swiglu` takes x: bfloat16 activations where the kernel fuses the MLP's SwiGLU."""
@@ -95,7 +99,7 @@ class KernelDenseWeight:
     def swiglu(self, x: jax.Array) -> jax.Array:
         """silu(gate) * up of x times this gate_up weight, in x's dtype (`swiglu`)."""
         rows = math.prod(x.shape[:-1])
-        return cpu_dense_dot.dense_swiglu(x.reshape(rows, -1), self.w).reshape(*x.shape[:-1], -1)
+        return cpu_dense_dot.dense_swiglu(x.reshape(rows, -1), self.w, self.live_rows).reshape(*x.shape[:-1], -1)
 
     def fuses_residual_norm(self, x: jax.Array) -> bool:
         """Whether `residual_norm` takes x: bfloat16 activations at row counts the kernel serves."""
@@ -106,7 +110,7 @@ class KernelDenseWeight:
         """residual + x times this weight, and its RMSNorm (`residual_rms_norm`), in one kernel call."""
         rows = math.prod(x.shape[:-1])
         total, normed = cpu_dense_dot.dense_add_norm(x.reshape(rows, -1), self.w, residual.reshape(rows, -1),
-                                                     norm_weight, eps)
+                                                     norm_weight, eps, self.live_rows)
         return total.reshape(residual.shape), normed.reshape(residual.shape)
 
     def fuses_qkv_rope(self, x: jax.Array, head_dim: int) -> bool:
@@ -119,29 +123,31 @@ class KernelDenseWeight:
         rotated by cos and sin `[..., hd // 2]` (`apply_rope`), in one kernel call."""
         lead, rows = x.shape[:-1], math.prod(x.shape[:-1])
         q, k, v = cpu_dense_dot.dense_qkv_rope(x.reshape(rows, -1), self.w, cos.reshape(rows, -1),
-                                               sin.reshape(rows, -1), num_kv_heads, q_per_kv)
+                                               sin.reshape(rows, -1), num_kv_heads, q_per_kv, self.live_rows)
         head_dim = 2 * cos.shape[-1]
         return (q.reshape(*lead, num_kv_heads * q_per_kv, head_dim), k.reshape(*lead, num_kv_heads, head_dim),
                 v.reshape(*lead, num_kv_heads, head_dim))
 
 
-def route_dense_weight(w, num_devices: int):
-    """`w` as a step multiplies it: wrapped as KernelDenseWeight where it is a float32 or bfloat16
-    weight the CPU kernel takes (a PanelWeight: its panels), the kernel runs here and the step has
-    one device (a custom call is not partitioned by GSPMD); as it is otherwise."""
+def route_dense_weight(w, num_devices: int, live_rows: jax.Array | None = None):
+    """`w` as a step multiplies it: wrapped as KernelDenseWeight (computing `live_rows` rows) where it
+    is a float32 or bfloat16 weight the CPU kernel takes (a PanelWeight: its panels), the kernel runs
+    here and the step has one device (a custom call is not partitioned by GSPMD); as it is otherwise."""
     stored = w.panels if isinstance(w, PanelWeight) else w
     if num_devices == 1 and cpu_dense_dot.available() and cpu_dense_dot.serves(1, stored):
-        return KernelDenseWeight(stored)
+        return KernelDenseWeight(stored, live_rows)
     return w
 
 
-def route_dense_weights(params, num_devices: int):
-    """`params` with every layer matmul weight and the head routed by `route_dense_weight`. A tied
+def route_dense_weights(params, num_devices: int, live_rows: jax.Array | None = None):
+    """`params` with every layer matmul weight and the head routed by `route_dense_weight`, the layers'
+    computing `live_rows` rows (the head multiplies the sampled rows, a branch per row count). A tied
     head becomes an `lm_head` wrapping the embedding table, which the token lookup keeps reading
     unwrapped."""
     if num_devices != 1 or not cpu_dense_dot.available():
         return params
-    layers = [{name: route_dense_weight(w, num_devices) if name in LINEAR_WEIGHTS else w for name, w in layer.items()}
+    layers = [{name: route_dense_weight(w, num_devices, live_rows) if name in LINEAR_WEIGHTS else w
+               for name, w in layer.items()}
               for layer in params["layers"]]
     return {**params, "layers": layers, "lm_head": route_dense_weight(head_weight(params), num_devices)}
 
@@ -183,7 +189,8 @@ def copy_blocks(caches, block_copies: jax.Array):
 
 def model_step(params, kv_caches, inputs: StepInputs, sampling: SamplingMetadata, *, cfg: ModelConfig,
                num_devices: int, decode_steps: int):
-    params = route_dense_weights(params, num_devices)
+    # The real tokens come first and keep their count through a multi-step call's steps.
+    params = route_dense_weights(params, num_devices, live_rows=inputs.attention.query_start_loc[-1])
     kv_caches = copy_blocks(kv_caches, inputs.block_copies)
     attend = functools.partial(paged_attend, sm_scale=cfg.head_dim ** -0.5,
                                implementation=attention_implementation(num_devices))

@@ -109,9 +109,9 @@ def test_matmul_probe_times_the_matmul_an_engine_step_runs(monkeypatch, dtype, r
     operands = []
     original = cpu_dense_dot.dense_dot
 
-    def recording(x, w):
+    def recording(x, w, live_rows=None):
         operands.append((x.shape, x.dtype, w.shape, w.dtype))
-        return original(x, w)
+        return original(x, w, live_rows)
 
     monkeypatch.setattr(cpu_dense_dot, "dense_dot", recording)
     assert device_probe.matmul_rate(dtype, rows=rows, k=64, n=96, repeats=1) > 0

@@ -913,7 +913,8 @@ void bf16_dot(ffi::ThreadPool& pool, const uint16_t* x16, const Bf16Weight& w, f
 #endif
 }
 
-// The rows a call computes: the first `live` of its M (module comment).
+// The rows a call computes: the first `live` (a one-element operand, checked by each handler) of its
+// M (module comment).
 int64_t live_rows(ffi::Buffer<ffi::S32> live, int64_t m) {
   return std::clamp<int64_t>(live.typed_data()[0], 0, m);
 }
@@ -930,12 +931,12 @@ ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
   const auto dtype = w.element_type();
   const bool bf16 = dtype == ffi::DataType::BF16;
   const Bf16Weight weight = bf16_weight(w.untyped_data(), w.dimensions());
-  if (xd.size() != 2 || weight.n == 0 || (weight.panels && !bf16) || xd[1] != weight.k ||
+  if (xd.size() != 2 || weight.n == 0 || (weight.panels && !bf16) || xd[1] != weight.k || live.element_count() != 1 ||
       weight.n % kColumnMultiple != 0 || xd[0] < 1 || x.element_type() != dtype ||
       !(dtype == ffi::DataType::F32 || bf16))
     return ffi::Error::InvalidArgument("jaxinfer_dense_dot: expected x [M, K] and w [K, N], both f32 or both bf16, "
                                        "with N a multiple of 16 (or bf16 w as its panels [N / 32, K / 32, 2, 16, "
-                                       "16, 2])");
+                                       "16, 2]), and a one-element s32 live-row count");
   const int64_t m = live_rows(live, xd[0]);
   float* out = y->typed_data();
   zero_rows_from(out, m, xd[0], weight.n);
@@ -963,9 +964,10 @@ ffi::Error DenseSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
 #if defined(__AVX512F__)
   const auto xd = x.dimensions();
   const Bf16Weight weight = bf16_weight(w.untyped_data(), w.dimensions());
-  if (xd.size() != 2 || weight.n == 0 || xd[1] != weight.k || weight.n % kPanelCols != 0 || xd[0] < 1)
+  if (xd.size() != 2 || weight.n == 0 || xd[1] != weight.k || weight.n % kPanelCols != 0 || xd[0] < 1 ||
+      live.element_count() != 1)
     return ffi::Error::InvalidArgument("jaxinfer_dense_swiglu: expected x [M, K] and w [K, N] (or its panels), both "
-                                       "bf16, with N a multiple of 32");
+                                       "bf16, with N a multiple of 32, and a one-element s32 live-row count");
   const int64_t m = live_rows(live, xd[0]);
   uint16_t* out = reinterpret_cast<uint16_t*>(act->typed_data());
   zero_rows_from(out, m, xd[0], weight.n / 2);
@@ -1023,11 +1025,12 @@ ffi::Error DenseAddNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
   const Bf16Weight weight = bf16_weight(w.untyped_data(), w.dimensions());
   const int64_t n = weight.n;
   if (xd.size() != 2 || n == 0 || rd.size() != 2 || nd.size() != 1 || xd[1] != weight.k || xd[0] < 1 ||
+      live.element_count() != 1 ||
       n % kColumnMultiple != 0 || rd[0] != xd[0] || rd[1] != n || nd[0] != n ||
       !(norm_dtype == ffi::DataType::F32 || norm_dtype == ffi::DataType::BF16))
     return ffi::Error::InvalidArgument("jaxinfer_dense_add_norm: expected bf16 x [M, K] and w [K, N] (or its "
                                        "panels), f32 residual [M, N], f32 or bf16 norm weight [N], with N a "
-                                       "multiple of 16");
+                                       "multiple of 16, and a one-element s32 live-row count");
   std::vector<float> norm_w(n);
   for (int64_t c = 0; c < n; ++c)
     norm_w[c] = norm_dtype == ffi::DataType::F32
@@ -1085,10 +1088,12 @@ ffi::Error DenseQkvRope(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
   const int64_t heads = kv_heads * (q_per_kv + 2);
   if (xd.size() != 2 || weight.n == 0 || cd.size() != 2 || xd[1] != weight.k || xd[0] < 1 || kv_heads < 1 ||
       q_per_kv < 1 || weight.n % heads != 0 || cd[0] != xd[0] || sd.size() != 2 || sd[0] != cd[0] ||
+      live.element_count() != 1 ||
       sd[1] != cd[1] || weight.n / heads != 2 * cd[1] || cd[1] % kLane != 0)
     return ffi::Error::InvalidArgument("jaxinfer_dense_qkv_rope: expected bf16 x [M, K] and w [K, kv_heads * "
                                        "(q_per_kv + 2) * D] (or its panels), f32 cos and sin [M, D / 2] with D / 2 "
-                                       "a multiple of the vector width (16 floats with AVX-512, 8 without)");
+                                       "a multiple of the vector width (16 floats with AVX-512, 8 without),"
+                                       " and a one-element s32 live-row count");
   const int64_t d = weight.n / heads;
   const float *c = cos.typed_data(), *s = sin.typed_data();
   uint16_t* q_out = reinterpret_cast<uint16_t*>(q->typed_data());

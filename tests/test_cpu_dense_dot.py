@@ -396,3 +396,7 @@ def test_calls_compute_only_the_live_rows(rng, m, live):
             assert not got_out[rows:].any(), name
             if rows:
                 np.testing.assert_array_equal(got_out[:rows], np.asarray(want_out), err_msg=name)
+    # The count is one value; the kernel refuses anything else rather than read past it.
+    with pytest.raises(Exception, match="live-row count"):
+        jax.ffi.ffi_call(cpu_dense_dot.TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32))(
+            x, w, jnp.zeros((0,), jnp.int32)).block_until_ready()

@@ -10,10 +10,8 @@
 //   jaxinfer_dense_qkv_rope: x [M, K] bf16, w_qkv [K, N] bf16, cos, sin [M, D / 2] f32, live; attributes
 //                            kv_heads, q_per_kv -> q, k, v bf16, q and k rotated
 //
-// Every call computes the first `live` rows (clamped to [0, M]) and writes zeros in the rest: an
-// engine step passes its real tokens' count, so the padding rows of its shape bucket (a 150-token
-// step runs in the 256-token bucket) cost nothing in the matmuls, which on a CPU cost in proportion
-// to their rows.
+// Every call computes the first `live` rows and writes zeros in the rest (cpu_row_count.h): an engine
+// step passes its real tokens' count, so its shape bucket's padding rows cost no matmul work.
 //
 // Four loops, all summing in float32, and a SwiGLU, a residual add and RMSNorm, or the qkv split and
 // RoPE after the product:
@@ -913,18 +911,6 @@ void bf16_dot(ffi::ThreadPool& pool, const uint16_t* x16, const Bf16Weight& w, f
 #endif
 }
 
-// The rows a call computes: the first `live` (a one-element operand, checked by each handler) of its
-// M (module comment).
-int64_t live_rows(ffi::Buffer<ffi::S32> live, int64_t m) {
-  return std::clamp<int64_t>(live.typed_data()[0], 0, m);
-}
-
-// Zeros rows live .. M - 1 of a row-major [M, n] output.
-template <typename T>
-void zero_rows_from(T* out, int64_t live, int64_t m, int64_t n) {
-  std::fill(out + live * n, out + m * n, T{0});
-}
-
 ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> live,
                     ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions();
@@ -937,9 +923,9 @@ ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
     return ffi::Error::InvalidArgument("jaxinfer_dense_dot: expected x [M, K] and w [K, N], both f32 or both bf16, "
                                        "with N a multiple of 16 (or bf16 w as its panels [N / 32, K / 32, 2, 16, "
                                        "16, 2]), and a one-element s32 live-row count");
-  const int64_t m = live_rows(live, xd[0]);
+  const int64_t m = jaxinfer::live_rows(live, xd[0]);
   float* out = y->typed_data();
-  zero_rows_from(out, m, xd[0], weight.n);
+  jaxinfer::zero_rows_from(out, m, xd[0], weight.n);
   if (m == 0) return ffi::Error::Success();
   if (bf16)
     bf16_dot(pool, static_cast<const uint16_t*>(x.untyped_data()), weight, out, m);
@@ -968,9 +954,9 @@ ffi::Error DenseSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
       live.element_count() != 1)
     return ffi::Error::InvalidArgument("jaxinfer_dense_swiglu: expected x [M, K] and w [K, N] (or its panels), both "
                                        "bf16, with N a multiple of 32, and a one-element s32 live-row count");
-  const int64_t m = live_rows(live, xd[0]);
+  const int64_t m = jaxinfer::live_rows(live, xd[0]);
   uint16_t* out = reinterpret_cast<uint16_t*>(act->typed_data());
-  zero_rows_from(out, m, xd[0], weight.n / 2);
+  jaxinfer::zero_rows_from(out, m, xd[0], weight.n / 2);
   if (m > 0) bf16_dot(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), weight, product_buffer(m * weight.n), m, out);
   return ffi::Error::Success();
 #else
@@ -1039,9 +1025,9 @@ ffi::Error DenseAddNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
   const float *norm = norm_w.data(), *res = residual.typed_data();
   float* out = residual_out->typed_data();
   uint16_t* act = reinterpret_cast<uint16_t*>(normed->typed_data());
-  const int64_t m = live_rows(live, xd[0]);
-  zero_rows_from(out, m, xd[0], n);
-  zero_rows_from(act, m, xd[0], n);
+  const int64_t m = jaxinfer::live_rows(live, xd[0]);
+  jaxinfer::zero_rows_from(out, m, xd[0], n);
+  jaxinfer::zero_rows_from(act, m, xd[0], n);
   product_then_rows(pool, x, weight, m, [=](const float* y, int64_t r0, int64_t r1) {
     add_norm_rows(y, res, norm, n, eps, r0, r1, out, act);
   });
@@ -1099,10 +1085,10 @@ ffi::Error DenseQkvRope(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
   uint16_t* q_out = reinterpret_cast<uint16_t*>(q->typed_data());
   uint16_t* k_out = reinterpret_cast<uint16_t*>(k->typed_data());
   uint16_t* v_out = reinterpret_cast<uint16_t*>(v->typed_data());
-  const int64_t m = live_rows(live, xd[0]);
-  zero_rows_from(q_out, m, xd[0], kv_heads * q_per_kv * d);
-  zero_rows_from(k_out, m, xd[0], kv_heads * d);
-  zero_rows_from(v_out, m, xd[0], kv_heads * d);
+  const int64_t m = jaxinfer::live_rows(live, xd[0]);
+  jaxinfer::zero_rows_from(q_out, m, xd[0], kv_heads * q_per_kv * d);
+  jaxinfer::zero_rows_from(k_out, m, xd[0], kv_heads * d);
+  jaxinfer::zero_rows_from(v_out, m, xd[0], kv_heads * d);
   product_then_rows(pool, x, weight, m, [=](const float* y, int64_t r0, int64_t r1) {
     qkv_rope_rows(y, c, s, kv_heads, q_per_kv, d, r0, r1, q_out, k_out, v_out);
   });

@@ -165,11 +165,6 @@ def serves_swiglu(rows: int, w) -> bool:
             and weight_shape(w)[1] % (2 * LANE) == 0)
 
 
-def _live(x: jax.Array, live_rows: jax.Array | None) -> jax.Array:
-    """The kernels' `live` operand: how many of x's first rows to compute (module docstring)."""
-    return jnp.asarray(x.shape[0] if live_rows is None else live_rows, jnp.int32)
-
-
 def dense_swiglu(x: jax.Array, w_gate_up: jax.Array, live_rows: jax.Array | None = None) -> jax.Array:
     """silu(gate) * up of `x [M, K] @ w_gate_up [K, 2F]`, whose columns interleave gate_i and up_i,
     as bfloat16 [M, F] (module docstring): gate and up rounded to bfloat16 first, as
@@ -180,7 +175,7 @@ def dense_swiglu(x: jax.Array, w_gate_up: jax.Array, live_rows: jax.Array | None
                          f"CPU with AMX-BF16; got {x.shape} {x.dtype} and {w_gate_up.shape} {w_gate_up.dtype}")
     KERNEL.ensure_registered()
     out = jax.ShapeDtypeStruct((x.shape[0], n // 2), jnp.bfloat16)
-    return jax.ffi.ffi_call(SWIGLU_TARGET, out)(x, w_gate_up, _live(x, live_rows))
+    return jax.ffi.ffi_call(SWIGLU_TARGET, out)(x, w_gate_up, cpu_ffi.live_row_operand(x.shape[0], live_rows))
 
 
 def serves_add_norm(rows: int, w) -> bool:
@@ -205,7 +200,7 @@ def dense_add_norm(x: jax.Array, w: jax.Array, residual: jax.Array, norm_weight:
     KERNEL.ensure_registered()
     out = (jax.ShapeDtypeStruct((m, n), jnp.float32), jax.ShapeDtypeStruct((m, n), jnp.bfloat16))
     return jax.ffi.ffi_call(ADD_NORM_TARGET, out, input_output_aliases={2: 0})(
-        x, w, residual, norm_weight, _live(x, live_rows), eps=np.float32(eps))
+        x, w, residual, norm_weight, cpu_ffi.live_row_operand(x.shape[0], live_rows), eps=np.float32(eps))
 
 
 def serves_qkv_rope(rows: int, w, head_dim: int) -> bool:
@@ -233,7 +228,8 @@ def dense_qkv_rope(x: jax.Array, w: jax.Array, cos: jax.Array, sin: jax.Array, k
     KERNEL.ensure_registered()
     kv = jax.ShapeDtypeStruct((m, kv_heads * head_dim), jnp.bfloat16)
     out = (jax.ShapeDtypeStruct((m, kv_heads * q_per_kv * head_dim), jnp.bfloat16), kv, kv)
-    return jax.ffi.ffi_call(QKV_ROPE_TARGET, out)(x, w, cos, sin, _live(x, live_rows), kv_heads=np.int64(kv_heads),
+    live = cpu_ffi.live_row_operand(m, live_rows)
+    return jax.ffi.ffi_call(QKV_ROPE_TARGET, out)(x, w, cos, sin, live, kv_heads=np.int64(kv_heads),
                                                   q_per_kv=np.int64(q_per_kv))
 
 
@@ -246,4 +242,4 @@ def dense_dot(x: jax.Array, w: jax.Array, live_rows: jax.Array | None = None) ->
                          f"{w.shape} {w.dtype}")
     KERNEL.ensure_registered()
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(x, w, _live(x, live_rows))
+    return jax.ffi.ffi_call(TARGET, out)(x, w, cpu_ffi.live_row_operand(x.shape[0], live_rows))

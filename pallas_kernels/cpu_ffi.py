@@ -9,6 +9,10 @@
                                   first use, warns and says False when the build fails
         .ensure_registered()      registers it or raises an EngineError that says why it cannot run
     KERNELS                       FFI target name -> CpuKernel, for engine manifests (`ffi_kernels`)
+    live_row_operand(rows, live_rows) -> [] int32   the matmul kernels' `live` operand: compute the
+                                  first live_rows of `rows` activation rows (all when None) and give
+                                  zeros after them, so an engine step's bucket padding costs nothing
+                                  (cpu_row_count.h)
 
 A source with several Isas picks its code path with the compiler's macros (`__AVX512F__`, ...),
 so one file holds, say, an AVX-512 loop and its AVX2 twin. Each kernel's source is compiled once
@@ -33,6 +37,7 @@ import warnings
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 from jaxinfer.errors import EngineError
 
@@ -49,6 +54,11 @@ def cpu_flags() -> frozenset[str]:
         if line.startswith("flags"):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+def live_row_operand(rows: int, live_rows: jax.Array | None) -> jax.Array:
+    """The `live` operand of the matmul kernels (module docstring)."""
+    return jnp.asarray(rows if live_rows is None else live_rows, jnp.int32)
 
 
 def _cache_dir() -> Path:

@@ -3,7 +3,8 @@
 // It is the arithmetic of llama.cpp's Q4_1 x Q8_1 dot, over the layout below.
 //
 //   jaxinfer_w4a8_dot: x [M, K] f32, codes [N/16, K/8, 16, 4] u8, scale [N/16, K/G, 16] f16,
-//                      offset [N/16, K/G, 16] f16 -> y [M, N] f32
+//                      offset [N/16, K/G, 16] f16, live [] s32 -> y [M, N] f32
+//   computing the first `live` rows and writing zeros in the rest (cpu_row_count.h)
 //   The weight stands for w[k, n] = q[k, n] * scale[g, n] + offset[g, n] (g = k / G, q in [0, 15]),
 //   stored per block of 16 outputs b (n = 16 b + r) and K octet o (k = 8 o + j, j < 8):
 //       codes[b, o, r, j] = q[8 o + j, n] | q[8 o + 4 + j, n] << 4     for j < 4
@@ -207,17 +208,21 @@ void item(const Problem& p, int64_t item) {
 }
 
 ffi::Error W4A8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
-                   ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> offset, ffi::ResultBuffer<ffi::F32> y) {
+                   ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> offset, ffi::Buffer<ffi::S32> live,
+                   ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), cd = codes.dimensions(), sd = scale.dimensions();
   const bool shapes_fit = xd.size() == 2 && cd.size() == 4 && sd.size() == 3 && cd[2] == kBlockCols &&
                           cd[3] == 4 && cd[1] * kOctet == xd[1] && sd[0] == cd[0] && sd[2] == kBlockCols &&
                           sd[1] > 0 && xd[1] % sd[1] == 0 && (xd[1] / sd[1]) % 16 == 0 &&
-                          offset.element_count() == scale.element_count();
+                          offset.element_count() == scale.element_count() && live.element_count() == 1;
   if (!shapes_fit)
     return ffi::Error::InvalidArgument(
         "jaxinfer_w4a8_dot: expected x [M, K] f32, codes [N/16, K/8, 16, 4] u8 and scale, offset "
-        "[N/16, K/G, 16] f16 with G a multiple of 16");
-  const int64_t m = xd[0], k = xd[1], n = cd[0] * kBlockCols, groups = sd[1], group = k / groups;
+        "[N/16, K/G, 16] f16 with G a multiple of 16, and a one-element s32 live-row count");
+  const int64_t m = jaxinfer::live_rows(live, xd[0]), k = xd[1], n = cd[0] * kBlockCols, groups = sd[1],
+                group = k / groups;
+  jaxinfer::zero_rows_from(y->typed_data(), m, xd[0], n);
+  if (m == 0) return ffi::Error::Success();
   std::vector<int8_t> x_q(m * k);
   std::vector<float> x_scale(m * groups), x_sum(m * groups);
   const float* xs = x.typed_data();
@@ -240,4 +245,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_w4a8_dot, W4A8Dot,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -5,9 +5,11 @@ through XLA FFI, reading int4 weights packed for it. The arithmetic of llama.cpp
                         scale [N/16, K/G, 16] f16, offset likewise): the kernel's layout from
                         int4_matmul's (`packable(K, N, G)`: N % 16 == 0, G % 16 == 0); unpack()
                         is its inverse
-    w4a8_dot(x [M, K] float, codes, scale, offset) -> [M, N] float32: x quantized to int8 per
-                        group of G (w4a8_matmul.quantize_groups), the exact integer dot of each
-                        group, both scales and the offsets (see the .cc)
+    w4a8_dot(x [M, K] float, codes, scale, offset, live_rows=None) -> [M, N] float32: x quantized
+                        to int8 per group of G (w4a8_matmul.quantize_groups), the exact integer dot
+                        of each group, both scales and the offsets (see the .cc); only the first
+                        live_rows rows (a traced int32 scalar, default M), zeros after them
+                        (`cpu_ffi.live_row_operand`)
     available() -> bool whether it runs here (x86-64 with AVX2, FMA and F16C, a C++ compiler, the
                         CPU backend; the AVX-512 VNNI loop where the CPU has it); builds and
                         registers it on first use
@@ -110,7 +112,8 @@ def unpack(codes: jax.Array, scale: jax.Array, offset: jax.Array) -> tuple[jax.A
     return pack_int4(q, k // scale.shape[0]), scale, offset
 
 
-def w4a8_dot(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
+def w4a8_dot(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array,
+             live_rows: jax.Array | None = None) -> jax.Array:
     """`x [M, K]` float times the packed int4 weight, W4A8 (module docstring) -> `[M, N]` float32."""
     k, n = logical_shape(codes)
     if (x.ndim != 2 or x.shape[1] != k or not is_packed(codes) or codes.dtype != jnp.uint8
@@ -120,4 +123,4 @@ def w4a8_dot(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array
     KERNEL.ensure_registered()
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), codes, scale.astype(jnp.float16),
-                                         offset.astype(jnp.float16))
+                                         offset.astype(jnp.float16), cpu_ffi.live_row_operand(x.shape[0], live_rows))

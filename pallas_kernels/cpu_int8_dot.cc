@@ -2,7 +2,8 @@
 // (built, registered and fed packed weights by cpu_int8_dot.py).
 //
 //   jaxinfer_int8_dot: x [M, K] s8, w_packed [N/4, 4, K] s8 -> y [M, N] s32,  y = x @ w exactly
-//   jaxinfer_w8a8_dot: x [M, K] f32, w_packed s8, w_scale [N] f32 -> y [M, N] f32: W8A8 in one call,
+//   jaxinfer_w8a8_dot: x [M, K] f32, w_packed s8, w_scale [N] f32, live [] s32 -> y [M, N] f32
+//       (the first `live` rows, zeros after: cpu_row_count.h): W8A8 in one call,
 //       x quantized per row (scale = max|x_row| / 127, or 1 / 127 for a zero row; q = x / scale
 //       rounded half to even, clamped to [-127, 127], as activation_quant.quantize_per_token), the
 //       exact int32 dot, then y = float(acc) * row scale * w_scale. One call instead of the five
@@ -305,12 +306,16 @@ ffi::Error Int8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi
 }
 
 ffi::Error W8A8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                   ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> y) {
+                   ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::S32> live, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
-  if (!packed_for(xd, wd) || w_scale.element_count() != wd[0] * kBlockCols)
+  if (!packed_for(xd, wd) || w_scale.element_count() != wd[0] * kBlockCols || live.element_count() != 1)
     return ffi::Error::InvalidArgument(
-        "jaxinfer_w8a8_dot: expected x [M, K] f32, w packed [N/4, 4, K] int8 and w_scale [N] f32");
-  const int64_t m = xd[0], k = xd[1], blocks = wd[0], n = blocks * kBlockCols;
+        "jaxinfer_w8a8_dot: expected x [M, K] f32, w packed [N/4, 4, K] int8, w_scale [N] f32 and a "
+        "one-element s32 live-row count");
+  const int64_t m = jaxinfer::live_rows(live, xd[0]), k = xd[1], blocks = wd[0], n = blocks * kBlockCols;
+  float* out = y->typed_data();
+  jaxinfer::zero_rows_from(out, m, xd[0], n);
+  if (m == 0) return ffi::Error::Success();
   const float* xs = x.typed_data();
   std::vector<int8_t> x_q(m * k);
   std::vector<float> row_scale(m);
@@ -318,7 +323,6 @@ ffi::Error W8A8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   std::vector<int32_t> acc(m * n);
   dot(pool, x_q.data(), w.typed_data(), acc.data(), m, k, n);
   const float* ws = w_scale.typed_data();
-  float* out = y->typed_data();
   for (int64_t r = 0; r < m; ++r)  // vectorized by the compiler
     for (int64_t c = 0; c < n; ++c) out[r * n + c] = static_cast<float>(acc[r * n + c]) * row_scale[r] * ws[c];
   return ffi::Error::Success();
@@ -339,4 +343,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_w8a8_dot, W8A8Dot,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

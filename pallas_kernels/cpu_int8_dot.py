@@ -5,8 +5,10 @@ reading int8 weights packed for it.
                                               weight output-major, in blocks of 4 outputs; unpack()
                                               is its inverse, output_major() its free [N, K] view
     int8_dot(x_q [M, K] int8, w_packed) -> [M, N] int32      x_q @ w_q, exactly
-    w8a8_dot(x [M, K] float, w_packed, w_scale) -> [M, N] float32   W8A8 in one call: per-row int8
-                            quantization of x, the exact dot, both scales (see the .cc)
+    w8a8_dot(x [M, K] float, w_packed, w_scale, live_rows=None) -> [M, N] float32   W8A8 in one
+                            call: per-row int8 quantization of x, the exact dot, both scales (see
+                            the .cc); only the first live_rows rows (a traced int32 scalar, default
+                            M), zeros after them (`cpu_ffi.live_row_operand`)
     available() -> bool     whether it runs here (x86-64 with AVX2, a C++ compiler, the CPU
                             backend; the AVX-512 VNNI loop where the CPU has it, and AMX where
                             the CPU and OS allow it); builds and registers it on first use
@@ -135,7 +137,7 @@ def int8_dot(x_q: jax.Array, w_packed: jax.Array) -> jax.Array:
     return jax.ffi.ffi_call(TARGET, out)(x_q, w_packed)
 
 
-def w8a8_dot(x: jax.Array, w_packed: jax.Array, w_scale: jax.Array) -> jax.Array:
+def w8a8_dot(x: jax.Array, w_packed: jax.Array, w_scale: jax.Array, live_rows: jax.Array | None = None) -> jax.Array:
     """W8A8 in one kernel call: `x [M, K]` float quantized per row to int8 exactly as
     `activation_quant.quantize_per_token` does, times the packed int8 weight, rescaled by the row
     scales and `w_scale` ([N], or [] broadcast) -> `[M, N]` float32."""
@@ -146,7 +148,8 @@ def w8a8_dot(x: jax.Array, w_packed: jax.Array, w_scale: jax.Array) -> jax.Array
     ensure_registered()
     scale = jnp.broadcast_to(w_scale.astype(jnp.float32), (n,))
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
-    return jax.ffi.ffi_call(W8A8_TARGET, out)(x.astype(jnp.float32), w_packed, scale)
+    live = cpu_ffi.live_row_operand(x.shape[0], live_rows)
+    return jax.ffi.ffi_call(W8A8_TARGET, out)(x.astype(jnp.float32), w_packed, scale, live)
 
 
 def serves(rows: int, w_q: jax.Array) -> bool:

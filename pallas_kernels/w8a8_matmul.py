@@ -1,7 +1,9 @@
 """8-bit weights x 8-bit activations: W8A8-INT8 and W8A8-FP8 matmuls with row and column scales.
 
-    w8a8_matmul(x [M, K] float, w_q [K, N], w_scale [N] or [], *, implementation) -> [M, N] x.dtype
-(an int8 w_q may come packed for the CPU kernel, `cpu_int8_dot.pack`)
+    w8a8_matmul(x [M, K] float, w_q [K, N], w_scale [N] or [], *, implementation, live_rows=None)
+        -> [M, N] x.dtype
+(an int8 w_q may come packed for the CPU kernel, `cpu_int8_dot.pack`; where that kernel runs it
+computes only the first live_rows rows, a traced int32 scalar, and gives zeros after them)
 The activations are quantized per token (row) on the fly to the weight's dtype
 (`activation_quant.quantize_per_token`), then
     out = (x_q @ w_q) * x_scale[:, None] * w_scale[None, :]
@@ -140,11 +142,13 @@ def quantized_dot(x_q: jax.Array, w_q: jax.Array, *, implementation: str | None 
     return _implementation(implementation, w_q)(x_q, w_q, None, accumulator_dtype(w_q.dtype))
 
 
-def w8a8_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, implementation: str | None = None) -> jax.Array:
-    """`x [M, K]` (f32/bf16) quantized per token to `w_q.dtype`, times `w_q [K, N]`, rescaled -> `[M, N]` x.dtype."""
+def w8a8_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, implementation: str | None = None,
+                live_rows: jax.Array | None = None) -> jax.Array:
+    """`x [M, K]` (f32/bf16) quantized per token to `w_q.dtype`, times `w_q [K, N]`, rescaled -> `[M, N]` x.dtype
+    (rows from live_rows on zero where the CPU kernel runs, module docstring)."""
     fused = resolve_implementation(implementation, tileable=_pallas_can_run(w_q)) == "xla" and cpu_int8_dot.serves(
         x.shape[0], w_q)
     if fused:  # quantization, dot and scales in one CPU kernel call (cpu_int8_dot.w8a8_dot)
-        return cpu_int8_dot.w8a8_dot(x, w_q, w_scale).astype(x.dtype)
+        return cpu_int8_dot.w8a8_dot(x, w_q, w_scale, live_rows).astype(x.dtype)
     x_q, x_scale = quantize_per_token(x, w_q.dtype)
     return _implementation(implementation, w_q)(x_q, w_q, (x_scale, w_scale), x.dtype)

@@ -1,7 +1,8 @@
 """W4A8 (pallas_kernels/w4a8_matmul.py and the C++ kernel cpu_int4_dot.{cc,py}): the packed layout
 against its documented formula, the XLA formulation against exact integer math on the quantized
-activations, the kernel against the XLA formulation for every row block it has, and a Q4_1-shaped
-weight (groups of 32 on a 4-bit grid) coming back exactly from quantization."""
+activations, the kernel against the XLA formulation for every row block it has, its live-row count
+(an engine step's real tokens), and a Q4_1-shaped weight (groups of 32 on a 4-bit grid) coming back
+exactly from quantization."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxinfer.model.layers import linear
 from jaxinfer.quant import W4A8Weight, quantize_weight
+from jaxinfer.runner.step import route_dense_weights
 from pallas_kernels import cpu_int4_dot
 from pallas_kernels.int4_matmul import unpack_int4
 from pallas_kernels.w4a8_matmul import quantize_groups, w4a8_matmul, w4a8_matmul_xla
@@ -108,3 +111,38 @@ def test_kernel_refuses_operands_it_cannot_read(rng):
         cpu_int4_dot.w4a8_dot(jnp.ones((2, 32)), codes, scale, offset)
     with pytest.raises(ValueError, match="uint8"):
         cpu_int4_dot.w4a8_dot(jnp.ones((2, 64)), w.packed, w.scale, w.offset)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m, live", [(8, 5), (40, 23), (40, 0), (40, 99)])
+def test_kernel_computes_only_the_live_rows(rng, m, live):
+    """An engine step passes its real tokens' count: the first `live` rows (clamped to [0, M]) come
+    out as a call on those rows alone, bit for bit, and the bucket's padding rows as zeros."""
+    w = random_w4a8(rng, 576, 96)
+    codes, scale, offset = cpu_int4_dot.pack(w.packed, w.scale, w.offset)
+    x = jnp.asarray(rng.standard_normal((m, 576)), jnp.float32)
+    rows = min(live, m)
+    got = np.asarray(jax.jit(cpu_int4_dot.w4a8_dot)(x, codes, scale, offset, jnp.int32(live)))
+    assert not got[rows:].any()
+    if rows:
+        np.testing.assert_array_equal(got[:rows], np.asarray(cpu_int4_dot.w4a8_dot(x[:rows], codes, scale, offset)))
+    with pytest.raises(Exception, match="live-row count"):
+        jax.ffi.ffi_call(cpu_int4_dot.TARGET, jax.ShapeDtypeStruct((m, 96), jnp.float32))(
+            x, codes, scale.astype(jnp.float16), offset.astype(jnp.float16), jnp.zeros((0,), jnp.int32)
+        ).block_until_ready()
+
+
+@needs_kernel
+def test_engine_steps_hand_packed_w4a8_weights_their_real_token_count(rng):
+    """`route_dense_weights` in a step wraps each quantized layer weight with the step's real tokens,
+    so a packed W4A8 weight's kernel skips the padding rows; without a count the weight is unchanged."""
+    w = random_w4a8(rng, 64, 32)
+    packed = W4A8Weight(*cpu_int4_dot.pack(w.packed, w.scale, w.offset))
+    params = {"embed": jnp.ones((16, 64)), "layers": [{"wo": packed, "attn_norm": jnp.ones(64)}], "lm_head": packed}
+    routed = route_dense_weights(params, num_devices=1, live_rows=jnp.int32(3))
+    assert routed["lm_head"] is packed and routed["layers"][0]["attn_norm"] is params["layers"][0]["attn_norm"]
+    x = jnp.asarray(rng.standard_normal((8, 64)), jnp.float32)
+    got = np.asarray(jax.jit(linear)(x, routed["layers"][0]["wo"]))
+    assert not got[3:].any()
+    np.testing.assert_array_equal(got[:3], np.asarray(linear(x[:3], packed)))
+    assert route_dense_weights(params, num_devices=2, live_rows=jnp.int32(3)) is params

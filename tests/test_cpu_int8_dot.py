@@ -1,6 +1,7 @@
 """The C++ int8 x int8 -> int32 kernel for CPUs (pallas_kernels/cpu_int8_dot.{cc,py}) against exact
 integer math: its packed weight layout, every row block it has (1-4 rows, and more rows in blocks),
-the full int8 range, sums past float32's exact range, and the choice between it and XLA's dot."""
+the full int8 range, sums past float32's exact range, the fused W8A8 call and its live-row count (an
+engine step's real tokens), and the choice between it and XLA's dot."""
 
 from __future__ import annotations
 
@@ -73,6 +74,24 @@ def test_fused_w8a8_quantizes_each_row_like_quantize_per_token_then_dots_exactly
     assert got.dtype == np.float32 and got.shape == (m, n)
     np.testing.assert_array_equal(got[m // 2], 0.0)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m, live", [(cpu_int8_dot.MAX_ROWS, 5), (3, 1), (3, 0), (3, 99)])
+def test_fused_w8a8_computes_only_the_live_rows(rng, m, live):
+    """An engine step passes its real tokens' count: the first `live` rows (clamped to [0, M]) come
+    out as a call on those rows alone, bit for bit, and the bucket's padding rows as zeros."""
+    x = jnp.asarray(rng.standard_normal((m, 576)), jnp.float32)
+    w = cpu_int8_dot.pack(jnp.asarray(rng.integers(-127, 128, (576, 96)), jnp.int8))
+    w_scale = jnp.asarray(rng.uniform(1e-3, 1e-2, 96), jnp.float32)
+    rows = min(live, m)
+    got = np.asarray(jax.jit(cpu_int8_dot.w8a8_dot)(x, w, w_scale, jnp.int32(live)))
+    assert not got[rows:].any()
+    if rows:
+        np.testing.assert_array_equal(got[:rows], np.asarray(cpu_int8_dot.w8a8_dot(x[:rows], w, w_scale)))
+    with pytest.raises(Exception, match="live-row count"):
+        jax.ffi.ffi_call(cpu_int8_dot.W8A8_TARGET, jax.ShapeDtypeStruct((m, 96), jnp.float32))(
+            x, w, w_scale, jnp.zeros((0,), jnp.int32)).block_until_ready()
 
 
 @needs_kernel

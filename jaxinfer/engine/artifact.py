@@ -53,7 +53,8 @@ from pallas_kernels import cpu_ffi, cpu_int8_dot
 # 6: the step takes StepInputs.num_steps and returns its outputs with a leading step axis
 # (multi-step decode). 7: the sampling metadata carries num_logprobs (logprobs computed only when
 # some row asks). 8: the CPU dense kernels take the step's count of real tokens (an operand more).
-FORMAT_VERSION = 8
+# 9: so do the W8A8 and W4A8 CPU kernels.
+FORMAT_VERSION = 9
 
 
 def environment() -> dict:

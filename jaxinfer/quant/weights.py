@@ -2,7 +2,10 @@
 
 Each class stands for a logical weight `w [in, out]` (the layout `linear(x [..., in], w) -> [..., out]`
 uses) and offers
-    matmul(x [..., in] float32/bfloat16) -> [..., out] in x.dtype   (through its pallas_kernels module)
+    matmul(x [..., in] float32/bfloat16, live_rows=None) -> [..., out] in x.dtype
+        (through its pallas_kernels module; live_rows, a traced int32 scalar, says how many of x's
+        first rows are real: where a CPU kernel runs, W8A8's and W4A8's packed for it, the rows
+        after them come back zero uncomputed, elsewhere they are computed as any other)
     dequantize() -> [in, out] float32                                 (the weight it stands for)
     shape -> (in, out)
 The classes are registered dataclass pytrees whose fields are all arrays (or None), so they pass
@@ -48,12 +51,13 @@ from pallas_kernels.w8a8_matmul import w8a8_matmul
 
 
 class _QuantizedMatmul:
-    """`matmul` over any leading dims for a weight class that defines `_matmul_rows(x [M, in])`."""
+    """`matmul` over any leading dims for a weight class that defines `_matmul_rows(x [M, in], live_rows)`."""
 
     input_scale: jax.Array | None
 
-    def matmul(self, x: jax.Array) -> jax.Array:
-        """`x [..., in]` (float32/bfloat16) times this weight -> `[..., out]` in x.dtype."""
+    def matmul(self, x: jax.Array, live_rows: jax.Array | None = None) -> jax.Array:
+        """`x [..., in]` (float32/bfloat16) times this weight -> `[..., out]` in x.dtype (live_rows: module
+        docstring)."""
         in_features, _ = self.shape
         if x.shape[-1] != in_features:
             raise ValueError(
@@ -63,7 +67,7 @@ class _QuantizedMatmul:
         rows = x.reshape(-1, in_features)
         if self.input_scale is not None:
             rows = (rows / self.input_scale).astype(x.dtype)
-        return self._matmul_rows(rows).reshape(*x.shape[:-1], -1)
+        return self._matmul_rows(rows, live_rows).reshape(*x.shape[:-1], -1)
 
     def _unscale_input(self, w: jax.Array) -> jax.Array:
         return w if self.input_scale is None else w / self.input_scale[:, None]
@@ -90,7 +94,7 @@ class _ScaledWeight(_QuantizedMatmul):
 class Int8Weight(_ScaledWeight):
     """Weight-only int8 (W8A16): `w ~= q * scale[None, :]`, activations stay float."""
 
-    def _matmul_rows(self, x: jax.Array) -> jax.Array:
+    def _matmul_rows(self, x: jax.Array, live_rows: jax.Array | None) -> jax.Array:
         return int8_matmul(x, self.q, self.scale)
 
 
@@ -112,7 +116,7 @@ class Int4Weight(_QuantizedMatmul):
     def group_size(self) -> int:
         return self.shape[0] // self.scale.shape[0]
 
-    def _matmul_rows(self, x: jax.Array) -> jax.Array:
+    def _matmul_rows(self, x: jax.Array, live_rows: jax.Array | None) -> jax.Array:
         return int4_matmul(x, self.packed, self.scale, self.offset)
 
     def dequantize(self) -> jax.Array:
@@ -124,8 +128,8 @@ class Int4Weight(_QuantizedMatmul):
 class W8A8Weight(_ScaledWeight):
     """8-bit weights and per-token dynamically quantized 8-bit activations, int8 or float8_e4m3fn: `w ~= q * scale`."""
 
-    def _matmul_rows(self, x: jax.Array) -> jax.Array:
-        return w8a8_matmul(x, self.q, self.scale)
+    def _matmul_rows(self, x: jax.Array, live_rows: jax.Array | None) -> jax.Array:
+        return w8a8_matmul(x, self.q, self.scale, live_rows=live_rows)
 
 
 @jax.tree_util.register_dataclass
@@ -142,8 +146,8 @@ class W4A8Weight(Int4Weight):
     def group_size(self) -> int:
         return self.shape[0] // self.scale.shape[-2]
 
-    def _matmul_rows(self, x: jax.Array) -> jax.Array:
-        return w4a8_matmul(x, self.packed, self.scale, self.offset)
+    def _matmul_rows(self, x: jax.Array, live_rows: jax.Array | None) -> jax.Array:
+        return w4a8_matmul(x, self.packed, self.scale, self.offset, live_rows)
 
     def dequantize(self) -> jax.Array:
         packed, scale, offset = self.packed, self.scale, self.offset

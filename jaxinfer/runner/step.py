@@ -6,7 +6,7 @@ function; the engine compiles it ahead of time once per shape bucket (T tokens, 
 caches donated, so the pool is updated in place. `num_devices` (the mesh's) picks the attention
 implementation and whether float32 and bfloat16 weights take the CPU dense kernel
 (`route_dense_weights`), which multiplies only the real tokens' rows (`query_start_loc[-1]` of them:
-the bucket's padding costs no matmul work). Shapes:
+the bucket's padding costs no matmul work), as do the quantized CPU kernels (W8A8, W4A8). Shapes:
 
     inputs.tokens          [T] int32     new tokens of all scheduled sequences, end to end, padded
     inputs.positions       [T] int32     their positions in their sequences
@@ -50,6 +50,7 @@ from jaxinfer.model.config import ModelConfig
 from jaxinfer.model.layers import linear_in_weight_dtype
 from jaxinfer.model.llama import LINEAR_WEIGHTS, compute_logits, forward, head_weight
 from jaxinfer.model.panel_weight import PanelWeight
+from jaxinfer.quant.weights import QuantizedWeight
 from jaxinfer.runner.buckets import Bucket
 from jaxinfer.runner.sampling import SamplerOutput, SamplingMetadata, sample
 from pallas_kernels import cpu_dense_dot
@@ -129,12 +130,30 @@ class KernelDenseWeight:
                 v.reshape(*lead, num_kv_heads, head_dim))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LiveRowsQuantizedWeight:
+    """A quantized weight (jaxinfer.quant.weights) multiplied as the step's `live_rows` real tokens
+    need: where its CPU kernel runs (W8A8 and W4A8 weights packed for it) the bucket's padding rows
+    after them come back zero uncomputed. Made inside the traced step only, never stored."""
+    w: QuantizedWeight
+    live_rows: jax.Array
+
+    def matmul(self, x: jax.Array) -> jax.Array:
+        return self.w.matmul(x, live_rows=self.live_rows)
+
+
 def route_dense_weight(w, num_devices: int, live_rows: jax.Array | None = None):
-    """`w` as a step multiplies it: wrapped as KernelDenseWeight (computing `live_rows` rows) where it
-    is a float32 or bfloat16 weight the CPU kernel takes (a PanelWeight: its panels), the kernel runs
-    here and the step has one device (a custom call is not partitioned by GSPMD); as it is otherwise."""
+    """`w` as a step with one device multiplies it (a custom call is not partitioned by GSPMD, so with
+    more it stays as it is): wrapped as KernelDenseWeight (computing `live_rows` rows) where it is a
+    float32 or bfloat16 weight the CPU kernel takes (a PanelWeight: its panels) and the kernel runs
+    here; a quantized weight given `live_rows` as LiveRowsQuantizedWeight; as it is otherwise."""
+    if num_devices != 1:
+        return w
+    if isinstance(w, QuantizedWeight):
+        return w if live_rows is None else LiveRowsQuantizedWeight(w, live_rows)
     stored = w.panels if isinstance(w, PanelWeight) else w
-    if num_devices == 1 and cpu_dense_dot.available() and cpu_dense_dot.serves(1, stored):
+    if cpu_dense_dot.available() and cpu_dense_dot.serves(1, stored):
         return KernelDenseWeight(stored, live_rows)
     return w
 
@@ -144,7 +163,7 @@ def route_dense_weights(params, num_devices: int, live_rows: jax.Array | None = 
     computing `live_rows` rows (the head multiplies the sampled rows, a branch per row count). A tied
     head becomes an `lm_head` wrapping the embedding table, which the token lookup keeps reading
     unwrapped."""
-    if num_devices != 1 or not cpu_dense_dot.available():
+    if num_devices != 1:
         return params
     layers = [{name: route_dense_weight(w, num_devices, live_rows) if name in LINEAR_WEIGHTS else w
                for name, w in layer.items()}

@@ -2,7 +2,7 @@
 built engine against the same engine made from its checkpoint at start-up.
 
     engine      `create_engine(ENGINE)`: the manifest checked, executables deserialized, weights
-                restored; no compilation (what `jaxinfer serve ENGINE` does before it serves)
+                mapped; no compilation (what `jaxinfer serve ENGINE` does before it serves)
     checkpoint  `create_engine(CHECKPOINT, **the engine's build config)`: the checkpoint read and
                 converted, every bucket of the same ladder compiled in-process, the way an engine
                 without ahead-of-time compilation starts (jax's persistent compilation cache off)

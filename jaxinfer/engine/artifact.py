@@ -5,10 +5,10 @@ Layout:
     manifest.json        format version, jax/jaxlib versions, backend and device kind, mesh,
                          model config, engine (build) config, buckets, KV plan, the project's own
                          FFI kernels the executables call, sha256 of every file
-    weights/             orbax checkpoint of the params in their serving layout and dtype
-                         (heads already padded for the mesh, quantized weights already quantized,
-                         bfloat16 matmul weights as the CPU kernel's AMX panels where the manifest
-                         says `panel_weights`)
+    weights.safetensors  the params in their serving layout and dtype (heads already padded for
+                         the mesh, quantized weights already quantized, bfloat16 matmul weights as
+                         the CPU kernel's AMX panels where the manifest says `panel_weights`),
+                         memory-mapped at load: jaxinfer.engine.weights_file
     tokenizer.json       the tokenizer; tokenizer_meta.json: eos/bos ids and the chat template
     executables/<bucket>.bin   the serialized compiled step of each bucket
 
@@ -34,7 +34,6 @@ from pathlib import Path
 
 import jax
 import jaxlib
-import orbax.checkpoint as ocp
 import tokenizers
 from jax.experimental import serialize_executable
 from jax.sharding import Mesh
@@ -42,6 +41,7 @@ from jax.sharding import Mesh
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.create import ENGINE_MANIFEST
 from jaxinfer.engine.llm_engine import LLMEngine
+from jaxinfer.engine.weights_file import load_params, save_params
 from jaxinfer.errors import EngineError
 from jaxinfer.model.config import ModelConfig, RopeScaling
 from jaxinfer.model.panel_weight import has_panel_weights, pack_panel_weights
@@ -55,8 +55,10 @@ from pallas_kernels import cpu_ffi, cpu_int8_dot
 # 6: the step takes StepInputs.num_steps and returns its outputs with a leading step axis
 # (multi-step decode). 7: the sampling metadata carries num_logprobs (logprobs computed only when
 # some row asks). 8: the CPU dense kernels take the step's count of real tokens (an operand more).
-# 9: so do the W8A8 and W4A8 CPU kernels.
-FORMAT_VERSION = 9
+# 9: so do the W8A8 and W4A8 CPU kernels. 10: the weights are one safetensors file, not an orbax
+# checkpoint.
+FORMAT_VERSION = 10
+WEIGHTS_FILE = "weights.safetensors"
 
 
 def environment() -> dict:
@@ -73,9 +75,7 @@ def save_engine(output: Path, engine: LLMEngine, source: str) -> Path:
         shutil.rmtree(output)
     (output / "executables").mkdir(parents=True)
     runner = engine.runner
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(output / "weights", runner.params)
-    checkpointer.wait_until_finished()
+    save_params(output / WEIGHTS_FILE, runner.params)
     engine.tokenizer.backend.save(str(output / "tokenizer.json"))
     tok = engine.tokenizer
     (output / "tokenizer_meta.json").write_text(json.dumps({
@@ -122,25 +122,27 @@ def read_manifest(directory: Path) -> dict:
 
 
 def verify_files(directory: Path, manifest: dict) -> None:
+    # hashlib releases the GIL: the weights and executables hash on every core.
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        digests = dict(zip(manifest["files"], pool.map(lambda name: _sha256(directory / name), manifest["files"])))
     for name, digest in manifest["files"].items():
-        path = directory / name
-        if not path.is_file():
-            raise EngineError(f"engine file {path} is missing; rebuild the engine with `jaxinfer build`")
-        if _sha256(path) != digest:
-            raise EngineError(f"engine file {path} is corrupted (sha256 mismatch); rebuild the engine with "
-                              "`jaxinfer build`")
+        if digests[name] is None:
+            raise EngineError(f"engine file {directory / name} is missing; rebuild the engine with `jaxinfer build`")
+        if digests[name] != digest:
+            raise EngineError(f"engine file {directory / name} is corrupted (sha256 mismatch); rebuild the engine "
+                              "with `jaxinfer build`")
 
 
 def load_engine(directory: Path, progress: bool = True) -> LLMEngine:
     start = time.perf_counter()
     manifest, cfg, engine_cfg, mesh = _checked_engine(directory)
     # XLA deserializes an executable (0.3 s each here) without the GIL, so the buckets load on every
-    # core while the weights restore: 9 buckets of the default engine took 1.8-2.0 s on two cores
+    # core while the weights are mapped: 9 buckets of the default engine took 1.8-2.0 s on two cores
     # against 2.9-3.1 one after another.
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
         loading = {bucket: pool.submit(_load_executable, directory, bucket, mesh)
                    for bucket in (Bucket(**entry) for entry in manifest["buckets"])}
-        params = _restore_weights(directory / "weights", cfg, mesh, engine_cfg, manifest)
+        params = _restore_weights(directory / WEIGHTS_FILE, cfg, mesh, engine_cfg, manifest)
         executables = {bucket: future.result() for bucket, future in loading.items()}
     kv_caches = allocate_kv_caches(cfg, engine_cfg, mesh, manifest["num_kv_blocks"])
     meta = json.loads((directory / "tokenizer_meta.json").read_text())
@@ -163,7 +165,7 @@ def load_engine_weights(directory: Path):
     """An engine directory's checked manifest, model and engine configs, mesh and restored params
     (no KV pool, no executables): what evaluating its weights needs."""
     manifest, cfg, engine_cfg, mesh = _checked_engine(directory)
-    return manifest, cfg, engine_cfg, mesh, _restore_weights(directory / "weights", cfg, mesh, engine_cfg, manifest)
+    return manifest, cfg, engine_cfg, mesh, _restore_weights(directory / WEIGHTS_FILE, cfg, mesh, engine_cfg, manifest)
 
 
 def _checked_engine(directory: Path):
@@ -194,10 +196,13 @@ def _restore_weights(path: Path, cfg: ModelConfig, mesh: Mesh, engine_cfg: Engin
         structs = jax.eval_shape(pack_panel_weights, structs)
     target = jax.tree.map(lambda struct, sharding: jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=sharding),
                           structs, param_shardings(cfg, mesh, structs))
-    return ocp.StandardCheckpointer().restore(path.resolve(), target)
+    return load_params(path, target)
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path) -> str | None:
+    """The file's sha256, None if there is no such file."""
+    if not path.is_file():
+        return None
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

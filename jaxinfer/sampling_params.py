@@ -59,10 +59,6 @@ class SamplingParams:
         _check(all(s for s in self.stop), "stop", self.stop, "must not contain empty strings")
 
     @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    @property
     def uses_penalties(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)

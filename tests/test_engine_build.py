@@ -104,11 +104,30 @@ def test_engine_from_another_jax_version_is_refused(engine_dir, tmp_path):
         load_engine(other, progress=False)
 
 
-def test_generate_refuses_to_quantize_a_built_engine(engine_dir, capsys):
+def test_commands_refuse_build_options_for_a_built_engine(engine_dir, capsys):
+    """A built engine's dtype, mesh, quantization, buckets and KV pool are fixed: the commands that
+    take a model name the options they cannot apply instead of ignoring them."""
     from jaxinfer.cli import main
 
-    assert main(["generate", "--model", str(engine_dir), "--quant", "w4a8", "--prompt", "hi"]) == 2
-    assert "fixed at build" in capsys.readouterr().err
+    engine = str(engine_dir)
+    assert main(["generate", "--model", engine, "--quant", "w4a8", "--prompt", "hi"]) == 2
+    assert f"{engine} is a built engine, whose --quant was fixed at build: drop it" in capsys.readouterr().err
+    assert main(["generate", "--model", engine, "--dtype", "float32", "--tp", "2", "--prompt", "hi"]) == 2
+    assert "whose --dtype, --tp were fixed at build: drop them" in capsys.readouterr().err
+    assert main(["bench", "latency", engine, "--max-num-seqs", "4"]) == 2
+    assert "whose --max-num-seqs was fixed at build" in capsys.readouterr().err
+    assert main(["bench", "throughput", engine, "--kv-memory", "1GiB", "--decode-steps", "1"]) == 2
+    assert "whose --kv-memory, --decode-steps were fixed at build" in capsys.readouterr().err
+    assert main(["eval", "perplexity", engine, "--dtype", "bfloat16"]) == 2
+    assert "whose --dtype was fixed at build" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_request_it_cannot_run_before_loading(engine_dir, capsys):
+    from jaxinfer.cli import main
+
+    assert main(["generate", "--model", str(engine_dir), "--prompt", "hi", "--max-tokens", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "max_tokens=0: must be >= 1" in err and "loaded engine" not in err
 
 
 def test_bfloat16_engine_round_trips_its_panel_weights(tmp_path):

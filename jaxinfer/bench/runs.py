@@ -14,7 +14,7 @@ from jaxinfer.bench.engine_runs import drive
 from jaxinfer.bench.baselines import BASELINES, checkpoint_source, run_job
 from jaxinfer.bench.metrics import RequestTiming, run_metrics
 from jaxinfer.bench.results import Column, advantages, comparison_table, write_results
-from jaxinfer.engine.create import create_engine
+from jaxinfer.engine.create import create_engine, refuse_build_options
 from jaxinfer.errors import RequestError
 
 THROUGHPUT_COLUMNS = [
@@ -42,6 +42,9 @@ SLO_COLUMNS = [
 # -- shared steps -------------------------------------------------------------------------------
 
 def _engine(args, max_num_seqs: int | None = None):
+    refuse_build_options(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                         kv_memory=args.kv_memory, decode_steps=args.decode_steps)
     return create_engine(args.model, progress=True, dtype=args.dtype,
                          max_num_seqs=max_num_seqs or args.max_num_seqs,
                          max_num_batched_tokens=args.max_num_batched_tokens,

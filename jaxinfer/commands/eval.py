@@ -25,7 +25,7 @@ def add_eval_parsers(subparsers) -> None:
     perplexity.add_argument("--reference", help="unquantized model for KL (default: the engine's source / the model)")
     perplexity.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="number of windows")
     perplexity.add_argument("--window-len", type=int, default=DEFAULT_WINDOW_LEN, help="tokens per window")
-    perplexity.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    perplexity.add_argument("--dtype", choices=["float32", "bfloat16"], help="a checkpoint's dtype (default float32)")
     perplexity.add_argument("--kv-dtype", choices=["auto", *KV_DTYPES],
                             help="K/V storage of the model, as `jaxinfer build --kv-dtype` (default: engine.yaml's)")
     perplexity.add_argument("--text", help="plain-text file to evaluate on (default: data/corpus/heldout.txt)")

@@ -11,6 +11,7 @@ from jaxinfer.cache.kv_pool import plan_kv_memory
 from jaxinfer.checkpoint import Checkpoint, load_checkpoint
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.llm_engine import LLMEngine
+from jaxinfer.errors import EngineError
 from jaxinfer.model.panel_weight import pack_panel_weights, uses_panel_weights
 from jaxinfer.model.sharding import make_mesh, pad_heads, place_params
 from jaxinfer.quant.apply import calibrate, pack_for_cpu_kernel, quantize_params, uses_cpu_kernel
@@ -22,6 +23,16 @@ ENGINE_MANIFEST = "manifest.json"
 
 def is_engine_dir(path: str | Path | None) -> bool:
     return path is not None and (Path(path) / ENGINE_MANIFEST).is_file()
+
+
+def refuse_build_options(model: str | Path | None, **options) -> None:
+    """Raises an EngineError naming the build options set (not None) when `model` is a built
+    engine: its dtype, mesh, quantization, buckets and KV pool were fixed when it was compiled."""
+    given = [f"--{name.replace('_', '-')}" for name, value in options.items() if value is not None]
+    if given and is_engine_dir(model):
+        raise EngineError(f"{model} is a built engine, whose {', '.join(given)} {'was' if len(given) == 1 else 'were'} "
+                          f"fixed at build: drop {'it' if len(given) == 1 else 'them'}, or build an engine with "
+                          f"`jaxinfer build {' '.join(given)} ... --output DIR` and pass that")
 
 
 def create_engine(model: str | Path | None = None, progress: bool = True, **overrides) -> LLMEngine:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from jaxinfer.checkpoint import load_checkpoint
 from jaxinfer.engine.config import EngineConfig
-from jaxinfer.engine.create import is_engine_dir, serving_params
+from jaxinfer.engine.create import is_engine_dir, refuse_build_options, serving_params
 from jaxinfer.eval.corpus import DEFAULT_WINDOW_LEN, DEFAULT_WINDOWS, HELDOUT, corpus_windows
 from jaxinfer.errors import EngineError
 from jaxinfer.eval.perplexity import evaluate
@@ -30,11 +30,13 @@ def _checkpoint_params(checkpoint, engine_cfg: EngineConfig, progress: bool):
 
 def perplexity_report(model: str | Path | None, quant: str | None = None, reference: str | Path | None = None,
                       num_windows: int = DEFAULT_WINDOWS, window_len: int = DEFAULT_WINDOW_LEN,
-                      dtype: str = "float32", text: str | Path = HELDOUT, progress: bool = True,
+                      dtype: str | None = None, text: str | Path = HELDOUT, progress: bool = True,
                       kv_dtype: str | None = None) -> dict:
-    """kv_dtype: how the K/V of the model under evaluation are stored (an engine's own; for a
+    """dtype: the params' dtype for a checkpoint (float32 when None); an engine has its own.
+    kv_dtype: how the K/V of the model under evaluation are stored (an engine's own; for a
     checkpoint, engine.yaml's default when None, resolved as `jaxinfer build` resolves it)."""
     if is_engine_dir(model):
+        refuse_build_options(model, quant=quant, dtype=dtype)
         from jaxinfer.engine.artifact import load_engine_weights
 
         manifest, cfg, engine_cfg, _, params = load_engine_weights(Path(model))
@@ -45,6 +47,7 @@ def perplexity_report(model: str | Path | None, quant: str | None = None, refere
         reference_checkpoint = load_checkpoint(reference or manifest["source"])
     else:
         checkpoint = load_checkpoint(model)
+        dtype = dtype or "float32"
         engine_cfg = EngineConfig.create(dtype=dtype, quant=quant, kv_dtype=kv_dtype)
         params, cfg = _checkpoint_params(checkpoint, engine_cfg, progress)
         reference_checkpoint = load_checkpoint(reference) if reference else checkpoint

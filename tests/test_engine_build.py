@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -120,6 +121,19 @@ def test_commands_refuse_build_options_for_a_built_engine(engine_dir, capsys):
     assert "whose --kv-memory, --decode-steps were fixed at build" in capsys.readouterr().err
     assert main(["eval", "perplexity", engine, "--dtype", "bfloat16"]) == 2
     assert "whose --dtype was fixed at build" in capsys.readouterr().err
+
+
+def test_build_refuses_an_engine_as_model_and_an_output_that_is_not_an_engine(engine_dir, tmp_path):
+    source = json.loads((engine_dir / "manifest.json").read_text())["source"]
+    with pytest.raises(EngineError, match=f"is a built engine already; build from .*--model {re.escape(source)}"):
+        build_engine(engine_dir, tmp_path / "new", progress=False)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    for output in (precious, precious / "notes.txt"):
+        with pytest.raises(EngineError, match="exists and is not an engine directory"):
+            build_engine(None, output, progress=False)
+    assert (precious / "notes.txt").read_text() == "keep me"
 
 
 def test_generate_refuses_a_request_it_cannot_run_before_loading(engine_dir, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import jax
 from jaxinfer.checkpoint import load_checkpoint
 from jaxinfer.engine.artifact import save_engine
 from jaxinfer.engine.config import EngineConfig
-from jaxinfer.engine.create import engine_from_checkpoint
+from jaxinfer.engine.create import ENGINE_MANIFEST, engine_from_checkpoint, is_engine_dir
 from jaxinfer.errors import EngineError
 
 
@@ -24,10 +25,19 @@ def build_engine(model: str | Path | None, output: str | Path, progress: bool = 
                           "executables it returns do not serialize whole, so this engine would fail to run. "
                           "Build with the cache off: unset JAX_COMPILATION_CACHE_DIR or set "
                           "jax_enable_compilation_cache to False before the first compilation.")
+    output = Path(output)
+    if is_engine_dir(model):
+        source = json.loads((Path(model) / ENGINE_MANIFEST).read_text()).get("source")
+        raise EngineError(f"{model} is a built engine already; build from the checkpoint it was built from "
+                          f"(--model {source})")
+    # The directory is replaced: never one that holds anything but an engine.
+    if output.exists() and not is_engine_dir(output) and (not output.is_dir() or any(output.iterdir())):
+        raise EngineError(f"{output} exists and is not an engine directory; `jaxinfer build` replaces only engine "
+                          "directories: pass a new or empty --output directory")
     start = time.perf_counter()
     checkpoint = load_checkpoint(model)
     engine = engine_from_checkpoint(checkpoint, EngineConfig.create(**overrides), progress)
-    path = save_engine(Path(output), engine, checkpoint.source)
+    path = save_engine(output, engine, checkpoint.source)
     if progress:
         print(f"built engine {path} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return path

@@ -136,6 +136,27 @@ def test_build_refuses_an_engine_as_model_and_an_output_that_is_not_an_engine(en
     assert (precious / "notes.txt").read_text() == "keep me"
 
 
+def test_serve_rebuilds_its_default_engine_only_when_it_cannot_load_it(engine_dir, tmp_path, monkeypatch):
+    from jaxinfer.commands import serve
+
+    builds = []
+    monkeypatch.setattr(serve, "build_engine", lambda model, output: builds.append((model, output)))
+    cached = tmp_path / "default"
+    serve.ensure_default_engine(cached)  # missing
+    assert builds == [(None, cached)]
+    shutil.copytree(engine_dir, cached)
+    serve.ensure_default_engine(cached)  # current
+    assert len(builds) == 1 and (cached / "manifest.json").is_file()
+    manifest = json.loads((cached / "manifest.json").read_text())
+    (cached / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    serve.ensure_default_engine(cached)  # another jaxinfer's
+    assert len(builds) == 2 and not cached.exists()
+    cached.mkdir()
+    (cached / "weights.safetensors").write_bytes(b"unfinished")
+    serve.ensure_default_engine(cached)  # a build that did not finish
+    assert len(builds) == 3 and not cached.exists()
+
+
 def test_generate_refuses_a_request_it_cannot_run_before_loading(engine_dir, capsys):
     from jaxinfer.cli import main
 

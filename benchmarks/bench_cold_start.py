@@ -1,8 +1,10 @@
 """Cold start: seconds from launching a fresh Python process to its first generated token, for a
 built engine against the same engine made from its checkpoint at start-up.
 
-    engine      `create_engine(ENGINE)`: the manifest checked, executables deserialized, weights
-                mapped; no compilation (what `jaxinfer serve ENGINE` does before it serves)
+    engine      `create_engine(ENGINE, background=True)`: the manifest checked, weights mapped, the
+                buckets' executables deserializing in the background (the first request's wait
+                for its bucket counts in "first token"); no compilation (what `jaxinfer serve
+                ENGINE` does before it serves)
     checkpoint  `create_engine(CHECKPOINT, **the engine's build config)`: the checkpoint read and
                 converted, every bucket of the same ladder compiled in-process, the way an engine
                 without ahead-of-time compilation starts (jax's persistent compilation cache off)
@@ -36,7 +38,7 @@ def child(model: str, overrides: dict) -> None:
     from jaxinfer.sampling_params import SamplingParams
 
     marks["imports"] = time.time()
-    engine = create_engine(model, progress=False, **overrides)
+    engine = create_engine(model, progress=False, background=True, **overrides)
     marks["engine ready"] = time.time()
     engine.add_request("cold", prompt="The capital of France is", params=SamplingParams(max_tokens=1, temperature=0))
     while engine.has_unfinished_requests():

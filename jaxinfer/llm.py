@@ -2,6 +2,7 @@
 
     llm = LLM()                                   # default model, compiled in-process
     llm = LLM("engines/smollm2")                  # a built engine directory: loads, no compilation
+    llm = LLM("engines/smollm2", background=True) # returns while its buckets finish loading
     outs = llm.generate(["Hello", "Paris is"], SamplingParams(max_tokens=32, temperature=0))
     for delta in llm.stream("Once upon a time", SamplingParams(max_tokens=64)): print(delta, end="")
 

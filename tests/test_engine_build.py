@@ -6,13 +6,14 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
 import pytest
 
 from conftest import CHECKPOINTS_DIR
-from jaxinfer.engine.artifact import load_engine
+from jaxinfer.engine.artifact import BucketExecutables, load_engine
 from jaxinfer.engine.build import build_engine
 from jaxinfer.errors import EngineError
 from jaxinfer.sampling_params import SamplingParams
@@ -78,9 +79,42 @@ def test_loaded_engine_matches_the_in_process_build(engine_dir):
     params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)] * 3
     fresh = create_engine(CHECKPOINTS_DIR / "tiny-smollm2", progress=False, dtype="float32", max_num_seqs=4,
                           max_num_batched_tokens=32, max_model_len=128, kv_memory="2MiB")
-    loaded = create_engine(engine_dir, progress=False)
-    assert [o[0].token_ids for o in generate(loaded, prompts, params)] == \
-           [o[0].token_ids for o in generate(fresh, prompts, params)]
+    expected = [o[0].token_ids for o in generate(fresh, prompts, params)]
+    for background in (False, True):
+        loaded = create_engine(engine_dir, progress=False, background=background)
+        assert [o[0].token_ids for o in generate(loaded, prompts, params)] == expected
+        loaded.runner.executables.wait()
+
+
+def test_bucket_executables_load_an_asked_bucket_at_once_and_keep_a_failure():
+    """Buckets load on a pool in order; asking for one still queued loads it in the asking thread
+    (not behind the others), asking for one under way waits for it; a failed load raises at every
+    ask, and `in` loads nothing."""
+    started, release = [], threading.Event()
+
+    def load(bucket):
+        started.append((bucket, threading.get_ident()))
+        if bucket == "broken":
+            raise RuntimeError("cannot deserialize broken")
+        if bucket != "last":
+            release.wait(10)
+        return f"executable {bucket}"
+
+    buckets = [f"slow{i}" for i in range(os.cpu_count())] + ["queued", "broken", "last"]
+    executables = BucketExecutables(load, buckets, background=True)
+    assert "last" in executables and "other" not in executables and len(executables) == len(buckets)
+    assert executables["last"] == "executable last"  # while every pool thread is busy
+    assert ("last", threading.get_ident()) in started and not any(b == "queued" for b, _ in started)
+    with pytest.raises(RuntimeError, match="cannot deserialize broken"):
+        executables["broken"]
+    with pytest.raises(RuntimeError, match="cannot deserialize broken"):
+        executables["broken"]
+    release.set()
+    assert executables["slow0"] == "executable slow0"
+    assert executables["queued"] == "executable queued"
+    assert sorted(b for b, _ in started) == sorted(buckets)  # each loaded once
+    with pytest.raises(RuntimeError, match="cannot deserialize broken"):
+        executables.wait()
 
 
 def test_corrupted_or_missing_file_is_named(engine_dir, tmp_path):
@@ -141,6 +175,7 @@ def test_serve_rebuilds_its_default_engine_only_when_it_cannot_load_it(engine_di
 
     builds = []
     monkeypatch.setattr(serve, "build_engine", lambda model, output: builds.append((model, output)))
+    monkeypatch.setattr(serve, "turn_off_persistent_cache", lambda: None)  # a process-wide jax setting
     cached = tmp_path / "default"
     serve.ensure_default_engine(cached)  # missing
     assert builds == [(None, cached)]

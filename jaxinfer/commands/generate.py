@@ -18,8 +18,8 @@ def main(args) -> None:
         temperature=defaults["temperature"] if args.temperature is None else args.temperature,
         top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     # One request at a time: an engine of two buckets (decode, and 64-token prefill chunks) compiles
-    # fastest. A built engine directory loads its own buckets instead.
-    llm = LLM(args.model, dtype=args.dtype, tp=args.tp, quant=args.quant, max_num_seqs=1,
+    # fastest. A built engine directory loads its own buckets instead, in the background.
+    llm = LLM(args.model, background=True, dtype=args.dtype, tp=args.tp, quant=args.quant, max_num_seqs=1,
               max_num_batched_tokens=64, min_token_bucket=64)
     prompt = llm.chat_prompt(args.chat) if args.chat is not None else args.prompt
     for text in llm.stream(prompt, params):

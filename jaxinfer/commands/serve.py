@@ -42,7 +42,8 @@ def _load_engine(engine_dir: str | None):
     if engine_dir is None:
         engine_dir = default_engine_dir()
         ensure_default_engine(engine_dir)
-    return create_engine(engine_dir)
+    # The server takes requests while the buckets finish loading.
+    return create_engine(engine_dir, background=True)
 
 
 def main(args) -> int:

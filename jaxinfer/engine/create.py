@@ -35,14 +35,16 @@ def refuse_build_options(model: str | Path | None, **options) -> None:
                           f"`jaxinfer build {' '.join(given)} ... --output DIR` and pass that")
 
 
-def create_engine(model: str | Path | None = None, progress: bool = True, **overrides) -> LLMEngine:
+def create_engine(model: str | Path | None = None, progress: bool = True, background: bool = False,
+                  **overrides) -> LLMEngine:
     """An engine for `model` (engine directory, HF directory, .gguf, or None for the default
     model); keyword overrides are EngineConfig fields (ignored for a built engine, whose build
-    config is fixed)."""
+    config is fixed). `background`: a built engine returns while its buckets' executables are
+    still loading (jaxinfer.engine.artifact.load_engine)."""
     if is_engine_dir(model):
         from jaxinfer.engine.artifact import load_engine
 
-        return load_engine(Path(model), progress=progress)
+        return load_engine(Path(model), progress=progress, background=background)
     checkpoint = load_checkpoint(model)
     return engine_from_checkpoint(checkpoint, EngineConfig.create(**overrides), progress)
 

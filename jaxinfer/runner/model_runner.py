@@ -14,7 +14,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
@@ -58,7 +58,7 @@ def allocate_kv_caches(cfg: ModelConfig, engine_cfg: EngineConfig, mesh: Mesh, n
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, engine_cfg: EngineConfig, mesh: Mesh, params, kv_caches,
-                 executables: dict[Bucket, Callable], eos_token_ids: tuple[int, ...]):
+                 executables: Mapping[Bucket, Callable], eos_token_ids: tuple[int, ...]):
         self.cfg, self.engine_cfg, self.mesh = cfg, engine_cfg, mesh
         self.params, self.kv_caches = params, kv_caches
         self.executables = executables

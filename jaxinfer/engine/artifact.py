@@ -141,16 +141,21 @@ def load_engine(directory: Path, progress: bool = True, background: bool = False
     KV pool and tokenizer are ready and the buckets' executables are still deserializing
     (`BucketExecutables`): a fresh process answers its first request 1-2 s sooner."""
     start = time.perf_counter()
-    manifest, cfg, engine_cfg, mesh = _checked_engine(directory)
-    executables = BucketExecutables(functools.partial(_load_executable, directory, mesh),
-                                    [Bucket(**entry) for entry in manifest["buckets"]], background)
-    # XLA zeroes the pool (0.45 s for 1 GiB) on its own threads beside the deserializing buckets.
-    kv_caches = allocate_kv_caches(cfg, engine_cfg, mesh, manifest["num_kv_blocks"])
-    params = _restore_weights(directory / WEIGHTS_FILE, cfg, mesh, engine_cfg, manifest)
-    meta = json.loads((directory / "tokenizer_meta.json").read_text())
-    tokenizer = Tokenizer(tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json")),
-                          tuple(meta["eos_token_ids"]), meta["bos_token_id"], meta["add_bos_token"],
-                          meta["chat_template"])
+    manifest = read_manifest(directory)
+    cfg, engine_cfg, mesh = _configs(manifest)
+    with concurrent.futures.ThreadPoolExecutor(1) as side:
+        # XLA zeroes the KV pool in the thread that asks, 0.6-0.8 s for 1 GiB (first-touch page
+        # faults, mostly): a thread of its own does it while the files hash and the weights map.
+        allocating = side.submit(allocate_kv_caches, cfg, engine_cfg, mesh, manifest["num_kv_blocks"])
+        _check_files(directory, manifest)
+        executables = BucketExecutables(functools.partial(_load_executable, directory, mesh),
+                                        [Bucket(**entry) for entry in manifest["buckets"]], background)
+        params = _restore_weights(directory / WEIGHTS_FILE, cfg, mesh, engine_cfg, manifest)
+        meta = json.loads((directory / "tokenizer_meta.json").read_text())
+        tokenizer = Tokenizer(tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json")),
+                              tuple(meta["eos_token_ids"]), meta["bos_token_id"], meta["add_bos_token"],
+                              meta["chat_template"])
+        kv_caches = allocating.result()
     if not background:
         executables.wait()
     runner = ModelRunner(cfg, engine_cfg, mesh, params, kv_caches, executables, tokenizer.eos_token_ids)
@@ -231,13 +236,22 @@ def _checked_engine(directory: Path):
     """The manifest (checked, with every file's digest), model and engine configs and mesh of an engine
     directory, with the FFI kernels its executables call registered."""
     manifest = read_manifest(directory)
+    _check_files(directory, manifest)
+    return manifest, *_configs(manifest)
+
+
+def _check_files(directory: Path, manifest: dict) -> None:
+    """Every file's digest checked, and the FFI kernels the executables call registered."""
     verify_files(directory, manifest)
+    cpu_ffi.ensure_registered(manifest.get("ffi_kernels", ()))
+
+
+def _configs(manifest: dict) -> tuple[ModelConfig, EngineConfig, Mesh]:
     model = dict(manifest["model_config"])
     if model["rope_scaling"]:
         model["rope_scaling"] = RopeScaling(**model["rope_scaling"])
     model["eos_token_ids"] = tuple(model["eos_token_ids"])
-    cpu_ffi.ensure_registered(manifest.get("ffi_kernels", ()))
-    return manifest, ModelConfig(**model), EngineConfig(**manifest["engine_config"]), make_mesh(manifest["mesh"]["model"])
+    return ModelConfig(**model), EngineConfig(**manifest["engine_config"]), make_mesh(manifest["mesh"]["model"])
 
 
 def _restore_weights(path: Path, cfg: ModelConfig, mesh: Mesh, engine_cfg: EngineConfig, manifest: dict):

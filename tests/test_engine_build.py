@@ -171,24 +171,24 @@ def test_build_refuses_an_engine_as_model_and_an_output_that_is_not_an_engine(en
 
 
 def test_serve_rebuilds_its_default_engine_only_when_it_cannot_load_it(engine_dir, tmp_path, monkeypatch):
-    from jaxinfer.commands import serve
+    from jaxinfer.engine import build  # `jaxinfer serve` keeps its default engine with these
 
     builds = []
-    monkeypatch.setattr(serve, "build_engine", lambda model, output: builds.append((model, output)))
-    monkeypatch.setattr(serve, "turn_off_persistent_cache", lambda: None)  # a process-wide jax setting
+    monkeypatch.setattr(build, "build_engine", lambda model, output: builds.append((model, output)))
+    monkeypatch.setattr(build, "turn_off_persistent_cache", lambda: None)  # a process-wide jax setting
     cached = tmp_path / "default"
-    serve.ensure_default_engine(cached)  # missing
+    build.ensure_default_engine(cached)  # missing
     assert builds == [(None, cached)]
     shutil.copytree(engine_dir, cached)
-    serve.ensure_default_engine(cached)  # current
+    build.ensure_default_engine(cached)  # current
     assert len(builds) == 1 and (cached / "manifest.json").is_file()
     manifest = json.loads((cached / "manifest.json").read_text())
     (cached / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
-    serve.ensure_default_engine(cached)  # another jaxinfer's
+    build.ensure_default_engine(cached)  # another jaxinfer's
     assert len(builds) == 2 and not cached.exists()
     cached.mkdir()
     (cached / "weights.safetensors").write_bytes(b"unfinished")
-    serve.ensure_default_engine(cached)  # a build that did not finish
+    build.ensure_default_engine(cached)  # a build that did not finish
     assert len(builds) == 3 and not cached.exists()
 
 

@@ -7,35 +7,9 @@ it, the default model's engine is built once into the user cache directory and s
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
-from pathlib import Path
-
-from jaxinfer.engine.artifact import read_manifest
-from jaxinfer.engine.build import build_engine, turn_off_persistent_cache
+from jaxinfer.engine.build import default_engine_dir, ensure_default_engine
 from jaxinfer.engine.create import create_engine
-from jaxinfer.errors import EngineError
 from serving.server import ServerConfig, run_server
-
-
-def default_engine_dir() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "jaxinfer" / "engines" / "default"
-
-
-def ensure_default_engine(engine_dir: Path) -> None:
-    """Builds the default model's engine into `engine_dir` (the user cache, ours to manage) when it
-    is missing, unfinished, or was built by another jaxinfer, jax or device."""
-    try:
-        read_manifest(engine_dir)
-        return
-    except EngineError as err:
-        reason = err
-    print(f"jaxinfer: building the default model's engine into {engine_dir} ({reason})", file=sys.stderr, flush=True)
-    shutil.rmtree(engine_dir, ignore_errors=True)
-    turn_off_persistent_cache()
-    build_engine(None, engine_dir)
 
 
 def _load_engine(engine_dir: str | None):

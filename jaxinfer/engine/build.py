@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import jax
 
 from jaxinfer.checkpoint import load_checkpoint
-from jaxinfer.engine.artifact import save_engine
+from jaxinfer.engine.artifact import read_manifest, save_engine
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.create import ENGINE_MANIFEST, engine_from_checkpoint, is_engine_dir
 from jaxinfer.errors import EngineError
@@ -41,6 +43,26 @@ def build_engine(model: str | Path | None, output: str | Path, progress: bool = 
     if progress:
         print(f"built engine {path} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return path
+
+
+def default_engine_dir() -> Path:
+    """Where `jaxinfer serve` keeps the default model's engine: the user cache."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "jaxinfer" / "engines" / "default"
+
+
+def ensure_default_engine(engine_dir: Path) -> None:
+    """Builds the default model's engine into `engine_dir` (the user cache, ours to manage) when it
+    is missing, unfinished, or was built by another jaxinfer, jax or device."""
+    try:
+        read_manifest(engine_dir)
+        return
+    except EngineError as err:
+        reason = err
+    print(f"jaxinfer: building the default model's engine into {engine_dir} ({reason})", file=sys.stderr, flush=True)
+    shutil.rmtree(engine_dir, ignore_errors=True)
+    turn_off_persistent_cache()
+    build_engine(None, engine_dir)
 
 
 def turn_off_persistent_cache() -> None:

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import types
 
 import jax
 import numpy as np
@@ -168,6 +169,34 @@ def test_build_refuses_an_engine_as_model_and_an_output_that_is_not_an_engine(en
         with pytest.raises(EngineError, match="exists and is not an engine directory"):
             build_engine(None, output, progress=False)
     assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_a_failed_save_leaves_the_engine_that_was_there(engine_dir, tmp_path, monkeypatch):
+    from jaxinfer.engine import artifact
+
+    target = tmp_path / "engine"
+    shutil.copytree(engine_dir, target)
+    before = sorted(p.name for p in target.rglob("*"))
+
+    def broken_save(path, params):
+        (path.parent / "executables" / "half.bin").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifact, "save_params", broken_save)
+    runner = types.SimpleNamespace(params=None)
+    with pytest.raises(OSError, match="disk full"):
+        artifact.save_engine(target, types.SimpleNamespace(runner=runner), "source")
+    assert sorted(p.name for p in target.rglob("*")) == before and artifact.read_manifest(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]  # nothing half-written beside it
+
+    def write_new(directory, engine, source):
+        directory.mkdir()
+        (directory / "new.txt").write_text(source)
+
+    monkeypatch.setattr(artifact, "_write_engine", write_new)
+    assert artifact.save_engine(target, None, "rebuilt") == target.resolve()
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
 
 
 def test_serve_rebuilds_its_default_engine_only_when_it_cannot_load_it(engine_dir, tmp_path, monkeypatch):

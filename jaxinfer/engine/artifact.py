@@ -72,22 +72,37 @@ def environment() -> dict:
 
 
 def save_engine(output: Path, engine: LLMEngine, source: str) -> Path:
-    """Writes the engine directory for a ready in-process engine (its executables compiled)."""
+    """Writes the engine directory for a ready in-process engine (its executables compiled).
+
+    The directory is written beside `output` and renamed into place when whole: a build that fails
+    or is killed leaves the engine that was there as it was."""
     output = output.resolve()
+    staging = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write_engine(staging, engine, source)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if output.exists():
         shutil.rmtree(output)
-    (output / "executables").mkdir(parents=True)
+    staging.rename(output)
+    return output
+
+
+def _write_engine(directory: Path, engine: LLMEngine, source: str) -> None:
+    (directory / "executables").mkdir(parents=True)
     runner = engine.runner
-    save_params(output / WEIGHTS_FILE, runner.params)
-    engine.tokenizer.backend.save(str(output / "tokenizer.json"))
+    save_params(directory / WEIGHTS_FILE, runner.params)
+    engine.tokenizer.backend.save(str(directory / "tokenizer.json"))
     tok = engine.tokenizer
-    (output / "tokenizer_meta.json").write_text(json.dumps({
+    (directory / "tokenizer_meta.json").write_text(json.dumps({
         "eos_token_ids": list(tok.eos_token_ids), "bos_token_id": tok.bos_token_id,
         "add_bos_token": tok.add_bos_token, "chat_template": tok.chat_template}))
     ffi_kernels = set()
     for bucket, compiled in runner.executables.items():
         payload = serialize_executable.serialize(compiled)
-        (output / "executables" / f"{bucket.name}.bin").write_bytes(pickle.dumps(payload))
+        (directory / "executables" / f"{bucket.name}.bin").write_bytes(pickle.dumps(payload))
         ffi_kernels |= cpu_ffi.called_by(compiled.as_text())
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -100,10 +115,9 @@ def save_engine(output: Path, engine: LLMEngine, source: str) -> Path:
         "buckets": [dataclasses.asdict(b) for b in runner.executables],
         "ffi_kernels": sorted(ffi_kernels),
         "panel_weights": has_panel_weights(runner.params),
-        "files": {str(p.relative_to(output)): _sha256(p) for p in sorted(output.rglob("*")) if p.is_file()},
+        "files": {str(p.relative_to(directory)): _sha256(p) for p in sorted(directory.rglob("*")) if p.is_file()},
     }
-    (output / ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return output
+    (directory / ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
 def read_manifest(directory: Path) -> dict:

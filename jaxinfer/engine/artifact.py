@@ -242,16 +242,10 @@ def _load_executable(directory: Path, mesh: Mesh, bucket: Bucket):
 def load_engine_weights(directory: Path):
     """An engine directory's checked manifest, model and engine configs, mesh and restored params
     (no KV pool, no executables): what evaluating its weights needs."""
-    manifest, cfg, engine_cfg, mesh = _checked_engine(directory)
-    return manifest, cfg, engine_cfg, mesh, _restore_weights(directory / WEIGHTS_FILE, cfg, mesh, engine_cfg, manifest)
-
-
-def _checked_engine(directory: Path):
-    """The manifest (checked, with every file's digest), model and engine configs and mesh of an engine
-    directory, with the FFI kernels its executables call registered."""
     manifest = read_manifest(directory)
     _check_files(directory, manifest)
-    return manifest, *_configs(manifest)
+    cfg, engine_cfg, mesh = _configs(manifest)
+    return manifest, cfg, engine_cfg, mesh, _restore_weights(directory / WEIGHTS_FILE, cfg, mesh, engine_cfg, manifest)
 
 
 def _check_files(directory: Path, manifest: dict) -> None:

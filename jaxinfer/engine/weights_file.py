@@ -11,8 +11,8 @@ every tensor whose offset is 64-byte aligned: the writer pads the header to 64 b
 tensors whose sizes are multiples of 64 bytes first (every weight matrix; only a few small scales
 and norms come after them and are copied), so a 270 MB engine's weights are ready in tens of
 milliseconds and processes serving the same engine share one copy in the page cache. The file
-must therefore not be rewritten in place while an engine uses it; `jaxinfer build` removes the
-old directory (the running process keeps the old file's pages) and writes a new one.
+must therefore not be rewritten in place while an engine uses it; `jaxinfer build` writes a new
+directory beside the old one and replaces it (a running process keeps the old file's pages).
 """
 
 from __future__ import annotations

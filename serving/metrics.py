@@ -1,9 +1,9 @@
 """Prometheus metrics of the server, named as vLLM users know them (`jaxinfer:` prefix).
 
 Per-request figures (token counters, TTFT, inter-token latency, end-to-end latency, queue time)
-are observed on the event loop as outputs arrive; engine state (running/waiting, KV cache usage,
-prefix cache, preemptions, step time) is read at scrape time from the snapshot the engine thread
-publishes, so the engine thread never touches prometheus.
+are observed on the event loop as outputs arrive; engine state (running/waiting, KV cache usage and
+fragmentation, prefix cache, preemptions, step time) is read at scrape time from the snapshot the
+engine thread publishes, so the engine thread never touches prometheus.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ class _EngineStateCollector:
                            "Sequences waiting to be scheduled.", scheduler.num_waiting)
         yield self._family(GaugeMetricFamily, "jaxinfer:kv_cache_usage_perc",
                            "Fraction of KV cache blocks in use (1 = full).", blocks.kv_cache_usage)
+        yield self._family(GaugeMetricFamily, "jaxinfer:kv_cache_fragmentation_perc",
+                           "Fraction of the slots of in-use KV cache blocks that hold no token.",
+                           blocks.fragmentation)
         yield self._family(CounterMetricFamily, "jaxinfer:prefix_cache_queries",
                            "Prompt tokens looked up in the prefix cache.", blocks.prefix_cache_queries)
         yield self._family(CounterMetricFamily, "jaxinfer:prefix_cache_hits",

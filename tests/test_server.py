@@ -21,7 +21,12 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.scheduler import BlockManager, Sequence
+from jaxinfer.scheduler.scheduler import SchedulerMetrics
 from serving.child_server import ChildServer
+from serving.engine_loop import EngineSnapshot
+from serving.metrics import ServerMetrics
 from serving.protos import jaxinfer_pb2 as pb
 from serving.protos import jaxinfer_pb2_grpc
 
@@ -307,6 +312,23 @@ def test_metrics_count_requests(server, stub):
     assert delta("jaxinfer:prefix_cache_queries_total") >= 34
     assert delta("jaxinfer:prefix_cache_hits_total") >= 16
     assert after["jaxinfer:num_requests_running"] == 0
+
+
+def test_engine_state_gauges_read_the_block_managers_snapshot():
+    rng = np.random.default_rng(3)
+    bm = BlockManager(num_blocks=11, block_size=4)
+    for index, length in enumerate((5, 11, 8)):  # 2 + 3 + 2 blocks holding 24 tokens in 28 slots
+        seq = Sequence("r", index, rng.integers(1, 1000, size=length).tolist(), SamplingParams(), 0, 0.0, 0)
+        assert bm.admit(seq, bm.find_cached_prefix(seq), length)
+    snapshot = EngineSnapshot(SchedulerMetrics(3, 1, 0, bm.metrics()), num_steps=5, step_seconds_total=0.5)
+    registry = ServerMetrics("m", lambda: snapshot).registry
+
+    def gauge(name):
+        return registry.get_sample_value(f"jaxinfer:{name}", {"model_name": "m"})
+
+    assert gauge("kv_cache_usage_perc") == pytest.approx(7 / 10)
+    assert gauge("kv_cache_fragmentation_perc") == pytest.approx(4 / 28)
+    assert (gauge("num_requests_running"), gauge("num_requests_waiting")) == (3, 1)
 
 
 # -- KServe v2 through tritonclient ------------------------------------------------------------

@@ -11,9 +11,12 @@ import sys
 
 from jaxinfer.commands.bench import add_bench_parsers
 from jaxinfer.commands.eval import add_eval_parsers
+from jaxinfer.commands.sampling_args import add_sampling_args
+from jaxinfer.configs import load_config
 from jaxinfer.engine.config import KV_DTYPES
 from jaxinfer.errors import JaxinferError
 from jaxinfer.quant.apply import QUANT_MODES
+from jaxinfer.sampling_params import SamplingParams
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +29,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    engine_defaults = load_config("engine")
     parser = argparse.ArgumentParser(prog="jaxinfer", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -34,11 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="raw prompt text")
     prompt.add_argument("--chat", help="a user message, rendered with the model's chat template")
-    generate.add_argument("--max-tokens", type=int, default=None)
-    generate.add_argument("--temperature", type=float, default=None)
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--top-k", type=int, default=-1)
-    generate.add_argument("--seed", type=int, default=None)
+    add_sampling_args(generate, load_config("defaults")["max_tokens"], load_config("defaults")["temperature"])
     generate.add_argument("--quant", choices=list(QUANT_MODES),
                           help="quantize a checkpoint's weights on the fly (w4a8 decodes fastest on CPU)")
     generate.set_defaults(run="jaxinfer.commands.generate:main")
@@ -46,43 +46,49 @@ def _parser() -> argparse.ArgumentParser:
     build = commands.add_parser("build", help="compile an engine directory ahead of time")
     _add_model_args(build)
     build.add_argument("--output", required=True, help="engine directory to write")
-    build.add_argument("--kv-dtype", choices=["auto", *KV_DTYPES])
-    build.add_argument("--max-num-seqs", type=int)
-    build.add_argument("--max-num-batched-tokens", type=int)
-    build.add_argument("--max-model-len", type=int)
-    build.add_argument("--block-size", type=int)
-    build.add_argument("--kv-memory", help="KV pool size (e.g. 1GiB) or fraction of device memory (0.9)")
-    build.add_argument("--quant", choices=list(QUANT_MODES))
-    build.add_argument("--decode-steps", type=int, help="model steps per decode-only call (1: one step a call)")
+    build.add_argument("--kv-dtype", choices=["auto", *KV_DTYPES],
+                       help="K/V cache dtype (auto: the engine's dtype; bfloat16 for quantized engines on CPU)")
+    build.add_argument("--max-num-seqs", type=int,
+                       help=f"sequences per step, the largest decode batch (default {engine_defaults['max_num_seqs']})")
+    build.add_argument("--max-num-batched-tokens", type=int,
+                       help="tokens per step, the prefill chunk budget "
+                            f"(default {engine_defaults['max_num_batched_tokens']})")
+    build.add_argument("--max-model-len", type=int,
+                       help=f"longest prompt plus output (default {engine_defaults['max_model_len']})")
+    build.add_argument("--block-size", type=int,
+                       help=f"tokens per KV cache block (default {engine_defaults['block_size']})")
+    build.add_argument("--kv-memory", help="KV pool size, e.g. 1GiB, or a fraction of device memory, e.g. 0.9 "
+                                           f"(default {engine_defaults['kv_memory']})")
+    build.add_argument("--quant", choices=list(QUANT_MODES), help="quantize the weights (w4a8 decodes fastest on CPU)")
+    build.add_argument("--decode-steps", type=int, help="model steps per decode-only call (1: one step a call; "
+                                                        f"default {engine_defaults['decode_steps']})")
     build.set_defaults(run="jaxinfer.engine.build:main")
 
     serve = commands.add_parser("serve", help="serve an engine over gRPC (jaxinfer.v1, KServe v2, health, metrics)")
     serve.add_argument("engine_dir", nargs="?", help="engine directory, HF checkpoint or .gguf (default: build "
                                                      "the default model's engine once and serve it)")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     serve.add_argument("--metrics-port", type=int, help="Prometheus metrics over HTTP on this port")
-    serve.add_argument("--tls-cert")
-    serve.add_argument("--tls-key")
+    serve.add_argument("--tls-cert", help="PEM certificate chain: serve over TLS (with --tls-key)")
+    serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
     serve.add_argument("--auth-token-file", help="require `authorization: Bearer <token>` metadata")
-    serve.add_argument("--served-model-name")
-    serve.add_argument("--max-queued-requests", type=int, default=256)
+    serve.add_argument("--served-model-name", help="model name in replies and metrics (default: the checkpoint's)")
+    serve.add_argument("--max-queued-requests", type=int, default=256,
+                       help="requests held at once, running or waiting; more are refused as RESOURCE_EXHAUSTED")
     serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
     serve.set_defaults(run="jaxinfer.commands.serve:main")
 
     client = commands.add_parser("client", help="stream a reply from a running `jaxinfer serve`")
-    client.add_argument("--address", default="127.0.0.1:50051")
+    client.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT of the server")
     message = client.add_mutually_exclusive_group(required=True)
-    message.add_argument("--prompt")
-    message.add_argument("--chat")
-    client.add_argument("--max-tokens", type=int)
-    client.add_argument("--temperature", type=float)
-    client.add_argument("--top-p", type=float)
-    client.add_argument("--top-k", type=int)
-    client.add_argument("--seed", type=int)
-    client.add_argument("--tls-ca")
-    client.add_argument("--auth-token-file")
-    client.add_argument("--timeout", type=float)
+    message.add_argument("--prompt", help="raw prompt text")
+    message.add_argument("--chat", help="a user message, rendered with the served model's chat template")
+    add_sampling_args(client, f"the server's, {SamplingParams.max_tokens}",
+                      f"the server's, {SamplingParams.temperature}")
+    client.add_argument("--tls-ca", help="PEM CA certificate: connect over TLS, trusting it")
+    client.add_argument("--auth-token-file", help="file holding the server's bearer token")
+    client.add_argument("--timeout", type=float, help="seconds before the request is abandoned (gRPC deadline)")
     client.set_defaults(run="jaxinfer.commands.client:main")
 
     add_bench_parsers(commands)

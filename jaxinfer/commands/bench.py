@@ -38,21 +38,23 @@ def _float_list(text: str) -> list[float]:
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="engine directory, HF checkpoint directory or .gguf "
                                                  "(default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"])
-    parser.add_argument("--max-num-seqs", type=int)
-    parser.add_argument("--max-num-batched-tokens", type=int)
-    parser.add_argument("--max-model-len", type=int)
-    parser.add_argument("--kv-memory", help="KV pool size, e.g. 1GiB")
-    parser.add_argument("--decode-steps", type=int, help="model steps per decode-only call (1: one step a call)")
+    # A built engine carries its own: these shape the engine compiled in-process from a checkpoint.
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="a checkpoint's engine dtype")
+    parser.add_argument("--max-num-seqs", type=int, help="a checkpoint's engine: sequences per step")
+    parser.add_argument("--max-num-batched-tokens", type=int, help="a checkpoint's engine: tokens per step")
+    parser.add_argument("--max-model-len", type=int, help="a checkpoint's engine: longest prompt plus output")
+    parser.add_argument("--kv-memory", help="a checkpoint's engine: KV pool size, e.g. 1GiB")
+    parser.add_argument("--decode-steps", type=int,
+                        help="a checkpoint's engine: model steps per decode-only call (1: one step a call)")
 
 
 def add_workload_args(parser: argparse.ArgumentParser, num_requests: int) -> None:
-    parser.add_argument("--num-requests", type=int, default=num_requests)
+    parser.add_argument("--num-requests", type=int, default=num_requests, help="requests in the workload")
     parser.add_argument("--input-len", type=LengthRange.parse, default=LengthRange(16, 512),
                         help="prompt tokens: N or LO:HI (uniform)")
     parser.add_argument("--output-len", type=LengthRange.parse, default=LengthRange(16, 256),
                         help="generated tokens: N or LO:HI (uniform)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random requests (and arrival times)")
     parser.add_argument("--dataset", type=Path, help="JSONL of prompts instead of random requests")
 
 
@@ -65,7 +67,8 @@ def _add_baseline_args(parser: argparse.ArgumentParser, workload: bool) -> None:
     """--baseline and, per external baseline, --NAME-python; with a workload of requests, also
     --baseline static, --NAME-num-requests and, for the baselines that batch, --NAME-batch-size."""
     choices = ["static", *BASELINES] if workload else list(BASELINES)
-    parser.add_argument("--baseline", action="append", choices=choices, default=[])
+    parser.add_argument("--baseline", action="append", choices=choices, default=[],
+                        help="also run this baseline on the same workload (repeatable)")
     # llama.cpp's threads spin at barriers: on a core shared with other jobs, 2 threads can run
     # several times slower than 1, so a busy machine may call for fewer threads than cores.
     parser.add_argument("--baseline-threads", type=int,
@@ -77,7 +80,8 @@ def _add_baseline_args(parser: argparse.ArgumentParser, workload: bool) -> None:
             parser.add_argument(f"--{b.name}-num-requests", type=int,
                                 help=f"run {b.label} on the first N requests only; default all")
             if b.batched:
-                parser.add_argument(f"--{b.name}-batch-size", type=int, default=8)
+                parser.add_argument(f"--{b.name}-batch-size", type=int, default=8,
+                                    help=f"requests per {b.label} generate call")
 
 
 def add_bench_parsers(subparsers) -> None:
@@ -94,15 +98,17 @@ def add_bench_parsers(subparsers) -> None:
 
     lat = modes.add_parser("latency", help="batch-1 TTFT, decode tokens/s and the roofline ratio")
     _add_engine_args(lat)
-    lat.add_argument("--prompt-lens", type=_int_list, default=[16, 128, 512])
-    lat.add_argument("--batch-sizes", type=_int_list, default=[1, 8])
-    lat.add_argument("--decode-tokens", type=int, default=64)
+    lat.add_argument("--prompt-lens", type=_int_list, default=[16, 128, 512],
+                     help="prompt lengths whose TTFT is measured, comma-separated")
+    lat.add_argument("--batch-sizes", type=_int_list, default=[1, 8],
+                     help="decode batch sizes whose tokens/s is measured, comma-separated")
+    lat.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per decode-rate request")
     lat.add_argument("--decode-context", type=int, default=16,
                      help="prompt tokens of each decode-rate request: the context its decode steps read")
     lat.add_argument("--repeats", type=int, default=3,
                      help="runs per figure (TTFT per prompt length, decode rate per batch size), their median shown")
     lat.add_argument("--bandwidth", type=float, help="copy bandwidth in GB/s (measured when not given)")
-    lat.add_argument("--seed", type=int, default=0)
+    lat.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     _add_baseline_args(lat, workload=False)
     _add_output_args(lat, "latency")
     lat.set_defaults(run="jaxinfer.bench.runs:latency_main")
@@ -128,9 +134,9 @@ def add_bench_parsers(subparsers) -> None:
     roofline.add_argument("--engine", help="built engine directory (model, dtype and kv dtype from its manifest)")
     roofline.add_argument("--dtype", default="float32", help="weight dtype: float32, bfloat16, int8, int4, fp8")
     roofline.add_argument("--kv-dtype", help="KV dtype (default: --dtype)")
-    roofline.add_argument("--batch", type=int, default=1)
+    roofline.add_argument("--batch", type=int, default=1, help="sequences per step")
     roofline.add_argument("--context", type=int, default=512, help="context (decode) and prompt (prefill) length")
     roofline.add_argument("--bandwidth", type=float, help="copy bandwidth in GB/s (measured when not given)")
     roofline.add_argument("--flops", type=float, help="matmul rate in GFLOP/s (measured when not given)")
-    roofline.add_argument("--output", type=Path, default=RESULTS_DIR / "roofline.json")
+    roofline.add_argument("--output", type=Path, default=RESULTS_DIR / "roofline.json", help="JSON results file")
     roofline.set_defaults(run="jaxinfer.commands.roofline:main")

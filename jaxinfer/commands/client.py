@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 
+from jaxinfer.commands.sampling_args import given_sampling_options
 from jaxinfer.errors import RequestError
 from serving.protos import jaxinfer_pb2 as pb
 from serving.protos import jaxinfer_pb2_grpc
@@ -19,10 +20,7 @@ def _channel(args) -> grpc.Channel:
 
 
 def _request(args) -> pb.GenerateRequest:
-    sampling = pb.SamplingParameters()
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
-        if getattr(args, name) is not None:  # unset fields keep the server's documented defaults
-            setattr(sampling, name, getattr(args, name))
+    sampling = pb.SamplingParameters(**given_sampling_options(args))  # unset fields: the server's defaults
     if args.chat is not None:
         return pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=args.chat)]),
                                   sampling=sampling)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from jaxinfer.commands.sampling_args import given_sampling_options
 from jaxinfer.configs import load_config
 from jaxinfer.engine.create import refuse_build_options
 from jaxinfer.llm import LLM
@@ -13,10 +14,8 @@ from jaxinfer.sampling_params import SamplingParams
 def main(args) -> None:
     defaults = load_config("defaults")
     refuse_build_options(args.model, dtype=args.dtype, tp=args.tp, quant=args.quant)
-    params = SamplingParams(
-        max_tokens=defaults["max_tokens"] if args.max_tokens is None else args.max_tokens,
-        temperature=defaults["temperature"] if args.temperature is None else args.temperature,
-        top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    params = SamplingParams(**{"max_tokens": defaults["max_tokens"], "temperature": defaults["temperature"],
+                               **given_sampling_options(args)})
     # One request at a time: an engine of two buckets (decode, and 64-token prefill chunks) compiles
     # fastest. A built engine directory loads its own buckets instead, in the background.
     llm = LLM(args.model, background=True, dtype=args.dtype, tp=args.tp, quant=args.quant, max_num_seqs=1,

@@ -5,6 +5,7 @@ ratios against ours."""
 
 import argparse
 import json
+import socket
 import sys
 
 import pytest
@@ -13,7 +14,7 @@ from jaxinfer.bench import worker_protocol
 from jaxinfer.bench.baselines import BASELINES, checkpoint_source, run_job
 from jaxinfer.bench.results import Column, advantages, comparison_table
 from jaxinfer.commands.bench import add_bench_parsers
-from jaxinfer.errors import EngineError
+from jaxinfer.errors import EngineError, RequestError
 
 PREFILL_S = 0.001   # fake cost per prompt token of the longest prompt in the batch (first token included)
 STEP_S = 0.01       # fake cost of one decode step at batch 1
@@ -191,6 +192,29 @@ def test_cli_flags_per_baseline():
     assert (args.llamacpp_python, args.baseline_threads) == (".venv-llamacpp/bin/python", 1)
     with pytest.raises(SystemExit):  # static batching needs a workload of requests
         parse(["bench", "latency", "--baseline", "static"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["throughput", "--input-len", "5:3"], "length range 5:3 must satisfy 1 <= low <= high"),
+    (["throughput", "--output-len", "x"], "length 'x' is neither N nor LO:HI"),
+    (["latency", "--prompt-lens", "16,0"], "'16,0': every value must be > 0"),
+    (["serve", "--request-rate", "1,x"], "'1,x' is not a comma-separated list of floats"),
+    (["serve", "--slo", "ttft=fast"], "SLO item 'ttft=fast' is not METRIC=VALUE"),
+])
+def test_bad_values_are_refused_by_name_before_anything_loads(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse(["bench", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_an_unreachable_server_is_named():
+    from jaxinfer.bench.grpc_load import model_vocab_size
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(RequestError, match=f"no jaxinfer server answers at 127.0.0.1:{port}"):
+        model_vocab_size(f"127.0.0.1:{port}")
 
 
 def test_advantages_in_table_and_json_agree():

@@ -17,7 +17,7 @@ import grpc
 
 from jaxinfer.bench.dataset import BenchRequest
 from jaxinfer.bench.metrics import RequestTiming
-from jaxinfer.errors import EngineError
+from jaxinfer.errors import EngineError, RequestError
 from serving.protos import jaxinfer_pb2, jaxinfer_pb2_grpc
 
 
@@ -63,5 +63,9 @@ def run_load(target: str, requests: Sequence[BenchRequest], offsets: Sequence[fl
 def model_vocab_size(target: str) -> int:
     """The served model's vocabulary size (random workloads draw prompt tokens below it)."""
     with grpc.insecure_channel(target) as channel:
-        info = jaxinfer_pb2_grpc.JaxinferStub(channel).ModelInfo(jaxinfer_pb2.ModelInfoRequest(), timeout=30)
+        try:
+            info = jaxinfer_pb2_grpc.JaxinferStub(channel).ModelInfo(jaxinfer_pb2.ModelInfoRequest(), timeout=30)
+        except grpc.RpcError as err:
+            raise RequestError(f"no jaxinfer server answers at {target} ({err.code().name}: {err.details()}); "
+                               "start one with `jaxinfer serve` or fix --target") from None
     return info.vocab_size

@@ -139,6 +139,10 @@ def _rates(totals: dict) -> dict:
 def latency_main(args) -> None:
     baselines = _external_baselines(args)
     engine = _engine(args, max_num_seqs=args.max_num_seqs or max(args.batch_sizes))
+    if max(args.batch_sizes) > engine.engine_cfg.max_num_seqs:
+        raise RequestError(f"--batch-sizes {max(args.batch_sizes)} exceeds the engine's max_num_seqs "
+                           f"({engine.engine_cfg.max_num_seqs}), so it would not decode as one batch; build an "
+                           "engine with a larger --max-num-seqs or measure smaller batches")
     warm_up(engine)
     bandwidth = args.bandwidth * 1e9 if args.bandwidth else copy_bandwidth()
     ours = {"ttft_s": {str(n): latency.ttft(engine, n, args.repeats, args.seed + n) for n in args.prompt_lens},

@@ -18,21 +18,46 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from jaxinfer.bench.baselines import BASELINES
 from jaxinfer.bench.dataset import LengthRange
 from jaxinfer.bench.metrics import parse_slo
+from jaxinfer.errors import JaxinferError, RequestError
 
 RESULTS_DIR = Path("benchmarks/results")
 # -- argument parsing ---------------------------------------------------------------------------
 
-def _int_list(text: str) -> list[int]:
-    return [int(v) for v in text.split(",")]
+def _argument_type(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    """`parse` as an argparse type whose refusal argparse prints (it hides a ValueError's message)."""
+    def checked(text: str) -> Any:
+        try:
+            return parse(text)
+        except JaxinferError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    checked.__name__ = name
+    return checked
 
 
-def _float_list(text: str) -> list[float]:
-    return [float(v) for v in text.split(",")]
+def _positive_list(kind: type) -> Callable[[str], list]:
+    """A comma-separated list of positive `kind` values (float lists may hold inf)."""
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise RequestError(f"{text!r} is not a comma-separated list of {kind.__name__}s") from None
+        if not all(v > 0 for v in values):
+            raise RequestError(f"{text!r}: every value must be > 0")
+        return values
+
+    return _argument_type(parse, f"{kind.__name__} list")
+
+
+_length_range = _argument_type(LengthRange.parse, "length")
+_slo = _argument_type(parse_slo, "SLO")
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -50,9 +75,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def add_workload_args(parser: argparse.ArgumentParser, num_requests: int) -> None:
     parser.add_argument("--num-requests", type=int, default=num_requests, help="requests in the workload")
-    parser.add_argument("--input-len", type=LengthRange.parse, default=LengthRange(16, 512),
+    parser.add_argument("--input-len", type=_length_range, default=LengthRange(16, 512),
                         help="prompt tokens: N or LO:HI (uniform)")
-    parser.add_argument("--output-len", type=LengthRange.parse, default=LengthRange(16, 256),
+    parser.add_argument("--output-len", type=_length_range, default=LengthRange(16, 256),
                         help="generated tokens: N or LO:HI (uniform)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random requests (and arrival times)")
     parser.add_argument("--dataset", type=Path, help="JSONL of prompts instead of random requests")
@@ -98,9 +123,9 @@ def add_bench_parsers(subparsers) -> None:
 
     lat = modes.add_parser("latency", help="batch-1 TTFT, decode tokens/s and the roofline ratio")
     _add_engine_args(lat)
-    lat.add_argument("--prompt-lens", type=_int_list, default=[16, 128, 512],
+    lat.add_argument("--prompt-lens", type=_positive_list(int), default=[16, 128, 512],
                      help="prompt lengths whose TTFT is measured, comma-separated")
-    lat.add_argument("--batch-sizes", type=_int_list, default=[1, 8],
+    lat.add_argument("--batch-sizes", type=_positive_list(int), default=[1, 8],
                      help="decode batch sizes whose tokens/s is measured, comma-separated")
     lat.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per decode-rate request")
     lat.add_argument("--decode-context", type=int, default=16,
@@ -118,11 +143,11 @@ def add_bench_parsers(subparsers) -> None:
     serve.add_argument("--target", help="HOST:PORT of a `jaxinfer serve` gRPC server (else in-process MODEL)")
     add_workload_args(serve, num_requests=64)
     load = serve.add_mutually_exclusive_group()
-    load.add_argument("--request-rate", type=_float_list, default=[math.inf],
+    load.add_argument("--request-rate", type=_positive_list(float), default=[math.inf],
                       help="requests/s, comma-separated for a sweep (inf: all at once)")
-    load.add_argument("--concurrency", type=_int_list, help="requests in flight, comma-separated (--target only)")
+    load.add_argument("--concurrency", type=_positive_list(int), help="requests in flight, comma-separated (--target only)")
     serve.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 is Poisson, <1 burstier")
-    serve.add_argument("--slo", type=parse_slo, default={}, help="e.g. ttft=500ms,tpot=50ms (goodput)")
+    serve.add_argument("--slo", type=_slo, default={}, help="e.g. ttft=500ms,tpot=50ms (goodput)")
     serve.add_argument("--baseline", action="append", choices=["static"], default=[],
                        help="static batching on the same in-process engine")
     serve.add_argument("--static-batch", type=int, help="static batch size (default: max_num_seqs)")

@@ -298,8 +298,8 @@ template <typename X, typename W>
 struct Problem {
   const X* x;      // [M, K]
   const W* w;      // [K, N]
-  float* partial;  // [slabs, M, N]
-  int64_t m, k, n, tile_cols, tiles, slab_rows;
+  float* partial;  // [slabs, M, N], rows ldp apart
+  int64_t m, k, n, tile_cols, tiles, slab_rows, ldp;
 };
 
 // Rows r0 .. r0 + rows - 1 of one rectangle (K rows k0 .. k1 - 1, columns n0 .. n1 - 1): their
@@ -315,8 +315,8 @@ template <typename X, typename W>
 Rectangle<X> zeroed_rectangle(const Problem<X, W>& p, int64_t slab, int64_t tile, int64_t r0, int rows) {
   const int64_t k0 = slab * p.slab_rows, n0 = tile * p.tile_cols;
   const Rectangle<X> rect{k0, std::min(p.k, k0 + p.slab_rows), n0, std::min(p.n, n0 + p.tile_cols), p.x + r0 * p.k,
-                          p.partial + slab * p.m * p.n + r0 * p.n};
-  for (int r = 0; r < rows; ++r) std::fill(rect.out + r * p.n + rect.n0, rect.out + r * p.n + rect.n1, 0.0f);
+                          p.partial + (slab * p.m + r0) * p.ldp};
+  for (int r = 0; r < rows; ++r) std::fill(rect.out + r * p.ldp + rect.n0, rect.out + r * p.ldp + rect.n1, 0.0f);
   return rect;
 }
 
@@ -385,13 +385,13 @@ void weight_rows(const Problem<float, W>& p, const float* xs, float* out, int64_
   for (int64_t n = n0; n < grouped_end; n += kGroupCols) {
     if (prefetch)
       for (int u = 0; u < U; ++u) _mm_prefetch(reinterpret_cast<const char*>(w0 + (U + u) * p.n + n), _MM_HINT_T0);
-    row_block<std::min(R, kBlockRows), U>(w0 + n, p.n, xs + k, 1, p.k, out + n, p.n);
+    row_block<std::min(R, kBlockRows), U>(w0 + n, p.n, xs + k, 1, p.k, out + n, p.ldp);
     if constexpr (R > kBlockRows)
-      row_block<R - kBlockRows, U>(w0 + n, p.n, xs + kBlockRows * p.k + k, 1, p.k, out + kBlockRows * p.n + n, p.n);
+      row_block<R - kBlockRows, U>(w0 + n, p.n, xs + kBlockRows * p.k + k, 1, p.k, out + kBlockRows * p.ldp + n, p.ldp);
   }
   for (int64_t n = grouped_end; n < n1; n += kLane)
     for (int r = 0; r < R; ++r) {
-      float* o = out + r * p.n + n;
+      float* o = out + r * p.ldp + n;
       VecF acc = load_f32(o);
       for (int u = 0; u < U; ++u) acc = fmadd(load_weights(w0 + u * p.n + n), broadcast(xs[r * p.k + k + u]), acc);
       store_f32(o, acc);
@@ -432,7 +432,7 @@ void rectangle_in_runs(const Problem<float, W>& p, int64_t slab, int64_t tile, i
   for (int64_t t = 0; t < run_rows; ++t) {
     const W* w0 = p.w + (k0 + t) * p.n;
     for (int64_t n = n0; n < grouped_end; n += kGroupCols)
-      row_block<1, kRuns>(w0 + n, run_rows * p.n, xs + k0 + t, run_rows, p.k, out + n, p.n);
+      row_block<1, kRuns>(w0 + n, run_rows * p.n, xs + k0 + t, run_rows, p.k, out + n, p.ldp);
     for (int s = 0; s < kRuns; ++s) weight_rows<1, 1>(p, xs, out, k0 + s * run_rows + t, grouped_end, grouped_end, n1, false);
   }
   // The rows past the last whole run, one at a time.
@@ -454,14 +454,24 @@ Rectangles rectangles(int64_t k, int64_t n, int64_t max_cols, int64_t row_multip
   return {tile_cols, tiles, slab_rows, (k + slab_rows - 1) / slab_rows};
 }
 
-// out [size] = the sum of the slabs' partial sums partial [slabs, size].
-void sum_partials(const float* partial, int64_t slabs, int64_t size, float* out) {
-  for (int64_t i = 0; i < size; i += kLane) {
-    VecF sum = load_f32(partial + i);
-    for (int64_t s = 1; s < slabs; ++s) sum = add(sum, load_f32(partial + s * size + i));
-    store_f32(out + i, sum);
-  }
+// out [M, N] = the sum of the slabs' partial sums partial [slabs, M, N] (rows ldp apart).
+void sum_partials(const float* partial, int64_t slabs, int64_t m, int64_t n, int64_t ldp, float* out) {
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t i = 0; i < n; i += kLane) {
+      VecF sum = load_f32(partial + r * ldp + i);
+      for (int64_t s = 1; s < slabs; ++s) sum = add(sum, load_f32(partial + (s * m + r) * ldp + i));
+      store_f32(out + r * n + i, sum);
+    }
 }
+
+// The row stride of partial sums N wide: N, or a line more where rows N floats apart would all
+// fall in one L1 set (as the 3072-column gate_up weight's do), where an item's rows of partial sums
+// evict each other and the weight rows being read. Zen 3 VM, 2026-12-06: the FMA loop at 8 rows
+// over a 72 x 3072 slab on one thread, 56 against 52 GFLOP/s (medians of 7); the dense kernel's
+// time in traced batch-8 decode steps of the bfloat16 engine (`benchmarks/profile_step.py
+// engines/bf16 --batch 8 --context 100`), five alternating pairs: 0.83-0.97x (16.1-20.3 against
+// 17.4-21.3 ms a step); at batch 1 and 4 within the runs' noise.
+int64_t partial_row_stride(int64_t n) { return n * int64_t{sizeof(float)} % kL1SetSpan == 0 ? n + kColumnMultiple : n; }
 
 // x [M, K] times w [K, N] into out by rectangles (K slabs of a multiple of row_multiple rows by
 // column tiles) as work items on the pool: each item walks its rectangle for chunks of up to kChunk
@@ -471,13 +481,15 @@ template <int kChunk, typename X, typename W, typename Walk>
 void rectangles_dot(ffi::ThreadPool& pool, const X* x, const W* w, float* out, int64_t m, int64_t k, int64_t n,
                     int64_t row_multiple, Walk walk) {
   const Rectangles r = rectangles(k, n, kMaxTileCols, row_multiple, k);
-  std::vector<float> partial_sums(r.slabs > 1 ? r.slabs * m * n : 0);
-  const Problem<X, W> p{x, w, r.slabs > 1 ? partial_sums.data() : out, m, k, n, r.tile_cols, r.tiles, r.slab_rows};
+  const int64_t ldp = r.slabs > 1 ? partial_row_stride(n) : n;  // one slab sums straight into out
+  std::vector<float> partial_sums(r.slabs > 1 ? r.slabs * m * ldp : 0);
+  const Problem<X, W> p{x, w, r.slabs > 1 ? partial_sums.data() : out, m, k, n, r.tile_cols, r.tiles, r.slab_rows,
+                        ldp};
   jaxinfer::run_on_pool(pool, r.slabs * r.tiles, m, [p, walk](int64_t i) {
     for (int64_t r0 = 0; r0 < p.m; r0 += kChunk)
       jaxinfer::with_row_count<kChunk>(p.m - r0, [&](auto rows) { walk(p, i / p.tiles, i % p.tiles, r0, rows); });
   });
-  if (r.slabs > 1) sum_partials(p.partial, r.slabs, m * n, out);
+  if (r.slabs > 1) sum_partials(p.partial, r.slabs, m, n, ldp, out);
 }
 
 template <typename W>
@@ -674,7 +686,7 @@ void amx_dot(ffi::ThreadPool& pool, const uint16_t* x, const Bf16Weight& w, floa
   const AmxProblem p{x, w.data, w.panels, r.slabs > 1 ? partial_sums.data() : out, m, k, n, r,
                      r.slabs == 1 ? act : nullptr};
   jaxinfer::run_on_pool(pool, r.slabs * r.tiles, m, [p](int64_t i) { amx_item(p, i); });
-  if (r.slabs > 1) sum_partials(p.partial, r.slabs, m * n, out);
+  if (r.slabs > 1) sum_partials(p.partial, r.slabs, m, n, n, out);
   if (act && !p.act) swiglu_columns(out, m, n, 0, n, act);
 }
 
@@ -722,7 +734,7 @@ void dp_pass(const Problem<uint16_t, uint16_t>& p, const uint16_t* xs, int64_t k
     }
     for (int r = 0; r < R; ++r)
       for (int h = 0; h < halves; ++h) {
-        float* o = out + r * p.n + n + 16 * h;
+        float* o = out + r * p.ldp + n + 16 * h;
         __m512 acc = _mm512_loadu_ps(o);
         for (int j = 0; j < P; ++j) acc = _mm512_dpbf16_ps(acc, x[r][j], w[j][h]);
         _mm512_storeu_ps(o, acc);

@@ -47,8 +47,10 @@ def assert_matches_float64(x, w, x64, w64):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-# n = 2048: rows 4 or 8 KB apart, which the loop walks without prefetching the rows ahead.
-@pytest.mark.parametrize("k, n", [(5, 16), (37, 16), (576, 960), (1536, 576), (200, 4112), (64, 8240), (48, 2048)])
+# n = 2048: rows 4 or 8 KB apart, which the loop walks without prefetching the rows ahead; (96, 1024):
+# three K slabs, whose partial sums' rows are padded off the 4 KB multiples.
+@pytest.mark.parametrize("k, n", [(5, 16), (37, 16), (576, 960), (1536, 576), (200, 4112), (64, 8240), (48, 2048),
+                                  (96, 1024)])
 def test_fma_loop_matches_float64_matmul(rng, k, n, dtype):
     for m in range(1, cpu_dense_dot.MAX_FMA_ROWS + 1):
         assert_matches_float64(*random_problem(rng, m, k, n, dtype))
@@ -243,7 +245,7 @@ def test_gemm_loop_matches_float64_matmul(rng, m, k, n):
 @needs_kernel
 @pytest.mark.skipif(not cpu_dense_dot.DP_BF16, reason="needs a CPU with AVX512-BF16 and without AMX-BF16")
 @pytest.mark.parametrize("m, k, n", [(2, 2, 16), (5, 576, 960), (6, 64, 48), (7, 1536, 576), (8, 96, 112),
-                                     (8, 576, 4112), (3, 38, 8240), (4, 200, 4112)])
+                                     (8, 576, 4112), (3, 38, 8240), (4, 200, 4112), (5, 96, 1024)])
 def test_avx512_bf16_loop_matches_float64_matmul(rng, m, k, n):
     assert_matches_float64(*random_problem(rng, m, k, n, jnp.bfloat16))
 

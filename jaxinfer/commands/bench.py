@@ -145,7 +145,8 @@ def add_bench_parsers(subparsers) -> None:
     load = serve.add_mutually_exclusive_group()
     load.add_argument("--request-rate", type=_positive_list(float), default=[math.inf],
                       help="requests/s, comma-separated for a sweep (inf: all at once)")
-    load.add_argument("--concurrency", type=_positive_list(int), help="requests in flight, comma-separated (--target only)")
+    load.add_argument("--concurrency", type=_positive_list(int),
+                      help="requests in flight, comma-separated (--target only)")
     serve.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 is Poisson, <1 burstier")
     serve.add_argument("--slo", type=_slo, default={}, help="e.g. ttft=500ms,tpot=50ms (goodput)")
     serve.add_argument("--baseline", action="append", choices=["static"], default=[],

@@ -213,7 +213,7 @@ def test_an_unreachable_server_is_named():
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with pytest.raises(RequestError, match=f"no jaxinfer server answers at 127.0.0.1:{port}"):
+    with pytest.raises(RequestError, match=f"127.0.0.1:{port} did not answer the model info request"):
         model_vocab_size(f"127.0.0.1:{port}")
 
 

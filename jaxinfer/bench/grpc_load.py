@@ -66,6 +66,7 @@ def model_vocab_size(target: str) -> int:
         try:
             info = jaxinfer_pb2_grpc.JaxinferStub(channel).ModelInfo(jaxinfer_pb2.ModelInfoRequest(), timeout=30)
         except grpc.RpcError as err:
-            raise RequestError(f"no jaxinfer server answers at {target} ({err.code().name}: {err.details()}); "
-                               "start one with `jaxinfer serve` or fix --target") from None
+            raise RequestError(f"{target} did not answer the model info request ({err.code().name}: "
+                               f"{err.details()}): start `jaxinfer serve` there and wait until it is ready, or "
+                               "fix --target") from None
     return info.vocab_size

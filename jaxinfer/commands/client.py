@@ -44,5 +44,8 @@ def main(args) -> int:
                           f"{usage.prompt_tokens}, completion {usage.completion_tokens}, cached "
                           f"{usage.cached_tokens} tokens]", file=sys.stderr)
         except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                raise RequestError(f"{args.address} is unavailable ({err.details()}): start `jaxinfer serve` there "
+                                   "and wait until it is ready, or fix --address") from None
             raise RequestError(f"the server answered {err.code().name}: {err.details()}") from None
     return 0

@@ -29,7 +29,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    engine_defaults = load_config("engine")
+    engine_defaults, run_defaults = load_config("engine"), load_config("defaults")
     parser = argparse.ArgumentParser(prog="jaxinfer", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="raw prompt text")
     prompt.add_argument("--chat", help="a user message, rendered with the model's chat template")
-    add_sampling_args(generate, load_config("defaults")["max_tokens"], load_config("defaults")["temperature"])
+    add_sampling_args(generate, run_defaults["max_tokens"], run_defaults["temperature"])
     generate.add_argument("--quant", choices=list(QUANT_MODES),
                           help="quantize a checkpoint's weights on the fly (w4a8 decodes fastest on CPU)")
     generate.set_defaults(run="jaxinfer.commands.generate:main")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxinfer.commands.arg_types import existing_file, non_negative, port, positive
 from jaxinfer.commands.bench import add_bench_parsers
 from jaxinfer.commands.eval import add_eval_parsers
 from jaxinfer.commands.sampling_args import add_sampling_args
@@ -68,15 +69,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("engine_dir", nargs="?", help="engine directory, HF checkpoint or .gguf (default: build "
                                                      "the default model's engine once and serve it)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
-    serve.add_argument("--metrics-port", type=int, help="Prometheus metrics over HTTP on this port")
-    serve.add_argument("--tls-cert", help="PEM certificate chain: serve over TLS (with --tls-key)")
-    serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    serve.add_argument("--auth-token-file", help="require `authorization: Bearer <token>` metadata")
+    serve.add_argument("--port", type=port, default=50051, help="0 picks a free port")
+    serve.add_argument("--metrics-port", type=port, help="Prometheus metrics over HTTP on this port")
+    serve.add_argument("--tls-cert", type=existing_file, help="PEM certificate chain: serve over TLS (with --tls-key)")
+    serve.add_argument("--tls-key", type=existing_file, help="PEM private key of --tls-cert")
+    serve.add_argument("--auth-token-file", type=existing_file, help="require `authorization: Bearer <token>` metadata")
     serve.add_argument("--served-model-name", help="model name in replies and metrics (default: the checkpoint's)")
-    serve.add_argument("--max-queued-requests", type=int, default=256,
+    serve.add_argument("--max-queued-requests", type=positive(int), default=256,
                        help="requests held at once, running or waiting; more are refused as RESOURCE_EXHAUSTED")
-    serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
+    serve.add_argument("--drain-timeout", type=non_negative(float), default=30.0, help="seconds to finish requests on SIGTERM")
     serve.set_defaults(run="jaxinfer.commands.serve:main")
 
     client = commands.add_parser("client", help="stream a reply from a running `jaxinfer serve`")
@@ -86,9 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     message.add_argument("--chat", help="a user message, rendered with the served model's chat template")
     add_sampling_args(client, f"the server's, {SamplingParams.max_tokens}",
                       f"the server's, {SamplingParams.temperature}")
-    client.add_argument("--tls-ca", help="PEM CA certificate: connect over TLS, trusting it")
-    client.add_argument("--auth-token-file", help="file holding the server's bearer token")
-    client.add_argument("--timeout", type=float, help="seconds before the request is abandoned (gRPC deadline)")
+    client.add_argument("--tls-ca", type=existing_file, help="PEM CA certificate: connect over TLS, trusting it")
+    client.add_argument("--auth-token-file", type=existing_file, help="file holding the server's bearer token")
+    client.add_argument("--timeout", type=positive(float), help="seconds before the request is abandoned (gRPC deadline)")
     client.set_defaults(run="jaxinfer.commands.client:main")
 
     add_bench_parsers(commands)

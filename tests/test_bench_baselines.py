@@ -197,14 +197,30 @@ def test_cli_flags_per_baseline():
 @pytest.mark.parametrize("argv, message", [
     (["throughput", "--input-len", "5:3"], "length range 5:3 must satisfy 1 <= low <= high"),
     (["throughput", "--output-len", "x"], "length 'x' is neither N nor LO:HI"),
-    (["latency", "--prompt-lens", "16,0"], "'16,0': every value must be > 0"),
-    (["serve", "--request-rate", "1,x"], "'1,x' is not a comma-separated list of floats"),
+    (["throughput", "--num-requests", "0"], "argument --num-requests: '0' must be > 0"),
+    (["throughput", "--static-batch", "0"], "argument --static-batch: '0' must be > 0"),
+    (["throughput", "--dataset", "no/such.jsonl"], "argument --dataset: no/such.jsonl is not a file"),
+    (["throughput", "--hf-batch-size", "-2"], "argument --hf-batch-size: '-2' must be > 0"),
+    (["latency", "--prompt-lens", "16,0"], "argument --prompt-lens: '0' must be > 0"),
+    (["latency", "--repeats", "0"], "argument --repeats: '0' must be > 0"),
+    (["latency", "--seed", "-1"], "argument --seed: '-1' must be >= 0"),
+    (["latency", "--max-num-seqs", "x"], "argument --max-num-seqs: 'x' is not an int"),
+    (["serve", "--request-rate", "1,x"], "argument --request-rate: 'x' is not a float"),
+    (["serve", "--burstiness", "0"], "argument --burstiness: '0' must be > 0"),
     (["serve", "--slo", "ttft=fast"], "SLO item 'ttft=fast' is not METRIC=VALUE"),
 ])
 def test_bad_values_are_refused_by_name_before_anything_loads(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse(["bench", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_latency_refuses_batches_above_max_num_seqs_before_compiling(monkeypatch):
+    from jaxinfer.bench import runs
+
+    monkeypatch.setattr(runs, "_engine", lambda *args, **kwargs: pytest.fail("the engine was created"))
+    with pytest.raises(RequestError, match="--batch-sizes 8 exceeds the engine's max_num_seqs \\(4\\)"):
+        runs.latency_main(parse(["bench", "latency", "--max-num-seqs", "4", "--batch-sizes", "1,8"]))
 
 
 def test_an_unreachable_server_is_named():

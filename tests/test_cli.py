@@ -1,6 +1,9 @@
-"""The command line's parser: every option documented, sampling options passed on only when given."""
+"""The command line's parser: every option documented, bad values refused by name, sampling options passed on
+only when given."""
 
 import argparse
+
+import pytest
 
 from jaxinfer.cli import _parser
 from jaxinfer.commands.client import _request
@@ -29,3 +32,20 @@ def test_sampling_options_are_passed_on_only_when_given():
     sampling = _request(args).sampling
     assert (sampling.top_p, sampling.max_tokens) == (0.5, 3)
     assert not any(sampling.HasField(name) for name in ("temperature", "top_k", "seed"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--port", "70000"], "argument --port: port 70000 is above 65535"),
+    (["serve", "--max-queued-requests", "0"], "argument --max-queued-requests: '0' must be > 0"),
+    (["serve", "--drain-timeout", "-1"], "argument --drain-timeout: '-1' must be >= 0"),
+    (["serve", "--tls-cert", "no/cert.pem"], "argument --tls-cert: no/cert.pem is not a file"),
+    (["client", "--prompt", "hi", "--timeout", "0"], "argument --timeout: '0' must be > 0"),
+    (["client", "--prompt", "hi", "--auth-token-file", "no/tok"], "argument --auth-token-file: no/tok is not a file"),
+    (["eval", "perplexity", "--windows", "0"], "argument --windows: '0' must be > 0"),
+    (["roofline", "--bandwidth", "-3"], "argument --bandwidth: '-3' must be > 0"),
+    (["roofline", "--context", "1.5"], "argument --context: '1.5' is not an int"),
+])
+def test_bad_values_are_refused_by_name_while_parsing(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        _parser().parse_args(argv)
+    assert message in capsys.readouterr().err

@@ -12,6 +12,7 @@ import pytest
 from conftest import CHECKPOINTS_DIR
 from jaxinfer.checkpoint import load_checkpoint
 from jaxinfer.commands.eval import add_eval_parsers
+from jaxinfer.errors import RequestError
 from jaxinfer.eval.corpus import HELDOUT, corpus_windows
 from jaxinfer.eval.perplexity import evaluate
 from jaxinfer.model.llama import compute_logits, forward
@@ -98,3 +99,12 @@ def test_eval_perplexity_command_writes_json(tmp_path, capsys):
     assert report["quant"] == "int8" and report["kv_dtype"] == "bfloat16" and report["predictions"] == 2 * 15
     assert report["mean_kl"] > 0 and report["perplexity"] > 1
     assert "perplexity" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("window_len, num_windows, message", [
+    (1, 3, "ask for at least one window of at least 2 tokens"),
+    (256, 10**6, "ask for fewer or shorter windows"),
+])
+def test_corpus_windows_refuse_what_cannot_be_scored(checkpoint, window_len, num_windows, message):
+    with pytest.raises(RequestError, match=message):
+        corpus_windows(checkpoint.tokenizer, HELDOUT, window_len, num_windows)

@@ -136,13 +136,20 @@ def _rates(totals: dict) -> dict:
 
 # -- latency --------------------------------------------------------------------------------------
 
+def _refuse_batch_sizes(batch_sizes: list[int], max_num_seqs: int) -> None:
+    if max(batch_sizes) > max_num_seqs:
+        raise RequestError(f"--batch-sizes {max(batch_sizes)} exceeds the engine's max_num_seqs ({max_num_seqs}), "
+                           "so it would not decode as one batch; build an engine with a larger --max-num-seqs or "
+                           "measure smaller batches")
+
+
 def latency_main(args) -> None:
     baselines = _external_baselines(args)
+    # A checkpoint's engine is refused before it compiles, a built engine once its manifest is read.
+    if args.max_num_seqs is not None:
+        _refuse_batch_sizes(args.batch_sizes, args.max_num_seqs)
     engine = _engine(args, max_num_seqs=args.max_num_seqs or max(args.batch_sizes))
-    if max(args.batch_sizes) > engine.engine_cfg.max_num_seqs:
-        raise RequestError(f"--batch-sizes {max(args.batch_sizes)} exceeds the engine's max_num_seqs "
-                           f"({engine.engine_cfg.max_num_seqs}), so it would not decode as one batch; build an "
-                           "engine with a larger --max-num-seqs or measure smaller batches")
+    _refuse_batch_sizes(args.batch_sizes, engine.engine_cfg.max_num_seqs)
     warm_up(engine)
     bandwidth = args.bandwidth * 1e9 if args.bandwidth else copy_bandwidth()
     ours = {"ttft_s": {str(n): latency.ttft(engine, n, args.repeats, args.seed + n) for n in args.prompt_lens},

@@ -18,46 +18,20 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from jaxinfer.bench.baselines import BASELINES
 from jaxinfer.bench.dataset import LengthRange
 from jaxinfer.bench.metrics import parse_slo
-from jaxinfer.errors import JaxinferError, RequestError
+from jaxinfer.commands.arg_types import argument_type, existing_file, non_negative, positive, positive_list
 
 RESULTS_DIR = Path("benchmarks/results")
+
+
 # -- argument parsing ---------------------------------------------------------------------------
 
-def _argument_type(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
-    """`parse` as an argparse type whose refusal argparse prints (it hides a ValueError's message)."""
-    def checked(text: str) -> Any:
-        try:
-            return parse(text)
-        except JaxinferError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    checked.__name__ = name
-    return checked
-
-
-def _positive_list(kind: type) -> Callable[[str], list]:
-    """A comma-separated list of positive `kind` values (float lists may hold inf)."""
-    def parse(text: str) -> list:
-        try:
-            values = [kind(v) for v in text.split(",")]
-        except ValueError:
-            raise RequestError(f"{text!r} is not a comma-separated list of {kind.__name__}s") from None
-        if not all(v > 0 for v in values):
-            raise RequestError(f"{text!r}: every value must be > 0")
-        return values
-
-    return _argument_type(parse, f"{kind.__name__} list")
-
-
-_length_range = _argument_type(LengthRange.parse, "length")
-_slo = _argument_type(parse_slo, "SLO")
+_length_range = argument_type(LengthRange.parse, "length")
+_slo = argument_type(parse_slo, "SLO")
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -65,22 +39,23 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                                                  "(default: SmolLM2-135M-Instruct)")
     # A built engine carries its own: these shape the engine compiled in-process from a checkpoint.
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="a checkpoint's engine dtype")
-    parser.add_argument("--max-num-seqs", type=int, help="a checkpoint's engine: sequences per step")
-    parser.add_argument("--max-num-batched-tokens", type=int, help="a checkpoint's engine: tokens per step")
-    parser.add_argument("--max-model-len", type=int, help="a checkpoint's engine: longest prompt plus output")
+    parser.add_argument("--max-num-seqs", type=positive(int), help="a checkpoint's engine: sequences per step")
+    parser.add_argument("--max-num-batched-tokens", type=positive(int), help="a checkpoint's engine: tokens per step")
+    parser.add_argument("--max-model-len", type=positive(int), help="a checkpoint's engine: longest prompt plus output")
     parser.add_argument("--kv-memory", help="a checkpoint's engine: KV pool size, e.g. 1GiB")
-    parser.add_argument("--decode-steps", type=int,
+    parser.add_argument("--decode-steps", type=positive(int),
                         help="a checkpoint's engine: model steps per decode-only call (1: one step a call)")
 
 
 def add_workload_args(parser: argparse.ArgumentParser, num_requests: int) -> None:
-    parser.add_argument("--num-requests", type=int, default=num_requests, help="requests in the workload")
+    parser.add_argument("--num-requests", type=positive(int), default=num_requests, help="requests in the workload")
     parser.add_argument("--input-len", type=_length_range, default=LengthRange(16, 512),
                         help="prompt tokens: N or LO:HI (uniform)")
     parser.add_argument("--output-len", type=_length_range, default=LengthRange(16, 256),
                         help="generated tokens: N or LO:HI (uniform)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random requests (and arrival times)")
-    parser.add_argument("--dataset", type=Path, help="JSONL of prompts instead of random requests")
+    parser.add_argument("--seed", type=non_negative(int), default=0,
+                        help="seed of the random requests (and arrival times)")
+    parser.add_argument("--dataset", type=existing_file, help="JSONL of prompts instead of random requests")
 
 
 def _add_output_args(parser: argparse.ArgumentParser, name: str) -> None:
@@ -96,16 +71,16 @@ def _add_baseline_args(parser: argparse.ArgumentParser, workload: bool) -> None:
                         help="also run this baseline on the same workload (repeatable)")
     # llama.cpp's threads spin at barriers: on a core shared with other jobs, 2 threads can run
     # several times slower than 1, so a busy machine may call for fewer threads than cores.
-    parser.add_argument("--baseline-threads", type=int,
+    parser.add_argument("--baseline-threads", type=positive(int),
                         help=f"threads of the {' and '.join(BASELINES)} baselines (default: all cores)")
     for b in BASELINES.values():
         parser.add_argument(f"--{b.name}-python", default=b.default_python,
                             help=f"python of a venv with {b.module}: {b.setup_hint}")
         if workload:
-            parser.add_argument(f"--{b.name}-num-requests", type=int,
+            parser.add_argument(f"--{b.name}-num-requests", type=positive(int),
                                 help=f"run {b.label} on the first N requests only; default all")
             if b.batched:
-                parser.add_argument(f"--{b.name}-batch-size", type=int, default=8,
+                parser.add_argument(f"--{b.name}-batch-size", type=positive(int), default=8,
                                     help=f"requests per {b.label} generate call")
 
 
@@ -117,23 +92,23 @@ def add_bench_parsers(subparsers) -> None:
     _add_engine_args(throughput)
     add_workload_args(throughput, num_requests=256)
     _add_baseline_args(throughput, workload=True)
-    throughput.add_argument("--static-batch", type=int, help="static batch size (default: max_num_seqs)")
+    throughput.add_argument("--static-batch", type=positive(int), help="static batch size (default: max_num_seqs)")
     _add_output_args(throughput, "throughput")
     throughput.set_defaults(run="jaxinfer.bench.runs:throughput_main")
 
     lat = modes.add_parser("latency", help="batch-1 TTFT, decode tokens/s and the roofline ratio")
     _add_engine_args(lat)
-    lat.add_argument("--prompt-lens", type=_positive_list(int), default=[16, 128, 512],
+    lat.add_argument("--prompt-lens", type=positive_list(int), default=[16, 128, 512],
                      help="prompt lengths whose TTFT is measured, comma-separated")
-    lat.add_argument("--batch-sizes", type=_positive_list(int), default=[1, 8],
+    lat.add_argument("--batch-sizes", type=positive_list(int), default=[1, 8],
                      help="decode batch sizes whose tokens/s is measured, comma-separated")
-    lat.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per decode-rate request")
-    lat.add_argument("--decode-context", type=int, default=16,
+    lat.add_argument("--decode-tokens", type=positive(int), default=64, help="tokens generated per decode-rate request")
+    lat.add_argument("--decode-context", type=positive(int), default=16,
                      help="prompt tokens of each decode-rate request: the context its decode steps read")
-    lat.add_argument("--repeats", type=int, default=3,
+    lat.add_argument("--repeats", type=positive(int), default=3,
                      help="runs per figure (TTFT per prompt length, decode rate per batch size), their median shown")
-    lat.add_argument("--bandwidth", type=float, help="copy bandwidth in GB/s (measured when not given)")
-    lat.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    lat.add_argument("--bandwidth", type=positive(float), help="copy bandwidth in GB/s (measured when not given)")
+    lat.add_argument("--seed", type=non_negative(int), default=0, help="seed of the random prompts")
     _add_baseline_args(lat, workload=False)
     _add_output_args(lat, "latency")
     lat.set_defaults(run="jaxinfer.bench.runs:latency_main")
@@ -143,15 +118,15 @@ def add_bench_parsers(subparsers) -> None:
     serve.add_argument("--target", help="HOST:PORT of a `jaxinfer serve` gRPC server (else in-process MODEL)")
     add_workload_args(serve, num_requests=64)
     load = serve.add_mutually_exclusive_group()
-    load.add_argument("--request-rate", type=_positive_list(float), default=[math.inf],
+    load.add_argument("--request-rate", type=positive_list(float), default=[math.inf],
                       help="requests/s, comma-separated for a sweep (inf: all at once)")
-    load.add_argument("--concurrency", type=_positive_list(int),
+    load.add_argument("--concurrency", type=positive_list(int),
                       help="requests in flight, comma-separated (--target only)")
-    serve.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 is Poisson, <1 burstier")
+    serve.add_argument("--burstiness", type=positive(float), default=1.0, help="gamma shape: 1 is Poisson, <1 burstier")
     serve.add_argument("--slo", type=_slo, default={}, help="e.g. ttft=500ms,tpot=50ms (goodput)")
     serve.add_argument("--baseline", action="append", choices=["static"], default=[],
                        help="static batching on the same in-process engine")
-    serve.add_argument("--static-batch", type=int, help="static batch size (default: max_num_seqs)")
+    serve.add_argument("--static-batch", type=positive(int), help="static batch size (default: max_num_seqs)")
     _add_output_args(serve, "serve")
     serve.set_defaults(run="jaxinfer.bench.runs:serve_main")
 
@@ -160,9 +135,10 @@ def add_bench_parsers(subparsers) -> None:
     roofline.add_argument("--engine", help="built engine directory (model, dtype and kv dtype from its manifest)")
     roofline.add_argument("--dtype", default="float32", help="weight dtype: float32, bfloat16, int8, int4, fp8")
     roofline.add_argument("--kv-dtype", help="KV dtype (default: --dtype)")
-    roofline.add_argument("--batch", type=int, default=1, help="sequences per step")
-    roofline.add_argument("--context", type=int, default=512, help="context (decode) and prompt (prefill) length")
-    roofline.add_argument("--bandwidth", type=float, help="copy bandwidth in GB/s (measured when not given)")
-    roofline.add_argument("--flops", type=float, help="matmul rate in GFLOP/s (measured when not given)")
+    roofline.add_argument("--batch", type=positive(int), default=1, help="sequences per step")
+    roofline.add_argument("--context", type=positive(int), default=512,
+                          help="context (decode) and prompt (prefill) length")
+    roofline.add_argument("--bandwidth", type=positive(float), help="copy bandwidth in GB/s (measured when not given)")
+    roofline.add_argument("--flops", type=positive(float), help="matmul rate in GFLOP/s (measured when not given)")
     roofline.add_argument("--output", type=Path, default=RESULTS_DIR / "roofline.json", help="JSON results file")
     roofline.set_defaults(run="jaxinfer.commands.roofline:main")

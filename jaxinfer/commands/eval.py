@@ -10,10 +10,10 @@ import json
 import sys
 from pathlib import Path
 
+from jaxinfer.commands.arg_types import existing_file, positive
 from jaxinfer.engine.config import KV_DTYPES
 from jaxinfer.eval.corpus import DEFAULT_WINDOW_LEN, DEFAULT_WINDOWS, HELDOUT
 from jaxinfer.quant.apply import QUANT_MODES
-
 
 
 def add_eval_parsers(subparsers) -> None:
@@ -23,12 +23,13 @@ def add_eval_parsers(subparsers) -> None:
     perplexity.add_argument("model", nargs="?", help="engine directory, HF directory or .gguf (default: SmolLM2)")
     perplexity.add_argument("--quant", choices=list(QUANT_MODES), help="quantize a checkpoint on the fly")
     perplexity.add_argument("--reference", help="unquantized model for KL (default: the engine's source / the model)")
-    perplexity.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="number of windows")
-    perplexity.add_argument("--window-len", type=int, default=DEFAULT_WINDOW_LEN, help="tokens per window")
+    perplexity.add_argument("--windows", type=positive(int), default=DEFAULT_WINDOWS, help="number of windows")
+    perplexity.add_argument("--window-len", type=positive(int), default=DEFAULT_WINDOW_LEN, help="tokens per window")
     perplexity.add_argument("--dtype", choices=["float32", "bfloat16"], help="a checkpoint's dtype (default float32)")
     perplexity.add_argument("--kv-dtype", choices=["auto", *KV_DTYPES],
                             help="K/V storage of the model, as `jaxinfer build --kv-dtype` (default: engine.yaml's)")
-    perplexity.add_argument("--text", help="plain-text file to evaluate on (default: data/corpus/heldout.txt)")
+    perplexity.add_argument("--text", type=existing_file,
+                            help="plain-text file to evaluate on (default: data/corpus/heldout.txt)")
     perplexity.add_argument("--output", type=Path, help="write the figures as JSON")
     perplexity.set_defaults(run="jaxinfer.commands.eval:perplexity_main")
 

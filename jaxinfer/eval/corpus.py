@@ -25,12 +25,15 @@ DEFAULT_WINDOW_LEN = 256
 
 def corpus_windows(tokenizer, path: str | Path, window_len: int, num_windows: int) -> np.ndarray:
     """The first `num_windows` consecutive windows of `window_len` tokens of the text at `path`."""
+    if window_len < 2 or num_windows < 1:
+        raise RequestError(f"{num_windows} windows of {window_len} tokens: a window predicts each of its tokens "
+                           "after the first, so ask for at least one window of at least 2 tokens")
     path = Path(path)
     if not path.is_file():
         raise RequestError(f"corpus file {path} does not exist; pass a plain-text file (data/corpus/ ships two)")
     ids = np.asarray(tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False), dtype=np.int32)
     available = len(ids) // window_len
-    if window_len < 2 or num_windows < 1 or available < num_windows:
+    if available < num_windows:
         raise RequestError(f"{path} has {len(ids)} tokens: {available} windows of {window_len}, but {num_windows} "
                            "were asked for; ask for fewer or shorter windows")
     return ids[: num_windows * window_len].reshape(num_windows, window_len)

@@ -224,13 +224,15 @@ def test_latency_refuses_batches_above_max_num_seqs_before_compiling(monkeypatch
 
 
 def test_an_unreachable_server_is_named():
-    from jaxinfer.bench.grpc_load import model_vocab_size
+    from jaxinfer.bench.grpc_load import model_info
+    from serving.client_connection import ServerConnection
 
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with pytest.raises(RequestError, match=f"127.0.0.1:{port} did not answer the model info request"):
-        model_vocab_size(f"127.0.0.1:{port}")
+    with pytest.raises(RequestError, match=f"127.0.0.1:{port}: the model info request failed \\(UNAVAILABLE: .*"
+                                           "start `jaxinfer serve` there and wait until it is ready, or fix --target"):
+        model_info(ServerConnection(f"127.0.0.1:{port}", address_flag="--target"))
 
 
 def test_advantages_in_table_and_json_agree():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxinfer.bench.arrivals import arrival_offsets
-from jaxinfer.bench.dataset import LengthRange, jsonl_requests, random_requests
+from jaxinfer.bench.dataset import LengthRange, jsonl_requests, random_requests, refuse_oversized
 from jaxinfer.bench.latency import all_decoding_rate
 from jaxinfer.bench.metrics import RequestTiming, parse_slo, run_metrics, summarize
 from jaxinfer.bench.results import comparison_table
@@ -104,6 +104,24 @@ def test_run_metrics_throughput_and_goodput():
     assert metrics["ttft_s"]["p99"] == pytest.approx(percentile_oracle([t.ttft for t in timings], 99))
 
 
+def test_failed_requests_are_counted_and_left_out_of_the_figures():
+    rng = np.random.default_rng(4)
+    completed = random_timings(rng, 30)
+    failed = random_timings(rng, 7)  # a failure may come after some chunks (a stream broken off)
+    for i, timing in enumerate(failed):
+        timing.error = "RESOURCE_EXHAUSTED: queue full" if i % 3 else "CANCELLED: server stopping"
+    mixed = completed + failed
+    rng.shuffle(mixed)
+    metrics = run_metrics(mixed, duration=4.0, slo={"ttft": 10.0})
+    alone = run_metrics(completed, duration=4.0, slo={"ttft": 10.0})
+    assert metrics["num_requests"] == 30 and metrics["failed_requests"] == 7
+    assert metrics["errors"] == {"RESOURCE_EXHAUSTED: queue full": 4, "CANCELLED: server stopping": 3}
+    for key in ("output_tokens_per_s", "input_tokens_per_s", "requests_per_s", "ttft_s", "tpot_s", "itl_s", "e2e_s",
+                "goodput_requests_per_s"):
+        assert metrics[key] == alone[key], key
+    assert metrics["slo_attainment"] == pytest.approx(30 / 37) and alone["slo_attainment"] == 1.0
+
+
 @pytest.mark.parametrize("text", ["ttft", "ttft=fast", "latency=3", "tpot=-1"])
 def test_bad_slo_is_refused(text):
     with pytest.raises(RequestError, match="SLO"):
@@ -136,6 +154,18 @@ def test_length_range_parsing():
     for bad in ("0", "9:3", "a:b", "1:2:3"):
         with pytest.raises(RequestError):
             LengthRange.parse(bad)
+
+
+def test_requests_that_exceed_max_model_len_are_refused_before_measuring():
+    requests = random_requests(40, LengthRange(16, 512), LengthRange(16, 256), vocab_size=1000, seed=8)
+    refuse_oversized(requests, max_model_len=768)
+    too_long = [i for i, r in enumerate(requests) if len(r.prompt_token_ids) + r.max_tokens > 500]
+    assert 0 < len(too_long) < len(requests)
+    first = requests[too_long[0]]
+    with pytest.raises(RequestError, match=f"^{len(too_long)} of 40 requests exceed the engine's max_model_len \\(500 "
+                                           f"tokens of prompt plus output; request {too_long[0]}: "
+                                           f"{len(first.prompt_token_ids)} \\+ {first.max_tokens}\\)"):
+        refuse_oversized(requests, max_model_len=500)
 
 
 def test_jsonl_workload(tmp_path):

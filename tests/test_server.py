@@ -5,6 +5,7 @@ give the KV blocks back, the queue limit answers RESOURCE_EXHAUSTED, reflection 
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -273,6 +274,22 @@ def test_queue_limit_is_resource_exhausted(server, stub):
         call.cancel()
     assert wait_kv_free(server)["jaxinfer:kv_cache_usage_perc"] == 0
     assert stub.GenerateUnary(pb.GenerateRequest(text="after", sampling=greedy(2))).finished
+
+
+def test_bench_serve_counts_the_requests_a_full_queue_refuses(server, tmp_path):
+    from jaxinfer.bench.runs import serve_main
+    from jaxinfer.cli import _parser
+
+    sent = MAX_QUEUED + 8  # all at once, each long enough to hold its place until the last is sent
+    output = tmp_path / "serve.json"
+    serve_main(_parser().parse_args(["bench", "serve", "--target", server.address, "--concurrency", str(sent),
+                                     "--num-requests", str(sent), "--input-len", "8:16", "--output-len", "200",
+                                     "--output", str(output)]))
+    point = json.loads(output.read_text())["curves"]["jaxinfer serve"][0]
+    assert point["num_requests"] >= MAX_QUEUED and point["num_requests"] + point["failed_requests"] == sent
+    assert point["failed_requests"] > 0 and all(e.startswith("RESOURCE_EXHAUSTED") for e in point["errors"])
+    assert point["output_tokens"] == 200 * point["num_requests"] and point["tpot_s"]["count"] == point["num_requests"]
+    assert wait_kv_free(server)["jaxinfer:kv_cache_usage_perc"] == 0
 
 
 def test_concurrent_streams_equal_offline(stub, offline_engine):

@@ -3,6 +3,7 @@ certificate is made here with openssl (no committed private key)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -62,6 +63,32 @@ def test_plaintext_client_is_refused(secure_server):
         with pytest.raises(grpc.RpcError) as err:
             jaxinfer_pb2_grpc.JaxinferStub(channel).ModelInfo(pb.ModelInfoRequest(), timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_bench_serve_reaches_the_server_over_tls_with_its_token(secure_server, tmp_path):
+    from jaxinfer.bench.runs import serve_main
+    from jaxinfer.cli import _parser
+    from jaxinfer.errors import RequestError
+
+    tls = ["--tls-ca", secure_server.config["tls_cert"]]
+    bench = ["bench", "serve", "--target", secure_server.address, "--num-requests", "3", "--input-len", "4:9",
+             "--output-len", "5", "--output", str(tmp_path / "serve.json")]
+    with pytest.raises(RequestError, match="UNAUTHENTICATED.*pass the server's bearer token with --auth-token-file"):
+        serve_main(_parser().parse_args(bench + tls))
+    serve_main(_parser().parse_args(bench + tls + ["--auth-token-file", secure_server.config["auth_token_file"]]))
+    point = json.loads((tmp_path / "serve.json").read_text())["curves"]["jaxinfer serve"][0]
+    assert (point["num_requests"], point["failed_requests"], point["output_tokens"]) == (3, 0, 15)
+
+
+def test_client_command_streams_over_tls_with_its_token(secure_server, capsys):
+    from jaxinfer.cli import main
+
+    client = ["client", "--address", secure_server.address, "--prompt", "hi", "--max-tokens", "3",
+              "--tls-ca", secure_server.config["tls_cert"]]
+    assert main(client) == 2
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    assert main(client + ["--auth-token-file", secure_server.config["auth_token_file"]]) == 0
+    assert "completion 3" in capsys.readouterr().err
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(secure_server):

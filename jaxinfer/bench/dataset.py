@@ -79,6 +79,18 @@ def jsonl_requests(path: Path, encode: Callable[[str], list[int]], default_max_t
     return requests
 
 
+def refuse_oversized(requests: list[BenchRequest], max_model_len: int) -> None:
+    """Raises a RequestError naming the requests whose prompt plus output exceed `max_model_len`
+    (an engine would refuse each of them), before anything is measured."""
+    oversized = [i for i, r in enumerate(requests) if len(r.prompt_token_ids) + r.max_tokens > max_model_len]
+    if oversized:
+        first = requests[oversized[0]]
+        raise RequestError(f"{len(oversized)} of {len(requests)} requests exceed the engine's max_model_len "
+                           f"({max_model_len} tokens of prompt plus output; request {oversized[0]}: "
+                           f"{len(first.prompt_token_ids)} + {first.max_tokens}); lower --input-len / --output-len "
+                           "(or the dataset's prompts and max_tokens), or build with a larger --max-model-len")
+
+
 def fresh_prefixes(requests: list[BenchRequest], run_index: int, vocab_size: int) -> list[BenchRequest]:
     """The workload with each prompt's first token shifted by `run_index`: the same lengths and
     work, but no block hash shared with another run's prompts, so a run over the same engine

@@ -3,11 +3,14 @@
 Per request: TTFT = first token time - arrival; E2E latency = last token time - arrival;
 TPOT = (E2E - TTFT) / (output tokens - 1); ITL = the gaps between consecutive streamed chunks.
 Summaries give mean, median, p90 and p99 (linear-interpolated percentiles); goodput counts the
-requests per second that met every SLO. Times are float seconds on one monotonic clock.
+requests per second that met every SLO. A request the server refused or broke off (`error` set) is
+counted as failed and left out of every figure but the failure count, as vLLM's `bench serve` does.
+Times are float seconds on one monotonic clock.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 
@@ -22,12 +25,13 @@ SLO_METRICS = ("ttft", "tpot", "e2e")
 @dataclasses.dataclass
 class RequestTiming:
     """One finished request: when it arrived, and when each chunk of its output came back
-    (`chunk_times[i]` delivered `chunk_tokens[i]` tokens)."""
+    (`chunk_times[i]` delivered `chunk_tokens[i]` tokens), or why it failed."""
 
     arrival: float
     num_prompt_tokens: int
     chunk_times: list[float] = dataclasses.field(default_factory=list)
     chunk_tokens: list[int] = dataclasses.field(default_factory=list)
+    error: str | None = None
 
     def add_chunk(self, time: float, num_tokens: int) -> None:
         if num_tokens:
@@ -86,11 +90,16 @@ def meets_slo(timing: RequestTiming, slo: dict[str, float]) -> bool:
 
 
 def run_metrics(timings: list[RequestTiming], duration: float, slo: dict[str, float] | None = None) -> dict:
-    """Throughput, latency summaries and (with `slo`) goodput of a run that took `duration` s."""
+    """Throughput, latency summaries and (with `slo`) goodput of a run that took `duration` s, over
+    the requests that completed; the failed ones are counted, with their errors."""
+    failed = [t for t in timings if t.error is not None]
+    timings = [t for t in timings if t.error is None]
     output_tokens = sum(t.num_output_tokens for t in timings)
     input_tokens = sum(t.num_prompt_tokens for t in timings)
     metrics = {
         "num_requests": len(timings),
+        "failed_requests": len(failed),
+        "errors": dict(collections.Counter(t.error for t in failed)),
         "duration_s": duration,
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
@@ -105,5 +114,6 @@ def run_metrics(timings: list[RequestTiming], duration: float, slo: dict[str, fl
     }
     if slo:
         met = sum(meets_slo(t, slo) for t in timings)
-        metrics.update(slo=slo, goodput_requests_per_s=met / duration, slo_attainment=met / len(timings))
+        metrics.update(slo=slo, goodput_requests_per_s=met / duration,
+                       slo_attainment=met / (len(timings) + len(failed)))
     return metrics

@@ -5,10 +5,12 @@ runs jaxinfer and the requested baselines on it, prints the side-by-side table a
 
 from __future__ import annotations
 
+import sys
+
 from jaxinfer.bench import latency, plots
 from jaxinfer.bench.arrivals import arrival_offsets
 from jaxinfer.bench.dataset import (BenchRequest, LengthRange, fresh_prefixes, jsonl_requests, random_requests,
-                                    workload_summary)
+                                    refuse_oversized, workload_summary)
 from jaxinfer.bench.device_probe import cache_note, copy_bandwidth, last_level_cache_bytes
 from jaxinfer.bench.engine_runs import drive
 from jaxinfer.bench.baselines import BASELINES, checkpoint_source, run_job
@@ -52,10 +54,14 @@ def _engine(args, max_num_seqs: int | None = None):
                          decode_steps=args.decode_steps)
 
 
-def workload(args, vocab_size: int, encode) -> list[BenchRequest]:
+def workload(args, vocab_size: int, encode, max_model_len: int) -> list[BenchRequest]:
+    """The requests of --dataset or the random workload, refused if one would not fit the engine."""
     if args.dataset is not None:
-        return jsonl_requests(args.dataset, encode, args.output_len.high)[:args.num_requests]
-    return random_requests(args.num_requests, args.input_len, args.output_len, vocab_size, args.seed)
+        requests = jsonl_requests(args.dataset, encode, args.output_len.high)[:args.num_requests]
+    else:
+        requests = random_requests(args.num_requests, args.input_len, args.output_len, vocab_size, args.seed)
+    refuse_oversized(requests, max_model_len)
+    return requests
 
 
 def warm_up(engine) -> None:
@@ -90,7 +96,9 @@ def _run_baseline(args, baseline, engine, job: dict) -> dict:
 
 
 def _samples(timings: list[RequestTiming]) -> dict[str, list[float]]:
-    return {"ttft": [t.ttft for t in timings], "itl": [gap for t in timings for gap in t.itls]}
+    """The completed requests' TTFTs and inter-token gaps, for the distributions chart."""
+    completed = [t for t in timings if t.error is None]
+    return {"ttft": [t.ttft for t in completed], "itl": [gap for t in completed for gap in t.itls]}
 
 
 # -- throughput -----------------------------------------------------------------------------------
@@ -98,7 +106,7 @@ def _samples(timings: list[RequestTiming]) -> dict[str, list[float]]:
 def throughput_main(args) -> None:
     baselines = _external_baselines(args)
     engine = _engine(args)
-    requests = workload(args, engine.model_cfg.vocab_size, engine.tokenizer.encode)
+    requests = workload(args, engine.model_cfg.vocab_size, engine.tokenizer.encode, engine.engine_cfg.max_model_len)
     warm_up(engine)
     offsets = [0.0] * len(requests)
     systems, samples = {}, {}
@@ -204,20 +212,24 @@ def serve_main(args) -> None:
         raise RequestError("--concurrency drives a gRPC server: give --target HOST:PORT (or use --request-rate)")
     if args.target and args.baseline:
         raise RequestError("--baseline static runs an in-process engine; drop --target to compare against it")
+    if not args.target and (args.tls_ca or args.auth_token_file):
+        raise RequestError("--tls-ca and --auth-token-file are for a server's connection: give --target HOST:PORT")
     points = [("concurrency", c) for c in args.concurrency] if args.concurrency else \
         [("request_rate", r) for r in args.request_rate]
     curves: dict[str, list[dict]] = {}
     samples = {}
     if args.target:
-        from jaxinfer.bench.grpc_load import model_vocab_size, run_load
+        from jaxinfer.bench.grpc_load import model_info, run_load
+        from serving.client_connection import ServerConnection
 
-        vocab_size = model_vocab_size(args.target)
-        requests = workload(args, vocab_size, _no_text_prompts)
+        connection = ServerConnection(args.target, args.tls_ca, args.auth_token_file, address_flag="--target")
+        info = model_info(connection)
+        requests = workload(args, info.vocab_size, _no_text_prompts, info.max_model_len)
         runs = {"jaxinfer serve": lambda index, offsets, concurrency: run_load(
-            args.target, fresh_prefixes(requests, index, vocab_size), offsets, concurrency)}
+            connection, fresh_prefixes(requests, index, info.vocab_size), offsets, concurrency)}
     else:
         engine = _engine(args)
-        requests = workload(args, engine.model_cfg.vocab_size, engine.tokenizer.encode)
+        requests = workload(args, engine.model_cfg.vocab_size, engine.tokenizer.encode, engine.engine_cfg.max_model_len)
         warm_up(engine)
         static_batch = args.static_batch or engine.engine_cfg.max_num_seqs
         runs = {"jaxinfer": lambda index, offsets, _: drive(
@@ -233,6 +245,7 @@ def serve_main(args) -> None:
             index += 1
             timings, duration = run(index, offsets, value if kind == "concurrency" else None)
             point[name] = {kind: value, **run_metrics(timings, duration, args.slo)}
+            _report_failures(name, point[name])
             curves.setdefault(name, []).append(point[name])
             samples[name] = _samples(timings)  # the distributions chart shows the last point
         print(f"\n{kind} = {value}")
@@ -243,6 +256,18 @@ def serve_main(args) -> None:
     if args.plot:
         plots.latency_throughput_curve(curves, args.output.with_suffix(".png"))
         plots.distributions(samples, args.output.with_name(args.output.stem + "_distributions.png"))
+
+
+def _report_failures(name: str, metrics: dict) -> None:
+    """Says which requests the server refused or broke off; a run where none completed stops the sweep."""
+    failed = metrics["failed_requests"]
+    if not failed:
+        return
+    errors = "; ".join(f"{count} x {error}" for error, count in metrics["errors"].items())
+    if not metrics["num_requests"]:
+        raise RequestError(f"{name}: every request failed ({errors})")
+    print(f"{name}: {failed} of {failed + metrics['num_requests']} requests failed and are left out of the "
+          f"figures ({errors})", file=sys.stderr)
 
 
 def _no_text_prompts(text: str) -> list[int]:

@@ -116,6 +116,9 @@ def add_bench_parsers(subparsers) -> None:
     serve = modes.add_parser("serve", help="timed arrivals against --target HOST:PORT or an in-process engine")
     _add_engine_args(serve)
     serve.add_argument("--target", help="HOST:PORT of a `jaxinfer serve` gRPC server (else in-process MODEL)")
+    serve.add_argument("--tls-ca", type=existing_file, help="with --target: PEM CA certificate of a TLS server")
+    serve.add_argument("--auth-token-file", type=existing_file,
+                       help="with --target: file holding the server's bearer token")
     add_workload_args(serve, num_requests=64)
     load = serve.add_mutually_exclusive_group()
     load.add_argument("--request-rate", type=positive_list(float), default=[math.inf],

@@ -223,6 +223,25 @@ def test_latency_refuses_batches_above_max_num_seqs_before_compiling(monkeypatch
         runs.latency_main(parse(["bench", "latency", "--max-num-seqs", "4", "--batch-sizes", "1,8"]))
 
 
+@pytest.mark.parametrize("lengths, message", [
+    (["--prompt-lens", "16,64"], "--prompt-lens 64 leaves no room for a token in the engine's max_model_len \\(64\\)"),
+    (["--decode-context", "40", "--decode-tokens", "25"],
+     "--decode-context 40 \\+ --decode-tokens 25 exceed the engine's max_model_len \\(64\\)"),
+])
+def test_latency_refuses_lengths_beyond_max_model_len_before_measuring(monkeypatch, lengths, message):
+    from types import SimpleNamespace
+
+    from jaxinfer.bench import runs
+
+    engine = SimpleNamespace(engine_cfg=SimpleNamespace(max_num_seqs=8, max_model_len=64))
+    monkeypatch.setattr(runs, "_engine", lambda *args, **kwargs: engine)
+    monkeypatch.setattr(runs, "warm_up", lambda engine: pytest.fail("the engine ran a request"))
+    runs._refuse_lengths(parse(["bench", "latency", "--prompt-lens", "63", "--decode-context", "40",
+                                "--decode-tokens", "24"]), 64)  # the limits themselves fit
+    with pytest.raises(RequestError, match=message):
+        runs.latency_main(parse(["bench", "latency", "--prompt-lens", "16", *lengths]))
+
+
 def test_an_unreachable_server_is_named():
     from jaxinfer.bench.grpc_load import model_info
     from serving.client_connection import ServerConnection

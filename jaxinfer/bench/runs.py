@@ -151,6 +151,19 @@ def _refuse_batch_sizes(batch_sizes: list[int], max_num_seqs: int) -> None:
                            "measure smaller batches")
 
 
+def _refuse_lengths(args, max_model_len: int) -> None:
+    """Each measured request must fit the engine: a prompt and its first token, a decode context and
+    its decoded tokens."""
+    longest = max(args.prompt_lens)
+    if longest + 1 > max_model_len:
+        raise RequestError(f"--prompt-lens {longest} leaves no room for a token in the engine's max_model_len "
+                           f"({max_model_len}); measure shorter prompts or build with a larger --max-model-len")
+    if args.decode_context + args.decode_tokens > max_model_len:
+        raise RequestError(f"--decode-context {args.decode_context} + --decode-tokens {args.decode_tokens} exceed "
+                           f"the engine's max_model_len ({max_model_len}); lower them or build with a larger "
+                           "--max-model-len")
+
+
 def latency_main(args) -> None:
     baselines = _external_baselines(args)
     # A checkpoint's engine is refused before it compiles, a built engine once its manifest is read.
@@ -158,6 +171,7 @@ def latency_main(args) -> None:
         _refuse_batch_sizes(args.batch_sizes, args.max_num_seqs)
     engine = _engine(args, max_num_seqs=args.max_num_seqs or max(args.batch_sizes))
     _refuse_batch_sizes(args.batch_sizes, engine.engine_cfg.max_num_seqs)
+    _refuse_lengths(args, engine.engine_cfg.max_model_len)
     warm_up(engine)
     bandwidth = args.bandwidth * 1e9 if args.bandwidth else copy_bandwidth()
     ours = {"ttft_s": {str(n): latency.ttft(engine, n, args.repeats, args.seed + n) for n in args.prompt_lens},

@@ -242,6 +242,18 @@ def test_latency_refuses_lengths_beyond_max_model_len_before_measuring(monkeypat
         runs.latency_main(parse(["bench", "latency", "--prompt-lens", "16", *lengths]))
 
 
+def test_static_baseline_refuses_workloads_whose_padded_batches_exceed_max_model_len():
+    from jaxinfer.bench.runs import workload
+
+    bench = ["bench", "throughput", "--num-requests", "32", "--input-len", "16:100", "--output-len", "16:100"]
+    requests = workload(parse(bench), 1000, None, max_model_len=10**6)
+    limit = max(len(r.prompt_token_ids) + r.max_tokens for r in requests)  # every request fits
+    assert max(len(r.prompt_token_ids) for r in requests) + max(r.max_tokens for r in requests) > limit
+    assert workload(parse(bench), 1000, None, limit) == requests
+    with pytest.raises(RequestError, match=f"static batching pads each batch .* max_model_len \\({limit}\\)"):
+        workload(parse(bench + ["--baseline", "static"]), 1000, None, limit)
+
+
 def test_an_unreachable_server_is_named():
     from jaxinfer.bench.grpc_load import model_info
     from serving.client_connection import ServerConnection

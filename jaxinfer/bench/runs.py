@@ -55,13 +55,27 @@ def _engine(args, max_num_seqs: int | None = None):
 
 
 def workload(args, vocab_size: int, encode, max_model_len: int) -> list[BenchRequest]:
-    """The requests of --dataset or the random workload, refused if one would not fit the engine."""
+    """The requests of --dataset or the random workload, refused if one would not fit the engine
+    (or, with --baseline static, if a padded static batch might not)."""
     if args.dataset is not None:
         requests = jsonl_requests(args.dataset, encode, args.output_len.high)[:args.num_requests]
     else:
         requests = random_requests(args.num_requests, args.input_len, args.output_len, vocab_size, args.seed)
     refuse_oversized(requests, max_model_len)
+    if "static" in args.baseline:
+        _refuse_static_rectangles(requests, max_model_len)
     return requests
+
+
+def _refuse_static_rectangles(requests: list[BenchRequest], max_model_len: int) -> None:
+    """Static batching pads a batch to its longest prompt and longest output, which may come from
+    different requests: refuse a workload where that could exceed the engine before measuring."""
+    prompt = max(len(r.prompt_token_ids) for r in requests)
+    output = max(r.max_tokens for r in requests)
+    if prompt + output > max_model_len:
+        raise RequestError(f"static batching pads each batch to its longest prompt and output, up to {prompt} + "
+                           f"{output} tokens in this workload, beyond the engine's max_model_len ({max_model_len}); "
+                           "lower --input-len / --output-len or drop --baseline static")
 
 
 def warm_up(engine) -> None:

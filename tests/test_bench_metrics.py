@@ -149,6 +149,17 @@ def test_random_workload_is_deterministic_and_in_range():
     assert len({len(r.prompt_token_ids) for r in first}) > 20
 
 
+def test_shared_prefixes_lead_the_prompts_and_keep_the_rest_of_the_workload():
+    plain = random_requests(30, LengthRange(4, 50), LengthRange(1, 9), vocab_size=1000, seed=7)
+    shared = random_requests(30, LengthRange(4, 50), LengthRange(1, 9), vocab_size=1000, seed=7, prefix_len=24,
+                             num_prefixes=3)
+    prefixes = [shared[i].prompt_token_ids[:24] for i in range(3)]
+    assert len(set(prefixes)) == 3 and all(0 <= t < 1000 for p in prefixes for t in p)
+    for i, (p, s) in enumerate(zip(plain, shared)):
+        assert s.prompt_token_ids == prefixes[i % 3] + p.prompt_token_ids and s.max_tokens == p.max_tokens
+    assert random_requests(30, LengthRange(4, 50), LengthRange(1, 9), 1000, seed=8, prefix_len=24)[0] != shared[0]
+
+
 def test_length_range_parsing():
     assert LengthRange.parse("7") == LengthRange(7, 7)
     for bad in ("0", "9:3", "a:b", "1:2:3"):

@@ -7,6 +7,8 @@ the longest member of the first full batch finishes, and needs fewer engine step
 arrivals no request produces a token before it arrived.
 """
 
+import json
+
 import pytest
 
 from conftest import CHECKPOINTS_DIR
@@ -79,3 +81,23 @@ def test_timed_arrivals_are_respected(engine, requests):
     assert [t.arrival - start for t in timings] == pytest.approx(list(offsets))
     assert all(t.ttft > 0 and t.num_output_tokens == r.max_tokens for t, r in zip(timings, requests))
     assert duration >= offsets[-1]
+
+
+def test_shared_prefixes_are_served_from_the_prefix_cache_and_reported(engine, monkeypatch, tmp_path, capsys):
+    from jaxinfer.bench import runs
+    from jaxinfer.cli import _parser
+
+    prefix_len, block = 40, engine.engine_cfg.block_size
+    monkeypatch.setattr(runs, "_engine", lambda args: engine)
+    output = tmp_path / "serve.json"
+    runs.serve_main(_parser().parse_args([
+        "bench", "serve", "--num-requests", "10", "--input-len", "4:12", "--output-len", "3", "--prefix-len",
+        str(prefix_len), "--num-prefixes", "2", "--request-rate", "100", "--slo", "ttft=30s", "--output", str(output)]))
+    header = capsys.readouterr().out.split("request_rate = 100.0\n")[1].splitlines()[0]
+    assert "goodput requests/s" in header and "within SLO" in header and "prompt tokens cached" in header
+    results = json.loads(output.read_text())
+    assert (results["workload"]["prefix_len"], results["workload"]["num_prefixes"]) == (prefix_len, 2)
+    point = results["curves"]["jaxinfer"][0]
+    # Each prefix's first request computes it; the later ones that arrive after it find its full blocks.
+    assert 0 < point["prefix_cache_hit_rate"] <= 8 * (prefix_len // block * block) / point["input_tokens"]
+    assert point["slo_attainment"] == 1.0 and not engine.has_unfinished_requests()

@@ -284,11 +284,12 @@ def test_bench_serve_counts_the_requests_a_full_queue_refuses(server, tmp_path):
     output = tmp_path / "serve.json"
     serve_main(_parser().parse_args(["bench", "serve", "--target", server.address, "--concurrency", str(sent),
                                      "--num-requests", str(sent), "--input-len", "8:16", "--output-len", "200",
-                                     "--output", str(output)]))
+                                     "--prefix-len", "32", "--output", str(output)]))
     point = json.loads(output.read_text())["curves"]["jaxinfer serve"][0]
     assert point["num_requests"] >= MAX_QUEUED and point["num_requests"] + point["failed_requests"] == sent
     assert point["failed_requests"] > 0 and all(e.startswith("RESOURCE_EXHAUSTED") for e in point["errors"])
     assert point["output_tokens"] == 200 * point["num_requests"] and point["tpot_s"]["count"] == point["num_requests"]
+    assert 0 < point["prefix_cache_hit_rate"] < 32 / (32 + 8)  # the usage's cached_tokens, read by the client
     assert wait_kv_free(server)["jaxinfer:kv_cache_usage_perc"] == 0
 
 

@@ -2,6 +2,9 @@
 
 Random workloads draw prompt and output lengths uniformly from inclusive ranges and prompt tokens
 uniformly from the vocabulary, all from one seeded numpy Generator, so a seed fixes the workload.
+With a shared prefix (`prefix_len` > 0, as vLLM's `--random-prefix-len`), request i's prompt starts
+with prefix i % num_prefixes, drawn from a second Generator of the same seed, so the rest of the
+workload is the one without prefixes: a system prompt or few-shot header that prefix caching serves.
 JSONL workloads hold one object per line: `{"prompt": str}` or `{"prompt_token_ids": [int]}`,
 optionally with `"max_tokens": int`.
 """
@@ -51,13 +54,17 @@ class LengthRange:
 
 
 def random_requests(num_requests: int, input_len: LengthRange, output_len: LengthRange,
-                    vocab_size: int, seed: int) -> list[BenchRequest]:
-    """`num_requests` requests with uniform random lengths and prompt tokens in [0, vocab_size)."""
+                    vocab_size: int, seed: int, prefix_len: int = 0, num_prefixes: int = 1) -> list[BenchRequest]:
+    """`num_requests` requests with uniform random lengths and prompt tokens in [0, vocab_size),
+    each prompt after one of `num_prefixes` shared prefixes of `prefix_len` tokens."""
     rng = np.random.default_rng(seed)
     prompt_lens = rng.integers(input_len.low, input_len.high + 1, size=num_requests)
     output_lens = rng.integers(output_len.low, output_len.high + 1, size=num_requests)
-    return [BenchRequest(tuple(int(t) for t in rng.integers(0, vocab_size, size=int(n))), int(m))
-            for n, m in zip(prompt_lens, output_lens)]
+    own = [tuple(int(t) for t in rng.integers(0, vocab_size, size=int(n))) for n in prompt_lens]
+    prefixes = [tuple(int(t) for t in prefix)
+                for prefix in np.random.default_rng([seed, 1]).integers(0, vocab_size, size=(num_prefixes, prefix_len))]
+    return [BenchRequest(prefixes[i % num_prefixes] + tokens, int(m))
+            for i, (tokens, m) in enumerate(zip(own, output_lens))]
 
 
 def jsonl_requests(path: Path, encode: Callable[[str], list[int]], default_max_tokens: int) -> list[BenchRequest]:

@@ -73,4 +73,5 @@ def drive(engine: LLMEngine, requests: Sequence[BenchRequest], offsets: Sequence
             i = int(output.request_id.removeprefix("bench-"))
             own_tokens_left = requests[i].max_tokens - timings[i].num_output_tokens
             timings[i].add_chunk(now, min(own_tokens_left, len(output.outputs[0].delta_token_ids)))
+            timings[i].num_cached_tokens = output.num_cached_tokens
     return timings, time.perf_counter() - start

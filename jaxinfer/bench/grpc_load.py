@@ -34,6 +34,8 @@ async def _stream(stub, metadata, request: BenchRequest, timing: RequestTiming) 
     try:
         async for response in stub.Generate(generate_request(request), metadata=metadata):
             timing.add_chunk(time.perf_counter(), sum(len(o.token_ids) for o in response.outputs))
+            if response.finished:
+                timing.num_cached_tokens = response.usage.cached_tokens
     except grpc.RpcError as err:
         timing.error = f"{err.code().name}: {err.details()}"
 

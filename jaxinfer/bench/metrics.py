@@ -2,6 +2,7 @@
 
 Per request: TTFT = first token time - arrival; E2E latency = last token time - arrival;
 TPOT = (E2E - TTFT) / (output tokens - 1); ITL = the gaps between consecutive streamed chunks.
+Per run: the prefix cache hit rate is the share of prompt tokens the cache served.
 Summaries give mean, median, p90 and p99 (linear-interpolated percentiles); goodput counts the
 requests per second that met every SLO. A request the server refused or broke off (`error` set) is
 counted as failed and left out of every figure but the failure count, as vLLM's `bench serve` does.
@@ -25,12 +26,14 @@ SLO_METRICS = ("ttft", "tpot", "e2e")
 @dataclasses.dataclass
 class RequestTiming:
     """One finished request: when it arrived, and when each chunk of its output came back
-    (`chunk_times[i]` delivered `chunk_tokens[i]` tokens), or why it failed."""
+    (`chunk_times[i]` delivered `chunk_tokens[i]` tokens), how many of its prompt tokens the
+    prefix cache served, or why it failed."""
 
     arrival: float
     num_prompt_tokens: int
     chunk_times: list[float] = dataclasses.field(default_factory=list)
     chunk_tokens: list[int] = dataclasses.field(default_factory=list)
+    num_cached_tokens: int = 0
     error: str | None = None
 
     def add_chunk(self, time: float, num_tokens: int) -> None:
@@ -107,6 +110,7 @@ def run_metrics(timings: list[RequestTiming], duration: float, slo: dict[str, fl
         "input_tokens_per_s": input_tokens / duration,
         "output_tokens_per_s": output_tokens / duration,
         "total_tokens_per_s": (input_tokens + output_tokens) / duration,
+        "prefix_cache_hit_rate": sum(t.num_cached_tokens for t in timings) / max(input_tokens, 1),
         "ttft_s": summarize([t.ttft for t in timings]),
         "tpot_s": summarize([t.tpot for t in timings if t.tpot is not None]),
         "itl_s": summarize([gap for t in timings for gap in t.itls]),

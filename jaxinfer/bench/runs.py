@@ -39,6 +39,8 @@ SLO_COLUMNS = [
     Column(("goodput_requests_per_s",), "goodput requests/s", True),
     Column(("slo_attainment",), "within SLO", True),
 ]
+# With --prefix-len: the share of prompt tokens the prefix cache served.
+PREFIX_CACHE_COLUMN = Column(("prefix_cache_hit_rate",), "prompt tokens cached", True)
 
 
 # -- shared steps -------------------------------------------------------------------------------
@@ -58,13 +60,23 @@ def workload(args, vocab_size: int, encode, max_model_len: int) -> list[BenchReq
     """The requests of --dataset or the random workload, refused if one would not fit the engine
     (or, with --baseline static, if a padded static batch might not)."""
     if args.dataset is not None:
+        if args.prefix_len:
+            raise RequestError("--prefix-len shapes random prompts; a --dataset's prompts are taken as they are")
         requests = jsonl_requests(args.dataset, encode, args.output_len.high)[:args.num_requests]
     else:
-        requests = random_requests(args.num_requests, args.input_len, args.output_len, vocab_size, args.seed)
+        requests = random_requests(args.num_requests, args.input_len, args.output_len, vocab_size, args.seed,
+                                   args.prefix_len, args.num_prefixes)
     refuse_oversized(requests, max_model_len)
     if "static" in args.baseline:
         _refuse_static_rectangles(requests, max_model_len)
     return requests
+
+
+def _workload_description(args, requests: list[BenchRequest]) -> dict:
+    """The workload's options and totals, for the JSON results."""
+    options = {"dataset": str(args.dataset)} if args.dataset else {
+        "input_len": str(args.input_len), "prefix_len": args.prefix_len, "num_prefixes": args.num_prefixes}
+    return {**workload_summary(requests), **options, "output_len": str(args.output_len), "seed": args.seed}
 
 
 def _refuse_static_rectangles(requests: list[BenchRequest], max_model_len: int) -> None:
@@ -138,11 +150,11 @@ def throughput_main(args) -> None:
             "job": "throughput", "batch_size": batch,
             "requests": [[list(r.prompt_token_ids), r.max_tokens] for r in subset]})
         systems[f"{baseline.label} (B={batch}, {len(subset)} requests)"] = _rates(result)
-    print(comparison_table(systems, THROUGHPUT_COLUMNS, reference="jaxinfer"))
-    write_results(args.output, {"workload": {**workload_summary(requests), "input_len": str(args.input_len),
-                                             "output_len": str(args.output_len), "seed": args.seed},
+    columns = THROUGHPUT_COLUMNS + ([PREFIX_CACHE_COLUMN] if args.prefix_len else [])
+    print(comparison_table(systems, columns, reference="jaxinfer"))
+    write_results(args.output, {"workload": _workload_description(args, requests),
                                 "engine_config": vars(engine.engine_cfg), "systems": systems,
-                                "jaxinfer_advantage": advantages(systems, THROUGHPUT_COLUMNS, "jaxinfer")})
+                                "jaxinfer_advantage": advantages(systems, columns, "jaxinfer")})
     if args.plot:
         plots.bar_chart({name.split(" (")[0]: s["output_tokens_per_s"] for name, s in systems.items()},
                         "output tokens/s", "Offline throughput", args.output.with_suffix(".png"))
@@ -265,6 +277,7 @@ def serve_main(args) -> None:
         if "static" in args.baseline:
             runs[f"static batching (B={static_batch})"] = lambda index, offsets, _: drive(
                 engine, fresh_prefixes(requests, index, engine.model_cfg.vocab_size), offsets, static_batch)
+    columns = SERVE_COLUMNS + (SLO_COLUMNS if args.slo else []) + ([PREFIX_CACHE_COLUMN] if args.prefix_len else [])
     index = 0
     for kind, value in points:
         offsets = arrival_offsets(len(requests), value, args.burstiness, args.seed) if kind == "request_rate" else None
@@ -277,9 +290,9 @@ def serve_main(args) -> None:
             curves.setdefault(name, []).append(point[name])
             samples[name] = _samples(timings)  # the distributions chart shows the last point
         print(f"\n{kind} = {value}")
-        print(comparison_table(point, SERVE_COLUMNS, reference=next(iter(runs))))
+        print(comparison_table(point, columns, reference=next(iter(runs))))
     _print_tpot_growth(curves)
-    write_results(args.output, {"workload": workload_summary(requests), "burstiness": args.burstiness,
+    write_results(args.output, {"workload": _workload_description(args, requests), "burstiness": args.burstiness,
                                 "slo": args.slo, "curves": curves})
     if args.plot:
         plots.latency_throughput_curve(curves, args.output.with_suffix(".png"))

@@ -56,6 +56,11 @@ def add_workload_args(parser: argparse.ArgumentParser, num_requests: int) -> Non
     parser.add_argument("--seed", type=non_negative(int), default=0,
                         help="seed of the random requests (and arrival times)")
     parser.add_argument("--dataset", type=existing_file, help="JSONL of prompts instead of random requests")
+    parser.add_argument("--prefix-len", type=non_negative(int), default=0,
+                        help="random prompts: a shared prefix of this many tokens before each prompt's own "
+                             "--input-len tokens (what prefix caching serves)")
+    parser.add_argument("--num-prefixes", type=positive(int), default=1,
+                        help="random prompts: distinct shared prefixes, request i takes prefix i %% N")
 
 
 def _add_output_args(parser: argparse.ArgumentParser, name: str) -> None:

@@ -293,6 +293,23 @@ def test_bench_serve_counts_the_requests_a_full_queue_refuses(server, tmp_path):
     assert wait_kv_free(server)["jaxinfer:kv_cache_usage_perc"] == 0
 
 
+def test_bench_serve_tokenizes_a_text_dataset_on_the_server(server, offline_engine, tmp_path):
+    from jaxinfer.bench.runs import serve_main
+    from jaxinfer.cli import _parser
+
+    prompts = ["The quick brown fox", "jumps over the lazy dog", "Hello, world! 123"]
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text("".join(json.dumps({"prompt": p, "max_tokens": 4}) + "\n" for p in prompts))
+    output = tmp_path / "serve.json"
+    serve_main(_parser().parse_args(["bench", "serve", "--target", server.address, "--dataset", str(dataset),
+                                     "--output", str(output)]))
+    results = json.loads(output.read_text())
+    point = results["curves"]["jaxinfer serve"][0]
+    want = sum(len(offline_engine.tokenizer.encode(p)) for p in prompts)
+    assert results["workload"]["input_tokens"] == point["input_tokens"] == want
+    assert (point["num_requests"], point["output_tokens"]) == (3, 12)
+
+
 def test_concurrent_streams_equal_offline(stub, offline_engine):
     rng = np.random.default_rng(2)
     prompts = [random_prompt(rng, int(n)) for n in rng.integers(2, 40, size=6)]

@@ -12,8 +12,9 @@ run. `connection` is a serving.client_connection.ServerConnection (address, TLS,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from typing import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 
@@ -62,6 +63,23 @@ async def _run(connection: ServerConnection, requests: Sequence[BenchRequest], o
 def run_load(connection: ServerConnection, requests: Sequence[BenchRequest], offsets: Sequence[float] | None = None,
              concurrency: int | None = None) -> tuple[list[RequestTiming], float]:
     return asyncio.run(_run(connection, requests, offsets, concurrency))
+
+
+@contextlib.contextmanager
+def server_tokenizer(connection: ServerConnection) -> Iterator[Callable[[str], list[int]]]:
+    """An `encode(text) -> token ids` that asks the server's Tokenize (a --dataset's text prompts
+    become the token ids the served model reads, with no tokenizer on the client)."""
+    with connection.channel() as channel:
+        stub = jaxinfer_pb2_grpc.JaxinferStub(channel)
+
+        def encode(text: str) -> list[int]:
+            try:
+                return list(stub.Tokenize(jaxinfer_pb2.TokenizeRequest(text=text), metadata=connection.metadata(),
+                                          timeout=30).token_ids)
+            except grpc.RpcError as err:
+                raise connection.call_error(err, "Tokenize") from None
+
+        yield encode
 
 
 def model_info(connection: ServerConnection) -> jaxinfer_pb2.ModelInfoResponse:

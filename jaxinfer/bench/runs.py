@@ -259,12 +259,13 @@ def serve_main(args) -> None:
     curves: dict[str, list[dict]] = {}
     samples = {}
     if args.target:
-        from jaxinfer.bench.grpc_load import model_info, run_load
+        from jaxinfer.bench.grpc_load import model_info, run_load, server_tokenizer
         from serving.client_connection import ServerConnection
 
         connection = ServerConnection(args.target, args.tls_ca, args.auth_token_file, address_flag="--target")
         info = model_info(connection)
-        requests = workload(args, info.vocab_size, _no_text_prompts, info.max_model_len)
+        with server_tokenizer(connection) as encode:
+            requests = workload(args, info.vocab_size, encode, info.max_model_len)
         runs = {"jaxinfer serve": lambda index, offsets, concurrency: run_load(
             connection, fresh_prefixes(requests, index, info.vocab_size), offsets, concurrency)}
     else:
@@ -309,10 +310,6 @@ def _report_failures(name: str, metrics: dict) -> None:
         raise RequestError(f"{name}: every request failed ({errors})")
     print(f"{name}: {failed} of {failed + metrics['num_requests']} requests failed and are left out of the "
           f"figures ({errors})", file=sys.stderr)
-
-
-def _no_text_prompts(text: str) -> list[int]:
-    raise RequestError("with --target, a --dataset must hold prompt_token_ids (the client does not tokenize)")
 
 
 def _print_tpot_growth(curves: dict[str, list[dict]]) -> None:

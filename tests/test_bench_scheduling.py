@@ -101,3 +101,25 @@ def test_shared_prefixes_are_served_from_the_prefix_cache_and_reported(engine, m
     # Each prefix's first request computes it; the later ones that arrive after it find its full blocks.
     assert 0 < point["prefix_cache_hit_rate"] <= 8 * (prefix_len // block * block) / point["input_tokens"]
     assert point["slo_attainment"] == 1.0 and not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("static_batch", [None, 8])
+def test_max_in_flight_holds_arrivals_until_a_request_ends(engine, requests, static_batch):
+    limit = 3
+    timings, _ = drive(engine, fresh_prefixes(requests, 4, engine.model_cfg.vocab_size), [0.0] * len(requests),
+                       static_batch, max_in_flight=limit)
+    assert [t.num_output_tokens for t in timings] == [r.max_tokens for r in requests]
+    # Each request's clock runs from when it was sent to its last token; at most `limit` run at once.
+    events = sorted([(t.arrival, 1) for t in timings] + [(t.chunk_times[-1], -1) for t in timings],
+                    key=lambda event: (event[0], event[1]))
+    in_flight = [sum(change for _, change in events[:k + 1]) for k in range(len(events))]
+    assert max(in_flight) == limit
+    later = sorted(timings, key=lambda t: t.arrival)[limit:]
+    if static_batch is None:  # each sent when an earlier one ended
+        assert [t.arrival for t in later] == sorted(t.chunk_times[-1] for t in timings)[:len(later)]
+    else:  # batches of `limit`: a client freed by a finished member waits (timed) for the batch to end
+        batches = [sorted(timings, key=lambda t: t.arrival)[i:i + limit] for i in range(0, len(timings), limit)]
+        for earlier, batch in zip(batches, batches[1:]):
+            assert min(t.arrival for t in batch) >= min(t.chunk_times[-1] for t in earlier)
+            assert min(t.chunk_times[0] for t in batch) > max(t.chunk_times[-1] for t in earlier)
+    assert not engine.has_unfinished_requests()

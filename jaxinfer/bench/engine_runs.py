@@ -1,9 +1,10 @@
 """Driving an in-process LLMEngine through a workload, with continuous or static batching.
 
-`drive(engine, requests, offsets, static_batch)` submits request i at `offsets[i]` seconds after
-the start (all zeros: offline, everything submitted at once) and steps the engine until every
-request has finished, returning one `RequestTiming` per request (in workload order) and the wall
-time of the run. Generation is greedy with `ignore_eos`, so every request produces exactly its
+`drive(engine, requests, offsets, static_batch, max_in_flight)` submits request i at `offsets[i]`
+seconds after the start (all zeros: offline, everything submitted at once), or once fewer than
+`max_in_flight` requests are unfinished (a pool of clients: its clock starts when it is submitted),
+and steps the engine until every request has finished, returning one `RequestTiming` per request
+(in workload order) and the wall time of the run. Generation is greedy with `ignore_eos`, so every request produces exactly its
 `max_tokens` tokens in every system compared.
 
 Static batching (`static_batch=B`) is the pre-Orca baseline on the same compiled model: it
@@ -44,19 +45,27 @@ def static_rectangle(batch: Sequence[BenchRequest]) -> list[BenchRequest]:
 
 
 def drive(engine: LLMEngine, requests: Sequence[BenchRequest], offsets: Sequence[float],
-          static_batch: int | None = None) -> tuple[list[RequestTiming], float]:
+          static_batch: int | None = None, max_in_flight: int | None = None) -> tuple[list[RequestTiming], float]:
     start = time.perf_counter()
     timings = [RequestTiming(start + float(offset), len(r.prompt_token_ids)) for r, offset in zip(requests, offsets)]
-    # Requests in arrival order; `admitted` counts how many have been handed to the engine.
+    # Requests in arrival order; `admitted` counts how many have been handed to the engine;
+    # `finish_times` holds when each finished request ended, in order (each frees a client).
     order = sorted(range(len(requests)), key=lambda i: timings[i].arrival)
-    admitted = 0
+    admitted, finish_times = 0, []
     while admitted < len(order) or engine.has_unfinished_requests():
         now = time.perf_counter()
         arrived = admitted
         while arrived < len(order) and timings[order[arrived]].arrival <= now:
             arrived += 1
+        if max_in_flight is not None:
+            arrived = min(arrived, len(finish_times) + max_in_flight)
         if static_batch is not None:
             arrived = admitted if engine.has_unfinished_requests() else min(arrived, admitted + static_batch)
+        if max_in_flight is not None:
+            # The request admitted j-th (from 0) was sent once a client was free: when the
+            # (j - max_in_flight)-th request to finish ended, if that is after its arrival.
+            for j in range(max(admitted, max_in_flight), arrived):
+                timings[order[j]].arrival = max(timings[order[j]].arrival, finish_times[j - max_in_flight])
         admitting = [requests[i] for i in order[admitted:arrived]]
         if static_batch is not None and admitting:
             admitting = static_rectangle(admitting)
@@ -74,4 +83,6 @@ def drive(engine: LLMEngine, requests: Sequence[BenchRequest], offsets: Sequence
             own_tokens_left = requests[i].max_tokens - timings[i].num_output_tokens
             timings[i].add_chunk(now, min(own_tokens_left, len(output.outputs[0].delta_token_ids)))
             timings[i].num_cached_tokens = output.num_cached_tokens
+            if output.finished:
+                finish_times.append(now)
     return timings, time.perf_counter() - start

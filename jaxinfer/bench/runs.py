@@ -5,6 +5,7 @@ runs jaxinfer and the requested baselines on it, prints the side-by-side table a
 
 from __future__ import annotations
 
+import math
 import sys
 
 from jaxinfer.bench import latency, plots
@@ -248,8 +249,9 @@ def latency_main(args) -> None:
 # -- serve ----------------------------------------------------------------------------------------
 
 def serve_main(args) -> None:
-    if args.concurrency and not args.target:
-        raise RequestError("--concurrency drives a gRPC server: give --target HOST:PORT (or use --request-rate)")
+    if args.concurrency and args.max_concurrency:
+        raise RequestError("--concurrency N already holds N requests in flight; --max-concurrency goes with "
+                           "--request-rate")
     if args.target and args.baseline:
         raise RequestError("--baseline static runs an in-process engine; drop --target to compare against it")
     if not args.target and (args.tls_ca or args.auth_token_file):
@@ -266,26 +268,27 @@ def serve_main(args) -> None:
         info = model_info(connection)
         with server_tokenizer(connection) as encode:
             requests = workload(args, info.vocab_size, encode, info.max_model_len)
-        runs = {"jaxinfer serve": lambda index, offsets, concurrency: run_load(
-            connection, fresh_prefixes(requests, index, info.vocab_size), offsets, concurrency)}
+        runs = {"jaxinfer serve": lambda index, offsets, limit: run_load(
+            connection, fresh_prefixes(requests, index, info.vocab_size), offsets, limit)}
     else:
         engine = _engine(args)
         requests = workload(args, engine.model_cfg.vocab_size, engine.tokenizer.encode, engine.engine_cfg.max_model_len)
         warm_up(engine)
         static_batch = args.static_batch or engine.engine_cfg.max_num_seqs
-        runs = {"jaxinfer": lambda index, offsets, _: drive(
-            engine, fresh_prefixes(requests, index, engine.model_cfg.vocab_size), offsets)}
+        runs = {"jaxinfer": lambda index, offsets, limit: drive(
+            engine, fresh_prefixes(requests, index, engine.model_cfg.vocab_size), offsets, max_in_flight=limit)}
         if "static" in args.baseline:
-            runs[f"static batching (B={static_batch})"] = lambda index, offsets, _: drive(
-                engine, fresh_prefixes(requests, index, engine.model_cfg.vocab_size), offsets, static_batch)
+            runs[f"static batching (B={static_batch})"] = lambda index, offsets, limit: drive(
+                engine, fresh_prefixes(requests, index, engine.model_cfg.vocab_size), offsets, static_batch, limit)
     columns = SERVE_COLUMNS + (SLO_COLUMNS if args.slo else []) + ([PREFIX_CACHE_COLUMN] if args.prefix_len else [])
     index = 0
     for kind, value in points:
-        offsets = arrival_offsets(len(requests), value, args.burstiness, args.seed) if kind == "request_rate" else None
+        rate, limit = (value, args.max_concurrency) if kind == "request_rate" else (math.inf, value)
+        offsets = arrival_offsets(len(requests), rate, args.burstiness, args.seed)
         point = {}
         for name, run in runs.items():
             index += 1
-            timings, duration = run(index, offsets, value if kind == "concurrency" else None)
+            timings, duration = run(index, offsets, limit)
             point[name] = {kind: value, **run_metrics(timings, duration, args.slo)}
             _report_failures(name, point[name])
             curves.setdefault(name, []).append(point[name])
@@ -294,7 +297,7 @@ def serve_main(args) -> None:
         print(comparison_table(point, columns, reference=next(iter(runs))))
     _print_tpot_growth(curves)
     write_results(args.output, {"workload": _workload_description(args, requests), "burstiness": args.burstiness,
-                                "slo": args.slo, "curves": curves})
+                                "max_concurrency": args.max_concurrency, "slo": args.slo, "curves": curves})
     if args.plot:
         plots.latency_throughput_curve(curves, args.output.with_suffix(".png"))
         plots.distributions(samples, args.output.with_name(args.output.stem + "_distributions.png"))

@@ -129,7 +129,10 @@ def add_bench_parsers(subparsers) -> None:
     load.add_argument("--request-rate", type=positive_list(float), default=[math.inf],
                       help="requests/s, comma-separated for a sweep (inf: all at once)")
     load.add_argument("--concurrency", type=positive_list(int),
-                      help="requests in flight, comma-separated (--target only)")
+                      help="requests in flight, comma-separated: each ends, the next starts (closed loop)")
+    serve.add_argument("--max-concurrency", type=positive(int),
+                       help="with --request-rate: at most N requests in flight, as a pool of N clients; an "
+                            "arrival waits for a free one, its clock starting when it is sent")
     serve.add_argument("--burstiness", type=positive(float), default=1.0, help="gamma shape: 1 is Poisson, <1 burstier")
     serve.add_argument("--slo", type=_slo, default={}, help="e.g. ttft=500ms,tpot=50ms (goodput)")
     serve.add_argument("--baseline", action="append", choices=["static"], default=[],

@@ -120,6 +120,12 @@ def test_failed_requests_are_counted_and_left_out_of_the_figures():
                 "goodput_requests_per_s"):
         assert metrics[key] == alone[key], key
     assert metrics["slo_attainment"] == pytest.approx(30 / 37) and alone["slo_attainment"] == 1.0
+    refused = RequestTiming(arrival=min(t.arrival for t in mixed) + 1.0, num_prompt_tokens=5, error="INTERNAL: x")
+    records = run_metrics(mixed + [refused], duration=4.0, detailed=True)["requests"]
+    assert len(records) == 38 and "requests" not in metrics
+    assert records[-1] == {"sent_s": 1.0, "prompt_tokens": 5, "output_tokens": 0, "cached_tokens": 0, "ttft_s": None,
+                           "tpot_s": None, "e2e_s": None, "itls_s": [], "error": "INTERNAL: x"}
+    assert [r["ttft_s"] for r in records[:-1]] == [t.ttft for t in mixed]
 
 
 @pytest.mark.parametrize("text", ["ttft", "ttft=fast", "latency=3", "tpot=-1"])

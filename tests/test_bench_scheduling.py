@@ -92,7 +92,8 @@ def test_shared_prefixes_are_served_from_the_prefix_cache_and_reported(engine, m
     output = tmp_path / "serve.json"
     runs.serve_main(_parser().parse_args([
         "bench", "serve", "--num-requests", "10", "--input-len", "4:12", "--output-len", "3", "--prefix-len",
-        str(prefix_len), "--num-prefixes", "2", "--request-rate", "100", "--slo", "ttft=30s", "--output", str(output)]))
+        str(prefix_len), "--num-prefixes", "2", "--request-rate", "100", "--slo", "ttft=30s", "--save-detailed",
+        "--output", str(output)]))
     header = capsys.readouterr().out.split("request_rate = 100.0\n")[1].splitlines()[0]
     assert "goodput requests/s" in header and "within SLO" in header and "prompt tokens cached" in header
     results = json.loads(output.read_text())
@@ -101,6 +102,14 @@ def test_shared_prefixes_are_served_from_the_prefix_cache_and_reported(engine, m
     # Each prefix's first request computes it; the later ones that arrive after it find its full blocks.
     assert 0 < point["prefix_cache_hit_rate"] <= 8 * (prefix_len // block * block) / point["input_tokens"]
     assert point["slo_attainment"] == 1.0 and not engine.has_unfinished_requests()
+    records = point["requests"]  # --save-detailed: the figures above, request by request
+    assert [r["output_tokens"] for r in records] == [3] * 10 and all(r["error"] is None for r in records)
+    assert sum(r["cached_tokens"] for r in records) / sum(r["prompt_tokens"] for r in records) == \
+        point["prefix_cache_hit_rate"]
+    ttfts = sorted(r["ttft_s"] for r in records)
+    assert (ttfts[4] + ttfts[5]) / 2 == pytest.approx(point["ttft_s"]["median"])
+    assert sum(len(r["itls_s"]) for r in records) == point["itl_s"]["count"]
+    assert min(r["sent_s"] for r in records) == 0 and max(r["sent_s"] for r in records) > 0
 
 
 @pytest.mark.parametrize("static_batch", [None, 8])

@@ -4,8 +4,8 @@
 seconds after the start (all zeros: offline, everything submitted at once), or once fewer than
 `max_in_flight` requests are unfinished (a pool of clients: its clock starts when it is submitted),
 and steps the engine until every request has finished, returning one `RequestTiming` per request
-(in workload order) and the wall time of the run. Generation is greedy with `ignore_eos`, so every request produces exactly its
-`max_tokens` tokens in every system compared.
+(in workload order) and the wall time of the run. Generation is greedy with `ignore_eos`, so every
+request produces exactly its `max_tokens` tokens in every system compared.
 
 Static batching (`static_batch=B`) is the pre-Orca baseline on the same compiled model: it
 admits up to B requests that have arrived as one batch, steps until the batch finishes, then admits

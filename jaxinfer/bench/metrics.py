@@ -92,9 +92,22 @@ def meets_slo(timing: RequestTiming, slo: dict[str, float]) -> bool:
     return True
 
 
-def run_metrics(timings: list[RequestTiming], duration: float, slo: dict[str, float] | None = None) -> dict:
+def request_records(timings: list[RequestTiming]) -> list[dict]:
+    """Per request, in workload order: when it was sent (s after the first), its token counts,
+    TTFT, TPOT, E2E latency and inter-token gaps (None / empty where it produced no token), and
+    its error: for analyses the summaries do not cover (vLLM's `--save-detailed`)."""
+    origin = min(t.arrival for t in timings)
+    return [{"sent_s": t.arrival - origin, "prompt_tokens": t.num_prompt_tokens, "output_tokens": t.num_output_tokens,
+             "cached_tokens": t.num_cached_tokens, "ttft_s": t.ttft if t.chunk_times else None, "tpot_s": t.tpot,
+             "e2e_s": t.e2e if t.chunk_times else None, "itls_s": t.itls, "error": t.error} for t in timings]
+
+
+def run_metrics(timings: list[RequestTiming], duration: float, slo: dict[str, float] | None = None,
+                detailed: bool = False) -> dict:
     """Throughput, latency summaries and (with `slo`) goodput of a run that took `duration` s, over
-    the requests that completed; the failed ones are counted, with their errors."""
+    the requests that completed; the failed ones are counted, with their errors. `detailed` adds
+    every request's record (`request_records`)."""
+    records = {"requests": request_records(timings)} if detailed else {}
     failed = [t for t in timings if t.error is not None]
     timings = [t for t in timings if t.error is None]
     output_tokens = sum(t.num_output_tokens for t in timings)
@@ -120,4 +133,4 @@ def run_metrics(timings: list[RequestTiming], duration: float, slo: dict[str, fl
         met = sum(meets_slo(t, slo) for t in timings)
         metrics.update(slo=slo, goodput_requests_per_s=met / duration,
                        slo_attainment=met / (len(timings) + len(failed)))
-    return metrics
+    return {**metrics, **records}

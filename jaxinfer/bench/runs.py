@@ -98,10 +98,10 @@ def warm_up(engine) -> None:
 
 
 def _run_engine(engine, requests, offsets, run_index: int, static_batch: int | None = None,
-                slo: dict | None = None) -> tuple[dict, list[RequestTiming]]:
+                detailed: bool = False) -> tuple[dict, list[RequestTiming]]:
     workload = fresh_prefixes(requests, run_index, engine.model_cfg.vocab_size)
     timings, duration = drive(engine, workload, offsets, static_batch)
-    return run_metrics(timings, duration, slo), timings
+    return run_metrics(timings, duration, detailed=detailed), timings
 
 
 def _external_baselines(args) -> list:
@@ -137,12 +137,13 @@ def throughput_main(args) -> None:
     warm_up(engine)
     offsets = [0.0] * len(requests)
     systems, samples = {}, {}
-    systems["jaxinfer"], timings = _run_engine(engine, requests, offsets, run_index=1)
+    systems["jaxinfer"], timings = _run_engine(engine, requests, offsets, run_index=1, detailed=args.save_detailed)
     samples["jaxinfer"] = _samples(timings)
     if "static" in args.baseline:
         batch = args.static_batch or engine.engine_cfg.max_num_seqs
         name = f"static batching (B={batch})"
-        systems[name], timings = _run_engine(engine, requests, offsets, run_index=2, static_batch=batch)
+        systems[name], timings = _run_engine(engine, requests, offsets, run_index=2, static_batch=batch,
+                                             detailed=args.save_detailed)
         samples[name] = _samples(timings)
     for baseline in baselines:
         subset = requests[:getattr(args, f"{baseline.name}_num_requests") or len(requests)]
@@ -289,7 +290,7 @@ def serve_main(args) -> None:
         for name, run in runs.items():
             index += 1
             timings, duration = run(index, offsets, limit)
-            point[name] = {kind: value, **run_metrics(timings, duration, args.slo)}
+            point[name] = {kind: value, **run_metrics(timings, duration, args.slo, args.save_detailed)}
             _report_failures(name, point[name])
             curves.setdefault(name, []).append(point[name])
             samples[name] = _samples(timings)  # the distributions chart shows the last point

@@ -61,6 +61,8 @@ def add_workload_args(parser: argparse.ArgumentParser, num_requests: int) -> Non
                              "--input-len tokens (what prefix caching serves)")
     parser.add_argument("--num-prefixes", type=positive(int), default=1,
                         help="random prompts: distinct shared prefixes, request i takes prefix i %% N")
+    parser.add_argument("--save-detailed", action="store_true",
+                        help="also write every request's timings (TTFT, TPOT, ITLs, E2E, tokens, error) to the JSON")
 
 
 def _add_output_args(parser: argparse.ArgumentParser, name: str) -> None:

@@ -49,7 +49,7 @@ def main():
     vocab = engine.model_cfg.vocab_size
     warm_up(engine)
     # Shifted first tokens, as bench throughput's own run takes them (no prefix cache from earlier runs).
-    requests = fresh_prefixes(workload(args, vocab, engine.tokenizer.encode), 1, vocab)
+    requests = fresh_prefixes(workload(args, vocab, engine.tokenizer.encode, engine.engine_cfg.max_model_len), 1, vocab)
     seconds = timed_calls(engine.runner)
     _, wall = drive(engine, requests, [0.0] * len(requests))
     in_steps = sum(map(sum, seconds.values()))

@@ -251,7 +251,7 @@ def test_static_baseline_refuses_workloads_whose_padded_batches_exceed_max_model
     assert max(len(r.prompt_token_ids) for r in requests) + max(r.max_tokens for r in requests) > limit
     assert workload(parse(bench), 1000, None, limit) == requests
     with pytest.raises(RequestError, match=f"static batching pads each batch .* max_model_len \\({limit}\\)"):
-        workload(parse(bench + ["--baseline", "static"]), 1000, None, limit)
+        workload(parse(bench), 1000, None, limit, static=True)
 
 
 def test_an_unreachable_server_is_named():

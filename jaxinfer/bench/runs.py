@@ -57,9 +57,9 @@ def _engine(args, max_num_seqs: int | None = None):
                          decode_steps=args.decode_steps)
 
 
-def workload(args, vocab_size: int, encode, max_model_len: int) -> list[BenchRequest]:
+def workload(args, vocab_size: int, encode, max_model_len: int, static: bool = False) -> list[BenchRequest]:
     """The requests of --dataset or the random workload, refused if one would not fit the engine
-    (or, with --baseline static, if a padded static batch might not)."""
+    (or, for static batching, if a padded static batch might not)."""
     if args.dataset is not None:
         if args.prefix_len:
             raise RequestError("--prefix-len shapes random prompts; a --dataset's prompts are taken as they are")
@@ -68,7 +68,7 @@ def workload(args, vocab_size: int, encode, max_model_len: int) -> list[BenchReq
         requests = random_requests(args.num_requests, args.input_len, args.output_len, vocab_size, args.seed,
                                    args.prefix_len, args.num_prefixes)
     refuse_oversized(requests, max_model_len)
-    if "static" in args.baseline:
+    if static:
         _refuse_static_rectangles(requests, max_model_len)
     return requests
 
@@ -133,7 +133,8 @@ def _samples(timings: list[RequestTiming]) -> dict[str, list[float]]:
 def throughput_main(args) -> None:
     baselines = _external_baselines(args)
     engine = _engine(args)
-    requests = workload(args, engine.model_cfg.vocab_size, engine.tokenizer.encode, engine.engine_cfg.max_model_len)
+    requests = workload(args, engine.model_cfg.vocab_size, engine.tokenizer.encode, engine.engine_cfg.max_model_len,
+                        static="static" in args.baseline)
     warm_up(engine)
     offsets = [0.0] * len(requests)
     systems, samples = {}, {}
@@ -273,7 +274,8 @@ def serve_main(args) -> None:
             connection, fresh_prefixes(requests, index, info.vocab_size), offsets, limit)}
     else:
         engine = _engine(args)
-        requests = workload(args, engine.model_cfg.vocab_size, engine.tokenizer.encode, engine.engine_cfg.max_model_len)
+        requests = workload(args, engine.model_cfg.vocab_size, engine.tokenizer.encode,
+                            engine.engine_cfg.max_model_len, static="static" in args.baseline)
         warm_up(engine)
         static_batch = args.static_batch or engine.engine_cfg.max_num_seqs
         runs = {"jaxinfer": lambda index, offsets, limit: drive(

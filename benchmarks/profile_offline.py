@@ -19,7 +19,7 @@ import time
 
 from jaxinfer.bench.dataset import fresh_prefixes
 from jaxinfer.bench.engine_runs import drive
-from jaxinfer.bench.runs import warm_up, workload
+from jaxinfer.bench.runs import sampling, warm_up, workload
 from jaxinfer.commands.bench import add_workload_args
 from jaxinfer.engine.create import create_engine
 from jaxinfer.runner.model_runner import ModelRunner
@@ -51,7 +51,7 @@ def main():
     # Shifted first tokens, as bench throughput's own run takes them (no prefix cache from earlier runs).
     requests = fresh_prefixes(workload(args, vocab, engine.tokenizer.encode, engine.engine_cfg.max_model_len), 1, vocab)
     seconds = timed_calls(engine.runner)
-    _, wall = drive(engine, requests, [0.0] * len(requests))
+    _, wall = drive(engine, requests, [0.0] * len(requests), sampling=sampling(args))
     in_steps = sum(map(sum, seconds.values()))
     print(f"{args.model or 'default model'}: {sum(r.max_tokens for r in requests) / wall:.1f} output tokens/s, "
           f"{wall:.1f} s: {in_steps:.1f} s in steps, {wall - in_steps:.1f} s outside them")

@@ -254,6 +254,20 @@ def test_static_baseline_refuses_workloads_whose_padded_batches_exceed_max_model
         workload(parse(bench), 1000, None, limit, static=True)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["throughput", "--temperature", "0.7", "--baseline", "hf"], "the hf baseline generates greedily"),
+    (["throughput", "--top-p", "2"], "invalid sampling parameter top_p=2.0"),
+    (["serve", "--top-k", "-3"], "invalid sampling parameter top_k=-3"),
+])
+def test_bench_sampling_options_are_checked_before_the_engine_loads(monkeypatch, argv, message):
+    from jaxinfer.bench import runs
+
+    monkeypatch.setattr(runs, "_engine", lambda *args, **kwargs: pytest.fail("the engine was created"))
+    args = parse(["bench", *argv])
+    with pytest.raises(RequestError, match=message):
+        getattr(runs, f"{argv[0]}_main")(args)
+
+
 def test_an_unreachable_server_is_named():
     from jaxinfer.bench.grpc_load import model_info
     from serving.client_connection import ServerConnection

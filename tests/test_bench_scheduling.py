@@ -132,3 +132,20 @@ def test_max_in_flight_holds_arrivals_until_a_request_ends(engine, requests, sta
             assert min(t.arrival for t in batch) >= min(t.chunk_times[-1] for t in earlier)
             assert min(t.chunk_times[0] for t in batch) > max(t.chunk_times[-1] for t in earlier)
     assert not engine.has_unfinished_requests()
+
+
+def test_sampling_options_reach_every_request(engine, requests, monkeypatch):
+    from jaxinfer.bench.grpc_load import generate_request
+
+    seen = []
+    add_request = engine.add_request
+    monkeypatch.setattr(engine, "add_request", lambda *args, params, **kwargs: seen.append(params) or add_request(
+        *args, params=params, **kwargs))
+    sampling = {"temperature": 0.8, "top_p": 0.9, "top_k": 5}
+    timings, _ = drive(engine, fresh_prefixes(requests, 5, engine.model_cfg.vocab_size), [0.0] * len(requests),
+                       sampling=sampling)
+    assert [t.num_output_tokens for t in timings] == [r.max_tokens for r in requests]
+    assert {(p.temperature, p.top_p, p.top_k, p.ignore_eos) for p in seen} == {(0.8, 0.9, 5, True)}
+    sent = generate_request(requests[0], sampling).sampling  # the same options over gRPC
+    assert (sent.temperature, sent.top_p, sent.top_k, sent.ignore_eos) == pytest.approx((0.8, 0.9, 5, True))
+    assert generate_request(requests[0]).sampling.temperature == 0.0 and len(seen) == len(requests)

@@ -1,11 +1,12 @@
 """Driving an in-process LLMEngine through a workload, with continuous or static batching.
 
-`drive(engine, requests, offsets, static_batch, max_in_flight)` submits request i at `offsets[i]`
-seconds after the start (all zeros: offline, everything submitted at once), or once fewer than
-`max_in_flight` requests are unfinished (a pool of clients: its clock starts when it is submitted),
-and steps the engine until every request has finished, returning one `RequestTiming` per request
-(in workload order) and the wall time of the run. Generation is greedy with `ignore_eos`, so every
-request produces exactly its `max_tokens` tokens in every system compared.
+`drive(engine, requests, offsets, static_batch, max_in_flight, sampling)` submits request i at
+`offsets[i]` seconds after the start (all zeros: offline, everything submitted at once), or once
+fewer than `max_in_flight` requests are unfinished (a pool of clients: its clock starts when it is
+submitted), and steps the engine until every request has finished, returning one `RequestTiming`
+per request (in workload order) and the wall time of the run. Generation ignores EOS, so every
+request produces exactly its `max_tokens` tokens in every system compared; it is greedy unless
+`sampling` sets temperature, top_p or top_k.
 
 Static batching (`static_batch=B`) is the pre-Orca baseline on the same compiled model: it
 admits up to B requests that have arrived as one batch, steps until the batch finishes, then admits
@@ -21,7 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from jaxinfer.bench.dataset import BenchRequest
 from jaxinfer.bench.metrics import RequestTiming
@@ -29,8 +31,10 @@ from jaxinfer.engine.llm_engine import LLMEngine
 from jaxinfer.sampling_params import SamplingParams
 
 
-def bench_params(max_tokens: int) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+def bench_params(max_tokens: int, sampling: Mapping[str, Any] | None = None) -> SamplingParams:
+    """Exactly `max_tokens` tokens (EOS ignored), greedy unless `sampling` (SamplingParams fields:
+    temperature, top_p, top_k) says otherwise."""
+    return SamplingParams(**{"temperature": 0.0, **(sampling or {})}, max_tokens=max_tokens, ignore_eos=True)
 
 
 def static_rectangle(batch: Sequence[BenchRequest]) -> list[BenchRequest]:
@@ -45,7 +49,8 @@ def static_rectangle(batch: Sequence[BenchRequest]) -> list[BenchRequest]:
 
 
 def drive(engine: LLMEngine, requests: Sequence[BenchRequest], offsets: Sequence[float],
-          static_batch: int | None = None, max_in_flight: int | None = None) -> tuple[list[RequestTiming], float]:
+          static_batch: int | None = None, max_in_flight: int | None = None,
+          sampling: Mapping[str, Any] | None = None) -> tuple[list[RequestTiming], float]:
     start = time.perf_counter()
     timings = [RequestTiming(start + float(offset), len(r.prompt_token_ids)) for r, offset in zip(requests, offsets)]
     # Requests in arrival order; `admitted` counts how many have been handed to the engine;
@@ -71,7 +76,7 @@ def drive(engine: LLMEngine, requests: Sequence[BenchRequest], offsets: Sequence
             admitting = static_rectangle(admitting)
         for i, request in zip(order[admitted:arrived], admitting):
             engine.add_request(f"bench-{i}", prompt_token_ids=request.prompt_token_ids,
-                               params=bench_params(request.max_tokens), arrival_time=time.monotonic())
+                               params=bench_params(request.max_tokens, sampling), arrival_time=time.monotonic())
         admitted = arrived
         if not engine.has_unfinished_requests():
             time.sleep(max(0.0, timings[order[admitted]].arrival - time.perf_counter()))

@@ -1,12 +1,13 @@
 """Load generation against a running `jaxinfer serve` gRPC server (serving/protos/jaxinfer.proto).
 
-`run_load(connection, requests, offsets=..., concurrency=...)` streams every request through
-`Jaxinfer.Generate` (greedy, ignore_eos, exactly max_tokens) and records when each streamed chunk
-arrived, or why the request failed (a refusal such as RESOURCE_EXHAUSTED when the server's queue
-is full ends that request, not the run). With `offsets`, request i is sent `offsets[i]` s after the
-start (open loop: Poisson/gamma arrivals); with `concurrency`, at most that many are in flight
-(closed loop). Returns one RequestTiming per request, in workload order, and the wall time of the
-run. `connection` is a serving.client_connection.ServerConnection (address, TLS, bearer token).
+`run_load(connection, requests, offsets=..., concurrency=..., sampling=...)` streams every request
+through `Jaxinfer.Generate` (ignore_eos, exactly max_tokens, greedy unless `sampling`) and records
+when each streamed chunk arrived, or why the request failed (a refusal such as RESOURCE_EXHAUSTED
+when the server's queue is full ends that request, not the run). With `offsets`, request i is sent
+`offsets[i]` s after the start (open loop: Poisson/gamma arrivals); with `concurrency`, at most that
+many are in flight (closed loop); both together are a pool of clients under timed arrivals. Returns
+one RequestTiming per request, in workload order, and the wall time of the run. `connection` is a
+serving.client_connection.ServerConnection (address, TLS, bearer token).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import grpc
 
@@ -24,16 +26,18 @@ from serving.client_connection import ServerConnection
 from serving.protos import jaxinfer_pb2, jaxinfer_pb2_grpc
 
 
-def generate_request(request: BenchRequest) -> jaxinfer_pb2.GenerateRequest:
+def generate_request(request: BenchRequest, sampling: Mapping[str, Any] | None = None) -> jaxinfer_pb2.GenerateRequest:
+    """As jaxinfer.bench.engine_runs.bench_params: exactly max_tokens, greedy unless `sampling`."""
     return jaxinfer_pb2.GenerateRequest(
         token_ids=jaxinfer_pb2.TokenIds(ids=request.prompt_token_ids),
-        sampling=jaxinfer_pb2.SamplingParameters(max_tokens=request.max_tokens, temperature=0.0, ignore_eos=True))
+        sampling=jaxinfer_pb2.SamplingParameters(**{"temperature": 0.0, **(sampling or {})},
+                                                 max_tokens=request.max_tokens, ignore_eos=True))
 
 
-async def _stream(stub, metadata, request: BenchRequest, timing: RequestTiming) -> None:
+async def _stream(stub, metadata, request: BenchRequest, sampling, timing: RequestTiming) -> None:
     timing.arrival = time.perf_counter()
     try:
-        async for response in stub.Generate(generate_request(request), metadata=metadata):
+        async for response in stub.Generate(generate_request(request, sampling), metadata=metadata):
             timing.add_chunk(time.perf_counter(), sum(len(o.token_ids) for o in response.outputs))
             if response.finished:
                 timing.num_cached_tokens = response.usage.cached_tokens
@@ -42,7 +46,7 @@ async def _stream(stub, metadata, request: BenchRequest, timing: RequestTiming) 
 
 
 async def _run(connection: ServerConnection, requests: Sequence[BenchRequest], offsets: Sequence[float] | None,
-               concurrency: int | None) -> tuple[list[RequestTiming], float]:
+               concurrency: int | None, sampling: Mapping[str, Any] | None) -> tuple[list[RequestTiming], float]:
     timings = [RequestTiming(0.0, len(r.prompt_token_ids)) for r in requests]
     limit = asyncio.Semaphore(concurrency or len(requests))
     metadata = connection.metadata()
@@ -54,15 +58,16 @@ async def _run(connection: ServerConnection, requests: Sequence[BenchRequest], o
             if offsets is not None:
                 await asyncio.sleep(max(0.0, start + offsets[i] - time.perf_counter()))
             async with limit:
-                await _stream(stub, metadata, requests[i], timings[i])
+                await _stream(stub, metadata, requests[i], sampling, timings[i])
 
         await asyncio.gather(*(send(i) for i in range(len(requests))))
         return timings, time.perf_counter() - start
 
 
 def run_load(connection: ServerConnection, requests: Sequence[BenchRequest], offsets: Sequence[float] | None = None,
-             concurrency: int | None = None) -> tuple[list[RequestTiming], float]:
-    return asyncio.run(_run(connection, requests, offsets, concurrency))
+             concurrency: int | None = None, sampling: Mapping[str, Any] | None = None
+             ) -> tuple[list[RequestTiming], float]:
+    return asyncio.run(_run(connection, requests, offsets, concurrency, sampling))
 
 
 @contextlib.contextmanager

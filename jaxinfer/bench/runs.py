@@ -13,10 +13,11 @@ from jaxinfer.bench.arrivals import arrival_offsets
 from jaxinfer.bench.dataset import (BenchRequest, LengthRange, fresh_prefixes, jsonl_requests, random_requests,
                                     refuse_oversized, workload_summary)
 from jaxinfer.bench.device_probe import cache_note, copy_bandwidth, last_level_cache_bytes
-from jaxinfer.bench.engine_runs import drive
+from jaxinfer.bench.engine_runs import bench_params, drive
 from jaxinfer.bench.baselines import BASELINES, checkpoint_source, run_job
 from jaxinfer.bench.metrics import RequestTiming, run_metrics
 from jaxinfer.bench.results import Column, advantages, comparison_table, write_results
+from jaxinfer.commands.sampling_args import BENCH_SAMPLING_OPTIONS, given_sampling_options
 from jaxinfer.engine.create import create_engine, refuse_build_options
 from jaxinfer.errors import RequestError
 
@@ -77,7 +78,8 @@ def _workload_description(args, requests: list[BenchRequest]) -> dict:
     """The workload's options and totals, for the JSON results."""
     options = {"dataset": str(args.dataset)} if args.dataset else {
         "input_len": str(args.input_len), "prefix_len": args.prefix_len, "num_prefixes": args.num_prefixes}
-    return {**workload_summary(requests), **options, "output_len": str(args.output_len), "seed": args.seed}
+    return {**workload_summary(requests), **options, "output_len": str(args.output_len), "seed": args.seed,
+            "sampling": sampling(args) or "greedy"}
 
 
 def _refuse_static_rectangles(requests: list[BenchRequest], max_model_len: int) -> None:
@@ -97,11 +99,20 @@ def warm_up(engine) -> None:
     drive(engine, warm, [0.0] * len(warm))
 
 
-def _run_engine(engine, requests, offsets, run_index: int, static_batch: int | None = None,
-                detailed: bool = False) -> tuple[dict, list[RequestTiming]]:
+def sampling(args) -> dict:
+    """The workload's sampling options given (--temperature, --top-p, --top-k; none: greedy),
+    checked by SamplingParams when first asked for, before any engine loads."""
+    options = given_sampling_options(args, BENCH_SAMPLING_OPTIONS)
+    bench_params(1, options)
+    return options
+
+
+def _run_engine(engine, requests, run_index: int, args, static_batch: int | None = None
+                ) -> tuple[dict, list[RequestTiming]]:
+    """The workload, all submitted at once, through `engine`."""
     workload = fresh_prefixes(requests, run_index, engine.model_cfg.vocab_size)
-    timings, duration = drive(engine, workload, offsets, static_batch)
-    return run_metrics(timings, duration, detailed=detailed), timings
+    timings, duration = drive(engine, workload, [0.0] * len(workload), static_batch, sampling=sampling(args))
+    return run_metrics(timings, duration, detailed=args.save_detailed), timings
 
 
 def _external_baselines(args) -> list:
@@ -132,19 +143,21 @@ def _samples(timings: list[RequestTiming]) -> dict[str, list[float]]:
 
 def throughput_main(args) -> None:
     baselines = _external_baselines(args)
+    if sampling(args) and baselines:
+        names = " and ".join(b.name for b in baselines)
+        raise RequestError(f"the {names} baseline{'s generate' if len(baselines) > 1 else ' generates'} greedily: "
+                           "drop --temperature / --top-p / --top-k, or the baseline")
     engine = _engine(args)
     requests = workload(args, engine.model_cfg.vocab_size, engine.tokenizer.encode, engine.engine_cfg.max_model_len,
                         static="static" in args.baseline)
     warm_up(engine)
-    offsets = [0.0] * len(requests)
     systems, samples = {}, {}
-    systems["jaxinfer"], timings = _run_engine(engine, requests, offsets, run_index=1, detailed=args.save_detailed)
+    systems["jaxinfer"], timings = _run_engine(engine, requests, 1, args)
     samples["jaxinfer"] = _samples(timings)
     if "static" in args.baseline:
         batch = args.static_batch or engine.engine_cfg.max_num_seqs
         name = f"static batching (B={batch})"
-        systems[name], timings = _run_engine(engine, requests, offsets, run_index=2, static_batch=batch,
-                                             detailed=args.save_detailed)
+        systems[name], timings = _run_engine(engine, requests, 2, args, static_batch=batch)
         samples[name] = _samples(timings)
     for baseline in baselines:
         subset = requests[:getattr(args, f"{baseline.name}_num_requests") or len(requests)]
@@ -251,6 +264,7 @@ def latency_main(args) -> None:
 # -- serve ----------------------------------------------------------------------------------------
 
 def serve_main(args) -> None:
+    sampling(args)
     if args.concurrency and args.max_concurrency:
         raise RequestError("--concurrency N already holds N requests in flight; --max-concurrency goes with "
                            "--request-rate")
@@ -271,7 +285,7 @@ def serve_main(args) -> None:
         with server_tokenizer(connection) as encode:
             requests = workload(args, info.vocab_size, encode, info.max_model_len)
         runs = {"jaxinfer serve": lambda index, offsets, limit: run_load(
-            connection, fresh_prefixes(requests, index, info.vocab_size), offsets, limit)}
+            connection, fresh_prefixes(requests, index, info.vocab_size), offsets, limit, sampling(args))}
     else:
         engine = _engine(args)
         requests = workload(args, engine.model_cfg.vocab_size, engine.tokenizer.encode,
@@ -279,10 +293,12 @@ def serve_main(args) -> None:
         warm_up(engine)
         static_batch = args.static_batch or engine.engine_cfg.max_num_seqs
         runs = {"jaxinfer": lambda index, offsets, limit: drive(
-            engine, fresh_prefixes(requests, index, engine.model_cfg.vocab_size), offsets, max_in_flight=limit)}
+            engine, fresh_prefixes(requests, index, engine.model_cfg.vocab_size), offsets, max_in_flight=limit,
+            sampling=sampling(args))}
         if "static" in args.baseline:
             runs[f"static batching (B={static_batch})"] = lambda index, offsets, limit: drive(
-                engine, fresh_prefixes(requests, index, engine.model_cfg.vocab_size), offsets, static_batch, limit)
+                engine, fresh_prefixes(requests, index, engine.model_cfg.vocab_size), offsets, static_batch, limit,
+                sampling(args))
     columns = SERVE_COLUMNS + (SLO_COLUMNS if args.slo else []) + ([PREFIX_CACHE_COLUMN] if args.prefix_len else [])
     index = 0
     for kind, value in points:

@@ -24,6 +24,7 @@ from jaxinfer.bench.baselines import BASELINES
 from jaxinfer.bench.dataset import LengthRange
 from jaxinfer.bench.metrics import parse_slo
 from jaxinfer.commands.arg_types import argument_type, existing_file, non_negative, positive, positive_list
+from jaxinfer.commands.sampling_args import BENCH_SAMPLING_OPTIONS, add_sampling_args
 
 RESULTS_DIR = Path("benchmarks/results")
 
@@ -61,6 +62,7 @@ def add_workload_args(parser: argparse.ArgumentParser, num_requests: int) -> Non
                              "--input-len tokens (what prefix caching serves)")
     parser.add_argument("--num-prefixes", type=positive(int), default=1,
                         help="random prompts: distinct shared prefixes, request i takes prefix i %% N")
+    add_sampling_args(parser, None, "0, as the baselines", BENCH_SAMPLING_OPTIONS)
     parser.add_argument("--save-detailed", action="store_true",
                         help="also write every request's timings (TTFT, TPOT, ITLs, E2E, tokens, error) to the JSON")
 

@@ -18,7 +18,7 @@ from jaxinfer.bench.baselines import BASELINES, checkpoint_source, run_job
 from jaxinfer.bench.metrics import RequestTiming, run_metrics
 from jaxinfer.bench.results import Column, advantages, comparison_table, write_results
 from jaxinfer.commands.sampling_args import BENCH_SAMPLING_OPTIONS, given_sampling_options
-from jaxinfer.engine.create import create_engine, refuse_build_options
+from jaxinfer.engine.create import create_engine, is_engine_dir, refuse_build_options
 from jaxinfer.errors import RequestError
 
 THROUGHPUT_COLUMNS = [
@@ -208,8 +208,9 @@ def _refuse_lengths(args, max_model_len: int) -> None:
 
 def latency_main(args) -> None:
     baselines = _external_baselines(args)
-    # A checkpoint's engine is refused before it compiles, a built engine once its manifest is read.
-    if args.max_num_seqs is not None:
+    # A checkpoint's engine is refused before it compiles, a built engine once its manifest is read
+    # (where an explicit --max-num-seqs is refused as a build option).
+    if args.max_num_seqs is not None and not is_engine_dir(args.model):
         _refuse_batch_sizes(args.batch_sizes, args.max_num_seqs)
     engine = _engine(args, max_num_seqs=args.max_num_seqs or max(args.batch_sizes))
     _refuse_batch_sizes(args.batch_sizes, engine.engine_cfg.max_num_seqs)

@@ -258,8 +258,9 @@ def test_static_baseline_refuses_workloads_whose_padded_batches_exceed_max_model
     (["throughput", "--temperature", "0.7", "--baseline", "hf"], "the hf baseline generates greedily"),
     (["throughput", "--top-p", "2"], "invalid sampling parameter top_p=2.0"),
     (["serve", "--top-k", "-3"], "invalid sampling parameter top_k=-3"),
+    (["serve", "--dataset", __file__, "--prefix-len", "8"], "--prefix-len shapes random prompts"),
 ])
-def test_bench_sampling_options_are_checked_before_the_engine_loads(monkeypatch, argv, message):
+def test_bench_workload_options_are_checked_before_the_engine_loads(monkeypatch, argv, message):
     from jaxinfer.bench import runs
 
     monkeypatch.setattr(runs, "_engine", lambda *args, **kwargs: pytest.fail("the engine was created"))

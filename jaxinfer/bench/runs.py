@@ -62,8 +62,6 @@ def workload(args, vocab_size: int, encode, max_model_len: int, static: bool = F
     """The requests of --dataset or the random workload, refused if one would not fit the engine
     (or, for static batching, if a padded static batch might not)."""
     if args.dataset is not None:
-        if args.prefix_len:
-            raise RequestError("--prefix-len shapes random prompts; a --dataset's prompts are taken as they are")
         requests = jsonl_requests(args.dataset, encode, args.output_len.high)[:args.num_requests]
     else:
         requests = random_requests(args.num_requests, args.input_len, args.output_len, vocab_size, args.seed,
@@ -100,11 +98,15 @@ def warm_up(engine) -> None:
 
 
 def sampling(args) -> dict:
-    """The workload's sampling options given (--temperature, --top-p, --top-k; none: greedy),
-    checked by SamplingParams when first asked for, before any engine loads."""
-    options = given_sampling_options(args, BENCH_SAMPLING_OPTIONS)
-    bench_params(1, options)
-    return options
+    """The workload's sampling options given (--temperature, --top-p, --top-k; none: greedy)."""
+    return given_sampling_options(args, BENCH_SAMPLING_OPTIONS)
+
+
+def _refuse_workload_options(args) -> None:
+    """Workload options that cannot go together, or that SamplingParams refuses, before any engine loads."""
+    if args.dataset is not None and args.prefix_len:
+        raise RequestError("--prefix-len shapes random prompts; a --dataset's prompts are taken as they are")
+    bench_params(1, sampling(args))
 
 
 def _run_engine(engine, requests, run_index: int, args, static_batch: int | None = None
@@ -142,6 +144,7 @@ def _samples(timings: list[RequestTiming]) -> dict[str, list[float]]:
 # -- throughput -----------------------------------------------------------------------------------
 
 def throughput_main(args) -> None:
+    _refuse_workload_options(args)
     baselines = _external_baselines(args)
     if sampling(args) and baselines:
         names = " and ".join(b.name for b in baselines)
@@ -265,7 +268,7 @@ def latency_main(args) -> None:
 # -- serve ----------------------------------------------------------------------------------------
 
 def serve_main(args) -> None:
-    sampling(args)
+    _refuse_workload_options(args)
     if args.concurrency and args.max_concurrency:
         raise RequestError("--concurrency N already holds N requests in flight; --max-concurrency goes with "
                            "--request-rate")

@@ -2,8 +2,14 @@
 
 throughput  offline: the whole workload submitted at once; requests/s, input/output tokens/s
 latency     batch-1 TTFT per prompt length, decode tokens/s per batch size, roofline ratio
-serve       timed arrivals (Poisson/gamma at --request-rate, or --concurrency) against a gRPC
-            server (--target) or an in-process engine; TTFT/TPOT/ITL/E2E percentiles, goodput
+serve       timed arrivals (Poisson/gamma at --request-rate, from at most --max-concurrency clients;
+            or a closed loop of --concurrency) against a gRPC server (--target, with --tls-ca and
+            --auth-token-file) or an in-process engine; TTFT/TPOT/ITL/E2E percentiles, goodput,
+            failed requests
+
+Workloads (throughput, serve): random lengths (--input-len, --output-len) with optional shared
+prefixes (--prefix-len, --num-prefixes), or a --dataset of prompts; greedy unless --temperature,
+--top-p, --top-k; --save-detailed keeps every request's record in the JSON.
 
 Baselines (`--baseline`, repeatable): `static` (the same compiled engine, fixed-size batches, padded
 prompts, that wait for their longest member), `hf` (HF transformers generate in the --hf-python env) and

@@ -43,6 +43,7 @@ def test_sampling_options_are_passed_on_only_when_given():
     (["client", "--prompt", "hi", "--auth-token-file", "no/tok"], "argument --auth-token-file: no/tok is not a file"),
     (["eval", "perplexity", "--windows", "0"], "argument --windows: '0' must be > 0"),
     (["roofline", "--bandwidth", "-3"], "argument --bandwidth: '-3' must be > 0"),
+    (["roofline", "--flops", "nan"], "argument --flops: 'nan' must be > 0"),
     (["roofline", "--context", "1.5"], "argument --context: '1.5' is not an int"),
 ])
 def test_bad_values_are_refused_by_name_while_parsing(argv, message, capsys):

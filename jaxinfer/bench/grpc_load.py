@@ -74,12 +74,13 @@ def run_load(connection: ServerConnection, requests: Sequence[BenchRequest], off
 def server_tokenizer(connection: ServerConnection) -> Iterator[Callable[[str], list[int]]]:
     """An `encode(text) -> token ids` that asks the server's Tokenize (a --dataset's text prompts
     become the token ids the served model reads, with no tokenizer on the client)."""
+    metadata = connection.metadata()
     with connection.channel() as channel:
         stub = jaxinfer_pb2_grpc.JaxinferStub(channel)
 
         def encode(text: str) -> list[int]:
             try:
-                return list(stub.Tokenize(jaxinfer_pb2.TokenizeRequest(text=text), metadata=connection.metadata(),
+                return list(stub.Tokenize(jaxinfer_pb2.TokenizeRequest(text=text), metadata=metadata,
                                           timeout=30).token_ids)
             except grpc.RpcError as err:
                 raise connection.call_error(err, "Tokenize") from None

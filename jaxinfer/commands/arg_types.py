@@ -37,7 +37,7 @@ def _bounded(kind: type, text: str, low: float, inclusive: bool) -> Any:
         value = kind(text)
     except ValueError:
         raise RequestError(f"{text!r} is not {'an' if kind is int else 'a'} {kind.__name__}") from None
-    if value < low or (value == low and not inclusive):
+    if not (value > low or (inclusive and value == low)):  # written so that nan fails too
         raise RequestError(f"{text!r} must be {'>=' if inclusive else '>'} {low}")
     return value
 

@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", help="model name in replies and metrics (default: the checkpoint's)")
     serve.add_argument("--max-queued-requests", type=positive(int), default=256,
                        help="requests held at once, running or waiting; more are refused as RESOURCE_EXHAUSTED")
-    serve.add_argument("--drain-timeout", type=non_negative(float), default=30.0, help="seconds to finish requests on SIGTERM")
+    serve.add_argument("--drain-timeout", type=non_negative(float), default=30.0,
+                       help="seconds to finish requests on SIGTERM")
     serve.set_defaults(run="jaxinfer.commands.serve:main")
 
     client = commands.add_parser("client", help="stream a reply from a running `jaxinfer serve`")
@@ -89,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
                       f"the server's, {SamplingParams.temperature}")
     client.add_argument("--tls-ca", type=existing_file, help="PEM CA certificate: connect over TLS, trusting it")
     client.add_argument("--auth-token-file", type=existing_file, help="file holding the server's bearer token")
-    client.add_argument("--timeout", type=positive(float), help="seconds before the request is abandoned (gRPC deadline)")
+    client.add_argument("--timeout", type=positive(float),
+                        help="seconds before the request is abandoned (gRPC deadline)")
     client.set_defaults(run="jaxinfer.commands.client:main")
 
     add_bench_parsers(commands)

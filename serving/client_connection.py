@@ -25,20 +25,17 @@ class ServerConnection:
     auth_token_file: Path | None = None
     address_flag: str = "--address"
 
-    def _credentials(self) -> grpc.ChannelCredentials | None:
-        return None if self.tls_ca is None else grpc.ssl_channel_credentials(Path(self.tls_ca).read_bytes())
-
     def channel(self) -> grpc.Channel:
-        credentials = self._credentials()
-        if credentials is None:
-            return grpc.insecure_channel(self.address)
-        return grpc.secure_channel(self.address, credentials)
+        return self._open(grpc)
 
     def aio_channel(self) -> grpc.aio.Channel:
-        credentials = self._credentials()
-        if credentials is None:
-            return grpc.aio.insecure_channel(self.address)
-        return grpc.aio.secure_channel(self.address, credentials)
+        return self._open(grpc.aio)
+
+    def _open(self, api):
+        """A channel from `api` (the grpc module or grpc.aio, which name their channels alike)."""
+        if self.tls_ca is None:
+            return api.insecure_channel(self.address)
+        return api.secure_channel(self.address, grpc.ssl_channel_credentials(Path(self.tls_ca).read_bytes()))
 
     def metadata(self) -> list[tuple[str, str]]:
         """The call metadata: the bearer token, when there is one."""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxinfer.bench.arrivals import arrival_offsets
-from jaxinfer.bench.dataset import LengthRange, jsonl_requests, random_requests, refuse_oversized
+from jaxinfer.bench.dataset import LengthRange, dataset_requests, random_requests, refuse_oversized
 from jaxinfer.bench.latency import all_decoding_rate
 from jaxinfer.bench.metrics import RequestTiming, parse_slo, run_metrics, summarize
 from jaxinfer.bench.results import comparison_table
@@ -185,12 +185,75 @@ def test_requests_that_exceed_max_model_len_are_refused_before_measuring():
         refuse_oversized(requests, max_model_len=500)
 
 
+def _ord_encode(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
 def test_jsonl_workload(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in [
-        {"prompt": "ab"}, {"prompt_token_ids": [5, 6, 7], "max_tokens": 3}]) + "\n\n")
-    requests = jsonl_requests(path, encode=lambda text: [ord(c) for c in text], default_max_tokens=9)
-    assert [(r.prompt_token_ids, r.max_tokens) for r in requests] == [((97, 98), 9), ((5, 6, 7), 3)]
-    path.write_text('{"text": "no prompt"}\n')
-    with pytest.raises(RequestError, match="prompts.jsonl:1"):
-        jsonl_requests(path, encode=list, default_max_tokens=1)
+        {"prompt": "ab"}, {"prompt_token_ids": [5, 6, 7], "max_tokens": 3}, {"prompt": "cde"}]) + "\n\n")
+    sample = dataset_requests(path, _ord_encode, default_max_tokens=9, num_requests=2, seed=0, max_model_len=100)
+    assert [(r.prompt_token_ids, r.max_tokens) for r in sample.requests] == [((97, 98), 9), ((5, 6, 7), 3)]
+    assert sample.skipped == 0
+    for text, where in [('{"text": "no prompt"}\n', "prompts.jsonl:1"),
+                        ('{"prompt": "a"}\n{"prompt": \n', "prompts.jsonl:2 is not JSON"),
+                        ('{"prompt": "a", "max_tokens": "many"}\n', "prompts.jsonl:1")]:
+        path.write_text(text)
+        with pytest.raises(RequestError, match=where):
+            dataset_requests(path, list, default_max_tokens=1, num_requests=4, seed=0, max_model_len=100)
+
+
+def _conversations(rng: np.random.Generator, count: int) -> list[dict]:
+    """ShareGPT rows of random text: some with one turn, some with a 1-3 character prompt or reply,
+    some long; a third turn that must be ignored."""
+    def text(n):
+        return "".join(chr(c) for c in rng.integers(ord("a"), ord("z") + 1, size=n))
+    rows = []
+    for _ in range(count):
+        turns = [{"from": "human", "value": text(int(rng.integers(1, 60)))},
+                 {"from": "gpt", "value": text(int(rng.integers(1, 60)))},
+                 {"from": "human", "value": text(500)}][:int(rng.choice([1, 2, 3], p=[0.15, 0.6, 0.25]))]
+        rows.append({"id": text(5), "conversations": turns})
+    return rows
+
+
+def test_sharegpt_workload_draws_conversations_by_seed_and_skips_as_vllm_does(tmp_path):
+    rows = _conversations(np.random.default_rng(), 40)
+    max_model_len = 80
+    usable = {i: (tuple(_ord_encode(row["conversations"][0]["value"])), len(row["conversations"][1]["value"]))
+              for i, row in enumerate(rows) if len(row["conversations"]) >= 2
+              and min(len(row["conversations"][0]["value"]), len(row["conversations"][1]["value"])) >= 4
+              and len(row["conversations"][0]["value"]) + len(row["conversations"][1]["value"]) <= max_model_len}
+    assert 0 < len(usable) < len(rows)
+    as_list, as_lines = tmp_path / "sharegpt.json", tmp_path / "sharegpt.jsonl"
+    as_list.write_text(json.dumps(rows))
+    as_lines.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for path in (as_list, as_lines):
+        sample = dataset_requests(path, _ord_encode, default_max_tokens=7, num_requests=1000, seed=3,
+                                  max_model_len=max_model_len)
+        order = [i for i in np.random.default_rng(3).permutation(len(rows)) if i in usable]
+        assert [(r.prompt_token_ids, r.max_tokens) for r in sample.requests] == [usable[i] for i in order]
+        assert sample.skipped == len(rows) - len(usable)
+    other_seed = dataset_requests(as_list, _ord_encode, 7, 1000, seed=4, max_model_len=max_model_len).requests
+    assert sorted(other_seed, key=hash) == sorted(sample.requests, key=hash) and other_seed != sample.requests
+    calls = []
+    first_two = dataset_requests(as_list, lambda text: calls.append(text) or _ord_encode(text), 7, num_requests=2,
+                                 seed=3, max_model_len=max_model_len)
+    assert first_two.requests == sample.requests[:2]
+    assert len(calls) < 2 * len(rows), "conversations were tokenized beyond the two requests asked for"
+
+
+def test_sharegpt_files_that_cannot_serve_are_refused_by_place(tmp_path):
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": "a question here"},
+                                                   {"from": "gpt", "value": "an answer here"}]},
+                                {"conversations": [{"from": "human", "text": "no value"}]}]))
+    with pytest.raises(RequestError, match=r"sharegpt.json\[1\] is not a ShareGPT conversation"):
+        dataset_requests(path, _ord_encode, 7, num_requests=5, seed=0, max_model_len=100)
+    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": "a question here"},
+                                                   {"from": "gpt", "value": "an answer here"}]},
+                                {"conversations": [{"from": "human", "value": "one turn alone"}]}]))
+    assert len(dataset_requests(path, _ord_encode, 7, num_requests=1, seed=1, max_model_len=29).requests) == 1
+    with pytest.raises(RequestError, match=r"none of the 2 ShareGPT conversations .* max_model_len \(28\)"):
+        dataset_requests(path, _ord_encode, 7, num_requests=1, seed=1, max_model_len=28)

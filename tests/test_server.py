@@ -293,21 +293,33 @@ def test_bench_serve_counts_the_requests_a_full_queue_refuses(server, tmp_path):
     assert wait_kv_free(server)["jaxinfer:kv_cache_usage_perc"] == 0
 
 
-def test_bench_serve_tokenizes_a_text_dataset_on_the_server(server, offline_engine, tmp_path):
+TEXTS = ["The quick brown fox", "jumps over the lazy dog", "Hello, world! 123", "Paris is the capital of France."]
+PROMPTS_FILE = "".join(json.dumps({"prompt": text, "max_tokens": 4}) + "\n" for text in TEXTS[:3])
+# Two usable conversations (the last turn is never asked), and one with no reply, which is skipped.
+SHAREGPT_FILE = json.dumps([{"conversations": [{"from": speaker, "value": TEXTS[i]} for speaker, i in turns]}
+                            for turns in [[("human", 0), ("gpt", 1), ("human", 2)], [("human", 2)],
+                                          [("human", 3), ("gpt", 0)]]])
+
+
+@pytest.mark.parametrize("name, content, prompts, replies", [
+    ("prompts.jsonl", PROMPTS_FILE, TEXTS[:3], None),
+    ("sharegpt.json", SHAREGPT_FILE, [TEXTS[0], TEXTS[3]], [TEXTS[1], TEXTS[0]])])
+def test_bench_serve_tokenizes_a_text_dataset_on_the_server(server, offline_engine, tmp_path, name, content, prompts,
+                                                            replies):
     from jaxinfer.bench.runs import serve_main
     from jaxinfer.cli import _parser
 
-    prompts = ["The quick brown fox", "jumps over the lazy dog", "Hello, world! 123"]
-    dataset = tmp_path / "prompts.jsonl"
-    dataset.write_text("".join(json.dumps({"prompt": p, "max_tokens": 4}) + "\n" for p in prompts))
+    dataset = tmp_path / name
+    dataset.write_text(content)
     output = tmp_path / "serve.json"
     serve_main(_parser().parse_args(["bench", "serve", "--target", server.address, "--dataset", str(dataset),
                                      "--output", str(output)]))
     results = json.loads(output.read_text())
     point = results["curves"]["jaxinfer serve"][0]
-    want = sum(len(offline_engine.tokenizer.encode(p)) for p in prompts)
-    assert results["workload"]["input_tokens"] == point["input_tokens"] == want
-    assert (point["num_requests"], point["output_tokens"]) == (3, 12)
+    encode = offline_engine.tokenizer.encode
+    want_outputs = 4 * len(prompts) if replies is None else sum(len(encode(reply)) for reply in replies)
+    assert results["workload"]["input_tokens"] == point["input_tokens"] == sum(len(encode(p)) for p in prompts)
+    assert (point["num_requests"], point["output_tokens"]) == (len(prompts), want_outputs)
 
 
 def test_concurrent_streams_equal_offline(stub, offline_engine):

@@ -5,8 +5,14 @@ uniformly from the vocabulary, all from one seeded numpy Generator, so a seed fi
 With a shared prefix (`prefix_len` > 0, as vLLM's `--random-prefix-len`), request i's prompt starts
 with prefix i % num_prefixes, drawn from a second Generator of the same seed, so the rest of the
 workload is the one without prefixes: a system prompt or few-shot header that prefix caching serves.
-JSONL workloads hold one object per line: `{"prompt": str}` or `{"prompt_token_ids": [int]}`,
-optionally with `"max_tokens": int`.
+Dataset files (`--dataset`) come in two kinds, told apart by their first row:
+- prompts, one JSON object per line: `{"prompt": str}` or `{"prompt_token_ids": [int]}`, optionally
+  with `"max_tokens": int`; taken in file order;
+- ShareGPT conversations (what vLLM's `bench serve` reads): a JSON list, or JSON lines, of
+  `{"conversations": [{"from": "human", "value": str}, {"from": "gpt", "value": str}, ...]}`. As in
+  vLLM, the first turn is the prompt and the second's token count the output length; conversations
+  are drawn in an order shuffled by the seed, and those with fewer than two turns, under 4 tokens of
+  prompt or reply, or longer than the engine's max_model_len are skipped.
 """
 
 from __future__ import annotations
@@ -67,23 +73,88 @@ def random_requests(num_requests: int, input_len: LengthRange, output_len: Lengt
             for i, (tokens, m) in enumerate(zip(own, output_lens))]
 
 
-def jsonl_requests(path: Path, encode: Callable[[str], list[int]], default_max_tokens: int) -> list[BenchRequest]:
-    """Requests from a JSONL file; text prompts are tokenized with `encode`."""
+# vLLM's ShareGPT filter: shorter prompts or replies are not conversations worth timing.
+MIN_SHAREGPT_TOKENS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSample:
+    """The requests drawn from a dataset file, and how many of its rows were skipped (ShareGPT's
+    filter; prompt files skip none)."""
+
+    requests: list[BenchRequest]
+    skipped: int
+
+
+def dataset_requests(path: Path, encode: Callable[[str], list[int]], default_max_tokens: int, num_requests: int,
+                     seed: int, max_model_len: int) -> DatasetSample:
+    """Up to `num_requests` requests from a prompts file or a ShareGPT file (see the module
+    docstring); text is tokenized with `encode`, which may be a remote tokenizer: ShareGPT rows are
+    tokenized only until enough requests are found."""
+    rows = _dataset_rows(path)
+    if isinstance(rows[0][1], dict) and "conversations" in rows[0][1]:
+        return _sharegpt_requests(rows, encode, num_requests, seed, max_model_len)
+    return DatasetSample([_prompt_request(where, row, encode, default_max_tokens)
+                          for where, row in rows[:num_requests]], skipped=0)
+
+
+def _dataset_rows(path: Path) -> list[tuple[str, object]]:
+    """The file's rows, each with its place for error messages: `path[i]` in a JSON list, `path:line` in JSON lines."""
     if not path.is_file():
-        raise RequestError(f"dataset file {path} does not exist; pass a JSONL file of prompts")
-    requests = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            ids = row["prompt_token_ids"] if "prompt_token_ids" in row else encode(row["prompt"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise RequestError(f"{path}:{number} is not a JSON object with 'prompt' or 'prompt_token_ids'") from None
-        requests.append(BenchRequest(tuple(int(t) for t in ids), int(row.get("max_tokens", default_max_tokens))))
-    if not requests:
+        raise RequestError(f"dataset file {path} does not exist; pass a JSONL file of prompts or a ShareGPT JSON file")
+    text = path.read_text()
+    if text.lstrip().startswith("["):
+        rows = [(f"{path}[{i}]", row) for i, row in enumerate(_parse_json(text, str(path)))]
+    else:
+        rows = [(f"{path}:{number}", _parse_json(line, f"{path}:{number}"))
+                for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not rows:
         raise RequestError(f"dataset file {path} holds no requests")
-    return requests
+    return rows
+
+
+def _parse_json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RequestError(f"{where} is not JSON ({error}); a dataset is JSON lines or one JSON list") from None
+
+
+def _prompt_request(where: str, row, encode: Callable[[str], list[int]], default_max_tokens: int) -> BenchRequest:
+    try:
+        ids = row["prompt_token_ids"] if "prompt_token_ids" in row else encode(row["prompt"])
+        return BenchRequest(tuple(int(t) for t in ids), int(row.get("max_tokens", default_max_tokens)))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise RequestError(f"{where} is not a JSON object with 'prompt' or 'prompt_token_ids' "
+                           "(and an integer 'max_tokens')") from None
+
+
+def _sharegpt_requests(rows: list[tuple[str, object]], encode: Callable[[str], list[int]], num_requests: int,
+                       seed: int, max_model_len: int) -> DatasetSample:
+    requests, skipped = [], 0
+    for index in np.random.default_rng(seed).permutation(len(rows)):
+        if len(requests) == num_requests:
+            break
+        where, row = rows[index]
+        try:
+            turns = [turn["value"] for turn in row["conversations"][:2]]
+            if not all(isinstance(turn, str) for turn in turns):
+                raise TypeError
+        except (KeyError, TypeError):
+            raise RequestError(f"{where} is not a ShareGPT conversation: expected "
+                               "{\"conversations\": [{\"from\": ..., \"value\": str}, ...]}") from None
+        if len(turns) < 2:
+            skipped += 1
+            continue
+        prompt, reply = encode(turns[0]), len(encode(turns[1]))
+        if min(len(prompt), reply) < MIN_SHAREGPT_TOKENS or len(prompt) + reply > max_model_len:
+            skipped += 1
+            continue
+        requests.append(BenchRequest(tuple(int(t) for t in prompt), reply))
+    if not requests:
+        raise RequestError(f"none of the {len(rows)} ShareGPT conversations has two turns of at least "
+                           f"{MIN_SHAREGPT_TOKENS} tokens within the engine's max_model_len ({max_model_len})")
+    return DatasetSample(requests, skipped)
 
 
 def refuse_oversized(requests: list[BenchRequest], max_model_len: int) -> None:

@@ -10,8 +10,8 @@ import sys
 
 from jaxinfer.bench import latency, plots
 from jaxinfer.bench.arrivals import arrival_offsets
-from jaxinfer.bench.dataset import (BenchRequest, LengthRange, fresh_prefixes, jsonl_requests, random_requests,
-                                    refuse_oversized, workload_summary)
+from jaxinfer.bench.dataset import (MIN_SHAREGPT_TOKENS, BenchRequest, LengthRange, dataset_requests, fresh_prefixes,
+                                    random_requests, refuse_oversized, workload_summary)
 from jaxinfer.bench.device_probe import cache_note, copy_bandwidth, last_level_cache_bytes
 from jaxinfer.bench.engine_runs import bench_params, drive
 from jaxinfer.bench.baselines import BASELINES, checkpoint_source, run_job
@@ -62,7 +62,14 @@ def workload(args, vocab_size: int, encode, max_model_len: int, static: bool = F
     """The requests of --dataset or the random workload, refused if one would not fit the engine
     (or, for static batching, if a padded static batch might not)."""
     if args.dataset is not None:
-        requests = jsonl_requests(args.dataset, encode, args.output_len.high)[:args.num_requests]
+        sample = dataset_requests(args.dataset, encode, args.output_len.high, args.num_requests, args.seed,
+                                  max_model_len)
+        requests = sample.requests
+        if sample.skipped or len(requests) < args.num_requests:
+            print(f"dataset: {len(requests)} requests of the {args.num_requests} asked for"
+                  + (f", {sample.skipped} conversations skipped (under two turns, under "
+                     f"{MIN_SHAREGPT_TOKENS} tokens of prompt or reply, or over max_model_len)"
+                     if sample.skipped else ""), file=sys.stderr)
     else:
         requests = random_requests(args.num_requests, args.input_len, args.output_len, vocab_size, args.seed,
                                    args.prefix_len, args.num_prefixes)
@@ -88,7 +95,7 @@ def _refuse_static_rectangles(requests: list[BenchRequest], max_model_len: int) 
     if prompt + output > max_model_len:
         raise RequestError(f"static batching pads each batch to its longest prompt and output, up to {prompt} + "
                            f"{output} tokens in this workload, beyond the engine's max_model_len ({max_model_len}); "
-                           "lower --input-len / --output-len or drop --baseline static")
+                           "lower --input-len / --output-len (or the dataset's lengths), or drop --baseline static")
 
 
 def warm_up(engine) -> None:

@@ -8,8 +8,8 @@ serve       timed arrivals (Poisson/gamma at --request-rate, from at most --max-
             failed requests
 
 Workloads (throughput, serve): random lengths (--input-len, --output-len) with optional shared
-prefixes (--prefix-len, --num-prefixes), or a --dataset of prompts; greedy unless --temperature,
---top-p, --top-k; --save-detailed keeps every request's record in the JSON.
+prefixes (--prefix-len, --num-prefixes), or a --dataset of prompts or ShareGPT conversations;
+greedy unless --temperature, --top-p, --top-k; --save-detailed keeps every request's record in the JSON.
 
 Baselines (`--baseline`, repeatable): `static` (the same compiled engine, fixed-size batches, padded
 prompts, that wait for their longest member), `hf` (HF transformers generate in the --hf-python env) and
@@ -62,7 +62,9 @@ def add_workload_args(parser: argparse.ArgumentParser, num_requests: int) -> Non
                         help="generated tokens: N or LO:HI (uniform)")
     parser.add_argument("--seed", type=non_negative(int), default=0,
                         help="seed of the random requests (and arrival times)")
-    parser.add_argument("--dataset", type=existing_file, help="JSONL of prompts instead of random requests")
+    parser.add_argument("--dataset", type=existing_file,
+                        help="instead of random requests: a JSONL file of prompts (taken in order), or a ShareGPT "
+                             "JSON file of conversations (drawn by --seed; the replies' lengths as outputs)")
     parser.add_argument("--prefix-len", type=non_negative(int), default=0,
                         help="random prompts: a shared prefix of this many tokens before each prompt's own "
                              "--input-len tokens (what prefix caching serves)")

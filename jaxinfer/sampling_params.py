@@ -42,7 +42,8 @@ class SamplingParams:
         _check(self.n >= 1, "n", self.n, "must be >= 1")
         _check(math.isfinite(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
                "must be a finite number >= 0 (0 means greedy)")
-        _check(self.top_k == -1 or self.top_k >= 1, "top_k", self.top_k, "must be -1 (disabled) or >= 1")
+        # 2**31: the wire's int32 (jaxinfer.proto); no vocabulary or context comes near it.
+        _check(self.top_k == -1 or 1 <= self.top_k < 2**31, "top_k", self.top_k, "must be -1 (disabled) or in [1, 2**31)")
         _check(math.isfinite(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
         _check(math.isfinite(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]")
         _check(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
@@ -50,7 +51,7 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(math.isfinite(value) and -2 <= value <= 2, name, value, "must be in [-2, 2]")
-        _check(self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be >= 1")
+        _check(1 <= self.max_tokens < 2**31, "max_tokens", self.max_tokens, "must be in [1, 2**31)")
         _check(0 <= self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
                "must be between 0 and max_tokens")
         _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", self.logprobs,

@@ -199,6 +199,7 @@ def test_cli_flags_per_baseline():
     (["throughput", "--output-len", "x"], "length 'x' is neither N nor LO:HI"),
     (["throughput", "--num-requests", "0"], "argument --num-requests: '0' must be > 0"),
     (["throughput", "--static-batch", "0"], "argument --static-batch: '0' must be > 0"),
+    (["latency", "--decode-tokens", "1"], "argument --decode-tokens: '1' must be >= 2"),
     (["throughput", "--dataset", "no/such.jsonl"], "argument --dataset: no/such.jsonl is not a file"),
     (["throughput", "--hf-batch-size", "-2"], "argument --hf-batch-size: '-2' must be > 0"),
     (["latency", "--prompt-lens", "16,0"], "argument --prompt-lens: '0' must be > 0"),
@@ -259,6 +260,11 @@ def test_static_baseline_refuses_workloads_whose_padded_batches_exceed_max_model
     (["throughput", "--top-p", "2"], "invalid sampling parameter top_p=2.0"),
     (["serve", "--top-k", "-3"], "invalid sampling parameter top_k=-3"),
     (["serve", "--dataset", __file__, "--prefix-len", "8"], "--prefix-len shapes random prompts"),
+    (["throughput", "--static-batch", "8"], "--static-batch sizes the batches of --baseline static"),
+    (["serve", "--target", "127.0.0.1:1", "--max-num-seqs", "8", "--kv-memory", "1GiB"],
+     "the server's engine is measured: --max-num-seqs and --kv-memory would be ignored"),
+    (["serve", "engines/bf16", "--target", "127.0.0.1:1"], "the server's engine is measured: MODEL would be ignored"),
+    (["serve", "--concurrency", "2", "--burstiness", "0.5"], "--burstiness shapes the arrivals of --request-rate"),
 ])
 def test_bench_workload_options_are_checked_before_the_engine_loads(monkeypatch, argv, message):
     from jaxinfer.bench import runs
@@ -267,6 +273,19 @@ def test_bench_workload_options_are_checked_before_the_engine_loads(monkeypatch,
     args = parse(["bench", *argv])
     with pytest.raises(RequestError, match=message):
         getattr(runs, f"{argv[0]}_main")(args)
+
+
+def test_a_static_batch_the_engine_cannot_step_as_one_is_refused():
+    from types import SimpleNamespace
+
+    from jaxinfer.bench.runs import _static_batch
+
+    engine = SimpleNamespace(engine_cfg=SimpleNamespace(max_num_seqs=16))
+    args = parse(["bench", "throughput", "--baseline", "static", "--static-batch", "16"])
+    assert _static_batch(args, engine) == (16, "static batching (B=16)")
+    assert _static_batch(parse(["bench", "throughput", "--baseline", "static"]), engine)[0] == 16
+    with pytest.raises(RequestError, match=r"--static-batch 17 exceeds the engine's max_num_seqs \(16\)"):
+        _static_batch(parse(["bench", "throughput", "--baseline", "static", "--static-batch", "17"]), engine)
 
 
 def test_an_unreachable_server_is_named():
@@ -290,3 +309,15 @@ def test_advantages_in_table_and_json_agree():
     assert advantages(systems, columns, "jaxinfer") == {"llama.cpp": {"TTFT@128 s": 0.5, "decode tok/s @B=1": 0.25}}
     row = comparison_table(systems, columns, "jaxinfer").splitlines()[2]
     assert row.split()[1:] == ["0.2500", "(0.50x)", "80.0", "(0.25x)", "-"]
+
+
+def test_a_workload_total_is_compared_only_between_runs_of_the_same_requests():
+    from jaxinfer.bench.runs import THROUGHPUT_COLUMNS
+
+    ours = {"num_requests": 256, "requests_per_s": 2.0, "input_tokens_per_s": 10.0, "output_tokens_per_s": 5.0,
+            "duration_s": 128.0}
+    systems = {"jaxinfer": ours, "static": {**ours, "output_tokens_per_s": 2.5, "duration_s": 256.0},
+               "hf (32 requests)": {**ours, "num_requests": 32, "output_tokens_per_s": 0.5, "duration_s": 160.0}}
+    ratios = advantages(systems, THROUGHPUT_COLUMNS, "jaxinfer")
+    assert ratios["static"]["wall s"] == 2.0 and ratios["static"]["output tokens/s"] == 2.0
+    assert "wall s" not in ratios["hf (32 requests)"] and ratios["hf (32 requests)"]["output tokens/s"] == 10.0

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxinfer.bench.arrivals import arrival_offsets
-from jaxinfer.bench.dataset import LengthRange, dataset_requests, random_requests, refuse_oversized
+from jaxinfer.bench.dataset import BenchRequest, LengthRange, dataset_requests, random_requests, refuse_oversized
 from jaxinfer.bench.latency import all_decoding_rate
 from jaxinfer.bench.metrics import RequestTiming, parse_slo, run_metrics, summarize
 from jaxinfer.bench.results import comparison_table
@@ -126,6 +126,42 @@ def test_failed_requests_are_counted_and_left_out_of_the_figures():
     assert records[-1] == {"sent_s": 1.0, "prompt_tokens": 5, "output_tokens": 0, "cached_tokens": 0, "ttft_s": None,
                            "tpot_s": None, "e2e_s": None, "itls_s": [], "error": "INTERNAL: x"}
     assert [r["ttft_s"] for r in records[:-1]] == [t.ttft for t in mixed]
+    silent = RequestTiming(arrival=0.0, num_prompt_tokens=5)  # ended without a token or an error
+    with_silent = run_metrics(mixed + [silent], duration=4.0)
+    assert with_silent["failed_requests"] == 8 and with_silent["errors"]["no token came back"] == 1
+
+
+class _Stream:
+    """A fake Jaxinfer stub whose Generate streams `responses` (jaxinfer_pb2.GenerateResponse)."""
+
+    def __init__(self, responses):
+        self.responses = responses
+
+    def Generate(self, request, metadata):
+        async def stream():
+            for response in self.responses:
+                yield response
+        return stream()
+
+
+@pytest.mark.parametrize("tokens, reason, error", [
+    ([[3, 4], [5]], "FINISH_REASON_LENGTH", None),
+    ([[3, 4]], "FINISH_REASON_ABORT", "ended after 2 of 3 tokens (FINISH_REASON_ABORT)"),
+    ([], "FINISH_REASON_ABORT", "ended after 0 of 3 tokens (FINISH_REASON_ABORT)"),
+    ([[3]], None, "ended after 1 of 3 tokens (no finished response)")])
+def test_a_stream_the_server_ends_early_is_a_failed_request(tokens, reason, error):
+    import asyncio
+
+    from jaxinfer.bench.grpc_load import _stream
+    from serving.protos import jaxinfer_pb2 as pb
+
+    responses = [pb.GenerateResponse(outputs=[pb.Completion(token_ids=ids)]) for ids in tokens]
+    if reason is not None:
+        responses.append(pb.GenerateResponse(finished=True, outputs=[pb.Completion(finish_reason=reason)]))
+    timing = RequestTiming(0.0, 4)
+    asyncio.run(_stream(_Stream(responses), (), BenchRequest((1, 2, 3, 4), 3), None, timing))
+    assert timing.error == error and timing.num_output_tokens == sum(map(len, tokens))
+    assert run_metrics([timing], 1.0)["failed_requests"] == (error is not None)
 
 
 @pytest.mark.parametrize("text", ["ttft", "ttft=fast", "latency=3", "tpot=-1"])

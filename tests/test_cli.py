@@ -2,12 +2,14 @@
 only when given."""
 
 import argparse
+import re
 
 import pytest
 
 from jaxinfer.cli import _parser
 from jaxinfer.commands.client import _request
 from jaxinfer.commands.sampling_args import given_sampling_options
+from jaxinfer.errors import RequestError
 
 
 def _options(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
@@ -34,6 +36,14 @@ def test_sampling_options_are_passed_on_only_when_given():
     assert not any(sampling.HasField(name) for name in ("temperature", "top_k", "seed"))
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--seed", "-1", "seed=-1: must be in [0, 2**63)"), ("--max-tokens", "2147483648", "max_tokens=2147483648"),
+    ("--top-k", "3000000000", "top_k=3000000000"), ("--temperature", "nan", "temperature=nan")])
+def test_client_refuses_a_sampling_value_by_name_before_sending(flag, value, message):
+    with pytest.raises(RequestError, match=re.escape(message)):
+        _request(_parser().parse_args(["client", "--prompt", "hi", flag, value]))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["serve", "--port", "70000"], "argument --port: port 70000 is above 65535"),
     (["serve", "--max-queued-requests", "0"], "argument --max-queued-requests: '0' must be > 0"),
@@ -45,6 +55,8 @@ def test_sampling_options_are_passed_on_only_when_given():
     (["roofline", "--bandwidth", "-3"], "argument --bandwidth: '-3' must be > 0"),
     (["roofline", "--flops", "nan"], "argument --flops: 'nan' must be > 0"),
     (["roofline", "--context", "1.5"], "argument --context: '1.5' is not an int"),
+    (["roofline", "--dtype", "int5"], "argument --dtype: invalid choice: 'int5'"),
+    (["roofline", "--kv-dtype", "int4"], "argument --kv-dtype: invalid choice: 'int4'"),
 ])
 def test_bad_values_are_refused_by_name_while_parsing(argv, message, capsys):
     with pytest.raises(SystemExit):

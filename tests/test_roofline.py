@@ -10,10 +10,14 @@ import pytest
 from jaxinfer.bench import device_probe, roofline
 from jaxinfer.bench.latency import kv_bytes_per_position, streamed_weight_bytes
 from jaxinfer.cache.kv_pool import init_layer_cache
-from jaxinfer.commands.roofline import format_report
+from jaxinfer.cli import _parser
+from jaxinfer.commands.roofline import _model_and_dtypes, format_report
+from jaxinfer.configs import default_dtype, default_kv_dtype
+from jaxinfer.engine.config import KV_DTYPES
+from jaxinfer.errors import RequestError
 from jaxinfer.model.config import ModelConfig
 from jaxinfer.model.llama import param_shapes
-from jaxinfer.quant.apply import quantize_params
+from jaxinfer.quant.apply import QUANT_MODES, quantize_params
 from pallas_kernels import cpu_dense_dot
 
 def random_config(rng: np.random.Generator, tie: bool) -> ModelConfig:
@@ -154,3 +158,21 @@ def test_last_level_cache_is_the_highest_level_sysfs_lists(tmp_path):
         (tmp_path / f"index{index}" / "size").write_text(size)
     assert device_probe.last_level_cache_bytes(tmp_path) == 300 * 2**20
     assert device_probe.last_level_cache_bytes(tmp_path / "missing") is None
+
+
+def test_every_weight_format_an_engine_builds_has_a_width():
+    assert set(QUANT_MODES) | set(KV_DTYPES) | {default_dtype()} <= set(roofline.BYTES_PER_ELEMENT)
+
+
+@pytest.mark.parametrize("argv, want", [
+    ([], (default_dtype(), default_dtype())),
+    (["--dtype", "w4a8"], ("w4a8", default_kv_dtype("float32", quantized=True))),
+    (["--dtype", "float32", "--kv-dtype", "int8"], ("float32", "int8"))])
+def test_roofline_dtypes_default_to_what_a_build_makes(argv, want):
+    assert _model_and_dtypes(_parser().parse_args(["roofline", *argv]))[1:] == want
+
+
+def test_roofline_refuses_model_options_beside_an_engine():
+    with pytest.raises(RequestError, match="--model and --kv-dtype come from the engine's manifest"):
+        _model_and_dtypes(_parser().parse_args(["roofline", "--engine", "e", "--model", "m", "--kv-dtype", "int8"]))
+

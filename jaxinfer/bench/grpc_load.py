@@ -36,13 +36,20 @@ def generate_request(request: BenchRequest, sampling: Mapping[str, Any] | None =
 
 async def _stream(stub, metadata, request: BenchRequest, sampling, timing: RequestTiming) -> None:
     timing.arrival = time.perf_counter()
+    finish_reasons = []
     try:
         async for response in stub.Generate(generate_request(request, sampling), metadata=metadata):
             timing.add_chunk(time.perf_counter(), sum(len(o.token_ids) for o in response.outputs))
             if response.finished:
                 timing.num_cached_tokens = response.usage.cached_tokens
+                finish_reasons = [jaxinfer_pb2.FinishReason.Name(o.finish_reason) for o in response.outputs]
     except grpc.RpcError as err:
         timing.error = f"{err.code().name}: {err.details()}"
+        return
+    # A stream the server ended early (an Abort RPC, its drain) is a failed request, not a short one.
+    if "FINISH_REASON_ABORT" in finish_reasons or timing.num_output_tokens < request.max_tokens:
+        timing.error = (f"ended after {timing.num_output_tokens} of {request.max_tokens} tokens "
+                        f"({', '.join(finish_reasons) or 'no finished response'})")
 
 
 async def _run(connection: ServerConnection, requests: Sequence[BenchRequest], offsets: Sequence[float] | None,

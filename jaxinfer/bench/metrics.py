@@ -4,8 +4,9 @@ Per request: TTFT = first token time - arrival; E2E latency = last token time - 
 TPOT = (E2E - TTFT) / (output tokens - 1); ITL = the gaps between consecutive streamed chunks.
 Per run: the prefix cache hit rate is the share of prompt tokens the cache served.
 Summaries give mean, median, p90 and p99 (linear-interpolated percentiles); goodput counts the
-requests per second that met every SLO. A request the server refused or broke off (`error` set) is
-counted as failed and left out of every figure but the failure count, as vLLM's `bench serve` does.
+requests per second that met every SLO. A request the server refused or broke off (`error` set), or
+one that never got a token, is counted as failed and left out of every figure but the failure count
+and the SLO attainment (the share of all requests sent that met every SLO), as vLLM's `bench serve` does.
 Times are float seconds on one monotonic clock.
 """
 
@@ -108,14 +109,14 @@ def run_metrics(timings: list[RequestTiming], duration: float, slo: dict[str, fl
     the requests that completed; the failed ones are counted, with their errors. `detailed` adds
     every request's record (`request_records`)."""
     records = {"requests": request_records(timings)} if detailed else {}
-    failed = [t for t in timings if t.error is not None]
-    timings = [t for t in timings if t.error is None]
+    failed = [t for t in timings if t.error is not None or not t.chunk_times]
+    timings = [t for t in timings if t.error is None and t.chunk_times]
     output_tokens = sum(t.num_output_tokens for t in timings)
     input_tokens = sum(t.num_prompt_tokens for t in timings)
     metrics = {
         "num_requests": len(timings),
         "failed_requests": len(failed),
-        "errors": dict(collections.Counter(t.error for t in failed)),
+        "errors": dict(collections.Counter(t.error or "no token came back" for t in failed)),
         "duration_s": duration,
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,

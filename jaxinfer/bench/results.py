@@ -31,12 +31,15 @@ def write_results(path: Path, results: dict) -> Path:
 @dataclasses.dataclass(frozen=True)
 class Column:
     """A figure in a table: its key path in each system's results dict, its header, its format,
-    and whether more is better (the ratio is always jaxinfer's advantage, >1 means ours wins)."""
+    and whether more is better (the ratio is always jaxinfer's advantage, >1 means ours wins). A
+    total over the workload (`whole_workload`, such as its wall time) is compared only between
+    rows that ran the same number of requests."""
 
     path: tuple[str, ...]
     header: str
     higher_is_better: bool
     fmt: str = "{:.2f}"
+    whole_workload: bool = False
 
     def value(self, results: dict) -> float | None:
         for key in self.path:
@@ -48,7 +51,7 @@ class Column:
     def advantage(self, ours: dict, theirs: dict) -> float | None:
         """Our advantage in this figure (> 1: ours is better); None unless both have it."""
         mine, value = self.value(ours), self.value(theirs)
-        if not mine or not value:
+        if not mine or not value or (self.whole_workload and ours.get("num_requests") != theirs.get("num_requests")):
             return None
         return mine / value if self.higher_is_better else value / mine
 

@@ -1,8 +1,10 @@
 """The roofline calculator, from first principles: bytes moved and FLOPs done by one model step.
 
 Pure integer/float arithmetic on a ModelConfig. Conventions:
-- Weight bytes: every parameter is read once per step (the tied embedding table once, as the
-  output projection; the input lookup reads only a few of its columns).
+- Weight bytes: every parameter is read once per step at the weight width (a tied embedding table
+  once, as the output projection; an untied one counted in full, though its input lookup reads
+  only a few columns, and quantized weights without their scales: `bench latency` counts an
+  engine's weights exactly as stored).
 - KV bytes per token: 2 (K and V) x layers x kv_heads x head_dim x bytes per element.
 - FLOPs: 2 per multiply-add. A token passes through every layer matmul; attention costs
   2 x 2 x layers x heads x head_dim per (query, key) pair (QK^T and PV). Logits are computed
@@ -18,7 +20,9 @@ import dataclasses
 
 from jaxinfer.model.config import ModelConfig
 
-BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "fp8": 1, "int4": 0.5}
+# Bytes per weight, by dtype and by quantization mode (`jaxinfer build --quant`).
+BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "fp8": 1, "int4": 0.5,
+                     "int4-awq": 0.5, "w8a8": 1, "w4a8": 0.5}
 
 
 def weight_bytes(cfg: ModelConfig, bytes_per_param: float) -> float:

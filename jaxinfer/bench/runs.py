@@ -25,7 +25,7 @@ THROUGHPUT_COLUMNS = [
     Column(("requests_per_s",), "requests/s", True),
     Column(("input_tokens_per_s",), "input tokens/s", True, "{:.1f}"),
     Column(("output_tokens_per_s",), "output tokens/s", True, "{:.1f}"),
-    Column(("duration_s",), "wall s", False, "{:.1f}"),
+    Column(("duration_s",), "wall s", False, "{:.1f}", whole_workload=True),
 ]
 SERVE_COLUMNS = [
     Column(("output_tokens_per_s",), "output tokens/s", True, "{:.1f}"),
@@ -47,15 +47,14 @@ PREFIX_CACHE_COLUMN = Column(("prefix_cache_hit_rate",), "prompt tokens cached",
 
 # -- shared steps -------------------------------------------------------------------------------
 
+# The options that shape an engine compiled from a checkpoint (jaxinfer.commands.bench's engine args).
+ENGINE_OPTIONS = ("dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_memory", "decode_steps")
+
+
 def _engine(args, max_num_seqs: int | None = None):
-    refuse_build_options(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                         kv_memory=args.kv_memory, decode_steps=args.decode_steps)
-    return create_engine(args.model, progress=True, dtype=args.dtype,
-                         max_num_seqs=max_num_seqs or args.max_num_seqs,
-                         max_num_batched_tokens=args.max_num_batched_tokens,
-                         max_model_len=args.max_model_len, kv_memory=args.kv_memory,
-                         decode_steps=args.decode_steps)
+    options = {name: getattr(args, name) for name in ENGINE_OPTIONS}
+    refuse_build_options(args.model, **options)
+    return create_engine(args.model, progress=True, **{**options, "max_num_seqs": max_num_seqs or args.max_num_seqs})
 
 
 def workload(args, vocab_size: int, encode, max_model_len: int, static: bool = False) -> list[BenchRequest]:
@@ -110,10 +109,24 @@ def sampling(args) -> dict:
 
 
 def _refuse_workload_options(args) -> None:
-    """Workload options that cannot go together, or that SamplingParams refuses, before any engine loads."""
+    """Workload options that cannot go together, would be ignored, or that SamplingParams refuses,
+    before any engine loads."""
     if args.dataset is not None and args.prefix_len:
         raise RequestError("--prefix-len shapes random prompts; a --dataset's prompts are taken as they are")
+    if args.static_batch and "static" not in args.baseline:
+        raise RequestError("--static-batch sizes the batches of --baseline static; add the baseline or drop it")
     bench_params(1, sampling(args))
+
+
+def _static_batch(args, engine) -> tuple[int, str]:
+    """--baseline static's batch size (default: max_num_seqs) and its row's name; a batch the
+    engine could not step as one is refused."""
+    batch = args.static_batch or engine.engine_cfg.max_num_seqs
+    if batch > engine.engine_cfg.max_num_seqs:
+        raise RequestError(f"--static-batch {batch} exceeds the engine's max_num_seqs "
+                           f"({engine.engine_cfg.max_num_seqs}), so a batch would not run as one; lower it or "
+                           "build an engine with a larger --max-num-seqs")
+    return batch, f"static batching (B={batch})"
 
 
 def _run_engine(engine, requests, run_index: int, args, static_batch: int | None = None
@@ -165,8 +178,7 @@ def throughput_main(args) -> None:
     systems["jaxinfer"], timings = _run_engine(engine, requests, 1, args)
     samples["jaxinfer"] = _samples(timings)
     if "static" in args.baseline:
-        batch = args.static_batch or engine.engine_cfg.max_num_seqs
-        name = f"static batching (B={batch})"
+        batch, name = _static_batch(args, engine)
         systems[name], timings = _run_engine(engine, requests, 2, args, static_batch=batch)
         samples[name] = _samples(timings)
     for baseline in baselines:
@@ -266,7 +278,8 @@ def latency_main(args) -> None:
                                 "systems": systems, "jaxinfer_advantage": advantages(systems, columns, "jaxinfer")})
     if args.plot:
         first = str(args.batch_sizes[0])
-        bars = {name: s["decode_tokens_per_s"][first] for name, s in systems.items()}
+        # a baseline that does not batch has a rate at batch 1 only
+        bars = {name: s["decode_tokens_per_s"][first] for name, s in systems.items() if first in s["decode_tokens_per_s"]}
         if first == "1":
             bars["bandwidth roofline"] = stream_rate
         plots.bar_chart(bars, "tokens/s", f"Decode at batch {first}", args.output.with_suffix(".png"))
@@ -283,6 +296,13 @@ def serve_main(args) -> None:
         raise RequestError("--baseline static runs an in-process engine; drop --target to compare against it")
     if not args.target and (args.tls_ca or args.auth_token_file):
         raise RequestError("--tls-ca and --auth-token-file are for a server's connection: give --target HOST:PORT")
+    ignored = (["MODEL"] if args.model else []) + [f"--{name.replace('_', '-')}" for name in ENGINE_OPTIONS
+                                                   if getattr(args, name) is not None]
+    if args.target and ignored:
+        raise RequestError(f"with --target the server's engine is measured: {' and '.join(ignored)} would be "
+                           "ignored; give them to `jaxinfer serve`")
+    if args.concurrency and args.burstiness != 1.0:
+        raise RequestError("--burstiness shapes the arrivals of --request-rate; a --concurrency loop has none")
     points = [("concurrency", c) for c in args.concurrency] if args.concurrency else \
         [("request_rate", r) for r in args.request_rate]
     curves: dict[str, list[dict]] = {}
@@ -302,12 +322,12 @@ def serve_main(args) -> None:
         requests = workload(args, engine.model_cfg.vocab_size, engine.tokenizer.encode,
                             engine.engine_cfg.max_model_len, static="static" in args.baseline)
         warm_up(engine)
-        static_batch = args.static_batch or engine.engine_cfg.max_num_seqs
         runs = {"jaxinfer": lambda index, offsets, limit: drive(
             engine, fresh_prefixes(requests, index, engine.model_cfg.vocab_size), offsets, max_in_flight=limit,
             sampling=sampling(args))}
         if "static" in args.baseline:
-            runs[f"static batching (B={static_batch})"] = lambda index, offsets, limit: drive(
+            static_batch, name = _static_batch(args, engine)
+            runs[name] = lambda index, offsets, limit: drive(
                 engine, fresh_prefixes(requests, index, engine.model_cfg.vocab_size), offsets, static_batch, limit,
                 sampling(args))
     columns = SERVE_COLUMNS + (SLO_COLUMNS if args.slo else []) + ([PREFIX_CACHE_COLUMN] if args.prefix_len else [])

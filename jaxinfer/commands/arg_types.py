@@ -5,6 +5,7 @@ before anything loads or compiles.
     positive(int) / positive(float)   one value > 0
     positive_list(int)                "1,8,64": every value > 0 (float lists may hold inf)
     non_negative(int/float)           one value >= 0 (seeds, timeouts that may be zero)
+    at_least(int, low)                one value >= low
     port                              0-65535 (0: the system picks a free port)
     existing_file                     a path that is a file
     argument_type(parse, name)        any parse function that raises JaxinferError
@@ -48,6 +49,10 @@ def positive(kind: type) -> Callable[[str], Any]:
 
 def non_negative(kind: type) -> Callable[[str], Any]:
     return argument_type(lambda text: _bounded(kind, text, 0, inclusive=True), f"non-negative {kind.__name__}")
+
+
+def at_least(kind: type, low: float) -> Callable[[str], Any]:
+    return argument_type(lambda text: _bounded(kind, text, low, inclusive=True), f"{kind.__name__} >= {low}")
 
 
 def positive_list(kind: type) -> Callable[[str], list]:

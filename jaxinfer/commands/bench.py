@@ -28,8 +28,10 @@ from pathlib import Path
 
 from jaxinfer.bench.baselines import BASELINES
 from jaxinfer.bench.dataset import LengthRange
+from jaxinfer.bench.roofline import BYTES_PER_ELEMENT
+from jaxinfer.engine.config import KV_DTYPES
 from jaxinfer.bench.metrics import parse_slo
-from jaxinfer.commands.arg_types import argument_type, existing_file, non_negative, positive, positive_list
+from jaxinfer.commands.arg_types import argument_type, at_least, existing_file, non_negative, positive, positive_list
 from jaxinfer.commands.sampling_args import BENCH_SAMPLING_OPTIONS, add_sampling_args
 
 RESULTS_DIR = Path("benchmarks/results")
@@ -59,9 +61,10 @@ def add_workload_args(parser: argparse.ArgumentParser, num_requests: int) -> Non
     parser.add_argument("--input-len", type=_length_range, default=LengthRange(16, 512),
                         help="prompt tokens: N or LO:HI (uniform)")
     parser.add_argument("--output-len", type=_length_range, default=LengthRange(16, 256),
-                        help="generated tokens: N or LO:HI (uniform)")
+                        help="generated tokens: N or LO:HI (uniform); with a --dataset of prompts, HI for those "
+                             "without max_tokens (ShareGPT: the replies' lengths)")
     parser.add_argument("--seed", type=non_negative(int), default=0,
-                        help="seed of the random requests (and arrival times)")
+                        help="seed of the random requests, a dataset's draw (and serve's arrival times)")
     parser.add_argument("--dataset", type=existing_file,
                         help="instead of random requests: a JSONL file of prompts (taken in order), or a ShareGPT "
                              "JSON file of conversations (drawn by --seed; the replies' lengths as outputs)")
@@ -119,7 +122,9 @@ def add_bench_parsers(subparsers) -> None:
                      help="prompt lengths whose TTFT is measured, comma-separated")
     lat.add_argument("--batch-sizes", type=positive_list(int), default=[1, 8],
                      help="decode batch sizes whose tokens/s is measured, comma-separated")
-    lat.add_argument("--decode-tokens", type=positive(int), default=64, help="tokens generated per decode-rate request")
+    # a rate needs two tokens: it is timed from a request's first token to its last
+    lat.add_argument("--decode-tokens", type=at_least(int, 2), default=64,
+                     help="tokens generated per decode-rate request (at least 2)")
     lat.add_argument("--decode-context", type=positive(int), default=16,
                      help="prompt tokens of each decode-rate request: the context its decode steps read")
     lat.add_argument("--repeats", type=positive(int), default=3,
@@ -156,8 +161,10 @@ def add_bench_parsers(subparsers) -> None:
     roofline = subparsers.add_parser("roofline", help="first-principles roofline of a model on this device")
     roofline.add_argument("--model", help="HF checkpoint directory or .gguf (default: SmolLM2-135M-Instruct)")
     roofline.add_argument("--engine", help="built engine directory (model, dtype and kv dtype from its manifest)")
-    roofline.add_argument("--dtype", default="float32", help="weight dtype: float32, bfloat16, int8, int4, fp8")
-    roofline.add_argument("--kv-dtype", help="KV dtype (default: --dtype)")
+    roofline.add_argument("--dtype", choices=list(BYTES_PER_ELEMENT),
+                          help="weight dtype or quantization mode (default: what `jaxinfer build` makes here)")
+    roofline.add_argument("--kv-dtype", choices=list(KV_DTYPES),
+                          help="KV dtype (default: what `jaxinfer build` stores with --dtype)")
     roofline.add_argument("--batch", type=positive(int), default=1, help="sequences per step")
     roofline.add_argument("--context", type=positive(int), default=512,
                           help="context (decode) and prompt (prefill) length")

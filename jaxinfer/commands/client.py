@@ -7,13 +7,16 @@ import sys
 import grpc
 
 from jaxinfer.commands.sampling_args import given_sampling_options
+from jaxinfer.sampling_params import SamplingParams
 from serving.client_connection import ServerConnection
 from serving.protos import jaxinfer_pb2 as pb
 from serving.protos import jaxinfer_pb2_grpc
 
 
 def _request(args) -> pb.GenerateRequest:
-    sampling = pb.SamplingParameters(**given_sampling_options(args))  # unset fields: the server's defaults
+    options = given_sampling_options(args)
+    SamplingParams(**options)  # refuses a bad value by name here, before the wire's integer types would
+    sampling = pb.SamplingParameters(**options)  # unset fields: the server's defaults
     if args.chat is not None:
         return pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=args.chat)]),
                                   sampling=sampling)

@@ -15,12 +15,19 @@ from jaxinfer.bench import device_probe
 from jaxinfer.bench.results import write_results
 from jaxinfer.bench.roofline import Device, roofline_report
 from jaxinfer.checkpoint import load_config
-from jaxinfer.errors import EngineError
+from jaxinfer.configs import default_dtype, default_kv_dtype
+from jaxinfer.errors import EngineError, RequestError
 from jaxinfer.model.config import ModelConfig, RopeScaling
+from jaxinfer.quant.apply import QUANT_MODES
 
 
 def _model_and_dtypes(args) -> tuple[ModelConfig, str, str]:
     if args.engine:
+        given = [flag for flag, value in (("--model", args.model), ("--dtype", args.dtype),
+                                          ("--kv-dtype", args.kv_dtype)) if value]
+        if given:
+            raise RequestError(f"{' and '.join(given)} come from the engine's manifest with --engine; drop "
+                               f"{'it' if len(given) == 1 else 'them'}, or drop --engine")
         manifest_path = Path(args.engine) / "manifest.json"
         if not manifest_path.is_file():
             raise EngineError(f"{args.engine} has no manifest.json; pass an engine directory made by `jaxinfer build`")
@@ -31,7 +38,8 @@ def _model_and_dtypes(args) -> tuple[ModelConfig, str, str]:
         fields["eos_token_ids"] = tuple(fields.get("eos_token_ids", ()))
         engine = manifest["engine_config"]
         return ModelConfig(**fields), engine.get("quant") or engine["dtype"], engine["kv_dtype"]
-    return load_config(args.model), args.dtype, args.kv_dtype or args.dtype
+    dtype = args.dtype or default_dtype()
+    return load_config(args.model), dtype, args.kv_dtype or default_kv_dtype(dtype, quantized=dtype in QUANT_MODES)
 
 
 def main(args) -> None:

@@ -156,7 +156,8 @@ def check_step_shape(scheduler, output, remaining_before):
             "admitted in a preempting step"
     for entry in output.scheduled:
         assert (entry.num_samples > 0) == (entry.start_position + entry.num_new_tokens == entry.seq.num_tokens)
-        if not entry.num_samples:
+        # (a chunk sized before its allocation took a scheduled victim out may leave the victim's tokens unused)
+        if not entry.num_samples and not output.preempted:
             assert output.num_batched_tokens == scheduler.max_num_batched_tokens, "a chunk left budget unused"
 
 
@@ -319,6 +320,33 @@ def test_preemption_takes_the_newest_and_requeues_it_first():
         check_invariants(scheduler, runner)
     assert [seq.num_output_tokens for seq in (old, new, earlier)] == [20, 20, 20]
     assert scheduler.metrics().num_preemptions >= 1 and new.num_preemptions >= 1
+    check_all_blocks_back(scheduler)
+
+
+def test_a_high_priority_prompt_takes_blocks_from_lower_priority_decodes():
+    # Decodes are scheduled before prefill chunks; a high-priority prompt that runs out of blocks
+    # mid-prefill must preempt the lower-priority decodes already in the step, not itself.
+    rng, scheduler, runner = setup(21, num_blocks=17, max_num_seqs=8, max_num_batched_tokens=8)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    low = [scheduler.add_request(f"low{i}", random_prompt(rng, 4), params, priority=1) for i in range(3)]
+    for _ in range(3):
+        step(scheduler, runner)
+    prompt_len = int(rng.integers(36, 45))
+    high = scheduler.add_request("high", random_prompt(rng, prompt_len), SamplingParams(max_tokens=5), priority=0)
+    computed, num_steps, preempted = 0, 0, []
+    while not high.num_output_tokens:
+        output, _ = step(scheduler, runner)
+        check_invariants(scheduler, runner)
+        computed += sum(e.num_new_tokens for e in output.scheduled if e.seq is high)
+        preempted += output.preempted
+        num_steps += 1
+    assert high.num_preemptions == 0 and computed == prompt_len
+    # at worst the 3 decodes take 3 of each step's 8 tokens
+    assert num_steps <= -(-prompt_len // 5) and preempted and all(seq in low for seq in preempted)
+    while scheduler.num_unfinished_requests:
+        step(scheduler, runner)
+        check_invariants(scheduler, runner)
+    assert [seq.num_output_tokens for seq in low] == [30] * 3
     check_all_blocks_back(scheduler)
 
 

@@ -2,8 +2,10 @@
 
 The pool has `num_blocks` blocks of `block_size` token slots. Block 0 is the null block of the
 attention-metadata contract (padding writes land there) and is never handed out, so
-`num_blocks - 1` blocks are usable. Slots are allocated lazily, for exactly the tokens a step
-computes (`allocate_slots`), and blocks carry reference counts so sequences can share them:
+`num_blocks - 1` blocks are usable. Slots are allocated lazily, for the tokens a step computes
+(`allocate_slots`; a multi-step decode call's slots all at its start, so a sequence that stops
+early leaves a few unused until it is freed), and blocks carry reference counts so sequences can
+share them:
 
 * Prefix caching: a full block is identified by the hash chain `h_i = sha256(h_{i-1} || tokens_i)`
   (`h_{-1}` empty, tokens as int64 bytes), so equal hashes mean equal whole prefixes. A block is
@@ -51,7 +53,7 @@ class BlockManagerMetrics:
 
     @property
     def kv_cache_usage(self) -> float:
-        """Fraction of usable blocks in use (vLLM's kv_cache_usage_perc / 100)."""
+        """Fraction of usable blocks in use, 0 to 1 (as vLLM's kv_cache_usage_perc, despite its name)."""
         return self.num_used_blocks / self.num_blocks
 
     @property

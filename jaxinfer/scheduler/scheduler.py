@@ -9,9 +9,11 @@ Each `schedule()` builds one flat ragged batch under two budgets, `max_num_seqs`
    longest prefix-cache hit and a prefill chunk that fills the remaining token budget
    (chunked prefill: a long prompt never stalls the decodes of other streams).
 
-When a running sequence cannot get a block, the lowest-ranked running sequence not yet scheduled
-in this step (possibly itself) is preempted by recompute: its blocks are freed and it waits at the
-front of its priority class to prefill prompt + generated tokens again. A sequence that cannot fit
+When a running sequence cannot get a block, the lowest-ranked running sequence (possibly itself;
+one already scheduled in this step is taken out of it, with its tokens and block copies) is
+preempted by recompute: its blocks are freed and it waits at the front of its priority class to
+prefill prompt + generated tokens again. So a high-priority prompt still prefilling takes blocks
+from lower-priority decodes, though decodes are scheduled first. A sequence that cannot fit
 even alone in the pool is finished with reason "abort" and an `error` message instead, so the loop
 always progresses. No waiting sequence is admitted in a step that preempted.
 
@@ -102,8 +104,7 @@ class _StepBuilder:
     def __init__(self, token_budget: int):
         self.token_budget = token_budget
         self.scheduled: list[ScheduledSequence] = []
-        self.scheduled_ids: set[int] = set()
-        self.block_copies: list[tuple[int, int]] = []
+        self.block_copies: dict[int, list[tuple[int, int]]] = {}  # by id(seq), for the scheduled
         self.preempted: list[Sequence] = []
         self.failed: list[Sequence] = []
 
@@ -113,13 +114,20 @@ class _StepBuilder:
         self.scheduled.append(ScheduledSequence(seq, start_position, num_new_tokens,
                                                 seq.fanout if reaches_end else 0,
                                                 tuple(seq.block_table)))
-        self.scheduled_ids.add(id(seq))
-        self.block_copies.extend(block_copies)
+        self.block_copies[id(seq)] = block_copies
         self.token_budget -= num_new_tokens
 
+    def remove(self, seq: Sequence) -> None:
+        """Takes a scheduled sequence out of the step: its tokens back into the budget, and its
+        copies dropped (their destination blocks are freed with it, and may be handed out again)."""
+        entry = next(e for e in self.scheduled if e.seq is seq)
+        self.scheduled.remove(entry)
+        del self.block_copies[id(seq)]
+        self.token_budget += entry.num_new_tokens
+
     def output(self, num_steps: int) -> SchedulerOutput:
-        return SchedulerOutput(tuple(self.scheduled), tuple(self.block_copies),
-                               tuple(self.preempted), tuple(self.failed), num_steps)
+        copies = tuple(pair for entry in self.scheduled for pair in self.block_copies[id(entry.seq)])
+        return SchedulerOutput(tuple(self.scheduled), copies, tuple(self.preempted), tuple(self.failed), num_steps)
 
 
 def _waiting_key(seq: Sequence) -> tuple:
@@ -286,15 +294,18 @@ class Scheduler:
 
     def _allocate_or_preempt(self, seq: Sequence, num_new: int,
                              step: _StepBuilder) -> list[tuple[int, int]] | None:
-        """Slots for `seq`'s next tokens, preempting lower-ranked unscheduled sequences as needed.
+        """Slots for `seq`'s next tokens, preempting the lowest-ranked running sequences as needed
+        (taking them out of the step if they were scheduled in it).
 
         Returns the block copies, or None when `seq` itself was preempted or failed.
         """
         while (block_copies := self.block_manager.allocate_slots(seq, num_new)) is None:
-            victim = next(s for s in reversed(self._running) if id(s) not in step.scheduled_ids)
+            victim = self._running[-1]
             if victim is seq and len(self._running) == 1:
                 self._fail_oversized(seq, seq.num_computed_tokens + num_new, step)
                 return None
+            if id(victim) in step.block_copies:
+                step.remove(victim)
             self._preempt(victim, step)
             if victim is seq:
                 return None

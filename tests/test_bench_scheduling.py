@@ -149,3 +149,39 @@ def test_sampling_options_reach_every_request(engine, requests, monkeypatch):
     sent = generate_request(requests[0], sampling).sampling  # the same options over gRPC
     assert (sent.temperature, sent.top_p, sent.top_k, sent.ignore_eos) == pytest.approx((0.8, 0.9, 5, True))
     assert generate_request(requests[0]).sampling.temperature == 0.0 and len(seen) == len(requests)
+
+
+def _greedy(engine, requests, tag):
+    """Each request's greedy tokens and cached prompt tokens, the requests run one after another
+    (so that each later one can find the earlier ones' prefixes)."""
+    from jaxinfer.sampling_params import SamplingParams
+
+    results = []
+    for i, request in enumerate(requests):
+        engine.add_request(f"{tag}{i}", prompt_token_ids=request.prompt_token_ids,
+                           params=SamplingParams(temperature=0.0, max_tokens=request.max_tokens, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            finished = [o for o in engine.step() if o.finished]
+        results.append((finished[0].outputs[0].token_ids, finished[0].num_cached_tokens))
+    return results
+
+
+def test_without_the_prefix_cache_nothing_is_cached_and_the_tokens_are_the_same(engine, monkeypatch):
+    from jaxinfer.bench import runs
+    from jaxinfer.cli import _parser
+
+    # A smaller engine than the module's (fewer buckets to compile); greedy tokens do not depend on the buckets.
+    settings = dict(dtype="float32", max_num_seqs=2, max_num_batched_tokens=32, max_model_len=128, kv_memory="4MiB",
+                    decode_steps=1)
+    created = []
+    monkeypatch.setattr(runs, "create_engine", lambda model, **kwargs: created.append(kwargs) or create_engine(
+        model, **{**kwargs, **settings, "progress": False}))
+    uncached = runs._engine(_parser().parse_args(["bench", "throughput", str(CHECKPOINTS_DIR / "tiny-llama3"),
+                                                  "--no-prefix-caching"]))
+    assert created[0]["enable_prefix_caching"] is False
+    requests = random_requests(6, LengthRange(3, 9), LengthRange(4, 4), engine.model_cfg.vocab_size, seed=5,
+                               prefix_len=3 * engine.engine_cfg.block_size, num_prefixes=2)
+    requests = fresh_prefixes(requests, 7, engine.model_cfg.vocab_size)
+    with_cache, without = _greedy(engine, requests, "on"), _greedy(uncached, requests, "off")
+    assert [tokens for tokens, _ in with_cache] == [tokens for tokens, _ in without]
+    assert sum(cached for _, cached in with_cache) > 0 and sum(cached for _, cached in without) == 0

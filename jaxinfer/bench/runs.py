@@ -54,7 +54,13 @@ ENGINE_OPTIONS = ("dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_
 def _engine(args, max_num_seqs: int | None = None):
     options = {name: getattr(args, name) for name in ENGINE_OPTIONS}
     refuse_build_options(args.model, **options)
-    return create_engine(args.model, progress=True, **{**options, "max_num_seqs": max_num_seqs or args.max_num_seqs})
+    return create_engine(args.model, progress=True, enable_prefix_caching=args.enable_prefix_caching,
+                         **{**options, "max_num_seqs": max_num_seqs or args.max_num_seqs})
+
+
+def _engine_config(engine, args) -> dict:
+    """The engine's build config and the scheduler's prefix-cache choice, for the JSON results."""
+    return {**vars(engine.engine_cfg), "enable_prefix_caching": args.enable_prefix_caching}
 
 
 def workload(args, vocab_size: int, encode, max_model_len: int, static: bool = False) -> list[BenchRequest]:
@@ -191,7 +197,7 @@ def throughput_main(args) -> None:
     columns = THROUGHPUT_COLUMNS + ([PREFIX_CACHE_COLUMN] if args.prefix_len else [])
     print(comparison_table(systems, columns, reference="jaxinfer"))
     write_results(args.output, {"workload": _workload_description(args, requests),
-                                "engine_config": vars(engine.engine_cfg), "systems": systems,
+                                "engine_config": _engine_config(engine, args), "systems": systems,
                                 "jaxinfer_advantage": advantages(systems, columns, "jaxinfer")})
     if args.plot:
         plots.bar_chart({name.split(" (")[0]: s["output_tokens_per_s"] for name, s in systems.items()},
@@ -274,7 +280,7 @@ def latency_main(args) -> None:
               f"{context} positions' K/V a token)")
         if note := cache_note(read_per_token, cache):
             print(f"  {note}, so the ratio can exceed 1")
-    write_results(args.output, {"engine_config": vars(engine.engine_cfg), "roofline": roofline_fields,
+    write_results(args.output, {"engine_config": _engine_config(engine, args), "roofline": roofline_fields,
                                 "systems": systems, "jaxinfer_advantage": advantages(systems, columns, "jaxinfer")})
     if args.plot:
         first = str(args.batch_sizes[0])
@@ -297,7 +303,8 @@ def serve_main(args) -> None:
     if not args.target and (args.tls_ca or args.auth_token_file):
         raise RequestError("--tls-ca and --auth-token-file are for a server's connection: give --target HOST:PORT")
     ignored = (["MODEL"] if args.model else []) + [f"--{name.replace('_', '-')}" for name in ENGINE_OPTIONS
-                                                   if getattr(args, name) is not None]
+                                                   if getattr(args, name) is not None] \
+        + ([] if args.enable_prefix_caching else ["--no-prefix-caching"])
     if args.target and ignored:
         raise RequestError(f"with --target the server's engine is measured: {' and '.join(ignored)} would be "
                            "ignored; give them to `jaxinfer serve`")
@@ -346,7 +353,9 @@ def serve_main(args) -> None:
         print(f"\n{kind} = {value}")
         print(comparison_table(point, columns, reference=next(iter(runs))))
     _print_tpot_growth(curves)
-    write_results(args.output, {"workload": _workload_description(args, requests), "burstiness": args.burstiness,
+    write_results(args.output, {"workload": _workload_description(args, requests),
+                                "engine_config": None if args.target else _engine_config(engine, args),
+                                "burstiness": args.burstiness,
                                 "max_concurrency": args.max_concurrency, "slo": args.slo, "curves": curves})
     if args.plot:
         plots.latency_throughput_curve(curves, args.output.with_suffix(".png"))

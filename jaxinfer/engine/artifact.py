@@ -150,7 +150,8 @@ def verify_files(directory: Path, manifest: dict) -> None:
                               "with `jaxinfer build`")
 
 
-def load_engine(directory: Path, progress: bool = True, background: bool = False) -> LLMEngine:
+def load_engine(directory: Path, progress: bool = True, background: bool = False,
+                enable_prefix_caching: bool = True) -> LLMEngine:
     """The engine in `directory`, ready to step. With `background`, it returns once the weights,
     KV pool and tokenizer are ready and the buckets' executables are still deserializing
     (`BucketExecutables`): a fresh process answers its first request 1-2 s sooner."""
@@ -176,7 +177,7 @@ def load_engine(directory: Path, progress: bool = True, background: bool = False
     if progress:
         print(f"loaded engine {directory} ({len(executables)} buckets{', loading in the background' * background}, "
               f"{manifest['num_kv_blocks']} KV blocks) in {time.perf_counter() - start:.2f} s", file=sys.stderr)
-    return LLMEngine(runner, tokenizer, cfg, engine_cfg)
+    return LLMEngine(runner, tokenizer, cfg, engine_cfg, enable_prefix_caching)
 
 
 class BucketExecutables(Mapping):

@@ -36,17 +36,19 @@ def refuse_build_options(model: str | Path | None, **options) -> None:
 
 
 def create_engine(model: str | Path | None = None, progress: bool = True, background: bool = False,
-                  **overrides) -> LLMEngine:
+                  enable_prefix_caching: bool = True, **overrides) -> LLMEngine:
     """An engine for `model` (engine directory, HF directory, .gguf, or None for the default
     model); keyword overrides are EngineConfig fields (ignored for a built engine, whose build
     config is fixed). `background`: a built engine returns while its buckets' executables are
-    still loading (jaxinfer.engine.artifact.load_engine)."""
+    still loading (jaxinfer.engine.artifact.load_engine). `enable_prefix_caching` is the
+    scheduler's choice, not the build's: any engine serves with the prefix cache off as well."""
     if is_engine_dir(model):
         from jaxinfer.engine.artifact import load_engine
 
-        return load_engine(Path(model), progress=progress, background=background)
+        return load_engine(Path(model), progress=progress, background=background,
+                           enable_prefix_caching=enable_prefix_caching)
     checkpoint = load_checkpoint(model)
-    return engine_from_checkpoint(checkpoint, EngineConfig.create(**overrides), progress)
+    return engine_from_checkpoint(checkpoint, EngineConfig.create(**overrides), progress, enable_prefix_caching)
 
 
 def prepare_device_state(checkpoint: Checkpoint, engine_cfg: EngineConfig, progress: bool):
@@ -85,8 +87,9 @@ def serving_params(checkpoint: Checkpoint, engine_cfg: EngineConfig, mesh, progr
     return params, cfg
 
 
-def engine_from_checkpoint(checkpoint: Checkpoint, engine_cfg: EngineConfig, progress: bool = True) -> LLMEngine:
+def engine_from_checkpoint(checkpoint: Checkpoint, engine_cfg: EngineConfig, progress: bool = True,
+                           enable_prefix_caching: bool = True) -> LLMEngine:
     cfg, engine_cfg, mesh, params, kv_caches = prepare_device_state(checkpoint, engine_cfg, progress)
     executables = compile_steps(cfg, engine_cfg, mesh, params, kv_caches, progress)
     runner = ModelRunner(cfg, engine_cfg, mesh, params, kv_caches, executables, checkpoint.tokenizer.eos_token_ids)
-    return LLMEngine(runner, checkpoint.tokenizer, cfg, engine_cfg)
+    return LLMEngine(runner, checkpoint.tokenizer, cfg, engine_cfg, enable_prefix_caching)

@@ -1,7 +1,7 @@
 """Incremental detokenization of a request's generated tokens, with stop strings.
 
 `IncrementalDetokenizer(tokenizer, prompt_token_ids, skip_special_tokens, stop,
-include_stop_str_in_output)` turns output token ids, fed in any chunks, into text pieces:
+include_stop_str_in_output, min_tokens)` turns output token ids, fed in any chunks, into text pieces:
 
     add_tokens(ids: Sequence[int]) -> (new_text: str, stop_hit: str | None)
     finish() -> (new_text: str, stop_hit: str | None)    at the end of generation: flushes what
@@ -21,7 +21,8 @@ Stop strings are matched on the decoded text across token boundaries. The first 
 *end* wins (ties: the longest), which makes the result independent of how tokens are chunked.
 Text that could be the start of a stop string is held back until decided; on a hit the output is
 cut before the stop string, or after it with `include_stop_str_in_output`, and the detokenizer is
-done: further `add_tokens` calls are an error.
+done: further `add_tokens` calls are an error. As in vLLM, a stop string counts only when it ends
+in the text of an output token after the first `min_tokens` (it may start earlier).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class IncrementalDetokenizer:
     """Output token ids -> stable text pieces, cut at the first stop string; see the module docstring."""
 
     def __init__(self, tokenizer, prompt_token_ids: Sequence[int], skip_special_tokens: bool = True,
-                 stop: Sequence[str] = (), include_stop_str_in_output: bool = False):
+                 stop: Sequence[str] = (), include_stop_str_in_output: bool = False, min_tokens: int = 0):
         if isinstance(stop, str):
             stop = (stop,)
         if not all(isinstance(s, str) and s for s in stop):
@@ -88,6 +89,8 @@ class IncrementalDetokenizer:
         self._stop = tuple(stop)
         self._longest_stop = max((len(s) for s in self._stop), default=0)
         self._include_stop = include_stop_str_in_output
+        self._min_tokens = min_tokens
+        self._num_tokens = 0  # output tokens fed so far
         self._text = ""     # all stable text decoded so far (cut at a stop string once hit)
         self._emitted = 0   # how much of it has been returned
         self._done = False
@@ -100,7 +103,17 @@ class IncrementalDetokenizer:
     def add_tokens(self, token_ids: Sequence[int]) -> tuple[str, str | None]:
         """Feeds newly generated tokens; returns the text that became final and the stop string hit."""
         self._check_open()
-        return self._advance(self._decoder.add(token_ids), final=False)
+        token_ids = list(token_ids)
+        # A chunk that crosses min_tokens is decoded in two parts, so that the stop search starts
+        # exactly at the text of token min_tokens + 1 however the tokens are chunked.
+        quiet = min(len(token_ids), max(0, self._min_tokens - self._num_tokens))
+        text, hit = "", None
+        for part in (token_ids[:quiet], token_ids[quiet:]):
+            if part and hit is None:
+                self._num_tokens += len(part)
+                piece, hit = self._advance(self._decoder.add(part), final=False)
+                text += piece
+        return text, hit
 
     def finish(self) -> tuple[str, str | None]:
         """Ends the output (max_tokens, eos, abort): returns all held-back text, cut at a stop string."""
@@ -113,10 +126,9 @@ class IncrementalDetokenizer:
                               "create a new one per output sequence")
 
     def _advance(self, stable_text: str, final: bool) -> tuple[str, str | None]:
-        # Any stop string ending in the new text starts at most longest-1 characters before it.
-        search_from = max(0, len(self._text) - self._longest_stop + 1)
+        searched = len(self._text)
         self._text += stable_text
-        hit = self._first_stop(search_from)
+        hit = self._first_stop(searched) if self._num_tokens > self._min_tokens else None
         if hit is not None:
             start, stop = hit
             self._text = self._text[:start + len(stop) if self._include_stop else start]
@@ -131,10 +143,11 @@ class IncrementalDetokenizer:
         self._emitted = end
         return piece
 
-    def _first_stop(self, search_from: int) -> tuple[int, str] | None:
-        """(start, stop string) of the occurrence that ends first; ties go to the longer one."""
+    def _first_stop(self, searched: int) -> tuple[int, str] | None:
+        """(start, stop string) of the occurrence ending after text[:searched] that ends first; ties
+        go to the longer one. text[:searched] may hold occurrences that min_tokens ruled out."""
         occurrences = [(start + len(stop), start, stop) for stop in self._stop
-                       if (start := self._text.find(stop, search_from)) >= 0]
+                       if (start := self._text.find(stop, max(0, searched - len(stop) + 1))) >= 0]
         if not occurrences:
             return None
         _, start, stop = min(occurrences)

@@ -57,7 +57,7 @@ class SamplingParams:
         _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", self.logprobs,
                f"must be between 0 and {MAX_LOGPROBS}")
         _check(self.seed is None or 0 <= self.seed < 2**63, "seed", self.seed, "must be in [0, 2**63)")
-        _check(all(s for s in self.stop), "stop", self.stop, "must not contain empty strings")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "must be non-empty strings")
 
     @property
     def uses_penalties(self) -> bool:

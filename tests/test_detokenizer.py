@@ -192,3 +192,30 @@ def test_stop_string_rules(tokenizer):
     assert final("你好世界", ["好世"]) == ("你", "好世")
     with pytest.raises(RequestError, match="non-empty"):
         IncrementalDetokenizer(tokenizer, [], stop=["ok", ""])
+
+
+def test_min_tokens_rules_out_earlier_stop_strings(tokenizer, rng):
+    """As in vLLM, a stop string counts only when it ends in the text of a token after the first
+    min_tokens (it may start before), whether tokens come one by one or in random chunks."""
+    num_ruled_out = 0
+    for trial in range(40):
+        ids = tokenizer.encode(TEXTS[trial % len(TEXTS)]).ids
+        stops = stops_across_boundaries(rng, tokenizer, ids, int(rng.integers(1, 4)))
+        min_tokens, include = int(rng.integers(0, len(ids) + 1)), bool(rng.integers(0, 2))
+        text = tokenizer.decode(ids)
+        quiet_end = len(tokenizer.decode(ids[:min_tokens]).rstrip("\ufffd"))
+        occurrences = [(start + len(s), -len(s), start, s) for s in stops for start in range(len(text))
+                       if text.startswith(s, start)]
+        counted = [o for o in occurrences if o[0] > quiet_end and len(ids) > min_tokens]
+        num_ruled_out += len(counted) < len(occurrences)
+        if counted:
+            end, _, start, stop = min(counted)
+            want = (text[:end if include else start], stop)
+        else:
+            want = (text, None)
+        for chunks in ([[i] for i in ids], random_chunks(rng, ids)):
+            detok = IncrementalDetokenizer(tokenizer, [], stop=stops, include_stop_str_in_output=include,
+                                           min_tokens=min_tokens)
+            pieces, hit = run(detok, chunks)
+            assert ("".join(pieces), hit) == want, (stops, min_tokens, include)
+    assert num_ruled_out > 5

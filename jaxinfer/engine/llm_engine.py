@@ -2,13 +2,16 @@
 
 The contract (one engine, one thread drives it):
     add_request(request_id, prompt | prompt_token_ids, SamplingParams, priority)  validates and queues
-    step() -> list[RequestOutput]   runs one scheduled model step and reports every request that
-                                    got tokens or finished (incremental `delta_*` and cumulative text)
+    step() -> list[RequestOutput]   runs one scheduled call (one model step, or up to decode_steps
+                                    decode steps) and reports every request that got tokens or
+                                    finished (incremental `delta_*` and cumulative text)
     abort(request_id) -> RequestOutput | None   ends a request now; its KV blocks return at once
     has_unfinished_requests() / metrics()
 
 Stop strings are matched on detokenized text (jaxinfer.detokenizer) here, after the step; token
-stops (eos, stop ids, max_tokens) are the scheduler's.
+stops (eos, stop ids, max_tokens) are the scheduler's. As in vLLM, a stop string ends a sample with
+reason "stop" even on its last allowed token, and the text of a stop token is left out unless
+include_stop_str_in_output.
 """
 
 from __future__ import annotations
@@ -68,13 +71,13 @@ class LLMEngine:
                     prompt_token_ids: Seq[int] | None = None, priority: int = 0,
                     arrival_time: float | None = None) -> None:
         params = params or SamplingParams()
-        if request_id in self._requests:
-            raise RequestError(f"request id {request_id!r} is already in use; give each request a unique id")
         if (prompt is None) == (prompt_token_ids is None):
             raise RequestError("give exactly one of a text prompt or prompt token ids")
+        # The scheduler owns the request checks (unique id, non-empty prompt); this one only spares
+        # tokenizing the prompt of a request it would reject.
+        if prompt is not None and request_id in self._requests:
+            raise RequestError(f"request id {request_id!r} is already in use; give each request a unique id")
         ids = self.tokenizer.encode(prompt) if prompt is not None else [int(t) for t in prompt_token_ids]
-        if not ids:
-            raise RequestError("the prompt is empty; it needs at least one token")
         vocab = self.model_cfg.vocab_size
         for what, tokens in (("prompt token ids", ids), ("stop_token_ids", params.stop_token_ids)):
             bad = [t for t in tokens if not 0 <= t < vocab]
@@ -86,18 +89,20 @@ class LLMEngine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len ({limit}); "
                 "shorten the prompt or lower max_tokens")
         now = time.monotonic() if arrival_time is None else arrival_time
-        seq = self.scheduler.add_request(request_id, ids, params, priority, now)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         state = _RequestState(ids, params, seed, RequestMetrics(now))
+        # Everything that can fail comes before the scheduler takes the request: a request it
+        # queued without the engine's state would break every later step.
+        self._open_sample(state, 0)
+        state.seqs[0] = self.scheduler.add_request(request_id, ids, params, priority, now)
         self._requests[request_id] = state
-        self._track(state, seq)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         state = self._requests.get(request_id)
         if state is None:
             return None
         for seq in self.scheduler.abort(request_id):
-            state.completions[seq.seq_index].finish_reason = "abort"
+            self._end_without_token(state, seq)
         return self._report(request_id, state)
 
     def has_unfinished_requests(self) -> bool:
@@ -114,7 +119,7 @@ class LLMEngine:
         for seq in out.failed:
             state = self._requests[seq.request_id]
             state.error = seq.error
-            state.completions[seq.seq_index].finish_reason = "abort"
+            self._end_without_token(state, seq)
             changed[seq.request_id] = None
         if not out.is_empty:
             now = time.monotonic()
@@ -135,19 +140,26 @@ class LLMEngine:
                     changed[seq.request_id] = None
         return [self._report(rid, self._requests[rid]) for rid in changed]
 
-    def _track(self, state: _RequestState, seq: Sequence) -> None:
-        state.seqs[seq.seq_index] = seq
-        if seq.seq_index not in state.completions:
-            params = state.params
-            state.completions[seq.seq_index] = CompletionOutput(
-                seq.seq_index, logprobs=[] if params.logprobs is not None else None)
-            state.detokenizers[seq.seq_index] = IncrementalDetokenizer(
-                self.tokenizer.backend, state.prompt_token_ids, skip_special_tokens=True, stop=params.stop,
-                include_stop_str_in_output=params.include_stop_str_in_output)
+    def _open_sample(self, state: _RequestState, index: int) -> None:
+        """Starts the output of sample `index`: its completion and its detokenizer."""
+        params = state.params
+        state.detokenizers[index] = IncrementalDetokenizer(
+            self.tokenizer.backend, state.prompt_token_ids, skip_special_tokens=True, stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output, min_tokens=params.min_tokens)
+        state.completions[index] = CompletionOutput(index, logprobs=[] if params.logprobs is not None else None)
+
+    def _end_without_token(self, state: _RequestState, seq: Sequence) -> None:
+        """Records a sample the scheduler ended between tokens (abort, failure), with the text its
+        detokenizer still held back, so that the text matches the tokens."""
+        completion = state.completions[seq.seq_index]
+        _append_text(completion, state.detokenizers[seq.seq_index].finish()[0])
+        completion.finish_reason = seq.finish_reason
 
     def _on_token(self, seq: Sequence, token: SampledToken, now: float) -> None:
         state = self._requests[seq.request_id]
-        self._track(state, seq)
+        if seq.seq_index not in state.seqs:  # a sample forked off sample 0 in this step (n > 1)
+            state.seqs[seq.seq_index] = seq
+            self._open_sample(state, seq.seq_index)
         completion = state.completions[seq.seq_index]
         completion.token_ids.append(token.token_id)
         completion.delta_token_ids.append(token.token_id)
@@ -156,14 +168,20 @@ class LLMEngine:
                                                       token.top_logprobs[:state.params.logprobs])}
             completion.logprobs.append({token.token_id: token.logprob, **top})
         detokenizer = state.detokenizers[seq.seq_index]
-        text, stop_hit = detokenizer.add_tokens([token.token_id])
+        # vLLM leaves the text of the token that stopped the sample (eos, a stop id) out of the
+        # output unless include_stop_str_in_output; the token stays in token_ids.
+        stopped_by_token = seq.finish_reason == "stop" and not state.params.include_stop_str_in_output
+        text, stop_hit = ("", None) if stopped_by_token else detokenizer.add_tokens([token.token_id])
+        if stop_hit is None and seq.is_finished:  # release text held back for a possible stop string
+            held, stop_hit = detokenizer.finish()
+            text += held
+        _append_text(completion, text)
         if stop_hit is not None:
+            # "stop" even when this token also reached max_tokens and the scheduler already finished
+            # the sample by length (its finish() is then a no-op), as vLLM reports it.
             self.scheduler.finish(seq, "stop")
-        elif seq.is_finished:  # eos, stop id or length: release text held back for a possible stop string
-            text += detokenizer.finish()[0]
-        completion.text += text
-        completion.delta_text += text
-        if seq.is_finished:
+            completion.finish_reason = "stop"
+        elif seq.is_finished:
             completion.finish_reason = seq.finish_reason
         state.metrics.first_token_time = state.metrics.first_token_time or now
         state.metrics.last_token_time = now
@@ -183,3 +201,9 @@ class LLMEngine:
         first = state.seqs[0]
         return RequestOutput(request_id, state.prompt_token_ids, outputs, finished,
                              first.num_cached_tokens or 0, state.metrics, state.error)
+
+
+def _append_text(completion: CompletionOutput, text: str) -> None:
+    """Adds text to a completion's cumulative text and to this step's delta."""
+    completion.text += text
+    completion.delta_text += text

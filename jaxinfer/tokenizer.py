@@ -46,7 +46,10 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch gives the same ids and lets other threads run more while it works (the server
+        # tokenizes off its event loop; a 3.7 MB prompt held a thread ticking every 1 ms 0.47 s at
+        # most with encode, 0.30 with encode_batch).
+        ids = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None and (
                 not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]

@@ -88,6 +88,9 @@ class EngineLoop:
         self._on_output = on_output
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
+        # Requests whose consumer left (cancel, deadline) until their final output: still counted
+        # in the metrics, delivered to no one.
+        self._detached: dict[str, RequestStream] = {}
         self._thread = threading.Thread(target=self._run, name="jaxinfer-engine", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future | None = None
@@ -95,6 +98,7 @@ class EngineLoop:
         self.snapshot: EngineSnapshot | None = None
         self.admitting = True
         self.failure: str | None = None
+        self.failed = asyncio.Event()  # set with `failure`: the engine serves no more requests
 
     # -- event-loop side --------------------------------------------------------------------
 
@@ -137,14 +141,19 @@ class EngineLoop:
 
     async def abort(self, request_id: str) -> bool:
         """Ends a request now; its stream gets a final output with finish reason "abort"."""
+        if self.failure is not None:  # every request has ended, and no engine thread would answer
+            return False
         found = self._loop.create_future()
         self._send(("abort", request_id, found))
         return await found
 
     def abort_detached(self, request_id: str) -> None:
-        """Aborts a request whose consumer is gone (cancelled, deadline): nothing is delivered."""
-        if self._streams.pop(request_id, None) is not None:
-            self._send(("abort", request_id, None))
+        """Aborts a request whose consumer is gone (cancelled, deadline): its outputs still reach
+        the metrics hook, and nothing is delivered."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            self._detached[request_id] = stream
+            self._send(("detach", request_id, stream))
 
     def abort_all(self) -> None:
         for request_id in list(self._streams):
@@ -167,22 +176,42 @@ class EngineLoop:
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
-            stream = self._streams.get(output.request_id)
+            # A detached id's outputs are the old request's until its final one, even when a new
+            # request already reuses the id.
+            holder = self._detached if output.request_id in self._detached else self._streams
+            stream = holder.get(output.request_id)
             if stream is None:
                 continue
             self._on_output(output, stream)
-            if output.error is not None:
-                stream.put(RequestFailedError(output.error))
-            else:
-                stream.put(output)
+            if holder is self._streams:
+                stream.put(output if output.error is None else RequestFailedError(output.error))
             if output.finished or output.error is not None:
-                del self._streams[output.request_id]
+                del holder[output.request_id]
+
+    def _forget_detached(self, request_id: str, stream: RequestStream) -> None:
+        """Drops a detached request the engine did not hold (so no final output will come)."""
+        if self._detached.get(request_id) is stream:
+            del self._detached[request_id]
 
     def _fail_all(self, message: str) -> None:
+        """Ends every request and answers every command the engine thread left behind."""
         self.failure = message
+        error = EngineFailedError(f"the engine failed and serves no more requests: {message}")
         for stream in self._streams.values():
-            stream.put(EngineFailedError(f"the engine failed: {message}"))
+            stream.put(error)
         self._streams.clear()
+        self._detached.clear()
+        # Commands sent before `failure` was set; later ones are refused where they are made.
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if command[0] == "add":
+                self._resolve(command[-1], None, error)
+            elif command[0] == "abort" and command[2] is not None:
+                self._resolve(command[2], False)
+        self.failed.set()
 
     # -- engine thread ------------------------------------------------------------------------
 
@@ -207,19 +236,19 @@ class EngineLoop:
     def _serve(self, engine: LLMEngine) -> None:
         step_seconds, last_snapshot = 0.0, 0.0
         while True:
-            idle = not engine.has_unfinished_requests()
-            commands = [self._commands.get()] if idle else []
+            # Wait for a command only while idle. Each is applied as it is taken, so those left
+            # queued when the engine fails are all answered by _fail_all.
+            outputs: list[RequestOutput] = []
+            block = not engine.has_unfinished_requests()
             while True:
                 try:
-                    commands.append(self._commands.get_nowait())
+                    command = self._commands.get(block=block)
                 except queue.Empty:
                     break
-            aborted: list[RequestOutput] = []
-            for command in commands:
                 if command[0] == "stop":
                     return
-                aborted.extend(self._apply(engine, command))
-            outputs = aborted
+                outputs.extend(self._apply(engine, command))
+                block = False
             if engine.has_unfinished_requests():
                 start = time.perf_counter()
                 outputs = outputs + engine.step()
@@ -242,11 +271,18 @@ class EngineLoop:
             else:
                 self._call_soon(self._resolve, accepted, True)
             return []
-        _, request_id, found = command
-        output = engine.abort(request_id)
-        if found is not None:
-            self._call_soon(self._resolve, found, output is not None)
-        return [output] if output is not None else []
+        kind, request_id, reply = command  # reply: the Abort caller's future, or the detached stream
+        output = None
+        try:
+            output = engine.abort(request_id)
+        finally:  # the caller is answered even when the engine fails here
+            if kind == "abort" and reply is not None:
+                self._call_soon(self._resolve, reply, output is not None)
+        if output is None:
+            if kind == "detach":
+                self._call_soon(self._forget_detached, request_id, reply)
+            return []
+        return [output]
 
     def _publish_snapshot(self, engine: LLMEngine, step_seconds: float) -> None:
         self.snapshot = EngineSnapshot(engine.metrics(), engine.num_steps, step_seconds)

@@ -51,6 +51,10 @@ class EngineFailedError(ServingError):
     code = grpc.StatusCode.INTERNAL
 
 
+class ListenError(JaxinferError):
+    """The server cannot open one of its ports (in use, or the host is not an address of this machine)."""
+
+
 def grpc_status(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
     """The status a failed RPC answers with, or None for exceptions that are bugs (re-raised)."""
     if isinstance(exc, ServingError):

@@ -70,9 +70,8 @@ def _completion(completion: CompletionOutput, cumulative: bool) -> pb.Completion
     message = pb.Completion(index=completion.index, text=completion.text if cumulative else completion.delta_text,
                             token_ids=token_ids, finish_reason=FINISH_REASONS[completion.finish_reason])
     if completion.logprobs is not None and token_ids:
-        # The engine keeps appending to this list after the step; `token_ids` is a snapshot.
-        end = len(completion.token_ids)
-        for position in completion.logprobs[end - len(token_ids):end]:
+        # One logprobs entry per generated token: this message's tokens are the last ones.
+        for position in completion.logprobs[-len(token_ids):]:
             message.logprobs.add().entries.extend(
                 pb.TokenLogprob(token_id=t, logprob=lp) for t, lp in position.items())
     return message

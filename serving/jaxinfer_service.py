@@ -1,13 +1,16 @@
 """The jaxinfer.v1.Jaxinfer servicer: Generate (stream and unary), Tokenize, Detokenize,
 ModelInfo, Abort, over an EngineLoop. Methods raise ServingError/RequestError; serving/handlers.py
-turns those into gRPC statuses."""
+turns those into gRPC statuses. Tokenizing, detokenizing and chat templates run in worker threads:
+on the event loop, a prompt of megabytes would hold up every stream and health check for seconds."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from jaxinfer.errors import RequestError
 from jaxinfer.sampling_params import MAX_LOGPROBS
+from jaxinfer.tokenizer import Tokenizer
 from serving import jaxinfer_codec as codec
 from serving.engine_loop import EngineLoop
 from serving.errors import NotReadyError
@@ -27,7 +30,7 @@ class JaxinferServicer:
 
     async def _start(self, request: pb.GenerateRequest):
         engine = self._loaded_engine()
-        ids = codec.prompt_token_ids(request, engine.tokenizer)
+        ids = await asyncio.to_thread(codec.prompt_token_ids, request, engine.tokenizer)
         params = codec.sampling_params(request.sampling, engine.engine_cfg.max_num_seqs,
                                        engine.model_cfg.vocab_size)
         return await self.engine_loop.submit(request.request_id or uuid.uuid4().hex, ids, params,
@@ -46,12 +49,7 @@ class JaxinferServicer:
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         tokenizer = self._loaded_engine().tokenizer
-        kind = request.WhichOneof("input")
-        if kind is None:
-            raise RequestError("nothing to tokenize; set text or chat")
-        text = request.text if kind == "text" else codec.chat_text(request.chat, tokenizer)
-        add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-        return pb.TokenizeResponse(token_ids=tokenizer.encode(text, add_special_tokens=add_special))
+        return pb.TokenizeResponse(token_ids=await asyncio.to_thread(_tokenize, request, tokenizer))
 
     async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
         engine = self._loaded_engine()
@@ -60,7 +58,8 @@ class JaxinferServicer:
         if bad:
             raise RequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-        return pb.DetokenizeResponse(text=engine.tokenizer.decode(request.token_ids, skip_special_tokens=skip))
+        text = await asyncio.to_thread(engine.tokenizer.decode, request.token_ids, skip_special_tokens=skip)
+        return pb.DetokenizeResponse(text=text)
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:
         engine = self._loaded_engine()
@@ -80,3 +79,12 @@ class JaxinferServicer:
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         self._loaded_engine()
         return pb.AbortResponse(found=await self.engine_loop.abort(request.request_id))
+
+
+def _tokenize(request: pb.TokenizeRequest, tokenizer: Tokenizer) -> list[int]:
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise RequestError("nothing to tokenize; set text or chat")
+    text = request.text if kind == "text" else codec.chat_text(request.chat, tokenizer)
+    add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+    return tokenizer.encode(text, add_special_tokens=add_special)

@@ -1,7 +1,8 @@
 """The KServe v2 / Triton `inference.GRPCInferenceService` over an EngineLoop, with the text
 tensors of TensorRT-LLM's Triton models, so that tritonclient[grpc] works unmodified.
 
-Inputs (batch size 1; scalars may have any shape of one element, e.g. [1, 1]):
+Inputs (batch size 1; scalars may have any shape of one element, e.g. [1, 1]; an integer or
+floating-point input may come in another width of its kind, e.g. INT64 for INT32, never as another kind):
     text_input BYTES (required), max_tokens INT32 (required), and optionally temperature,
     top_k (0 = disabled, TensorRT-LLM's convention), top_p, repetition_penalty,
     presence_penalty, frequency_penalty, min_length, random_seed, end_id (an extra stop
@@ -26,7 +27,7 @@ from jaxinfer.errors import RequestError
 from serving import jaxinfer_codec as codec
 from serving.engine_loop import EngineLoop
 from serving.errors import MalformedRequestError, NotReadyError, UnknownModelError, grpc_status
-from serving.kserve_tensors import decode_inputs, encode_bytes
+from serving.kserve_tensors import check_datatype, decode_inputs, encode_bytes
 from serving.protos import kserve_v2_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,9 @@ class KServeServicer:
         self.server_version = server_version
 
     def _check_model(self, name: str, version: str = "") -> None:
+        # The model's name may be unknown until the engine is loaded.
+        if self.engine_loop.engine is None:
+            raise NotReadyError("the engine is still loading; retry when ServerReady is true")
         if name != self.model_name or version not in ("", MODEL_VERSION):
             raise UnknownModelError(f"unknown model {name!r} version {version!r}; this server serves "
                                     f"{self.model_name!r} version {MODEL_VERSION!r}")
@@ -93,6 +97,8 @@ class KServeServicer:
         return pb.ServerReadyResponse(ready=self._ready and self.engine_loop.admitting)
 
     async def ModelReady(self, request, context) -> pb.ModelReadyResponse:
+        if self.engine_loop.engine is None:
+            return pb.ModelReadyResponse(ready=False)
         self._check_model(request.name, request.version)
         return pb.ModelReadyResponse(ready=self._ready)
 
@@ -109,18 +115,18 @@ class KServeServicer:
             outputs=[tensor(name=OUTPUT_NAME, datatype="BYTES", shape=[-1, -1])])
 
     def _parse(self, request):
-        """(prompt token ids, SamplingParams, stream, include prompt in output) of a request."""
+        """(prompt token ids, SamplingParams, stream, include prompt in output) of a request.
+        Tokenizes: run it in a worker thread, not on the event loop."""
         self._check_model(request.model_name, request.model_version)
         engine = self.engine_loop.engine
-        if engine is None:
-            raise NotReadyError("the engine is still loading; retry when ServerReady is true")
         for output in request.outputs:
             if output.name != OUTPUT_NAME:
                 raise MalformedRequestError(f"unknown output {output.name!r}; this model returns {OUTPUT_NAME!r}")
-        inputs = decode_inputs(request)
         for tensor in request.inputs:
             if tensor.name not in INPUT_DATATYPES:
                 raise MalformedRequestError(f"unknown input {tensor.name!r}; this model takes {sorted(INPUT_DATATYPES)}")
+            check_datatype(tensor, INPUT_DATATYPES[tensor.name])
+        inputs = decode_inputs(request)
         for name in ("text_input", "max_tokens"):
             if name not in inputs:
                 raise MalformedRequestError(f"the required input {name!r} is missing")
@@ -152,7 +158,7 @@ class KServeServicer:
 
     async def _generate(self, request, decoupled: bool) -> AsyncIterator[pb.ModelInferResponse]:
         """The responses to one request: one, or (decoupled and streaming) one per engine output."""
-        ids, params, stream, prefix = self._parse(request)
+        ids, params, stream, prefix = await asyncio.to_thread(self._parse, request)
         streaming = decoupled and stream
         empty_final = decoupled and _bool_parameter(request, "triton_enable_empty_final_response")
         async with await self.engine_loop.submit(uuid.uuid4().hex, ids, params) as outputs:

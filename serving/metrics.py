@@ -57,8 +57,9 @@ class _EngineStateCollector:
 class ServerMetrics:
     """The server's registry; `observe` is the EngineLoop's per-output hook."""
 
-    def __init__(self, model_name: str, snapshot: Callable[[], EngineSnapshot | None]):
-        self.registry = CollectorRegistry()
+    def __init__(self, model_name: str, snapshot: Callable[[], EngineSnapshot | None],
+                 registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
         labels = {"labelnames": ["model_name"], "registry": self.registry}
 
         def histogram(name: str, doc: str) -> Histogram:
@@ -95,7 +96,9 @@ class ServerMetrics:
             if timing.finished_time is not None:
                 self._e2e.labels(name).observe(timing.finished_time - timing.arrival_time)
 
-    def serve_http(self, host: str, port: int) -> int:
-        """Starts the /metrics HTTP server in a daemon thread; returns the bound port."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return server.server_port
+
+def serve_http(registry: CollectorRegistry, host: str, port: int) -> int:
+    """Starts the /metrics HTTP server of `registry` in a daemon thread; returns the bound port.
+    `host` is bare (an IPv6 address without brackets)."""
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    return server.server_port

@@ -17,6 +17,8 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from tritonclient.grpc import service_pb2 as kpb
+from tritonclient.grpc import service_pb2_grpc as kserve_pb2_grpc
 from tritonclient.utils import InferenceServerException
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -466,3 +468,68 @@ def test_kserve_bad_request(triton_client, offline_engine, case):
         triton_client.infer("other-model" if case == "unknown model" else name, inputs)
     assert ("NOT_FOUND" if case == "unknown model" else "INVALID_ARGUMENT") in err.value.status()
     assert triton_client.is_server_ready()
+
+
+def kserve_request(model_name: str, **tensors: tuple[str, list[int], bytes]) -> kpb.ModelInferRequest:
+    """A ModelInferRequest of raw tensors, name=(datatype, shape, raw bytes), built from tritonclient's
+    protos, whose InferInput would not send most of the wrong ones tested here."""
+    request = kpb.ModelInferRequest(model_name=model_name)
+    for name, (datatype, shape, raw) in tensors.items():
+        request.inputs.add(name=name, datatype=datatype, shape=shape)
+        request.raw_input_contents.append(raw)
+    return request
+
+
+def raw_text(text: bytes) -> bytes:
+    return len(text).to_bytes(4, "little") + text
+
+
+PROMPT = ("BYTES", [1, 1], raw_text(b"Paris is"))
+MAX_TOKENS = ("INT32", [1, 1], np.int32(3).tobytes())
+# case -> (the tensor that replaces or joins the valid ones, what the error says)
+WRONG_TENSORS = {
+    "temperature as BYTES": ({"temperature": ("BYTES", [1, 1], raw_text(b"abc"))},
+                             "'temperature' is BYTES, not a floating-point type; send it as FP32"),
+    "max_tokens as FP32 NaN": ({"max_tokens": ("FP32", [1, 1], np.float32(np.nan).tobytes())},
+                               "'max_tokens' is FP32, not an integer type; send it as INT32"),
+    "max_tokens as FP32 2.7": ({"max_tokens": ("FP32", [1, 1], np.float32(2.7).tobytes())},
+                               "'max_tokens' is FP32, not an integer type"),
+    "text_input as INT32": ({"text_input": ("INT32", [1, 1], np.int32(3).tobytes())},
+                            "'text_input' is INT32, not BYTES"),
+    "stream as INT32": ({"stream": ("INT32", [1, 1], np.int32(1).tobytes())}, "'stream' is INT32, not BOOL"),
+    "elements overflowing int64": ({"text_input": ("BYTES", [2**32, 2**32], b"")},
+                                   "0 elements do not fill shape [4294967296, 4294967296]"),
+    "shape too big for numpy": ({"text_input": ("BYTES", [2**62, 0], b"")}, f"shape [{2**62}, 0] is too big"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG_TENSORS))
+def test_kserve_input_of_a_wrong_datatype_or_shape_is_invalid_argument(server, offline_engine, case):
+    tensor, message = WRONG_TENSORS[case]
+    with server.channel() as channel:
+        stub = kserve_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(kserve_request(offline_engine.model_cfg.name,
+                                           **{"text_input": PROMPT, "max_tokens": MAX_TOKENS, **tensor}))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert message in err.value.details()
+        assert stub.ModelInfer(kserve_request(offline_engine.model_cfg.name, text_input=PROMPT,
+                                              max_tokens=MAX_TOKENS)).raw_output_contents
+
+
+def test_kserve_numbers_may_come_in_other_widths_but_not_out_of_range(server, offline_engine):
+    name = offline_engine.model_cfg.name
+    with server.channel() as channel:
+        stub = kserve_pb2_grpc.GRPCInferenceServiceStub(channel)
+        want = stub.ModelInfer(kserve_request(name, text_input=PROMPT, max_tokens=MAX_TOKENS,
+                                              temperature=("FP32", [1, 1], np.float32(0).tobytes())))
+        got = stub.ModelInfer(kserve_request(name, text_input=PROMPT, max_tokens=("UINT8", [1], np.uint8(3).tobytes()),
+                                             temperature=("FP64", [1], np.float64(0).tobytes())))
+        assert got.raw_output_contents == want.raw_output_contents
+        typed = kpb.ModelInferRequest(model_name=name)  # typed contents, not raw bytes
+        typed.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"Paris is")
+        typed.inputs.add(name="max_tokens", datatype="INT8", shape=[1]).contents.int_contents.append(300)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(typed)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "out of the range of INT8" in err.value.details()

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from jaxinfer.commands.arg_types import existing_file, non_negative, port, positive
-from jaxinfer.commands.bench import add_bench_parsers
+from jaxinfer.commands.bench import add_bench_parsers, add_prefix_caching_arg
 from jaxinfer.commands.eval import add_eval_parsers
 from jaxinfer.commands.sampling_args import add_sampling_args
 from jaxinfer.configs import load_config
@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="requests held at once, running or waiting; more are refused as RESOURCE_EXHAUSTED")
     serve.add_argument("--drain-timeout", type=non_negative(float), default=30.0,
                        help="seconds to finish requests on SIGTERM")
+    add_prefix_caching_arg(serve)
     serve.set_defaults(run="jaxinfer.commands.serve:main")
 
     client = commands.add_parser("client", help="stream a reply from a running `jaxinfer serve`")

@@ -54,6 +54,11 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-memory", help="a checkpoint's engine: KV pool size, e.g. 1GiB")
     parser.add_argument("--decode-steps", type=positive(int),
                         help="a checkpoint's engine: model steps per decode-only call (1: one step a call)")
+    add_prefix_caching_arg(parser)
+
+
+def add_prefix_caching_arg(parser: argparse.ArgumentParser) -> None:
+    """--no-prefix-caching, for any engine: the scheduler's choice, not the build's."""
     parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                         help="schedule without the prefix cache (any engine; on by default, as in vLLM)")
 

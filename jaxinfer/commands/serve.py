@@ -12,12 +12,12 @@ from jaxinfer.engine.create import create_engine
 from serving.server import ServerConfig, run_server
 
 
-def _load_engine(engine_dir: str | None):
+def _load_engine(engine_dir: str | None, enable_prefix_caching: bool = True):
     if engine_dir is None:
         engine_dir = default_engine_dir()
         ensure_default_engine(engine_dir)
     # The server takes requests while the buckets finish loading.
-    return create_engine(engine_dir, background=True)
+    return create_engine(engine_dir, background=True, enable_prefix_caching=enable_prefix_caching)
 
 
 def main(args) -> int:
@@ -25,4 +25,4 @@ def main(args) -> int:
                           model_name=args.served_model_name or "", tls_cert=args.tls_cert, tls_key=args.tls_key,
                           auth_token_file=args.auth_token_file, max_queued_requests=args.max_queued_requests,
                           drain_timeout_s=args.drain_timeout)
-    return run_server(lambda: _load_engine(args.engine_dir), config)
+    return run_server(lambda: _load_engine(args.engine_dir, args.enable_prefix_caching), config)

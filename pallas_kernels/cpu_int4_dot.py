@@ -15,7 +15,7 @@ through XLA FFI, reading int4 weights packed for it. The arithmetic of llama.cpp
                         registers it on first use
 
 Why: XLA:CPU has no fused unpack-and-dot, so an int4 weight ran as a float copy made every step
-(int4 engines decoded slower than int8 ones). The kernel reads 4.5 bits a weight (codes, plus an
+(int4 engines decoded slower than int8 ones). The kernel reads 5 bits a weight (codes, plus an
 f16 scale and offset per 32) and keeps the sums in 16 output lanes of a register, so only each
 group's end costs float work. Every row count runs here, prefill included: a weight block (16
 outputs x K/2 bytes) stays in L1 while up to 8 rows at a time walk it. Measured on the project's

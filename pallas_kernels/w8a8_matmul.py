@@ -21,7 +21,7 @@ Implementations (`implementation=`):
     "interpret"  the same kernel in Pallas interpret mode (tests on CPU; slow).
     "xla"        the fastest CPU formulation measured (benchmarks/bench_quant_matmul.py): int8
                  through `cpu_int8_dot.fastest_int8_dot` (the C++ kernel for few rows where the CPU
-                 has VNNI, else XLA's int32-accumulating dot; where the kernel serves, `w8a8_matmul`
+                 has AVX2, VNNI or AMX, else XLA's int32-accumulating dot; where the kernel serves, `w8a8_matmul`
                  makes one `cpu_int8_dot.w8a8_dot` call of quantization, dot and scales); fp8
                  converted to bf16 (exact) and dotted with f32 accumulation (`xla_cpu.min_rows_dot`).
     "reference"  exact integer (int8) / highest-precision f32 (fp8) math, then the scales.

@@ -103,6 +103,18 @@ def test_fp8_importance_is_taken_for_the_scaled_activations(rng, weight):
     np.testing.assert_array_equal(np.asarray(q.scale), np.asarray(folded.scale))
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_int4_clip_bounds_a_group_of_one_sign_too(rng, sign):
+    # A group whose values all have one sign: clip * max|group| may lie below its smallest magnitude,
+    # so every value clamps to the bound (a flat group, whose scale is guarded).
+    g, groups = 32, 3
+    w = (sign * rng.uniform(0.5, 1.0, (groups * g, 4))).astype(np.float32)
+    ratio = rng.uniform(0.3, 0.45, (groups, 4)).astype(np.float32)
+    restored = np.asarray(quantize_weight(w, "int4", group_size=g, clip=ratio).dequantize(), np.float64)
+    bound = np.repeat(ratio * np.abs(w).reshape(groups, g, 4).max(axis=1), g, axis=0)
+    np.testing.assert_allclose(restored, sign * bound, rtol=2e-3)
+
+
 def test_int4_clip_bounds_each_group_and_one_is_no_clip(rng, weight):
     g = 32
     ratio = rng.uniform(0.5, 0.9, (IN // g, OUT)).astype(np.float32)
@@ -227,3 +239,19 @@ def test_cpu_path_keeps_one_converted_weight_live_at_a_time(rng, mode):
     # One row: int4 dequantizes to an f32 copy, fp8 converts to bf16 (xla_cpu, w8a8_matmul).
     one_converted_weight = size * size * {"int4": 4, "fp8": 2}[mode]
     assert analysis.temp_size_in_bytes < 2 * one_converted_weight
+
+
+def test_awq_is_never_worse_than_round_to_nearest_on_its_sample(rng):
+    # Activations correlated across groups: each group's best clip, chosen on its own share of the
+    # output, can add up worse than no clipping at all; the search must then keep no clipping.
+    from jaxinfer.quant.calibration import ActivationStats
+    from jaxinfer.quant.scaling import awq_search
+
+    for _ in range(12):
+        w = (rng.standard_normal((64, 2)) * 0.05).astype(np.float32)
+        common = rng.standard_normal((8, 1))
+        x = (np.sign(common) + 0.3 * rng.standard_normal((8, 64))).astype(np.float32)
+        stats = ActivationStats(np.abs(x).mean(0), np.abs(x).max(0), (x ** 2).mean(0), x)
+        choice = awq_search(w, stats, group_size=32)
+        unclipped = awq_search(w, stats, group_size=32, clips=(1.0,))
+        assert choice.error <= unclipped.error <= choice.rtn_error * (1 + 1e-6)

@@ -46,7 +46,7 @@ from jaxinfer.eval.corpus import CALIBRATION, corpus_windows
 from jaxinfer.model.config import ModelConfig
 from jaxinfer.model.llama import LINEAR_WEIGHTS, head_weight
 from jaxinfer.quant.calibration import Calibration, capture_activations
-from jaxinfer.quant.quantize import quantize_weight
+from jaxinfer.quant.quantize import W4A8_GROUP_SIZE, quantize_weight
 from jaxinfer.quant.scaling import awq_search, smoothquant_scale
 from jaxinfer.quant.weights import Int4Weight, Int8Weight, W4A8Weight, W8A8Weight
 from pallas_kernels import cpu_int4_dot, cpu_int8_dot
@@ -62,8 +62,6 @@ CALIBRATION_WINDOWS = 8
 CALIBRATION_WINDOW_LEN = 256
 # int4 groups: the largest of these that divides the input size (SmolLM2: 64 for 576, 128 for 1536).
 INT4_GROUP_SIZES = (128, 64, 32)
-# w4a8 groups: llama.cpp's Q4/Q8 block (module docstring).
-W4A8_GROUP_SIZE = 32
 
 
 def is_quantized(leaf) -> bool:

@@ -41,6 +41,8 @@ from pallas_kernels.int4_matmul import INT4_LEVELS, pack_int4
 DEFAULT_GROUP_SIZE = 128
 FP8_SCALE_CANDIDATES = 16
 SMALL_GROUP_SIZE = 64
+# w4a8 groups: llama.cpp's Q4/Q8 block (jaxinfer.quant.weights).
+W4A8_GROUP_SIZE = 32
 
 
 def _nonzero(scale: jax.Array) -> jax.Array:
@@ -161,17 +163,20 @@ def quantize_int4(
         if clip.shape != low.shape:
             raise ValueError(f"clip must have shape [in/G, out] = {low.shape}, got {clip.shape}")
         bound = clip * jnp.maximum(-low, high)
-        low, high = jnp.maximum(low, -bound), jnp.minimum(high, bound)
-    # Rounded to float16 before the codes are chosen, so the codes fit the scales actually stored.
-    scale = _nonzero((high - low) / (INT4_LEVELS - 1)).astype(jnp.float16)
+        # both ends clipped into [-bound, bound]: a group of one sign has one end outside it
+        low, high = jnp.clip(low, -bound, bound), jnp.clip(high, -bound, bound)
+    # Rounded to float16 before the codes are chosen, so the codes fit the scales actually stored
+    # (and guarded after the rounding: a range under float16's smallest step would store 0).
+    scale = _nonzero(((high - low) / (INT4_LEVELS - 1)).astype(jnp.float16).astype(jnp.float32)).astype(jnp.float16)
     offset = low.astype(jnp.float16)
-    codes = jnp.round((groups - offset.astype(jnp.float32)[:, None, :]) / scale.astype(jnp.float32)[:, None, :])
+    clamped = jnp.clip(groups, low[:, None, :], high[:, None, :])  # a clipped group's values, and a flat one's
+    codes = jnp.round((clamped - offset.astype(jnp.float32)[:, None, :]) / scale.astype(jnp.float32)[:, None, :])
     codes = jnp.clip(codes, 0, INT4_LEVELS - 1).reshape(in_features, out_features)
     return Int4Weight(pack_int4(codes, group_size), scale, offset, input_scale=input_scale)
 
 
-def quantize_w4a8(w: jax.Array, **options) -> W4A8Weight:
-    int4 = quantize_int4(w, **options)
+def quantize_w4a8(w: jax.Array, *, group_size: int = W4A8_GROUP_SIZE, **options) -> W4A8Weight:
+    int4 = quantize_int4(w, group_size=group_size, **options)
     return W4A8Weight(int4.packed, int4.scale, int4.offset, input_scale=int4.input_scale)
 
 

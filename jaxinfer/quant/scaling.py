@@ -8,8 +8,9 @@ AWQ: s = mean|x|^alpha for alpha on a grid over [0, 1], normalized so that max(s
 keeps the alpha whose int4 weight gives the smallest mean squared output error on the
 calibration sample. Then, on the scaled weight, AWQ's clipping: per group and output channel, the
 clip ratio of CLIP_GRID (1 = none) whose int4 group gives the smallest squared error of that
-group's share of the output on the sample. alpha = 0 with no clipping is plain round-to-nearest
-and every step keeps the best candidate, so the choice is never worse than RTN on that sample.
+group's share of the output on the sample, kept only if the whole output's error is lower than
+without clipping. alpha = 0 with no clipping is plain round-to-nearest and every step keeps the
+best candidate, so the choice is never worse than RTN on that sample.
 SmoothQuant: s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), which balances the per-channel ranges
 of activations and weights before both are quantized to int8.
 """
@@ -89,6 +90,10 @@ def awq_search(w: np.ndarray, stats: ActivationStats, group_size: int, alphas=AL
     scale = errors[best][1]
     clip = _clip_search(w, stats.sample, scale, group_size, clips)
     error = int4_output_error(w, stats.sample, scale, group_size, clip)
+    if error > errors[best][0]:
+        # Each group's clip was chosen on its own share of the output; their errors can add up
+        # worse than none (activations correlated across groups), so no clipping is the fallback.
+        clip, error = np.ones_like(clip), errors[best][0]
     rtn_error = int4_output_error(w, stats.sample, None, group_size)
     return AwqChoice(scale, clip, float(best), error, rtn_error)
 

@@ -23,17 +23,16 @@ pallas_kernels.cpu_int8_dot and `jaxinfer.quant.apply.pack_for_cpu_kernel`); `sh
 `scale`/`offset [out/16, in/G, 16]`, see pallas_kernels.cpu_int4_dot).
 All carry `input_scale [in] f32 | None`: the weight was quantized as `input_scale[:, None] * w`
 (AWQ / SmoothQuant migrate activation range into the weight this way), so `matmul` divides x by it.
-A later pass may fold `1 / input_scale` into the preceding RMSNorm weight and set it to None.
 
-Tensor parallelism (mesh axis "tp"): every array keeps the weight's `in`/`out` axis positions, so
-one PartitionSpec rule per layout covers all fields:
-    column-parallel (out sharded): q, packed, 2-D scale/offset P(None, "tp"); [out] scales P("tp");
-                                   input_scale P(None); a per-tensor [] scale P().
-    row-parallel (in sharded):     q, packed, 2-D scale/offset P("tp", None); [out] scales P(None);
-                                   input_scale P("tp"); a per-tensor [] scale P().
+Tensor parallelism (mesh axis "model"): every array keeps the weight's `in`/`out` axis positions,
+so one PartitionSpec rule per layout covers all fields:
+    column-parallel (out sharded): q, packed, 2-D scale/offset P(None, "model"); [out] scales
+                                   P("model"); input_scale P(None); a per-tensor [] scale P().
+    row-parallel (in sharded):     q, packed, 2-D scale/offset P("model", None); [out] scales P(None);
+                                   input_scale P("model"); a per-tensor [] scale P().
 Row-parallel int4 needs each shard to hold whole groups (in / tp a multiple of G). In row-parallel
-W8A8 each shard quantizes its slice of the activations with its own per-token scale before the
-all-reduce, which is exact bookkeeping (each partial sum carries its own scale).
+W8A8 the activations' per-token scale is global (GSPMD all-reduces each row's max over the
+shards, one [M] all-reduce), so results equal a single device's.
 """
 
 from __future__ import annotations

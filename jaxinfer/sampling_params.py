@@ -1,7 +1,9 @@
 """Per-request sampling parameters, validated on construction.
 
 The defaults match what vLLM users expect: temperature 1.0 (0 means greedy), no top-k (-1),
-top-p 1.0, no penalties. A `RequestError` names the bad field and its allowed range.
+top-p 1.0, no penalties. A `RequestError` names the bad field and its allowed range. As in vLLM,
+a temperature under 1e-5 is greedy and one under 1e-2 is raised to 1e-2 (dividing logits by less
+overflows float32), and top_k 0 means disabled, like -1.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from jaxinfer.errors import RequestError
 
 # The compiled step returns this many top logprobs per sampled token; requests may ask for fewer.
 MAX_LOGPROBS = 20
+# vLLM's temperature floors: under GREEDY_TEMPERATURE is greedy, under MIN_TEMPERATURE is raised to it.
+GREEDY_TEMPERATURE = 1e-5
+MIN_TEMPERATURE = 1e-2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +47,14 @@ class SamplingParams:
         _check(self.n >= 1, "n", self.n, "must be >= 1")
         _check(math.isfinite(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
                "must be a finite number >= 0 (0 means greedy)")
+        if self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature",
+                               0.0 if self.temperature < GREEDY_TEMPERATURE else MIN_TEMPERATURE)
         # 2**31: the wire's int32 (jaxinfer.proto); no vocabulary or context comes near it.
-        _check(self.top_k == -1 or 1 <= self.top_k < 2**31, "top_k", self.top_k, "must be -1 (disabled) or in [1, 2**31)")
+        _check(self.top_k in (-1, 0) or 1 <= self.top_k < 2**31, "top_k", self.top_k,
+               "must be -1 or 0 (disabled) or in [1, 2**31)")
+        if self.top_k == 0:
+            object.__setattr__(self, "top_k", -1)
         _check(math.isfinite(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
         _check(math.isfinite(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]")
         _check(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",

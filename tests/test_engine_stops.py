@@ -202,3 +202,17 @@ def test_request_checks_come_from_the_scheduler():
     engine.tokenizer.encode = None  # not called
     with pytest.raises(RequestError, match="'r' is already in use"):
         engine.add_request("r", prompt="b")
+
+
+def test_min_tokens_refuses_more_stop_ids_than_it_can_hold_back():
+    from jaxinfer.runner.sampling import DEFAULT_SUPPRESS_LEN
+
+    engine = make_engine()
+    ids = tuple(range(1, DEFAULT_SUPPRESS_LEN + 1))  # with the eos, one more than fits
+    with pytest.raises(RequestError, match=f"at most {DEFAULT_SUPPRESS_LEN} of them; this one has "
+                                           f"{DEFAULT_SUPPRESS_LEN + 1}"):
+        engine.add_request("r", "ab", SamplingParams(min_tokens=2, stop_token_ids=ids))
+    assert not engine.has_unfinished_requests()
+    engine.add_request("r", "ab", SamplingParams(min_tokens=2, stop_token_ids=ids, ignore_eos=True, max_tokens=3))
+    engine.add_request("s", "ab", SamplingParams(stop_token_ids=ids + (9,), max_tokens=3))
+

@@ -284,6 +284,23 @@ def test_seed_children_and_positions_are_separate_streams():
     assert len(set(base.tolist())) > num // 4  # positions advance the stream
 
 
+def test_greedy_rows_leave_the_filters_off_so_the_batch_skips_them(rng):
+    # A greedy row's top-k/top-p/min-p change nothing it draws; left on, they would make the whole
+    # batch run the filters' top_k and bisection.
+    greedy = SamplingParams(temperature=0.0, top_k=int(rng.integers(1, 500)), top_p=0.5, min_p=0.2)
+    sampled = SamplingParams(temperature=0.8, top_k=int(rng.integers(1, 500)), top_p=0.9, min_p=0.1)
+    md = build_sampling_metadata([greedy, sampled], [[1], [2]], [[], []], [0, 1], [0, 0], num_seqs_bucket=2,
+                                 vocab_size=VOCAB, history_len=4)
+    assert md.top_k.tolist() == [-1, sampled.top_k] and md.top_p.tolist() == pytest.approx([1.0, 0.9])
+    assert md.min_p.tolist() == pytest.approx([0.0, 0.1])
+
+
+@pytest.mark.parametrize("given, temperature", [(1e-6, 0.0), (1e-40, 0.0), (3e-3, 1e-2), (0.5, 0.5)])
+def test_tiny_temperatures_are_greedy_or_raised_as_in_vllm(given, temperature):
+    assert SamplingParams(temperature=given).temperature == pytest.approx(temperature)
+    assert SamplingParams(top_k=0).top_k == -1
+
+
 def test_builder_pads_with_greedy_rows_and_rejects_bad_input():
     params = SamplingParams(temperature=0.7, top_k=5, repetition_penalty=1.2, seed=3)
     md = build_sampling_metadata([params], [[1, 2]], [[3]], [2**40 + 5], [2], num_seqs_bucket=4,

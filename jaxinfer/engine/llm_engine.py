@@ -27,6 +27,7 @@ from jaxinfer.engine.outputs import CompletionOutput, RequestMetrics, RequestOut
 from jaxinfer.errors import RequestError
 from jaxinfer.model.config import ModelConfig
 from jaxinfer.runner.model_runner import ModelRunner, SampledToken
+from jaxinfer.runner.sampling import DEFAULT_SUPPRESS_LEN
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler.block_manager import BlockManager
 from jaxinfer.scheduler.request import Sequence
@@ -78,6 +79,12 @@ class LLMEngine:
         if prompt is not None and request_id in self._requests:
             raise RequestError(f"request id {request_id!r} is already in use; give each request a unique id")
         ids = self.tokenizer.encode(prompt) if prompt is not None else [int(t) for t in prompt_token_ids]
+        if params.min_tokens:
+            held_back = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.tokenizer.eos_token_ids))
+            if len(held_back) > DEFAULT_SUPPRESS_LEN:
+                raise RequestError(
+                    f"min_tokens holds back the request's stop and eos token ids until it is reached, at most "
+                    f"{DEFAULT_SUPPRESS_LEN} of them; this one has {len(held_back)}: pass fewer stop_token_ids")
         vocab = self.model_cfg.vocab_size
         for what, tokens in (("prompt token ids", ids), ("stop_token_ids", params.stop_token_ids)):
             bad = [t for t in tokens if not 0 <= t < vocab]

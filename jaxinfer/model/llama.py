@@ -10,7 +10,7 @@ they are used, `[in, out]`:
     lm_head     [hidden, vocab]          absent when the embeddings are tied (except in quantized
                                          engines, which may quantize a copy of the table: jaxinfer.quant)
     layers      list (one dict per layer; a Python loop over separate weights decodes faster on
-                XLA:CPU than lax.scan over stacked ones, see GUIDE.md):
+                XLA:CPU than lax.scan over stacked ones, 1.3-2.7x):
         attn_norm [hidden]
         w_qkv     [hidden, kv_heads * (q_per_kv + 2) * hd]   q, k and v in one matmul
         b_qkv     [kv_heads * (q_per_kv + 2) * hd]           only with attention_bias (Qwen2)

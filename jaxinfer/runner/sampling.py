@@ -22,8 +22,10 @@ Filter semantics (ties at a threshold are all kept, like vLLM's top-k):
     top-k  keep tokens whose logit >= the k-th largest (top_k = -1 disables; any value < 1 does).
     top-p  over the tokens top-k kept, renormalized and sorted by probability, the nucleus is the
            shortest prefix whose probability sum reaches top_p; keep tokens >= its last one.
-    min-p  keep tokens whose probability >= min_p * the largest probability (ratios are unchanged
-           by the renormalizations above, so the order of min-p among the filters is immaterial).
+    min-p  keep tokens whose probability >= min_p * the largest probability, after top-k and
+           top-p. vLLM v1 applies min-p first, so with both top-p and min-p set its nucleus is
+           taken over the min-p survivors and can be shorter than here (with top-k alone the
+           order is immaterial: min-p's ratios do not change under renormalization).
 
 Cost: the top-k/top-p thresholds come from `lax.top_k` of `max_candidates` values per row, which
 is exact whenever the threshold lies strictly above the last candidate (no tie reaches past it).
@@ -169,9 +171,10 @@ def build_sampling_metadata(
     num_logprobs = np.full(rows, -1, np.int32)
     for r, (params, prompt_ids, output_ids, seed, child) in enumerate(zip(params_list, *columns)):
         temperature[r] = params.temperature
-        top_k[r] = params.top_k if params.top_k >= 1 else -1
-        top_p[r] = params.top_p
-        min_p[r] = params.min_p
+        if params.temperature > 0:  # a greedy row's filters would change nothing, but cost the batch's draw
+            top_k[r] = params.top_k
+            top_p[r] = params.top_p
+            min_p[r] = params.min_p
         repetition_penalty[r] = params.repetition_penalty
         presence_penalty[r] = params.presence_penalty
         frequency_penalty[r] = params.frequency_penalty

@@ -35,6 +35,8 @@ def oracle_probs(penalized, params):
         return np.eye(len(penalized))[np.argmax(penalized)]
     scaled = penalized / params.temperature
     kept = np.ones(len(scaled), bool)
+    if params.min_p > 0:  # first, as vLLM v1's min-p logits processor
+        kept &= scaled - scaled.max() >= np.log(params.min_p)
     if params.top_k >= 1:
         kept &= scaled >= np.sort(scaled)[::-1][params.top_k - 1]
     if params.top_p < 1:
@@ -42,8 +44,6 @@ def oracle_probs(penalized, params):
         probs = np.exp(values - values[0]) / np.sum(np.exp(values - values[0]))
         nucleus_size = np.argmax(np.cumsum(probs) >= params.top_p) + 1 if probs.sum() >= params.top_p else len(values)
         kept &= scaled >= values[nucleus_size - 1]
-    if params.min_p > 0:
-        kept &= scaled - scaled.max() >= np.log(params.min_p)
     weights = np.where(kept, np.exp(scaled - scaled.max()), 0.0)
     return weights / weights.sum()
 

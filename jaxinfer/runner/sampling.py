@@ -20,12 +20,11 @@ min-p, then one draw. Rows with temperature 0 are greedy: the first argmax of th
 
 Filter semantics (ties at a threshold are all kept, like vLLM's top-k):
     top-k  keep tokens whose logit >= the k-th largest (top_k = -1 disables; any value < 1 does).
-    top-p  over the tokens top-k kept, renormalized and sorted by probability, the nucleus is the
+    top-p  over the tokens min-p and top-k kept, renormalized and sorted by probability, the nucleus is the
            shortest prefix whose probability sum reaches top_p; keep tokens >= its last one.
-    min-p  keep tokens whose probability >= min_p * the largest probability, after top-k and
-           top-p. vLLM v1 applies min-p first, so with both top-p and min-p set its nucleus is
-           taken over the min-p survivors and can be shorter than here (with top-k alone the
-           order is immaterial: min-p's ratios do not change under renormalization).
+    min-p  keep tokens whose probability >= min_p * the largest probability; applied first, as
+           vLLM v1 does, so top-p's nucleus is taken over the min-p survivors (min-p's ratios do
+           not change under renormalization, so its place against top-k is immaterial).
 
 Cost: the top-k/top-p thresholds come from `lax.top_k` of `max_candidates` values per row, which
 is exact whenever the threshold lies strictly above the last candidate (no tie reaches past it).
@@ -361,13 +360,14 @@ def _filter_threshold(scaled: jax.Array, row_max: jax.Array, md: SamplingMetadat
     no_threshold = jnp.full_like(row_max, -jnp.inf)
     top_k_p_threshold = jax.lax.cond(
         needs_candidates,
-        lambda: _top_k_top_p_threshold(scaled, row_max, md.top_k, md.top_p, max_candidates),
+        lambda: _top_k_top_p_threshold(scaled, row_max, md.top_k, md.top_p, min_p_threshold, max_candidates),
         lambda: no_threshold)
     return jnp.maximum(top_k_p_threshold, min_p_threshold)
 
 
-def _top_k_top_p_threshold(scaled, row_max, top_k, top_p, max_candidates):
-    """[S]: max of the top-k and top-p thresholds, from candidates where exact, else bisection."""
+def _top_k_top_p_threshold(scaled, row_max, top_k, top_p, min_p_threshold, max_candidates):
+    """[S]: max of the top-k and top-p thresholds, from candidates where exact, else bisection;
+    top-p's nucleus is taken over the tokens min-p and top-k keep (above `min_p_threshold` [S])."""
     num_rows, vocab = scaled.shape
     width = min(max_candidates, vocab)
     candidates = jax.lax.top_k(scaled, width)[0]
@@ -387,19 +387,23 @@ def _top_k_top_p_threshold(scaled, row_max, top_k, top_p, max_candidates):
         lambda: jnp.where(k_resolved, top_k_threshold,
                           _bisect_threshold(scaled, jnp.ones_like(scaled), top_k.astype(jnp.float32))))
 
-    kept_by_k = candidates >= top_k_threshold[:, None]
-    full_log_norm = row_max + jnp.log(jnp.sum(jnp.exp(scaled - row_max[:, None]), axis=1))
-    kept_log_norm = jnp.where(k_active, jax.nn.logsumexp(jnp.where(kept_by_k, candidates, -jnp.inf), axis=1),
-                              full_log_norm)
-    probs = jnp.where(kept_by_k, jnp.exp(candidates - kept_log_norm[:, None]), 0.0)
+    # The tokens top-p renormalizes over: those min-p and top-k keep. Where all of them are
+    # candidates their mass comes from the candidates, else from the whole row.
+    floor = jnp.maximum(top_k_threshold, min_p_threshold)
+    kept = candidates >= floor[:, None]
+    row_log_norm = row_max + jnp.log(jnp.sum(jnp.where(scaled >= floor[:, None], jnp.exp(scaled - row_max[:, None]),
+                                                       0.0), axis=1))
+    kept_log_norm = jnp.where(complete | (floor > last),
+                              jax.nn.logsumexp(jnp.where(kept, candidates, -jnp.inf), axis=1), row_log_norm)
+    probs = jnp.where(kept, jnp.exp(candidates - kept_log_norm[:, None]), 0.0)
     mass_before = jnp.concatenate([jnp.zeros((num_rows, 1), probs.dtype), jnp.cumsum(probs, axis=1)[:, :-1]], 1)
-    nucleus_size = jnp.sum(kept_by_k & (mass_before < top_p[:, None]), axis=1)
+    nucleus_size = jnp.sum(kept & (mass_before < top_p[:, None]), axis=1)
     nucleus_last = jnp.take_along_axis(candidates, jnp.maximum(nucleus_size - 1, 0)[:, None], axis=1)[:, 0]
     top_p_threshold = jnp.where(p_active, nucleus_last, -jnp.inf)
     p_resolved = ~p_active | (k_resolved & (complete | (top_p_threshold > last)))
 
     def bisect_top_p():
-        weights = jnp.where(scaled >= top_k_threshold[:, None], jnp.exp(scaled - row_max[:, None]), 0.0)
+        weights = jnp.where(scaled >= floor[:, None], jnp.exp(scaled - row_max[:, None]), 0.0)
         target = top_p * jnp.sum(weights, axis=1)
         return jnp.where(p_resolved, top_p_threshold, _bisect_threshold(scaled, weights, target))
 

@@ -78,9 +78,12 @@ class Tokenizer:
         path = directory / "tokenizer.json"
         if not path.is_file():
             raise CheckpointError(f"{directory} has no tokenizer.json; copy it from the model's HF repository")
+        # Imported here: jaxinfer.checkpoint imports this module.
+        from jaxinfer.checkpoint.hf_loader import read_json
+
         backend = tokenizers.Tokenizer.from_file(str(path))
         config_path = directory / "tokenizer_config.json"
-        config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config: dict[str, Any] = read_json(config_path) if config_path.is_file() else {}
         template = config.get("chat_template")
         template_file = directory / "chat_template.jinja"
         if template is None and template_file.is_file():
@@ -101,6 +104,10 @@ class Tokenizer:
             raise CheckpointError(
                 f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2'); "
                 "use the model's HF checkpoint directory instead")
+        missing = [key for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges") if key not in meta]
+        if missing:
+            raise CheckpointError(f"GGUF metadata lacks {missing}, which a 'gpt2' (byte-level BPE) tokenizer needs; "
+                                  "the file is incomplete: use the model's HF checkpoint directory instead")
         tokens = meta["tokenizer.ggml.tokens"]
         merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
         backend = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,

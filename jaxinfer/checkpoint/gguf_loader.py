@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from jaxinfer.checkpoint.tensor_names import assemble_params
+from jaxinfer.checkpoint.tensor_names import LM_HEAD, assemble_params
 from jaxinfer.errors import CheckpointError
 from jaxinfer.model.config import ModelConfig, RopeScaling
 from jaxinfer.tokenizer import Tokenizer
@@ -38,13 +38,11 @@ def load(path: Path):
         raise CheckpointError(f"{path} is not a readable GGUF file ({err}); it may be truncated or corrupt") from None
     meta = {name: _field_value(field) for name, field in reader.fields.items()}
     tensors = {t.name: t for t in reader.tensors}
-    cfg = _config(meta, path, tied="output.weight" not in tensors)
+    cfg = _config(meta, path, set(tensors))
     permuted = _ARCHITECTURES[meta["general.architecture"]][1]
 
     def fetch(name: str, ours: str):
-        tensor = tensors.get(name)
-        if tensor is None:
-            return None
+        tensor = tensors[name]
         if tensor.tensor_type not in SUPPORTED_TENSOR_TYPES:
             raise CheckpointError(
                 f"{path.name}: tensor {name} has type {tensor.tensor_type.name}, which jaxinfer cannot dequantize; "
@@ -59,7 +57,7 @@ def load(path: Path):
         return array
 
     try:
-        params = assemble_params(cfg, fetch, "gguf")
+        params = assemble_params(cfg, fetch, set(tensors), "gguf")
     except (ValueError, IndexError) as err:
         raise CheckpointError(f"{path}: tensor data is inconsistent ({err}); the file may be truncated") from None
     return Checkpoint(cfg, params, Tokenizer.from_gguf_metadata(meta), str(path))
@@ -71,7 +69,9 @@ def _unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _config(meta: dict[str, Any], path: Path, tied: bool) -> ModelConfig:
+def _config(meta: dict[str, Any], path: Path, tensor_names: set[str]) -> ModelConfig:
+    """The ModelConfig of a GGUF file's metadata and tensor names; CheckpointError for what the
+    model cannot run as the file means it."""
     arch = meta.get("general.architecture")
     if arch not in _ARCHITECTURES:
         raise CheckpointError(f"{path.name}: GGUF architecture {arch!r} is not supported; "
@@ -87,9 +87,17 @@ def _config(meta: dict[str, Any], path: Path, tied: bool) -> ModelConfig:
     hidden = int(get("embedding_length"))
     heads = int(get("attention.head_count"))
     tokens = meta.get("tokenizer.ggml.tokens") or []
-    scaling = None
-    if meta.get(f"{arch}.rope.scaling.type") == "linear":
-        scaling = RopeScaling("linear", float(get("rope.scaling.factor")))
+    scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling_type not in ("none", "linear"):
+        raise CheckpointError(f"{path.name}: GGUF RoPE scaling type {scaling_type!r} is not supported (only "
+                              "'linear'); use the model's HF checkpoint directory")
+    # llama.cpp stores Llama 3.1's `llama3` scaling as per-frequency factors, not as the parameters
+    # RopeScaling takes; running without them would be a different model at every position.
+    if "rope_freqs.weight" in tensor_names:
+        raise CheckpointError(f"{path.name} carries RoPE frequency factors (rope_freqs.weight, Llama 3.1-style "
+                              "scaling), which jaxinfer does not read from GGUF; "
+                              "use the model's HF checkpoint directory")
+    scaling = RopeScaling("linear", float(get("rope.scaling.factor"))) if scaling_type == "linear" else None
     eos = meta.get("tokenizer.ggml.eos_token_id")
     return ModelConfig(
         architecture=hf_arch,
@@ -103,7 +111,7 @@ def _config(meta: dict[str, Any], path: Path, tied: bool) -> ModelConfig:
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
         rope_theta=float(get("rope.freq_base", 10000.0)),
         max_position_embeddings=int(get("context_length")),
-        tie_word_embeddings=tied,
+        tie_word_embeddings=LM_HEAD.gguf not in tensor_names,
         attention_bias=bias,
         rope_scaling=scaling,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),

@@ -14,12 +14,22 @@ from jaxinfer.model.config import ModelConfig
 from jaxinfer.tokenizer import Tokenizer
 
 
+def read_json(file: Path) -> dict:
+    """The JSON object an HF checkpoint file holds; CheckpointError naming the file when it holds
+    anything else."""
+    try:
+        value = json.loads(file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file} is not valid JSON ({err}); restore it from the model's HF repository") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(value).__name__} where a JSON object belongs; "
+                              "restore it from the model's HF repository")
+    return value
+
+
 def read_config(config_file: Path) -> tuple[ModelConfig, dict]:
     """The ModelConfig of an HF config.json (named after its directory), and the raw dict."""
-    try:
-        hf_config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from None
+    hf_config = read_json(config_file)
     return ModelConfig.from_hf(hf_config, name=config_file.parent.name), hf_config
 
 
@@ -38,12 +48,9 @@ def load(directory: Path):
                 where[key] = file
 
         def fetch(name: str, ours: str):
-            if name not in where:
-                return None
-            array = handles[where[name]].get_tensor(name)
-            return np.asarray(array, dtype=np.float32)
+            return np.asarray(handles[where[name]].get_tensor(name), dtype=np.float32)
 
-        params = assemble_params(cfg, fetch, "hf")
+        params = assemble_params(cfg, fetch, set(where), "hf")
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"cannot read safetensors in {directory}: {err}; the file may be truncated") from None
     tokenizer = Tokenizer.from_hf_dir(directory, cfg.eos_token_ids)
@@ -53,7 +60,10 @@ def load(directory: Path):
 def _safetensors_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = read_json(index).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names; "
+                                  "restore the file from the model's HF repository")
         files = sorted({directory / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:

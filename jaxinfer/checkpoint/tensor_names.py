@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from jaxinfer.checkpoint import check_shapes
+from jaxinfer.errors import CheckpointError
 from jaxinfer.model.config import ModelConfig
 from jaxinfer.model.llama import fuse_projections
 
@@ -23,10 +26,11 @@ class TensorName:
     transpose: bool = False
 
 
+LM_HEAD = TensorName("lm_head", "lm_head.weight", "output.weight", transpose=True)
 GLOBAL_TENSORS = (
     TensorName("embed", "model.embed_tokens.weight", "token_embd.weight", transpose=True),
     TensorName("final_norm", "model.norm.weight", "output_norm.weight"),
-    TensorName("lm_head", "lm_head.weight", "output.weight", transpose=True),
+    LM_HEAD,
 )
 
 # Per layer: HF names are prefixed `model.layers.{i}.`, GGUF names `blk.{i}.`.
@@ -45,6 +49,11 @@ LAYER_TENSORS = (
     TensorName("w_down", "mlp.down_proj.weight", "ffn_down.weight", transpose=True),
 )
 
+_BIASES = ("bq", "bk", "bv")
+# Tensors some checkpoints carry that the model does without: HF's older checkpoints store RoPE's
+# inverse frequencies, which the model computes from the config.
+_HARMLESS_SUFFIXES = ("rotary_emb.inv_freq",)
+
 
 def hf_layer_name(i: int, name: TensorName) -> str:
     return f"model.layers.{i}.{name.hf}"
@@ -54,25 +63,46 @@ def gguf_layer_name(i: int, name: TensorName) -> str:
     return f"blk.{i}.{name.gguf}"
 
 
-def assemble_params(cfg: ModelConfig, fetch, checkpoint_format: str) -> dict:
-    """Builds the param pytree from `fetch(checkpoint_name, our_name) -> np.ndarray | None` (None:
-    the tensor is absent, e.g. biases of a model without them or the head of a tied model), with
-    each layer's projections fused the way the model uses them."""
+def assemble_params(cfg: ModelConfig, fetch, present: set[str], checkpoint_format: str) -> dict:
+    """Builds the param pytree from the checkpoint's tensor names `present` and `fetch(checkpoint_name,
+    our_name) -> np.ndarray`, with each layer's projections fused the way the model uses them.
+
+    Raises CheckpointError for a tensor the config gives the model no use for (extra layers, biases
+    the config does not enable, an untied head in a tied model): running without it would be a
+    different model than the checkpoint's."""
     def name_of(name: TensorName, layer: int | None) -> str:
         if checkpoint_format == "hf":
             return name.hf if layer is None else hf_layer_name(layer, name)
         return name.gguf if layer is None else gguf_layer_name(layer, name)
 
+    layer_tensors = tuple(name for name in LAYER_TENSORS if cfg.attention_bias or name.ours not in _BIASES)
+    wanted = {name_of(name, None) for name in GLOBAL_TENSORS} | {
+        name_of(name, i) for i in range(cfg.num_layers) for name in layer_tensors}
+    unused = sorted(name for name in present - wanted if not name.endswith(_HARMLESS_SUFFIXES))
+    if unused:
+        raise CheckpointError(
+            f"the checkpoint has {len(unused)} tensor(s) the config gives the model no use for: {unused[:6]}"
+            f"{' ...' if len(unused) > 6 else ''}; the config (num_hidden_layers, attention_bias, ...) does not "
+            "describe these weights: fix config.json, or check that the config and the weights belong together")
+
     def collect(names, layer):
         out = {}
         for name in names:
-            array = fetch(name_of(name, layer), name.ours)
-            if array is not None:
+            checkpoint_name = name_of(name, layer)
+            if checkpoint_name in present:
+                array = fetch(checkpoint_name, name.ours)
                 out[name.ours] = array.T if name.transpose else array
         return out
 
     params = collect(GLOBAL_TENSORS, None)
-    params["layers"] = [_fused_layer(collect(LAYER_TENSORS, i), cfg, i) for i in range(cfg.num_layers)]
+    head = params.pop("lm_head", None) if cfg.tie_word_embeddings else None
+    # A tied model reads its head from the embedding table; a stored copy of it is redundant.
+    if head is not None and "embed" in params and not np.array_equal(head, params["embed"]):
+        raise CheckpointError(
+            f"the config ties the output head to the embeddings (tie_word_embeddings) but the checkpoint's "
+            f"{name_of(LM_HEAD, None)} differs from the embedding table; set tie_word_embeddings "
+            "to false if the model has a separate head")
+    params["layers"] = [_fused_layer(collect(layer_tensors, i), cfg, i) for i in range(cfg.num_layers)]
     return params
 
 

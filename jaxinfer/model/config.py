@@ -2,7 +2,7 @@
 
 One frozen dataclass describes Llama 2, Llama 3/3.1 (`llama3` RoPE scaling), Mistral, Qwen2/2.5
 (q/k/v bias) and SmolLM2 (tied embeddings). Loaders fill it from an HF `config.json` or from GGUF
-metadata; `validate` checks it against the tensors actually present.
+metadata; `jaxinfer.checkpoint.check_params_match_config` checks it against the tensors actually present.
 """
 
 from __future__ import annotations
@@ -79,44 +79,87 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str = "") -> ModelConfig:
-        """From the dict of an HF `config.json`."""
+        """From the dict of an HF `config.json`; CheckpointError naming a field that is missing, of
+        the wrong type, or asks for what the model does not implement."""
         archs = hf.get("architectures") or ["LlamaForCausalLM"]
         arch = archs[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise CheckpointError(
                 f"unsupported architecture {arch!r}; jaxinfer runs {sorted(SUPPORTED_ARCHITECTURES)}")
-        try:
-            num_heads = int(hf["num_attention_heads"])
-            hidden = int(hf["hidden_size"])
-            rope_params = hf.get("rope_parameters") or {}
-            rope_theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-            scaling = hf.get("rope_scaling") or (rope_params if rope_params.get("rope_type", "default")
-                                                 != "default" else None)
-            eos = hf.get("eos_token_id")
-            return cls(
-                architecture=arch,
-                vocab_size=int(hf["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(hf["intermediate_size"]),
-                num_layers=int(hf["num_hidden_layers"]),
-                num_heads=num_heads,
-                num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-                head_dim=int(hf.get("head_dim") or hidden // num_heads),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope_theta),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                attention_bias=bool(hf.get("attention_bias", SUPPORTED_ARCHITECTURES[arch])),
-                rope_scaling=_rope_scaling(scaling),
-                bos_token_id=hf.get("bos_token_id"),
-                eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
-                name=name,
-            )
-        except KeyError as missing:
-            raise CheckpointError(f"config.json lacks the required field {missing}") from None
+        num_heads = _positive(hf, "num_attention_heads", int)
+        hidden = _positive(hf, "hidden_size", int)
+        max_positions = _positive(hf, "max_position_embeddings", int, 4096)
+        _refuse_unimplemented(hf, max_positions)
+        rope_params = _object(hf, "rope_parameters")
+        rope_scaling = _object(hf, "rope_scaling") or (
+            rope_params if rope_params.get("rope_type", "default") != "default" else {})
+        eos = hf.get("eos_token_id")
+        return cls(
+            architecture=arch,
+            vocab_size=_positive(hf, "vocab_size", int),
+            hidden_size=hidden,
+            intermediate_size=_positive(hf, "intermediate_size", int),
+            num_layers=_positive(hf, "num_hidden_layers", int),
+            num_heads=num_heads,
+            num_kv_heads=_positive(hf, "num_key_value_heads", int, num_heads),
+            head_dim=_positive(hf, "head_dim", int, hidden // num_heads),
+            rms_norm_eps=_positive(hf, "rms_norm_eps", float, 1e-6),
+            rope_theta=_positive(hf, "rope_theta", float, _positive(rope_params, "rope_theta", float, 10000.0)),
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", SUPPORTED_ARCHITECTURES[arch])),
+            rope_scaling=_rope_scaling(rope_scaling),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+            name=name,
+        )
 
 
-def _rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
+_REQUIRED = object()
+
+
+def _positive(hf: dict[str, Any], key: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """The positive number `hf[key]` as `kind` (int or float); null counts as absent, giving
+    `default`. CheckpointError when a required field is absent or a field holds another value."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise CheckpointError(f"config.json lacks the required field {key!r}")
+        return default
+    # bool is an int subclass in Python, but `true` is no size.
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or value <= 0 or (kind is int and not float(value).is_integer()):
+        raise CheckpointError(f"config.json field {key!r} is {value!r}; it must be a positive "
+                              f"{'integer' if kind is int else 'number'}")
+    return kind(value)
+
+
+def _object(hf: dict[str, Any], key: str) -> dict[str, Any]:
+    """The JSON object `hf[key]` ({} when absent or null); CheckpointError for another value."""
+    value = hf.get(key) or {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"config.json field {key!r} is {value!r}; it must be a JSON object")
+    return value
+
+
+def _refuse_unimplemented(hf: dict[str, Any], max_positions: int) -> None:
+    """CheckpointError for a config.json field whose model differs from the one jaxinfer runs: the
+    weights would load and generate, but not what the checkpoint's model generates."""
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):  # HF's names for the same function
+        raise CheckpointError(f"config.json hidden_act is {act!r}; jaxinfer's MLP implements only 'silu'")
+    if hf.get("mlp_bias"):
+        raise CheckpointError("config.json sets mlp_bias, but jaxinfer's MLP has no biases")
+    # Qwen2 configs name a window they do not use (use_sliding_window false).
+    if hf.get("use_sliding_window", True):
+        window = _positive(hf, "sliding_window", int, max_positions)
+        if window < max_positions:
+            raise CheckpointError(
+                f"config.json sliding_window={window} is below max_position_embeddings={max_positions}; "
+                "jaxinfer attends to the full context and does not implement sliding-window attention")
+
+
+def _rope_scaling(scaling: dict[str, Any]) -> RopeScaling | None:
     if not scaling:
         return None
     kind = scaling.get("rope_type") or scaling.get("type")

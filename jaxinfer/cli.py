@@ -14,7 +14,7 @@ from jaxinfer.commands.bench import add_bench_parsers, add_prefix_caching_arg
 from jaxinfer.commands.eval import add_eval_parsers
 from jaxinfer.commands.sampling_args import add_sampling_args
 from jaxinfer.configs import load_config
-from jaxinfer.engine.config import KV_DTYPES
+from jaxinfer.engine.config import DTYPES, KV_DTYPES
 from jaxinfer.errors import JaxinferError
 from jaxinfer.quant.apply import QUANT_MODES
 from jaxinfer.sampling_params import SamplingParams
@@ -23,7 +23,7 @@ from jaxinfer.sampling_params import SamplingParams
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="HF checkpoint directory, .gguf file or built engine directory "
                                         "(default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
+    parser.add_argument("--dtype", choices=list(DTYPES),
                         help="engine dtype (default: configs/defaults.yaml, bfloat16; float32 for quantized "
                              "engines on CPU)")
     parser.add_argument("--tp", type=int, help="tensor-parallel size")

@@ -29,7 +29,7 @@ from pathlib import Path
 from jaxinfer.bench.baselines import BASELINES
 from jaxinfer.bench.dataset import LengthRange
 from jaxinfer.bench.roofline import BYTES_PER_ELEMENT
-from jaxinfer.engine.config import KV_DTYPES
+from jaxinfer.engine.config import DTYPES, KV_DTYPES
 from jaxinfer.bench.metrics import parse_slo
 from jaxinfer.commands.arg_types import argument_type, at_least, existing_file, non_negative, positive, positive_list
 from jaxinfer.commands.sampling_args import BENCH_SAMPLING_OPTIONS, add_sampling_args
@@ -47,7 +47,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="engine directory, HF checkpoint directory or .gguf "
                                                  "(default: SmolLM2-135M-Instruct)")
     # A built engine carries its own: these shape the engine compiled in-process from a checkpoint.
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="a checkpoint's engine dtype")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="a checkpoint's engine dtype")
     parser.add_argument("--max-num-seqs", type=positive(int), help="a checkpoint's engine: sequences per step")
     parser.add_argument("--max-num-batched-tokens", type=positive(int), help="a checkpoint's engine: tokens per step")
     parser.add_argument("--max-model-len", type=positive(int), help="a checkpoint's engine: longest prompt plus output")

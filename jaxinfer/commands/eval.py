@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from jaxinfer.commands.arg_types import existing_file, positive
-from jaxinfer.engine.config import KV_DTYPES
+from jaxinfer.engine.config import DTYPES, KV_DTYPES
 from jaxinfer.eval.corpus import DEFAULT_WINDOW_LEN, DEFAULT_WINDOWS, HELDOUT
 from jaxinfer.quant.apply import QUANT_MODES
 
@@ -25,7 +25,7 @@ def add_eval_parsers(subparsers) -> None:
     perplexity.add_argument("--reference", help="unquantized model for KL (default: the engine's source / the model)")
     perplexity.add_argument("--windows", type=positive(int), default=DEFAULT_WINDOWS, help="number of windows")
     perplexity.add_argument("--window-len", type=positive(int), default=DEFAULT_WINDOW_LEN, help="tokens per window")
-    perplexity.add_argument("--dtype", choices=["float32", "bfloat16"], help="a checkpoint's dtype (default float32)")
+    perplexity.add_argument("--dtype", choices=list(DTYPES), help="a checkpoint's dtype (default float32)")
     perplexity.add_argument("--kv-dtype", choices=["auto", *KV_DTYPES],
                             help="K/V storage of the model, as `jaxinfer build --kv-dtype` (default: engine.yaml's)")
     perplexity.add_argument("--text", type=existing_file,

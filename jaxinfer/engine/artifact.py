@@ -2,9 +2,11 @@
 no compilation.
 
 Layout:
-    manifest.json        format version, jax/jaxlib versions, backend and device kind, mesh,
+    manifest.json        format version, jax/jaxlib versions, backend and device kind (on CPU,
+                         the instruction-set flags of the build host's CPU), mesh,
                          model config, engine (build) config, buckets, KV plan, the project's own
-                         FFI kernels the executables call, sha256 of every file
+                         FFI kernels the executables call, whether the weights are packed for
+                         the CPU kernels (`cpu_kernel_weights`), sha256 of every file
     weights.safetensors  the params in their serving layout and dtype (heads already padded for
                          the mesh, quantized weights already quantized, bfloat16 matmul weights as
                          the CPU kernel's AMX panels where the manifest says `panel_weights`),
@@ -12,9 +14,10 @@ Layout:
     tokenizer.json       the tokenizer; tokenizer_meta.json: eos/bos ids and the chat template
     executables/<bucket>.bin   the serialized compiled step of each bucket
 
-Loading checks the manifest before touching anything else: another jax version, backend, device
-kind or device count is refused with a message that says to rebuild; a missing or corrupted file
-(sha256 mismatch) is named. The FFI kernels the executables call (`ffi_kernels`, `pallas_kernels.cpu_ffi`:
+Loading checks the manifest before touching anything else: a malformed one, or another jax
+version, backend, device kind or device count, or (CPU) a CPU that lacks instruction-set
+extensions of the build host's, is refused with a message that says to rebuild; a missing or
+corrupted file (sha256 mismatch) is named. The FFI kernels the executables call (`ffi_kernels`, `pallas_kernels.cpu_ffi`:
 the CPU decode-attention kernel, and the CPU int8 kernel, whose engines store their int8 weights
 packed for it) are built if need be and registered before they load.
 """
@@ -28,6 +31,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 import threading
@@ -42,14 +46,14 @@ from jax.experimental import serialize_executable
 from jax.sharding import Mesh
 
 from jaxinfer.engine.config import EngineConfig
-from jaxinfer.engine.create import ENGINE_MANIFEST
+from jaxinfer.engine.create import ENGINE_MANIFEST, is_engine_dir
 from jaxinfer.engine.llm_engine import LLMEngine
 from jaxinfer.engine.weights_file import load_params, save_params
 from jaxinfer.errors import EngineError
 from jaxinfer.model.config import ModelConfig, RopeScaling
 from jaxinfer.model.panel_weight import has_panel_weights, pack_panel_weights
 from jaxinfer.model.sharding import make_mesh, param_shardings
-from jaxinfer.quant.apply import abstract_quantized_params, pack_for_cpu_kernel
+from jaxinfer.quant.apply import abstract_quantized_params, pack_for_cpu_kernel, uses_cpu_kernel
 from jaxinfer.runner.buckets import Bucket
 from jaxinfer.runner.model_runner import ModelRunner, allocate_kv_caches
 from jaxinfer.tokenizer import Tokenizer
@@ -62,13 +66,30 @@ from pallas_kernels import cpu_ffi, cpu_int8_dot
 # checkpoint.
 FORMAT_VERSION = 10
 WEIGHTS_FILE = "weights.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_meta.json")
+# The /proc/cpuinfo flags that name instruction-set extensions, which XLA:CPU compiles for when the
+# build host has them (an executable that uses AVX-512 dies of SIGILL on an AVX2-only CPU); the
+# others (hypervisor, constant_tsc, ...) say nothing about what code runs.
+_ISA_FLAG = re.compile(r"sse\w*|ssse3|pni|avx\w*|fma\w*|f16c|bmi\d|amx\w*|popcnt|abm|lzcnt|movbe|aes|vaes|"
+                       r"pclmulqdq|vpclmulqdq|gfni|sha_ni|adx|cx16|xop|tbm|movdiri|movdir64b|serialize")
 
 
 def environment() -> dict:
-    """What a compiled executable is tied to."""
+    """What a compiled executable is tied to; on the CPU backend, the CPU's instruction-set flags too."""
     device = jax.devices()[0]
-    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "backend": jax.default_backend(),
-            "device_kind": device.device_kind, "num_devices": jax.device_count()}
+    env = {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "backend": jax.default_backend(),
+           "device_kind": device.device_kind, "num_devices": jax.device_count()}
+    if env["backend"] == "cpu":
+        env["cpu_flags"] = sorted(flag for flag in cpu_ffi.cpu_flags() if _ISA_FLAG.fullmatch(flag))
+    return env
+
+
+def refuse_to_replace(output: Path) -> None:
+    """Raises an EngineError unless `output` may be replaced by an engine: it is missing, an empty
+    directory or an engine directory."""
+    if output.exists() and not is_engine_dir(output) and (not output.is_dir() or any(output.iterdir())):
+        raise EngineError(f"{output} exists and is not an engine directory; `jaxinfer build` replaces only engine "
+                          "directories: pass a new or empty --output directory")
 
 
 def save_engine(output: Path, engine: LLMEngine, source: str) -> Path:
@@ -77,6 +98,7 @@ def save_engine(output: Path, engine: LLMEngine, source: str) -> Path:
     The directory is written beside `output` and renamed into place when whole: a build that fails
     or is killed leaves the engine that was there as it was."""
     output = output.resolve()
+    refuse_to_replace(output)
     staging = output.with_name(f".{output.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -115,26 +137,43 @@ def _write_engine(directory: Path, engine: LLMEngine, source: str) -> None:
         "buckets": [dataclasses.asdict(b) for b in runner.executables],
         "ffi_kernels": sorted(ffi_kernels),
         "panel_weights": has_panel_weights(runner.params),
+        "cpu_kernel_weights": uses_cpu_kernel(engine.engine_cfg.quant, engine.engine_cfg.tp),
         "files": {str(p.relative_to(directory)): _sha256(p) for p in sorted(directory.rglob("*")) if p.is_file()},
     }
     (directory / ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
 def read_manifest(directory: Path) -> dict:
+    """The manifest of the engine in `directory`, checked: well formed, of this format, and built for
+    a machine like this one; an EngineError that says to rebuild otherwise."""
     path = directory / ENGINE_MANIFEST
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
         raise EngineError(f"{path} is missing or unreadable ({err}); rebuild the engine with `jaxinfer build`") from None
+    if not isinstance(manifest, dict):
+        raise EngineError(f"{path} is not a valid engine manifest: a JSON {type(manifest).__name__}, not an object; "
+                          "rebuild it with `jaxinfer build`")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise EngineError(f"{directory} has engine format {manifest.get('format_version')}, this jaxinfer reads "
                           f"format {FORMAT_VERSION}; rebuild the engine with `jaxinfer build`")
+    try:
+        _parse(manifest)
+    except (KeyError, TypeError, ValueError, AttributeError, EngineError) as err:
+        problem = f"it has no {err} entry" if isinstance(err, KeyError) else str(err)
+        raise EngineError(f"{path} is not a valid engine manifest: {problem}; rebuild it with "
+                          "`jaxinfer build`") from None
     built, here = manifest["environment"], environment()
     for key in ("jax", "jaxlib", "backend", "device_kind", "num_devices"):
         if built.get(key) != here[key]:
             raise EngineError(f"{directory} was built for {key}={built.get(key)!r} but this machine has "
                               f"{key}={here[key]!r}; compiled engines are tied to them: rebuild it here with "
                               "`jaxinfer build`")
+    # Manifests written before the flags were recorded have none to check.
+    missing = sorted(set(built.get("cpu_flags", ())) - set(here.get("cpu_flags", ())))
+    if missing:
+        raise EngineError(f"{directory} was built for a CPU with {', '.join(missing)}; this one lacks them: rebuild "
+                          "the engine here with `jaxinfer build`")
     return manifest
 
 
@@ -157,14 +196,15 @@ def load_engine(directory: Path, progress: bool = True, background: bool = False
     (`BucketExecutables`): a fresh process answers its first request 1-2 s sooner."""
     start = time.perf_counter()
     manifest = read_manifest(directory)
-    cfg, engine_cfg, mesh = _configs(manifest)
+    cfg, engine_cfg, buckets = _parse(manifest)
+    mesh = make_mesh(manifest["mesh"]["model"])
     with concurrent.futures.ThreadPoolExecutor(1) as side:
         # XLA zeroes the KV pool in the thread that asks, 0.6-0.8 s for 1 GiB (first-touch page
         # faults, mostly): a thread of its own does it while the files hash and the weights map.
         allocating = side.submit(allocate_kv_caches, cfg, engine_cfg, mesh, manifest["num_kv_blocks"])
         _check_files(directory, manifest)
         executables = BucketExecutables(functools.partial(_load_executable, directory, mesh),
-                                        [Bucket(**entry) for entry in manifest["buckets"]], background)
+                                        buckets, background)
         params = _restore_weights(directory / WEIGHTS_FILE, cfg, mesh, engine_cfg, manifest)
         meta = json.loads((directory / "tokenizer_meta.json").read_text())
         tokenizer = Tokenizer(tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json")),
@@ -245,7 +285,8 @@ def load_engine_weights(directory: Path):
     (no KV pool, no executables): what evaluating its weights needs."""
     manifest = read_manifest(directory)
     _check_files(directory, manifest)
-    cfg, engine_cfg, mesh = _configs(manifest)
+    cfg, engine_cfg, _ = _parse(manifest)
+    mesh = make_mesh(manifest["mesh"]["model"])
     return manifest, cfg, engine_cfg, mesh, _restore_weights(directory / WEIGHTS_FILE, cfg, mesh, engine_cfg, manifest)
 
 
@@ -255,19 +296,37 @@ def _check_files(directory: Path, manifest: dict) -> None:
     cpu_ffi.ensure_registered(manifest.get("ffi_kernels", ()))
 
 
-def _configs(manifest: dict) -> tuple[ModelConfig, EngineConfig, Mesh]:
+def _parse(manifest: dict) -> tuple[ModelConfig, EngineConfig, list[Bucket]]:
+    """The manifest's model config, engine config and buckets; raises KeyError, TypeError or
+    ValueError (read_manifest words them) where it does not hold a whole engine."""
+    for key, kind, name in (("environment", dict, "object"), ("model_config", dict, "object"),
+                            ("engine_config", dict, "object"), ("mesh", dict, "object"), ("num_kv_blocks", int, "integer"),
+                            ("buckets", list, "array"), ("files", dict, "object")):
+        if not isinstance(manifest[key], kind):
+            raise TypeError(f"its {key} is not a JSON {name}")
+    if not isinstance(manifest["mesh"]["model"], int):
+        raise TypeError("its mesh's model axis is not an integer")
     model = dict(manifest["model_config"])
     if model["rope_scaling"]:
         model["rope_scaling"] = RopeScaling(**model["rope_scaling"])
     model["eos_token_ids"] = tuple(model["eos_token_ids"])
-    return ModelConfig(**model), EngineConfig(**manifest["engine_config"]), make_mesh(manifest["mesh"]["model"])
+    buckets = [Bucket(**entry) for entry in manifest["buckets"]]
+    # verify_files checks the files listed: one missing from the list would fail only when it is opened.
+    unlisted = sorted({WEIGHTS_FILE, *TOKENIZER_FILES, *(f"executables/{b.name}.bin" for b in buckets)}
+                      - manifest["files"].keys())
+    if unlisted:
+        raise ValueError(f"its files do not list {', '.join(unlisted)}")
+    return ModelConfig(**model), EngineConfig(**manifest["engine_config"]), buckets
 
 
 def _restore_weights(path: Path, cfg: ModelConfig, mesh: Mesh, engine_cfg: EngineConfig, manifest: dict):
     from jaxinfer.model.llama import param_shapes
 
-    # Executables that call the CPU int8 kernel were built with int8 weights packed for it.
-    packed_for_cpu_kernel = cpu_int8_dot.TARGET in manifest.get("ffi_kernels", ())
+    # Manifests written before `cpu_kernel_weights`: executables that call the CPU int8 kernel were
+    # built with weights packed for it (not always the build's decision: a w4a8 engine whose head
+    # cannot be packed calls only the int4 kernel).
+    packed_for_cpu_kernel = manifest.get("cpu_kernel_weights",
+                                         cpu_int8_dot.TARGET in manifest.get("ffi_kernels", ()))
     structs = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, engine_cfg.dtype), param_shapes(cfg),
                            is_leaf=lambda x: isinstance(x, tuple))
     if engine_cfg.quant:

@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 
 from jaxinfer.checkpoint import load_checkpoint
-from jaxinfer.engine.artifact import read_manifest, save_engine
+from jaxinfer.engine.artifact import read_manifest, refuse_to_replace, save_engine
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.create import ENGINE_MANIFEST, engine_from_checkpoint, is_engine_dir
 from jaxinfer.errors import EngineError
@@ -32,10 +32,8 @@ def build_engine(model: str | Path | None, output: str | Path, progress: bool = 
         source = json.loads((Path(model) / ENGINE_MANIFEST).read_text()).get("source")
         raise EngineError(f"{model} is a built engine already; build from the checkpoint it was built from "
                           f"(--model {source})")
-    # The directory is replaced: never one that holds anything but an engine.
-    if output.exists() and not is_engine_dir(output) and (not output.is_dir() or any(output.iterdir())):
-        raise EngineError(f"{output} exists and is not an engine directory; `jaxinfer build` replaces only engine "
-                          "directories: pass a new or empty --output directory")
+    # The directory is replaced: refused now, before the compiling, if it holds anything but an engine.
+    refuse_to_replace(output)
     start = time.perf_counter()
     checkpoint = load_checkpoint(model)
     engine = engine_from_checkpoint(checkpoint, EngineConfig.create(**overrides), progress)
@@ -53,7 +51,8 @@ def default_engine_dir() -> Path:
 
 def ensure_default_engine(engine_dir: Path) -> None:
     """Builds the default model's engine into `engine_dir` (the user cache, ours to manage) when it
-    is missing, unfinished, or was built by another jaxinfer, jax or device."""
+    is missing, unfinished or malformed, of another engine format version, or built for another jax,
+    backend, device or CPU: whenever read_manifest refuses it."""
     try:
         read_manifest(engine_dir)
         return

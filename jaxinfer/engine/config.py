@@ -54,6 +54,7 @@ class EngineConfig:
             self.ladder
         except ValueError as err:
             raise EngineError(str(err)) from None
+        self._kv_memory()  # a malformed size fails here, not after the checkpoint is loaded and quantized
 
     @classmethod
     def create(cls, **overrides: Any) -> EngineConfig:
@@ -79,10 +80,15 @@ class EngineConfig:
     def kv_budget_bytes(self) -> int:
         """The KV pool budget: `kv_memory` as bytes, or as a fraction of the device's free memory
         (call it once the weights are on the device)."""
+        size, fraction = self._kv_memory()
+        return device_kv_budget(fraction) if fraction is not None else size
+
+    def _kv_memory(self) -> tuple[int | None, float | None]:
+        """`kv_memory` parsed: (bytes, None) for a size, (None, fraction) for a fraction."""
         text = self.kv_memory.strip().lower()
         if re.fullmatch(r"0?\.\d+|1(\.0*)?", text):
-            return device_kv_budget(float(text))
+            return None, float(text)
         match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?", text)
         if not match:
             raise EngineError(f"kv_memory={self.kv_memory!r} is neither a size (e.g. 512MiB, 2GiB) nor a fraction (0.9)")
-        return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""])
+        return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""]), None

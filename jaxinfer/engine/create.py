@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
 from jaxinfer.cache.kv_pool import plan_kv_memory
 from jaxinfer.checkpoint import Checkpoint, load_checkpoint
+from jaxinfer.configs import load_config
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.llm_engine import LLMEngine
 from jaxinfer.errors import EngineError
@@ -22,7 +24,16 @@ ENGINE_MANIFEST = "manifest.json"
 
 
 def is_engine_dir(path: str | Path | None) -> bool:
-    return path is not None and (Path(path) / ENGINE_MANIFEST).is_file()
+    """Whether `path` holds an engine (of any format version): its manifest.json is a JSON object
+    with the engine format's `format_version` key. Other tools write manifest.json files too (a web
+    app's), and `jaxinfer build` replaces engine directories."""
+    if path is None:
+        return False
+    try:
+        manifest = json.loads((Path(path) / ENGINE_MANIFEST).read_text())
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return False
+    return isinstance(manifest, dict) and "format_version" in manifest
 
 
 def refuse_build_options(model: str | Path | None, **options) -> None:
@@ -56,6 +67,10 @@ def prepare_device_state(checkpoint: Checkpoint, engine_cfg: EngineConfig, progr
     (model config as served, engine config, mesh, params, kv caches)."""
     cfg = checkpoint.config
     if engine_cfg.max_model_len > cfg.max_position_embeddings:
+        # The configured default is lowered for every model shorter than it; a value the user chose is said.
+        if engine_cfg.max_model_len != load_config("engine")["max_model_len"]:
+            print(f"max_model_len {engine_cfg.max_model_len} lowered to {cfg.max_position_embeddings}, the model's "
+                  "max_position_embeddings", file=sys.stderr)
         engine_cfg = dataclasses.replace(engine_cfg, max_model_len=cfg.max_position_embeddings)
     mesh = make_mesh(engine_cfg.tp)
     params, cfg = serving_params(checkpoint, engine_cfg, mesh, progress)

@@ -68,9 +68,8 @@ def test_bad_values_are_refused_by_name_while_parsing(argv, message, capsys):
 def test_serve_passes_the_prefix_cache_choice_to_the_engine(monkeypatch, flags, enabled):
     from jaxinfer.commands import serve
 
-    created, served = [], []
+    created = []
     monkeypatch.setattr(serve, "create_engine", lambda model, **kwargs: created.append((model, kwargs)))
-    monkeypatch.setattr(serve, "run_server", lambda factory, config: served.append(config) or factory())
-    serve.main(_parser().parse_args(["serve", "engines/x", *flags]))
-    assert created == [("engines/x", {"background": True, "enable_prefix_caching": enabled})] and served
-
+    args = _parser().parse_args(["serve", "engines/x", *flags])
+    serve._load_engine(args.engine_dir, args.enable_prefix_caching)
+    assert created == [("engines/x", {"background": True, "enable_prefix_caching": enabled})]

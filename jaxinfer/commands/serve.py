@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from jaxinfer.engine.build import default_engine_dir, ensure_default_engine
 from jaxinfer.engine.create import create_engine
-from serving.server import ServerConfig, run_server
 
 
 def _load_engine(engine_dir: str | None, enable_prefix_caching: bool = True):
@@ -21,6 +20,10 @@ def _load_engine(engine_dir: str | None, enable_prefix_caching: bool = True):
 
 
 def main(args) -> int:
+    # Imported here: serving.server's KServe protos cannot share a process with tritonclient's
+    # (the tests'), and nothing else of this module needs them.
+    from serving.server import ServerConfig, run_server
+
     config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port,
                           model_name=args.served_model_name or "", tls_cert=args.tls_cert, tls_key=args.tls_key,
                           auth_token_file=args.auth_token_file, max_queued_requests=args.max_queued_requests,

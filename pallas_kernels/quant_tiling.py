@@ -116,6 +116,13 @@ def _col_spec(operand: jax.Array, block_n: int) -> pl.BlockSpec:
     return pl.BlockSpec((*rest, block_n), lambda i, j: (0,) * len(rest) + (j,))
 
 
+def check_tileable_weight(w: jax.Array) -> None:
+    """Raises a ValueError naming a weight the tiled kernels cannot read (one packed for the CPU kernel)."""
+    if w.ndim != 2:
+        raise ValueError(f"the Pallas kernels read a [K, N] weight, got shape {w.shape}: a weight packed for the "
+                         "CPU kernel (`cpu_int8_dot.unpack` restores it) runs with implementation='xla'")
+
+
 def tiled_matmul_call(
     kernel: Callable[..., None],
     row_operands: Sequence[jax.Array],
@@ -128,6 +135,7 @@ def tiled_matmul_call(
 
     `row_operands[0]` is the `[M, K]` activation and `col_operands[0]` the `[K', N]` weight.
     """
+    check_tileable_weight(col_operands[0])
     m = row_operands[0].shape[0]
     n = col_operands[0].shape[-1]
     block_m, block_n = block_rows(m), block_cols(n)

@@ -42,6 +42,7 @@ from pallas_kernels import cpu_int8_dot
 from pallas_kernels.quant_tiling import (
     accumulate_over_k,
     block_depth,
+    check_tileable_weight,
     dispatch,
     pallas_supports,
     resolve_implementation,
@@ -91,6 +92,7 @@ def _w8a8_kernel(x_ref, *refs, block_k: int, scaled: bool):
 
 
 def _pallas_call(x_q, w_q, scales, out_dtype, *, interpret: bool = False):
+    check_tileable_weight(w_q)  # before the scale is shaped by it
     kernel = functools.partial(_w8a8_kernel, block_k=block_depth(x_q.shape[1]), scaled=scales is not None)
     if scales is None:
         return tiled_matmul_call(kernel, [x_q], [w_q], out_dtype=out_dtype, interpret=interpret)

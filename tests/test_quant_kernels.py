@@ -180,6 +180,15 @@ def test_int8_matmul_on_cpu_matches_reference(rng, monkeypatch, m, layout):
     assert_within(on_cpu, expected, bound, f"int8 xla, {layout}")
 
 
+@pytest.mark.parametrize("matmul", ["int8", "w8a8"])
+def test_pallas_kernels_name_a_weight_packed_for_the_cpu_kernel(rng, matmul):
+    x = activations(rng, 4, 96)
+    w_q, w_scale = int8_weight(rng, 96, 64)
+    call = int8_matmul if matmul == "int8" else w8a8_matmul
+    with pytest.raises(ValueError, match="packed for the CPU kernel .* implementation='xla'"):
+        call(x, cpu_int8_dot.pack(w_q), w_scale, implementation=PALLAS_MODE)
+
+
 @pytest.mark.parametrize("m", [5, 40])  # dotted in f32 / in bf16 with f32 accumulation
 def test_int8_matmul_bf16_activations(rng, m):
     k, n = 160, 48

@@ -18,7 +18,7 @@ from jaxinfer.bench.baselines import BASELINES, checkpoint_source, run_job
 from jaxinfer.bench.metrics import RequestTiming, run_metrics
 from jaxinfer.bench.results import Column, advantages, comparison_table, write_results
 from jaxinfer.commands.sampling_args import BENCH_SAMPLING_OPTIONS, given_sampling_options
-from jaxinfer.engine.create import create_engine, is_engine_dir, refuse_build_options
+from jaxinfer.engine.create import create_engine, given_flags, is_engine_dir, refuse_build_options
 from jaxinfer.errors import RequestError
 
 THROUGHPUT_COLUMNS = [
@@ -51,8 +51,12 @@ PREFIX_CACHE_COLUMN = Column(("prefix_cache_hit_rate",), "prompt tokens cached",
 ENGINE_OPTIONS = ("dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_memory", "decode_steps")
 
 
+def _engine_options(args) -> dict:
+    return {name: getattr(args, name) for name in ENGINE_OPTIONS}
+
+
 def _engine(args, max_num_seqs: int | None = None):
-    options = {name: getattr(args, name) for name in ENGINE_OPTIONS}
+    options = _engine_options(args)
     refuse_build_options(args.model, **options)
     return create_engine(args.model, progress=True, enable_prefix_caching=args.enable_prefix_caching,
                          **{**options, "max_num_seqs": max_num_seqs or args.max_num_seqs})
@@ -285,7 +289,8 @@ def latency_main(args) -> None:
     if args.plot:
         first = str(args.batch_sizes[0])
         # a baseline that does not batch has a rate at batch 1 only
-        bars = {name: s["decode_tokens_per_s"][first] for name, s in systems.items() if first in s["decode_tokens_per_s"]}
+        bars = {name: s["decode_tokens_per_s"][first] for name, s in systems.items()
+                if first in s["decode_tokens_per_s"]}
         if first == "1":
             bars["bandwidth roofline"] = stream_rate
         plots.bar_chart(bars, "tokens/s", f"Decode at batch {first}", args.output.with_suffix(".png"))
@@ -302,8 +307,7 @@ def serve_main(args) -> None:
         raise RequestError("--baseline static runs an in-process engine; drop --target to compare against it")
     if not args.target and (args.tls_ca or args.auth_token_file):
         raise RequestError("--tls-ca and --auth-token-file are for a server's connection: give --target HOST:PORT")
-    ignored = (["MODEL"] if args.model else []) + [f"--{name.replace('_', '-')}" for name in ENGINE_OPTIONS
-                                                   if getattr(args, name) is not None] \
+    ignored = (["MODEL"] if args.model else []) + given_flags(**_engine_options(args)) \
         + ([] if args.enable_prefix_caching else ["--no-prefix-caching"])
     if args.target and ignored:
         raise RequestError(f"with --target the server's engine is measured: {' and '.join(ignored)} would be "

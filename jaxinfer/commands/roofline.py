@@ -16,6 +16,7 @@ from jaxinfer.bench.results import write_results
 from jaxinfer.bench.roofline import Device, roofline_report
 from jaxinfer.checkpoint import load_config
 from jaxinfer.configs import default_dtype, default_kv_dtype
+from jaxinfer.engine.create import given_flags
 from jaxinfer.errors import EngineError, RequestError
 from jaxinfer.model.config import ModelConfig, RopeScaling
 from jaxinfer.quant.apply import QUANT_MODES
@@ -23,8 +24,7 @@ from jaxinfer.quant.apply import QUANT_MODES
 
 def _model_and_dtypes(args) -> tuple[ModelConfig, str, str]:
     if args.engine:
-        given = [flag for flag, value in (("--model", args.model), ("--dtype", args.dtype),
-                                          ("--kv-dtype", args.kv_dtype)) if value]
+        given = given_flags(model=args.model, dtype=args.dtype, kv_dtype=args.kv_dtype)
         if given:
             raise RequestError(f"{' and '.join(given)} come from the engine's manifest with --engine; drop "
                                f"{'it' if len(given) == 1 else 'them'}, or drop --engine")

@@ -36,10 +36,15 @@ def is_engine_dir(path: str | Path | None) -> bool:
     return isinstance(manifest, dict) and "format_version" in manifest
 
 
+def given_flags(**options) -> list[str]:
+    """The command-line flags (`--max-num-seqs`) of the options set, those not None."""
+    return [f"--{name.replace('_', '-')}" for name, value in options.items() if value is not None]
+
+
 def refuse_build_options(model: str | Path | None, **options) -> None:
     """Raises an EngineError naming the build options set (not None) when `model` is a built
     engine: its dtype, mesh, quantization, buckets and KV pool were fixed when it was compiled."""
-    given = [f"--{name.replace('_', '-')}" for name, value in options.items() if value is not None]
+    given = given_flags(**options)
     if given and is_engine_dir(model):
         raise EngineError(f"{model} is a built engine, whose {', '.join(given)} {'was' if len(given) == 1 else 'were'} "
                           f"fixed at build: drop {'it' if len(given) == 1 else 'them'}, or build an engine with "

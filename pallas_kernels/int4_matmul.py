@@ -62,6 +62,23 @@ def unpack_int4(packed: jax.Array, group_size: int) -> jax.Array:
     return jnp.stack([by_group & 0xF, by_group >> 4], axis=1).reshape(2 * half_rows, n)
 
 
+def codes_by_group(packed: jax.Array, groups: int) -> jax.Array:
+    """An int4 weight's codes `[K / G, G, N]` int8 (0..15), for integer dots over each group."""
+    group_size = 2 * packed.shape[0] // groups
+    # A bitcast, not a convert: codes 0..15 read the same as int8, and XLA:CPU converts are slow.
+    codes = lax.bitcast_convert_type(unpack_int4(packed, group_size), jnp.int8)
+    return codes.reshape(groups, group_size, packed.shape[1])
+
+
+def offset_term(x: jax.Array, offset: jax.Array) -> jax.Array:
+    """The offsets' share of `x [M, K]` times an int4 weight: `sum(x_g) * offset[g]` over the groups
+    -> `[M, N]` float32."""
+    m, k = x.shape
+    groups = offset.shape[0]
+    x_group_sum = x.astype(jnp.float32).reshape(m, groups, k // groups).sum(axis=-1)
+    return x_group_sum @ offset.astype(jnp.float32)
+
+
 def dequantize_int4(packed: jax.Array, scale: jax.Array, offset: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """The `[K, N]` weight of `dtype` that an int4 weight stands for: `q * scale + offset` per group.
 
@@ -110,20 +127,16 @@ def int4_matmul_reference(x: jax.Array, packed: jax.Array, scale: jax.Array, off
 
 def split_activation_group_dot(x: jax.Array, packed: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
     m, k = x.shape
-    groups, n = scale.shape
-    group_size = k // groups
-    # A bitcast, not a convert: codes 0..15 read the same as int8, and XLA:CPU converts are slow.
-    codes = lax.bitcast_convert_type(unpack_int4(packed, group_size), jnp.int8).reshape(groups, group_size, n)
+    groups = scale.shape[0]
     x_split, split_scale = split_per_token_int8(x)
     acc = lax.dot_general(
-        x_split.reshape(2 * m, groups, group_size),
-        codes,
+        x_split.reshape(2 * m, groups, k // groups),
+        codes_by_group(packed, groups),
         dimension_numbers=(((2,), (1,)), ((1,), (0,))),
         preferred_element_type=jnp.int32,
     )
     code_dot = merge_split_rows(acc, split_scale)
-    x_group_sum = x.astype(jnp.float32).reshape(m, groups, group_size).sum(axis=-1)
-    return jnp.einsum("gmn,gn->mn", code_dot, scale.astype(jnp.float32)) + x_group_sum @ offset.astype(jnp.float32)
+    return jnp.einsum("gmn,gn->mn", code_dot, scale.astype(jnp.float32)) + offset_term(x, offset)
 
 
 def int4_matmul_xla(x: jax.Array, packed: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:

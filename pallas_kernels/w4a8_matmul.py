@@ -25,7 +25,7 @@ from jax import lax
 
 from pallas_kernels import cpu_int4_dot
 from pallas_kernels.activation_quant import quantize_per_token
-from pallas_kernels.int4_matmul import unpack_int4
+from pallas_kernels.int4_matmul import codes_by_group, offset_term
 
 
 def quantize_groups(x: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array]:
@@ -36,16 +36,12 @@ def quantize_groups(x: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array
 
 
 def w4a8_matmul_xla(x: jax.Array, packed: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
-    m, k = x.shape
-    groups, n = scale.shape
-    group_size = k // groups
-    x_q, x_scale = quantize_groups(x, group_size)
-    # A bitcast, not a convert: codes 0..15 read the same as int8.
-    codes = lax.bitcast_convert_type(unpack_int4(packed, group_size), jnp.int8).reshape(groups, group_size, n)
-    group_dots = lax.dot_general(x_q, codes, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32)
-    x_group_sum = x.astype(jnp.float32).reshape(m, groups, group_size).sum(axis=-1)
+    groups = scale.shape[0]
+    x_q, x_scale = quantize_groups(x, x.shape[1] // groups)
+    group_dots = lax.dot_general(x_q, codes_by_group(packed, groups), (((2,), (1,)), ((1,), (0,))),
+                                 preferred_element_type=jnp.int32)
     scaled = group_dots.astype(jnp.float32) * x_scale.T[:, :, None] * scale.astype(jnp.float32)[:, None, :]
-    return scaled.sum(axis=0) + x_group_sum @ offset.astype(jnp.float32)
+    return scaled.sum(axis=0) + offset_term(x, offset)
 
 
 def w4a8_matmul(x: jax.Array, packed: jax.Array, scale: jax.Array, offset: jax.Array,

@@ -4,13 +4,14 @@ rules and engine defaults) into plain Python values."""
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any
 
 import jax
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from jaxinfer.package_data import data_dir
+
+CONFIG_DIR = data_dir("config_files")
 
 
 @functools.cache

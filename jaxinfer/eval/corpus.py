@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from jaxinfer.errors import RequestError
+from jaxinfer.package_data import data_dir
 
-CORPUS_DIR = Path(__file__).resolve().parents[2] / "data" / "corpus"
+CORPUS_DIR = data_dir("corpus_files")
 HELDOUT = CORPUS_DIR / "heldout.txt"
 CALIBRATION = CORPUS_DIR / "calibration.txt"
 # Perplexity windows: 16 x 256 tokens score the default model in under a minute on a 2-core CPU.

@@ -16,6 +16,12 @@
 // 64 bytes of K is one zmm load per output and per row, and VNNI's vpdpbusd (64 byte products, summed
 // in fours into 16 int32 lanes) accumulates each (row, output) pair in its own register; the 16 lanes
 // are summed once at the end of K. The last partial 64 bytes of K are loaded masked (zeros beyond K).
+// The block is walked output after output, each output's K bytes in order, so the block (4 x K
+// contiguous bytes) streams in address order. Walked a K step at a time across its 4 outputs (4
+// lines K bytes apart at once), it streamed at about 10 GB/s on one thread of the Zen 4 VM, and the
+// 576 x 49152 head took 1.42-1.67 ms at 1 and 2 rows against 1.03-1.15 this way (2026-12-07, an ad
+// hoc harness, A/B/A; the same at 4 and 8 rows); in a w4a8 engine's batch-1 step the head's call
+// took 1.51-1.56 ms against 1.02-1.24 (benchmarks/profile_step.py, two alternating pairs).
 // vpdpbusd multiplies unsigned by signed bytes, so x is offset by 128 into unsigned bytes, and 128 x
 // the sums of each output's weights (accumulated by the same instruction against ones) come off at
 // the end.
@@ -96,19 +102,14 @@ void block(const Problem& p, int64_t r0, int64_t b, __m128i& offset_sums) {
   }
   const int8_t* w = p.w + b * kBlockCols * p.k;
   const uint8_t* x = p.x_offset + r0 * p.k;
-  for (int64_t k = 0; k < p.k; k += 64) {
-    __m512i cols[kBlockCols];
-    for (int c = 0; c < kBlockCols; ++c) {
+  for (int c = 0; c < kBlockCols; ++c)
+    for (int64_t k = 0; k < p.k; k += 64) {
       if (kFirst)
         _mm_prefetch(reinterpret_cast<const char*>(w + (c + kPrefetchBlocks * kBlockCols) * p.k + k), _MM_HINT_T0);
-      cols[c] = load_k(w + c * p.k + k, k, p.k);
-      if (kFirst) sum[c] = _mm512_dpbusd_epi32(sum[c], ones, cols[c]);
+      const __m512i col = load_k(w + c * p.k + k, k, p.k);
+      if (kFirst) sum[c] = _mm512_dpbusd_epi32(sum[c], ones, col);
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], load_k(x + r * p.k + k, k, p.k), col);
     }
-    for (int r = 0; r < R; ++r) {
-      const __m512i xr = load_k(x + r * p.k + k, k, p.k);
-      for (int c = 0; c < kBlockCols; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], xr, cols[c]);
-    }
-  }
   if (kFirst) offset_sums = _mm_slli_epi32(sum_lanes4(sum[0], sum[1], sum[2], sum[3]), 7);
   for (int r = 0; r < R; ++r) {
     const __m128i sums = _mm_sub_epi32(sum_lanes4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]), offset_sums);
@@ -244,6 +245,8 @@ inline __m256i widen_k(const int8_t* p, int64_t k, int64_t end) {
   return _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(tail)));
 }
 
+// Walked K step by K step across the block's 4 outputs: output after output, each output's chain of
+// dependent vpmaddwd adds (36 at K = 576) ran this build 1.8x slower (forced on the Zen 4 VM).
 template <int R>
 void wide_block(const Problem& p, int64_t r0, int64_t b, int64_t k_padded, bool first) {
   __m256i acc[R][kBlockCols];

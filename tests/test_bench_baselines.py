@@ -321,3 +321,14 @@ def test_a_workload_total_is_compared_only_between_runs_of_the_same_requests():
     ratios = advantages(systems, THROUGHPUT_COLUMNS, "jaxinfer")
     assert ratios["static"]["wall s"] == 2.0 and ratios["static"]["output tokens/s"] == 2.0
     assert "wall s" not in ratios["hf (32 requests)"] and ratios["hf (32 requests)"]["output tokens/s"] == 10.0
+
+
+def test_the_latency_chart_has_a_bar_for_each_system_measured_at_its_batch_size():
+    from jaxinfer.bench.runs import decode_bars
+
+    systems = {"jaxinfer": {"decode_tokens_per_s": {"1": 90.0, "8": 300.0}},
+               "hf transformers": {"decode_tokens_per_s": {"1": 25.0, "8": 140.0}},
+               "llama.cpp": {"decode_tokens_per_s": {"1": 120.0}}}  # llama.cpp does not batch
+    assert decode_bars(systems, 1, 100.0) == {"jaxinfer": 90.0, "hf transformers": 25.0, "llama.cpp": 120.0,
+                                              "bandwidth roofline": 100.0}
+    assert decode_bars(systems, 8, 100.0) == {"jaxinfer": 300.0, "hf transformers": 140.0}

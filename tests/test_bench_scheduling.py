@@ -176,9 +176,11 @@ def test_without_the_prefix_cache_nothing_is_cached_and_the_tokens_are_the_same(
     created = []
     monkeypatch.setattr(runs, "create_engine", lambda model, **kwargs: created.append(kwargs) or create_engine(
         model, **{**kwargs, **settings, "progress": False}))
-    uncached = runs._engine(_parser().parse_args(["bench", "throughput", str(CHECKPOINTS_DIR / "tiny-llama3"),
-                                                  "--no-prefix-caching"]))
+    args = _parser().parse_args(["bench", "throughput", str(CHECKPOINTS_DIR / "tiny-llama3"), "--no-prefix-caching"])
+    uncached = runs._engine(args)
     assert created[0]["enable_prefix_caching"] is False
+    assert runs._engine_config(uncached)["enable_prefix_caching"] is False  # the JSON results say so
+    assert runs._engine_config(engine)["enable_prefix_caching"] is True
     requests = random_requests(6, LengthRange(3, 9), LengthRange(4, 4), engine.model_cfg.vocab_size, seed=5,
                                prefix_len=3 * engine.engine_cfg.block_size, num_prefixes=2)
     requests = fresh_prefixes(requests, 7, engine.model_cfg.vocab_size)

@@ -62,9 +62,9 @@ def _engine(args, max_num_seqs: int | None = None):
                          **{**options, "max_num_seqs": max_num_seqs or args.max_num_seqs})
 
 
-def _engine_config(engine, args) -> dict:
+def _engine_config(engine) -> dict:
     """The engine's build config and the scheduler's prefix-cache choice, for the JSON results."""
-    return {**vars(engine.engine_cfg), "enable_prefix_caching": args.enable_prefix_caching}
+    return {**vars(engine.engine_cfg), "enable_prefix_caching": engine.scheduler.block_manager.enable_prefix_caching}
 
 
 def workload(args, vocab_size: int, encode, max_model_len: int, static: bool = False) -> list[BenchRequest]:
@@ -201,7 +201,7 @@ def throughput_main(args) -> None:
     columns = THROUGHPUT_COLUMNS + ([PREFIX_CACHE_COLUMN] if args.prefix_len else [])
     print(comparison_table(systems, columns, reference="jaxinfer"))
     write_results(args.output, {"workload": _workload_description(args, requests),
-                                "engine_config": _engine_config(engine, args), "systems": systems,
+                                "engine_config": _engine_config(engine), "systems": systems,
                                 "jaxinfer_advantage": advantages(systems, columns, "jaxinfer")})
     if args.plot:
         plots.bar_chart({name.split(" (")[0]: s["output_tokens_per_s"] for name, s in systems.items()},
@@ -284,16 +284,22 @@ def latency_main(args) -> None:
               f"{context} positions' K/V a token)")
         if note := cache_note(read_per_token, cache):
             print(f"  {note}, so the ratio can exceed 1")
-    write_results(args.output, {"engine_config": _engine_config(engine, args), "roofline": roofline_fields,
+    write_results(args.output, {"engine_config": _engine_config(engine), "roofline": roofline_fields,
                                 "systems": systems, "jaxinfer_advantage": advantages(systems, columns, "jaxinfer")})
     if args.plot:
-        first = str(args.batch_sizes[0])
-        # a baseline that does not batch has a rate at batch 1 only
-        bars = {name: s["decode_tokens_per_s"][first] for name, s in systems.items()
-                if first in s["decode_tokens_per_s"]}
-        if first == "1":
-            bars["bandwidth roofline"] = stream_rate
-        plots.bar_chart(bars, "tokens/s", f"Decode at batch {first}", args.output.with_suffix(".png"))
+        first = args.batch_sizes[0]
+        plots.bar_chart(decode_bars(systems, first, stream_rate), "tokens/s", f"Decode at batch {first}",
+                        args.output.with_suffix(".png"))
+
+
+def decode_bars(systems: dict[str, dict], batch_size: int, roofline_tokens_per_s: float) -> dict[str, float]:
+    """The latency chart's bars: each system's decode rate at `batch_size` (a baseline that does not
+    batch has a rate at batch 1 only, and no bar at other sizes), and at batch 1 the roofline's."""
+    bars = {name: s["decode_tokens_per_s"][str(batch_size)] for name, s in systems.items()
+            if str(batch_size) in s["decode_tokens_per_s"]}
+    if batch_size == 1:
+        bars["bandwidth roofline"] = roofline_tokens_per_s
+    return bars
 
 
 # -- serve ----------------------------------------------------------------------------------------
@@ -358,7 +364,7 @@ def serve_main(args) -> None:
         print(comparison_table(point, columns, reference=next(iter(runs))))
     _print_tpot_growth(curves)
     write_results(args.output, {"workload": _workload_description(args, requests),
-                                "engine_config": None if args.target else _engine_config(engine, args),
+                                "engine_config": None if args.target else _engine_config(engine),
                                 "burstiness": args.burstiness,
                                 "max_concurrency": args.max_concurrency, "slo": args.slo, "curves": curves})
     if args.plot:

@@ -29,6 +29,13 @@ needs_kernel = pytest.mark.skipif(not cpu_dense_dot.available(),
                                   reason="needs an x86-64 CPU with AVX2 and a C++ compiler")
 
 
+def skip_unless_the_kernel_takes(rows: int, w) -> None:
+    """Skips a bfloat16 case of more rows than this CPU's kernel takes: up to MAX_FMA_ROWS on CPUs with
+    AVX512-BF16 but no AMX (Zen 4), whose larger steps XLA's dot runs (the routing tests check that)."""
+    if not cpu_dense_dot.serves(rows, w):
+        pytest.skip(f"this CPU's kernel takes bfloat16 steps of up to {cpu_dense_dot.MAX_FMA_ROWS} rows; XLA runs {rows}")
+
+
 def random_problem(rng, m: int, k: int, n: int, dtype=jnp.float32):
     """x [m, k] and w [k, n] in dtype, as jax arrays, and both exactly in float64."""
     x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 10, (1, k))).astype(np.float32)
@@ -123,6 +130,7 @@ def test_residual_add_and_rms_norm_match_float64(rng, m, k, n):
     """One row (the FMA loop's runs), a few (its row blocks), and beyond 8 (AMX, the GEMM loop or
     the FMA loop's chunks, by CPU); one item of the pass over rows and several (32 rows each)."""
     x, w, residual, norm_weight, x64, w64 = residual_norm_problem(rng, m, k, n)
+    skip_unless_the_kernel_takes(m, w)
     eps = 1e-5
     total, normed = jax.jit(KernelDenseWeight(w).residual_norm, static_argnums=3)(x, residual, norm_weight, eps)
     assert total.dtype == jnp.float32 and normed.dtype == jnp.bfloat16 and normed.shape == (m, n)
@@ -184,6 +192,7 @@ def qkv_problem(rng, m: int, kv_heads: int, q_per_kv: int, head_dim: int, k: int
 def test_qkv_split_and_rope_match_float64(rng, m, kv_heads, q_per_kv, head_dim):
     """One row, a few, several items of the pass over rows (32 rows each); heads of 32 to 128."""
     x, w, cfg, cos, sin, x64, w64 = qkv_problem(rng, m, kv_heads, q_per_kv, head_dim)
+    skip_unless_the_kernel_takes(m, w)
     q, k, v = jax.jit(KernelDenseWeight(w).qkv_rope, static_argnums=(3, 4))(x, cos, sin, kv_heads, q_per_kv)
     assert q.shape == (m, kv_heads * q_per_kv, head_dim) and k.shape == v.shape == (m, kv_heads, head_dim)
     assert q.dtype == k.dtype == v.dtype == jnp.bfloat16
@@ -358,6 +367,7 @@ def test_fused_passes_take_weights_as_panels(rng, m):
         np.testing.assert_allclose(got, want, rtol=2**-7, atol=2**-7 * np.abs(want).max())
 
     x, w, residual, norm_weight, _, _ = residual_norm_problem(rng, m, 96, 160)
+    skip_unless_the_kernel_takes(m, w)  # the weight itself, which the panels are compared with
     panels = cpu_dense_dot.pack_panels(w)
     for got, want in zip(cpu_dense_dot.dense_add_norm(x, panels, residual, norm_weight, 1e-5),
                          cpu_dense_dot.dense_add_norm(x, w, residual, norm_weight, 1e-5)):
@@ -377,6 +387,7 @@ def test_calls_compute_only_the_live_rows(rng, m, live):
     come out as a call on those rows alone (the same loop, bit for bit) and the rest as zeros."""
     kv_heads, q_per_kv, head_dim = 3, 3, 64
     x, w, _, _ = random_problem(rng, m, 576, kv_heads * (q_per_kv + 2) * head_dim, jnp.bfloat16)
+    skip_unless_the_kernel_takes(m, w)
     n = w.shape[1]
     residual = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
     norm_weight = jnp.asarray(rng.uniform(0.2, 3, n), jnp.bfloat16)

@@ -280,12 +280,20 @@ inline int64_t pool_slot(const Problem& p, const int32_t* table, int64_t pos) {
 // 42.8-43.5 ms (benchmarks/bench_paged_attention.py --batches 64 --contexts 300 --kv-dtype bfloat16
 // --layers 30, two alternating pairs), 40.7 / 45.7 to 38.7 / 41.0 ms of a batch-64 engine step
 // (benchmarks/profile_step.py engines/bf16 --batch 64 --context 300, ABBA), Xeon VM, 2026-12-06.
+// The rows go to L2 (T1), not L1: a prefetch into L1 holds one of the core's few L1 miss buffers
+// until its line comes, which capped each core near 5-6 GB/s of K/V from memory on the Zen 4 VM.
+// There, with T1, 30 layers' decodes read 19-20 against 10-11.5 GB/s at batch 8 / 64 (512 / 300
+// positions) and 15-22 against 10-12 at batch 1 over 2048 (an ad hoc harness, two alternating
+// rounds; the same from cache), a batch-64 engine step's attention took 24.3 / 25.0 against 45.1 /
+// 45.3 ms (the step 104 / 111 against 136 / 127; two alternating pairs), and the offline benchmark
+// ran at 318.0 against 285.6 output tokens/s (2026-12-07; T2 measured about as T1). Not measured
+// on the Xeon or the Zen 2/3 VMs.
 template <typename T>
 void prefetch_rows(const T* pool, const int64_t* rows, int64_t n, int64_t h, int64_t d) {
   const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
   for (int64_t i = 0; i < n; ++i) {
     const char* row = reinterpret_cast<const char*>(pool + (rows[i] + h) * d);
-    for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(row + line, _MM_HINT_T0);
+    for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(row + line, _MM_HINT_T1);
   }
 }
 

@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--quant", choices=list(QUANT_MODES), help="quantize the weights (w4a8 decodes fastest on CPU)")
     build.add_argument("--decode-steps", type=int, help="model steps per decode-only call (1: one step a call; "
                                                         f"default {engine_defaults['decode_steps']})")
+    build.add_argument("--buckets-per-doubling", type=int,
+                       help="compiled shapes per doubling of the token and sequence ladders (2: 16, 24, 32, 48, ...; "
+                            f"default {engine_defaults['buckets_per_doubling']})")
     build.set_defaults(run="jaxinfer.engine.build:main")
 
     serve = commands.add_parser("serve", help="serve an engine over gRPC (jaxinfer.v1, KServe v2, health, metrics)")

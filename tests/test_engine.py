@@ -171,6 +171,25 @@ def test_stop_strings_on_detokenized_text(checkpoint, reference, engine):
     assert completion.text == full_text[:full_text.index(stop)]
 
 
+def test_steps_at_the_midpoint_buckets_of_a_finer_ladder_match_reference(checkpoint, reference):
+    """With two buckets per doubling, prompts of 17-24 and 33-48 tokens run at the 24- and 48-token
+    buckets (not 32 and 64), and decodes of 3 sequences at 4: the tokens are the reference's."""
+    engine = make_engine(checkpoint, buckets_per_doubling=2, max_num_batched_tokens=48, decode_steps=1)
+    ran = []
+    execute, bucket_of = engine.runner.execute, engine.runner.bucket_of
+    engine.runner.execute = lambda out, seed_of: (ran.append(bucket_of(out).name), execute(out, seed_of))[1]
+    rng = np.random.default_rng(7)
+    vocab = checkpoint.config.vocab_size
+    for lengths in ((20,), (40,), (5, 6, 7)):
+        prompts = [rng.integers(3, vocab, n).tolist() for n in lengths]
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        finished = run_all(engine, [(f"r{i}", p, params) for i, p in enumerate(prompts)])
+        for i, prompt in enumerate(prompts):
+            assert finished[f"r{i}"].outputs[0].token_ids == expected_greedy(reference, prompt, 6), (lengths, i)
+    assert {"t24_s8", "t48_s8", "t1_s1", "t4_s4"} <= set(ran), ran
+    assert_pool_whole(engine)
+
+
 def test_multi_step_decode_matches_single_steps(checkpoint, reference, engine):
     """The engine's decode calls of several model steps (engine.yaml's decode_steps) against an engine
     that runs one step a call, on a workload that ends sequences inside a call (stop tokens after

@@ -75,4 +75,5 @@ def main(args) -> None:
     build_engine(args.model, args.output, dtype=args.dtype, tp=args.tp, kv_dtype=args.kv_dtype,
                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                  max_model_len=args.max_model_len, block_size=args.block_size, kv_memory=args.kv_memory,
-                 quant=args.quant, decode_steps=args.decode_steps)
+                 quant=args.quant, decode_steps=args.decode_steps,
+                 buckets_per_doubling=args.buckets_per_doubling)

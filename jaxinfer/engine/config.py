@@ -32,6 +32,7 @@ class EngineConfig:
     max_model_len: int
     kv_memory: str
     min_token_bucket: int
+    buckets_per_doubling: int
     decode_steps: int
     decode_call_tokens: int
     quant: str | None = None
@@ -47,7 +48,7 @@ class EngineConfig:
         if not 8 <= self.block_size <= 256 or self.block_size & (self.block_size - 1):
             raise EngineError(f"block_size {self.block_size} must be a power of two between 8 and 256")
         for name in ("tp", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "min_token_bucket",
-                     "decode_steps", "decode_call_tokens"):
+                     "buckets_per_doubling", "decode_steps", "decode_call_tokens"):
             if getattr(self, name) < 1:
                 raise EngineError(f"{name} must be >= 1, got {getattr(self, name)}")
         try:
@@ -71,7 +72,8 @@ class EngineConfig:
 
     @property
     def ladder(self) -> BucketLadder:
-        return BucketLadder(self.max_num_seqs, self.max_num_batched_tokens, self.min_token_bucket)
+        return BucketLadder(self.max_num_seqs, self.max_num_batched_tokens, self.min_token_bucket,
+                            self.buckets_per_doubling)
 
     @property
     def max_blocks_per_seq(self) -> int:

@@ -5,6 +5,8 @@ more than num_seqs when a request with n > 1 fans out) runs at the smallest buck
 decode-only steps (every sequence contributes one token) at `(S, S)` from the sequence ladder,
 steps with prefill chunks at `(T, min(T, max_num_seqs))` from the token ladder. The ladders end
 exactly at `max_num_seqs` and `max_num_batched_tokens`, so no schedulable step lacks a bucket.
+They double from their smallest size, each doubling from 16 on cut into `buckets_per_doubling`
+steps (configs/engine.yaml says why), which bounds the padding rows a step computes.
 
 Within a mixed bucket, the LM head and sampling run at the smallest of `Bucket.sampled_row_ladder`
 that holds the step's sampled rows (a branch of the compiled step, chosen at run time): a prefill
@@ -40,11 +42,14 @@ class Bucket:
         return ladder(1, self.num_seqs, factor=4)
 
 
-def ladder(smallest: int, largest: int, factor: int = 2) -> list[int]:
-    """`smallest` times powers of `factor` below `largest`, then `largest` itself."""
+def ladder(smallest: int, largest: int, factor: int = 2, splits: int = 1) -> list[int]:
+    """`smallest` times powers of `factor` below `largest`, then `largest` itself. With `splits` > 1,
+    each step from a size that is a multiple of 8 x splits up to the next is cut into `splits` equal
+    steps (factor 2, splits 2: 8, 16, 24, 32, 48, 64, ...), so that every size stays a multiple of 8."""
     steps, size = [], smallest
     while size < largest:
-        steps.append(size)
+        step = (factor - 1) * size // splits if size % (8 * splits) == 0 else (factor - 1) * size
+        steps.extend(range(size, min(factor * size, largest), step))
         size *= factor
     return steps + [largest]
 
@@ -54,6 +59,7 @@ class BucketLadder:
     max_num_seqs: int
     max_num_batched_tokens: int
     min_token_bucket: int
+    buckets_per_doubling: int
 
     def __post_init__(self):
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -62,12 +68,13 @@ class BucketLadder:
 
     @property
     def decode_buckets(self) -> list[Bucket]:
-        return [Bucket(s, s) for s in ladder(1, self.max_num_seqs)]
+        return [Bucket(s, s) for s in ladder(1, self.max_num_seqs, splits=self.buckets_per_doubling)]
 
     @property
     def mixed_buckets(self) -> list[Bucket]:
         smallest = min(self.min_token_bucket, self.max_num_batched_tokens)
-        return [Bucket(t, min(t, self.max_num_seqs)) for t in ladder(smallest, self.max_num_batched_tokens)]
+        return [Bucket(t, min(t, self.max_num_seqs)) for t in ladder(smallest, self.max_num_batched_tokens,
+                                                                       splits=self.buckets_per_doubling)]
 
     @property
     def all_buckets(self) -> list[Bucket]:

@@ -47,6 +47,9 @@ def test_two_buckets_per_doubling_pad_a_step_by_at_most_half_its_tokens_where_po
     assert len(fine.all_buckets) == len(coarse.all_buckets) + 4
 
 
-def test_engine_config_refuses_a_ladder_without_buckets():
+def test_engine_config_refuses_a_ladder_whose_steps_would_not_divide_a_doubling():
     with pytest.raises(EngineError, match="buckets_per_doubling must be >= 1"):
         EngineConfig.create(buckets_per_doubling=0)
+    with pytest.raises(EngineError, match="buckets_per_doubling 3 must be a power of two"):
+        EngineConfig.create(buckets_per_doubling=3)
+    assert EngineConfig.create(buckets_per_doubling=4).ladder.decode_buckets[-3:] == [Bucket(s, s) for s in (48, 56, 64)]

@@ -47,6 +47,9 @@ class EngineConfig:
                               f"{', '.join(QUANT_MODES)} (or None for unquantized weights)")
         if not 8 <= self.block_size <= 256 or self.block_size & (self.block_size - 1):
             raise EngineError(f"block_size {self.block_size} must be a power of two between 8 and 256")
+        if self.buckets_per_doubling & (self.buckets_per_doubling - 1):
+            raise EngineError(f"buckets_per_doubling {self.buckets_per_doubling} must be a power of two (1: buckets "
+                              "at powers of two only; 2: their midpoints too)")
         for name in ("tp", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "min_token_bucket",
                      "buckets_per_doubling", "decode_steps", "decode_call_tokens"):
             if getattr(self, name) < 1:

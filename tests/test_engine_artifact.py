@@ -87,6 +87,8 @@ MALFORMED = {
     "no environment": lambda d, m: {key: value for key, value in m.items() if key != "environment"},
     "extra model_config key": lambda d, m: {**m, "model_config": {**m["model_config"], "sliding_window": 4096}},
     "a JSON list": lambda d, m: [m],
+    "panel_weights not a boolean": lambda d, m: {**m, "panel_weights": "yes"},
+    "no cpu_kernel_weights": lambda d, m: {key: value for key, value in m.items() if key != "cpu_kernel_weights"},
     "bucket file unlisted": drop_bucket_file,
 }
 

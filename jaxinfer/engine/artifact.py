@@ -57,7 +57,7 @@ from jaxinfer.quant.apply import abstract_quantized_params, pack_for_cpu_kernel,
 from jaxinfer.runner.buckets import Bucket
 from jaxinfer.runner.model_runner import ModelRunner, allocate_kv_caches
 from jaxinfer.tokenizer import Tokenizer
-from pallas_kernels import cpu_ffi, cpu_int8_dot
+from pallas_kernels import cpu_ffi
 
 # 6: the step takes StepInputs.num_steps and returns its outputs with a leading step axis
 # (multi-step decode). 7: the sampling metadata carries num_logprobs (logprobs computed only when
@@ -293,7 +293,7 @@ def load_engine_weights(directory: Path):
 def _check_files(directory: Path, manifest: dict) -> None:
     """Every file's digest checked, and the FFI kernels the executables call registered."""
     verify_files(directory, manifest)
-    cpu_ffi.ensure_registered(manifest.get("ffi_kernels", ()))
+    cpu_ffi.ensure_registered(manifest["ffi_kernels"])
 
 
 def _parse(manifest: dict) -> tuple[ModelConfig, EngineConfig, list[Bucket]]:
@@ -301,7 +301,8 @@ def _parse(manifest: dict) -> tuple[ModelConfig, EngineConfig, list[Bucket]]:
     ValueError (read_manifest words them) where it does not hold a whole engine."""
     for key, kind, name in (("environment", dict, "object"), ("model_config", dict, "object"),
                             ("engine_config", dict, "object"), ("mesh", dict, "object"), ("num_kv_blocks", int, "integer"),
-                            ("buckets", list, "array"), ("files", dict, "object")):
+                            ("buckets", list, "array"), ("files", dict, "object"), ("ffi_kernels", list, "array"),
+                            ("panel_weights", bool, "boolean"), ("cpu_kernel_weights", bool, "boolean")):
         if not isinstance(manifest[key], kind):
             raise TypeError(f"its {key} is not a JSON {name}")
     if not isinstance(manifest["mesh"]["model"], int):
@@ -322,18 +323,13 @@ def _parse(manifest: dict) -> tuple[ModelConfig, EngineConfig, list[Bucket]]:
 def _restore_weights(path: Path, cfg: ModelConfig, mesh: Mesh, engine_cfg: EngineConfig, manifest: dict):
     from jaxinfer.model.llama import param_shapes
 
-    # Manifests written before `cpu_kernel_weights`: executables that call the CPU int8 kernel were
-    # built with weights packed for it (not always the build's decision: a w4a8 engine whose head
-    # cannot be packed calls only the int4 kernel).
-    packed_for_cpu_kernel = manifest.get("cpu_kernel_weights",
-                                         cpu_int8_dot.TARGET in manifest.get("ffi_kernels", ()))
     structs = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, engine_cfg.dtype), param_shapes(cfg),
                            is_leaf=lambda x: isinstance(x, tuple))
     if engine_cfg.quant:
         structs = abstract_quantized_params(structs, cfg, engine_cfg.quant)
-    if packed_for_cpu_kernel:
+    if manifest["cpu_kernel_weights"]:
         structs = jax.eval_shape(pack_for_cpu_kernel, structs)
-    if manifest.get("panel_weights", False):
+    if manifest["panel_weights"]:
         structs = jax.eval_shape(pack_panel_weights, structs)
     target = jax.tree.map(lambda struct, sharding: jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=sharding),
                           structs, param_shardings(cfg, mesh, structs))

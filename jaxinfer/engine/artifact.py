@@ -169,7 +169,7 @@ def read_manifest(directory: Path) -> dict:
             raise EngineError(f"{directory} was built for {key}={built.get(key)!r} but this machine has "
                               f"{key}={here[key]!r}; compiled engines are tied to them: rebuild it here with "
                               "`jaxinfer build`")
-    # Manifests written before the flags were recorded have none to check.
+    # Only the CPU backend records flags; engines for the others have none to check.
     missing = sorted(set(built.get("cpu_flags", ())) - set(here.get("cpu_flags", ())))
     if missing:
         raise EngineError(f"{directory} was built for a CPU with {', '.join(missing)}; this one lacks them: rebuild "

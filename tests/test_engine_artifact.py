@@ -71,7 +71,6 @@ def test_cpu_engine_records_the_cpu_instruction_set_and_refuses_a_cpu_without_it
     other = edited_copy(built[0], tmp_path, lambda d, m: {**m, "environment": more})
     with pytest.raises(EngineError, match="built for a CPU with zz_isa1, zz_isa2; this one lacks them: rebuild"):
         read_manifest(other)
-    assert read_manifest(built[0])["environment"] == env
 
 
 def drop_bucket_file(directory, manifest):

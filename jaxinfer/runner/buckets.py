@@ -5,8 +5,9 @@ more than num_seqs when a request with n > 1 fans out) runs at the smallest buck
 decode-only steps (every sequence contributes one token) at `(S, S)` from the sequence ladder,
 steps with prefill chunks at `(T, min(T, max_num_seqs))` from the token ladder. The ladders end
 exactly at `max_num_seqs` and `max_num_batched_tokens`, so no schedulable step lacks a bucket.
-They double from their smallest size, each doubling from 16 on cut into `buckets_per_doubling`
-steps (configs/engine.yaml says why), which bounds the padding rows a step computes.
+They double from their smallest size, each doubling from 8 x `buckets_per_doubling` on (16 for 2)
+cut into that many equal steps (configs/engine.yaml says why), which bounds the padding rows a step
+computes.
 
 Within a mixed bucket, the LM head and sampling run at the smallest of `Bucket.sampled_row_ladder`
 that holds the step's sampled rows (a branch of the compiled step, chosen at run time): a prefill

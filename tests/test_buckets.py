@@ -38,10 +38,11 @@ def test_every_schedulable_step_runs_at_the_smallest_bucket_that_holds_it(splits
         holding = [b for b in buckets.all_buckets if b.num_tokens >= num_tokens and b.num_seqs >= num_samples]
         assert chosen in holding and chosen.num_tokens == min(b.num_tokens for b in holding)
 
+
 def test_two_buckets_per_doubling_pad_a_step_by_at_most_half_its_tokens_where_powers_of_two_double_it():
     coarse, fine = (BucketLadder(64, 256, 16, splits) for splits in (1, 2))
-    worst = {name: max(ladder.select(tokens, 1, 1).num_tokens / tokens for tokens in range(17, 257))
-             for name, ladder in (("coarse", coarse), ("fine", fine))}
+    worst = {name: max(buckets.select(tokens, 1, 1).num_tokens / tokens for tokens in range(17, 257))
+             for name, buckets in (("coarse", coarse), ("fine", fine))}
     assert worst["fine"] <= 1.5 < worst["coarse"]
     assert Bucket(24, 24) in fine.decode_buckets and Bucket(192, 64) in fine.mixed_buckets
     assert len(fine.all_buckets) == len(coarse.all_buckets) + 4

@@ -175,9 +175,13 @@ def test_steps_at_the_midpoint_buckets_of_a_finer_ladder_match_reference(checkpo
     """With two buckets per doubling, prompts of 17-24 and 33-48 tokens run at the 24- and 48-token
     buckets (not 32 and 64), and decodes of 3 sequences at 4: the tokens are the reference's."""
     engine = make_engine(checkpoint, buckets_per_doubling=2, max_num_batched_tokens=48, decode_steps=1)
-    ran = []
-    execute, bucket_of = engine.runner.execute, engine.runner.bucket_of
-    engine.runner.execute = lambda out, seed_of: (ran.append(bucket_of(out).name), execute(out, seed_of))[1]
+    ran, execute = [], engine.runner.execute
+
+    def recording_execute(out, seed_of):
+        ran.append(engine.runner.bucket_of(out).name)
+        return execute(out, seed_of)
+
+    engine.runner.execute = recording_execute
     rng = np.random.default_rng(7)
     vocab = checkpoint.config.vocab_size
     for lengths in ((20,), (40,), (5, 6, 7)):

@@ -16,10 +16,12 @@ from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.create import engine_from_checkpoint
 from jaxinfer.errors import EngineError
 from jaxinfer.eval.corpus import CALIBRATION, corpus_windows
+from jaxinfer.model.llama import LINEAR_WEIGHTS
 from jaxinfer.model.sharding import make_mesh, param_shardings
 from jaxinfer.quant import W4A8Weight
-from jaxinfer.quant.apply import HEAD_MODES, is_quantized, quantize_params
+from jaxinfer.quant.apply import HEAD_MODES, fold_input_scales, is_quantized, quantize_params
 from jaxinfer.quant.calibration import ActivationStats, capture_activations
+from jaxinfer.quant.quantize import quantize_weight
 from jaxinfer.quant.scaling import awq_search, smoothquant_scale
 from jaxinfer.reference import ReferenceGenerator
 from jaxinfer.sampling_params import SamplingParams
@@ -146,6 +148,43 @@ def test_built_w4a8_engine_restores_packed_int4_weights_and_generates(checkpoint
     assert_greedy_agrees_until_a_near_tie(engine_greedy(engine, prompts), oracle, prompts, tie_margin=0.05)
 
 
+@pytest.mark.parametrize("weight_mode, options", [("w8a8", {}), ("int4", {"group_size": 32})])
+def test_folded_input_scales_give_the_logits_of_dividing_the_activations(checkpoint, prompts, weight_mode, options):
+    """Quantized with fresh random input scales, then folded: the same codes, wo alone still divides,
+    and the model's logits are those of dividing every weight's input by its scale."""
+    cfg = checkpoint.config
+    rng = np.random.default_rng(11)
+
+    def quantize(w):
+        w = np.asarray(w, np.float32)
+        return quantize_weight(w, weight_mode, input_scale=rng.uniform(0.25, 4.0, w.shape[0]).astype(np.float32),
+                               **options)
+
+    unfolded = {**checkpoint.params, "layers": [
+        {name: quantize(w) if name in LINEAR_WEIGHTS else w for name, w in layer.items()}
+        for layer in checkpoint.params["layers"]]}
+    folded = fold_input_scales(unfolded)
+    codes = "q" if weight_mode == "w8a8" else "packed"
+    for before, after in zip(unfolded["layers"], folded["layers"]):
+        assert [name for name in LINEAR_WEIGHTS if after[name].input_scale is not None] == ["wo"]
+        for name in LINEAR_WEIGHTS:
+            np.testing.assert_array_equal(np.asarray(getattr(after[name], codes)), np.asarray(getattr(before[name], codes)))
+        assert not np.allclose(np.asarray(after["mlp_norm"]), np.asarray(before["mlp_norm"]))
+    expected = ReferenceGenerator(unfolded, cfg, max_len=64).prompt_logits(prompts)
+    actual = ReferenceGenerator(folded, cfg, max_len=64).prompt_logits(prompts)
+    # float16 group steps (int4) round once more when rescaled: about 2^-11 relative per step.
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-4 if weight_mode == "w8a8" else 2e-2)
+
+
+def test_built_w8a8_engine_restores_its_folded_weights_and_generates(checkpoint, prompts, tmp_path):
+    path = build_engine(CHECKPOINT, tmp_path / "w8a8", progress=False, quant="w8a8", **SETTINGS)
+    engine = load_engine(path, progress=False)
+    layer = engine.runner.params["layers"][1]
+    assert layer["w_qkv"].input_scale is None and layer["wo"].input_scale is not None
+    oracle = ReferenceGenerator(engine.runner.params, engine.model_cfg, max_len=64)
+    assert_greedy_agrees_until_a_near_tie(engine_greedy(engine, prompts), oracle, prompts, tie_margin=0.05)
+
+
 def test_tied_model_gets_an_int8_copy_of_its_table_as_head(prompts, tmp_path):
     """tiny-smollm2 ties its embeddings: a w8a8 engine keeps the float table for the lookup and adds
     an int8 head quantized from it, which a built engine restores (packed where the CPU kernel runs)."""
@@ -175,7 +214,9 @@ def test_quantized_shardings_follow_column_and_row_parallel_axes(checkpoint, mod
     weight_field = "packed" if mode == "int4-awq" else "q"
     assert getattr(column, weight_field).spec == P(None, "model")
     assert getattr(row, weight_field).spec == P("model", None)
-    assert column.input_scale.spec == P(None) and row.input_scale.spec == P("model")
+    # w_gate_up's and w_down's input scales are folded into mlp_norm and the up columns; wo keeps its own.
+    assert column.input_scale is None and row.input_scale is None
+    assert shardings["wo"].input_scale.spec == P("model")
     if mode != "int4-awq":
         assert column.scale.spec == P("model") and row.scale.spec == P(None)
     head = param_shardings(cfg, make_mesh(2), params).get("lm_head")

@@ -63,8 +63,9 @@ from pallas_kernels import cpu_ffi
 # (multi-step decode). 7: the sampling metadata carries num_logprobs (logprobs computed only when
 # some row asks). 8: the CPU dense kernels take the step's count of real tokens (an operand more).
 # 9: so do the W8A8 and W4A8 CPU kernels. 10: the weights are one safetensors file, not an orbax
-# checkpoint. 11: the engine config records buckets_per_doubling (the ladders' midpoints).
-FORMAT_VERSION = 11
+# checkpoint. 11: the engine config records buckets_per_doubling (the ladders' midpoints). 12: w8a8
+# and int4-awq weights have their input scales folded into the norms and up columns before them.
+FORMAT_VERSION = 12
 WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_meta.json")
 # The /proc/cpuinfo flags that name instruction-set extensions, which XLA:CPU compiles for when the

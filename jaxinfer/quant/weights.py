@@ -22,7 +22,9 @@ pallas_kernels.cpu_int8_dot and `jaxinfer.quant.apply.pack_for_cpu_kernel`); `sh
 `dequantize` read either layout. So may a W4A8Weight's three arrays (`packed [out/16, in/8, 16, 4]`,
 `scale`/`offset [out/16, in/G, 16]`, see pallas_kernels.cpu_int4_dot).
 All carry `input_scale [in] f32 | None`: the weight was quantized as `input_scale[:, None] * w`
-(AWQ / SmoothQuant migrate activation range into the weight this way), so `matmul` divides x by it.
+(AWQ / SmoothQuant migrate activation range into the weight this way), so `matmul` divides x by it,
+unless the division was folded into the op before the weight (`jaxinfer.quant.apply.fold_input_scales`,
+which rescales output columns with `scale_outputs(factor [out])`: the same codes, rescaled steps).
 
 Tensor parallelism (mesh axis "model"): every array keeps the weight's `in`/`out` axis positions,
 so one PartitionSpec rule per layout covers all fields:
@@ -87,6 +89,12 @@ class _ScaledWeight(_QuantizedMatmul):
     def dequantize(self) -> jax.Array:
         return self._unscale_input(cpu_int8_dot.standard_layout(self.q).astype(jnp.float32) * self.scale)
 
+    def scale_outputs(self, factor: jax.Array) -> _ScaledWeight:
+        """This weight with output column j multiplied by `factor[j]`: the same codes, rescaled."""
+        if self.scale.ndim != 1:
+            raise ValueError("a per-tensor scale cannot take a factor per output column")
+        return dataclasses.replace(self, scale=(self.scale * factor).astype(self.scale.dtype))
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +128,14 @@ class Int4Weight(_QuantizedMatmul):
 
     def dequantize(self) -> jax.Array:
         return self._unscale_input(dequantize_int4(self.packed, self.scale, self.offset, jnp.float32))
+
+    def scale_outputs(self, factor: jax.Array) -> Int4Weight:
+        """This weight with output column j multiplied by `factor[j]`: the same codes, each group's
+        step and minimum rescaled (`[in/G, out]` layout, before any CPU kernel packing)."""
+        if self.scale.ndim != 2:
+            raise ValueError("a weight packed for the CPU kernel cannot be rescaled; rescale it before packing")
+        return dataclasses.replace(self, scale=(self.scale * factor).astype(self.scale.dtype),
+                                   offset=(self.offset * factor).astype(self.offset.dtype))
 
 
 @jax.tree_util.register_dataclass

@@ -117,9 +117,15 @@ def fuse_projections(layer: Params, cfg: ModelConfig) -> Params:
     fused["w_qkv"] = _group_qkv(layer["wq"], layer["wk"], layer["wv"], cfg)
     if "bq" in layer:
         fused["b_qkv"] = _group_qkv(layer["bq"], layer["bk"], layer["bv"], cfg)
-    gate, up = layer["w_gate"], layer["w_up"]
-    fused["w_gate_up"] = np.stack([gate, up], axis=-1).reshape(*gate.shape[:-1], 2 * gate.shape[-1])
+    fused["w_gate_up"] = interleave_gate_up(layer["w_gate"], layer["w_up"])
     return fused
+
+
+def interleave_gate_up(gate, up):
+    """`[..., intermediate]` gate and up columns -> `[..., 2 * intermediate]` in w_gate_up's order
+    (gate_i, up_i side by side). numpy arrays stay numpy (checkpoint loading); others go through jnp."""
+    xp = np if isinstance(gate, np.ndarray) and isinstance(up, np.ndarray) else jnp
+    return xp.stack([gate, up], axis=-1).reshape(*gate.shape[:-1], 2 * gate.shape[-1])
 
 
 def _group_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, cfg: ModelConfig) -> np.ndarray:

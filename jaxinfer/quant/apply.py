@@ -52,7 +52,7 @@ import numpy as np
 from jaxinfer.errors import EngineError
 from jaxinfer.eval.corpus import CALIBRATION, corpus_windows
 from jaxinfer.model.config import ModelConfig
-from jaxinfer.model.llama import LINEAR_WEIGHTS, head_weight
+from jaxinfer.model.llama import LINEAR_WEIGHTS, head_weight, interleave_gate_up
 from jaxinfer.quant.calibration import Calibration, capture_activations
 from jaxinfer.quant.quantize import W4A8_GROUP_SIZE, quantize_weight
 from jaxinfer.quant.scaling import awq_search, smoothquant_scale
@@ -162,8 +162,7 @@ def fold_input_scales(params):
                 layer[name] = dataclasses.replace(layer[name], input_scale=None)
         scale = layer["w_down"].input_scale
         if scale is not None:
-            # w_gate_up's columns alternate gate_i, up_i (jaxinfer.model.llama): only up's are divided.
-            factor = jnp.stack([jnp.ones_like(scale), 1 / scale], axis=-1).reshape(-1)
+            factor = interleave_gate_up(jnp.ones_like(scale), 1 / scale)  # only up's columns are divided
             layer["w_gate_up"] = layer["w_gate_up"].scale_outputs(factor)
             layer["w_down"] = dataclasses.replace(layer["w_down"], input_scale=None)
         return layer

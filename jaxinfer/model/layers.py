@@ -116,7 +116,7 @@ def swiglu(x: jax.Array, w_gate_up) -> jax.Array:
     (x * sigmoid(x), which keeps the small values of very negative gates, as the CPU kernel's fused
     pass does; the form x * (1 + tanh(x / 2)) / 2 lost them to cancellation below about -17). Where XLA fuses
     it with an int8 matmul's rescaling (w8a8 prefill), that form took 1 ms a layer for 256 tokens on
-    the Zen 4 VM against 0.25; with a bfloat16 product both forms ran alike. A weight that fuses
+    the Zen 4 VM against 0.25; bfloat16 engines' steps ran alike with either. A weight that fuses
     the product and the SwiGLU (the CPU kernel's, jaxinfer.runner.step) takes both at once."""
     if getattr(w_gate_up, "fuses_swiglu", lambda _: False)(x):
         return w_gate_up.swiglu(x)

@@ -132,8 +132,9 @@ def _with_int8_head(params, mode: str, quantize_head):
 
 
 def quantize_params(params, cfg: ModelConfig, mode: str, calibration: Calibration | None = None):
-    """`params` with every linear weight quantized in `mode` (the rest untouched). The calibrated
-    modes need `calibration` (from `calibrate` or `capture_activations`)."""
+    """`params` with every linear weight quantized in `mode`, and their input scales folded where
+    the calibrated modes make them (`fold_input_scales`: the norms before them change too); the rest
+    untouched. The calibrated modes need `calibration` (from `calibrate` or `capture_activations`)."""
     weight_mode, method = _check_mode(mode)
     if method is not None and calibration is None:
         raise EngineError(f"quantization mode {mode!r} computes {method} scales from calibration activations: "

@@ -8,8 +8,9 @@
 // tile_state_granted()  whether Linux grants the process the AMX tile state (arch_prctl
 //                       ARCH_REQ_XCOMP_PERM; asked once per process). Callers check the instructions
 //                       themselves: __builtin_cpu_supports("amx-int8") or ("amx-bf16").
-// store_pairs(even, odd, dst)  one row of a bfloat16 B tile: 16 columns of two rows k and k + 1
-//                              (even, odd) as 16 (k, k + 1) pairs at dst (AVX-512 builds)
+// interleave_pairs(even, odd)  16 bfloat16 values of each of two rows k and k + 1 as 16 (k, k + 1)
+//                              pairs, one per 32-bit lane (AVX-512 builds)
+// store_pairs(even, odd, dst)  the same from memory to dst: one row of a bfloat16 B tile
 
 #ifndef JAXINFER_CPU_AMX_H_
 #define JAXINFER_CPU_AMX_H_
@@ -42,10 +43,13 @@ inline bool tile_state_granted() {
 #if defined(__AVX512F__)
 // Each 32-bit lane takes even's value as its low half and odd's as its high half: one zero-extend,
 // shift and or per 16 columns.
+inline __m512i interleave_pairs(__m256i even, __m256i odd) {
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(even), _mm512_slli_epi32(_mm512_cvtepu16_epi32(odd), 16));
+}
+
 inline void store_pairs(const uint16_t* even, const uint16_t* odd, uint16_t* dst) {
-  const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even)));
-  const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(odd)));
-  _mm512_storeu_si512(dst, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+  _mm512_storeu_si512(dst, interleave_pairs(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even)),
+                                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(odd))));
 }
 #endif
 

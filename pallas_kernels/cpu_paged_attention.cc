@@ -73,6 +73,20 @@
 // 1.17-1.51 / 3.4-3.6 / 11.1-12.1 / 33.2-38.5 (two alternating pairs, 2026-12-05): what is left is
 // mostly the softmax's passes and the transposes, not the products.
 //
+// On CPUs with AVX512-BF16 but no AMX (AMD's Zen 4), prefill tiles over a bfloat16 pool (block_size
+// % 8 == 0) take both products with vdpbf16ps instead (`dp_logits`, `dp_values`): outer_block's
+// multiply-add becomes one vdpbf16ps per (k, k + 1) pair, twice an FMA's work. Logits: 8 positions'
+// K rows read in place from the pool, a (feature, feature + 1) pair of each broadcast, against Q^T
+// held as bfloat16 pairs [D / 2, R, 2]. Values: the softmax's weights rounded to bfloat16 pairs of
+// positions [positions / 2, R, 2], against V rows of two positions interleaved [pairs, D, 2] a
+// chunk at a time. Rounding q and P as on AMX (the same tolerance). On the Zen 4 VM a first chunk of
+// 256 / 512 / 1024 / 2048 tokens took 0.59 / 1.77-2.09 / 5.77-5.78 / 20.4-20.5 ms against the FMA
+// loop's 0.68-0.69 / 2.21-2.27 / 8.8-9.2 / 30.4-32.8 (benchmarks/bench_paged_attention.py
+// --prefill-lens 256,512,1024,2048 --kv-dtype bfloat16, two alternating pairs, 2026-12-07), and a
+// bfloat16 engine's 256-token prefill step spent 22.0 / 26.1 ms in attention against 31.6 / 41.8
+// (benchmarks/profile_step.py engines/bf16 --prompt-len 512, two alternating pairs). At 1024 tokens
+// the products took about 70% of the kernel's perf samples and the softmax's passes about 26%.
+//
 // Only positions below seq_len are read, so whatever unused slots hold (NaN included) never
 // reaches the result; a block id outside the pool, a context longer than the block table or a chunk
 // longer than its context is refused with an error rather than read.
@@ -605,9 +619,27 @@ void merge_parts(int64_t parts, int64_t heads, int64_t d, const float* part_out,
 // of b and eight broadcasts feed eight FMAs of twice the width. The accumulators are named
 // variables: as an array GCC stored them to the stack on every iteration (3x slower).
 #if defined(__AVX512F__)
-template <bool kAccumulate>
-inline void outer_block(const float* a, int64_t a_i, int64_t a_k, const float* b, int64_t b_k, int64_t n, float* out,
-                        int64_t out_stride) {
+// The AVX-512 build's multiply-add per k: Fma takes float32 A and B; DpBf16 takes bfloat16 pairs (a
+// (k, k + 1) pair of A broadcast, B holding one such pair per 32-bit lane, pointers and strides in
+// bfloat16 elements), so that one vdpbf16ps does the work of two FMAs and n counts pairs.
+struct Fma {
+  using Elem = float;
+  static __m512 load(const float* b) { return _mm512_loadu_ps(b); }
+  static __m512 madd(const float* a, __m512 b, __m512 c) { return _mm512_fmadd_ps(_mm512_set1_ps(*a), b, c); }
+};
+struct DpBf16 {
+  using Elem = uint16_t;
+  static __m512bh load(const uint16_t* b) { return reinterpret_cast<__m512bh>(_mm512_loadu_si512(b)); }
+  static __m512 madd(const uint16_t* a, __m512bh b, __m512 c) {
+    int32_t pair;
+    std::memcpy(&pair, a, sizeof(pair));
+    return _mm512_dpbf16_ps(c, reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)), b);
+  }
+};
+
+template <bool kAccumulate, typename Product = Fma>
+inline void outer_block(const typename Product::Elem* a, int64_t a_i, int64_t a_k, const typename Product::Elem* b,
+                        int64_t b_k, int64_t n, float* out, int64_t out_stride) {
   static_assert(kBlockRows == 8 && kBlockLanes == 16, "outer_block is written out for 8 x 16");
   __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
   if (kAccumulate) {
@@ -617,11 +649,11 @@ inline void outer_block(const float* a, int64_t a_i, int64_t a_k, const float* b
     c7 = _mm512_loadu_ps(out + 7 * out_stride);
   }
   for (int64_t k = 0; k < n; ++k, a += a_k, b += b_k) {
-    const __m512 row = _mm512_loadu_ps(b);
-    c0 = _mm512_fmadd_ps(_mm512_set1_ps(a[0]), row, c0), c1 = _mm512_fmadd_ps(_mm512_set1_ps(a[a_i]), row, c1);
-    c2 = _mm512_fmadd_ps(_mm512_set1_ps(a[2 * a_i]), row, c2), c3 = _mm512_fmadd_ps(_mm512_set1_ps(a[3 * a_i]), row, c3);
-    c4 = _mm512_fmadd_ps(_mm512_set1_ps(a[4 * a_i]), row, c4), c5 = _mm512_fmadd_ps(_mm512_set1_ps(a[5 * a_i]), row, c5);
-    c6 = _mm512_fmadd_ps(_mm512_set1_ps(a[6 * a_i]), row, c6), c7 = _mm512_fmadd_ps(_mm512_set1_ps(a[7 * a_i]), row, c7);
+    const auto row = Product::load(b);
+    c0 = Product::madd(a, row, c0), c1 = Product::madd(a + a_i, row, c1);
+    c2 = Product::madd(a + 2 * a_i, row, c2), c3 = Product::madd(a + 3 * a_i, row, c3);
+    c4 = Product::madd(a + 4 * a_i, row, c4), c5 = Product::madd(a + 5 * a_i, row, c5);
+    c6 = Product::madd(a + 6 * a_i, row, c6), c7 = Product::madd(a + 7 * a_i, row, c7);
   }
   _mm512_storeu_ps(out, c0), _mm512_storeu_ps(out + out_stride, c1), _mm512_storeu_ps(out + 2 * out_stride, c2);
   _mm512_storeu_ps(out + 3 * out_stride, c3), _mm512_storeu_ps(out + 4 * out_stride, c4);
@@ -671,13 +703,63 @@ void convert_positions(const Problem& p, const T* pool, const float* scales, con
 
 struct PrefillScratch {
   std::vector<float> q_t, logits, kv_rows, out_t, last_visible, peak, sum;
-  std::vector<uint16_t> q_tiles, p_rows, v_tiles;  // the AMX path's bfloat16 operands
+  std::vector<uint16_t> q_bf16, p_bf16, v_bf16;  // the bfloat16 paths' operands (AMX tiles or vdpbf16ps pairs)
 };
 
-#if defined(__AVX512F__)
-// ---- AMX (bfloat16 pools; see the top of this file).
+// How a prefill tile takes its two products (see the top of this file).
+enum class Products { kFma, kDpBf16, kAmx };
+
+// ---- The FMA loop (every pool dtype and build).
+
+// logits [whole_blocks(kv_len), rows] = K Q^T, Q^T [D, rows] float32, K rows converted to float
+// kChunkPositions at a time.
+template <typename T>
+void fma_logits(const Problem& p, const T* k, const PrefillTile& tile, int64_t h, int64_t rows,
+                PrefillScratch& scratch) {
+  const int64_t d = p.head_dim, group = p.num_heads / p.num_kv_heads, kv_len = tile.kv_len();
+  const int32_t* table = p.block_tables + tile.seq * p.table_width;
+  scratch.q_t.assign(d * rows, 0.0f);
+  for (int64_t i = 0; i < tile.count; ++i)
+    for (int64_t j = 0; j < group; ++j) {
+      const float* q = p.q + ((tile.start + i) * p.num_heads + h * group + j) * d;
+      for (int64_t f = 0; f < d; ++f) scratch.q_t[f * rows + i * group + j] = q[f];
+    }
+  scratch.kv_rows.resize((kChunkPositions + kBlockRows) * d);
+  float* logits = scratch.logits.data();
+  for (int64_t c0 = 0; c0 < kv_len; c0 += kChunkPositions) {
+    const int64_t n = std::min(kChunkPositions, kv_len - c0);
+    convert_positions(p, k, p.k_scale, table, h, c0, n, scratch.kv_rows.data());
+    for (int64_t pos = 0; pos < n; pos += kBlockRows)
+      for (int64_t r = 0; r < rows; r += kBlockLanes)
+        outer_block<false>(scratch.kv_rows.data() + pos * d, d, 1, scratch.q_t.data() + r, rows, d,
+                           logits + (c0 + pos) * rows + r, rows);
+  }
+}
+
+// out_t [D, rows] = (P V)^T, P the softmax's weights in logits (zero past kv_len), V rows converted
+// as K's above.
+template <typename T>
+void fma_values(const Problem& p, const T* v, const PrefillTile& tile, int64_t h, int64_t rows,
+                PrefillScratch& scratch) {
+  const int64_t d = p.head_dim, kv_len = tile.kv_len();
+  const int32_t* table = p.block_tables + tile.seq * p.table_width;
+  scratch.kv_rows.resize((kChunkPositions + kBlockRows) * d);
+  scratch.out_t.assign(d * rows, 0.0f);
+  for (int64_t c0 = 0; c0 < kv_len; c0 += kChunkPositions) {
+    const int64_t n = std::min(kChunkPositions, kv_len - c0);
+    convert_positions(p, v, p.v_scale, table, h, c0, n, scratch.kv_rows.data());
+    for (int64_t f = 0; f < d; f += kBlockRows)
+      for (int64_t r = 0; r < rows; r += kBlockLanes)
+        outer_block<true>(scratch.kv_rows.data() + f, 1, d, scratch.logits.data() + c0 * rows + r, rows,
+                          whole_blocks(n), scratch.out_t.data() + f * rows + r, rows);
+  }
+}
+
 using jaxinfer::kBf16TileElems;
 using jaxinfer::kBf16TileK;
+
+#if defined(__AVX512F__)
+// ---- The bfloat16 paths: AMX, then AVX512-BF16 (bfloat16 pools; see the top of this file).
 constexpr int64_t kAmxTile = 16;       // positions, rows or features per tile side
 
 bool amx_serves(const Problem& p) {
@@ -729,11 +811,11 @@ void amx_logits(const Problem& p, const uint16_t* k, const PrefillTile& tile, in
   const int64_t kv_len = tile.kv_len(), computed = (kv_len + kAmxTile - 1) / kAmxTile * kAmxTile;
   const int32_t* table = p.block_tables + tile.seq * p.table_width;
   // B tile (s, b): element (j, r, e) = Q[row b * 16 + r][feature s * 32 + 2 j + e].
-  scratch.q_tiles.assign(d / kBf16TileK * row_blocks * kBf16TileElems, 0);
+  scratch.q_bf16.assign(d / kBf16TileK * row_blocks * kBf16TileElems, 0);
   for (int64_t r = 0; r < tile.count * group; ++r) {
     const float* q = p.q + ((tile.start + r / group) * p.num_heads + h * group + r % group) * d;
     for (int64_t s = 0; s < d / kBf16TileK; ++s) {
-      uint16_t* column = scratch.q_tiles.data() + (s * row_blocks + r / kAmxTile) * kBf16TileElems + r % kAmxTile * 2;
+      uint16_t* column = scratch.q_bf16.data() + (s * row_blocks + r / kAmxTile) * kBf16TileElems + r % kAmxTile * 2;
       for (int64_t f = 0; f < kBf16TileK; ++f) column[f / 2 * 32 + f % 2] = to_bf16(q[s * kBf16TileK + f]);
     }
   }
@@ -746,7 +828,7 @@ void amx_logits(const Problem& p, const uint16_t* k, const PrefillTile& tile, in
       _tile_zero(0);
       for (int64_t s = 0; s < d / kBf16TileK; ++s) {
         _tile_loadd(1, keys + s * kBf16TileK, k_stride);
-        _tile_loadd(2, scratch.q_tiles.data() + (s * row_blocks + b) * kBf16TileElems, 64);
+        _tile_loadd(2, scratch.q_bf16.data() + (s * row_blocks + b) * kBf16TileElems, 64);
         _tile_dpbf16ps(0, 1, 2);
       }
       _tile_stored(0, logits + pos0 * rows + b * kAmxTile, rows * static_cast<int64_t>(sizeof(float)));
@@ -755,47 +837,132 @@ void amx_logits(const Problem& p, const uint16_t* k, const PrefillTile& tile, in
   std::fill(logits + computed * rows, logits + padded_len * rows, 0.0f);
 }
 
-// o [rows, D] = P V, P the softmax's unnormalized weights in logits [padded_len, rows] (zero past
-// kv_len): P as A tiles of 32 positions (transposed to [rows, padded_len] bfloat16), V as B tiles of
-// (position, position + 1) pairs by 16 features (zero past kv_len, whatever the pool holds there).
-void amx_values(const Problem& p, const uint16_t* v, const PrefillTile& tile, int64_t h, int64_t rows,
-                int64_t padded_len, PrefillScratch& scratch, float* o) {
-  const int64_t d = p.head_dim, kv_len = tile.kv_len(), chunks = padded_len / kBf16TileK;
+// V rows of positions 2 * pair and 2 * pair + 1 (pair0 <= pair < pair1) as bfloat16 pairs, kPairColumns
+// features at a time: store_pairs into dst(pair, feature block); positions from kv_len on give zeros,
+// whatever the pool holds there.
+constexpr int64_t kPairColumns = 16;
+template <typename Dst>
+void store_value_pairs(const Problem& p, const uint16_t* v, const PrefillTile& tile, int64_t h, int64_t pair0,
+                       int64_t pair1, Dst dst) {
+  const int64_t d = p.head_dim, kv_len = tile.kv_len();
   const int32_t* table = p.block_tables + tile.seq * p.table_width;
-  const float* logits = scratch.logits.data();
-  scratch.p_rows.resize(rows * padded_len);
-  for (int64_t pos = 0; pos < padded_len; pos += kLanes)
-    for (int64_t r = 0; r < rows; r += kLanes)
-      transpose_to_bf16(logits + pos * rows + r, rows, scratch.p_rows.data() + r * padded_len + pos, padded_len);
-  // B tile (c, fb): row j holds (V[c * 32 + 2 j][fb * 16 + f], V[c * 32 + 2 j + 1][fb * 16 + f]) per f.
-  scratch.v_tiles.resize(chunks * (d / kAmxTile) * kBf16TileElems);
-  alignas(64) static const uint16_t kZeros[kAmxTile] = {};
-  for (int64_t pair = 0; pair < padded_len / 2; ++pair) {
+  alignas(64) static const uint16_t kZeros[kPairColumns] = {};
+  for (int64_t pair = pair0; pair < pair1; ++pair) {
     const uint16_t* rows_of_pair[2];
     for (int e = 0; e < 2; ++e) {
       const int64_t pos = 2 * pair + e;
       rows_of_pair[e] = pos < kv_len ? v + (pool_slot(p, table, pos) * p.num_kv_heads + h) * d : nullptr;
     }
-    for (int64_t fb = 0; fb < d / kAmxTile; ++fb) {
-      const uint16_t* even = rows_of_pair[0] ? rows_of_pair[0] + fb * kAmxTile : kZeros;
-      const uint16_t* odd = rows_of_pair[1] ? rows_of_pair[1] + fb * kAmxTile : kZeros;
-      jaxinfer::store_pairs(even, odd, scratch.v_tiles.data() +
-                                           ((pair / kAmxTile * (d / kAmxTile) + fb) * kAmxTile + pair % kAmxTile) * 32);
+    for (int64_t fb = 0; fb < d / kPairColumns; ++fb) {
+      const uint16_t* even = rows_of_pair[0] ? rows_of_pair[0] + fb * kPairColumns : kZeros;
+      const uint16_t* odd = rows_of_pair[1] ? rows_of_pair[1] + fb * kPairColumns : kZeros;
+      jaxinfer::store_pairs(even, odd, dst(pair, fb));
     }
   }
+}
+
+// o [rows, D] = P V, P the softmax's unnormalized weights in logits [padded_len, rows] (zero past
+// kv_len): P as A tiles of 32 positions (transposed to [rows, padded_len] bfloat16), V as B tiles of
+// (position, position + 1) pairs by 16 features.
+void amx_values(const Problem& p, const uint16_t* v, const PrefillTile& tile, int64_t h, int64_t rows,
+                int64_t padded_len, PrefillScratch& scratch, float* o) {
+  const int64_t d = p.head_dim, chunks = padded_len / kBf16TileK;
+  const float* logits = scratch.logits.data();
+  scratch.p_bf16.resize(rows * padded_len);
+  for (int64_t pos = 0; pos < padded_len; pos += kLanes)
+    for (int64_t r = 0; r < rows; r += kLanes)
+      transpose_to_bf16(logits + pos * rows + r, rows, scratch.p_bf16.data() + r * padded_len + pos, padded_len);
+  // B tile (c, fb): row j holds (V[c * 32 + 2 j][fb * 16 + f], V[c * 32 + 2 j + 1][fb * 16 + f]) per f.
+  static_assert(kPairColumns == kAmxTile, "a B tile's row is one store_pairs");
+  scratch.v_bf16.resize(chunks * (d / kAmxTile) * kBf16TileElems);
+  store_value_pairs(p, v, tile, h, 0, padded_len / 2, [&](int64_t pair, int64_t fb) {
+    return scratch.v_bf16.data() + ((pair / kAmxTile * (d / kAmxTile) + fb) * kAmxTile + pair % kAmxTile) * 32;
+  });
   for (int64_t b = 0; b < rows / kAmxTile; ++b)
     for (int64_t fb = 0; fb < d / kAmxTile; ++fb) {
       _tile_zero(0);
       for (int64_t c = 0; c < chunks; ++c) {
-        _tile_loadd(1, scratch.p_rows.data() + b * kAmxTile * padded_len + c * kBf16TileK,
+        _tile_loadd(1, scratch.p_bf16.data() + b * kAmxTile * padded_len + c * kBf16TileK,
                     padded_len * static_cast<int64_t>(sizeof(uint16_t)));
-        _tile_loadd(2, scratch.v_tiles.data() + (c * (d / kAmxTile) + fb) * kBf16TileElems, 64);
+        _tile_loadd(2, scratch.v_bf16.data() + (c * (d / kAmxTile) + fb) * kBf16TileElems, 64);
         _tile_dpbf16ps(0, 1, 2);
       }
       _tile_stored(0, o + b * kAmxTile * d + fb * kAmxTile, d * static_cast<int64_t>(sizeof(float)));
     }
 }
+
+// Whether vdpbf16ps takes a bfloat16 pool's prefill products here: K's groups of kBlockRows positions
+// are read in place as outer_block's A rows, so they must not cross a block.
+bool dp_serves(const Problem& p) { return p.block_size % kBlockRows == 0 && __builtin_cpu_supports("avx512bf16"); }
+
+// logits [whole_blocks(kv_len), rows] = K Q^T: per kBlockRows positions (K rows read in place from
+// the pool; those past kv_len are read but masked) and 16 rows, vdpbf16ps over D / 2 feature pairs,
+// Q^T held as bfloat16 [D / 2, rows, 2].
+void dp_logits(const Problem& p, const uint16_t* k, const PrefillTile& tile, int64_t h, int64_t rows,
+               PrefillScratch& scratch) {
+  const int64_t d = p.head_dim, group = p.num_heads / p.num_kv_heads, kv_len = tile.kv_len();
+  const int32_t* table = p.block_tables + tile.seq * p.table_width;
+  scratch.q_bf16.assign(d * rows, 0);
+  for (int64_t r = 0; r < tile.count * group; ++r) {
+    const float* q = p.q + ((tile.start + r / group) * p.num_heads + h * group + r % group) * d;
+    for (int64_t f = 0; f < d; f += kBlockLanes) {  // 8 pairs at a time, rounded to nearest even
+      uint16_t pairs[kBlockLanes];
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pairs),
+                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(q + f))));
+      for (int64_t j = 0; j < kBlockLanes / 2; ++j)
+        std::memcpy(scratch.q_bf16.data() + ((f / 2 + j) * rows + r) * 2, pairs + 2 * j, 2 * sizeof(uint16_t));
+    }
+  }
+  float* logits = scratch.logits.data();
+  const int64_t position_stride = p.num_kv_heads * d;
+  for (int64_t pos = 0; pos < kv_len; pos += kBlockRows) {
+    const uint16_t* keys = k + (pool_slot(p, table, pos) * p.num_kv_heads + h) * d;
+    for (int64_t r = 0; r < rows; r += kBlockLanes)
+      outer_block<false, DpBf16>(keys, position_stride, 2, scratch.q_bf16.data() + 2 * r, 2 * rows, d / 2,
+                                 logits + pos * rows + r, rows);
+  }
+}
+
+// out_t [D, rows] = (P V)^T: P, the softmax's weights in logits [padded_len, rows] (zero past kv_len),
+// rounded to bfloat16 pairs [padded_len / 2, rows, 2]; V as pairs of positions [pairs, D, 2],
+// kChunkPositions at a time; vdpbf16ps over the chunk's pairs per kBlockRows features and 16 rows.
+void dp_values(const Problem& p, const uint16_t* v, const PrefillTile& tile, int64_t h, int64_t rows,
+               int64_t padded_len, PrefillScratch& scratch) {
+  const int64_t d = p.head_dim, kv_len = tile.kv_len();
+  const float* logits = scratch.logits.data();
+  scratch.p_bf16.resize(padded_len * rows);
+  for (int64_t pair = 0; pair < padded_len / 2; ++pair)
+    for (int64_t r = 0; r < rows; r += kBlockLanes) {
+      const __m256i even = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(logits + 2 * pair * rows + r)));
+      const __m256i odd =
+          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(logits + (2 * pair + 1) * rows + r)));
+      _mm512_storeu_si512(scratch.p_bf16.data() + (pair * rows + r) * 2, jaxinfer::interleave_pairs(even, odd));
+    }
+  scratch.v_bf16.resize(kChunkPositions * d);
+  scratch.out_t.assign(d * rows, 0.0f);
+  for (int64_t c0 = 0; c0 < kv_len; c0 += kChunkPositions) {
+    const int64_t pair0 = c0 / 2, pairs = whole_blocks(std::min(kChunkPositions, kv_len - c0)) / 2;
+    store_value_pairs(p, v, tile, h, pair0, pair0 + pairs, [&](int64_t pair, int64_t fb) {
+      return scratch.v_bf16.data() + ((pair - pair0) * d + fb * kPairColumns) * 2;
+    });
+    for (int64_t f = 0; f < d; f += kBlockRows)
+      for (int64_t r = 0; r < rows; r += kBlockLanes)
+        outer_block<true, DpBf16>(scratch.v_bf16.data() + 2 * f, 2, 2 * d, scratch.p_bf16.data() + (pair0 * rows + r) * 2,
+                                  2 * rows, pairs, scratch.out_t.data() + f * rows + r, rows);
+  }
+}
 #endif  // __AVX512F__
+
+template <typename T>
+Products products_for(const Problem& p) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (amx_serves(p)) return Products::kAmx;
+    if (dp_serves(p)) return Products::kDpBf16;
+  }
+#endif
+  return Products::kFma;
+}
 
 // One prefill tile against kv head h (see the top of this file). Row r of the item is query head
 // h * group + r % group of token start + r / group.
@@ -803,41 +970,19 @@ template <typename T>
 void prefill(const Problem& p, const T* k, const T* v, const PrefillTile& tile, int64_t h, PrefillScratch& scratch) {
   const int64_t d = p.head_dim, group = p.num_heads / p.num_kv_heads, rows = kTileTokens * group;
   const int64_t kv_len = tile.kv_len();
-  const int32_t* table = p.block_tables + tile.seq * p.table_width;
-#if defined(__AVX512F__)
+  const Products products = products_for<T>(p);
   // The AMX path's P tiles take 32 positions at a time.
-  const bool amx = std::is_same_v<T, uint16_t> && amx_serves(p);
-  const int64_t padded_len = amx ? (kv_len + kBf16TileK - 1) / kBf16TileK * kBf16TileK : whole_blocks(kv_len);
-#else
-  const bool amx = false;
-  const int64_t padded_len = whole_blocks(kv_len);
-#endif
+  const int64_t padded_len =
+      products == Products::kAmx ? (kv_len + kBf16TileK - 1) / kBf16TileK * kBf16TileK : whole_blocks(kv_len);
   scratch.logits.resize(padded_len * rows);
   float* logits = scratch.logits.data();
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, uint16_t>)
-    if (amx) {
-      load_tile_config();
-      amx_logits(p, k, tile, h, rows, padded_len, scratch);
-    }
-#endif
-  if (!amx) {
-    scratch.q_t.assign(d * rows, 0.0f);
-    for (int64_t i = 0; i < tile.count; ++i)
-      for (int64_t j = 0; j < group; ++j) {
-        const float* q = p.q + ((tile.start + i) * p.num_heads + h * group + j) * d;
-        for (int64_t f = 0; f < d; ++f) scratch.q_t[f * rows + i * group + j] = q[f];
-      }
-    scratch.kv_rows.resize((kChunkPositions + kBlockRows) * d);
-    for (int64_t c0 = 0; c0 < kv_len; c0 += kChunkPositions) {
-      const int64_t n = std::min(kChunkPositions, kv_len - c0);
-      convert_positions(p, k, p.k_scale, table, h, c0, n, scratch.kv_rows.data());
-      for (int64_t pos = 0; pos < n; pos += kBlockRows)
-        for (int64_t r = 0; r < rows; r += kBlockLanes)
-          outer_block<false>(scratch.kv_rows.data() + pos * d, d, 1, scratch.q_t.data() + r, rows, d,
-                             logits + (c0 + pos) * rows + r, rows);
-    }
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (products == Products::kAmx) load_tile_config(), amx_logits(p, k, tile, h, rows, padded_len, scratch);
+    if (products == Products::kDpBf16) dp_logits(p, k, tile, h, rows, scratch);
   }
+#endif
+  if (products == Products::kFma) fma_logits(p, k, tile, h, rows, scratch);
   if (p.soft_cap > 0)
     for (int64_t i = 0; i < kv_len * rows; ++i) logits[i] = p.soft_cap * std::tanh(logits[i] / p.soft_cap);
 
@@ -869,29 +1014,21 @@ void prefill(const Problem& p, const T* k, const T* v, const PrefillTile& tile, 
       _mm256_storeu_ps(sum + vec * kLanes, _mm256_add_ps(_mm256_loadu_ps(sum + vec * kLanes), e));
     }
 
-  // The weighted sum of V rows: O^T [D, R] (FMA path, summed into zeros) or O [R, D] (AMX, whose
-  // tiles store every element), as strides of row and feature.
+  // The weighted sum of V rows: O^T [D, R] (FMA and vdpbf16ps paths) or O [R, D] (AMX, whose tiles
+  // store every element), as strides of row and feature.
   int64_t row_stride = 1, feature_stride = rows;
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, uint16_t>)
-    if (amx) {
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (products == Products::kAmx) {
       scratch.out_t.resize(d * rows);
       amx_values(p, v, tile, h, rows, padded_len, scratch, scratch.out_t.data());
       _tile_release();
       row_stride = d, feature_stride = 1;
     }
-#endif
-  if (!amx) {
-    scratch.out_t.assign(d * rows, 0.0f);
-    for (int64_t c0 = 0; c0 < kv_len; c0 += kChunkPositions) {
-      const int64_t n = std::min(kChunkPositions, kv_len - c0);
-      convert_positions(p, v, p.v_scale, table, h, c0, n, scratch.kv_rows.data());
-      for (int64_t f = 0; f < d; f += kBlockRows)
-        for (int64_t r = 0; r < rows; r += kBlockLanes)
-          outer_block<true>(scratch.kv_rows.data() + f, 1, d, logits + c0 * rows + r, rows, whole_blocks(n),
-                            scratch.out_t.data() + f * rows + r, rows);
-    }
+    if (products == Products::kDpBf16) dp_values(p, v, tile, h, rows, padded_len, scratch);
   }
+#endif
+  if (products == Products::kFma) fma_values(p, v, tile, h, rows, scratch);
   for (int64_t i = 0; i < tile.count; ++i)
     for (int64_t j = 0; j < group; ++j) {
       const int64_t r = i * group + j;

@@ -35,17 +35,21 @@ from jaxinfer.cache.kv_pool import LayerKVCache
 from pallas_kernels.cpu_ffi import AVX2, AVX512, CpuKernel, Isa, cpu_flags
 
 TARGET = "jaxinfer_paged_attention"
-# The AVX-512 build also holds the AMX-BF16 prefill loop, which it runs where the CPU has AMX.
+# The AVX-512 build also holds the bfloat16 prefill products, which it runs where the CPU has AMX-BF16
+# or AVX512-BF16 (checked at run time, as the dense kernel does).
 KERNEL = CpuKernel("CPU paged attention kernel", (TARGET,), Path(__file__).with_suffix(".cc"),
-                   (Isa(AVX512.compile_flags + ("-mamx-tile", "-mamx-bf16"), AVX512.cpu_flags), AVX2))
+                   (Isa(AVX512.compile_flags + ("-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
+                        AVX512.cpu_flags), AVX2))
 available = KERNEL.available
 # The kernel's decode loop takes head_dim in whole groups of 16 features (two 8-float registers).
 HEAD_DIM_MULTIPLE = 16
-# Prefill chunks over a bfloat16 pool multiply on AMX tiles where the CPU has AMX-BF16, with q and the
-# softmax weights rounded to bfloat16 (the .cc), so they agree with float32 attention to bfloat16's
-# precision (2^-8 of the output's scale; K and V are bfloat16 already). Elsewhere the kernel sums
-# float32 products of float32 values.
-AMX_PREFILL_TOLERANCE = 2.0 ** -7
+# Prefill chunks over a bfloat16 pool multiply in bfloat16 where the CPU has AMX-BF16 (on tiles) or
+# AVX512-BF16 (vdpbf16ps), with q and the softmax weights rounded to bfloat16 (the .cc), so they
+# agree with float32 attention to bfloat16's precision (2^-8 of the output's scale; K and V are
+# bfloat16 already). Elsewhere the kernel sums float32 products of float32 values.
+BF16_PREFILL_TOLERANCE = 2.0 ** -7
+# The AVX512-BF16 products read K in groups of this many positions in place, inside one block.
+DP_BF16_POSITIONS = 8
 
 
 def serves(cache: LayerKVCache) -> bool:
@@ -53,13 +57,17 @@ def serves(cache: LayerKVCache) -> bool:
     return cache.head_dim % HEAD_DIM_MULTIPLE == 0 and available()
 
 
-def amx_prefill_tolerance(cache: LayerKVCache) -> float | None:
-    """AMX_PREFILL_TOLERANCE where this pool's prefill chunks run on AMX here (a bfloat16 pool,
-    block_size % 16 == 0, head_dim % 32 == 0, a CPU with AMX-BF16 that takes the AVX-512 build), else
-    None: the error, relative to the output's largest magnitude, that the kernel's results may carry."""
-    amx = (available() and KERNEL.isa() is not AVX2 and "amx_bf16" in cpu_flags() and cache.k.dtype == jnp.bfloat16
-           and cache.block_size % 16 == 0 and cache.head_dim % 32 == 0)
-    return AMX_PREFILL_TOLERANCE if amx else None
+def bf16_prefill_tolerance(cache: LayerKVCache) -> float | None:
+    """BF16_PREFILL_TOLERANCE where this pool's prefill chunks multiply in bfloat16 here, else None: the
+    error, relative to the output's largest magnitude, that the kernel's results may carry. That is a
+    bfloat16 pool on a CPU that takes the AVX-512 build and has AMX-BF16 (block_size % 16 == 0,
+    head_dim % 32 == 0) or AVX512-BF16 (block_size % DP_BF16_POSITIONS == 0)."""
+    if not available() or KERNEL.isa() is AVX2 or cache.k.dtype != jnp.bfloat16:
+        return None
+    flags = cpu_flags()
+    amx = "amx_bf16" in flags and cache.block_size % 16 == 0 and cache.head_dim % 32 == 0
+    dp = "avx512_bf16" in flags and cache.block_size % DP_BF16_POSITIONS == 0
+    return BF16_PREFILL_TOLERANCE if amx or dp else None
 
 
 def paged_attention(scaled_q: jax.Array, cache: LayerKVCache, metadata: AttentionMetadata,

@@ -248,7 +248,7 @@ def kernel_against_reference(batch: Batch, soft_cap: float | None = None) -> np.
         prefill[start:end] = end - start > 1
     scale = float(np.max(np.abs(ref)))
     np.testing.assert_allclose(out[~prefill], ref[~prefill], rtol=1e-5, atol=1e-5 * scale)
-    tolerance = cpu_paged_attention.amx_prefill_tolerance(batch.cache) or 1e-5
+    tolerance = cpu_paged_attention.bf16_prefill_tolerance(batch.cache) or 1e-5
     np.testing.assert_allclose(out[prefill], ref[prefill], rtol=1e-5, atol=tolerance * scale)
     return out
 
@@ -325,12 +325,14 @@ def test_cpu_kernel_prefill_tiles_match_the_reference(kv_dtype):
 
 @needs_cpu_kernel
 @pytest.mark.parametrize("block_size,num_q_heads,num_kv_heads,head_dim", [(16, 9, 3, 64), (32, 8, 2, 128), (48, 4, 4, 32),
-                                                                          (8, 6, 2, 64)])
+                                                                          (8, 6, 2, 64), (24, 8, 1, 48), (12, 6, 2, 64)])
 def test_cpu_kernel_prefill_over_bfloat16_pools_matches_the_reference(block_size, num_q_heads, num_kv_heads, head_dim):
-    """bfloat16 pools, where CPUs with AMX-BF16 run prefill tiles on AMX (16 positions of a block read as
-    one tile, 32-position chunks of softmax weights): blocks of 16-48 positions (8 keeps the FMA loop),
-    4-16 query rows per token, head dims of one to four 32-feature steps, chunks that end mid-tile and
-    mid-block after prefixes, beside decodes."""
+    """bfloat16 pools, whose prefill tiles multiply in bfloat16 where the CPU can: on AMX-BF16 (16
+    positions of a block read as one tile, 32-position chunks of softmax weights; blocks of 16 and 48
+    here) or with vdpbf16ps (8 positions of a block read in place; blocks of 8 and 24 everywhere, all
+    but 12 without AMX). Blocks of 12 keep the FMA loop. 4-16 query rows per token, head dims of
+    three to eight 16-feature groups, chunks that end mid-tile and mid-block after prefixes, where
+    the pool's unused rows hold NaN, beside decodes."""
     chunks = [(16, 16), (33, 33), (70, 301), (2, 95), (1, 130), (129, 129)]
     batch = make_batch(block_size + head_dim, chunks, block_size=block_size, num_q_heads=num_q_heads,
                        num_kv_heads=num_kv_heads, head_dim=head_dim, kv_dtype="bfloat16")

@@ -931,13 +931,13 @@ void dp_values(const Problem& p, const uint16_t* v, const PrefillTile& tile, int
   const int64_t d = p.head_dim, kv_len = tile.kv_len();
   const float* logits = scratch.logits.data();
   scratch.p_bf16.resize(padded_len * rows);
+  auto weights_bf16 = [&](int64_t pos, int64_t r) {  // 16 rows' weights at one position
+    return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(logits + pos * rows + r)));
+  };
   for (int64_t pair = 0; pair < padded_len / 2; ++pair)
-    for (int64_t r = 0; r < rows; r += kBlockLanes) {
-      const __m256i even = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(logits + 2 * pair * rows + r)));
-      const __m256i odd =
-          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(logits + (2 * pair + 1) * rows + r)));
-      _mm512_storeu_si512(scratch.p_bf16.data() + (pair * rows + r) * 2, jaxinfer::interleave_pairs(even, odd));
-    }
+    for (int64_t r = 0; r < rows; r += kBlockLanes)
+      _mm512_storeu_si512(scratch.p_bf16.data() + (pair * rows + r) * 2,
+                          jaxinfer::interleave_pairs(weights_bf16(2 * pair, r), weights_bf16(2 * pair + 1, r)));
   scratch.v_bf16.resize(kChunkPositions * d);
   scratch.out_t.assign(d * rows, 0.0f);
   for (int64_t c0 = 0; c0 < kv_len; c0 += kChunkPositions) {
@@ -947,8 +947,9 @@ void dp_values(const Problem& p, const uint16_t* v, const PrefillTile& tile, int
     });
     for (int64_t f = 0; f < d; f += kBlockRows)
       for (int64_t r = 0; r < rows; r += kBlockLanes)
-        outer_block<true, DpBf16>(scratch.v_bf16.data() + 2 * f, 2, 2 * d, scratch.p_bf16.data() + (pair0 * rows + r) * 2,
-                                  2 * rows, pairs, scratch.out_t.data() + f * rows + r, rows);
+        outer_block<true, DpBf16>(scratch.v_bf16.data() + 2 * f, 2, 2 * d,
+                                  scratch.p_bf16.data() + (pair0 * rows + r) * 2, 2 * rows, pairs,
+                                  scratch.out_t.data() + f * rows + r, rows);
   }
 }
 #endif  // __AVX512F__

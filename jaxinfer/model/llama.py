@@ -114,9 +114,9 @@ def fuse_projections(layer: Params, cfg: ModelConfig) -> Params:
     packed into the fused layout `forward` takes (module docstring). numpy in, numpy out."""
     fused = {name: w for name, w in layer.items()
              if name not in ("wq", "wk", "wv", "bq", "bk", "bv", "w_gate", "w_up")}
-    fused["w_qkv"] = _group_qkv(layer["wq"], layer["wk"], layer["wv"], cfg)
+    fused["w_qkv"] = group_qkv(layer["wq"], layer["wk"], layer["wv"], cfg)
     if "bq" in layer:
-        fused["b_qkv"] = _group_qkv(layer["bq"], layer["bk"], layer["bv"], cfg)
+        fused["b_qkv"] = group_qkv(layer["bq"], layer["bk"], layer["bv"], cfg)
     fused["w_gate_up"] = interleave_gate_up(layer["w_gate"], layer["w_up"])
     return fused
 
@@ -128,13 +128,16 @@ def interleave_gate_up(gate, up):
     return xp.stack([gate, up], axis=-1).reshape(*gate.shape[:-1], 2 * gate.shape[-1])
 
 
-def _group_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    """Concatenates q/k/v along their last (output) axis, ordered by KV-head group."""
+def group_qkv(q, k, v, cfg: ModelConfig):
+    """`[..., heads * hd]` q and `[..., kv_heads * hd]` k, v columns -> `[..., kv_heads * (q_per_kv + 2)
+    * hd]` in w_qkv's order (by KV-head group). numpy arrays stay numpy (checkpoint loading); others
+    go through jnp."""
+    xp = np if all(isinstance(x, np.ndarray) for x in (q, k, v)) else jnp
     lead = q.shape[:-1]
     q = q.reshape(*lead, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim)
     k = k.reshape(*lead, cfg.num_kv_heads, 1, cfg.head_dim)
     v = v.reshape(*lead, cfg.num_kv_heads, 1, cfg.head_dim)
-    return np.concatenate([q, k, v], axis=-2).reshape(*lead, -1)
+    return xp.concatenate([q, k, v], axis=-2).reshape(*lead, -1)
 
 
 def param_shapes(cfg: ModelConfig) -> Params:

@@ -3,7 +3,7 @@ layout (logical axes, restore structure) that the quantized pytrees get. Every s
 the engine lives here.
 
     quantize_params(params, cfg, mode, calibration=None) -> params      (numpy/jax float in, on host)
-    fold_input_scales(params) -> params with input scales folded into the ops before their weights
+    fold_input_scales(params, cfg) -> params with input scales folded into the ops before their weights
     abstract_quantized_params(structs, cfg, mode) -> ShapeDtypeStruct pytree of the same structure
     pack_for_cpu_kernel(params) -> params with int8 weights in the CPU kernel's layout (1 device)
     quantized_logical_axes(params, axes) -> logical axes with quantized weights expanded per field
@@ -32,12 +32,18 @@ a Q4_1 GGUF file (the default model) lies on such a grid, so its int4 codes, sca
 come back exactly (up to float16 rounding of scales GGUF stores as float16 too), and the mode
 loses only the activations' per-group int8 rounding, the arithmetic llama.cpp runs the file with.
 
-The input scales of AWQ and SmoothQuant are folded where the model allows it exactly, as both
-papers deploy them: w_qkv's into attn_norm's weight, w_gate_up's into mlp_norm's, and w_down's
-into the up columns of w_gate_up (SwiGLU is linear in up). Dividing the activations at every
-matmul instead cost a w8a8 engine 13% of a 256-token prefill step on a 2-core CPU (XLA:CPU
-materialized each [tokens, in] broadcast of the scale). wo keeps its division: its input, the
-attention output, has no such place under GQA, where one kv head's values serve several query heads.
+The input scales of AWQ and SmoothQuant are folded into the ops before their weights, as both
+papers deploy them, so that the model is the same up to float rounding and no matmul divides its
+input: w_qkv's into attn_norm's weight, w_gate_up's into mlp_norm's, w_down's into the up columns
+of w_gate_up (SwiGLU is linear in up), and wo's into the V columns of w_qkv (attention is linear in
+V). That last fold needs one scale per kv head's feature, which holds where each kv head serves one
+query head (MHA). Under GQA wo takes no input scale, as AWQ's reference code skips it there too:
+on SmolLM2 (3 query heads per kv head) w8a8 without one measured as with wo dividing its input at
+run time by a scale of its own (KL from the float model 0.0170 against 0.0173, 16 x 256 windows;
+0.0124 both at 4 x 1024; int4-awq 0.158 both), where that division cost 4-5% of a 256-token
+prefill step, and a scale shared by each group's query heads (the group's largest statistics)
+measured worse (0.0184). Dividing the activations at every matmul cost a w8a8 engine 13% of such
+a step on a 2-core CPU (XLA:CPU materialized each [tokens, in] broadcast of the scale).
 """
 
 from __future__ import annotations
@@ -52,10 +58,10 @@ import numpy as np
 from jaxinfer.errors import EngineError
 from jaxinfer.eval.corpus import CALIBRATION, corpus_windows
 from jaxinfer.model.config import ModelConfig
-from jaxinfer.model.llama import LINEAR_WEIGHTS, head_weight, interleave_gate_up
+from jaxinfer.model.llama import LINEAR_WEIGHTS, group_qkv, head_weight, interleave_gate_up
 from jaxinfer.quant.calibration import Calibration, capture_activations
 from jaxinfer.quant.quantize import W4A8_GROUP_SIZE, quantize_weight
-from jaxinfer.quant.scaling import awq_search, smoothquant_scale
+from jaxinfer.quant.scaling import ALPHA_GRID, awq_search, smoothquant_scale
 from jaxinfer.quant.weights import Int4Weight, Int8Weight, W4A8Weight, W8A8Weight
 from pallas_kernels import cpu_int4_dot, cpu_int8_dot
 
@@ -109,14 +115,21 @@ def calibrate(params, cfg: ModelConfig, tokenizer, mode: str) -> Calibration | N
     return capture_activations(params, cfg, windows)
 
 
-def _calibrated_options(method: str | None, w: np.ndarray, stats, options: dict) -> dict:
+def _scales_input(name: str, cfg: ModelConfig) -> bool:
+    """Whether linear weight `name` takes AWQ's or SmoothQuant's input scale: all but wo under GQA
+    (module docstring)."""
+    return name != "wo" or cfg.q_per_kv == 1
+
+
+def _calibrated_options(method: str | None, w: np.ndarray, stats, options: dict, scales_input: bool) -> dict:
     if method is None:
         return {}
     if method == "awq":
-        choice = awq_search(w, stats, options["group_size"])
-        return {"input_scale": choice.input_scale, "clip": choice.clip}
+        # Without an input scale AWQ still clips (its search at alpha 0 alone), as AutoAWQ clips o_proj.
+        choice = awq_search(w, stats, options["group_size"], alphas=ALPHA_GRID if scales_input else (0.0,))
+        return {"input_scale": choice.input_scale if scales_input else None, "clip": choice.clip}
     if method == "smoothquant":
-        return {"input_scale": smoothquant_scale(w, stats)}
+        return {"input_scale": smoothquant_scale(w, stats)} if scales_input else {}
     return {"importance": stats.mean_square}
 
 
@@ -144,16 +157,18 @@ def quantize_params(params, cfg: ModelConfig, mode: str, calibration: Calibratio
         w = np.asarray(w, np.float32)
         options = _weight_options(weight_mode, w.shape[0])
         stats = None if calibration is None else calibration[key]
-        return quantize_weight(w, weight_mode, **_calibrated_options(method, w, stats, options), **options)
+        calibrated = _calibrated_options(method, w, stats, options, _scales_input(key[1], cfg))
+        return quantize_weight(w, weight_mode, **calibrated, **options)
 
-    return _with_int8_head(fold_input_scales(_map_linears(params, quantize)), mode,
+    return _with_int8_head(fold_input_scales(_map_linears(params, quantize), cfg), mode,
                            lambda head: quantize_weight(np.asarray(head, np.float32), "int8"))
 
 
-def fold_input_scales(params):
-    """`params` with w_qkv's, w_gate_up's and w_down's input scales folded into the ops before them
-    (module docstring); the same model up to float rounding. Traceable (`jax.eval_shape` gives the
-    structure of a restore target)."""
+def fold_input_scales(params, cfg: ModelConfig):
+    """`params` with every linear weight's input scale folded into the ops before it (module
+    docstring); the same model up to float rounding, given a wo scale that the query heads of each kv
+    head share (the first head's stands for its group; under MHA each group is one head). Traceable
+    (`jax.eval_shape` gives the structure of a restore target)."""
     def fold(layer):
         layer = dict(layer)
         for norm, name in (("attn_norm", "w_qkv"), ("mlp_norm", "w_gate_up")):
@@ -166,6 +181,15 @@ def fold_input_scales(params):
             factor = interleave_gate_up(jnp.ones_like(scale), 1 / scale)  # only up's columns are divided
             layer["w_gate_up"] = layer["w_gate_up"].scale_outputs(factor)
             layer["w_down"] = dataclasses.replace(layer["w_down"], input_scale=None)
+        scale = layer["wo"].input_scale
+        if scale is not None:
+            v_scale = scale.reshape(cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim)[:, 0].reshape(-1)
+            q_ones, kv_ones = jnp.ones(cfg.num_heads * cfg.head_dim), jnp.ones(cfg.num_kv_heads * cfg.head_dim)
+            factor = group_qkv(q_ones, kv_ones, 1 / v_scale, cfg)  # only V's columns are divided
+            layer["w_qkv"] = layer["w_qkv"].scale_outputs(factor)
+            if "b_qkv" in layer:
+                layer["b_qkv"] = (layer["b_qkv"] * factor).astype(layer["b_qkv"].dtype)
+            layer["wo"] = dataclasses.replace(layer["wo"], input_scale=None)
         return layer
 
     return {**params, "layers": [fold(layer) for layer in params["layers"]]}
@@ -180,10 +204,10 @@ def abstract_quantized_params(structs, cfg: ModelConfig, mode: str):
     # Traced once per weight shape, not per layer: tracing the 120 layer weights of the default
     # model took 0.36 s of a 4 s engine load.
     @functools.cache
-    def quantize_shape(shape: tuple, dtype):
+    def quantize_shape(shape: tuple, dtype, scaled: bool):
         # Unit scales stand for calibrated ones (same shape); evaluated eagerly because the
         # quantizers check input_scale values.
-        scale = np.ones(shape[0], np.float32) if method in INPUT_SCALE_METHODS else None
+        scale = np.ones(shape[0], np.float32) if scaled else None
 
         def quantize(w):
             with jax.ensure_compile_time_eval():
@@ -191,13 +215,14 @@ def abstract_quantized_params(structs, cfg: ModelConfig, mode: str):
         return jax.eval_shape(quantize, jax.ShapeDtypeStruct(shape, dtype))
 
     def quantize_abstract(key, w):
-        return quantize_shape(w.shape, w.dtype)
+        return quantize_shape(w.shape, w.dtype, method in INPUT_SCALE_METHODS and _scales_input(key[1], cfg))
 
     def quantize_head(head):
         with jax.ensure_compile_time_eval():
             return jax.eval_shape(lambda w: quantize_weight(w, "int8"), head)
 
-    return _with_int8_head(jax.eval_shape(fold_input_scales, _map_linears(structs, quantize_abstract)), mode,
+    return _with_int8_head(jax.eval_shape(lambda params: fold_input_scales(params, cfg),
+                                          _map_linears(structs, quantize_abstract)), mode,
                            quantize_head)
 
 

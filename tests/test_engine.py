@@ -268,7 +268,10 @@ def test_bfloat16_engine_tracks_the_bfloat16_reference(name):
     XLA's bfloat16 reference on the same tokens. bfloat16 activations round differently when sums
     run in another order, so instead of equal greedy tokens: each generated token is the
     reference's argmax or within 0.05 nats of it, with the logprob the reference gives it (within
-    0.01; on these models both agree to 1e-6)."""
+    0.02). Where the CPU multiplies prefill attention in bfloat16 (AMX-BF16, or AVX512-BF16 without
+    AMX: tiny models' head_dim of 16 takes only the latter), it rounds the softmax weights to
+    bfloat16 before P V, as FlashAttention does on GPUs: the logprobs then differ by up to 0.0125
+    here (Zen 4 VM); elsewhere by 1e-6."""
     checkpoint = load_checkpoint(CHECKPOINTS_DIR / name)
     params, cfg = place_params(checkpoint.params, checkpoint.config, make_mesh(1), "bfloat16")
     reference = ReferenceGenerator(params, cfg, max_len=MAX_LEN)
@@ -285,7 +288,7 @@ def test_bfloat16_engine_tracks_the_bfloat16_reference(name):
         chosen = logprobs[np.arange(len(out.token_ids)), out.token_ids]
         assert np.all(chosen >= logprobs.max(-1) - 0.05), (i, logprobs.max(-1) - chosen)
         engine_logprobs = np.array([step[token] for step, token in zip(out.logprobs, out.token_ids)])
-        np.testing.assert_allclose(engine_logprobs, chosen, atol=0.01)
+        np.testing.assert_allclose(engine_logprobs, chosen, atol=0.02)
     assert_pool_whole(engine)
     steps = [step.as_text() for step in engine.runner.executables.values()]
     assert all(cpu_dense_dot.TARGET in hlo for hlo in steps) == cpu_dense_dot.available()

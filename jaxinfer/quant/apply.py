@@ -40,10 +40,11 @@ V). That last fold needs one scale per kv head's feature, which holds where each
 query head (MHA). Under GQA wo takes no input scale, as AWQ's reference code skips it there too:
 on SmolLM2 (3 query heads per kv head) w8a8 without one measured as with wo dividing its input at
 run time by a scale of its own (KL from the float model 0.0170 against 0.0173, 16 x 256 windows;
-0.0124 both at 4 x 1024; int4-awq 0.158 both), where that division cost 4-5% of a 256-token
-prefill step, and a scale shared by each group's query heads (the group's largest statistics)
-measured worse (0.0184). Dividing the activations at every matmul cost a w8a8 engine 13% of such
-a step on a 2-core CPU (XLA:CPU materialized each [tokens, in] broadcast of the scale).
+0.0124 both at 4 x 1024; int4-awq 0.158 both), where that division cost 6.6-11.1 ms of a w8a8
+256-token prefill step of 140-180 ms on the Zen 4 VM; a scale shared by each group's query heads
+(the group's largest statistics) measured worse (0.0184). Dividing the activations at every matmul
+cost a w8a8 engine 13% of such a step on a 2-core CPU (XLA:CPU materialized each [tokens, in]
+broadcast of the scale).
 """
 
 from __future__ import annotations

@@ -329,8 +329,8 @@ def test_cpu_kernel_prefill_tiles_match_the_reference(kv_dtype):
 def test_cpu_kernel_prefill_over_bfloat16_pools_matches_the_reference(block_size, num_q_heads, num_kv_heads, head_dim):
     """bfloat16 pools, whose prefill tiles multiply in bfloat16 where the CPU can: on AMX-BF16 (16
     positions of a block read as one tile, 32-position chunks of softmax weights; blocks of 16 and 48
-    here) or with vdpbf16ps (8 positions of a block read in place; blocks of 8 and 24 everywhere, all
-    but 12 without AMX). Blocks of 12 keep the FMA loop. 4-16 query rows per token, head dims of
+    here) or with vdpbf16ps (8 positions of a block read in place; blocks of 8 and 24 on any CPU with
+    AVX512-BF16, and 16 and 48 too where it has no AMX). Blocks of 12 keep the FMA loop. 4-16 query rows per token, head dims of
     three to eight 16-feature groups, chunks that end mid-tile and mid-block after prefixes, where
     the pool's unused rows hold NaN, beside decodes."""
     chunks = [(16, 16), (33, 33), (70, 301), (2, 95), (1, 130), (129, 129)]

@@ -86,6 +86,13 @@
 // bfloat16 engine's 256-token prefill step spent 22.0 / 26.1 ms in attention against 31.6 / 41.8
 // (benchmarks/profile_step.py engines/bf16 --prompt-len 512, two alternating pairs). At 1024 tokens
 // the products took about 70% of the kernel's perf samples and the softmax's passes about 26%.
+// The softmax's passes (`softmax_columns`) then ran position by position across 8-lane registers,
+// each register's running peak and sum stored back to memory at every position. They now walk a
+// strip of rows down all the positions with its peak and sum in one register, 16 lanes wide in the
+// AVX-512 build: on the Zen 4 VM a first chunk of 512 / 1024 / 2048 tokens took 1.84-1.93 /
+// 5.7-9.0 / 20.1-22.4 ms against 2.41-2.60 / 7.0-9.1 / 25.8-28.5 (the same command, three
+// alternating pairs in a slow phase of the VM, 2026-12-07). Strips of 2-4 registers side by side,
+// walking the positions in order, were no faster.
 //
 // Only positions below seq_len are read, so whatever unused slots hold (NaN included) never
 // reaches the result; a block id outside the pool, a context longer than the block table or a chunk
@@ -330,6 +337,13 @@ struct Ymm {
   static Floats broadcast(const float* x) { return _mm256_broadcast_ss(x); }
   static Floats fmadd(Floats a, Floats b, Floats c) { return _mm256_fmadd_ps(a, b, c); }
   static Floats add(Floats a, Floats b) { return _mm256_add_ps(a, b); }
+  static Floats set1(float x) { return _mm256_set1_ps(x); }
+  static Floats max(Floats a, Floats b) { return _mm256_max_ps(a, b); }
+  static Floats exp_below(Floats x, Floats peak) { return exp_nonpositive(_mm256_sub_ps(x, peak)); }
+  // x in the lanes whose last visible position is pos or later, otherwise elsewhere.
+  static Floats where_visible(float pos, Floats last, Floats x, Floats otherwise) {
+    return _mm256_blendv_ps(otherwise, x, _mm256_cmp_ps(_mm256_set1_ps(pos), last, _CMP_LE_OQ));
+  }
   static __m256 halves_added(Floats v) { return v; }
   static void load_features(const float* row, Floats& a, Floats& b) {
     a = load(row);
@@ -362,6 +376,12 @@ struct Zmm {
   static Floats broadcast(const float* x) { return _mm512_set1_ps(*x); }
   static Floats fmadd(Floats a, Floats b, Floats c) { return _mm512_fmadd_ps(a, b, c); }
   static Floats add(Floats a, Floats b) { return _mm512_add_ps(a, b); }
+  static Floats set1(float x) { return _mm512_set1_ps(x); }
+  static Floats max(Floats a, Floats b) { return _mm512_max_ps(a, b); }
+  static Floats exp_below(Floats x, Floats peak) { return exp_nonpositive(_mm512_sub_ps(x, peak)); }
+  static Floats where_visible(float pos, Floats last, Floats x, Floats otherwise) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_set1_ps(pos), last, _CMP_LE_OQ), otherwise, x);
+  }
   static __m256 halves_added(Floats v) {
     return _mm256_add_ps(_mm512_castps512_ps256(v),
                          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
@@ -386,7 +406,11 @@ struct Zmm {
     b = _mm512_i32gather_ps(_mm512_cvtepu8_epi32(high), kFp8.value, 4);
   }
 };
+using WidestFloats = Zmm;
+#else
+using WidestFloats = Ymm;
 #endif
+static_assert(kTileTokens % WidestFloats::kWidth == 0, "a prefill tile's rows fill whole registers");
 
 // The feature that slot t (< 2 x kWidth) of a group holds in `load_features`' order.
 template <class L, typename T>
@@ -702,7 +726,7 @@ void convert_positions(const Problem& p, const T* pool, const float* scales, con
 }
 
 struct PrefillScratch {
-  std::vector<float> q_t, logits, kv_rows, out_t, last_visible, peak, sum;
+  std::vector<float> q_t, logits, kv_rows, out_t, last_visible, sum;
   std::vector<uint16_t> q_bf16, p_bf16, v_bf16;  // the bfloat16 paths' operands (AMX tiles or vdpbf16ps pairs)
 };
 
@@ -965,6 +989,33 @@ Products products_for(const Problem& p) {
   return Products::kFma;
 }
 
+// The causal softmax down each column of logits [padded_len, rows] (rows % L::kWidth == 0), in
+// place and left unnormalized: row r sees positions up to last_visible[r] (>= first_pos), so from
+// first_pos on each lane is masked, which also hides the padding positions (past kv_len) from every
+// real row; sum[r] gets the row's total. A strip of L::kWidth rows at a time, its peak and total in
+// one register down all the positions.
+template <class L>
+void softmax_columns(float* logits, int64_t padded_len, int64_t rows, int64_t first_pos, const float* last_visible,
+                     float* sum) {
+  using Floats = typename L::Floats;
+  for (int64_t c = 0; c < rows; c += L::kWidth) {
+    const Floats last = L::load(last_visible + c);
+    Floats peak = L::set1(-INFINITY);
+    for (int64_t pos = 0; pos < first_pos; ++pos) peak = L::max(peak, L::load(logits + pos * rows + c));
+    for (int64_t pos = first_pos; pos < padded_len; ++pos)
+      peak = L::where_visible(pos, last, L::max(peak, L::load(logits + pos * rows + c)), peak);
+    Floats total = L::zero();
+    for (int64_t pos = 0; pos < padded_len; ++pos) {
+      float* x = logits + pos * rows + c;
+      Floats e = L::exp_below(L::load(x), peak);
+      if (pos >= first_pos) e = L::where_visible(pos, last, e, L::zero());
+      L::store(x, e);
+      total = L::add(total, e);
+    }
+    L::store(sum + c, total);
+  }
+}
+
 // One prefill tile against kv head h (see the top of this file). Row r of the item is query head
 // h * group + r % group of token start + r / group.
 template <typename T>
@@ -987,33 +1038,11 @@ void prefill(const Problem& p, const T* k, const T* v, const PrefillTile& tile, 
   if (p.soft_cap > 0)
     for (int64_t i = 0; i < kv_len * rows; ++i) logits[i] = p.soft_cap * std::tanh(logits[i] / p.soft_cap);
 
-  // Softmax down each column, position by position (the rows of S in order): row r sees positions
-  // up to first_pos + r / group, so from first_pos on each lane is masked, which also hides the
-  // padding positions (past kv_len) from every real row.
-  const int64_t vectors = rows / kLanes;
   scratch.last_visible.resize(rows);
   for (int64_t r = 0; r < rows; ++r) scratch.last_visible[r] = tile.first_pos + r / group;
-  auto visible = [&](int64_t pos, int64_t vec) {
-    return _mm256_cmp_ps(_mm256_set1_ps(pos), _mm256_loadu_ps(scratch.last_visible.data() + vec * kLanes), _CMP_LE_OQ);
-  };
-  scratch.peak.assign(rows, -INFINITY);
-  float* peak = scratch.peak.data();
-  for (int64_t pos = 0; pos < padded_len; ++pos)
-    for (int64_t vec = 0; vec < vectors; ++vec) {
-      const __m256 x = _mm256_loadu_ps(logits + pos * rows + vec * kLanes), old = _mm256_loadu_ps(peak + vec * kLanes);
-      _mm256_storeu_ps(peak + vec * kLanes,
-                       _mm256_max_ps(old, pos < tile.first_pos ? x : _mm256_blendv_ps(old, x, visible(pos, vec))));
-    }
-  scratch.sum.assign(rows, 0.0f);
+  scratch.sum.resize(rows);
   float* sum = scratch.sum.data();
-  for (int64_t pos = 0; pos < padded_len; ++pos)
-    for (int64_t vec = 0; vec < vectors; ++vec) {
-      float* x = logits + pos * rows + vec * kLanes;
-      __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(peak + vec * kLanes)));
-      if (pos >= tile.first_pos) e = _mm256_and_ps(e, visible(pos, vec));
-      _mm256_storeu_ps(x, e);
-      _mm256_storeu_ps(sum + vec * kLanes, _mm256_add_ps(_mm256_loadu_ps(sum + vec * kLanes), e));
-    }
+  softmax_columns<WidestFloats>(logits, padded_len, rows, tile.first_pos, scratch.last_visible.data(), sum);
 
   // The weighted sum of V rows: O^T [D, R] (FMA and vdpbf16ps paths) or O [R, D] (AMX, whose tiles
   // store every element), as strides of row and feature.

@@ -340,6 +340,31 @@ def test_cpu_kernel_prefill_over_bfloat16_pools_matches_the_reference(block_size
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("chunks", [[(1, 1), (1, 40), (1, 700), (17, 17), (40, 300)], [(1, 700)]])
+def test_cpu_kernel_finds_a_position_that_outweighs_every_other(kv_dtype, chunks):
+    """An attention sink: every query leans along one direction and each sequence's first K row points
+    along it, so that position's logits stand about 150 above the others', past float32's exp range
+    (88): a softmax that missed it in its peak would overflow, one that masked it would not give its
+    V row. Decodes (a lone one split in two parts) and prefill chunks, short and long contexts."""
+    head_dim, num_kv_heads, group = 64, 3, 3
+    batch = make_batch(21, chunks, block_size=16, num_q_heads=num_kv_heads * group, num_kv_heads=num_kv_heads,
+                       head_dim=head_dim, kv_dtype=kv_dtype)
+    rng = np.random.default_rng(22)
+    direction = rng.standard_normal(head_dim)
+    direction *= 40.0 / np.linalg.norm(direction)
+    first_slots = np.asarray(batch.metadata.block_tables)[:len(chunks), 0] * batch.cache.block_size
+    k = np.broadcast_to(direction, (len(chunks), num_kv_heads, head_dim))
+    v = np.asarray(jnp.asarray(rng.standard_normal((len(chunks), num_kv_heads, head_dim)), kv_dtype), np.float32)
+    batch = dataclasses.replace(batch, q=batch.q + jnp.asarray(direction, jnp.float32),
+                                cache=write_kv(batch.cache, jnp.asarray(k, jnp.float32), jnp.asarray(v),
+                                               jnp.asarray(first_slots, jnp.int32)))
+    out = kernel_against_reference(batch)[:batch.num_real_tokens].reshape(-1, num_kv_heads, group, head_dim)
+    sink_rows = np.repeat(v, [q_len for q_len, _ in chunks], axis=0)[:, :, None]
+    np.testing.assert_allclose(out, np.broadcast_to(sink_rows, out.shape), rtol=0, atol=0.01)
+
+
+@needs_cpu_kernel
 def test_cpu_kernel_refuses_block_ids_outside_the_pool_and_chunks_longer_than_their_context():
     batch = make_batch(6, [(1, 20)], block_size=8, num_q_heads=2, num_kv_heads=1)
     tables = batch.metadata.block_tables.at[0, 1].set(batch.cache.num_blocks)

@@ -344,9 +344,9 @@ def test_cpu_kernel_prefill_over_bfloat16_pools_matches_the_reference(block_size
 @pytest.mark.parametrize("chunks", [[(1, 1), (1, 40), (1, 700), (17, 17), (40, 300)], [(1, 700)]])
 def test_cpu_kernel_finds_a_position_that_outweighs_every_other(kv_dtype, chunks):
     """An attention sink: every query leans along one direction and each sequence's first K row points
-    along it, so that position's logits stand about 150 above the others', past float32's exp range
-    (88): a softmax that missed it in its peak would overflow, one that masked it would not give its
-    V row. Decodes (a lone one split in two parts) and prefill chunks, short and long contexts."""
+    along it, so that position's logits stand near 200 and the others' within about 20 of zero, a gap
+    past float32's exp range (88): a softmax that missed it in its peak would overflow, one that
+    masked it would not give its V row. Decodes (a lone one split in two parts) and prefill chunks, short and long contexts."""
     head_dim, num_kv_heads, group = 64, 3, 3
     batch = make_batch(21, chunks, block_size=16, num_q_heads=num_kv_heads * group, num_kv_heads=num_kv_heads,
                        head_dim=head_dim, kv_dtype=kv_dtype)

@@ -201,6 +201,7 @@ def test_cli_flags_per_baseline():
     (["throughput", "--static-batch", "0"], "argument --static-batch: '0' must be > 0"),
     (["latency", "--decode-tokens", "1"], "argument --decode-tokens: '1' must be >= 2"),
     (["throughput", "--dataset", "no/such.jsonl"], "argument --dataset: no/such.jsonl is not a file"),
+    (["serve", "--dataset", __file__], f"argument --dataset: {__file__}:1 is not JSON"),
     (["throughput", "--hf-batch-size", "-2"], "argument --hf-batch-size: '-2' must be > 0"),
     (["latency", "--prompt-lens", "16,0"], "argument --prompt-lens: '0' must be > 0"),
     (["latency", "--repeats", "0"], "argument --repeats: '0' must be > 0"),
@@ -259,18 +260,20 @@ def test_static_baseline_refuses_workloads_whose_padded_batches_exceed_max_model
     (["throughput", "--temperature", "0.7", "--baseline", "hf"], "the hf baseline generates greedily"),
     (["throughput", "--top-p", "2"], "invalid sampling parameter top_p=2.0"),
     (["serve", "--top-k", "-3"], "invalid sampling parameter top_k=-3"),
-    (["serve", "--dataset", __file__, "--prefix-len", "8"], "--prefix-len shapes random prompts"),
+    (["serve", "--dataset", "PROMPTS", "--prefix-len", "8"], "--prefix-len shapes random prompts"),
     (["throughput", "--static-batch", "8"], "--static-batch sizes the batches of --baseline static"),
     (["serve", "--target", "127.0.0.1:1", "--max-num-seqs", "8", "--kv-memory", "1GiB"],
      "the server's engine is measured: --max-num-seqs and --kv-memory would be ignored"),
     (["serve", "engines/bf16", "--target", "127.0.0.1:1"], "the server's engine is measured: MODEL would be ignored"),
     (["serve", "--concurrency", "2", "--burstiness", "0.5"], "--burstiness shapes the arrivals of --request-rate"),
 ])
-def test_bench_workload_options_are_checked_before_the_engine_loads(monkeypatch, argv, message):
+def test_bench_workload_options_are_checked_before_the_engine_loads(monkeypatch, tmp_path, argv, message):
     from jaxinfer.bench import runs
 
     monkeypatch.setattr(runs, "_engine", lambda *args, **kwargs: pytest.fail("the engine was created"))
-    args = parse(["bench", *argv])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hello"}\n')
+    args = parse(["bench", *[str(prompts) if arg == "PROMPTS" else arg for arg in argv]])
     with pytest.raises(RequestError, match=message):
         getattr(runs, f"{argv[0]}_main")(args)
 

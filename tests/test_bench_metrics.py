@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jaxinfer.bench.arrivals import arrival_offsets
-from jaxinfer.bench.dataset import BenchRequest, LengthRange, dataset_requests, random_requests, refuse_oversized
+from jaxinfer.bench.dataset import (BenchRequest, DatasetFile, LengthRange, dataset_requests, random_requests,
+                                    refuse_oversized)
 from jaxinfer.bench.latency import all_decoding_rate
 from jaxinfer.bench.metrics import RequestTiming, parse_slo, run_metrics, summarize
 from jaxinfer.bench.results import comparison_table
@@ -229,7 +230,8 @@ def test_jsonl_workload(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in [
         {"prompt": "ab"}, {"prompt_token_ids": [5, 6, 7], "max_tokens": 3}, {"prompt": "cde"}]) + "\n\n")
-    sample = dataset_requests(path, _ord_encode, default_max_tokens=9, num_requests=2, seed=0, max_model_len=100)
+    sample = dataset_requests(DatasetFile.read(path), _ord_encode, default_max_tokens=9, num_requests=2, seed=0,
+                              max_model_len=100)
     assert [(r.prompt_token_ids, r.max_tokens) for r in sample.requests] == [((97, 98), 9), ((5, 6, 7), 3)]
     assert sample.skipped == 0
     for text, where in [('{"text": "no prompt"}\n', "prompts.jsonl:1"),
@@ -237,7 +239,8 @@ def test_jsonl_workload(tmp_path):
                         ('{"prompt": "a", "max_tokens": "many"}\n', "prompts.jsonl:1")]:
         path.write_text(text)
         with pytest.raises(RequestError, match=where):
-            dataset_requests(path, list, default_max_tokens=1, num_requests=4, seed=0, max_model_len=100)
+            dataset_requests(DatasetFile.read(path), list, default_max_tokens=1, num_requests=4, seed=0,
+                             max_model_len=100)
 
 
 def _conversations(rng: np.random.Generator, count: int) -> list[dict]:
@@ -266,16 +269,17 @@ def test_sharegpt_workload_draws_conversations_by_seed_and_skips_as_vllm_does(tm
     as_list.write_text(json.dumps(rows))
     as_lines.write_text("".join(json.dumps(row) + "\n" for row in rows))
     for path in (as_list, as_lines):
-        sample = dataset_requests(path, _ord_encode, default_max_tokens=7, num_requests=1000, seed=3,
+        sample = dataset_requests(DatasetFile.read(path), _ord_encode, default_max_tokens=7, num_requests=1000, seed=3,
                                   max_model_len=max_model_len)
         order = [i for i in np.random.default_rng(3).permutation(len(rows)) if i in usable]
         assert [(r.prompt_token_ids, r.max_tokens) for r in sample.requests] == [usable[i] for i in order]
         assert sample.skipped == len(rows) - len(usable)
-    other_seed = dataset_requests(as_list, _ord_encode, 7, 1000, seed=4, max_model_len=max_model_len).requests
+    other_seed = dataset_requests(DatasetFile.read(as_list), _ord_encode, 7, 1000, seed=4,
+                                  max_model_len=max_model_len).requests
     assert sorted(other_seed, key=hash) == sorted(sample.requests, key=hash) and other_seed != sample.requests
     calls = []
-    first_two = dataset_requests(as_list, lambda text: calls.append(text) or _ord_encode(text), 7, num_requests=2,
-                                 seed=3, max_model_len=max_model_len)
+    first_two = dataset_requests(DatasetFile.read(as_list), lambda text: calls.append(text) or _ord_encode(text), 7,
+                                 num_requests=2, seed=3, max_model_len=max_model_len)
     assert first_two.requests == sample.requests[:2]
     assert len(calls) < 2 * len(rows), "conversations were tokenized beyond the two requests asked for"
 
@@ -286,10 +290,11 @@ def test_sharegpt_files_that_cannot_serve_are_refused_by_place(tmp_path):
                                                    {"from": "gpt", "value": "an answer here"}]},
                                 {"conversations": [{"from": "human", "text": "no value"}]}]))
     with pytest.raises(RequestError, match=r"sharegpt.json\[1\] is not a ShareGPT conversation"):
-        dataset_requests(path, _ord_encode, 7, num_requests=5, seed=0, max_model_len=100)
+        dataset_requests(DatasetFile.read(path), _ord_encode, 7, num_requests=5, seed=0, max_model_len=100)
     path.write_text(json.dumps([{"conversations": [{"from": "human", "value": "a question here"},
                                                    {"from": "gpt", "value": "an answer here"}]},
                                 {"conversations": [{"from": "human", "value": "one turn alone"}]}]))
-    assert len(dataset_requests(path, _ord_encode, 7, num_requests=1, seed=1, max_model_len=29).requests) == 1
+    sample = dataset_requests(DatasetFile.read(path), _ord_encode, 7, num_requests=1, seed=1, max_model_len=29)
+    assert len(sample.requests) == 1
     with pytest.raises(RequestError, match=r"none of the 2 ShareGPT conversations .* max_model_len \(28\)"):
-        dataset_requests(path, _ord_encode, 7, num_requests=1, seed=1, max_model_len=28)
+        dataset_requests(DatasetFile.read(path), _ord_encode, 7, num_requests=1, seed=1, max_model_len=28)

@@ -86,31 +86,41 @@ class DatasetSample:
     skipped: int
 
 
-def dataset_requests(path: Path, encode: Callable[[str], list[int]], default_max_tokens: int, num_requests: int,
-                     seed: int, max_model_len: int) -> DatasetSample:
+@dataclasses.dataclass(frozen=True)
+class DatasetFile:
+    """A dataset file's rows, each with its place for error messages: `path[i]` in a JSON list,
+    `path:line` in JSON lines. `--dataset` reads the file while the command line is parsed, so a
+    missing, empty or malformed file is refused before any engine loads or server is asked."""
+
+    path: Path
+    rows: tuple[tuple[str, object], ...]
+
+    @classmethod
+    def read(cls, path: str | Path) -> DatasetFile:
+        path = Path(path)
+        if not path.is_file():
+            raise RequestError(f"{path} is not a file; pass a JSONL file of prompts or a ShareGPT JSON file")
+        text = path.read_text()
+        if text.lstrip().startswith("["):
+            rows = [(f"{path}[{i}]", row) for i, row in enumerate(_parse_json(text, str(path)))]
+        else:
+            rows = [(f"{path}:{number}", _parse_json(line, f"{path}:{number}"))
+                    for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        if not rows:
+            raise RequestError(f"dataset file {path} holds no requests")
+        return cls(path, tuple(rows))
+
+
+def dataset_requests(dataset: DatasetFile, encode: Callable[[str], list[int]], default_max_tokens: int,
+                     num_requests: int, seed: int, max_model_len: int) -> DatasetSample:
     """Up to `num_requests` requests from a prompts file or a ShareGPT file (see the module
     docstring); text is tokenized with `encode`, which may be a remote tokenizer: ShareGPT rows are
     tokenized only until enough requests are found."""
-    rows = _dataset_rows(path)
+    rows = dataset.rows
     if isinstance(rows[0][1], dict) and "conversations" in rows[0][1]:
         return _sharegpt_requests(rows, encode, num_requests, seed, max_model_len)
     return DatasetSample([_prompt_request(where, row, encode, default_max_tokens)
                           for where, row in rows[:num_requests]], skipped=0)
-
-
-def _dataset_rows(path: Path) -> list[tuple[str, object]]:
-    """The file's rows, each with its place for error messages: `path[i]` in a JSON list, `path:line` in JSON lines."""
-    if not path.is_file():
-        raise RequestError(f"dataset file {path} does not exist; pass a JSONL file of prompts or a ShareGPT JSON file")
-    text = path.read_text()
-    if text.lstrip().startswith("["):
-        rows = [(f"{path}[{i}]", row) for i, row in enumerate(_parse_json(text, str(path)))]
-    else:
-        rows = [(f"{path}:{number}", _parse_json(line, f"{path}:{number}"))
-                for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    if not rows:
-        raise RequestError(f"dataset file {path} holds no requests")
-    return rows
 
 
 def _parse_json(text: str, where: str):
@@ -129,7 +139,7 @@ def _prompt_request(where: str, row, encode: Callable[[str], list[int]], default
                            "(and an integer 'max_tokens')") from None
 
 
-def _sharegpt_requests(rows: list[tuple[str, object]], encode: Callable[[str], list[int]], num_requests: int,
+def _sharegpt_requests(rows: tuple[tuple[str, object], ...], encode: Callable[[str], list[int]], num_requests: int,
                        seed: int, max_model_len: int) -> DatasetSample:
     requests, skipped = [], 0
     for index in np.random.default_rng(seed).permutation(len(rows)):

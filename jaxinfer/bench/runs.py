@@ -90,7 +90,7 @@ def workload(args, vocab_size: int, encode, max_model_len: int, static: bool = F
 
 def _workload_description(args, requests: list[BenchRequest]) -> dict:
     """The workload's options and totals, for the JSON results."""
-    options = {"dataset": str(args.dataset)} if args.dataset else {
+    options = {"dataset": str(args.dataset.path)} if args.dataset else {
         "input_len": str(args.input_len), "prefix_len": args.prefix_len, "num_prefixes": args.num_prefixes}
     return {**workload_summary(requests), **options, "output_len": str(args.output_len), "seed": args.seed,
             "sampling": sampling(args) or "greedy"}

@@ -27,7 +27,7 @@ import math
 from pathlib import Path
 
 from jaxinfer.bench.baselines import BASELINES
-from jaxinfer.bench.dataset import LengthRange
+from jaxinfer.bench.dataset import DatasetFile, LengthRange
 from jaxinfer.bench.roofline import BYTES_PER_ELEMENT
 from jaxinfer.engine.config import DTYPES, KV_DTYPES
 from jaxinfer.bench.metrics import parse_slo
@@ -40,6 +40,7 @@ RESULTS_DIR = Path("benchmarks/results")
 # -- argument parsing ---------------------------------------------------------------------------
 
 _length_range = argument_type(LengthRange.parse, "length")
+_dataset = argument_type(DatasetFile.read, "dataset")
 _slo = argument_type(parse_slo, "SLO")
 
 
@@ -72,7 +73,7 @@ def add_workload_args(parser: argparse.ArgumentParser, num_requests: int) -> Non
                              "without max_tokens (ShareGPT: the replies' lengths)")
     parser.add_argument("--seed", type=non_negative(int), default=0,
                         help="seed of the random requests, a dataset's draw (and serve's arrival times)")
-    parser.add_argument("--dataset", type=existing_file,
+    parser.add_argument("--dataset", type=_dataset,
                         help="instead of random requests: a JSONL file of prompts (taken in order), or a ShareGPT "
                              "JSON file of conversations (drawn by --seed; the replies' lengths as outputs)")
     parser.add_argument("--prefix-len", type=non_negative(int), default=0,

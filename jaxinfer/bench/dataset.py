@@ -93,7 +93,7 @@ class DatasetFile:
     missing, empty or malformed file is refused before any engine loads or server is asked."""
 
     path: Path
-    rows: tuple[tuple[str, object], ...]
+    rows: tuple[tuple[str, object], ...] = dataclasses.field(repr=False)  # a ShareGPT file holds ~100k
 
     @classmethod
     def read(cls, path: str | Path) -> DatasetFile:

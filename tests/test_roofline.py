@@ -1,7 +1,9 @@
 """The roofline calculator against counts re-derived from the model's own parameter shapes."""
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -176,3 +178,27 @@ def test_roofline_refuses_model_options_beside_an_engine():
     with pytest.raises(RequestError, match="--model and --kv-dtype come from the engine's manifest"):
         _model_and_dtypes(_parser().parse_args(["roofline", "--engine", "e", "--model", "m", "--kv-dtype", "int8"]))
 
+
+
+def test_decode_sweep_predicts_each_batch_as_its_own_decode_step():
+    cfg = random_config(np.random.default_rng(5), tie=True)
+    device = roofline.Device(bandwidth_bytes_per_s=25e9, flops_per_s=300e9)
+    report = roofline.roofline_report(cfg, device, batch=3, context_len=200, dtype="bfloat16", kv_dtype="int8")
+    sweep = report["decode_sweep"]
+    assert [entry["batch"] for entry in sweep] == list(roofline.SWEEP_BATCHES)
+    for entry in sweep:
+        step = roofline.decode_step(cfg, device, entry["batch"], 200, 2, 1)
+        assert {key: entry[key] for key in step.as_dict()} == step.as_dict()
+        assert entry["tokens_per_s"] == entry["batch"] / step.time_s
+    rates = [entry["tokens_per_s"] for entry in sweep]
+    assert rates == sorted(rates) and sweep[0]["bound"] == "bandwidth"
+
+
+def test_roofline_plot_writes_the_chart_beside_the_json(tmp_path):
+    from jaxinfer.commands import roofline as command
+
+    output = tmp_path / "roofline.json"
+    command.main(_parser().parse_args(["roofline", "--model", str(Path(__file__).parent / "checkpoints/tiny-llama3"),
+                                       "--bandwidth", "20", "--flops", "100", "--output", str(output), "--plot"]))
+    assert len(json.loads(output.read_text())["decode_sweep"]) == len(roofline.SWEEP_BATCHES)
+    assert output.with_suffix(".png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

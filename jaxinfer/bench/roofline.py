@@ -20,6 +20,10 @@ import dataclasses
 
 from jaxinfer.model.config import ModelConfig
 
+# Decode batch sizes whose steps the report predicts side by side (`decode_sweep`, and the points of
+# `jaxinfer roofline --plot`): from weight-streaming batch 1 to where the step turns compute-bound.
+SWEEP_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
 # Bytes per weight, by dtype and by quantization mode (`jaxinfer build --quant`).
 BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "fp8": 1, "int4": 0.5,
                      "int4-awq": 0.5, "w8a8": 1, "w4a8": 0.5}
@@ -130,4 +134,6 @@ def roofline_report(cfg: ModelConfig, device: Device, batch: int, context_len: i
         "prefill_step": prefill.as_dict(),
         "prefill_tokens_per_s": batch * context_len / prefill.time_s,
         "batch1_decode_bandwidth_bound_tokens_per_s": device.bandwidth_bytes_per_s / weight_bytes(cfg, w),
+        "decode_sweep": [{"batch": b, **step.as_dict(), "tokens_per_s": b / step.time_s}
+                         for b, step in ((b, decode_step(cfg, device, b, context_len, w, kv)) for b in SWEEP_BATCHES)],
     }

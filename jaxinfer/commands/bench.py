@@ -178,5 +178,5 @@ def add_bench_parsers(subparsers) -> None:
                           help="context (decode) and prompt (prefill) length")
     roofline.add_argument("--bandwidth", type=positive(float), help="copy bandwidth in GB/s (measured when not given)")
     roofline.add_argument("--flops", type=positive(float), help="matmul rate in GFLOP/s (measured when not given)")
-    roofline.add_argument("--output", type=Path, default=RESULTS_DIR / "roofline.json", help="JSON results file")
+    _add_output_args(roofline, "roofline")
     roofline.set_defaults(run="jaxinfer.commands.roofline:main")

@@ -3,7 +3,8 @@
 Prints weight bytes, KV bytes per token, FLOPs per token (prefill and decode), arithmetic
 intensity, and the predicted compute- and bandwidth-bound times of a decode step and of a
 prefill at --batch/--context, against the copy bandwidth and matmul rate measured here (or
-given with --bandwidth GB/s and --flops GFLOP/s). Writes the figures as JSON (--output).
+given with --bandwidth GB/s and --flops GFLOP/s), and the decode step's rate at batch sizes 1-256.
+Writes the figures as JSON (--output) and, with --plot, the roofline chart beside it.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def main(args) -> None:
     report["device"]["last_level_cache_bytes"] = device_probe.last_level_cache_bytes()
     print(format_report(report))
     write_results(args.output, report)
+    if args.plot:
+        from jaxinfer.bench import plots
+
+        plots.roofline_chart(report, args.output.with_suffix(".png"))
 
 
 def format_report(report: dict) -> str:
@@ -73,6 +78,8 @@ def format_report(report: dict) -> str:
           for label, step, rate in (("decode ", decode, report["decode_tokens_per_s"]),
                                     ("prefill", prefill, report["prefill_tokens_per_s"]))),
         f"batch-1 decode bandwidth bound: {report['batch1_decode_bandwidth_bound_tokens_per_s']:.1f} tokens/s",
+        "decode tokens/s predicted at batch " + " / ".join(str(s["batch"]) for s in report["decode_sweep"]) + ": "
+        + " / ".join(f"{s['tokens_per_s']:.0f}" for s in report["decode_sweep"]),
         *_cache_note(report),
     ])
 

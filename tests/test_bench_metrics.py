@@ -9,11 +9,14 @@ import pytest
 from jaxinfer.bench.arrivals import arrival_offsets
 from jaxinfer.bench.dataset import (BenchRequest, DatasetFile, LengthRange, dataset_requests, random_requests,
                                     refuse_oversized)
+from jaxinfer.bench.engine_runs import KVUsage
 from jaxinfer.bench.latency import all_decoding_rate
 from jaxinfer.bench.metrics import RequestTiming, parse_slo, run_metrics, summarize
 from jaxinfer.bench.results import comparison_table
 from jaxinfer.bench.runs import SERVE_COLUMNS, SLO_COLUMNS
 from jaxinfer.errors import RequestError
+from jaxinfer.scheduler.block_manager import BlockManagerMetrics
+from jaxinfer.scheduler.scheduler import SchedulerMetrics
 
 
 def percentile_oracle(values, q):
@@ -298,3 +301,18 @@ def test_sharegpt_files_that_cannot_serve_are_refused_by_place(tmp_path):
     assert len(sample.requests) == 1
     with pytest.raises(RequestError, match=r"none of the 2 ShareGPT conversations .* max_model_len \(28\)"):
         dataset_requests(DatasetFile.read(path), _ord_encode, 7, num_requests=1, seed=1, max_model_len=28)
+
+
+def test_kv_usage_sums_the_pool_over_a_runs_steps():
+    def metrics(used: int, unfilled: int, running: int, preemptions: int) -> SchedulerMetrics:
+        blocks = BlockManagerMetrics(block_size=16, num_blocks=100, num_used_blocks=used, num_free_blocks=100 - used,
+                                     num_cached_blocks=0, num_unfilled_slots=unfilled, prefix_cache_queries=0,
+                                     prefix_cache_hits=0)
+        return SchedulerMetrics(num_running=running, num_waiting=0, num_preemptions=preemptions, blocks=blocks)
+
+    usage = KVUsage(metrics(used=0, unfilled=0, running=0, preemptions=3))
+    for step in [metrics(10, 40, 2, 3), metrics(30, 20, 5, 4), metrics(20, 60, 4, 5)]:
+        usage.record(step)
+    assert usage.summary() == {"num_blocks": 100, "block_size": 16, "peak_usage": 0.30, "mean_usage": 0.20,
+                               "unfilled_slot_fraction": 120 / (60 * 16), "peak_running_sequences": 5,
+                               "preemptions": 2}

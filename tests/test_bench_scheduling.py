@@ -14,7 +14,7 @@ import pytest
 from conftest import CHECKPOINTS_DIR
 from jaxinfer.bench.arrivals import arrival_offsets
 from jaxinfer.bench.dataset import LengthRange, fresh_prefixes, random_requests
-from jaxinfer.bench.engine_runs import drive, static_rectangle
+from jaxinfer.bench.engine_runs import KVUsage, drive, static_rectangle
 from jaxinfer.bench.metrics import run_metrics
 from jaxinfer.engine.create import create_engine
 
@@ -187,3 +187,19 @@ def test_without_the_prefix_cache_nothing_is_cached_and_the_tokens_are_the_same(
     with_cache, without = _greedy(engine, requests, "on"), _greedy(uncached, requests, "off")
     assert [tokens for tokens, _ in with_cache] == [tokens for tokens, _ in without]
     assert sum(cached for _, cached in with_cache) > 0 and sum(cached for _, cached in without) == 0
+
+
+def test_kv_usage_follows_the_pool_through_a_run(engine, requests, monkeypatch):
+    """All 12 requests at once: max_num_seqs of them run together, every engine call is sampled, and
+    the blocks in use hold some empty slots (the last block of each sequence) but mostly tokens."""
+    usage = KVUsage(engine.scheduler.metrics())
+    calls = []
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: calls.append(1) or step())
+    drive(engine, fresh_prefixes(requests, 6, engine.model_cfg.vocab_size), [0.0] * len(requests), kv_usage=usage)
+    summary = usage.summary()
+    assert usage.steps == len(calls)
+    assert summary["peak_running_sequences"] == MAX_NUM_SEQS and summary["preemptions"] == 0
+    assert 0 < summary["mean_usage"] <= summary["peak_usage"] <= 1
+    assert 0 < summary["unfilled_slot_fraction"] < 0.5
+    assert engine.scheduler.metrics().blocks.num_used_blocks == 0

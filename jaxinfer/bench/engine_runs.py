@@ -6,7 +6,8 @@ fewer than `max_in_flight` requests are unfinished (a pool of clients: its clock
 submitted), and steps the engine until every request has finished, returning one `RequestTiming`
 per request (in workload order) and the wall time of the run. Generation ignores EOS, so every
 request produces exactly its `max_tokens` tokens in every system compared; it is greedy unless
-`sampling` sets temperature, top_p or top_k.
+`sampling` sets temperature, top_p or top_k. With a `KVUsage`, the scheduler's KV pool is sampled
+after every engine call: how full it got, and how much of the blocks in use held no token.
 
 Static batching (`static_batch=B`) is the pre-Orca baseline on the same compiled model: it
 admits up to B requests that have arrived as one batch, steps until the batch finishes, then admits
@@ -29,6 +30,35 @@ from jaxinfer.bench.dataset import BenchRequest
 from jaxinfer.bench.metrics import RequestTiming
 from jaxinfer.engine.llm_engine import LLMEngine
 from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.scheduler.scheduler import SchedulerMetrics
+
+
+class KVUsage:
+    """The KV pool over a run, from the scheduler's metrics after each engine call (`record`; a
+    multi-step decode call once). Its summary: the peak and mean share of the pool's blocks in use,
+    the share of the slots of blocks in use that held no token over the run (paged attention's
+    waste: under one block per sequence), the most sequences running at once, and the preemptions
+    during the run."""
+
+    def __init__(self, before: SchedulerMetrics):
+        self.num_blocks, self.block_size = before.blocks.num_blocks, before.blocks.block_size
+        self.preemptions_before = self.preemptions = before.num_preemptions
+        self.steps = self.used_blocks = self.unfilled_slots = self.peak_used_blocks = self.peak_running = 0
+
+    def record(self, metrics: SchedulerMetrics) -> None:
+        self.steps += 1
+        self.used_blocks += metrics.blocks.num_used_blocks
+        self.unfilled_slots += metrics.blocks.num_unfilled_slots
+        self.peak_used_blocks = max(self.peak_used_blocks, metrics.blocks.num_used_blocks)
+        self.peak_running = max(self.peak_running, metrics.num_running)
+        self.preemptions = metrics.num_preemptions
+
+    def summary(self) -> dict:
+        return {"num_blocks": self.num_blocks, "block_size": self.block_size,
+                "peak_usage": self.peak_used_blocks / self.num_blocks,
+                "mean_usage": self.used_blocks / max(self.steps, 1) / self.num_blocks,
+                "unfilled_slot_fraction": self.unfilled_slots / max(self.used_blocks * self.block_size, 1),
+                "peak_running_sequences": self.peak_running, "preemptions": self.preemptions - self.preemptions_before}
 
 
 def bench_params(max_tokens: int, sampling: Mapping[str, Any] | None = None) -> SamplingParams:
@@ -50,7 +80,8 @@ def static_rectangle(batch: Sequence[BenchRequest]) -> list[BenchRequest]:
 
 def drive(engine: LLMEngine, requests: Sequence[BenchRequest], offsets: Sequence[float],
           static_batch: int | None = None, max_in_flight: int | None = None,
-          sampling: Mapping[str, Any] | None = None) -> tuple[list[RequestTiming], float]:
+          sampling: Mapping[str, Any] | None = None, kv_usage: KVUsage | None = None
+          ) -> tuple[list[RequestTiming], float]:
     start = time.perf_counter()
     timings = [RequestTiming(start + float(offset), len(r.prompt_token_ids)) for r, offset in zip(requests, offsets)]
     # Requests in arrival order; `admitted` counts how many have been handed to the engine;
@@ -83,6 +114,8 @@ def drive(engine: LLMEngine, requests: Sequence[BenchRequest], offsets: Sequence
             continue
         outputs = engine.step()
         now = time.perf_counter()
+        if kv_usage is not None:
+            kv_usage.record(engine.scheduler.metrics())
         for output in outputs:
             i = int(output.request_id.removeprefix("bench-"))
             own_tokens_left = requests[i].max_tokens - timings[i].num_output_tokens

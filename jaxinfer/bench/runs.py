@@ -13,7 +13,7 @@ from jaxinfer.bench.arrivals import arrival_offsets
 from jaxinfer.bench.dataset import (MIN_SHAREGPT_TOKENS, BenchRequest, LengthRange, dataset_requests, fresh_prefixes,
                                     random_requests, refuse_oversized, workload_summary)
 from jaxinfer.bench.device_probe import cache_note, copy_bandwidth, last_level_cache_bytes
-from jaxinfer.bench.engine_runs import bench_params, drive
+from jaxinfer.bench.engine_runs import KVUsage, bench_params, drive
 from jaxinfer.bench.baselines import BASELINES, checkpoint_source, run_job
 from jaxinfer.bench.metrics import RequestTiming, run_metrics
 from jaxinfer.bench.results import Column, advantages, comparison_table, write_results
@@ -143,8 +143,18 @@ def _run_engine(engine, requests, run_index: int, args, static_batch: int | None
                 ) -> tuple[dict, list[RequestTiming]]:
     """The workload, all submitted at once, through `engine`."""
     workload = fresh_prefixes(requests, run_index, engine.model_cfg.vocab_size)
-    timings, duration = drive(engine, workload, [0.0] * len(workload), static_batch, sampling=sampling(args))
-    return run_metrics(timings, duration, detailed=args.save_detailed), timings
+    kv_usage = KVUsage(engine.scheduler.metrics())
+    timings, duration = drive(engine, workload, [0.0] * len(workload), static_batch, sampling=sampling(args),
+                              kv_usage=kv_usage)
+    return {**run_metrics(timings, duration, detailed=args.save_detailed), "kv_cache": kv_usage.summary()}, timings
+
+
+def _kv_cache_lines(systems: dict[str, dict]) -> list[str]:
+    """How each in-process run used the KV pool (engine_runs.KVUsage)."""
+    return [f"KV cache, {name}: peak {kv['peak_usage']:.0%} of {kv['num_blocks']} blocks of {kv['block_size']} "
+            f"(mean {kv['mean_usage']:.0%}), {kv['unfilled_slot_fraction']:.1%} of the used blocks' slots "
+            f"unfilled, {kv['peak_running_sequences']} sequences at most, {kv['preemptions']} preemptions"
+            for name, kv in ((name, s["kv_cache"]) for name, s in systems.items() if "kv_cache" in s)]
 
 
 def _external_baselines(args) -> list:
@@ -200,6 +210,7 @@ def throughput_main(args) -> None:
         systems[f"{baseline.label} (B={batch}, {len(subset)} requests)"] = _rates(result)
     columns = THROUGHPUT_COLUMNS + ([PREFIX_CACHE_COLUMN] if args.prefix_len else [])
     print(comparison_table(systems, columns, reference="jaxinfer"))
+    print("\n".join(_kv_cache_lines(systems)))
     write_results(args.output, {"workload": _workload_description(args, requests),
                                 "engine_config": _engine_config(engine), "systems": systems,
                                 "jaxinfer_advantage": advantages(systems, columns, "jaxinfer")})

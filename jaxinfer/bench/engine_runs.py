@@ -37,8 +37,8 @@ class KVUsage:
     """The KV pool over a run, from the scheduler's metrics after each engine call (`record`; a
     multi-step decode call once). Its summary: the peak and mean share of the pool's blocks in use,
     the share of the slots of blocks in use that held no token over the run (paged attention's
-    waste: under one block per sequence), the most sequences running at once, and the preemptions
-    during the run."""
+    waste: under one block per sequence; a static batch's padding counts as tokens, its waste lies
+    there instead), the most sequences running at once, and the preemptions during the run."""
 
     def __init__(self, before: SchedulerMetrics):
         self.num_blocks, self.block_size = before.blocks.num_blocks, before.blocks.block_size

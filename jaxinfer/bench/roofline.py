@@ -120,6 +120,7 @@ def roofline_report(cfg: ModelConfig, device: Device, batch: int, context_len: i
     w, kv = BYTES_PER_ELEMENT[dtype], BYTES_PER_ELEMENT[kv_dtype]
     decode = decode_step(cfg, device, batch, context_len, w, kv)
     prefill = prefill_step(cfg, device, batch, context_len, w, kv)
+    sweep = {b: decode_step(cfg, device, b, context_len, w, kv) for b in SWEEP_BATCHES}
     return {
         "model": {"name": cfg.name, "num_params": cfg.num_params, "num_layers": cfg.num_layers,
                   "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim},
@@ -134,6 +135,5 @@ def roofline_report(cfg: ModelConfig, device: Device, batch: int, context_len: i
         "prefill_step": prefill.as_dict(),
         "prefill_tokens_per_s": batch * context_len / prefill.time_s,
         "batch1_decode_bandwidth_bound_tokens_per_s": device.bandwidth_bytes_per_s / weight_bytes(cfg, w),
-        "decode_sweep": [{"batch": b, **step.as_dict(), "tokens_per_s": b / step.time_s}
-                         for b, step in ((b, decode_step(cfg, device, b, context_len, w, kv)) for b in SWEEP_BATCHES)],
+        "decode_sweep": [{"batch": b, **step.as_dict(), "tokens_per_s": b / step.time_s} for b, step in sweep.items()],
     }

@@ -22,14 +22,13 @@ weights), and calls take turns in a random order with the cache flushed before e
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.bench_quant_matmul import distinct_copies, interleaved_median_ms
+from benchmarks.bench_quant_matmul import distinct_copies, interleaved_median_ms, matmul_bench_parser
 from pallas_kernels import cpu_dense_dot
 
 DEFAULT_SHAPES = ("576x960", "576x576", "576x3072", "1536x576", "576x49152")
@@ -45,12 +44,8 @@ def kernel_dot(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--rows", type=int, nargs="+", default=DEFAULT_ROWS)
-    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="weights as INxOUT")
-    parser.add_argument("--stream-mb", type=float, default=96.0, help="float32 weight megabytes per timed call")
-    args = parser.parse_args()
+    args = matmul_bench_parser(__doc__, DEFAULT_ROWS, DEFAULT_SHAPES, reps=15, stream_mb=96.0,
+                               weight="float32").parse_args()
     if not cpu_dense_dot.available():
         raise SystemExit("the CPU dense kernel does not run here (needs x86-64 with AVX2 and a C++ compiler)")
     panel = ("AMX-BF16 from 8 rows" if cpu_dense_dot.AMX_BF16 else "AVX512-BF16" if cpu_dense_dot.DP_BF16

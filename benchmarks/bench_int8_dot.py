@@ -16,7 +16,6 @@ int8 weights), and calls take turns in a random order with the cache flushed bef
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import jax
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from benchmarks.bench_quant_matmul import distinct_copies, interleaved_median_ms
+from benchmarks.bench_quant_matmul import distinct_copies, interleaved_median_ms, matmul_bench_parser
 from pallas_kernels import cpu_int8_dot
 
 DEFAULT_SHAPES = ("576x960", "576x576", "576x3072", "1536x576")
@@ -42,12 +41,8 @@ def kernel_dot(x: jax.Array, w_packed: jax.Array) -> jax.Array:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--rows", type=int, nargs="+", default=DEFAULT_ROWS)
-    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="weights as INxOUT")
-    parser.add_argument("--stream-mb", type=float, default=48.0, help="int8 weight megabytes per timed call")
-    args = parser.parse_args()
+    args = matmul_bench_parser(__doc__, DEFAULT_ROWS, DEFAULT_SHAPES, reps=15, stream_mb=48.0,
+                               weight="int8").parse_args()
     if not cpu_int8_dot.available():
         raise SystemExit("the CPU int8 kernel does not run here (needs x86-64 with AVX2 and a C++ compiler)")
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, kernel MAX_ROWS {cpu_int8_dot.MAX_ROWS}, "

@@ -151,13 +151,22 @@ def weight_bytes(tree) -> int:
     return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(tree))
 
 
+def matmul_bench_parser(doc: str, rows: tuple[int, ...], shapes: tuple[str, ...], reps: int, stream_mb: float,
+                        weight: str) -> argparse.ArgumentParser:
+    """The options the matmul benchmarks share (this one, bench_dense_dot, bench_int8_dot): timed
+    repetitions, activation row counts, weight shapes, and the megabytes of `weight` weights one
+    timed call streams."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=reps)
+    parser.add_argument("--rows", type=int, nargs="+", default=rows)
+    parser.add_argument("--shapes", nargs="+", default=shapes, help="weights as INxOUT")
+    parser.add_argument("--stream-mb", type=float, default=stream_mb, help=f"{weight} weight megabytes per timed call")
+    return parser
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--rows", type=int, nargs="+", default=DEFAULT_ROWS)
-    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="weights as INxOUT")
+    parser = matmul_bench_parser(__doc__, DEFAULT_ROWS, DEFAULT_SHAPES, reps=20, stream_mb=96.0, weight="f32")
     parser.add_argument("--modes", nargs="+", default=("int8", "int4", "w8a8", "fp8"))
-    parser.add_argument("--stream-mb", type=float, default=96.0, help="f32 weight megabytes per timed call")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {args.reps} reps, median ms per matmul")

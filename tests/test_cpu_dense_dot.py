@@ -5,7 +5,7 @@ walked at once, with rows past the last whole run and slabs shorter than one row
 float32 and bfloat16 weights, on its GEMM loop for bfloat16 in the AVX2 build (row blocks, panels, K passes), on its AMX
 loop for bfloat16 (full and partial groups of 16 and 32 rows, panels of one to eight per item) and
 on its AVX512-BF16 loop (passes of 4 (k, k + 1) pairs and single pairs,
-32-column steps and a last 16, chunks of 4 rows, K slabs and column tiles), on the CPUs that have
+32-column steps and a last 16, chunks of up to 8 rows, K slabs and column tiles), on the CPUs that have
 them, and the step's routing of float32 and bfloat16 weights to it; its SwiGLU (AMX items, slabbed
 products, the FMA loop) against float64 and the MLP's unfused path, and swiglu's use of it; its
 residual add and RMSNorm against float64 and the unfused path, and residual_rms_norm's use of it; its

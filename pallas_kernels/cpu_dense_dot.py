@@ -10,8 +10,9 @@ tokens) cost nothing.
     dense_dot(x [M, K], w [K, N]) -> [M, N] f32   x and w both float32 or both bfloat16; float32
         sums. Takes (`serves`): N % 16 == 0; float32 up to MAX_FMA_ROWS rows; bfloat16 any rows on
         a CPU with AMX-BF16 (its AMX loop from 8 rows where K % 32 == 0 and N % 32 == 0, the FMA
-        loop otherwise) or without AVX-512 (the GEMM loop beyond MAX_FMA_ROWS), else up to
-        MAX_FMA_ROWS (from 2 rows in the AVX512-BF16 loop where the CPU has it and K is even)
+        loop otherwise) or without AVX-512 (the GEMM loop beyond MAX_FMA_ROWS), up to MAX_DP_ROWS
+        where the CPU has AVX512-BF16 (its loop from 2 rows where K is even), else up to
+        MAX_FMA_ROWS
     serves(rows, w) -> bool   whether dense_dot takes this weight and row count
     pack_panels(w [K, N]) -> [N / 32, K / 32, 2, 16, 16, 2]   a bfloat16 weight as AMX panels, which
         every call here takes in place of w, at any rows (packs_panels says which weights fit);
@@ -46,7 +47,9 @@ and its 576 x 49152 head, medians of 15 calls, noisy: repeats differ by about 10
 
 On an AMD EPYC (Zen 4, AVX512-BF16, no AMX) the AVX512-BF16 loop took a bfloat16 engine's decode
 at batch 2 / 4 / 8 from 80-85 / 125-133 / 155-162 tokens/s (the FMA loop) to 90-91 / 158-173 /
-243-257; beyond 8 rows XLA's bfloat16 dot is about as fast (benchmarks/bench_dense_dot.py).
+243-257; passes of 8 rows instead of 4 took batch 6 / 8 to 1.08 / 1.12x, and the loop taking the
+9-24-row buckets from XLA's bfloat16 dot (which computes a bucket's padding rows) took batch 12 /
+16 / 18 / 20 / 24 to 1.38 / 1.27 / 1.19 / 1.20 / 0.95x (MAX_DP_ROWS).
 
 CPUs without AVX-512 take the AVX2 build: the FMA loop alone, on 8-lane registers. On an AMD EPYC
 Zen 2 VM (AVX2 only), against XLA's bfloat16 dot (which converts the weight to float32 at every
@@ -104,9 +107,16 @@ GEMM_BF16 = KERNEL.isa() is cpu_ffi.AVX2
 MAX_FMA_ROWS = 8
 # bfloat16 steps of any size run here where the CPU has AMX-BF16 (the kernel still falls back to its
 # FMA loop where the OS refuses the tile state, slower but exact). Without AMX, bfloat16 steps of
-# 2 to MAX_FMA_ROWS rows take the AVX512-BF16 loop where the CPU has it (DP_BF16).
+# 2 to MAX_DP_ROWS rows take the AVX512-BF16 loop where the CPU has it (DP_BF16).
 AMX_BF16 = "amx_bf16" in cpu_ffi.cpu_flags()
 DP_BF16 = "avx512_bf16" in cpu_ffi.cpu_flags() and not AMX_BF16
+# Beyond 8 rows that loop walks each rectangle once per 8 rows, and it computes only a step's real
+# rows, where XLA's dot computes the whole bucket. Zen 4 VM, a bfloat16 engine's decode, engines
+# built each way in one process, alternating by round (five or six rounds, 2026-12-07): the 16-row
+# bucket here against XLA's took batch 12 / 16 to 441.2 / 513.8 tokens/s from 319.3 / 404.2 (1.38 /
+# 1.27x, every round); the 24-row bucket too, batch 18 / 20 / 24 to 1.19 / 1.20 / 0.95x; the
+# 32-row bucket too, batch 28 / 32 to 0.96 / 0.99x, so it stays with XLA.
+MAX_DP_ROWS = 24
 LANE = 16
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 # A bfloat16 weight's AMX panels: 32 columns each over all of K, as 16-row B tiles of (k, k + 1) pairs.
@@ -154,7 +164,9 @@ def serves(rows: int, w) -> bool:
         return w.dtype == jnp.bfloat16 and rows >= 1
     if not (getattr(w, "ndim", 0) == 2 and w.dtype in DTYPES and w.shape[1] % LANE == 0 and rows >= 1):
         return False
-    return rows <= MAX_FMA_ROWS or (w.dtype == jnp.bfloat16 and (AMX_BF16 or GEMM_BF16))
+    if w.dtype == jnp.bfloat16 and (AMX_BF16 or GEMM_BF16):
+        return True
+    return rows <= (MAX_DP_ROWS if w.dtype == jnp.bfloat16 and DP_BF16 else MAX_FMA_ROWS)
 
 
 def serves_swiglu(rows: int, w) -> bool:

@@ -5,7 +5,7 @@ walked at once, with rows past the last whole run and slabs shorter than one row
 float32 and bfloat16 weights, on its GEMM loop for bfloat16 in the AVX2 build (row blocks, panels, K passes), on its AMX
 loop for bfloat16 (full and partial groups of 16 and 32 rows, panels of one to eight per item) and
 on its AVX512-BF16 loop (passes of 4 (k, k + 1) pairs and single pairs,
-32-column steps and a last 16, chunks of up to 8 rows, K slabs and column tiles), on the CPUs that have
+32-column steps and a last 16, chunks of up to 8 rows and walks of 9-24, K slabs and column tiles), on the CPUs that have
 them, and the step's routing of float32 and bfloat16 weights to it; its SwiGLU (AMX items, slabbed
 products, the FMA loop) against float64 and the MLP's unfused path, and swiglu's use of it; its
 residual add and RMSNorm against float64 and the unfused path, and residual_rms_norm's use of it; its
@@ -30,10 +30,10 @@ needs_kernel = pytest.mark.skipif(not cpu_dense_dot.available(),
 
 
 def skip_unless_the_kernel_takes(rows: int, w) -> None:
-    """Skips a bfloat16 case of more rows than this CPU's kernel takes: up to MAX_FMA_ROWS on CPUs with
+    """Skips a bfloat16 case of more rows than this CPU's kernel takes: up to MAX_DP_ROWS on CPUs with
     AVX512-BF16 but no AMX (Zen 4), whose larger steps XLA's dot runs (the routing tests check that)."""
     if not cpu_dense_dot.serves(rows, w):
-        pytest.skip(f"this CPU's kernel takes bfloat16 steps of up to {cpu_dense_dot.MAX_FMA_ROWS} rows; XLA runs {rows}")
+        pytest.skip(f"this CPU's kernel does not take bfloat16 steps of {rows} rows; XLA runs them")
 
 
 def random_problem(rng, m: int, k: int, n: int, dtype=jnp.float32):
@@ -252,7 +252,8 @@ def test_gemm_loop_matches_float64_matmul(rng, m, k, n):
 @needs_kernel
 @pytest.mark.skipif(not cpu_dense_dot.DP_BF16, reason="needs a CPU with AVX512-BF16 and without AMX-BF16")
 @pytest.mark.parametrize("m, k, n", [(2, 2, 16), (5, 576, 960), (6, 64, 48), (7, 1536, 576), (8, 96, 112),
-                                     (8, 576, 4112), (3, 38, 8240), (4, 200, 4112), (5, 96, 1024)])
+                                     (8, 576, 4112), (3, 38, 8240), (4, 200, 4112), (5, 96, 1024),
+                                     (9, 64, 48), (13, 576, 960), (16, 1536, 576), (21, 38, 4112), (24, 96, 112)])
 def test_avx512_bf16_loop_matches_float64_matmul(rng, m, k, n):
     assert_matches_float64(*random_problem(rng, m, k, n, jnp.bfloat16))
 
@@ -269,7 +270,11 @@ def test_kernel_refuses_shapes_and_dtypes_it_does_not_take(rng):
         cpu_dense_dot.dense_dot(x[:2], w.astype(jnp.bfloat16))
     assert not cpu_dense_dot.serves(1, jnp.zeros((32, 32), jnp.float16))
     assert not cpu_dense_dot.serves(1, jnp.zeros((32, 32), jnp.int8))
-    assert cpu_dense_dot.serves(64, jnp.zeros((32, 32), jnp.bfloat16)) == (cpu_dense_dot.AMX_BF16 or cpu_dense_dot.GEMM_BF16)
+    bf16 = jnp.zeros((32, 32), jnp.bfloat16)
+    any_rows = cpu_dense_dot.AMX_BF16 or cpu_dense_dot.GEMM_BF16
+    assert cpu_dense_dot.serves(64, bf16) == any_rows
+    assert cpu_dense_dot.serves(cpu_dense_dot.MAX_DP_ROWS, bf16) == (any_rows or cpu_dense_dot.DP_BF16)
+    assert cpu_dense_dot.serves(cpu_dense_dot.MAX_DP_ROWS + 1, bf16) == any_rows
 
 
 @needs_kernel

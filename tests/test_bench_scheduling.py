@@ -94,14 +94,18 @@ def test_shared_prefixes_are_served_from_the_prefix_cache_and_reported(engine, m
         "bench", "serve", "--num-requests", "10", "--input-len", "4:12", "--output-len", "3", "--prefix-len",
         str(prefix_len), "--num-prefixes", "2", "--request-rate", "100", "--slo", "ttft=30s", "--save-detailed",
         "--output", str(output)]))
-    header = capsys.readouterr().out.split("request_rate = 100.0\n")[1].splitlines()[0]
-    assert "goodput requests/s" in header and "within SLO" in header and "prompt tokens cached" in header
+    printed = capsys.readouterr().out.split("request_rate = 100.0\n")[1].splitlines()
+    assert "goodput requests/s" in printed[0] and "within SLO" in printed[0] and "prompt tokens cached" in printed[0]
+    assert any(line.startswith("KV cache, jaxinfer: peak ") for line in printed)
     results = json.loads(output.read_text())
     assert (results["workload"]["prefix_len"], results["workload"]["num_prefixes"]) == (prefix_len, 2)
     point = results["curves"]["jaxinfer"][0]
     # Each prefix's first request computes it; the later ones that arrive after it find its full blocks.
     assert 0 < point["prefix_cache_hit_rate"] <= 8 * (prefix_len // block * block) / point["input_tokens"]
     assert point["slo_attainment"] == 1.0 and not engine.has_unfinished_requests()
+    kv = point["kv_cache"]  # the pool over this point's run
+    assert 1 <= kv["peak_running_sequences"] <= MAX_NUM_SEQS and kv["preemptions"] == 0
+    assert 0 < kv["mean_usage"] <= kv["peak_usage"] <= 1
     records = point["requests"]  # --save-detailed: the figures above, request by request
     assert [r["output_tokens"] for r in records] == [3] * 10 and all(r["error"] is None for r in records)
     assert sum(r["cached_tokens"] for r in records) / sum(r["prompt_tokens"] for r in records) == \

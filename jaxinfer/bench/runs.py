@@ -139,14 +139,21 @@ def _static_batch(args, engine) -> tuple[int, str]:
     return batch, f"static batching (B={batch})"
 
 
+def _drive_point(engine, requests, index: int, offsets, args, static_batch: int | None = None,
+                 max_in_flight: int | None = None) -> tuple[list[RequestTiming], float, dict]:
+    """The requests (with fresh prefixes for run `index`) through the in-process engine at `offsets`,
+    and how the run used the KV pool."""
+    kv_usage = KVUsage(engine.scheduler.metrics())
+    timings, duration = drive(engine, fresh_prefixes(requests, index, engine.model_cfg.vocab_size), offsets,
+                              static_batch, max_in_flight, sampling(args), kv_usage)
+    return timings, duration, {"kv_cache": kv_usage.summary()}
+
+
 def _run_engine(engine, requests, run_index: int, args, static_batch: int | None = None
                 ) -> tuple[dict, list[RequestTiming]]:
     """The workload, all submitted at once, through `engine`."""
-    workload = fresh_prefixes(requests, run_index, engine.model_cfg.vocab_size)
-    kv_usage = KVUsage(engine.scheduler.metrics())
-    timings, duration = drive(engine, workload, [0.0] * len(workload), static_batch, sampling=sampling(args),
-                              kv_usage=kv_usage)
-    return {**run_metrics(timings, duration, detailed=args.save_detailed), "kv_cache": kv_usage.summary()}, timings
+    timings, duration, kv_usage = _drive_point(engine, requests, run_index, [0.0] * len(requests), args, static_batch)
+    return {**run_metrics(timings, duration, detailed=args.save_detailed), **kv_usage}, timings
 
 
 def _kv_cache_lines(systems: dict[str, dict]) -> list[str]:
@@ -343,21 +350,19 @@ def serve_main(args) -> None:
         info = model_info(connection)
         with server_tokenizer(connection) as encode:
             requests = workload(args, info.vocab_size, encode, info.max_model_len)
-        runs = {"jaxinfer serve": lambda index, offsets, limit: run_load(
-            connection, fresh_prefixes(requests, index, info.vocab_size), offsets, limit, sampling(args))}
+        runs = {"jaxinfer serve": lambda index, offsets, limit: (*run_load(
+            connection, fresh_prefixes(requests, index, info.vocab_size), offsets, limit, sampling(args)), {})}
     else:
         engine = _engine(args)
         requests = workload(args, engine.model_cfg.vocab_size, engine.tokenizer.encode,
                             engine.engine_cfg.max_model_len, static="static" in args.baseline)
         warm_up(engine)
-        runs = {"jaxinfer": lambda index, offsets, limit: drive(
-            engine, fresh_prefixes(requests, index, engine.model_cfg.vocab_size), offsets, max_in_flight=limit,
-            sampling=sampling(args))}
+        runs = {"jaxinfer": lambda index, offsets, limit: _drive_point(engine, requests, index, offsets, args,
+                                                                       max_in_flight=limit)}
         if "static" in args.baseline:
             static_batch, name = _static_batch(args, engine)
-            runs[name] = lambda index, offsets, limit: drive(
-                engine, fresh_prefixes(requests, index, engine.model_cfg.vocab_size), offsets, static_batch, limit,
-                sampling(args))
+            runs[name] = lambda index, offsets, limit: _drive_point(engine, requests, index, offsets, args,
+                                                                    static_batch, limit)
     columns = SERVE_COLUMNS + (SLO_COLUMNS if args.slo else []) + ([PREFIX_CACHE_COLUMN] if args.prefix_len else [])
     index = 0
     for kind, value in points:
@@ -366,13 +371,15 @@ def serve_main(args) -> None:
         point = {}
         for name, run in runs.items():
             index += 1
-            timings, duration = run(index, offsets, limit)
-            point[name] = {kind: value, **run_metrics(timings, duration, args.slo, args.save_detailed)}
+            timings, duration, extra = run(index, offsets, limit)
+            point[name] = {kind: value, **run_metrics(timings, duration, args.slo, args.save_detailed), **extra}
             _report_failures(name, point[name])
             curves.setdefault(name, []).append(point[name])
             samples[name] = _samples(timings)  # the distributions chart shows the last point
         print(f"\n{kind} = {value}")
         print(comparison_table(point, columns, reference=next(iter(runs))))
+        if kv_lines := _kv_cache_lines(point):  # in-process runs
+            print("\n".join(kv_lines))
     _print_tpot_growth(curves)
     write_results(args.output, {"workload": _workload_description(args, requests),
                                 "engine_config": None if args.target else _engine_config(engine),

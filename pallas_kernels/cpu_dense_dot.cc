@@ -82,12 +82,12 @@
 // prefill step against 1.26x unfused (about 4% of the step; whole steps faster in 3 of the 4 pairs),
 // and 1.83x against 1.88x in a batch-64 decode step (about 1%).
 //
-// AVX512-BF16 (bfloat16 from kDpMinRows rows, up to the 24 that cpu_dense_dot.py sends here, on
-// CPUs with vdpbf16ps but no AMX, as AMD's Zen 4 and later; K even): vdpbf16ps adds, per float32
-// lane, the products of one (k, k + 1) pair, so it does twice the multiply-adds of an FMA per
-// instruction and needs no widening. Items and the walk are the FMA loop's (rectangles, weight rows
-// in address order, partial sums per rectangle), in passes of kDpPairs pairs of weight rows for up
-// to kDpRows activation rows (more rows walk the rectangle again): the pairs are interleaved in
+// AVX512-BF16 (bfloat16 from kDpMinRows rows up to the MAX_DP_ROWS that cpu_dense_dot.py routes
+// here, on CPUs with vdpbf16ps but no AMX, as AMD's Zen 4 and later; K even): vdpbf16ps adds, per
+// float32 lane, the products of one (k, k + 1) pair, so it does twice the multiply-adds of an FMA
+// per instruction and needs no widening. Items and the walk are the FMA loop's (rectangles, weight
+// rows in address order, partial sums per rectangle), in passes of kDpPairs pairs of weight rows for
+// up to kDpRows activation rows (more rows walk the rectangle again): the pairs are interleaved in
 // registers (one vpermt2w per 16 columns), the activation pairs broadcast once per pass.
 //
 // GEMM (bfloat16 beyond kFmaRows rows in the AVX2 build, which has neither loop above): a prefill

@@ -207,3 +207,31 @@ def test_kv_usage_follows_the_pool_through_a_run(engine, requests, monkeypatch):
     assert 0 < summary["mean_usage"] <= summary["peak_usage"] <= 1
     assert 0 < summary["unfilled_slot_fraction"] < 0.5
     assert engine.scheduler.metrics().blocks.num_used_blocks == 0
+
+
+def test_latency_puts_each_decode_batch_against_its_roofline(engine, monkeypatch, tmp_path, capsys):
+    """A matmul rate that makes the batch-1 step bandwidth-bound and the batch-4 step compute-bound:
+    batch 1's prediction is the bandwidth roofline the command already reports, batch 4's the matmul
+    rate over four tokens' FLOPs, and each ratio the measured rate over its prediction."""
+    from jaxinfer.bench import latency, runs
+    from jaxinfer.bench.roofline import decode_flops_per_token
+    from jaxinfer.cli import _parser
+
+    monkeypatch.setattr(runs, "_engine", lambda args, max_num_seqs=None: engine)
+    context = 16 + 8 // 2  # --decode-context and half of --decode-tokens
+    bandwidth = 20e9
+    token_flops = decode_flops_per_token(engine.model_cfg, context)
+    flops = 2 * token_flops * bandwidth / latency.token_bytes(engine, context)  # batch 1's FLOPs take half its reads
+    output = tmp_path / "latency.json"
+    runs.latency_main(_parser().parse_args([
+        "bench", "latency", "--prompt-lens", "8", "--batch-sizes", "1,4", "--decode-tokens", "8", "--decode-context",
+        "16", "--repeats", "1", "--bandwidth", str(bandwidth / 1e9), "--flops", str(flops / 1e9),
+        "--output", str(output)]))
+    results = json.loads(output.read_text())
+    roofline, rates = results["roofline"], results["systems"]["jaxinfer"]["decode_tokens_per_s"]
+    decode = roofline["decode"]
+    assert (decode["1"]["bound"], decode["4"]["bound"]) == ("bandwidth", "compute")
+    assert decode["1"]["predicted_tokens_per_s"] == pytest.approx(roofline["roofline_tokens_per_s"])
+    assert decode["4"]["predicted_tokens_per_s"] == pytest.approx(flops / token_flops)
+    assert all(decode[b]["ratio"] == pytest.approx(rates[b] / decode[b]["predicted_tokens_per_s"]) for b in ("1", "4"))
+    assert "decode against its roofline" in capsys.readouterr().out

@@ -48,6 +48,13 @@ def copy_bandwidth(num_bytes: int | None = None, repeats: int = 7) -> float:
     return 2 * num_bytes / seconds
 
 
+def matmul_dtype(engine_dtype: str) -> str:
+    """The dtype whose matmul rate bounds an engine of `engine_dtype` (a dtype or a quantization
+    mode): quantized engines multiply float32 activations on a CPU, so the probe times the
+    unquantized dense path for them."""
+    return "bfloat16" if engine_dtype == "bfloat16" else "float32"
+
+
 def matmul_rate(dtype: str = "float32", rows: int = 256, k: int = 2048, n: int = 2048, repeats: int = 7) -> float:
     """FLOP/s of a `dtype` (float32 or bfloat16) matmul of shape [rows, k] @ [k, n] through the
     engine's dense path (`linear` on the weight as a one-device step routes it)."""

@@ -6,6 +6,8 @@ prompts, so the prefix cache never helps). `decode_rate(engine, batch, ...)`: to
 `prompt_len` tokens (the context each decode step reads): the median of `repeats` such runs.
 `bandwidth_roofline`: the batch-1 roofline, tokens/s if each token read its weights once (the bytes
 they take as stored, `streamed_weight_bytes`) and the K/V of its context, at the copy bandwidth.
+`decode_roofline`: the same step at any batch on a device with a matmul rate too
+(jaxinfer.bench.roofline): the bytes as here, the FLOPs as the roofline calculator counts them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from jaxinfer.bench.dataset import LengthRange, random_requests
 from jaxinfer.bench.engine_runs import drive
 from jaxinfer.bench.metrics import RequestTiming
+from jaxinfer.bench.roofline import Device, StepEstimate, decode_flops_per_token
 from jaxinfer.cache.kv_pool import LayerKVCache
 from jaxinfer.engine.llm_engine import LLMEngine
 from jaxinfer.errors import RequestError
@@ -65,12 +68,21 @@ def kv_bytes_per_position(caches: Sequence[LayerKVCache]) -> float:
     return sum(leaf.nbytes for leaf in jax.tree.leaves(caches)) / (caches[0].num_blocks * caches[0].block_size)
 
 
-def token_bytes(engine: LLMEngine, context: int = 0) -> float:
-    """Bytes a batch-1 decode token reads: its weights once, and the K/V of `context` positions."""
-    return streamed_weight_bytes(engine.runner.params) + context * kv_bytes_per_position(engine.runner.kv_caches)
+def token_bytes(engine: LLMEngine, context: int = 0, batch: int = 1) -> float:
+    """Bytes a decode step of `batch` sequences reads: its weights once, and each sequence's K/V of
+    `context` positions."""
+    return (streamed_weight_bytes(engine.runner.params)
+            + batch * context * kv_bytes_per_position(engine.runner.kv_caches))
 
 
 def bandwidth_roofline(engine: LLMEngine, bandwidth_bytes_per_s: float, context: int = 0) -> float:
     """Tokens/s at batch 1 if each token costs exactly one read of its weights, and of the K/V of
     `context` positions, at this bandwidth."""
     return bandwidth_bytes_per_s / token_bytes(engine, context)
+
+
+def decode_roofline(engine: LLMEngine, device: Device, batch: int, context: int) -> StepEstimate:
+    """A decode step of `batch` sequences at `context` positions on `device`: `token_bytes` moved,
+    and each sequence's token's FLOPs."""
+    return device.estimate(batch * decode_flops_per_token(engine.model_cfg, context),
+                           token_bytes(engine, context, batch))

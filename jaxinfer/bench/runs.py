@@ -12,11 +12,12 @@ from jaxinfer.bench import latency, plots
 from jaxinfer.bench.arrivals import arrival_offsets
 from jaxinfer.bench.dataset import (MIN_SHAREGPT_TOKENS, BenchRequest, LengthRange, dataset_requests, fresh_prefixes,
                                     random_requests, refuse_oversized, workload_summary)
-from jaxinfer.bench.device_probe import cache_note, copy_bandwidth, last_level_cache_bytes
+from jaxinfer.bench.device_probe import cache_note, copy_bandwidth, last_level_cache_bytes, matmul_dtype, matmul_rate
 from jaxinfer.bench.engine_runs import KVUsage, bench_params, drive
 from jaxinfer.bench.baselines import BASELINES, checkpoint_source, run_job
 from jaxinfer.bench.metrics import RequestTiming, run_metrics
 from jaxinfer.bench.results import Column, advantages, comparison_table, write_results
+from jaxinfer.bench.roofline import Device
 from jaxinfer.commands.sampling_args import BENCH_SAMPLING_OPTIONS, given_sampling_options
 from jaxinfer.engine.create import create_engine, given_flags, is_engine_dir, refuse_build_options
 from jaxinfer.errors import RequestError
@@ -267,6 +268,8 @@ def latency_main(args) -> None:
     _refuse_lengths(args, engine.engine_cfg.max_model_len)
     warm_up(engine)
     bandwidth = args.bandwidth * 1e9 if args.bandwidth else copy_bandwidth()
+    probe_dtype = matmul_dtype(engine.engine_cfg.quant or engine.engine_cfg.dtype)
+    device = Device(bandwidth, args.flops * 1e9 if args.flops else matmul_rate(probe_dtype))
     ours = {"ttft_s": {str(n): latency.ttft(engine, n, args.repeats, args.seed + n) for n in args.prompt_lens},
             "decode_tokens_per_s": {str(b): latency.decode_rate(engine, b, args.decode_context, args.decode_tokens,
                                                                       args.repeats, args.seed + b)
@@ -302,12 +305,29 @@ def latency_main(args) -> None:
               f"{context} positions' K/V a token)")
         if note := cache_note(read_per_token, cache):
             print(f"  {note}, so the ratio can exceed 1")
+    roofline_fields["matmul_flops_per_s"] = device.flops_per_s
+    roofline_fields["decode"] = decode_against_roofline(engine, device, context, ours["decode_tokens_per_s"])
+    print(f"decode against its roofline ({bandwidth / 1e9:.1f} GB/s, {device.flops_per_s / 1e9:.1f} GFLOP/s "
+          f"{'given' if args.flops else probe_dtype}): " + ", ".join(
+              f"batch {b} {r['ratio']:.2f} of {r['predicted_tokens_per_s']:.0f} tokens/s ({r['bound']}-bound)"
+              for b, r in roofline_fields["decode"].items()))
     write_results(args.output, {"engine_config": _engine_config(engine), "roofline": roofline_fields,
                                 "systems": systems, "jaxinfer_advantage": advantages(systems, columns, "jaxinfer")})
     if args.plot:
         first = args.batch_sizes[0]
         plots.bar_chart(decode_bars(systems, first, stream_rate), "tokens/s", f"Decode at batch {first}",
                         args.output.with_suffix(".png"))
+
+
+def decode_against_roofline(engine, device: Device, context: int, rates: dict[str, float]) -> dict[str, dict]:
+    """Each measured decode batch's tokens/s against its roofline step (latency.decode_roofline) at
+    the mean context its steps read: the predicted tokens/s, which bound it, and the ratio."""
+    rooflines = {}
+    for batch, rate in rates.items():
+        step = latency.decode_roofline(engine, device, int(batch), context)
+        predicted = int(batch) / step.time_s
+        rooflines[batch] = {"predicted_tokens_per_s": predicted, "bound": step.bound, "ratio": rate / predicted}
+    return rooflines
 
 
 def decode_bars(systems: dict[str, dict], batch_size: int, roofline_tokens_per_s: float) -> dict[str, float]:

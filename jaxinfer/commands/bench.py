@@ -138,6 +138,8 @@ def add_bench_parsers(subparsers) -> None:
     lat.add_argument("--repeats", type=positive(int), default=3,
                      help="runs per figure (TTFT per prompt length, decode rate per batch size), their median shown")
     lat.add_argument("--bandwidth", type=positive(float), help="copy bandwidth in GB/s (measured when not given)")
+    lat.add_argument("--flops", type=positive(float),
+                     help="matmul rate in GFLOP/s for each decode batch's roofline (measured when not given)")
     lat.add_argument("--seed", type=non_negative(int), default=0, help="seed of the random prompts")
     _add_baseline_args(lat, workload=False)
     _add_output_args(lat, "latency")

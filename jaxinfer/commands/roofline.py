@@ -46,8 +46,7 @@ def _model_and_dtypes(args) -> tuple[ModelConfig, str, str]:
 def main(args) -> None:
     cfg, dtype, kv_dtype = _model_and_dtypes(args)
     bandwidth = args.bandwidth * 1e9 if args.bandwidth else device_probe.copy_bandwidth()
-    # Quantized engines multiply in float32 activations on a CPU; the probe times the unquantized dense path.
-    matmul_dtype = "bfloat16" if dtype == "bfloat16" else "float32"
+    matmul_dtype = device_probe.matmul_dtype(dtype)
     flops = args.flops * 1e9 if args.flops else device_probe.matmul_rate(matmul_dtype)
     report = roofline_report(cfg, Device(bandwidth, flops), args.batch, args.context, dtype, kv_dtype)
     report["device"]["measured"] = {"bandwidth": args.bandwidth is None, "flops": args.flops is None}

@@ -16,7 +16,7 @@ from jaxinfer.bench.device_probe import cache_note, copy_bandwidth, last_level_c
 from jaxinfer.bench.engine_runs import KVUsage, bench_params, drive
 from jaxinfer.bench.baselines import BASELINES, checkpoint_source, run_job
 from jaxinfer.bench.metrics import RequestTiming, run_metrics
-from jaxinfer.bench.results import Column, advantages, comparison_table, write_results
+from jaxinfer.bench.results import Column, advantages, comparison_table, cpu_times, write_results
 from jaxinfer.bench.roofline import Device
 from jaxinfer.commands.sampling_args import BENCH_SAMPLING_OPTIONS, given_sampling_options
 from jaxinfer.engine.create import create_engine, given_flags, is_engine_dir, refuse_build_options
@@ -192,6 +192,7 @@ def _samples(timings: list[RequestTiming]) -> dict[str, list[float]]:
 # -- throughput -----------------------------------------------------------------------------------
 
 def throughput_main(args) -> None:
+    started = cpu_times()
     _refuse_workload_options(args)
     baselines = _external_baselines(args)
     if sampling(args) and baselines:
@@ -221,7 +222,7 @@ def throughput_main(args) -> None:
     print("\n".join(_kv_cache_lines(systems)))
     write_results(args.output, {"workload": _workload_description(args, requests),
                                 "engine_config": _engine_config(engine), "systems": systems,
-                                "jaxinfer_advantage": advantages(systems, columns, "jaxinfer")})
+                                "jaxinfer_advantage": advantages(systems, columns, "jaxinfer")}, started)
     if args.plot:
         plots.bar_chart({name.split(" (")[0]: s["output_tokens_per_s"] for name, s in systems.items()},
                         "output tokens/s", "Offline throughput", args.output.with_suffix(".png"))
@@ -258,6 +259,7 @@ def _refuse_lengths(args, max_model_len: int) -> None:
 
 
 def latency_main(args) -> None:
+    started = cpu_times()
     baselines = _external_baselines(args)
     # A checkpoint's engine is refused before it compiles, a built engine once its manifest is read
     # (where an explicit --max-num-seqs is refused as a build option).
@@ -312,7 +314,8 @@ def latency_main(args) -> None:
               f"batch {b} {r['ratio']:.2f} of {r['predicted_tokens_per_s']:.0f} tokens/s ({r['bound']}-bound)"
               for b, r in roofline_fields["decode"].items()))
     write_results(args.output, {"engine_config": _engine_config(engine), "roofline": roofline_fields,
-                                "systems": systems, "jaxinfer_advantage": advantages(systems, columns, "jaxinfer")})
+                                "systems": systems, "jaxinfer_advantage": advantages(systems, columns, "jaxinfer")},
+                  started)
     if args.plot:
         first = args.batch_sizes[0]
         plots.bar_chart(decode_bars(systems, first, stream_rate), "tokens/s", f"Decode at batch {first}",
@@ -343,6 +346,7 @@ def decode_bars(systems: dict[str, dict], batch_size: int, roofline_tokens_per_s
 # -- serve ----------------------------------------------------------------------------------------
 
 def serve_main(args) -> None:
+    started = cpu_times()
     _refuse_workload_options(args)
     if args.concurrency and args.max_concurrency:
         raise RequestError("--concurrency N already holds N requests in flight; --max-concurrency goes with "
@@ -404,7 +408,8 @@ def serve_main(args) -> None:
     write_results(args.output, {"workload": _workload_description(args, requests),
                                 "engine_config": None if args.target else _engine_config(engine),
                                 "burstiness": args.burstiness,
-                                "max_concurrency": args.max_concurrency, "slo": args.slo, "curves": curves})
+                                "max_concurrency": args.max_concurrency, "slo": args.slo, "curves": curves},
+                  started)
     if args.plot:
         plots.latency_throughput_curve(curves, args.output.with_suffix(".png"))
         plots.distributions(samples, args.output.with_name(args.output.stem + "_distributions.png"))

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from jaxinfer.bench import device_probe
-from jaxinfer.bench.results import write_results
+from jaxinfer.bench.results import cpu_times, write_results
 from jaxinfer.bench.roofline import Device, roofline_report
 from jaxinfer.checkpoint import load_config
 from jaxinfer.configs import default_dtype, default_kv_dtype
@@ -44,6 +44,7 @@ def _model_and_dtypes(args) -> tuple[ModelConfig, str, str]:
 
 
 def main(args) -> None:
+    started = cpu_times()
     cfg, dtype, kv_dtype = _model_and_dtypes(args)
     bandwidth = args.bandwidth * 1e9 if args.bandwidth else device_probe.copy_bandwidth()
     matmul_dtype = device_probe.matmul_dtype(dtype)
@@ -53,7 +54,7 @@ def main(args) -> None:
     report["device"]["matmul_dtype"] = "given" if args.flops else matmul_dtype
     report["device"]["last_level_cache_bytes"] = device_probe.last_level_cache_bytes()
     print(format_report(report))
-    write_results(args.output, report)
+    write_results(args.output, report, started)
     if args.plot:
         from jaxinfer.bench import plots
 

@@ -17,6 +17,7 @@ from jaxinfer.bench.dataset import LengthRange, fresh_prefixes, random_requests
 from jaxinfer.bench.engine_runs import KVUsage, drive, static_rectangle
 from jaxinfer.bench.metrics import run_metrics
 from jaxinfer.engine.create import create_engine
+from jaxinfer.errors import RequestError
 
 MAX_NUM_SEQS = 8
 
@@ -235,3 +236,57 @@ def test_latency_puts_each_decode_batch_against_its_roofline(engine, monkeypatch
     assert decode["4"]["predicted_tokens_per_s"] == pytest.approx(flops / token_flops)
     assert all(decode[b]["ratio"] == pytest.approx(rates[b] / decode[b]["predicted_tokens_per_s"]) for b in ("1", "4"))
     assert "decode against its roofline" in capsys.readouterr().out
+
+
+def test_compare_measures_both_engines_in_rounds(engine, monkeypatch, tmp_path, capsys):
+    """`bench compare A B` loads both (here the same engine, twice) and records every figure once per
+    engine and round; the JSON's medians and advantage are those of the recorded values."""
+    from jaxinfer.bench import runs
+    from jaxinfer.cli import _parser
+
+    loaded = []
+    monkeypatch.setattr(runs, "create_engine", lambda model, progress: loaded.append(model) or engine)
+    output = tmp_path / "compare.json"
+    runs.compare_main(_parser().parse_args([
+        "bench", "compare", "engine-a", "engine-b", "--prompt-lens", "8", "--batch-sizes", "1,4", "--decode-tokens",
+        "8", "--rounds", "3", "--output", str(output)]))
+    assert loaded == ["engine-a", "engine-b"]
+    results = json.loads(output.read_text())
+    assert (results["a"]["model"], results["b"]["model"], results["rounds"]) == ("engine-a", "engine-b", 3)
+    figures = results["figures"]
+    assert list(figures) == ["TTFT@8 s", "decode tok/s @B=1", "decode tok/s @B=4"]
+    for name, figure in figures.items():
+        assert len(figure["a"]) == len(figure["b"]) == 3 and min(figure["a"] + figure["b"]) > 0
+        assert (figure["a_median"], figure["b_median"]) == (sorted(figure["a"])[1], sorted(figure["b"])[1])
+        ratio = figure["b_median"] / figure["a_median"]
+        assert figure["b_advantage"] == pytest.approx(ratio if name.startswith("decode") else 1 / ratio)
+    printed = capsys.readouterr().out
+    assert "A: engine-a (float32)" in printed and "of 3 rounds" in printed
+    with pytest.raises(RequestError, match="max_num_seqs"):
+        runs.compare_main(_parser().parse_args(["bench", "compare", "a", "b", "--batch-sizes", str(MAX_NUM_SEQS + 1),
+                                                "--output", str(output)]))
+
+
+def test_compare_reports_each_figure_of_each_engine_as_its_own(engine, monkeypatch, tmp_path):
+    """With B's TTFT twice A's and its decode rate 1.5x A's, B's advantage reads 0.5 and 1.5, won in
+    no round and in every round: no figure lands on the other engine's side."""
+    from jaxinfer.bench import latency, runs
+    from jaxinfer.cli import _parser
+
+    class EngineB:  # the same engine under another identity
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+    other = EngineB()
+    monkeypatch.setattr(runs, "create_engine", lambda model, progress: engine if model == "A" else other)
+    monkeypatch.setattr(runs, "warm_up", lambda e: None)
+    monkeypatch.setattr(latency, "ttft", lambda e, n, repeats, seed, vocab: 0.1 if e is engine else 0.2)
+    monkeypatch.setattr(latency, "decode_rate",
+                        lambda e, b, context, tokens, repeats, seed, vocab: 100.0 * b if e is engine else 150.0 * b)
+    output = tmp_path / "compare.json"
+    runs.compare_main(_parser().parse_args(["bench", "compare", "A", "B", "--prompt-lens", "8", "--batch-sizes", "2",
+                                            "--rounds", "4", "--output", str(output)]))
+    figures = json.loads(output.read_text())["figures"]
+    assert figures["TTFT@8 s"]["b_advantage"] == pytest.approx(0.5) and figures["TTFT@8 s"]["b_better_rounds"] == 0
+    decode = figures["decode tok/s @B=2"]
+    assert (decode["a"], decode["b"]) == ([200.0] * 4, [300.0] * 4) and decode["b_better_rounds"] == 4

@@ -27,15 +27,20 @@ from jaxinfer.errors import RequestError
 from jaxinfer.quant.apply import weight_bytes
 
 
-def ttft(engine: LLMEngine, prompt_len: int, repeats: int, seed: int) -> float:
+def ttft(engine: LLMEngine, prompt_len: int, repeats: int, seed: int, vocab_size: int | None = None) -> float:
+    """`vocab_size` bounds the prompts' token ids (default: the engine's), so that engines of two
+    vocabularies can get the same prompts."""
     requests = random_requests(repeats, LengthRange(prompt_len, prompt_len), LengthRange(1, 1),
-                               engine.model_cfg.vocab_size, seed)
+                               vocab_size or engine.model_cfg.vocab_size, seed)
     return float(np.median([drive(engine, [r], [0.0])[0][0].ttft for r in requests]))
 
 
-def decode_rate(engine: LLMEngine, batch: int, prompt_len: int, decode_tokens: int, repeats: int, seed: int) -> float:
+def decode_rate(engine: LLMEngine, batch: int, prompt_len: int, decode_tokens: int, repeats: int, seed: int,
+                vocab_size: int | None = None) -> float:
+    """`vocab_size` as in `ttft`."""
     requests = random_requests(batch * repeats, LengthRange(prompt_len, prompt_len),
-                               LengthRange(decode_tokens, decode_tokens), engine.model_cfg.vocab_size, seed)
+                               LengthRange(decode_tokens, decode_tokens), vocab_size or engine.model_cfg.vocab_size,
+                               seed)
     return float(np.median([all_decoding_rate(drive(engine, requests[i:i + batch], [0.0] * batch)[0])
                             for i in range(0, len(requests), batch)]))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import sys
 
-from jaxinfer.bench import latency, plots
+from jaxinfer.bench import compare, latency, plots
 from jaxinfer.bench.arrivals import arrival_offsets
 from jaxinfer.bench.dataset import (MIN_SHAREGPT_TOKENS, BenchRequest, LengthRange, dataset_requests, fresh_prefixes,
                                     random_requests, refuse_oversized, workload_summary)
@@ -341,6 +341,36 @@ def decode_bars(systems: dict[str, dict], batch_size: int, roofline_tokens_per_s
     if batch_size == 1:
         bars["bandwidth roofline"] = roofline_tokens_per_s
     return bars
+
+
+# -- compare --------------------------------------------------------------------------------------
+
+def compare_main(args) -> None:
+    started = cpu_times()
+    engines = {"a": create_engine(args.model_a, progress=True), "b": create_engine(args.model_b, progress=True)}
+    for engine in engines.values():
+        _refuse_batch_sizes(args.batch_sizes, engine.engine_cfg.max_num_seqs)
+        _refuse_lengths(args, engine.engine_cfg.max_model_len)
+        warm_up(engine)
+    vocab = min(engine.model_cfg.vocab_size for engine in engines.values())  # prompts both can take
+
+    def measure(side: str, figure: compare.Figure, seed: int) -> float:
+        if figure.kind == "ttft":
+            return latency.ttft(engines[side], figure.size, 1, seed, vocab)
+        return latency.decode_rate(engines[side], figure.size, args.decode_context, args.decode_tokens, 1, seed, vocab)
+
+    figures = ([compare.Figure("ttft", n) for n in args.prompt_lens]
+               + [compare.Figure("decode", b) for b in args.batch_sizes])
+    values = compare.run_rounds(measure, figures, args.rounds, args.seed)
+    summaries = {f.name: compare.summarize(*values[f], f.higher_is_better) for f in figures}
+    sides = {side: {"model": str(model), "engine_config": _engine_config(engines[side])}
+             for side, model in (("a", args.model_a), ("b", args.model_b))}
+    for side, described in sides.items():
+        config = described["engine_config"]
+        print(f"{side.upper()}: {described['model']} ({config['quant'] or config['dtype']})")
+    print("\n".join(compare.comparison_lines(summaries, args.rounds)))
+    write_results(args.output, {**sides, "rounds": args.rounds, "decode_context": args.decode_context,
+                                "decode_tokens": args.decode_tokens, "figures": summaries}, started)
 
 
 # -- serve ----------------------------------------------------------------------------------------

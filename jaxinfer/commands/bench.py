@@ -1,7 +1,8 @@
-"""`jaxinfer bench throughput|latency|serve`: measured like the field, baselines in the same run.
+"""`jaxinfer bench throughput|latency|compare|serve`: measured like the field, baselines in the same run.
 
 throughput  offline: the whole workload submitted at once; requests/s, input/output tokens/s
 latency     batch-1 TTFT per prompt length, decode tokens/s per batch size, roofline ratio
+compare     an A/B of two engines in one process: latency's figures in alternating rounds
 serve       timed arrivals (Poisson/gamma at --request-rate, from at most --max-concurrency clients;
             or a closed loop of --concurrency) against a gRPC server (--target, with --tls-ca and
             --auth-token-file) or an in-process engine; TTFT/TPOT/ITL/E2E percentiles, goodput,
@@ -15,7 +16,7 @@ Baselines (`--baseline`, repeatable): `static` (the same compiled engine, fixed-
 prompts, that wait for their longest member), `hf` (HF transformers generate in the --hf-python env) and
 `llamacpp` (llama.cpp through llama-cpp-python in the --llamacpp-python env, on the GGUF file);
 jaxinfer.bench.baselines describes the external ones.
-Every command writes JSON (--output) and, with --plot, PNG charts beside it.
+Every command writes JSON (--output) and, but compare, with --plot PNG charts beside it.
 `add_bench_parsers(subparsers)` registers `bench` and `roofline` on the CLI; this module imports
 nothing heavy, the subcommands run in jaxinfer.bench.runs and jaxinfer.commands.roofline.
 """
@@ -112,6 +113,19 @@ def _add_baseline_args(parser: argparse.ArgumentParser, workload: bool) -> None:
                                     help=f"requests per {b.label} generate call")
 
 
+def _add_latency_figure_args(parser: argparse.ArgumentParser, prompt_lens: list[int]) -> None:
+    """The figures `latency` and `compare` measure: TTFT per prompt length, decode tokens/s per batch."""
+    parser.add_argument("--prompt-lens", type=positive_list(int), default=prompt_lens,
+                        help="prompt lengths whose TTFT is measured, comma-separated")
+    parser.add_argument("--batch-sizes", type=positive_list(int), default=[1, 8],
+                        help="decode batch sizes whose tokens/s is measured, comma-separated")
+    # a rate needs two tokens: it is timed from a request's first token to its last
+    parser.add_argument("--decode-tokens", type=at_least(int, 2), default=64,
+                        help="tokens generated per decode-rate request (at least 2)")
+    parser.add_argument("--decode-context", type=positive(int), default=16,
+                        help="prompt tokens of each decode-rate request: the context its decode steps read")
+
+
 def add_bench_parsers(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="throughput, latency and serving benchmarks with baselines")
     modes = bench.add_subparsers(dest="bench_command", required=True)
@@ -126,15 +140,7 @@ def add_bench_parsers(subparsers) -> None:
 
     lat = modes.add_parser("latency", help="batch-1 TTFT, decode tokens/s and the roofline ratio")
     _add_engine_args(lat)
-    lat.add_argument("--prompt-lens", type=positive_list(int), default=[16, 128, 512],
-                     help="prompt lengths whose TTFT is measured, comma-separated")
-    lat.add_argument("--batch-sizes", type=positive_list(int), default=[1, 8],
-                     help="decode batch sizes whose tokens/s is measured, comma-separated")
-    # a rate needs two tokens: it is timed from a request's first token to its last
-    lat.add_argument("--decode-tokens", type=at_least(int, 2), default=64,
-                     help="tokens generated per decode-rate request (at least 2)")
-    lat.add_argument("--decode-context", type=positive(int), default=16,
-                     help="prompt tokens of each decode-rate request: the context its decode steps read")
+    _add_latency_figure_args(lat, prompt_lens=[16, 128, 512])
     lat.add_argument("--repeats", type=positive(int), default=3,
                      help="runs per figure (TTFT per prompt length, decode rate per batch size), their median shown")
     lat.add_argument("--bandwidth", type=positive(float), help="copy bandwidth in GB/s (measured when not given)")
@@ -144,6 +150,19 @@ def add_bench_parsers(subparsers) -> None:
     _add_baseline_args(lat, workload=False)
     _add_output_args(lat, "latency")
     lat.set_defaults(run="jaxinfer.bench.runs:latency_main")
+
+    ab = modes.add_parser("compare", help="an A/B of two engines in one process: TTFT and decode tokens/s in "
+                                          "alternating rounds")
+    for side in ("a", "b"):
+        ab.add_argument(f"model_{side}", metavar=side.upper(),
+                        help="engine directory, HF checkpoint directory or .gguf (a checkpoint is compiled with the "
+                             "engine defaults: build variants with `jaxinfer build`)")
+    _add_latency_figure_args(ab, prompt_lens=[128])
+    ab.add_argument("--rounds", type=positive(int), default=6,
+                    help="rounds, each measuring every figure once per engine (A first in even rounds)")
+    ab.add_argument("--seed", type=non_negative(int), default=0, help="seed of the random prompts")
+    ab.add_argument("--output", type=Path, default=RESULTS_DIR / "compare.json", help="JSON results file")
+    ab.set_defaults(run="jaxinfer.bench.runs:compare_main")
 
     serve = modes.add_parser("serve", help="timed arrivals against --target HOST:PORT or an in-process engine")
     _add_engine_args(serve)

@@ -40,7 +40,13 @@ shapes, 28 MB of int8, medians of 9-21 calls, noisy: repeats differ by up to 20%
     XLA's dot on a copy of the above   30.8    5.3    5.1    5.2    5.2    6.2    6.3          10.3
 
 so MAX_ROWS is 32 with AMX (inside 64- and 128-token prefill steps the kernel was no faster than
-XLA, and 32 covers the default engine's decode batches) and 8 without. At one row the kernel reads
+XLA, and 32 covers the default engine's decode batches). The VNNI loop then kept its sums on the
+stack; with them in registers (the .cc) it is 32 with VNNI alone too. On the Zen 4 VM (AVX-512
+VNNI, no AMX; 2026-12-07, w8a8 engines built with each limit, `jaxinfer bench compare A B`, six
+alternating rounds), since the kernel computes a step's real rows where XLA's dot computes the
+whole bucket: 16 rows against 8 took decode at batch 10 / 12 / 16 to 1.28 / 1.22 / 1.08x and TTFT
+at 12 tokens to 1.53x; 24 against 16 batch 18 / 20 / 24 1.19 / 1.18 / 1.02x, TTFT at 20 tokens
+1.16x; 32 against 24 batch 24 / 28 / 32 0.99 / 1.05 / 1.02x, TTFT at 28 tokens 1.10x. At one row the kernel reads
 33 GB/s (28 MB may sit in the VM's large L3 cache). In a w8a8 SmolLM2 engine, AMX and MAX_ROWS 32
 took batch-8 decode from 242-255 to 272-274 tokens/s and batch 16 from 308-328 to 337-349.
 `w8a8_dot` also takes the activations' per-row quantization and both scales into the call: a
@@ -80,8 +86,8 @@ ensure_registered = KERNEL.ensure_registered
 # Up to this many rows the kernel was measured faster than XLA's int8 dot (module docstring): with
 # AMX, which it uses from 5 rows where the CPU has it, and with VNNI alone. With AMX it was faster
 # up to 128 rows alone, but not inside prefill steps of 64 and 128 tokens; 32 covers every decode
-# batch of the default engine (max_num_seqs).
-MAX_ROWS = 32 if "amx_int8" in cpu_ffi.cpu_flags() else 8
+# batch of the default engine (max_num_seqs). The AVX2 build stays at 8.
+MAX_ROWS = 8 if KERNEL.isa() is cpu_ffi.AVX2 else 32
 PACK_COLS = 4
 
 

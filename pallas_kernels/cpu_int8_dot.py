@@ -46,9 +46,11 @@ VNNI, no AMX; 2026-12-07, w8a8 engines built with each limit, `jaxinfer bench co
 alternating rounds), since the kernel computes a step's real rows where XLA's dot computes the
 whole bucket: 16 rows against 8 took decode at batch 10 / 12 / 16 to 1.28 / 1.22 / 1.08x and TTFT
 at 12 tokens to 1.53x; 24 against 16 batch 18 / 20 / 24 1.19 / 1.18 / 1.02x, TTFT at 20 tokens
-1.16x; 32 against 24 batch 24 / 28 / 32 0.99 / 1.05 / 1.02x, TTFT at 28 tokens 1.10x. At one row the kernel reads
-33 GB/s (28 MB may sit in the VM's large L3 cache). In a w8a8 SmolLM2 engine, AMX and MAX_ROWS 32
-took batch-8 decode from 242-255 to 272-274 tokens/s and batch 16 from 308-328 to 337-349.
+1.16x; 32 against 24 batch 24 / 28 / 32 0.99 / 1.05 / 1.02x, TTFT at 28 tokens 1.10x.
+
+On the Xeon VM at one row the kernel reads 33 GB/s (28 MB may sit in its large L3 cache). In a
+w8a8 SmolLM2 engine there, AMX and MAX_ROWS 32 took batch-8 decode from 242-255 to 272-274 tokens/s
+and batch 16 from 308-328 to 337-349.
 `w8a8_dot` also takes the activations' per-row quantization and both scales into the call: a
 W8A8 matmul is one custom call instead of six XLA operations. Its quantization (cpu_quantize.h,
 shared with cpu_int4_dot) is vectorized: written with scalar `nearbyint` it added 3.4 ms to 120

@@ -16,7 +16,7 @@ Baselines (`--baseline`, repeatable): `static` (the same compiled engine, fixed-
 prompts, that wait for their longest member), `hf` (HF transformers generate in the --hf-python env) and
 `llamacpp` (llama.cpp through llama-cpp-python in the --llamacpp-python env, on the GGUF file);
 jaxinfer.bench.baselines describes the external ones.
-Every command writes JSON (--output) and, but compare, with --plot PNG charts beside it.
+Every command writes JSON (--output); all but compare also write PNG charts beside it with --plot.
 `add_bench_parsers(subparsers)` registers `bench` and `roofline` on the CLI; this module imports
 nothing heavy, the subcommands run in jaxinfer.bench.runs and jaxinfer.commands.roofline.
 """

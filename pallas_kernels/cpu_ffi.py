@@ -1,5 +1,6 @@
 """Building and registering the C++ CPU kernels that XLA calls through its FFI.
 
+    cpu_flags() -> frozenset[str]   the CPU flags the kernels build and route for (JAXINFER_CPU_ISA below)
     Isa(compile_flags, cpu_flags)   one instruction-set build of a kernel: the compiler flags and
                                     the CPU feature flags its code needs
     CpuKernel(name, targets, source, isas)
@@ -21,6 +22,12 @@ per machine with the system C++ compiler into the user's cache (`$XDG_CACHE_HOME
 FFI header, and registered with XLA under its target names by the first `available()` of each
 process. Executables that call a kernel need it registered before they load:
 `jaxinfer.engine.artifact` registers the kernels an engine's manifest lists. Nothing is downloaded.
+
+JAXINFER_CPU_ISA=avx2 makes the kernels act as if the CPU had neither AVX-512 nor AMX: each builds
+its AVX2 code and the Python routing (row limits, which loop serves a step) follows it, so a machine
+with AVX-512 tests and measures the builds that AVX2-only CPUs run (tests/test_avx2_builds.py). Set
+it before jaxinfer is imported. XLA's own code still uses the whole CPU, and engine manifests record
+the host's flags (`host_cpu_flags`), so an engine built under it runs where it was built.
 """
 
 from __future__ import annotations
@@ -42,9 +49,11 @@ import jax.numpy as jnp
 from jaxinfer.errors import EngineError
 
 KERNELS: dict[str, "CpuKernel"] = {}
+# Caps the kernels at their AVX2 builds (module docstring).
+ISA_VARIABLE = "JAXINFER_CPU_ISA"
 
 
-def cpu_flags() -> frozenset[str]:
+def host_cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -54,6 +63,16 @@ def cpu_flags() -> frozenset[str]:
         if line.startswith("flags"):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+def cpu_flags() -> frozenset[str]:
+    """The flags the kernels build and route for: the host's, less AVX-512 and AMX under
+    JAXINFER_CPU_ISA=avx2 (module docstring)."""
+    isa = os.environ.get(ISA_VARIABLE, "")
+    if isa not in ("", "avx2"):
+        raise EngineError(f"{ISA_VARIABLE}={isa!r}: set it to avx2 (the kernels' AVX2 builds) or unset it")
+    flags = host_cpu_flags()
+    return frozenset(flag for flag in flags if not flag.startswith(("avx512", "amx"))) if isa else flags
 
 
 def live_row_operand(rows: int, live_rows: jax.Array | None) -> jax.Array:

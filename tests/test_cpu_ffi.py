@@ -1,15 +1,21 @@
 """Building the C++ CPU kernels (pallas_kernels/cpu_ffi.py): each kernel takes the first of its
 instruction-set builds that the CPU runs, says clearly when none fits, and every build of every
-kernel compiles, whichever one this machine runs (the kernels' own tests run that one)."""
+kernel compiles, whichever one this machine runs (the kernels' own tests run that one). On a CPU
+with AVX-512 the kernels' tests run a second time, in a child pytest, on their AVX2 builds
+(JAXINFER_CPU_ISA=avx2), which the CPUs without AVX-512 take."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 
 import jax
 import pytest
 
+from conftest import TESTS_DIR
+from jaxinfer.engine.artifact import environment
 from jaxinfer.errors import EngineError
 from pallas_kernels import cpu_dense_dot, cpu_ffi, cpu_int4_dot, cpu_int8_dot, cpu_paged_attention
 
@@ -47,3 +53,36 @@ def test_every_build_of_every_kernel_compiles(kernel, isa):
     result = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", *isa.compile_flags, "-I", jax.ffi.include_dir(),
                              str(kernel.source)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_isa_variable_hides_avx512_and_amx_from_the_kernels_alone(monkeypatch):
+    host = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile"})
+    monkeypatch.setattr(cpu_ffi, "host_cpu_flags", lambda: host)
+    monkeypatch.setenv(cpu_ffi.ISA_VARIABLE, "avx2")
+    assert cpu_ffi.cpu_flags() == {"avx2", "fma", "f16c"}
+    assert all(kernel.isa() is cpu_ffi.AVX2 for kernel in KERNELS)
+    if jax.default_backend() == "cpu":  # engine manifests still record what XLA's own code may use
+        assert "avx512f" in environment()["cpu_flags"]
+    monkeypatch.setenv(cpu_ffi.ISA_VARIABLE, "avx512")
+    with pytest.raises(EngineError, match="JAXINFER_CPU_ISA='avx512': set it to avx2"):
+        cpu_ffi.cpu_flags()
+    monkeypatch.delenv(cpu_ffi.ISA_VARIABLE)
+    assert cpu_ffi.cpu_flags() == host
+
+
+# The kernels' tests, and the attention and quantized-matmul tests that run them (their names say cpu).
+KERNEL_TESTS = ("test_cpu_dense_dot.py", "test_cpu_int4_dot.py", "test_cpu_int8_dot.py",
+                "test_ragged_paged_attention.py", "test_quant_kernels.py")
+
+
+@pytest.mark.skipif(not cpu_ffi.AVX512.cpu_flags <= cpu_ffi.host_cpu_flags() or shutil.which("g++") is None,
+                    reason="without AVX-512 the kernels' own tests already run their AVX2 builds")
+def test_the_kernels_tests_pass_on_their_avx2_builds():
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-k", "cpu",
+         *(str(TESTS_DIR / name) for name in KERNEL_TESTS)],
+        env={**os.environ, cpu_ffi.ISA_VARIABLE: "avx2"}, cwd=TESTS_DIR.parent, capture_output=True, text=True)
+    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-3000:]
+    assert " passed" in child.stdout.splitlines()[-1]
+    # The AVX2 build's own loop ran: its tests skip on every other build.
+    assert "the GEMM loop is the AVX2 build's" not in child.stdout

@@ -82,7 +82,7 @@ def environment() -> dict:
     env = {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "backend": jax.default_backend(),
            "device_kind": device.device_kind, "num_devices": jax.device_count()}
     if env["backend"] == "cpu":
-        env["cpu_flags"] = sorted(flag for flag in cpu_ffi.cpu_flags() if _ISA_FLAG.fullmatch(flag))
+        env["cpu_flags"] = sorted(flag for flag in cpu_ffi.host_cpu_flags() if _ISA_FLAG.fullmatch(flag))
     return env
 
 

@@ -5,10 +5,23 @@
    server with 64 streaming gRPC clients (the server's jaxinfer:engine_step_seconds / _steps).
 3. Load: --requests greedy requests (mixed prompt and output lengths) at --concurrency streams,
    a --cancel-fraction of them cancelled by the client after a random number of messages.
-4. Checks: every request completed or was cancelled by the client; each completed stream's
-   tokens equal the offline engine's greedy tokens (no wrong, lost or duplicated token); the KV
-   pool is whole again (no running/waiting request, no block in use); the server's RSS after
-   the load is within --rss-slack-mib of its RSS after a warm-up round.
+4. Checks: every request completed or was cancelled by the client; each stream's tokens equal
+   the offline engine's greedy tokens, but for near-ties (below): no wrong, lost or duplicated
+   token; the KV pool is whole again (no running/waiting request, no block in use); the server's
+   RSS after the load is within --rss-slack-mib of its RSS after a warm-up round.
+
+Only a float32 engine (float32 weights and K/V, unquantized) computes a token the same whichever
+batch, chunk or kernel computes it. Elsewhere a position's logits move with the step it lands in:
+bfloat16 attention over prefill chunks rounds q and the probabilities, and in quantized engines a
+float rounding apart can round an activation to the next int8 level (at three positions of a
+random-token prompt, the default model's top-5 logprobs moved by up to 0.1 nats between a decode
+step and a prefill chunk in the bf16 engine, by up to 0.7 in the w8a8 engine; 2026-12-07). So
+there a stream may part from the offline engine's greedy tokens at a near-tie. Where one differs,
+the offline engine computes the logprobs of each position from the first differing token on,
+after the served tokens before it, and the stream counts as parted at near-ties if each of its
+tokens there is within --tie-margin nats of the best (default 0 for float32 engines, else 1: a nat
+admits the few best of a position's tokens, and a token from another stream, or a lost or
+repeated one, also shifts the tokens after it).
 
     .venv/bin/python benchmarks/load_test.py                      # default model
     .venv/bin/python benchmarks/load_test.py --model tests/checkpoints/tiny-llama3 \\
@@ -68,6 +81,28 @@ def offline_greedy(engine, requests) -> tuple[list[list[int]], float, int]:
     return [tokens[i] for i in range(len(requests))], seconds, steps
 
 
+def greedy_but_for_near_ties(engine, prompt: list[int], served: list[int], offline: list[int],
+                             margin: float) -> bool:
+    """Whether `served`, from the first token where it parts from `offline` on, took each token
+    within `margin` nats of the best the offline engine computes after the served tokens before it
+    (False where one stream is a prefix of the other: a lost or extra token)."""
+    from jaxinfer.sampling_params import MAX_LOGPROBS, SamplingParams
+
+    parted = next((i for i, (a, b) in enumerate(zip(served, offline)) if a != b), None)
+    if parted is None:
+        return False
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=MAX_LOGPROBS, ignore_eos=True)
+    for position in range(parted, len(served)):
+        engine.add_request(f"probe {position}", prompt_token_ids=prompt + served[:position], params=params)
+    logprobs = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                logprobs[int(output.request_id.split()[1])] = output.outputs[0].logprobs[0]
+    return all(served[at] in best and max(best.values()) - best[served[at]] <= margin
+               for at, best in logprobs.items())
+
+
 async def one_request(stub, ids, max_tokens, cancel_after):
     """('done', tokens, latency) or ('cancelled', tokens so far, latency)."""
     request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParameters(
@@ -123,6 +158,9 @@ def main() -> int:
     parser.add_argument("--max-output", type=int, default=48)
     parser.add_argument("--rss-slack-mib", type=float, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tie-margin", type=float,
+                        help="nats within which a stream may part from the offline greedy tokens (module docstring; "
+                             "default 0 for float32 engines, else 1)")
     args = parser.parse_args()
 
     from jaxinfer.engine.create import create_engine
@@ -152,15 +190,22 @@ def main() -> int:
     done = [i for i, r in enumerate(results) if r[0] == "done"]
     cancelled = [i for i, r in enumerate(results) if r[0] == "cancelled"]
     failed = [r[0] for r in results if r[0] not in ("done", "cancelled")]
-    wrong = [i for i in done if results[i][1] != want[i]]
-    wrong_prefix = [i for i in cancelled if results[i][1] != want[i][:len(results[i][1])]]
+    config = engine.engine_cfg
+    exact = config.dtype == config.kv_dtype == "float32" and config.quant is None
+    margin = args.tie_margin if args.tie_margin is not None else 0.0 if exact else 1.0
+    differing = [i for i in done if results[i][1] != want[i]]
+    differing += [i for i in cancelled if results[i][1] != want[i][:len(results[i][1])]]
+    ties = [i for i in differing if (i in cancelled or len(results[i][1]) == len(want[i]))
+            and greedy_but_for_near_ties(engine, requests[i][0], results[i][1], want[i], margin)]
+    wrong = sorted(set(differing) - set(ties))
     tokens = sum(len(results[i][1]) for i in done)
     latencies = sorted(results[i][2] for i in done)
     print(f"{args.requests} requests at concurrency {args.concurrency}: {len(done)} done, "
           f"{len(cancelled)} cancelled by the client, {len(failed)} failed {failed[:3]}")
     print(f"wall {wall:.1f} s, {len(done) / wall:.1f} requests/s, {tokens / wall:.0f} streamed tokens/s, "
           f"latency median {statistics.median(latencies):.2f} s, p99 {latencies[int(0.99 * len(latencies))]:.2f} s")
-    print(f"greedy tokens differing from the offline engine: {len(wrong)} completed, {len(wrong_prefix)} cancelled")
+    print(f"streams differing from the offline engine's greedy tokens: {len(differing)}, of which parted at "
+          f"near-ties (within {margin} nats) {len(ties)}, wrong {len(wrong)} {wrong[:5]}")
     kv_whole = (metrics["jaxinfer:num_requests_running"], metrics["jaxinfer:num_requests_waiting"],
                 metrics["jaxinfer:kv_cache_usage_perc"]) == (0, 0, 0)
     print(f"KV pool whole again: {kv_whole} (running {metrics['jaxinfer:num_requests_running']:.0f}, waiting "
@@ -168,7 +213,7 @@ def main() -> int:
     growth = (rss_after - rss_before) / 2**20
     print(f"server RSS after warm-up {rss_before / 2**20:.0f} MiB, after the load {rss_after / 2**20:.0f} MiB "
           f"({growth:+.1f} MiB)")
-    ok = not failed and not wrong and not wrong_prefix and kv_whole and growth <= args.rss_slack_mib
+    ok = not failed and not wrong and kv_whole and growth <= args.rss_slack_mib
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

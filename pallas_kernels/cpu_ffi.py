@@ -26,7 +26,8 @@ process. Executables that call a kernel need it registered before they load:
 JAXINFER_CPU_ISA=avx2 makes the kernels act as if the CPU had neither AVX-512 nor AMX: each builds
 its AVX2 code and the Python routing (row limits, which loop serves a step) follows it, so a machine
 with AVX-512 tests and measures the builds that AVX2-only CPUs run (tests/test_cpu_ffi.py). Set
-it before jaxinfer is imported. XLA's own code still uses the whole CPU, and engine manifests record
+it before jaxinfer is imported, and build an engine under it too: its routing is fixed when its
+buckets compile. XLA's own code still uses the whole CPU, and engine manifests record
 the host's flags (`host_cpu_flags`), so an engine built under it runs where it was built.
 """
 

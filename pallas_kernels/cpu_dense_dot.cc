@@ -61,8 +61,9 @@
 // benchmark's workload ran at 396.2 / 440.3 against 361.4 / 362.7 output tokens/s
 // (benchmarks/profile_offline.py, two alternating pairs, 2026-12-05).
 //
-// Residual add and RMSNorm (jaxinfer_dense_add_norm, both builds): a layer's output projection (o or
-// down), the residual add and the next norm in one call. The product, by whichever loop serves,
+// Residual add and RMSNorm (jaxinfer_dense_add_norm, both builds; this and the next pass are
+// cpu_row_passes.h's, which the W4A8 kernel shares): a layer's output projection (o or down), the
+// residual add and the next norm in one call. The product, by whichever loop serves,
 // rounded to bfloat16 as the unfused path's `linear` returns it, is added to the float32 residual
 // stream, and each row of the sum normed, in one pass over rows shared with the thread pool. It
 // replaces four XLA operations over the rows (convert-add, the sum of squares, rsqrt, multiply-
@@ -123,12 +124,16 @@
 #include "cpu_amx.h"
 #include "cpu_exp.h"
 #include "cpu_row_count.h"
+#include "cpu_row_passes.h"
 #include "cpu_thread_pool.h"
+#include "cpu_vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using namespace jaxinfer::vec;
 
 // N must be a multiple of this in both builds (two AVX2 registers, one AVX-512 register).
 constexpr int64_t kColumnMultiple = 16;
@@ -198,43 +203,17 @@ constexpr int64_t kL1SetSpan = 4096;
 // faster with them (harness).
 bool rows_ahead_pay(int64_t row_bytes) { return std::gcd(row_bytes, kL1SetSpan) < kL1SetSpan; }
 
-// The FMA loop's float32 vector: kLane lanes, and kLane weights from memory as float32 (bfloat16
-// bits are a float32's top half).
+// How the FMA loop reads weights into VecF (cpu_vec.h): kLane of them from memory as float32
+// (bfloat16 bits are a float32's top half), or two columns per 32-bit lane.
 #if defined(__AVX512F__)
-constexpr int64_t kLane = 16;
-using VecF = __m512;
-inline VecF load_f32(const float* p) { return _mm512_loadu_ps(p); }
-inline void store_f32(float* p, VecF v) { _mm512_storeu_ps(p, v); }
-inline VecF broadcast(float v) { return _mm512_set1_ps(v); }
-inline VecF fmadd(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
-inline VecF add(VecF a, VecF b) { return _mm512_add_ps(a, b); }
 inline VecF load_weights(const float* w) { return _mm512_loadu_ps(w); }
 inline VecF load_weights(const uint16_t* w) {
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
-using VecI = __m512i;
 inline VecI load_bits(const uint16_t* w) { return _mm512_loadu_si512(w); }
 inline VecF low_halves(VecI v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
 inline VecF high_halves(VecI v) { return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(-65536))); }
-inline VecF mul(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
-inline VecF sub(VecF a, VecF b) { return _mm512_sub_ps(a, b); }
-inline float lane_sum(VecF v) { return _mm512_reduce_add_ps(v); }
-// v rounded to the nearest bfloat16 (ties to even) as XLA's convert does, NaN kept a quiet NaN: the
-// bfloat16 bits in each lane's top half, the low half zero (so also the rounded float32). In integer
-// operations, since this build also runs on AVX-512 CPUs without AVX512-BF16; the SwiGLU, which
-// runs only on AMX CPUs, rounds with their one-instruction vcvtneps2bf16 (`bf16_rounded`).
-inline VecI bf16_bits(VecF v) {
-  const __m512i bits = _mm512_castps_si512(v), top = _mm512_set1_epi32(-65536);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), top);
-  const __m512i quiet = _mm512_and_si512(_mm512_or_si512(bits, _mm512_set1_epi32(0x400000)), top);
-  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, quiet);
-}
-inline VecF bits_as_f32(VecI v) { return _mm512_castsi512_ps(v); }
-inline void store_bf16(uint16_t* p, VecI bits) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-}
 // (even, odd) -> the 2 x kLane values in order.
 inline void interleave(VecF even, VecF odd, float* out) {
   alignas(64) static constexpr int32_t kLow[16] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
@@ -243,56 +222,20 @@ inline void interleave(VecF even, VecF odd, float* out) {
   _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(even, _mm512_load_si512(kHigh), odd));
 }
 #else  // AVX2
-constexpr int64_t kLane = 8;
-using VecF = __m256;
-inline VecF load_f32(const float* p) { return _mm256_loadu_ps(p); }
-inline void store_f32(float* p, VecF v) { _mm256_storeu_ps(p, v); }
-inline VecF broadcast(float v) { return _mm256_set1_ps(v); }
-inline VecF fmadd(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
-inline VecF add(VecF a, VecF b) { return _mm256_add_ps(a, b); }
 inline VecF load_weights(const float* w) { return _mm256_loadu_ps(w); }
 inline VecF load_weights(const uint16_t* w) {
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
-using VecI = __m256i;
 inline VecI load_bits(const uint16_t* w) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)); }
 inline VecF low_halves(VecI v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
 inline VecF high_halves(VecI v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(-65536))); }
-inline VecF mul(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
-inline VecF sub(VecF a, VecF b) { return _mm256_sub_ps(a, b); }
-inline float lane_sum(VecF v) {
-  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  sum = _mm_hadd_ps(sum, sum);
-  return _mm_cvtss_f32(_mm_hadd_ps(sum, sum));
-}
-inline VecI bf16_bits(VecF v) {
-  const __m256i bits = _mm256_castps_si256(v), top = _mm256_set1_epi32(-65536);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), top);
-  const __m256i quiet = _mm256_and_si256(_mm256_or_si256(bits, _mm256_set1_epi32(0x400000)), top);
-  return _mm256_blendv_epi8(rounded, quiet, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-}
-inline VecF bits_as_f32(VecI v) { return _mm256_castsi256_ps(v); }
-inline void store_bf16(uint16_t* p, VecI bits) {
-  const __m256i high = _mm256_srli_epi32(bits, 16);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                   _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1)));
-}
 inline void interleave(VecF even, VecF odd, float* out) {
   const __m256 a = _mm256_unpacklo_ps(even, odd), b = _mm256_unpackhi_ps(even, odd);
   _mm256_storeu_ps(out, _mm256_permute2f128_ps(a, b, 0x20));
   _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(a, b, 0x31));
 }
 #endif
-
-// A bfloat16 value (its bits) as float32: the float's top half.
-inline float bf16_to_f32(uint16_t bits) {
-  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float value;
-  std::memcpy(&value, &wide, sizeof(value));
-  return value;
-}
 
 template <typename X, typename W>
 struct Problem {
@@ -562,12 +505,8 @@ inline void swiglu_pairs(const float* pairs, uint16_t* act) {
   const __m512 a = _mm512_loadu_ps(pairs), b = _mm512_loadu_ps(pairs + 16);
   const __m512 gate = bf16_rounded(_mm512_permutex2var_ps(a, even, b));
   const __m512 up = bf16_rounded(_mm512_permutex2var_ps(a, odd, b));
-  const __m512 e = jaxinfer::exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gate)));
-  const __m512 positive = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-  const __m512 sigmoid = _mm512_mask_mul_ps(positive, _mm512_cmp_ps_mask(gate, _mm512_setzero_ps(), _CMP_LT_OQ),
-                                            positive, e);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(act),
-                      (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_mul_ps(gate, sigmoid), up)));
+                      (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_mul_ps(gate, jaxinfer::sigmoid(gate)), up)));
 }
 
 // Columns c0 / 2 .. c1 / 2 - 1 of act [M, N / 2] = swiglu_pairs over columns c0 .. c1 - 1 of y [M, N]
@@ -957,14 +896,6 @@ ffi::Error DenseDot(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
   return ffi::Error::Success();
 }
 
-// A float32 buffer of `size` values kept per thread, so that calls do not allocate: the product of
-// the calls that take a pass over it before returning (the SwiGLU, the passes over rows below).
-float* product_buffer(int64_t size) {
-  thread_local std::vector<float> product;
-  product.resize(size);
-  return product.data();
-}
-
 // silu(gate) * up of x w_gate_up, whose columns interleave gate_i and up_i (jaxinfer.model.llama),
 // as bfloat16 [M, N / 2]: the MLP's first half in one call (see the top of this file).
 ffi::Error DenseSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
@@ -979,111 +910,31 @@ ffi::Error DenseSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
   const int64_t m = jaxinfer::live_rows(live, xd[0]);
   uint16_t* out = reinterpret_cast<uint16_t*>(act->typed_data());
   jaxinfer::zero_rows_from(out, m, xd[0], weight.n / 2);
-  if (m > 0) bf16_dot(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), weight, product_buffer(m * weight.n), m, out);
+  if (m > 0) bf16_dot(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), weight, jaxinfer::product_buffer(m * weight.n), m, out);
   return ffi::Error::Success();
 #else
   return ffi::Error::InvalidArgument("jaxinfer_dense_swiglu: this build has no AVX-512 (use the unfused path)");
 #endif
 }
 
-// ---- Passes over the product's rows: the residual add and RMSNorm, RoPE (see the top of this file).
-// Rows per work item of such a pass: a 256-row step makes 8 items.
-constexpr int64_t kPassRowsPerItem = 32;
-
-// The float32 product y = x w (the first m rows of bfloat16 x [M, K], w [K, N]) by the first loop
-// that serves, into `product_buffer`; then rows(y, r0, r1) over those m rows, in items of
-// kPassRowsPerItem rows shared with the pool.
-template <typename RowsFn>
-void product_then_rows(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, const Bf16Weight& w, int64_t m, RowsFn rows) {
-  if (m == 0) return;
-  float* y = product_buffer(m * w.n);
-  bf16_dot(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), w, y, m);
-  jaxinfer::run_on_pool(pool, (m + kPassRowsPerItem - 1) / kPassRowsPerItem, m, [&](int64_t i) {
-    rows(y, i * kPassRowsPerItem, std::min(m, (i + 1) * kPassRowsPerItem));
-  });
-}
-
-// Rows r0 .. r1 - 1: residual_out = residual + bf16(product), normed = bf16(residual_out *
-// rsqrt(mean(residual_out^2) + eps) * norm_w), in the order of `jaxinfer.model.layers.rms_norm` (n
-// is a multiple of kLane). residual_out may be residual itself.
-void add_norm_rows(const float* product, const float* residual, const float* norm_w, int64_t n, float eps,
-                   int64_t r0, int64_t r1, float* residual_out, uint16_t* normed) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const float *y = product + r * n, *x = residual + r * n;
-    float* sum = residual_out + r * n;
-    VecF squares = broadcast(0.0f);
-    for (int64_t c = 0; c < n; c += kLane) {
-      const VecF value = add(load_f32(x + c), bits_as_f32(bf16_bits(load_f32(y + c))));
-      store_f32(sum + c, value);
-      squares = fmadd(value, value, squares);
-    }
-    const VecF scale = broadcast(1.0f / std::sqrt(lane_sum(squares) / static_cast<float>(n) + eps));
-    for (int64_t c = 0; c < n; c += kLane)
-      store_bf16(normed + r * n + c, bf16_bits(mul(mul(load_f32(sum + c), scale), load_f32(norm_w + c))));
-  }
-}
+// ---- The passes over the product's rows (cpu_row_passes.h; see the top of this file).
 
 // (residual + x w, its RMSNorm times norm_weight): the product of any of the loops above, rounded
 // to bfloat16 as the unfused path's `linear` returns it, then one pass over it by rows.
 ffi::Error DenseAddNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
                         ffi::Buffer<ffi::F32> residual, ffi::AnyBuffer norm_weight, ffi::Buffer<ffi::S32> live,
                         float eps, ffi::ResultBuffer<ffi::F32> residual_out, ffi::ResultBuffer<ffi::BF16> normed) {
-  const auto xd = x.dimensions(), rd = residual.dimensions(), nd = norm_weight.dimensions();
-  const auto norm_dtype = norm_weight.element_type();
+  const auto xd = x.dimensions();
   const Bf16Weight weight = bf16_weight(w.untyped_data(), w.dimensions());
-  const int64_t n = weight.n;
-  if (xd.size() != 2 || n == 0 || rd.size() != 2 || nd.size() != 1 || xd[1] != weight.k || xd[0] < 1 ||
-      live.element_count() != 1 ||
-      n % kColumnMultiple != 0 || rd[0] != xd[0] || rd[1] != n || nd[0] != n ||
-      !(norm_dtype == ffi::DataType::F32 || norm_dtype == ffi::DataType::BF16))
+  if (xd.size() != 2 || weight.n == 0 || xd[1] != weight.k || xd[0] < 1 || weight.n % kColumnMultiple != 0 ||
+      live.element_count() != 1)
     return ffi::Error::InvalidArgument("jaxinfer_dense_add_norm: expected bf16 x [M, K] and w [K, N] (or its "
-                                       "panels), f32 residual [M, N], f32 or bf16 norm weight [N], with N a "
-                                       "multiple of 16, and a one-element s32 live-row count");
-  std::vector<float> norm_w(n);
-  for (int64_t c = 0; c < n; ++c)
-    norm_w[c] = norm_dtype == ffi::DataType::F32
-                    ? static_cast<const float*>(norm_weight.untyped_data())[c]
-                    : bf16_to_f32(static_cast<const uint16_t*>(norm_weight.untyped_data())[c]);
-  const float *norm = norm_w.data(), *res = residual.typed_data();
-  float* out = residual_out->typed_data();
-  uint16_t* act = reinterpret_cast<uint16_t*>(normed->typed_data());
+                                       "panels) with N a multiple of 16, and a one-element s32 live-row count");
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.typed_data());
   const int64_t m = jaxinfer::live_rows(live, xd[0]);
-  jaxinfer::zero_rows_from(out, m, xd[0], n);
-  jaxinfer::zero_rows_from(act, m, xd[0], n);
-  product_then_rows(pool, x, weight, m, [=](const float* y, int64_t r0, int64_t r1) {
-    add_norm_rows(y, res, norm, n, eps, r0, r1, out, act);
-  });
-  return ffi::Error::Success();
-}
-
-// Rows r0 .. r1 - 1 of a grouped qkv product y [M, kv_heads * (q_per_kv + 2) * d] (for each kv
-// head: its q_per_kv query heads, then k, then v; jaxinfer.model.llama) -> q [M, kv_heads * q_per_kv
-// * d], k and v [M, kv_heads * d], bfloat16. Every value is first rounded to bfloat16, as the
-// unfused path's `linear` returns it; q and k heads are then rotated in float32 by the row's cos and
-// sin [M, d / 2] in `jaxinfer.model.layers.apply_rope`'s half-split form (x * cos + roll(x, d / 2)
-// * (-sin, sin)) and rounded again. d / 2 is a multiple of kLane.
-void qkv_rope_rows(const float* y, const float* cos, const float* sin, int64_t kv_heads, int64_t q_per_kv, int64_t d,
-                   int64_t r0, int64_t r1, uint16_t* q, uint16_t* k, uint16_t* v) {
-  const int64_t half = d / 2, n = kv_heads * (q_per_kv + 2) * d;
-  for (int64_t r = r0; r < r1; ++r) {
-    const float *c = cos + r * half, *s = sin + r * half;
-    auto rotate = [&](const float* head, uint16_t* out) {
-      for (int64_t i = 0; i < half; i += kLane) {
-        const VecF first = bits_as_f32(bf16_bits(load_f32(head + i)));
-        const VecF second = bits_as_f32(bf16_bits(load_f32(head + half + i)));
-        const VecF cos_i = load_f32(c + i), sin_i = load_f32(s + i);
-        store_bf16(out + i, bf16_bits(sub(mul(first, cos_i), mul(second, sin_i))));
-        store_bf16(out + half + i, bf16_bits(add(mul(second, cos_i), mul(first, sin_i))));
-      }
-    };
-    for (int64_t g = 0; g < kv_heads; ++g) {
-      const float* group = y + r * n + g * (q_per_kv + 2) * d;
-      for (int64_t j = 0; j < q_per_kv; ++j) rotate(group + j * d, q + (r * kv_heads * q_per_kv + g * q_per_kv + j) * d);
-      rotate(group + q_per_kv * d, k + (r * kv_heads + g) * d);
-      for (int64_t i = 0; i < d; i += kLane)
-        store_bf16(v + (r * kv_heads + g) * d + i, bf16_bits(load_f32(group + (q_per_kv + 1) * d + i)));
-    }
-  }
+  return jaxinfer::add_norm_call("jaxinfer_dense_add_norm", pool, xd[0], weight.n, m, residual, norm_weight, eps,
+                                 residual_out->typed_data(), reinterpret_cast<uint16_t*>(normed->typed_data()),
+                                 [&](float* y) { bf16_dot(pool, xs, weight, y, m); });
 }
 
 // (q, k, v) of x w_qkv, q and k rotated (RoPE): the attention's inputs in one call.
@@ -1091,30 +942,16 @@ ffi::Error DenseQkvRope(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
                         ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::S32> live,
                         int64_t kv_heads, int64_t q_per_kv, ffi::ResultBuffer<ffi::BF16> q,
                         ffi::ResultBuffer<ffi::BF16> k, ffi::ResultBuffer<ffi::BF16> v) {
-  const auto xd = x.dimensions(), cd = cos.dimensions(), sd = sin.dimensions();
+  const auto xd = x.dimensions();
   const Bf16Weight weight = bf16_weight(w.untyped_data(), w.dimensions());
-  const int64_t heads = kv_heads * (q_per_kv + 2);
-  if (xd.size() != 2 || weight.n == 0 || cd.size() != 2 || xd[1] != weight.k || xd[0] < 1 || kv_heads < 1 ||
-      q_per_kv < 1 || weight.n % heads != 0 || cd[0] != xd[0] || sd.size() != 2 || sd[0] != cd[0] ||
-      live.element_count() != 1 ||
-      sd[1] != cd[1] || weight.n / heads != 2 * cd[1] || cd[1] % kLane != 0)
-    return ffi::Error::InvalidArgument("jaxinfer_dense_qkv_rope: expected bf16 x [M, K] and w [K, kv_heads * "
-                                       "(q_per_kv + 2) * D] (or its panels), f32 cos and sin [M, D / 2] with D / 2 "
-                                       "a multiple of the vector width (16 floats with AVX-512, 8 without),"
-                                       " and a one-element s32 live-row count");
-  const int64_t d = weight.n / heads;
-  const float *c = cos.typed_data(), *s = sin.typed_data();
-  uint16_t* q_out = reinterpret_cast<uint16_t*>(q->typed_data());
-  uint16_t* k_out = reinterpret_cast<uint16_t*>(k->typed_data());
-  uint16_t* v_out = reinterpret_cast<uint16_t*>(v->typed_data());
+  if (xd.size() != 2 || weight.n == 0 || xd[1] != weight.k || xd[0] < 1 || live.element_count() != 1)
+    return ffi::Error::InvalidArgument("jaxinfer_dense_qkv_rope: expected bf16 x [M, K] and w [K, N] (or its "
+                                       "panels), and a one-element s32 live-row count");
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.typed_data());
+  auto bits = [](ffi::ResultBuffer<ffi::BF16>& out) { return reinterpret_cast<uint16_t*>(out->typed_data()); };
   const int64_t m = jaxinfer::live_rows(live, xd[0]);
-  jaxinfer::zero_rows_from(q_out, m, xd[0], kv_heads * q_per_kv * d);
-  jaxinfer::zero_rows_from(k_out, m, xd[0], kv_heads * d);
-  jaxinfer::zero_rows_from(v_out, m, xd[0], kv_heads * d);
-  product_then_rows(pool, x, weight, m, [=](const float* y, int64_t r0, int64_t r1) {
-    qkv_rope_rows(y, c, s, kv_heads, q_per_kv, d, r0, r1, q_out, k_out, v_out);
-  });
-  return ffi::Error::Success();
+  return jaxinfer::qkv_rope_call("jaxinfer_dense_qkv_rope", pool, xd[0], weight.n, m, cos, sin, kv_heads, q_per_kv,
+                                 bits(q), bits(k), bits(v), [&](float* y) { bf16_dot(pool, xs, weight, y, m); });
 }
 
 }  // namespace

@@ -1,10 +1,19 @@
 // W4A8 on x86 CPUs: group-wise asymmetric int4 weights times activations quantized to int8 per
-// group, as an XLA FFI custom call (built, registered and fed packed weights by cpu_int4_dot.py).
+// group, as XLA FFI custom calls (built, registered and fed packed weights by cpu_int4_dot.py).
 // It is the arithmetic of llama.cpp's Q4_1 x Q8_1 dot, over the layout below.
 //
 //   jaxinfer_w4a8_dot: x [M, K] f32, codes [N/16, K/8, 16, 4] u8, scale [N/16, K/G, 16] f16,
 //                      offset [N/16, K/G, 16] f16, live [] s32 -> y [M, N] f32
-//   computing the first `live` rows and writing zeros in the rest (cpu_row_count.h)
+//   jaxinfer_w4a8_add_norm: x, codes, scale, offset, residual [M, N] f32, norm weight [N] f32 | bf16,
+//                      live; attribute eps -> (residual + y [M, N] f32, its RMSNorm f32)
+//   jaxinfer_w4a8_qkv_rope: x, codes, scale, offset, cos, sin [M, D / 2] f32, live; attributes
+//                      kv_heads, q_per_kv -> q, k, v f32, q and k rotated
+//   jaxinfer_w4a8_swiglu: x, codes, scale, offset, live -> silu(gate) * up [M, N / 2] f32
+//   each computing the first `live` rows and writing zeros in the rest (cpu_row_count.h). The last
+//   three take the product through a pass over its rows in the same call (cpu_row_passes.h): a
+//   float32 engine's residual add and next RMSNorm after an output projection, its split into heads
+//   and RoPE after the qkv projection, its SwiGLU after the gate_up projection, which XLA ran as
+//   about 13 small operations a layer.
 //   The weight stands for w[k, n] = q[k, n] * scale[g, n] + offset[g, n] (g = k / G, q in [0, 15]),
 //   stored per block of 16 outputs b (n = 16 b + r) and K octet o (k = 8 o + j, j < 8):
 //       codes[b, o, r, j] = q[8 o + j, n] | q[8 o + 4 + j, n] << 4     for j < 4
@@ -35,10 +44,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "cpu_quantize.h"
 #include "cpu_row_count.h"
+#include "cpu_row_passes.h"
 #include "cpu_thread_pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -207,43 +218,135 @@ void item(const Problem& p, int64_t item) {
   }
 }
 
-ffi::Error W4A8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
-                   ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> offset, ffi::Buffer<ffi::S32> live,
-                   ffi::ResultBuffer<ffi::F32> y) {
+// A call's x and packed weight, checked by `weight_operands`.
+struct Operands {
+  const float* x;  // [rows, K]
+  const uint8_t* codes;
+  const uint16_t* scale;
+  const uint16_t* offset;
+  int64_t rows, k, n, group;
+};
+
+bool weight_operands(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::U8>& codes, ffi::Buffer<ffi::F16>& scale,
+                     ffi::Buffer<ffi::F16>& offset, ffi::Buffer<ffi::S32>& live, Operands* out) {
   const auto xd = x.dimensions(), cd = codes.dimensions(), sd = scale.dimensions();
   const bool shapes_fit = xd.size() == 2 && cd.size() == 4 && sd.size() == 3 && cd[2] == kBlockCols &&
                           cd[3] == 4 && cd[1] * kOctet == xd[1] && sd[0] == cd[0] && sd[2] == kBlockCols &&
                           sd[1] > 0 && xd[1] % sd[1] == 0 && (xd[1] / sd[1]) % 16 == 0 &&
                           offset.element_count() == scale.element_count() && live.element_count() == 1;
-  if (!shapes_fit)
-    return ffi::Error::InvalidArgument(
-        "jaxinfer_w4a8_dot: expected x [M, K] f32, codes [N/16, K/8, 16, 4] u8 and scale, offset "
-        "[N/16, K/G, 16] f16 with G a multiple of 16, and a one-element s32 live-row count");
-  const int64_t m = jaxinfer::live_rows(live, xd[0]), k = xd[1], n = cd[0] * kBlockCols, groups = sd[1],
-                group = k / groups;
-  jaxinfer::zero_rows_from(y->typed_data(), m, xd[0], n);
-  if (m == 0) return ffi::Error::Success();
-  std::vector<int8_t> x_q(m * k);
+  if (shapes_fit)
+    *out = {x.typed_data(), codes.typed_data(), reinterpret_cast<const uint16_t*>(scale.typed_data()),
+            reinterpret_cast<const uint16_t*>(offset.typed_data()), xd[0], xd[1], cd[0] * kBlockCols, xd[1] / sd[1]};
+  return shapes_fit;
+}
+
+ffi::Error operand_error(const char* target) {
+  return ffi::Error::InvalidArgument(std::string(target) +
+                                     ": expected x [M, K] f32, codes [N/16, K/8, 16, 4] u8 and scale, offset "
+                                     "[N/16, K/G, 16] f16 with G a multiple of 16, and a one-element s32 live-row "
+                                     "count");
+}
+
+// y [m, N] = the first m rows of x times the weight (m >= 1).
+void product(ffi::ThreadPool& pool, const Operands& w, int64_t m, float* y) {
+  const int64_t groups = w.k / w.group;
+  std::vector<int8_t> x_q(m * w.k);
   std::vector<float> x_scale(m * groups), x_sum(m * groups);
-  const float* xs = x.typed_data();
   for (int64_t i = 0; i < m * groups; ++i)
-    x_scale[i] = jaxinfer::quantize_int8(xs + i * group, group, x_q.data() + i * group, x_sum.data() + i);
-  const Problem p{x_q.data(), x_scale.data(), x_sum.data(), codes.typed_data(),
-                  reinterpret_cast<const uint16_t*>(scale.typed_data()),
-                  reinterpret_cast<const uint16_t*>(offset.typed_data()), y->typed_data(), m, k, n, group};
-  const int64_t items = (cd[0] + kBlocksPerItem - 1) / kBlocksPerItem;
+    x_scale[i] = jaxinfer::quantize_int8(w.x + i * w.group, w.group, x_q.data() + i * w.group, x_sum.data() + i);
+  const Problem p{x_q.data(), x_scale.data(), x_sum.data(), w.codes, w.scale, w.offset, y, m, w.k, w.n, w.group};
+  const int64_t items = (w.n / kBlockCols + kBlocksPerItem - 1) / kBlocksPerItem;
   jaxinfer::run_on_pool(pool, items, m, [p](int64_t i) { item(p, i); });
+}
+
+ffi::Error W4A8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+                   ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> offset, ffi::Buffer<ffi::S32> live,
+                   ffi::ResultBuffer<ffi::F32> y) {
+  Operands w;
+  if (!weight_operands(x, codes, scale, offset, live, &w)) return operand_error("jaxinfer_w4a8_dot");
+  const int64_t m = jaxinfer::live_rows(live, w.rows);
+  jaxinfer::zero_rows_from(y->typed_data(), m, w.rows, w.n);
+  if (m > 0) product(pool, w, m, y->typed_data());
   return ffi::Error::Success();
+}
+
+// (residual + x w, its RMSNorm times norm_weight), float32: an output projection, the residual add
+// and the next norm in one call (cpu_row_passes.h).
+ffi::Error W4A8AddNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+                       ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> offset, ffi::Buffer<ffi::F32> residual,
+                       ffi::AnyBuffer norm_weight, ffi::Buffer<ffi::S32> live, float eps,
+                       ffi::ResultBuffer<ffi::F32> residual_out, ffi::ResultBuffer<ffi::F32> normed) {
+  Operands w;
+  if (!weight_operands(x, codes, scale, offset, live, &w)) return operand_error("jaxinfer_w4a8_add_norm");
+  const int64_t m = jaxinfer::live_rows(live, w.rows);
+  return jaxinfer::add_norm_call("jaxinfer_w4a8_add_norm", pool, w.rows, w.n, m, residual, norm_weight, eps,
+                                 residual_out->typed_data(), normed->typed_data(),
+                                 [&](float* y) { product(pool, w, m, y); });
+}
+
+// (q, k, v) of x w_qkv, float32, q and k rotated (RoPE): the attention's inputs in one call
+// (cpu_row_passes.h).
+ffi::Error W4A8QkvRope(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+                       ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> offset, ffi::Buffer<ffi::F32> cos,
+                       ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::S32> live, int64_t kv_heads, int64_t q_per_kv,
+                       ffi::ResultBuffer<ffi::F32> q, ffi::ResultBuffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> v) {
+  Operands w;
+  if (!weight_operands(x, codes, scale, offset, live, &w)) return operand_error("jaxinfer_w4a8_qkv_rope");
+  const int64_t m = jaxinfer::live_rows(live, w.rows);
+  return jaxinfer::qkv_rope_call("jaxinfer_w4a8_qkv_rope", pool, w.rows, w.n, m, cos, sin, kv_heads, q_per_kv,
+                                 q->typed_data(), k->typed_data(), v->typed_data(),
+                                 [&](float* y) { product(pool, w, m, y); });
+}
+
+// silu(gate) * up of x w_gate_up, float32: the MLP's first half in one call (cpu_row_passes.h).
+ffi::Error W4A8Swiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+                      ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> offset, ffi::Buffer<ffi::S32> live,
+                      ffi::ResultBuffer<ffi::F32> act) {
+  Operands w;
+  if (!weight_operands(x, codes, scale, offset, live, &w)) return operand_error("jaxinfer_w4a8_swiglu");
+  const int64_t m = jaxinfer::live_rows(live, w.rows);
+  return jaxinfer::swiglu_call("jaxinfer_w4a8_swiglu", pool, w.rows, w.n, m, act->typed_data(),
+                               [&](float* y) { product(pool, w, m, y); });
+}
+
+// Every call's first operands: x, then the packed weight (codes, scale, offset).
+auto bind_weight() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::U8>>()
+      .Arg<ffi::Buffer<ffi::F16>>()
+      .Arg<ffi::Buffer<ffi::F16>>();
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_w4a8_dot, W4A8Dot,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
+                              bind_weight()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_w4a8_add_norm, W4A8AddNorm,
+                              bind_weight()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F16>>()
-                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_w4a8_qkv_rope, W4A8QkvRope,
+                              bind_weight()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("kv_heads")
+                                  .Attr<int64_t>("q_per_kv")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_w4a8_swiglu, W4A8Swiglu,
+                              bind_weight()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

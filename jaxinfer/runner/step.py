@@ -50,10 +50,10 @@ from jaxinfer.model.config import ModelConfig
 from jaxinfer.model.layers import linear_in_weight_dtype
 from jaxinfer.model.llama import LINEAR_WEIGHTS, compute_logits, forward, head_weight
 from jaxinfer.model.panel_weight import PanelWeight
-from jaxinfer.quant.weights import QuantizedWeight
+from jaxinfer.quant.weights import QuantizedWeight, W4A8Weight
 from jaxinfer.runner.buckets import Bucket
 from jaxinfer.runner.sampling import SamplerOutput, SamplingMetadata, sample
-from pallas_kernels import cpu_dense_dot
+from pallas_kernels import cpu_dense_dot, cpu_int4_dot
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 
@@ -109,10 +109,8 @@ class KernelDenseWeight:
     def residual_norm(self, x: jax.Array, residual: jax.Array, norm_weight: jax.Array,
                       eps: float) -> tuple[jax.Array, jax.Array]:
         """residual + x times this weight, and its RMSNorm (`residual_rms_norm`), in one kernel call."""
-        rows = math.prod(x.shape[:-1])
-        total, normed = cpu_dense_dot.dense_add_norm(x.reshape(rows, -1), self.w, residual.reshape(rows, -1),
-                                                     norm_weight, eps, self.live_rows)
-        return total.reshape(residual.shape), normed.reshape(residual.shape)
+        return _residual_norm_by_rows(functools.partial(cpu_dense_dot.dense_add_norm, w=self.w, live_rows=self.live_rows),
+                                      x, residual, norm_weight, eps)
 
     def fuses_qkv_rope(self, x: jax.Array, head_dim: int) -> bool:
         """Whether `qkv_rope` takes x: bfloat16 activations at row counts the kernel serves."""
@@ -122,12 +120,8 @@ class KernelDenseWeight:
                  q_per_kv: int) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q `[..., heads, hd]`, k and v `[..., kv_heads, hd]` of x times this grouped qkv weight, q and k
         rotated by cos and sin `[..., hd // 2]` (`apply_rope`), in one kernel call."""
-        lead, rows = x.shape[:-1], math.prod(x.shape[:-1])
-        q, k, v = cpu_dense_dot.dense_qkv_rope(x.reshape(rows, -1), self.w, cos.reshape(rows, -1),
-                                               sin.reshape(rows, -1), num_kv_heads, q_per_kv, self.live_rows)
-        head_dim = 2 * cos.shape[-1]
-        return (q.reshape(*lead, num_kv_heads * q_per_kv, head_dim), k.reshape(*lead, num_kv_heads, head_dim),
-                v.reshape(*lead, num_kv_heads, head_dim))
+        return _qkv_rope_by_rows(functools.partial(cpu_dense_dot.dense_qkv_rope, w=self.w, live_rows=self.live_rows),
+                                 x, cos, sin, num_kv_heads, q_per_kv)
 
 
 @jax.tree_util.register_dataclass
@@ -135,12 +129,72 @@ class KernelDenseWeight:
 class LiveRowsQuantizedWeight:
     """A quantized weight (jaxinfer.quant.weights) multiplied as the step's `live_rows` real tokens
     need: where its CPU kernel runs (W8A8 and W4A8 weights packed for it) the bucket's padding rows
-    after them come back zero uncomputed. Made inside the traced step only, never stored."""
+    after them come back zero uncomputed. A W4A8 weight packed for its kernel, times float32
+    activations, also takes the residual add and the next RMSNorm as an output projection
+    (`fuses_residual_norm`, `residual_norm`), the split into heads and RoPE as the grouped qkv
+    weight (`fuses_qkv_rope`, `qkv_rope`) and the SwiGLU as the MLP's gate_up weight (`fuses_swiglu`,
+    `swiglu`) in the same kernel call, as KernelDenseWeight does. Made inside the traced step only,
+    never stored."""
     w: QuantizedWeight
     live_rows: jax.Array
 
     def matmul(self, x: jax.Array) -> jax.Array:
         return self.w.matmul(x, live_rows=self.live_rows)
+
+    def _kernel_fuses(self, x: jax.Array) -> bool:
+        w = self.w
+        return (isinstance(w, W4A8Weight) and cpu_int4_dot.is_packed(w.packed) and w.input_scale is None
+                and x.dtype == jnp.float32)
+
+    def fuses_residual_norm(self, x: jax.Array) -> bool:
+        return self._kernel_fuses(x)
+
+    def residual_norm(self, x: jax.Array, residual: jax.Array, norm_weight: jax.Array,
+                      eps: float) -> tuple[jax.Array, jax.Array]:
+        w = self.w
+        add_norm = functools.partial(cpu_int4_dot.w4a8_add_norm, codes=w.packed, scale=w.scale, offset=w.offset,
+                                     live_rows=self.live_rows)
+        return _residual_norm_by_rows(add_norm, x, residual, norm_weight, eps)
+
+    def fuses_qkv_rope(self, x: jax.Array, head_dim: int) -> bool:
+        return self._kernel_fuses(x) and (head_dim // 2) % cpu_int4_dot.BLOCK_COLS == 0
+
+    def qkv_rope(self, x: jax.Array, cos: jax.Array, sin: jax.Array, num_kv_heads: int,
+                 q_per_kv: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        w = self.w
+        qkv_rope = functools.partial(cpu_int4_dot.w4a8_qkv_rope, codes=w.packed, scale=w.scale, offset=w.offset,
+                                     live_rows=self.live_rows)
+        return _qkv_rope_by_rows(qkv_rope, x, cos, sin, num_kv_heads, q_per_kv)
+
+    def fuses_swiglu(self, x: jax.Array) -> bool:
+        return self._kernel_fuses(x) and self.w.shape[1] % (2 * cpu_int4_dot.BLOCK_COLS) == 0
+
+    def swiglu(self, x: jax.Array) -> jax.Array:
+        w, rows = self.w, math.prod(x.shape[:-1])
+        act = cpu_int4_dot.w4a8_swiglu(x.reshape(rows, -1), w.packed, w.scale, w.offset, self.live_rows)
+        return act.reshape(*x.shape[:-1], -1)
+
+
+def _residual_norm_by_rows(add_norm, x: jax.Array, residual: jax.Array, norm_weight: jax.Array,
+                           eps: float) -> tuple[jax.Array, jax.Array]:
+    """`add_norm(x [M, K], residual=[M, N], norm_weight=, eps=)` (a kernel's fused residual add and
+    RMSNorm) over x's leading dims flattened into rows."""
+    rows = math.prod(x.shape[:-1])
+    total, normed = add_norm(x.reshape(rows, -1), residual=residual.reshape(rows, -1), norm_weight=norm_weight,
+                             eps=eps)
+    return total.reshape(residual.shape), normed.reshape(residual.shape)
+
+
+def _qkv_rope_by_rows(qkv_rope, x: jax.Array, cos: jax.Array, sin: jax.Array, num_kv_heads: int,
+                      q_per_kv: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`qkv_rope(x [M, K], cos=, sin=, kv_heads=, q_per_kv=)` (a kernel's fused qkv split and RoPE)
+    over x's leading dims flattened into rows -> q `[..., heads, hd]`, k and v `[..., kv_heads, hd]`."""
+    lead, rows = x.shape[:-1], math.prod(x.shape[:-1])
+    q, k, v = qkv_rope(x.reshape(rows, -1), cos=cos.reshape(rows, -1), sin=sin.reshape(rows, -1),
+                       kv_heads=num_kv_heads, q_per_kv=q_per_kv)
+    head_dim = 2 * cos.shape[-1]
+    return (q.reshape(*lead, num_kv_heads * q_per_kv, head_dim), k.reshape(*lead, num_kv_heads, head_dim),
+            v.reshape(*lead, num_kv_heads, head_dim))
 
 
 def route_dense_weight(w, num_devices: int, live_rows: jax.Array | None = None):

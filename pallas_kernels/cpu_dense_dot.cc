@@ -62,7 +62,7 @@
 // (benchmarks/profile_offline.py, two alternating pairs, 2026-12-05).
 //
 // Residual add and RMSNorm (jaxinfer_dense_add_norm, both builds; this and the next pass are
-// cpu_row_passes.h's, which the W4A8 kernel shares): a layer's output projection (o or down), the
+// cpu_row_passes.h's, which the quantized kernels share): a layer's output projection (o or down), the
 // residual add and the next norm in one call. The product, by whichever loop serves,
 // rounded to bfloat16 as the unfused path's `linear` returns it, is added to the float32 residual
 // stream, and each row of the sum normed, in one pass over rows shared with the thread pool. It

@@ -85,9 +85,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from pallas_kernels import cpu_ffi
+from pallas_kernels import cpu_ffi, cpu_row_passes
 
 TARGET = "jaxinfer_dense_dot"
 SWIGLU_TARGET = "jaxinfer_dense_swiglu"
@@ -180,14 +179,14 @@ def serves_swiglu(rows: int, w) -> bool:
 def dense_swiglu(x: jax.Array, w_gate_up: jax.Array, live_rows: jax.Array | None = None) -> jax.Array:
     """silu(gate) * up of `x [M, K] @ w_gate_up [K, 2F]`, whose columns interleave gate_i and up_i,
     as bfloat16 [M, F] (module docstring): gate and up rounded to bfloat16 first, as
-    `jaxinfer.model.layers.swiglu_mlp` takes them from `linear`, then float32 math."""
+    `jaxinfer.model.layers.swiglu` takes them from `linear`, then float32 math."""
     k, n = weight_shape(w_gate_up)
     if not (x.ndim == 2 and x.dtype == w_gate_up.dtype and x.shape[1] == k and serves_swiglu(x.shape[0], w_gate_up)):
         raise ValueError(f"dense_swiglu takes bfloat16 x [M, K] and w [K, N] with N a multiple of {2 * LANE} on a "
                          f"CPU with AMX-BF16; got {x.shape} {x.dtype} and {w_gate_up.shape} {w_gate_up.dtype}")
     KERNEL.ensure_registered()
-    out = jax.ShapeDtypeStruct((x.shape[0], n // 2), jnp.bfloat16)
-    return jax.ffi.ffi_call(SWIGLU_TARGET, out)(x, w_gate_up, cpu_ffi.live_row_operand(x.shape[0], live_rows))
+    return cpu_row_passes.swiglu(SWIGLU_TARGET, (x, w_gate_up), cpu_ffi.live_row_operand(x.shape[0], live_rows), n,
+                                 jnp.bfloat16)
 
 
 def serves_add_norm(rows: int, w) -> bool:
@@ -202,17 +201,14 @@ def dense_add_norm(x: jax.Array, w: jax.Array, residual: jax.Array, norm_weight:
     (float32 [M, N], bfloat16 [M, N]) (module docstring): the product rounded to bfloat16 first, as
     `jaxinfer.model.layers.residual_rms_norm` takes it from `linear`, then float32 math. The
     residual's buffer is reused for the sum."""
-    m, (k, n) = x.shape[0], weight_shape(w)
-    if not (x.ndim == 2 and x.dtype == w.dtype and x.shape[1] == k and serves_add_norm(m, w)
-            and residual.shape == (m, n) and residual.dtype == jnp.float32 and norm_weight.shape == (n,)
+    k, _ = weight_shape(w)
+    if not (x.ndim == 2 and x.dtype == w.dtype and x.shape[1] == k and serves_add_norm(x.shape[0], w)
             and norm_weight.dtype in DTYPES):
-        raise ValueError(f"dense_add_norm takes bfloat16 x [M, K] and w [K, N] (N a multiple of {LANE}), a float32 "
-                         f"residual [M, N] and a norm weight [N]; got {x.shape} {x.dtype}, {w.shape} {w.dtype}, "
-                         f"{residual.shape} {residual.dtype}, {norm_weight.shape} {norm_weight.dtype}")
+        raise ValueError(f"dense_add_norm takes bfloat16 x [M, K] and w [K, N] (N a multiple of {LANE}) and a float32 "
+                         f"or bfloat16 norm weight; got {x.shape} {x.dtype}, {w.shape} {w.dtype}, {norm_weight.dtype}")
     KERNEL.ensure_registered()
-    out = (jax.ShapeDtypeStruct((m, n), jnp.float32), jax.ShapeDtypeStruct((m, n), jnp.bfloat16))
-    return jax.ffi.ffi_call(ADD_NORM_TARGET, out, input_output_aliases={2: 0})(
-        x, w, residual, norm_weight, cpu_ffi.live_row_operand(x.shape[0], live_rows), eps=np.float32(eps))
+    return cpu_row_passes.add_norm(ADD_NORM_TARGET, (x, w), cpu_ffi.live_row_operand(x.shape[0], live_rows),
+                                   residual, norm_weight, eps, jnp.bfloat16)
 
 
 def serves_qkv_rope(rows: int, w, head_dim: int) -> bool:
@@ -228,21 +224,13 @@ def dense_qkv_rope(x: jax.Array, w: jax.Array, cos: jax.Array, sin: jax.Array, k
     `cos` and `sin` [M, D / 2] float32, all bfloat16 (module docstring): every value rounded to
     bfloat16 first, as `jaxinfer.model.llama` takes them from `linear`, then `apply_rope`'s float32
     math."""
-    m, half, (k, n) = x.shape[0], cos.shape[-1], weight_shape(w)
-    head_dim = 2 * half
-    if not (x.ndim == 2 and x.dtype == w.dtype and x.shape[1] == k and serves_qkv_rope(m, w, head_dim)
-            and n == kv_heads * (q_per_kv + 2) * head_dim and cos.shape == sin.shape == (m, half)
-            and cos.dtype == sin.dtype == jnp.float32):
-        raise ValueError(f"dense_qkv_rope takes bfloat16 x [M, K] and w [K, kv_heads * (q_per_kv + 2) * D] with D a "
-                         f"multiple of {2 * LANE}, and float32 cos and sin [M, D / 2]; got {x.shape} {x.dtype}, "
-                         f"{w.shape} {w.dtype}, {cos.shape} {cos.dtype}, {sin.shape} {sin.dtype} for {kv_heads} kv "
-                         f"heads of {q_per_kv} query heads")
+    k, n = weight_shape(w)
+    if not (x.ndim == 2 and x.dtype == w.dtype and x.shape[1] == k and serves_qkv_rope(x.shape[0], w, 2 * cos.shape[-1])):
+        raise ValueError(f"dense_qkv_rope takes bfloat16 x [M, K] and w [K, N]; got {x.shape} {x.dtype} and "
+                         f"{w.shape} {w.dtype}")
     KERNEL.ensure_registered()
-    kv = jax.ShapeDtypeStruct((m, kv_heads * head_dim), jnp.bfloat16)
-    out = (jax.ShapeDtypeStruct((m, kv_heads * q_per_kv * head_dim), jnp.bfloat16), kv, kv)
-    live = cpu_ffi.live_row_operand(m, live_rows)
-    return jax.ffi.ffi_call(QKV_ROPE_TARGET, out)(x, w, cos, sin, live, kv_heads=np.int64(kv_heads),
-                                                  q_per_kv=np.int64(q_per_kv))
+    return cpu_row_passes.qkv_rope(QKV_ROPE_TARGET, (x, w), cpu_ffi.live_row_operand(x.shape[0], live_rows), n, cos,
+                                   sin, kv_heads, q_per_kv, jnp.bfloat16)
 
 
 def dense_dot(x: jax.Array, w: jax.Array, live_rows: jax.Array | None = None) -> jax.Array:

@@ -17,7 +17,7 @@ through XLA FFI, reading int4 weights packed for it. The arithmetic of llama.cpp
     w4a8_qkv_rope(x, codes, scale, offset, cos, sin [M, D / 2] f32, kv_heads, q_per_kv, live_rows=None)
                         -> (q [M, kv_heads * q_per_kv * D], k, v [M, kv_heads * D]) f32: the grouped
                         qkv projection (jaxinfer.model.llama) split into heads, q and k rotated
-                        (`apply_rope`), in one call; D / 2 a multiple of 16
+                        (`apply_rope`), in one call; D / 2 a multiple of 16 (cpu_row_passes.py)
     w4a8_swiglu(x, codes, scale, offset, live_rows=None) -> silu(gate) * up [M, N / 2] f32: the
                         gate_up projection (gate_i and up_i side by side, jaxinfer.model.llama) and
                         the MLP's SwiGLU in one call; N / 2 a multiple of 16
@@ -52,7 +52,7 @@ cpu_dense_dot) in the call that computes it, in place of XLA's operations betwee
 norm's sum of squares, rsqrt and multiplies, the residual adds, RoPE's slices, rotations and
 concatenation, the SwiGLU: about 13 a layer). On the Zen 4 VM that took a float32 w4a8 engine's
 decode at batch 1 / 2 / 4 / 8 to 1.02 / 1.04 / 1.02 / 1.02x (`jaxinfer bench compare`, eight
-alternating rounds, 2026-12-07), with the same held-out KL.
+alternating rounds, 2026-12-07), with the same held-out KL (pallas_kernels/README.md).
 
 Build: `pallas_kernels.cpu_ffi` compiles the source once per machine and registers it as the FFI
 targets `jaxinfer_w4a8_dot`, `jaxinfer_w4a8_add_norm`, `jaxinfer_w4a8_qkv_rope` and `jaxinfer_w4a8_swiglu`.
@@ -64,9 +64,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from pallas_kernels import cpu_ffi
+from pallas_kernels import cpu_ffi, cpu_row_passes
 from pallas_kernels.int4_matmul import pack_int4, unpack_int4
 
 TARGET = "jaxinfer_w4a8_dot"
@@ -135,38 +134,34 @@ def unpack(codes: jax.Array, scale: jax.Array, offset: jax.Array) -> tuple[jax.A
 
 
 def _weight_operands(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array,
-                     live_rows: jax.Array | None, call: str) -> tuple:
-    """The kernel's first five operands (x as float32, the weight, the live-row count), checked."""
+                     live_rows: jax.Array | None, call: str) -> tuple[tuple, jax.Array]:
+    """The kernel's own operands (x as float32, the weight's three arrays), checked, and the live-row
+    count."""
     k, _ = logical_shape(codes)
     if (x.ndim != 2 or x.shape[1] != k or not is_packed(codes) or codes.dtype != jnp.uint8
             or scale.ndim != 3 or scale.shape != offset.shape):
         raise ValueError(f"{call} takes x [M, K] and codes [N/16, K/8, 16, 4] uint8 with scale and offset "
                          f"[N/16, K/G, 16], got {x.shape}, {codes.shape} {codes.dtype}, {scale.shape}, {offset.shape}")
     KERNEL.ensure_registered()
-    return (x.astype(jnp.float32), codes, scale.astype(jnp.float16), offset.astype(jnp.float16),
-            cpu_ffi.live_row_operand(x.shape[0], live_rows))
+    operands = (x.astype(jnp.float32), codes, scale.astype(jnp.float16), offset.astype(jnp.float16))
+    return operands, cpu_ffi.live_row_operand(x.shape[0], live_rows)
 
 
 def w4a8_dot(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array,
              live_rows: jax.Array | None = None) -> jax.Array:
     """`x [M, K]` float times the packed int4 weight, W4A8 (module docstring) -> `[M, N]` float32."""
-    operands = _weight_operands(x, codes, scale, offset, live_rows, "w4a8_dot")
+    operands, live = _weight_operands(x, codes, scale, offset, live_rows, "w4a8_dot")
     out = jax.ShapeDtypeStruct((x.shape[0], logical_shape(codes)[1]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(*operands)
+    return jax.ffi.ffi_call(TARGET, out)(*operands, live)
 
 
 def w4a8_add_norm(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array, residual: jax.Array,
                   norm_weight: jax.Array, eps: float, live_rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """`residual [M, N] f32 + x [M, K] @ w` and its RMSNorm times `norm_weight [N]`, both float32
     (module docstring)."""
-    x_, codes_, scale_, offset_, live = _weight_operands(x, codes, scale, offset, live_rows, "w4a8_add_norm")
-    m, n = x.shape[0], logical_shape(codes)[1]
-    if residual.shape != (m, n) or residual.dtype != jnp.float32 or norm_weight.shape != (n,):
-        raise ValueError(f"w4a8_add_norm takes a float32 residual [M, N] and a norm weight [N] for the weight's "
-                         f"{n} outputs; got {residual.shape} {residual.dtype} and {norm_weight.shape}")
-    out = (jax.ShapeDtypeStruct((m, n), jnp.float32),) * 2
-    return jax.ffi.ffi_call(ADD_NORM_TARGET, out, input_output_aliases={4: 0})(
-        x_, codes_, scale_, offset_, residual, norm_weight.astype(jnp.float32), live, eps=np.float32(eps))
+    operands, live = _weight_operands(x, codes, scale, offset, live_rows, ADD_NORM_TARGET)
+    return cpu_row_passes.add_norm(ADD_NORM_TARGET, operands, live, residual, norm_weight.astype(jnp.float32), eps,
+                                   jnp.float32)
 
 
 def w4a8_qkv_rope(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array, cos: jax.Array,
@@ -174,27 +169,14 @@ def w4a8_qkv_rope(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.
                   live_rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q, k and v of `x [M, K] @ w [K, kv_heads * (q_per_kv + 2) * D]`, q and k rotated by the rows'
     `cos` and `sin` [M, D / 2] float32, all float32 (module docstring)."""
-    operands = _weight_operands(x, codes, scale, offset, live_rows, "w4a8_qkv_rope")
-    m, half, n = x.shape[0], cos.shape[-1], logical_shape(codes)[1]
-    head_dim = 2 * half
-    if not (n == kv_heads * (q_per_kv + 2) * head_dim and half % BLOCK_COLS == 0
-            and cos.shape == sin.shape == (m, half) and cos.dtype == sin.dtype == jnp.float32):
-        raise ValueError(f"w4a8_qkv_rope takes a weight of kv_heads * (q_per_kv + 2) * D outputs and float32 cos and "
-                         f"sin [M, D / 2], D / 2 a multiple of {BLOCK_COLS}; got {n} outputs for {kv_heads} kv heads "
-                         f"of {q_per_kv} query heads, and {cos.shape} {cos.dtype}, {sin.shape} {sin.dtype}")
-    x_, codes_, scale_, offset_, live = operands
-    kv = jax.ShapeDtypeStruct((m, kv_heads * head_dim), jnp.float32)
-    out = (jax.ShapeDtypeStruct((m, kv_heads * q_per_kv * head_dim), jnp.float32), kv, kv)
-    return jax.ffi.ffi_call(QKV_ROPE_TARGET, out)(x_, codes_, scale_, offset_, cos, sin, live,
-                                                  kv_heads=np.int64(kv_heads), q_per_kv=np.int64(q_per_kv))
+    operands, live = _weight_operands(x, codes, scale, offset, live_rows, QKV_ROPE_TARGET)
+    return cpu_row_passes.qkv_rope(QKV_ROPE_TARGET, operands, live, logical_shape(codes)[1], cos, sin, kv_heads,
+                                   q_per_kv, jnp.float32)
 
 
 def w4a8_swiglu(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array,
                 live_rows: jax.Array | None = None) -> jax.Array:
     """silu(gate) * up of `x [M, K] @ w_gate_up [K, 2F]`, whose columns interleave gate_i and up_i,
     as float32 [M, F] (module docstring)."""
-    operands = _weight_operands(x, codes, scale, offset, live_rows, "w4a8_swiglu")
-    n = logical_shape(codes)[1]
-    if n % (2 * BLOCK_COLS) != 0:
-        raise ValueError(f"w4a8_swiglu takes a gate_up weight of 2F outputs, F a multiple of {BLOCK_COLS}; got {n}")
-    return jax.ffi.ffi_call(SWIGLU_TARGET, jax.ShapeDtypeStruct((x.shape[0], n // 2), jnp.float32))(*operands)
+    operands, live = _weight_operands(x, codes, scale, offset, live_rows, SWIGLU_TARGET)
+    return cpu_row_passes.swiglu(SWIGLU_TARGET, operands, live, logical_shape(codes)[1], jnp.float32)

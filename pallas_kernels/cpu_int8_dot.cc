@@ -9,6 +9,10 @@
 //       exact int32 dot, then y = float(acc) * row scale * w_scale. One call instead of the five
 //       small XLA operations that quantized the activations around each dot; they cost under 2 us
 //       each in a profile, so this took a w8a8 SmolLM2 batch-1 decode only from 59 to 62 tokens/s.
+//   jaxinfer_w8a8_add_norm, jaxinfer_w8a8_qkv_rope, jaxinfer_w8a8_swiglu: W8A8, then the pass over
+//       its rows that cpu_row_passes.h describes (x, w_packed, w_scale, the pass's operands, live),
+//       float32 results: a float32 engine's residual add and next RMSNorm, split into heads and
+//       RoPE, or SwiGLU in the call of the matmul before them
 //   w_packed[b, c, k] = w[k, 4 * b + c]: the weight output-major ([N, K], each output's K weights
 //       contiguous), in blocks of 4 outputs, so XLA's own dot reads the same bytes as a free reshape
 //
@@ -42,11 +46,13 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "cpu_amx.h"
 #include "cpu_quantize.h"
 #include "cpu_row_count.h"
+#include "cpu_row_passes.h"
 #include "cpu_thread_pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -321,27 +327,94 @@ ffi::Error Int8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
+// A W8A8 call's x and packed weight, checked by `w8a8_operands`.
+struct W8A8Operands {
+  const float* x;        // [rows, K]
+  const int8_t* w;       // packed [N/4, 4, K]
+  const float* w_scale;  // [N]
+  int64_t rows, k, n;
+};
+
+bool w8a8_operands(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::S8>& w, ffi::Buffer<ffi::F32>& w_scale,
+                   ffi::Buffer<ffi::S32>& live, W8A8Operands* out) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  const bool fit = packed_for(xd, wd) && w_scale.element_count() == wd[0] * kBlockCols && live.element_count() == 1;
+  if (fit) *out = {x.typed_data(), w.typed_data(), w_scale.typed_data(), xd[0], xd[1], wd[0] * kBlockCols};
+  return fit;
+}
+
+ffi::Error w8a8_operand_error(const char* target) {
+  return ffi::Error::InvalidArgument(std::string(target) +
+                                     ": expected x [M, K] f32, w packed [N/4, 4, K] int8, w_scale [N] f32 and a "
+                                     "one-element s32 live-row count");
+}
+
+// y [m, N] = the first m rows of x quantized per row, times the weight, rescaled (m >= 1).
+void w8a8_product(ffi::ThreadPool& pool, const W8A8Operands& p, int64_t m, float* y) {
+  std::vector<int8_t> x_q(m * p.k);
+  std::vector<float> row_scale(m);
+  for (int64_t r = 0; r < m; ++r) row_scale[r] = jaxinfer::quantize_int8(p.x + r * p.k, p.k, x_q.data() + r * p.k);
+  std::vector<int32_t> acc(m * p.n);
+  dot(pool, x_q.data(), p.w, acc.data(), m, p.k, p.n);
+  for (int64_t r = 0; r < m; ++r)  // vectorized by the compiler
+    for (int64_t c = 0; c < p.n; ++c) y[r * p.n + c] = static_cast<float>(acc[r * p.n + c]) * row_scale[r] * p.w_scale[c];
+}
+
 ffi::Error W8A8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                    ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::S32> live, ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), wd = w.dimensions();
-  if (!packed_for(xd, wd) || w_scale.element_count() != wd[0] * kBlockCols || live.element_count() != 1)
-    return ffi::Error::InvalidArgument(
-        "jaxinfer_w8a8_dot: expected x [M, K] f32, w packed [N/4, 4, K] int8, w_scale [N] f32 and a "
-        "one-element s32 live-row count");
-  const int64_t m = jaxinfer::live_rows(live, xd[0]), k = xd[1], blocks = wd[0], n = blocks * kBlockCols;
-  float* out = y->typed_data();
-  jaxinfer::zero_rows_from(out, m, xd[0], n);
-  if (m == 0) return ffi::Error::Success();
-  const float* xs = x.typed_data();
-  std::vector<int8_t> x_q(m * k);
-  std::vector<float> row_scale(m);
-  for (int64_t r = 0; r < m; ++r) row_scale[r] = jaxinfer::quantize_int8(xs + r * k, k, x_q.data() + r * k);
-  std::vector<int32_t> acc(m * n);
-  dot(pool, x_q.data(), w.typed_data(), acc.data(), m, k, n);
-  const float* ws = w_scale.typed_data();
-  for (int64_t r = 0; r < m; ++r)  // vectorized by the compiler
-    for (int64_t c = 0; c < n; ++c) out[r * n + c] = static_cast<float>(acc[r * n + c]) * row_scale[r] * ws[c];
+  W8A8Operands p;
+  if (!w8a8_operands(x, w, w_scale, live, &p)) return w8a8_operand_error("jaxinfer_w8a8_dot");
+  const int64_t m = jaxinfer::live_rows(live, p.rows);
+  jaxinfer::zero_rows_from(y->typed_data(), m, p.rows, p.n);
+  if (m > 0) w8a8_product(pool, p, m, y->typed_data());
   return ffi::Error::Success();
+}
+
+// (residual + x w, its RMSNorm times norm_weight), float32: an output projection, the residual add
+// and the next norm in one call (cpu_row_passes.h).
+ffi::Error W8A8AddNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                       ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::F32> residual, ffi::AnyBuffer norm_weight,
+                       ffi::Buffer<ffi::S32> live, float eps, ffi::ResultBuffer<ffi::F32> residual_out,
+                       ffi::ResultBuffer<ffi::F32> normed) {
+  W8A8Operands p;
+  if (!w8a8_operands(x, w, w_scale, live, &p)) return w8a8_operand_error("jaxinfer_w8a8_add_norm");
+  const int64_t m = jaxinfer::live_rows(live, p.rows);
+  return jaxinfer::add_norm_call("jaxinfer_w8a8_add_norm", pool, p.rows, p.n, m, residual, norm_weight, eps,
+                                 residual_out->typed_data(), normed->typed_data(),
+                                 [&](float* y) { w8a8_product(pool, p, m, y); });
+}
+
+// (q, k, v) of x w_qkv, float32, q and k rotated (RoPE): the attention's inputs in one call
+// (cpu_row_passes.h).
+ffi::Error W8A8QkvRope(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                       ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                       ffi::Buffer<ffi::S32> live, int64_t kv_heads, int64_t q_per_kv, ffi::ResultBuffer<ffi::F32> q,
+                       ffi::ResultBuffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> v) {
+  W8A8Operands p;
+  if (!w8a8_operands(x, w, w_scale, live, &p)) return w8a8_operand_error("jaxinfer_w8a8_qkv_rope");
+  const int64_t m = jaxinfer::live_rows(live, p.rows);
+  return jaxinfer::qkv_rope_call("jaxinfer_w8a8_qkv_rope", pool, p.rows, p.n, m, cos, sin, kv_heads, q_per_kv,
+                                 q->typed_data(), k->typed_data(), v->typed_data(),
+                                 [&](float* y) { w8a8_product(pool, p, m, y); });
+}
+
+// silu(gate) * up of x w_gate_up, float32: the MLP's first half in one call (cpu_row_passes.h).
+ffi::Error W8A8Swiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                      ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::S32> live, ffi::ResultBuffer<ffi::F32> act) {
+  W8A8Operands p;
+  if (!w8a8_operands(x, w, w_scale, live, &p)) return w8a8_operand_error("jaxinfer_w8a8_swiglu");
+  const int64_t m = jaxinfer::live_rows(live, p.rows);
+  return jaxinfer::swiglu_call("jaxinfer_w8a8_swiglu", pool, p.rows, p.n, m, act->typed_data(),
+                               [&](float* y) { w8a8_product(pool, p, m, y); });
+}
+
+// A W8A8 call's first operands: x, then the packed weight and its scales.
+auto bind_w8a8_weight() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S8>>()
+      .Arg<ffi::Buffer<ffi::F32>>();
 }
 
 }  // namespace
@@ -354,10 +427,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_int8_dot, Int8Dot,
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_w8a8_dot, W8A8Dot,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
+                              bind_w8a8_weight()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_w8a8_add_norm, W8A8AddNorm,
+                              bind_w8a8_weight()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_w8a8_qkv_rope, W8A8QkvRope,
+                              bind_w8a8_weight()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("kv_heads")
+                                  .Attr<int64_t>("q_per_kv")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_w8a8_swiglu, W8A8Swiglu,
+                              bind_w8a8_weight()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

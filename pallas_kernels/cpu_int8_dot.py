@@ -9,6 +9,12 @@ reading int8 weights packed for it.
                             call: per-row int8 quantization of x, the exact dot, both scales (see
                             the .cc); only the first live_rows rows (a traced int32 scalar, default
                             M), zeros after them (`cpu_ffi.live_row_operand`)
+    w8a8_add_norm(x, w_packed, w_scale, residual [M, N] f32, norm_weight [N], eps, live_rows=None),
+    w8a8_qkv_rope(x, w_packed, w_scale, cos, sin [M, D / 2] f32, kv_heads, q_per_kv, live_rows=None),
+    w8a8_swiglu(x, w_packed, w_scale, live_rows=None)
+                            w8a8_dot and then the residual add and RMSNorm, the split into heads and
+                            RoPE, or the SwiGLU in the same call, float32 results, as
+                            pallas_kernels.cpu_row_passes describes them
     available() -> bool     whether it runs here (x86-64 with AVX2, a C++ compiler, the CPU
                             backend; the AVX-512 VNNI loop where the CPU has it, and AMX where
                             the CPU and OS allow it); builds and registers it on first use
@@ -62,8 +68,15 @@ an AMD EPYC Zen 2 VM (AVX2 only), the 576 x 49152 head at 1 / 2 / 4 / 8 / 16 row
 1536 x 576 weight 0.066 / 0.098 / 0.106 / 0.200 / 0.293 against 0.440 / 0.276 / 0.297 / 0.193 /
 0.656 (whole jitted calls), so MAX_ROWS stays 8 there.
 
+The fused W8A8 calls take the operations between a float32 engine's kernels (each norm's sum of
+squares, rsqrt and multiplies, the residual adds, RoPE's slices, rotations and concatenation, the
+SwiGLU) into the call whose product they follow, as cpu_int4_dot's do: on the Zen 4 VM a w8a8
+engine's batch-1 decode 1.04x and TTFT at 16 tokens 1.11x (`jaxinfer bench compare`, ten
+alternating rounds, 2026-12-07; pallas_kernels/README.md).
+
 Build: `pallas_kernels.cpu_ffi` compiles the source once per machine and registers it as the FFI
-targets `jaxinfer_int8_dot` and `jaxinfer_w8a8_dot`.
+targets `jaxinfer_int8_dot`, `jaxinfer_w8a8_dot`, `jaxinfer_w8a8_add_norm`, `jaxinfer_w8a8_qkv_rope`
+and `jaxinfer_w8a8_swiglu`.
 """
 
 from __future__ import annotations
@@ -74,15 +87,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import cpu_ffi
+from pallas_kernels import cpu_ffi, cpu_row_passes
 from pallas_kernels.xla_cpu import min_rows_dot
 
 TARGET = "jaxinfer_int8_dot"
 W8A8_TARGET = "jaxinfer_w8a8_dot"
+ADD_NORM_TARGET = "jaxinfer_w8a8_add_norm"
+QKV_ROPE_TARGET = "jaxinfer_w8a8_qkv_rope"
+SWIGLU_TARGET = "jaxinfer_w8a8_swiglu"
 KERNEL = cpu_ffi.CpuKernel(
-    "CPU int8 kernel", (TARGET, W8A8_TARGET), Path(__file__).with_suffix(".cc"),
-    (cpu_ffi.Isa(("-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile", "-mamx-int8"),
-                 frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"})), cpu_ffi.AVX2))
+    "CPU int8 kernel", (TARGET, W8A8_TARGET, ADD_NORM_TARGET, QKV_ROPE_TARGET, SWIGLU_TARGET), Path(__file__).with_suffix(".cc"),
+    (cpu_ffi.Isa(("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile",
+                  "-mamx-int8"), frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"})),
+     cpu_ffi.AVX2))
 available = KERNEL.available
 ensure_registered = KERNEL.ensure_registered
 # Up to this many rows the kernel was measured faster than XLA's int8 dot (module docstring): with
@@ -145,19 +162,52 @@ def int8_dot(x_q: jax.Array, w_packed: jax.Array) -> jax.Array:
     return jax.ffi.ffi_call(TARGET, out)(x_q, w_packed)
 
 
+def _w8a8_operands(x: jax.Array, w_packed: jax.Array, w_scale: jax.Array, live_rows: jax.Array | None,
+                   call: str) -> tuple[tuple, jax.Array]:
+    """The W8A8 calls' own operands (x as float32, the packed weight, its scales [N]), checked, and the
+    live-row count."""
+    k, n = logical_shape(w_packed)
+    if x.ndim != 2 or x.shape[1] != k or w_packed.dtype != jnp.int8 or not is_packed(w_packed):
+        raise ValueError(f"{call} takes x [M, K] and w packed [N/4, 4, K] int8, got {x.shape} and "
+                         f"{w_packed.shape} {w_packed.dtype}")
+    ensure_registered()
+    scale = jnp.broadcast_to(w_scale.astype(jnp.float32), (n,))
+    return (x.astype(jnp.float32), w_packed, scale), cpu_ffi.live_row_operand(x.shape[0], live_rows)
+
+
 def w8a8_dot(x: jax.Array, w_packed: jax.Array, w_scale: jax.Array, live_rows: jax.Array | None = None) -> jax.Array:
     """W8A8 in one kernel call: `x [M, K]` float quantized per row to int8 exactly as
     `activation_quant.quantize_per_token` does, times the packed int8 weight, rescaled by the row
     scales and `w_scale` ([N], or [] broadcast) -> `[M, N]` float32."""
-    k, n = logical_shape(w_packed)
-    if x.ndim != 2 or x.shape[1] != k or w_packed.dtype != jnp.int8 or not is_packed(w_packed):
-        raise ValueError(f"w8a8_dot takes x [M, K] and w packed [N/4, 4, K] int8, got {x.shape} and "
-                         f"{w_packed.shape} {w_packed.dtype}")
-    ensure_registered()
-    scale = jnp.broadcast_to(w_scale.astype(jnp.float32), (n,))
-    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
-    live = cpu_ffi.live_row_operand(x.shape[0], live_rows)
-    return jax.ffi.ffi_call(W8A8_TARGET, out)(x.astype(jnp.float32), w_packed, scale, live)
+    operands, live = _w8a8_operands(x, w_packed, w_scale, live_rows, "w8a8_dot")
+    out = jax.ShapeDtypeStruct((x.shape[0], logical_shape(w_packed)[1]), jnp.float32)
+    return jax.ffi.ffi_call(W8A8_TARGET, out)(*operands, live)
+
+
+def w8a8_add_norm(x: jax.Array, w_packed: jax.Array, w_scale: jax.Array, residual: jax.Array, norm_weight: jax.Array,
+                  eps: float, live_rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """`residual [M, N] f32 + w8a8_dot(x, ...)` and its RMSNorm times `norm_weight [N]`, both float32."""
+    operands, live = _w8a8_operands(x, w_packed, w_scale, live_rows, ADD_NORM_TARGET)
+    return cpu_row_passes.add_norm(ADD_NORM_TARGET, operands, live, residual, norm_weight.astype(jnp.float32), eps,
+                                   jnp.float32)
+
+
+def w8a8_qkv_rope(x: jax.Array, w_packed: jax.Array, w_scale: jax.Array, cos: jax.Array, sin: jax.Array,
+                  kv_heads: int, q_per_kv: int,
+                  live_rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q, k and v of `w8a8_dot(x, ...)` over a grouped qkv weight, q and k rotated by the rows' `cos`
+    and `sin` [M, D / 2] float32, all float32."""
+    operands, live = _w8a8_operands(x, w_packed, w_scale, live_rows, QKV_ROPE_TARGET)
+    return cpu_row_passes.qkv_rope(QKV_ROPE_TARGET, operands, live, logical_shape(w_packed)[1], cos, sin, kv_heads,
+                                   q_per_kv, jnp.float32)
+
+
+def w8a8_swiglu(x: jax.Array, w_packed: jax.Array, w_scale: jax.Array,
+                live_rows: jax.Array | None = None) -> jax.Array:
+    """silu(gate) * up of `w8a8_dot(x, ...)` over a gate_up weight (gate_i and up_i side by side), as
+    float32 [M, F]."""
+    operands, live = _w8a8_operands(x, w_packed, w_scale, live_rows, SWIGLU_TARGET)
+    return cpu_row_passes.swiglu(SWIGLU_TARGET, operands, live, logical_shape(w_packed)[1], jnp.float32)
 
 
 def serves(rows: int, w_q: jax.Array) -> bool:

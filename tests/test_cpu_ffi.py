@@ -71,7 +71,7 @@ def test_the_isa_variable_hides_avx512_and_amx_from_the_kernels_alone(monkeypatc
 
 
 # The kernels' tests, and the attention and quantized-matmul tests that run them (their names say cpu).
-KERNEL_TESTS = ("test_cpu_dense_dot.py", "test_cpu_int4_dot.py", "test_cpu_int8_dot.py",
+KERNEL_TESTS = ("test_cpu_dense_dot.py", "test_cpu_int4_dot.py", "test_cpu_int8_dot.py", "test_cpu_row_passes.py",
                 "test_ragged_paged_attention.py", "test_quant_kernels.py")
 
 

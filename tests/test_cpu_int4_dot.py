@@ -1,23 +1,19 @@
 """W4A8 (pallas_kernels/w4a8_matmul.py and the C++ kernel cpu_int4_dot.{cc,py}): the packed layout
 against its documented formula, the XLA formulation against exact integer math on the quantized
 activations, the kernel against the XLA formulation for every row block it has, its live-row count
-(an engine step's real tokens), its fused calls (residual add and RMSNorm, qkv split and RoPE,
-SwiGLU) against the model's ops on its product, and a Q4_1-shaped weight (groups of 32 on a 4-bit
-grid) coming back exactly from quantization."""
+(an engine step's real tokens), and a Q4_1-shaped weight (groups of 32 on a 4-bit grid) coming back
+exactly from quantization. Its fused calls: tests/test_cpu_row_passes.py."""
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfer.model import llama
-from jaxinfer.model.layers import apply_rope, linear, residual_rms_norm, rms_norm, swiglu
+from jaxinfer.model.layers import linear
 from jaxinfer.quant import W4A8Weight, quantize_weight
-from jaxinfer.runner.step import LiveRowsQuantizedWeight, route_dense_weights
+from jaxinfer.runner.step import route_dense_weights
 from pallas_kernels import cpu_int4_dot
 from pallas_kernels.int4_matmul import unpack_int4
 from pallas_kernels.w4a8_matmul import quantize_groups, w4a8_matmul, w4a8_matmul_xla
@@ -151,92 +147,3 @@ def test_engine_steps_hand_packed_w4a8_weights_their_real_token_count(rng):
     np.testing.assert_array_equal(got[:3], np.asarray(linear(x[:3], packed)))
     assert route_dense_weights(params, num_devices=2, live_rows=jnp.int32(3)) is params
 
-
-def packed_w4a8(rng, k: int, n: int) -> W4A8Weight:
-    w = random_w4a8(rng, k, n)
-    return W4A8Weight(*cpu_int4_dot.pack(w.packed, w.scale, w.offset))
-
-
-@needs_kernel
-@pytest.mark.parametrize("m, live", [(1, 1), (5, 4), (40, 37)])
-def test_fused_calls_match_the_layer_ops_after_the_kernels_product(rng, m, live):
-    """The residual add and RMSNorm, the qkv split and RoPE, and the SwiGLU taken in the kernel's call
-    give what the model's float32 ops give on the kernel's own product, and zeros past the live rows."""
-    x = jnp.asarray(rng.standard_normal((m, 576)) * rng.uniform(0.1, 4, 576), jnp.float32)
-    live_rows = jnp.int32(live)
-
-    def product(w: W4A8Weight) -> jax.Array:
-        return cpu_int4_dot.w4a8_dot(x, w.packed, w.scale, w.offset)[:live]
-
-    wo = packed_w4a8(rng, 576, 576)
-    residual = jnp.asarray(rng.standard_normal((m, 576)) * 30, jnp.float32)
-    norm_weight = jnp.asarray(rng.uniform(0.2, 2, 576), jnp.float32)
-    add_norm = jax.jit(cpu_int4_dot.w4a8_add_norm, static_argnums=6)
-    total, normed = add_norm(x, wo.packed, wo.scale, wo.offset, residual, norm_weight, 1e-5, live_rows)
-    want_total = residual[:live] + product(wo)
-    np.testing.assert_array_equal(np.asarray(total[:live]), np.asarray(want_total))
-    np.testing.assert_allclose(np.asarray(normed[:live]), np.asarray(rms_norm(want_total, norm_weight, 1e-5)),
-                               rtol=1e-5, atol=1e-6)
-
-    kv_heads, q_per_kv, head_dim = 3, 3, 64
-    w_qkv = packed_w4a8(rng, 576, kv_heads * (q_per_kv + 2) * head_dim)
-    angles = rng.uniform(0, 100, (m, head_dim // 2)).astype(np.float32)
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    qkv_rope = jax.jit(cpu_int4_dot.w4a8_qkv_rope, static_argnums=(6, 7))
-    q, k, v = qkv_rope(x, w_qkv.packed, w_qkv.scale, w_qkv.offset, cos, sin, kv_heads, q_per_kv, live_rows)
-    groups = product(w_qkv).reshape(live, kv_heads, q_per_kv + 2, head_dim)
-    want_q = apply_rope(groups[:, :, :q_per_kv].reshape(live, -1, head_dim), cos[:live], sin[:live])
-    want_k = apply_rope(groups[:, :, q_per_kv], cos[:live], sin[:live])
-    for got, want in ((q, want_q), (k, want_k), (v, groups[:, :, q_per_kv + 1])):
-        np.testing.assert_allclose(np.asarray(got[:live]), np.asarray(want).reshape(live, -1), rtol=1e-5,
-                                   atol=1e-5 * float(jnp.abs(want).max()))
-
-    w_gate_up = packed_w4a8(rng, 576, 2 * 1536)
-    act = jax.jit(cpu_int4_dot.w4a8_swiglu)(x, w_gate_up.packed, w_gate_up.scale, w_gate_up.offset, live_rows)
-    gate_up = product(w_gate_up).reshape(live, 1536, 2)
-    want_act = gate_up[..., 0] / (1 + jnp.exp(-gate_up[..., 0])) * gate_up[..., 1]
-    np.testing.assert_allclose(np.asarray(act[:live]), np.asarray(want_act), rtol=1e-5,
-                               atol=1e-6 * float(jnp.abs(want_act).max()))
-    for padding in (total, normed, q, k, v, act):
-        assert not np.asarray(padding[live:]).any()
-
-
-@needs_kernel
-def test_engine_steps_take_the_fused_w4a8_calls_for_float32_activations(rng):
-    """In a step (LiveRowsQuantizedWeight) a packed W4A8 weight takes the model's residual add and
-    norm, qkv split and RoPE, and SwiGLU into its kernel's call for float32 activations; bfloat16
-    activations keep the unfused ops."""
-    kv_heads, q_per_kv, head_dim = 2, 2, 32
-    cfg = SimpleNamespace(num_kv_heads=kv_heads, q_per_kv=q_per_kv, head_dim=head_dim, num_heads=kv_heads * q_per_kv)
-    layer = {"w_qkv": packed_w4a8(rng, 64, kv_heads * (q_per_kv + 2) * head_dim), "wo": packed_w4a8(rng, 64, 64),
-             "w_gate_up": packed_w4a8(rng, 64, 2 * 96)}
-    live = jnp.int32(3)
-    routed = {name: LiveRowsQuantizedWeight(w, live) for name, w in layer.items()}
-    cos = sin = jnp.ones((4, head_dim // 2), jnp.float32)
-    norm_weight = jnp.ones((64,), jnp.float32)
-
-    def calls(dtype, weights) -> str:
-        def layer_ops(x, residual):
-            return (llama._project_qkv_rope(x, weights, cfg, cos, sin),
-                    residual_rms_norm(residual, x, weights["wo"], norm_weight, 1e-5), swiglu(x, weights["w_gate_up"]))
-        return jax.jit(layer_ops).lower(jnp.ones((4, 64), dtype), jnp.ones((4, 64), jnp.float32)).as_text()
-
-    fused = calls(jnp.float32, routed)
-    targets = (cpu_int4_dot.ADD_NORM_TARGET, cpu_int4_dot.QKV_ROPE_TARGET, cpu_int4_dot.SWIGLU_TARGET)
-    assert all(target in fused for target in targets)
-    for unfused in (calls(jnp.bfloat16, routed), calls(jnp.float32, layer)):
-        assert not any(target in unfused for target in targets) and cpu_int4_dot.TARGET in unfused
-
-
-@needs_kernel
-def test_fused_calls_refuse_operands_they_do_not_take(rng):
-    w = packed_w4a8(rng, 64, 96)
-    x = jnp.ones((2, 64), jnp.float32)
-    with pytest.raises(ValueError, match="residual"):
-        cpu_int4_dot.w4a8_add_norm(x, w.packed, w.scale, w.offset, jnp.ones((2, 48), jnp.float32),
-                                   jnp.ones((96,)), 1e-5)
-    with pytest.raises(ValueError, match="96 outputs for 2 kv heads of 2 query heads"):
-        cpu_int4_dot.w4a8_qkv_rope(x, w.packed, w.scale, w.offset, jnp.ones((2, 16)), jnp.ones((2, 16)), 2, 2)
-    odd_halves = packed_w4a8(rng, 64, 80)
-    with pytest.raises(ValueError, match="F a multiple of 16; got 80"):
-        cpu_int4_dot.w4a8_swiglu(x, odd_halves.packed, odd_halves.scale, odd_halves.offset)

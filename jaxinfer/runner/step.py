@@ -39,6 +39,7 @@ import dataclasses
 import functools
 import math
 import os
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,10 +51,10 @@ from jaxinfer.model.config import ModelConfig
 from jaxinfer.model.layers import linear_in_weight_dtype
 from jaxinfer.model.llama import LINEAR_WEIGHTS, compute_logits, forward, head_weight
 from jaxinfer.model.panel_weight import PanelWeight
-from jaxinfer.quant.weights import QuantizedWeight, W4A8Weight
+from jaxinfer.quant.weights import QuantizedWeight, W4A8Weight, W8A8Weight
 from jaxinfer.runner.buckets import Bucket
 from jaxinfer.runner.sampling import SamplerOutput, SamplingMetadata, sample
-from pallas_kernels import cpu_dense_dot, cpu_int4_dot
+from pallas_kernels import cpu_dense_dot, cpu_int4_dot, cpu_int8_dot, cpu_row_passes
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 
@@ -124,55 +125,68 @@ class KernelDenseWeight:
                                  x, cos, sin, num_kv_heads, q_per_kv)
 
 
+class FusedCalls(NamedTuple):
+    """A quantized CPU kernel's fused calls on one weight (pallas_kernels.cpu_row_passes), its arrays
+    and the step's live rows bound: add_norm(x, residual=, norm_weight=, eps=), qkv_rope(x, cos=, sin=,
+    kv_heads=, q_per_kv=), swiglu(x)."""
+    add_norm: Callable
+    qkv_rope: Callable
+    swiglu: Callable
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LiveRowsQuantizedWeight:
     """A quantized weight (jaxinfer.quant.weights) multiplied as the step's `live_rows` real tokens
     need: where its CPU kernel runs (W8A8 and W4A8 weights packed for it) the bucket's padding rows
-    after them come back zero uncomputed. A W4A8 weight packed for its kernel, times float32
-    activations, also takes the residual add and the next RMSNorm as an output projection
-    (`fuses_residual_norm`, `residual_norm`), the split into heads and RoPE as the grouped qkv
-    weight (`fuses_qkv_rope`, `qkv_rope`) and the SwiGLU as the MLP's gate_up weight (`fuses_swiglu`,
-    `swiglu`) in the same kernel call, as KernelDenseWeight does. Made inside the traced step only,
-    never stored."""
+    after them come back zero uncomputed. Where that kernel runs for float32 activations, the weight
+    also takes the residual add and the next RMSNorm as an output projection (`fuses_residual_norm`,
+    `residual_norm`), the split into heads and RoPE as the grouped qkv weight (`fuses_qkv_rope`,
+    `qkv_rope`) and the SwiGLU as the MLP's gate_up weight (`fuses_swiglu`, `swiglu`) in the same
+    kernel call, as KernelDenseWeight does. Made inside the traced step only, never stored."""
     w: QuantizedWeight
     live_rows: jax.Array
 
     def matmul(self, x: jax.Array) -> jax.Array:
         return self.w.matmul(x, live_rows=self.live_rows)
 
-    def _kernel_fuses(self, x: jax.Array) -> bool:
+    def _fused_calls(self, x: jax.Array) -> FusedCalls | None:
+        """The kernel's fused calls where it runs for x (packed W4A8 at any rows, packed int8 W8A8 at
+        the rows its kernel serves; float32 activations, no input scale), else None."""
         w = self.w
-        return (isinstance(w, W4A8Weight) and cpu_int4_dot.is_packed(w.packed) and w.input_scale is None
-                and x.dtype == jnp.float32)
+        if w.input_scale is not None or x.dtype != jnp.float32:
+            return None
+        if isinstance(w, W4A8Weight) and cpu_int4_dot.is_packed(w.packed):
+            arrays = dict(codes=w.packed, scale=w.scale, offset=w.offset)
+            calls = (cpu_int4_dot.w4a8_add_norm, cpu_int4_dot.w4a8_qkv_rope, cpu_int4_dot.w4a8_swiglu)
+        elif (isinstance(w, W8A8Weight) and w.q.dtype == jnp.int8
+              and cpu_int8_dot.serves(math.prod(x.shape[:-1]), w.q)):
+            arrays = dict(w_packed=w.q, w_scale=w.scale)
+            calls = (cpu_int8_dot.w8a8_add_norm, cpu_int8_dot.w8a8_qkv_rope, cpu_int8_dot.w8a8_swiglu)
+        else:
+            return None
+        return FusedCalls(*(functools.partial(call, **arrays, live_rows=self.live_rows) for call in calls))
 
     def fuses_residual_norm(self, x: jax.Array) -> bool:
-        return self._kernel_fuses(x)
+        return self._fused_calls(x) is not None and self.w.shape[1] % cpu_row_passes.LANE == 0
 
     def residual_norm(self, x: jax.Array, residual: jax.Array, norm_weight: jax.Array,
                       eps: float) -> tuple[jax.Array, jax.Array]:
-        w = self.w
-        add_norm = functools.partial(cpu_int4_dot.w4a8_add_norm, codes=w.packed, scale=w.scale, offset=w.offset,
-                                     live_rows=self.live_rows)
-        return _residual_norm_by_rows(add_norm, x, residual, norm_weight, eps)
+        return _residual_norm_by_rows(self._fused_calls(x).add_norm, x, residual, norm_weight, eps)
 
     def fuses_qkv_rope(self, x: jax.Array, head_dim: int) -> bool:
-        return self._kernel_fuses(x) and (head_dim // 2) % cpu_int4_dot.BLOCK_COLS == 0
+        return self._fused_calls(x) is not None and (head_dim // 2) % cpu_row_passes.LANE == 0
 
     def qkv_rope(self, x: jax.Array, cos: jax.Array, sin: jax.Array, num_kv_heads: int,
                  q_per_kv: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-        w = self.w
-        qkv_rope = functools.partial(cpu_int4_dot.w4a8_qkv_rope, codes=w.packed, scale=w.scale, offset=w.offset,
-                                     live_rows=self.live_rows)
-        return _qkv_rope_by_rows(qkv_rope, x, cos, sin, num_kv_heads, q_per_kv)
+        return _qkv_rope_by_rows(self._fused_calls(x).qkv_rope, x, cos, sin, num_kv_heads, q_per_kv)
 
     def fuses_swiglu(self, x: jax.Array) -> bool:
-        return self._kernel_fuses(x) and self.w.shape[1] % (2 * cpu_int4_dot.BLOCK_COLS) == 0
+        return self._fused_calls(x) is not None and self.w.shape[1] % (2 * cpu_row_passes.LANE) == 0
 
     def swiglu(self, x: jax.Array) -> jax.Array:
-        w, rows = self.w, math.prod(x.shape[:-1])
-        act = cpu_int4_dot.w4a8_swiglu(x.reshape(rows, -1), w.packed, w.scale, w.offset, self.live_rows)
-        return act.reshape(*x.shape[:-1], -1)
+        rows = math.prod(x.shape[:-1])
+        return self._fused_calls(x).swiglu(x.reshape(rows, -1)).reshape(*x.shape[:-1], -1)
 
 
 def _residual_norm_by_rows(add_norm, x: jax.Array, residual: jax.Array, norm_weight: jax.Array,

@@ -62,7 +62,13 @@ namespace {
 
 constexpr int64_t kBlockCols = 4;
 // The first row block of each output block, which streams it from memory, prefetches the block this
-// many blocks ahead (1, 2 and 4 measured within the machine's noise of each other).
+// many blocks ahead (1, 2 and 4 measured within the machine's noise of each other). The VNNI loop
+// prefetches into L2 (_MM_HINT_T1), not L1: on the Zen 4 VM, the two switched in place by round in
+// one process (six rounds, 2026-12-07), a w8a8 engine's decode at batch 1 / 2 / 4 / 8 ran 134.1 /
+// 231.6 / 472.1 / 629.1 tokens/s against 134.5 / 224.2 / 388.6 / 489.2 (1.00 / 1.03 / 1.22 / 1.29x,
+// faster in 2 / 5 / 6 / 6 rounds), as the attention and AVX512-BF16 loops had gained from L2
+// prefetches (a prefetch into L1 holds one of the core's few L1 miss buffers until its line comes).
+// The W4A8 kernel's loop, switched the same way, was slower with them (0.93-0.97x at batch 1-16).
 constexpr int64_t kPrefetchBlocks = 2;
 // Output blocks per work item: 64 outputs, 36 KB of a K = 576 weight, few enough items to spread
 // small weights over two threads, large enough to amortize taking one.
@@ -115,7 +121,7 @@ void block(const Problem& p, int64_t r0, int64_t b, __m128i& offset_sums) {
     };
     for (int64_t k = 0; k < whole; k += 64) {
       if (kFirst)
-        _mm_prefetch(reinterpret_cast<const char*>(col + kPrefetchBlocks * kBlockCols * p.k + k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(col + kPrefetchBlocks * kBlockCols * p.k + k), _MM_HINT_T1);
       add(_mm512_loadu_si512(col + k), k, [](const void* a) { return _mm512_loadu_si512(a); });
     }
     if (whole < p.k)

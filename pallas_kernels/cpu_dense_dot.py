@@ -201,13 +201,13 @@ def dense_add_norm(x: jax.Array, w: jax.Array, residual: jax.Array, norm_weight:
     (float32 [M, N], bfloat16 [M, N]) (module docstring): the product rounded to bfloat16 first, as
     `jaxinfer.model.layers.residual_rms_norm` takes it from `linear`, then float32 math. The
     residual's buffer is reused for the sum."""
-    k, _ = weight_shape(w)
+    k, n = weight_shape(w)
     if not (x.ndim == 2 and x.dtype == w.dtype and x.shape[1] == k and serves_add_norm(x.shape[0], w)
             and norm_weight.dtype in DTYPES):
         raise ValueError(f"dense_add_norm takes bfloat16 x [M, K] and w [K, N] (N a multiple of {LANE}) and a float32 "
                          f"or bfloat16 norm weight; got {x.shape} {x.dtype}, {w.shape} {w.dtype}, {norm_weight.dtype}")
     KERNEL.ensure_registered()
-    return cpu_row_passes.add_norm(ADD_NORM_TARGET, (x, w), cpu_ffi.live_row_operand(x.shape[0], live_rows),
+    return cpu_row_passes.add_norm(ADD_NORM_TARGET, (x, w), cpu_ffi.live_row_operand(x.shape[0], live_rows), n,
                                    residual, norm_weight, eps, jnp.bfloat16)
 
 
@@ -225,7 +225,8 @@ def dense_qkv_rope(x: jax.Array, w: jax.Array, cos: jax.Array, sin: jax.Array, k
     bfloat16 first, as `jaxinfer.model.llama` takes them from `linear`, then `apply_rope`'s float32
     math."""
     k, n = weight_shape(w)
-    if not (x.ndim == 2 and x.dtype == w.dtype and x.shape[1] == k and serves_qkv_rope(x.shape[0], w, 2 * cos.shape[-1])):
+    if not (x.ndim == 2 and x.dtype == w.dtype and x.shape[1] == k
+            and serves_qkv_rope(x.shape[0], w, 2 * cos.shape[-1])):
         raise ValueError(f"dense_qkv_rope takes bfloat16 x [M, K] and w [K, N]; got {x.shape} {x.dtype} and "
                          f"{w.shape} {w.dtype}")
     KERNEL.ensure_registered()

@@ -74,7 +74,8 @@ QKV_ROPE_TARGET = "jaxinfer_w4a8_qkv_rope"
 SWIGLU_TARGET = "jaxinfer_w4a8_swiglu"
 AVX512_VNNI = cpu_ffi.Isa(("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"),
                           frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}))
-KERNEL = cpu_ffi.CpuKernel("CPU int4 kernel", (TARGET, ADD_NORM_TARGET, QKV_ROPE_TARGET, SWIGLU_TARGET), Path(__file__).with_suffix(".cc"), (AVX512_VNNI, cpu_ffi.AVX2))
+KERNEL = cpu_ffi.CpuKernel("CPU int4 kernel", (TARGET, ADD_NORM_TARGET, QKV_ROPE_TARGET, SWIGLU_TARGET),
+                           Path(__file__).with_suffix(".cc"), (AVX512_VNNI, cpu_ffi.AVX2))
 available = KERNEL.available
 BLOCK_COLS = 16
 OCTET = 8
@@ -156,12 +157,13 @@ def w4a8_dot(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array
 
 
 def w4a8_add_norm(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array, residual: jax.Array,
-                  norm_weight: jax.Array, eps: float, live_rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                  norm_weight: jax.Array, eps: float,
+                  live_rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """`residual [M, N] f32 + x [M, K] @ w` and its RMSNorm times `norm_weight [N]`, both float32
     (module docstring)."""
     operands, live = _weight_operands(x, codes, scale, offset, live_rows, ADD_NORM_TARGET)
-    return cpu_row_passes.add_norm(ADD_NORM_TARGET, operands, live, residual, norm_weight.astype(jnp.float32), eps,
-                                   jnp.float32)
+    return cpu_row_passes.add_norm(ADD_NORM_TARGET, operands, live, logical_shape(codes)[1], residual,
+                                   norm_weight.astype(jnp.float32), eps, jnp.float32)
 
 
 def w4a8_qkv_rope(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array, cos: jax.Array,

@@ -96,7 +96,8 @@ ADD_NORM_TARGET = "jaxinfer_w8a8_add_norm"
 QKV_ROPE_TARGET = "jaxinfer_w8a8_qkv_rope"
 SWIGLU_TARGET = "jaxinfer_w8a8_swiglu"
 KERNEL = cpu_ffi.CpuKernel(
-    "CPU int8 kernel", (TARGET, W8A8_TARGET, ADD_NORM_TARGET, QKV_ROPE_TARGET, SWIGLU_TARGET), Path(__file__).with_suffix(".cc"),
+    "CPU int8 kernel", (TARGET, W8A8_TARGET, ADD_NORM_TARGET, QKV_ROPE_TARGET, SWIGLU_TARGET),
+    Path(__file__).with_suffix(".cc"),
     (cpu_ffi.Isa(("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile",
                   "-mamx-int8"), frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"})),
      cpu_ffi.AVX2))
@@ -188,8 +189,8 @@ def w8a8_add_norm(x: jax.Array, w_packed: jax.Array, w_scale: jax.Array, residua
                   eps: float, live_rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """`residual [M, N] f32 + w8a8_dot(x, ...)` and its RMSNorm times `norm_weight [N]`, both float32."""
     operands, live = _w8a8_operands(x, w_packed, w_scale, live_rows, ADD_NORM_TARGET)
-    return cpu_row_passes.add_norm(ADD_NORM_TARGET, operands, live, residual, norm_weight.astype(jnp.float32), eps,
-                                   jnp.float32)
+    return cpu_row_passes.add_norm(ADD_NORM_TARGET, operands, live, logical_shape(w_packed)[1], residual,
+                                   norm_weight.astype(jnp.float32), eps, jnp.float32)
 
 
 def w8a8_qkv_rope(x: jax.Array, w_packed: jax.Array, w_scale: jax.Array, cos: jax.Array, sin: jax.Array,

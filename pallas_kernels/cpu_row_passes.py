@@ -3,7 +3,7 @@ operations through a pass over the product's rows (cpu_dense_dot, cpu_int4_dot, 
 kernel passes its own operands (x, its weight's arrays) first, already checked; the pass's operands
 follow, then the `live` row count (`cpu_ffi.live_row_operand`):
 
-    add_norm(target, operands, live, residual [M, N] f32, norm_weight [N], eps, act_dtype)
+    add_norm(target, operands, live, n, residual [M, N] f32, norm_weight [N], eps, act_dtype)
         -> (residual + x w [M, N] f32, its RMSNorm times norm_weight [M, N] act_dtype)
            the residual's buffer reused for the sum
     qkv_rope(target, operands, live, n, cos, sin [M, D / 2] f32, kv_heads, q_per_kv, act_dtype)
@@ -12,7 +12,8 @@ follow, then the `live` row count (`cpu_ffi.live_row_operand`):
     swiglu(target, operands, live, n, act_dtype) -> silu(gate) * up [M, n / 2] act_dtype, n / 2 a
            multiple of LANE
 
-M is x's (`operands[0]`) rows. The ValueErrors name the call (`target`) and the operand at fault.
+M is x's (`operands[0]`) rows and n the weight's outputs. The ValueErrors name the call (`target`)
+and the operand at fault.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ import numpy as np
 LANE = 16
 
 
-def add_norm(target: str, operands: tuple, live: jax.Array, residual: jax.Array, norm_weight: jax.Array,
+def add_norm(target: str, operands: tuple, live: jax.Array, n: int, residual: jax.Array, norm_weight: jax.Array,
              eps: float, act_dtype) -> tuple[jax.Array, jax.Array]:
-    m, n = operands[0].shape[0], residual.shape[-1]
+    m = operands[0].shape[0]
     if residual.shape != (m, n) or residual.dtype != jnp.float32 or norm_weight.shape != (n,) or n % LANE:
-        raise ValueError(f"{target} takes a float32 residual [M, N] and a norm weight [N] for the weight's N "
+        raise ValueError(f"{target} takes a float32 residual [M, N] and a norm weight [N] for the weight's N = {n} "
                          f"outputs (a multiple of {LANE}); got {residual.shape} {residual.dtype} and "
                          f"{norm_weight.shape} for x of {m} rows")
     out = (jax.ShapeDtypeStruct((m, n), jnp.float32), jax.ShapeDtypeStruct((m, n), act_dtype))

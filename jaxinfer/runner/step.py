@@ -110,8 +110,8 @@ class KernelDenseWeight:
     def residual_norm(self, x: jax.Array, residual: jax.Array, norm_weight: jax.Array,
                       eps: float) -> tuple[jax.Array, jax.Array]:
         """residual + x times this weight, and its RMSNorm (`residual_rms_norm`), in one kernel call."""
-        return _residual_norm_by_rows(functools.partial(cpu_dense_dot.dense_add_norm, w=self.w, live_rows=self.live_rows),
-                                      x, residual, norm_weight, eps)
+        add_norm = functools.partial(cpu_dense_dot.dense_add_norm, w=self.w, live_rows=self.live_rows)
+        return _residual_norm_by_rows(add_norm, x, residual, norm_weight, eps)
 
     def fuses_qkv_rope(self, x: jax.Array, head_dim: int) -> bool:
         """Whether `qkv_rope` takes x: bfloat16 activations at row counts the kernel serves."""
@@ -121,8 +121,8 @@ class KernelDenseWeight:
                  q_per_kv: int) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q `[..., heads, hd]`, k and v `[..., kv_heads, hd]` of x times this grouped qkv weight, q and k
         rotated by cos and sin `[..., hd // 2]` (`apply_rope`), in one kernel call."""
-        return _qkv_rope_by_rows(functools.partial(cpu_dense_dot.dense_qkv_rope, w=self.w, live_rows=self.live_rows),
-                                 x, cos, sin, num_kv_heads, q_per_kv)
+        qkv_rope = functools.partial(cpu_dense_dot.dense_qkv_rope, w=self.w, live_rows=self.live_rows)
+        return _qkv_rope_by_rows(qkv_rope, x, cos, sin, num_kv_heads, q_per_kv)
 
 
 class FusedCalls(NamedTuple):

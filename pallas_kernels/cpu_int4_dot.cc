@@ -327,26 +327,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_w4a8_dot, W4A8Dot,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_w4a8_add_norm, W4A8AddNorm,
-                              bind_weight()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<float>("eps")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              jaxinfer::bind_add_norm<ffi::DataType::F32>(bind_weight()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_w4a8_qkv_rope, W4A8QkvRope,
-                              bind_weight()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("kv_heads")
-                                  .Attr<int64_t>("q_per_kv")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              jaxinfer::bind_qkv_rope<ffi::DataType::F32>(bind_weight()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_w4a8_swiglu, W4A8Swiglu,
-                              bind_weight()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              jaxinfer::bind_swiglu<ffi::DataType::F32>(bind_weight()));

@@ -438,26 +438,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_w8a8_dot, W8A8Dot,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_w8a8_add_norm, W8A8AddNorm,
-                              bind_w8a8_weight()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<float>("eps")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              jaxinfer::bind_add_norm<ffi::DataType::F32>(bind_w8a8_weight()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_w8a8_qkv_rope, W8A8QkvRope,
-                              bind_w8a8_weight()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("kv_heads")
-                                  .Attr<int64_t>("q_per_kv")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              jaxinfer::bind_qkv_rope<ffi::DataType::F32>(bind_w8a8_weight()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_w8a8_swiglu, W8A8Swiglu,
-                              bind_w8a8_weight()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              jaxinfer::bind_swiglu<ffi::DataType::F32>(bind_w8a8_weight()));

@@ -21,7 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
-#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu_exp.h"
@@ -205,6 +205,39 @@ xla::ffi::Error swiglu_call(const char* target, xla::ffi::ThreadPool& pool, int6
   product_then_rows(pool, live, n, product,
                     [=](const float* y, int64_t r0, int64_t r1) { swiglu_rows(y, n / 2, r0, r1, act); });
   return xla::ffi::Error::Success();
+}
+
+// The bindings of the fused calls after a kernel's own operands (`operands`: the ffi::Ffi::Bind()
+// chain of its thread pool, x and weight arrays), in the order cpu_row_passes.py passes them: the
+// pass's operands, the live-row count, the attributes, the results (kAct: the activations' dtype).
+template <xla::ffi::DataType kAct, typename Binding>
+auto bind_add_norm(Binding operands) {
+  namespace ffi = xla::ffi;
+  return std::move(operands).template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Attr<float>("eps")
+      .template Ret<ffi::Buffer<ffi::F32>>()
+      .template Ret<ffi::Buffer<kAct>>();
+}
+
+template <xla::ffi::DataType kAct, typename Binding>
+auto bind_qkv_rope(Binding operands) {
+  namespace ffi = xla::ffi;
+  return std::move(operands).template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Attr<int64_t>("kv_heads")
+      .template Attr<int64_t>("q_per_kv")
+      .template Ret<ffi::Buffer<kAct>>()
+      .template Ret<ffi::Buffer<kAct>>()
+      .template Ret<ffi::Buffer<kAct>>();
+}
+
+template <xla::ffi::DataType kAct, typename Binding>
+auto bind_swiglu(Binding operands) {
+  namespace ffi = xla::ffi;
+  return std::move(operands).template Arg<ffi::Buffer<ffi::S32>>().template Ret<ffi::Buffer<kAct>>();
 }
 
 }  // namespace jaxinfer

@@ -1,8 +1,9 @@
 // An exact int8 x int8 -> int32 matmul for few activation rows on x86 CPUs, as XLA FFI custom calls
 // (built, registered and fed packed weights by cpu_int8_dot.py).
 //
-//   jaxinfer_int8_dot: x [M, K] s8, w_packed [N/4, 4, K] s8 -> y [M, N] s32,  y = x @ w exactly
-//   jaxinfer_w8a8_dot: x [M, K] f32, w_packed s8, w_scale [N] f32, live [] s32 -> y [M, N] f32
+//   jaxinfer_int8_dot: x [M, K] s8, w_packed [N/4, 4, K] s8, w_sums [N] s32 -> y [M, N] s32,
+//       y = x @ w exactly
+//   jaxinfer_w8a8_dot: x [M, K] f32, w_packed s8, w_sums s32, w_scale [N] f32, live [] s32 -> y [M, N] f32
 //       (the first `live` rows, zeros after: cpu_row_count.h): W8A8 in one call,
 //       x quantized per row (scale = max|x_row| / 127, or 1 / 127 for a zero row; q = x / scale
 //       rounded half to even, clamped to [-127, 127], as activation_quant.quantize_per_token), the
@@ -10,11 +11,13 @@
 //       small XLA operations that quantized the activations around each dot; they cost under 2 us
 //       each in a profile, so this took a w8a8 SmolLM2 batch-1 decode only from 59 to 62 tokens/s.
 //   jaxinfer_w8a8_add_norm, jaxinfer_w8a8_qkv_rope, jaxinfer_w8a8_swiglu: W8A8, then the pass over
-//       its rows that cpu_row_passes.h describes (x, w_packed, w_scale, the pass's operands, live),
-//       float32 results: a float32 engine's residual add and next RMSNorm, split into heads and
-//       RoPE, or SwiGLU in the call of the matmul before them
+//       its rows that cpu_row_passes.h describes, float32 results: a float32 engine's residual add and next RMSNorm, split into heads and
+//       RoPE, or SwiGLU in the call of the matmul before them (x, w_packed, w_sums, w_scale, the
+//       pass's operands, live)
 //   w_packed[b, c, k] = w[k, 4 * b + c]: the weight output-major ([N, K], each output's K weights
 //       contiguous), in blocks of 4 outputs, so XLA's own dot reads the same bytes as a free reshape
+//   w_sums[n] = sum over k of w[k, n], made with the packed weight (cpu_int8_dot.pack); the VNNI loop
+//       needs them (below), the AVX2 and AMX loops take them and ignore them
 //
 // The loop is in dot-product form: for a block of 4 outputs and up to kRowBlock activation rows, each
 // 64 bytes of K is one zmm load per output and per row, and VNNI's vpdpbusd (64 byte products, summed
@@ -27,8 +30,11 @@
 // hoc harness, A/B/A; the same at 4 and 8 rows); in a w4a8 engine's batch-1 step the head's call
 // took 1.51-1.56 ms against 1.02-1.24 (benchmarks/profile_step.py, two alternating pairs).
 // vpdpbusd multiplies unsigned by signed bytes, so x is offset by 128 into unsigned bytes, and 128 x
-// the sums of each output's weights (accumulated by the same instruction against ones) come off at
-// the end.
+// the sums of each output's weights (w_sums) come off at the end. Those sums were once accumulated
+// here, by the same instruction against ones: a second vpdpbusd per 64 weight bytes at one row and a
+// second reduction per block. Made with the packed weight instead, a w8a8 engine's batch-1 decode ran
+// 175.2 against 149.1 tokens/s (1.17x, faster in 4 of 4 rounds; batch 4 and 8 1.01x; Zen 5 VM,
+// 2026-12-08, code and engine before and after in alternating processes, `jaxinfer bench latency`).
 //
 // The calling thread and tasks on XLA's intra-op thread pool take chunks of kBlocksPerItem output
 // blocks from a shared counter, so a busy pool costs nothing but the calling thread's doing all of
@@ -79,6 +85,7 @@ struct Problem {
   const int8_t* x_tiles;    // x in AMX B-tile order (AMX path, see pack_x_tiles)
   const int16_t* x_wide;    // [M, K rounded up to 16] x as int16, zero-padded (AVX2 path)
   const int8_t* w;          // [N/4, 4, K]
+  const int32_t* w_sums;    // [N]
   int32_t* y;               // [M, N]
   int64_t m, k, n;
 };
@@ -97,26 +104,24 @@ inline __m128i sum_lanes4(__m512i a, __m512i b, __m512i c, __m512i d) {
   return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
 }
 
-// Rows r0..r0+R-1 of y, outputs 4b..4b+3. The first row block of each output block (kFirst) also
-// sums the block's weights into offset_sums (x 128), which the later row blocks reuse.
+// Rows r0..r0+R-1 of y, outputs 4b..4b+3. The first row block of each output block (kFirst), which
+// streams it from memory, prefetches the block kPrefetchBlocks ahead.
 template <int R, bool kFirst>
-void block(const Problem& p, int64_t r0, int64_t b, __m128i& offset_sums) {
-  const __m512i ones = _mm512_set1_epi8(1);
+void block(const Problem& p, int64_t r0, int64_t b) {
   const int8_t* w = p.w + b * kBlockCols * p.k;
   const uint8_t* x = p.x_offset + r0 * p.k;
   const int64_t whole = p.k / 64 * 64;  // the last partial 64 bytes are loaded masked (zeros beyond K)
   const __mmask64 tail = _cvtu64_mask64(whole < p.k ? ~0ULL >> (64 - (p.k - whole)) : 0);
-  // One output's K bytes in order into its R sums (and with kFirst its weights' sum). Called once per
+  // One output's K bytes in order into its R sums. Called once per
   // output with the sums as named locals, so that they stay in registers: indexed by a run-time
   // output they lived on the stack, stored after every vpdpbusd. Zen 4 VM, 2026-12-07, the two
   // loops switched in place by round in one process (six rounds, decode after 16-token prompts): a
   // w8a8 engine at batch 1 / 2 / 4 / 8 131.6 / 241.0 / 322.3 / 388.7 tokens/s against 119.6 / 197.4 /
   // 268.2 / 323.3 (1.10-1.22x, faster in every round); a w4a8 engine, whose head runs here, at batch
   // 4 1.16x (every round), at 1 and 8 within the noise (0.98 / 1.05x).
-  auto walk = [&](int c, __m512i (&acc)[R], __m512i& sum) {
+  auto walk = [&](int c, __m512i (&acc)[R]) {
     const int8_t* col = w + c * p.k;
     auto add = [&](__m512i weights, int64_t k, auto load) {
-      if (kFirst) sum = _mm512_dpbusd_epi32(sum, ones, weights);
       for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], load(x + r * p.k + k), weights);
     };
     for (int64_t k = 0; k < whole; k += 64) {
@@ -128,14 +133,14 @@ void block(const Problem& p, int64_t r0, int64_t b, __m128i& offset_sums) {
       add(_mm512_maskz_loadu_epi8(tail, col + whole), whole,
           [tail](const void* a) { return _mm512_maskz_loadu_epi8(tail, a); });
   };
-  __m512i acc0[R], acc1[R], acc2[R], acc3[R], sum[kBlockCols];
+  __m512i acc0[R], acc1[R], acc2[R], acc3[R];
   for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = acc2[r] = acc3[r] = _mm512_setzero_si512();
-  for (int c = 0; c < kBlockCols; ++c) sum[c] = _mm512_setzero_si512();
-  walk(0, acc0, sum[0]);
-  walk(1, acc1, sum[1]);
-  walk(2, acc2, sum[2]);
-  walk(3, acc3, sum[3]);
-  if (kFirst) offset_sums = _mm_slli_epi32(sum_lanes4(sum[0], sum[1], sum[2], sum[3]), 7);
+  walk(0, acc0);
+  walk(1, acc1);
+  walk(2, acc2);
+  walk(3, acc3);
+  const __m128i offset_sums =
+      _mm_slli_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.w_sums + b * kBlockCols)), 7);
   for (int r = 0; r < R; ++r) {
     const __m128i sums = _mm_sub_epi32(sum_lanes4(acc0[r], acc1[r], acc2[r], acc3[r]), offset_sums);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p.y + (r0 + r) * p.n + b * kBlockCols), sums);
@@ -143,14 +148,13 @@ void block(const Problem& p, int64_t r0, int64_t b, __m128i& offset_sums) {
 }
 
 template <bool kFirst>
-void row_block(const Problem& p, int64_t r0, int64_t b, __m128i& offset_sums) {
-  jaxinfer::with_row_count<kRowBlock>(p.m - r0, [&](auto rows) { block<rows, kFirst>(p, r0, b, offset_sums); });
+void row_block(const Problem& p, int64_t r0, int64_t b) {
+  jaxinfer::with_row_count<kRowBlock>(p.m - r0, [&](auto rows) { block<rows, kFirst>(p, r0, b); });
 }
 
 void all_rows(const Problem& p, int64_t b) {
-  __m128i offset_sums;
-  row_block<true>(p, 0, b, offset_sums);
-  for (int64_t r0 = kRowBlock; r0 < p.m; r0 += kRowBlock) row_block<false>(p, r0, b, offset_sums);
+  row_block<true>(p, 0, b);
+  for (int64_t r0 = kRowBlock; r0 < p.m; r0 += kRowBlock) row_block<false>(p, r0, b);
 }
 
 void vnni_item(const Problem& p, int64_t item) {
@@ -235,17 +239,18 @@ void amx_item(const Problem& p, int64_t item) {
 }
 
 // y = x @ w for int8 x ([M, K]) and packed w, by AMX where it serves, else the VNNI loop.
-void dot(ffi::ThreadPool& pool, const int8_t* x, const int8_t* w, int32_t* y, int64_t m, int64_t k, int64_t n) {
+void dot(ffi::ThreadPool& pool, const int8_t* x, const int8_t* w, const int32_t* w_sums, int32_t* y, int64_t m,
+         int64_t k, int64_t n) {
   const int64_t items = (n / kBlockCols + kBlocksPerItem - 1) / kBlocksPerItem;
   if (amx_serves(m, k, n)) {
     const std::vector<int8_t> x_tiles = pack_x_tiles(x, m, k);
-    const Problem p{nullptr, x_tiles.data(), nullptr, w, y, m, k, n};
+    const Problem p{nullptr, x_tiles.data(), nullptr, w, w_sums, y, m, k, n};
     jaxinfer::run_on_pool(pool, items, m, [p](int64_t item) { amx_item(p, item); });
     return;
   }
   std::vector<uint8_t> x_offset(m * k);
   for (int64_t i = 0; i < m * k; ++i) x_offset[i] = static_cast<uint8_t>(x[i] + 128);
-  const Problem p{x_offset.data(), nullptr, nullptr, w, y, m, k, n};
+  const Problem p{x_offset.data(), nullptr, nullptr, w, w_sums, y, m, k, n};
   jaxinfer::run_on_pool(pool, items, m, [p](int64_t item) { vnni_item(p, item); });
 }
 
@@ -307,52 +312,58 @@ void wide_item(const Problem& p, int64_t item, int64_t k_padded) {
       jaxinfer::with_row_count<kRowBlock>(p.m - r0, [&](auto rows) { wide_block<rows>(p, r0, b, k_padded, r0 == 0); });
 }
 
-// y = x @ w for int8 x ([M, K]) and packed w.
-void dot(ffi::ThreadPool& pool, const int8_t* x, const int8_t* w, int32_t* y, int64_t m, int64_t k, int64_t n) {
+// y = x @ w for int8 x ([M, K]) and packed w (exact in int16 products: no sums to take off).
+void dot(ffi::ThreadPool& pool, const int8_t* x, const int8_t* w, const int32_t* w_sums, int32_t* y, int64_t m,
+         int64_t k, int64_t n) {
   const int64_t items = (n / kBlockCols + kBlocksPerItem - 1) / kBlocksPerItem;
   const int64_t k_padded = (k + kWideK - 1) / kWideK * kWideK;
   std::vector<int16_t> x_wide(m * k_padded, 0);
   for (int64_t r = 0; r < m; ++r) std::copy(x + r * k, x + (r + 1) * k, x_wide.begin() + r * k_padded);
-  const Problem p{nullptr, nullptr, x_wide.data(), w, y, m, k, n};
+  const Problem p{nullptr, nullptr, x_wide.data(), w, w_sums, y, m, k, n};
   jaxinfer::run_on_pool(pool, items, m, [p, k_padded](int64_t item) { wide_item(p, item, k_padded); });
 }
 
 #endif  // __AVX512VNNI__
 
-bool packed_for(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd) {
-  return xd.size() == 2 && wd.size() == 3 && wd[1] == kBlockCols && xd[1] == wd[2];
+// x [M, K] against a packed weight [N/4, 4, K] and its sums [N].
+bool packed_for(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd, ffi::Buffer<ffi::S32>& w_sums) {
+  return xd.size() == 2 && wd.size() == 3 && wd[1] == kBlockCols && xd[1] == wd[2] &&
+         w_sums.element_count() == wd[0] * kBlockCols;
 }
 
 ffi::Error Int8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
-                   ffi::ResultBuffer<ffi::S32> y) {
+                   ffi::Buffer<ffi::S32> w_sums, ffi::ResultBuffer<ffi::S32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
-  if (!packed_for(xd, wd))
+  if (!packed_for(xd, wd, w_sums))
     return ffi::Error::InvalidArgument(
-        "jaxinfer_int8_dot: expected x [M, K] and w packed [N/4, 4, K], both int8");
-  dot(pool, x.typed_data(), w.typed_data(), y->typed_data(), xd[0], xd[1], wd[0] * kBlockCols);
+        "jaxinfer_int8_dot: expected x [M, K] and w packed [N/4, 4, K], both int8, and w's sums [N] s32");
+  dot(pool, x.typed_data(), w.typed_data(), w_sums.typed_data(), y->typed_data(), xd[0], xd[1], wd[0] * kBlockCols);
   return ffi::Error::Success();
 }
 
 // A W8A8 call's x and packed weight, checked by `w8a8_operands`.
 struct W8A8Operands {
   const float* x;        // [rows, K]
-  const int8_t* w;       // packed [N/4, 4, K]
-  const float* w_scale;  // [N]
+  const int8_t* w;          // packed [N/4, 4, K]
+  const int32_t* w_sums;    // [N]
+  const float* w_scale;     // [N]
   int64_t rows, k, n;
 };
 
-bool w8a8_operands(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::S8>& w, ffi::Buffer<ffi::F32>& w_scale,
-                   ffi::Buffer<ffi::S32>& live, W8A8Operands* out) {
+bool w8a8_operands(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::S8>& w, ffi::Buffer<ffi::S32>& w_sums,
+                   ffi::Buffer<ffi::F32>& w_scale, ffi::Buffer<ffi::S32>& live, W8A8Operands* out) {
   const auto xd = x.dimensions(), wd = w.dimensions();
-  const bool fit = packed_for(xd, wd) && w_scale.element_count() == wd[0] * kBlockCols && live.element_count() == 1;
-  if (fit) *out = {x.typed_data(), w.typed_data(), w_scale.typed_data(), xd[0], xd[1], wd[0] * kBlockCols};
+  const bool fit =
+      packed_for(xd, wd, w_sums) && w_scale.element_count() == wd[0] * kBlockCols && live.element_count() == 1;
+  if (fit)
+    *out = {x.typed_data(), w.typed_data(), w_sums.typed_data(), w_scale.typed_data(), xd[0], xd[1], wd[0] * kBlockCols};
   return fit;
 }
 
 ffi::Error w8a8_operand_error(const char* target) {
   return ffi::Error::InvalidArgument(std::string(target) +
-                                     ": expected x [M, K] f32, w packed [N/4, 4, K] int8, w_scale [N] f32 and a "
-                                     "one-element s32 live-row count");
+                                     ": expected x [M, K] f32, w packed [N/4, 4, K] int8, w's sums [N] s32, "
+                                     "w_scale [N] f32 and a one-element s32 live-row count");
 }
 
 // y [m, N] = the first m rows of x quantized per row, times the weight, rescaled (m >= 1).
@@ -361,15 +372,16 @@ void w8a8_product(ffi::ThreadPool& pool, const W8A8Operands& p, int64_t m, float
   std::vector<float> row_scale(m);
   for (int64_t r = 0; r < m; ++r) row_scale[r] = jaxinfer::quantize_int8(p.x + r * p.k, p.k, x_q.data() + r * p.k);
   std::vector<int32_t> acc(m * p.n);
-  dot(pool, x_q.data(), p.w, acc.data(), m, p.k, p.n);
+  dot(pool, x_q.data(), p.w, p.w_sums, acc.data(), m, p.k, p.n);
   for (int64_t r = 0; r < m; ++r)  // vectorized by the compiler
     for (int64_t c = 0; c < p.n; ++c) y[r * p.n + c] = static_cast<float>(acc[r * p.n + c]) * row_scale[r] * p.w_scale[c];
 }
 
 ffi::Error W8A8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                   ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::S32> live, ffi::ResultBuffer<ffi::F32> y) {
+                   ffi::Buffer<ffi::S32> w_sums, ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::S32> live,
+                   ffi::ResultBuffer<ffi::F32> y) {
   W8A8Operands p;
-  if (!w8a8_operands(x, w, w_scale, live, &p)) return w8a8_operand_error("jaxinfer_w8a8_dot");
+  if (!w8a8_operands(x, w, w_sums, w_scale, live, &p)) return w8a8_operand_error("jaxinfer_w8a8_dot");
   const int64_t m = jaxinfer::live_rows(live, p.rows);
   jaxinfer::zero_rows_from(y->typed_data(), m, p.rows, p.n);
   if (m > 0) w8a8_product(pool, p, m, y->typed_data());
@@ -379,11 +391,11 @@ ffi::Error W8A8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 // (residual + x w, its RMSNorm times norm_weight), float32: an output projection, the residual add
 // and the next norm in one call (cpu_row_passes.h).
 ffi::Error W8A8AddNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                       ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::F32> residual, ffi::AnyBuffer norm_weight,
+                       ffi::Buffer<ffi::S32> w_sums, ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::F32> residual, ffi::AnyBuffer norm_weight,
                        ffi::Buffer<ffi::S32> live, float eps, ffi::ResultBuffer<ffi::F32> residual_out,
                        ffi::ResultBuffer<ffi::F32> normed) {
   W8A8Operands p;
-  if (!w8a8_operands(x, w, w_scale, live, &p)) return w8a8_operand_error("jaxinfer_w8a8_add_norm");
+  if (!w8a8_operands(x, w, w_sums, w_scale, live, &p)) return w8a8_operand_error("jaxinfer_w8a8_add_norm");
   const int64_t m = jaxinfer::live_rows(live, p.rows);
   return jaxinfer::add_norm_call("jaxinfer_w8a8_add_norm", pool, p.rows, p.n, m, residual, norm_weight, eps,
                                  residual_out->typed_data(), normed->typed_data(),
@@ -393,11 +405,11 @@ ffi::Error W8A8AddNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 // (q, k, v) of x w_qkv, float32, q and k rotated (RoPE): the attention's inputs in one call
 // (cpu_row_passes.h).
 ffi::Error W8A8QkvRope(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                       ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                       ffi::Buffer<ffi::S32> w_sums, ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
                        ffi::Buffer<ffi::S32> live, int64_t kv_heads, int64_t q_per_kv, ffi::ResultBuffer<ffi::F32> q,
                        ffi::ResultBuffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> v) {
   W8A8Operands p;
-  if (!w8a8_operands(x, w, w_scale, live, &p)) return w8a8_operand_error("jaxinfer_w8a8_qkv_rope");
+  if (!w8a8_operands(x, w, w_sums, w_scale, live, &p)) return w8a8_operand_error("jaxinfer_w8a8_qkv_rope");
   const int64_t m = jaxinfer::live_rows(live, p.rows);
   return jaxinfer::qkv_rope_call("jaxinfer_w8a8_qkv_rope", pool, p.rows, p.n, m, cos, sin, kv_heads, q_per_kv,
                                  q->typed_data(), k->typed_data(), v->typed_data(),
@@ -406,20 +418,22 @@ ffi::Error W8A8QkvRope(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 
 // silu(gate) * up of x w_gate_up, float32: the MLP's first half in one call (cpu_row_passes.h).
 ffi::Error W8A8Swiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                      ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::S32> live, ffi::ResultBuffer<ffi::F32> act) {
+                      ffi::Buffer<ffi::S32> w_sums, ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::S32> live,
+                      ffi::ResultBuffer<ffi::F32> act) {
   W8A8Operands p;
-  if (!w8a8_operands(x, w, w_scale, live, &p)) return w8a8_operand_error("jaxinfer_w8a8_swiglu");
+  if (!w8a8_operands(x, w, w_sums, w_scale, live, &p)) return w8a8_operand_error("jaxinfer_w8a8_swiglu");
   const int64_t m = jaxinfer::live_rows(live, p.rows);
   return jaxinfer::swiglu_call("jaxinfer_w8a8_swiglu", pool, p.rows, p.n, m, act->typed_data(),
                                [&](float* y) { w8a8_product(pool, p, m, y); });
 }
 
-// A W8A8 call's first operands: x, then the packed weight and its scales.
+// A W8A8 call's first operands: x, then the packed weight, its sums and its scales.
 auto bind_w8a8_weight() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
       .Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::Buffer<ffi::S8>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
       .Arg<ffi::Buffer<ffi::F32>>();
 }
 
@@ -430,6 +444,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_int8_dot, Int8Dot,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_w8a8_dot, W8A8Dot,

@@ -1,9 +1,12 @@
 """An exact int8 x int8 -> int32 matmul for few rows on x86 CPUs: a C++ kernel called through XLA FFI,
 reading int8 weights packed for it.
 
-    pack(w_q [K, N] int8) -> [N/4, 4, K]     the kernel's layout (`packable(K, N)`: N % 4 == 0): the
-                                              weight output-major, in blocks of 4 outputs; unpack()
-                                              is its inverse, output_major() its free [N, K] view
+    pack(w_q [K, N] int8) -> PackedInt8      the kernel's layout (`packable(K, N)`: N % 4 == 0):
+                                              codes [N/4, 4, K], the weight output-major in blocks
+                                              of 4 outputs, and sums [N] int32, each output's
+                                              weights summed (the VNNI loop's offset, see the .cc);
+                                              unpack() is its inverse, output_major() its free
+                                              [N, K] view
     int8_dot(x_q [M, K] int8, w_packed) -> [M, N] int32      x_q @ w_q, exactly
     w8a8_dot(x [M, K] float, w_packed, w_scale, live_rows=None) -> [M, N] float32   W8A8 in one
                             call: per-row int8 quantization of x, the exact dot, both scales (see
@@ -81,6 +84,7 @@ and `jaxinfer_w8a8_swiglu`.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -116,64 +120,89 @@ def packable(k: int, n: int) -> bool:
     return n % PACK_COLS == 0
 
 
-def is_packed(w_q: jax.Array) -> bool:
-    """Whether a weight is in the kernel's layout (`pack`) rather than `[K, N]`."""
-    return w_q.ndim == 3
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedInt8:
+    """An int8 weight `w [K, N]` in the kernel's layout: `codes [N/4, 4, K]` int8 with
+    `codes[b, c, k] = w[k, 4 * b + c]`, and `sums [N]` int32, `sums[n] = sum over k of w[k, n]`.
+    A pytree of two arrays, so it passes through `jit`, `device_put` and the engine file as they do."""
+
+    codes: jax.Array
+    sums: jax.Array
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.codes.dtype
 
 
-def pack(w_q: jax.Array) -> jax.Array:
-    """`[K, N]` -> `[N/4, 4, K]` with `packed[b, c, k] = w_q[k, 4 * b + c]`."""
+def is_packed(w_q) -> bool:
+    """Whether a weight is in the kernel's layout (`pack`) rather than a `[K, N]` array."""
+    return isinstance(w_q, PackedInt8)
+
+
+def pack(w_q: jax.Array) -> PackedInt8:
+    """`[K, N]` int8 -> the kernel's layout (`PackedInt8`); traceable."""
     k, n = w_q.shape
     if not packable(k, n):
         raise ValueError(f"a [{k}, {n}] weight cannot be packed: N must be a multiple of {PACK_COLS}")
-    return w_q.T.reshape(n // PACK_COLS, PACK_COLS, k)
+    return PackedInt8(codes=w_q.T.reshape(n // PACK_COLS, PACK_COLS, k), sums=jnp.sum(w_q, axis=0, dtype=jnp.int32))
 
 
-def output_major(w_packed: jax.Array) -> jax.Array:
+def output_major(w_packed: PackedInt8) -> jax.Array:
     """A packed weight as `[N, K]` (each output's K weights contiguous), a free reshape: `w[K, N].T`."""
-    blocks, cols, k = w_packed.shape
-    return w_packed.reshape(blocks * cols, k)
+    blocks, cols, k = w_packed.codes.shape
+    return w_packed.codes.reshape(blocks * cols, k)
 
 
-def unpack(w_packed: jax.Array) -> jax.Array:
-    """Inverse of `pack`: `[N/4, 4, K]` -> `[K, N]`."""
+def unpack(w_packed: PackedInt8) -> jax.Array:
+    """Inverse of `pack`: -> `[K, N]`."""
     return output_major(w_packed).T
 
 
-def standard_layout(w_q: jax.Array) -> jax.Array:
+def standard_layout(w_q) -> jax.Array:
     """A weight in the `[K, N]` layout, whether it was packed or not."""
     return unpack(w_q) if is_packed(w_q) else w_q
 
 
-def logical_shape(w_q: jax.Array) -> tuple[int, int]:
+def logical_shape(w_q) -> tuple[int, int]:
     """`(K, N)` of a weight, packed or not."""
     if is_packed(w_q):
-        return w_q.shape[2], w_q.shape[0] * w_q.shape[1]
+        blocks, cols, k = w_q.codes.shape
+        return k, blocks * cols
     return w_q.shape
 
 
-def int8_dot(x_q: jax.Array, w_packed: jax.Array) -> jax.Array:
+def _weight_operands(w_packed, k: int, call: str) -> tuple[jax.Array, jax.Array]:
+    """A packed weight's codes and sums as the kernel takes them, checked against x's K."""
+    if (not is_packed(w_packed) or w_packed.codes.dtype != jnp.int8 or w_packed.codes.ndim != 3
+            or w_packed.codes.shape[1] != PACK_COLS or logical_shape(w_packed)[0] != k
+            or w_packed.sums.shape != (logical_shape(w_packed)[1],) or w_packed.sums.dtype != jnp.int32):
+        got = (f"codes {w_packed.codes.shape} {w_packed.codes.dtype}, sums {w_packed.sums.shape} {w_packed.sums.dtype}"
+               if is_packed(w_packed) else f"a {type(w_packed).__name__}")
+        raise ValueError(f"{call} takes a weight packed by cpu_int8_dot.pack for x's K = {k} (codes [N/4, 4, K] "
+                         f"int8, sums [N] int32), got {got}")
+    ensure_registered()
+    return w_packed.codes, w_packed.sums
+
+
+def int8_dot(x_q: jax.Array, w_packed: PackedInt8) -> jax.Array:
     """`x_q [M, K] int8 @ w [K, N] int8` -> `[M, N] int32` exactly, w given packed (`pack`)."""
-    if (x_q.dtype != jnp.int8 or w_packed.dtype != jnp.int8 or x_q.ndim != 2 or not is_packed(w_packed)
-            or w_packed.shape[1] != PACK_COLS or x_q.shape[1] != logical_shape(w_packed)[0]):
-        raise ValueError(f"int8_dot takes x [M, K] int8 and w packed [N/4, 4, K] int8, got {x_q.shape} "
-                         f"{x_q.dtype} and {w_packed.shape} {w_packed.dtype}")
-    ensure_registered()
+    if x_q.dtype != jnp.int8 or x_q.ndim != 2:
+        raise ValueError(f"int8_dot takes x [M, K] int8, got {x_q.shape} {x_q.dtype}")
+    codes, sums = _weight_operands(w_packed, x_q.shape[1], "int8_dot")
     out = jax.ShapeDtypeStruct((x_q.shape[0], logical_shape(w_packed)[1]), jnp.int32)
-    return jax.ffi.ffi_call(TARGET, out)(x_q, w_packed)
+    return jax.ffi.ffi_call(TARGET, out)(x_q, codes, sums)
 
 
-def _w8a8_operands(x: jax.Array, w_packed: jax.Array, w_scale: jax.Array, live_rows: jax.Array | None,
+def _w8a8_operands(x: jax.Array, w_packed: PackedInt8, w_scale: jax.Array, live_rows: jax.Array | None,
                    call: str) -> tuple[tuple, jax.Array]:
-    """The W8A8 calls' own operands (x as float32, the packed weight, its scales [N]), checked, and the
-    live-row count."""
-    k, n = logical_shape(w_packed)
-    if x.ndim != 2 or x.shape[1] != k or w_packed.dtype != jnp.int8 or not is_packed(w_packed):
-        raise ValueError(f"{call} takes x [M, K] and w packed [N/4, 4, K] int8, got {x.shape} and "
-                         f"{w_packed.shape} {w_packed.dtype}")
-    ensure_registered()
-    scale = jnp.broadcast_to(w_scale.astype(jnp.float32), (n,))
-    return (x.astype(jnp.float32), w_packed, scale), cpu_ffi.live_row_operand(x.shape[0], live_rows)
+    """The W8A8 calls' own operands (x as float32, the packed weight's codes and sums, its scales
+    [N]), checked, and the live-row count."""
+    if x.ndim != 2:
+        raise ValueError(f"{call} takes x [M, K], got {x.shape}")
+    codes, sums = _weight_operands(w_packed, x.shape[1], call)
+    scale = jnp.broadcast_to(w_scale.astype(jnp.float32), (logical_shape(w_packed)[1],))
+    return (x.astype(jnp.float32), codes, sums, scale), cpu_ffi.live_row_operand(x.shape[0], live_rows)
 
 
 def w8a8_dot(x: jax.Array, w_packed: jax.Array, w_scale: jax.Array, live_rows: jax.Array | None = None) -> jax.Array:

@@ -74,7 +74,7 @@ def int8_matmul(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, implementat
     with per-column `w_scale [N]`; returns `[M, N]` in x.dtype."""
     run = dispatch(
         implementation,
-        tileable=w_q.ndim == 2 and pallas_supports(*w_q.shape),
+        tileable=not cpu_int8_dot.is_packed(w_q) and pallas_supports(*w_q.shape),
         pallas=int8_matmul_pallas,
         xla=int8_matmul_xla,
         reference=int8_matmul_reference,

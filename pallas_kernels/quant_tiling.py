@@ -116,10 +116,11 @@ def _col_spec(operand: jax.Array, block_n: int) -> pl.BlockSpec:
     return pl.BlockSpec((*rest, block_n), lambda i, j: (0,) * len(rest) + (j,))
 
 
-def check_tileable_weight(w: jax.Array) -> None:
+def check_tileable_weight(w) -> None:
     """Raises a ValueError naming a weight the tiled kernels cannot read (one packed for the CPU kernel)."""
-    if w.ndim != 2:
-        raise ValueError(f"the Pallas kernels read a [K, N] weight, got shape {w.shape}: a weight packed for the "
+    if not isinstance(w, jax.Array) or w.ndim != 2:
+        got = f"shape {w.shape}" if isinstance(w, jax.Array) else f"a {type(w).__name__}"
+        raise ValueError(f"the Pallas kernels read a [K, N] weight array, got {got}: a weight packed for the "
                          "CPU kernel (`cpu_int8_dot.unpack` restores it) runs with implementation='xla'")
 
 

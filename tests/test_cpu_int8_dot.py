@@ -25,14 +25,17 @@ def exact(x_q: np.ndarray, w_q: np.ndarray) -> np.ndarray:
 
 def test_pack_is_the_documented_layout_and_unpack_inverts_it(rng):
     w_q = rng.integers(-128, 128, (12, 8)).astype(np.int8)
-    packed = np.asarray(cpu_int8_dot.pack(jnp.asarray(w_q)))
-    assert packed.shape == (2, 4, 12)
+    packed = cpu_int8_dot.pack(jnp.asarray(w_q))
+    codes = np.asarray(packed.codes)
+    assert codes.shape == (2, 4, 12) and packed.dtype == jnp.int8
     b, c, k = 1, 2, 5
-    assert packed[b, c, k] == w_q[k, 4 * b + c]
-    assert cpu_int8_dot.is_packed(jnp.asarray(packed)) and not cpu_int8_dot.is_packed(jnp.asarray(w_q))
-    np.testing.assert_array_equal(np.asarray(cpu_int8_dot.unpack(jnp.asarray(packed))), w_q)
-    np.testing.assert_array_equal(np.asarray(cpu_int8_dot.output_major(jnp.asarray(packed))), w_q.T)
-    assert cpu_int8_dot.logical_shape(jnp.asarray(packed)) == (12, 8)
+    assert codes[b, c, k] == w_q[k, 4 * b + c]
+    assert packed.sums.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(packed.sums), w_q.astype(np.int64).sum(axis=0))
+    assert cpu_int8_dot.is_packed(packed) and not cpu_int8_dot.is_packed(jnp.asarray(w_q))
+    np.testing.assert_array_equal(np.asarray(cpu_int8_dot.unpack(packed)), w_q)
+    np.testing.assert_array_equal(np.asarray(cpu_int8_dot.output_major(packed)), w_q.T)
+    assert cpu_int8_dot.logical_shape(packed) == (12, 8)
     with pytest.raises(ValueError, match="multiple of 4"):
         cpu_int8_dot.pack(jnp.zeros((12, 10), jnp.int8))
 
@@ -91,7 +94,7 @@ def test_fused_w8a8_computes_only_the_live_rows(rng, m, live):
         np.testing.assert_array_equal(got[:rows], np.asarray(cpu_int8_dot.w8a8_dot(x[:rows], w, w_scale)))
     with pytest.raises(Exception, match="live-row count"):
         jax.ffi.ffi_call(cpu_int8_dot.W8A8_TARGET, jax.ShapeDtypeStruct((m, 96), jnp.float32))(
-            x, w, w_scale, jnp.zeros((0,), jnp.int32)).block_until_ready()
+            x, w.codes, w.sums, w_scale, jnp.zeros((0,), jnp.int32)).block_until_ready()
 
 
 @needs_kernel
@@ -128,13 +131,27 @@ def test_more_rows_than_the_kernel_serves_read_the_packed_weight_without_a_copy(
     assert not weight_copies
 
 
-def test_kernel_refuses_operands_it_cannot_read():
-    with pytest.raises(ValueError, match=r"w packed \[N/4, 4, K\]"):
+def test_kernel_refuses_operands_it_cannot_read(rng):
+    w = cpu_int8_dot.pack(jnp.asarray(rng.integers(-127, 128, (8, 32)), jnp.int8))
+    with pytest.raises(ValueError, match="packed by cpu_int8_dot.pack .* got a ndarray"):
         cpu_int8_dot.int8_dot(np.zeros((2, 8), np.int8), np.zeros((8, 32), np.int8))
-    with pytest.raises(ValueError, match=r"w packed \[N/4, 4, K\]"):
-        cpu_int8_dot.int8_dot(np.zeros((2, 8), np.int8), np.zeros((8, 2, 8), np.int8))
-    with pytest.raises(ValueError, match="int8"):
-        cpu_int8_dot.int8_dot(np.zeros((2, 8), np.float32), np.zeros((2, 4, 8), np.int8))
+    with pytest.raises(ValueError, match="for x's K = 6"):
+        cpu_int8_dot.int8_dot(np.zeros((2, 6), np.int8), w)
+    with pytest.raises(ValueError, match=r"got codes \(8, 4, 8\) int8, sums \(31,\) int32"):
+        cpu_int8_dot.int8_dot(np.zeros((2, 8), np.int8), cpu_int8_dot.PackedInt8(w.codes, w.sums[1:]))
+    with pytest.raises(ValueError, match="x \\[M, K\\] int8"):
+        cpu_int8_dot.int8_dot(np.zeros((2, 8), np.float32), w)
+    with pytest.raises(ValueError, match="packed by cpu_int8_dot.pack"):
+        cpu_int8_dot.w8a8_dot(np.zeros((2, 8), np.float32), cpu_int8_dot.unpack(w), jnp.ones(32))
+
+
+@needs_kernel
+def test_the_kernel_itself_refuses_sums_of_another_width(rng):
+    w = cpu_int8_dot.pack(jnp.asarray(rng.integers(-127, 128, (8, 32)), jnp.int8))
+    x_q = jnp.asarray(rng.integers(-127, 128, (2, 8)), jnp.int8)
+    with pytest.raises(Exception, match=r"sums \[N\] s32"):
+        jax.ffi.ffi_call(cpu_int8_dot.TARGET, jax.ShapeDtypeStruct((2, 32), jnp.int32))(
+            x_q, w.codes, w.sums[:16]).block_until_ready()
 
 
 def test_a_failed_build_warns_and_leaves_the_int8_dot_to_xla(monkeypatch, tmp_path, rng):

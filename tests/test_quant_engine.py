@@ -127,9 +127,12 @@ def test_built_int8_engine_restores_quantized_weights_and_generates(checkpoint, 
     restored = engine.runner.params["layers"][1]["w_gate_up"]
     expected = quantize_params(checkpoint.params, checkpoint.config, "int8")["layers"][1]["w_gate_up"]
     assert restored.q.dtype == np.int8
-    # Stored packed for the CPU kernel where this CPU runs it, in the [in, out] layout elsewhere.
-    assert restored.q.ndim == (3 if cpu_int8_dot.available() else 2)
+    # Stored packed for the CPU kernel, with its output sums, where this CPU runs it; in the [in, out]
+    # layout elsewhere.
+    assert cpu_int8_dot.is_packed(restored.q) == cpu_int8_dot.available()
     np.testing.assert_array_equal(np.asarray(cpu_int8_dot.standard_layout(restored.q)), np.asarray(expected.q))
+    if cpu_int8_dot.is_packed(restored.q):
+        np.testing.assert_array_equal(np.asarray(restored.q.sums), np.asarray(expected.q, np.int64).sum(axis=0))
     np.testing.assert_array_equal(np.asarray(restored.scale), np.asarray(expected.scale))
     oracle = ReferenceGenerator(dequantized(engine.runner.params), engine.model_cfg, max_len=64)
     assert engine_greedy(engine, prompts) == oracle.generate(prompts, NEW_TOKENS)
@@ -223,7 +226,7 @@ def test_tied_model_gets_an_int8_copy_of_its_table_as_head(prompts, tmp_path):
     engine = load_engine(path, progress=False)
     params = engine.runner.params
     head = params["lm_head"]
-    assert head.q.ndim == (3 if cpu_int8_dot.available() else 2)
+    assert cpu_int8_dot.is_packed(head.q) == cpu_int8_dot.available()
     table = np.asarray(tied.params["embed"], np.float32)
     np.testing.assert_array_equal(np.asarray(params["embed"]), table)
     # Per vocabulary entry: each column's largest weight maps to 127, and the head dequantizes to the table.

@@ -283,7 +283,8 @@ def test_w8a8_matmul_pallas_and_xla_match_reference(rng, m, kind):
     for implementation, stored in runs:
         out = w8a8_matmul(x, stored, w_scale, implementation=implementation)
         assert out.shape == (m, n) and out.dtype == jnp.float32
-        assert_within(out, expected, F32_DOT_ERROR * magnitude, f"{kind} {implementation} {stored.shape}")
+        assert_within(out, expected, F32_DOT_ERROR * magnitude,
+                      f"{kind} {implementation}{' packed' if cpu_int8_dot.is_packed(stored) else ''}")
 
 
 def test_w8a8_matmul_bf16_activations(rng):

@@ -65,8 +65,9 @@ from pallas_kernels import cpu_ffi
 # 9: so do the W8A8 and W4A8 CPU kernels. 10: the weights are one safetensors file, not an orbax
 # checkpoint. 11: the engine config records buckets_per_doubling (the ladders' midpoints). 12: w8a8
 # and int4-awq weights have their input scales folded into the norms and up columns before them.
-# 13: and wo's into the V columns of w_qkv (no weight keeps an input scale).
-FORMAT_VERSION = 13
+# 13: and wo's into the V columns of w_qkv (no weight keeps an input scale). 14: int8 weights packed
+# for the CPU kernel carry their per-output sums (cpu_int8_dot.PackedInt8).
+FORMAT_VERSION = 14
 WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_meta.json")
 # The /proc/cpuinfo flags that name instruction-set extensions, which XLA:CPU compiles for when the

@@ -247,7 +247,8 @@ def pack_for_cpu_kernel(params):
             packed, scale, offset = cpu_int4_dot.pack(w.packed, w.scale, w.offset)
             return dataclasses.replace(w, packed=packed, scale=scale, offset=offset)
         q = getattr(w, "q", None)  # Int8Weight and W8A8Weight have one; W4A16 int4 stays as it is
-        if q is None or q.dtype != jnp.int8 or q.ndim != 2 or not cpu_int8_dot.packable(*q.shape):
+        if (q is None or cpu_int8_dot.is_packed(q) or q.dtype != jnp.int8
+                or not cpu_int8_dot.packable(*q.shape)):
             return w
         return dataclasses.replace(w, q=cpu_int8_dot.pack(q))
 
@@ -268,14 +269,14 @@ def quantized_logical_axes(params, axes):
         def field_axes(name: str, array):
             if array is None:
                 return None
+            if cpu_int8_dot.is_packed(array):  # int8 codes [out/4, 4, in] and their sums [out] (one device only)
+                return cpu_int8_dot.PackedInt8(codes=(out_axis, None, in_axis), sums=(out_axis,))
             if array.ndim == 2:
                 return param_axes
             if array.ndim == 4:  # W4A8 codes packed for the CPU kernel: [out/16, in/8, 16, 4]
                 return (out_axis, in_axis, None, None)
-            if array.ndim == 3:  # packed for a CPU kernel (one device only)
-                if isinstance(param, W4A8Weight):  # scale, offset [out/16, in/G, 16]
-                    return (out_axis, in_axis, None)
-                return (out_axis, None, in_axis)  # int8 [out/4, 4, in]
+            if array.ndim == 3:  # W4A8 scale, offset packed for the CPU kernel: [out/16, in/G, 16]
+                return (out_axis, in_axis, None)
             if array.ndim == 0:
                 return ()
             return (in_axis,) if name == "input_scale" else (out_axis,)

@@ -159,8 +159,7 @@ class LiveRowsQuantizedWeight:
         if isinstance(w, W4A8Weight) and cpu_int4_dot.is_packed(w.packed):
             arrays = dict(codes=w.packed, scale=w.scale, offset=w.offset)
             calls = (cpu_int4_dot.w4a8_add_norm, cpu_int4_dot.w4a8_qkv_rope, cpu_int4_dot.w4a8_swiglu)
-        elif (isinstance(w, W8A8Weight) and w.q.dtype == jnp.int8
-              and cpu_int8_dot.serves(math.prod(x.shape[:-1]), w.q)):
+        elif isinstance(w, W8A8Weight) and cpu_int8_dot.serves(math.prod(x.shape[:-1]), w.q):
             arrays = dict(w_packed=w.q, w_scale=w.scale)
             calls = (cpu_int8_dot.w8a8_add_norm, cpu_int8_dot.w8a8_qkv_rope, cpu_int8_dot.w8a8_swiglu)
         else:

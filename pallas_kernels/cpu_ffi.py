@@ -149,7 +149,7 @@ class CpuKernel:
                             "-o", str(tmp_path)], check=True, capture_output=True, text=True)
             os.replace(tmp_path, library)
         except subprocess.CalledProcessError as error:
-            raise EngineError(f"building the {self.name} failed ({compiler}):\n{error.stderr[-2000:]}") from error
+            raise EngineError(f"building the {self.name} failed ({compiler}):\n{compiler_errors(error.stderr)}") from error
         finally:
             tmp_path.unlink(missing_ok=True)
 
@@ -194,6 +194,16 @@ class CpuKernel:
             raise EngineError(f"the {self.name} cannot run on this machine: it needs the CPU backend, an x86-64 "
                               f"CPU with {flags} and a C++ compiler (g++) that builds it. An engine built to call "
                               "it must be rebuilt here with `jaxinfer build`")
+
+
+def compiler_errors(stderr: str, limit: int = 2000) -> str:
+    """Up to `limit` characters of a failed compile's output from its first error line on, else its
+    tail: jax's FFI headers warn at length, and the errors came after them out of sight."""
+    first = stderr.find(" error: ")
+    if first < 0:
+        return stderr[-limit:]
+    start = stderr.rfind("\n", 0, first) + 1
+    return stderr[start:start + limit]
 
 
 def ensure_registered(targets) -> None:

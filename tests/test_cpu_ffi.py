@@ -46,6 +46,17 @@ def test_a_cpu_without_any_build_is_refused_with_the_flags_it_lacks(monkeypatch)
         kernel.forget()
 
 
+def test_a_failed_build_shows_its_errors_before_the_headers_warnings():
+    """g++ printed a kernel's error first and then jax's FFI headers' warnings, more than the message
+    kept (2026-12-08): the message showed only warnings."""
+    warnings = "".join(f"ffi.h:812:68: warning: 'always_inline' function might not be inlinable {i}\n"
+                       for i in range(100))
+    error = "cpu_int8_dot.cc:365:91: error: missing terminating ' character\n  365 |   : expected x\n"
+    shown = cpu_ffi.compiler_errors("In file included from ffi.h:48:\n" + error + warnings)
+    assert shown.startswith(error) and len(shown) == 2000
+    assert cpu_ffi.compiler_errors(warnings) == warnings[-2000:]
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 @pytest.mark.parametrize("kernel, isa", [(kernel, isa) for kernel in KERNELS for isa in kernel.isas],
                          ids=lambda v: getattr(v, "source", None) and v.source.stem or "+".join(sorted(v.cpu_flags)))

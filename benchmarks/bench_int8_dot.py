@@ -3,9 +3,9 @@ weight shapes, for the row counts an engine step multiplies (decode batches to p
 
 For every weight shape `[in -> out]` and activation row count M it prints the median ms per matmul of
     xla      `lax.dot_general` of int8 x and the packed weight's `[N, K]` view, int32 sums: what
-             `fastest_int8_dot` hands XLA beyond the kernel's MAX_ROWS
+             `fastest_int8_dot` hands XLA beyond the kernel's max_rows()
     kernel   `int8_dot` on the packed weight: the loop this CPU runs for M rows (AVX-512 VNNI or
-             AVX2; AMX tiles from 5 rows where the CPU has them), even past MAX_ROWS
+             AVX2; AMX tiles from 5 rows where the CPU has them), even past max_rows()
 with their rates in int8 operations a second (2 per multiply-add) and xla / kernel. Weights stream
 from memory as in the model's 30 layers: one jitted call walks distinct copies (`--stream-mb` of
 int8 weights), and calls take turns in a random order with the cache flushed before each
@@ -45,7 +45,7 @@ def main() -> None:
                                weight="int8").parse_args()
     if not cpu_int8_dot.available():
         raise SystemExit("the CPU int8 kernel does not run here (needs x86-64 with AVX2 and a C++ compiler)")
-    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, kernel MAX_ROWS {cpu_int8_dot.MAX_ROWS}, "
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, kernel max_rows() {cpu_int8_dot.max_rows()}, "
           f"{args.reps} reps, median ms per matmul (G int8 ops/s)")
     print(f"{'weight':>11} {'M':>4} {'xla':>16} {'kernel':>16} {'xla/kernel':>11}")
     rng = np.random.default_rng(0)

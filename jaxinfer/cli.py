@@ -106,8 +106,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     module_name, function_name = args.run.split(":")
-    module = __import__(module_name, fromlist=[function_name])
     try:
+        # Importing a command's modules reads the CPU's kernel builds, which JAXINFER_CPU_ISA can refuse.
+        module = __import__(module_name, fromlist=[function_name])
         return getattr(module, function_name)(args) or 0
     except JaxinferError as err:
         print(f"error: {err}", file=sys.stderr)

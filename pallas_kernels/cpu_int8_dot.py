@@ -22,7 +22,7 @@ reading int8 weights packed for it.
                             backend; the AVX-512 VNNI loop where the CPU has it, and AMX where
                             the CPU and OS allow it); builds and registers it on first use
     serves(rows, w) -> bool whether `fastest_int8_dot` runs the kernel for these rows and weight
-    fastest_int8_dot(x_q, w) -> [M, N] int32    the kernel for a packed weight and up to MAX_ROWS
+    fastest_int8_dot(x_q, w) -> [M, N] int32    the kernel for a packed weight and up to max_rows()
                             rows, else XLA's int8 dot (on the [N, K] view of a packed weight): what
                             the quantized matmuls' "xla" implementations call
 
@@ -48,7 +48,7 @@ shapes, 28 MB of int8, medians of 9-21 calls, noisy: repeats differ by up to 20%
     previous kernel (VNNI order)       1.10   0.87   0.88   1.38   2.20   4.02   8.05          32.7
     XLA's dot on a copy of the above   30.8    5.3    5.1    5.2    5.2    6.2    6.3          10.3
 
-so MAX_ROWS is 32 with AMX (inside 64- and 128-token prefill steps the kernel was no faster than
+so max_rows() is 32 with AMX (inside 64- and 128-token prefill steps the kernel was no faster than
 XLA, and 32 covers the default engine's decode batches). The VNNI loop then kept its sums on the
 stack; with them in registers (the .cc) it is 32 with VNNI alone too. On the Zen 4 VM (AVX-512
 VNNI, no AMX; 2026-12-07, w8a8 engines built with each limit, `jaxinfer bench compare A B`, six
@@ -58,7 +58,7 @@ at 12 tokens to 1.53x; 24 against 16 batch 18 / 20 / 24 1.19 / 1.18 / 1.02x, TTF
 1.16x; 32 against 24 batch 24 / 28 / 32 0.99 / 1.05 / 1.02x, TTFT at 28 tokens 1.10x.
 
 On the Xeon VM at one row the kernel reads 33 GB/s (28 MB may sit in its large L3 cache). In a
-w8a8 SmolLM2 engine there, AMX and MAX_ROWS 32 took batch-8 decode from 242-255 to 272-274 tokens/s
+w8a8 SmolLM2 engine there, AMX and 32 rows took batch-8 decode from 242-255 to 272-274 tokens/s
 and batch 16 from 308-328 to 337-349.
 `w8a8_dot` also takes the activations' per-row quantization and both scales into the call: a
 W8A8 matmul is one custom call instead of six XLA operations. Its quantization (cpu_quantize.h,
@@ -69,7 +69,7 @@ CPUs without AVX-512 VNNI take the AVX2 build (int16 widening, `vpmaddwd`, 2 row
 an AMD EPYC Zen 2 VM (AVX2 only), the 576 x 49152 head at 1 / 2 / 4 / 8 / 16 rows: kernel 2.5 /
 2.5 / 3.2 / 4.9 / 12.7 ms, XLA's int8 dot on the [N, K] view 40.9 / 4.7 / 5.1 / 6.6 / 11.1; a
 1536 x 576 weight 0.066 / 0.098 / 0.106 / 0.200 / 0.293 against 0.440 / 0.276 / 0.297 / 0.193 /
-0.656 (whole jitted calls), so MAX_ROWS stays 8 there.
+0.656 (whole jitted calls), so max_rows() stays 8 there.
 
 The fused W8A8 calls take the operations between a float32 engine's kernels (each norm's sum of
 squares, rsqrt and multiplies, the residual adds, RoPE's slices, rotations and concatenation, the
@@ -107,12 +107,17 @@ KERNEL = cpu_ffi.CpuKernel(
      cpu_ffi.AVX2))
 available = KERNEL.available
 ensure_registered = KERNEL.ensure_registered
-# Up to this many rows the kernel was measured faster than XLA's int8 dot (module docstring): with
-# AMX, which it uses from 5 rows where the CPU has it, and with VNNI alone. With AMX it was faster
-# up to 128 rows alone, but not inside prefill steps of 64 and 128 tokens; 32 covers every decode
-# batch of the default engine (max_num_seqs). The AVX2 build stays at 8.
-MAX_ROWS = 8 if KERNEL.isa() is cpu_ffi.AVX2 else 32
 PACK_COLS = 4
+
+
+def max_rows() -> int:
+    """Up to this many rows the kernel was measured faster than XLA's int8 dot (module docstring):
+    with AMX, which it uses from 5 rows where the CPU has it, and with VNNI alone. With AMX it was
+    faster up to 128 rows alone, but not inside prefill steps of 64 and 128 tokens; 32 covers every
+    decode batch of the default engine (max_num_seqs). The AVX2 build stays at 8. A function, not a
+    constant, so that importing the module reads neither the CPU nor JAXINFER_CPU_ISA (a bad value
+    is refused where a command reports it, not as a traceback at import)."""
+    return 8 if KERNEL.isa() is cpu_ffi.AVX2 else 32
 
 
 def packable(k: int, n: int) -> bool:
@@ -242,7 +247,7 @@ def w8a8_swiglu(x: jax.Array, w_packed: jax.Array, w_scale: jax.Array,
 
 def serves(rows: int, w_q: jax.Array) -> bool:
     """Whether `fastest_int8_dot` runs the kernel (rather than XLA's dot) for `rows` activation rows."""
-    return is_packed(w_q) and rows <= MAX_ROWS and available()
+    return is_packed(w_q) and rows <= max_rows() and available()
 
 
 def fastest_int8_dot(x_q: jax.Array, w_q: jax.Array) -> jax.Array:

@@ -2,7 +2,10 @@
 only when given."""
 
 import argparse
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -62,6 +65,18 @@ def test_bad_values_are_refused_by_name_while_parsing(argv, message, capsys):
     with pytest.raises(SystemExit):
         _parser().parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_a_bad_kernel_isa_variable_is_an_error_line_not_a_traceback():
+    """The variable is read where the kernels' modules load: in a fresh process, at the command's import."""
+    env = {**os.environ, "JAXINFER_CPU_ISA": "avx3"}
+    for argv in (["generate", "--prompt", "hi"], ["roofline", "--bandwidth", "30"]):
+        run = subprocess.run([sys.executable, "-m", "jaxinfer.cli", *argv], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 2, run.stderr
+        assert run.stderr.strip().endswith("error: JAXINFER_CPU_ISA='avx3': set it to avx2 (the kernels' AVX2 "
+                                           "builds) or unset it")
+        assert "Traceback" not in run.stderr
 
 
 @pytest.mark.parametrize("flags, enabled", [([], True), (["--no-prefix-caching"], False)])

@@ -62,7 +62,7 @@ def test_kernel_accumulates_past_float32_precision(rng):
 
 
 @needs_kernel
-@pytest.mark.parametrize("m", [1, 3, 4, 9, cpu_int8_dot.MAX_ROWS])
+@pytest.mark.parametrize("m", [1, 3, 4, 9, cpu_int8_dot.max_rows()])
 @pytest.mark.parametrize("k, n", [(576, 960), (132, 96)])
 def test_fused_w8a8_quantizes_each_row_like_quantize_per_token_then_dots_exactly(rng, m, k, n):
     """Rows of very different ranges, one of them all zero; the weight spans several work items (960
@@ -80,7 +80,7 @@ def test_fused_w8a8_quantizes_each_row_like_quantize_per_token_then_dots_exactly
 
 
 @needs_kernel
-@pytest.mark.parametrize("m, live", [(cpu_int8_dot.MAX_ROWS, 5), (3, 1), (3, 0), (3, 99)])
+@pytest.mark.parametrize("m, live", [(cpu_int8_dot.max_rows(), 5), (3, 1), (3, 0), (3, 99)])
 def test_fused_w8a8_computes_only_the_live_rows(rng, m, live):
     """An engine step passes its real tokens' count: the first `live` rows (clamped to [0, M]) come
     out as a call on those rows alone, bit for bit, and the bucket's padding rows as zeros."""
@@ -98,7 +98,7 @@ def test_fused_w8a8_computes_only_the_live_rows(rng, m, live):
 
 
 @needs_kernel
-@pytest.mark.parametrize("m, fused", [(1, True), (cpu_int8_dot.MAX_ROWS, True), (cpu_int8_dot.MAX_ROWS + 1, False)])
+@pytest.mark.parametrize("m, fused", [(1, True), (cpu_int8_dot.max_rows(), True), (cpu_int8_dot.max_rows() + 1, False)])
 def test_w8a8_matmul_makes_one_kernel_call_on_packed_weights_up_to_max_rows(rng, m, fused):
     x = jnp.asarray(rng.standard_normal((m, 96)), jnp.float32)
     w_q = jnp.asarray(rng.integers(-127, 128, (96, 64)), jnp.int8)
@@ -110,20 +110,20 @@ def test_w8a8_matmul_makes_one_kernel_call_on_packed_weights_up_to_max_rows(rng,
 
 
 @pytest.mark.parametrize("packed", [True, False])
-@pytest.mark.parametrize("m", [1, cpu_int8_dot.MAX_ROWS, cpu_int8_dot.MAX_ROWS + 1, 40])
+@pytest.mark.parametrize("m", [1, cpu_int8_dot.max_rows(), cpu_int8_dot.max_rows() + 1, 40])
 def test_fastest_dot_runs_the_kernel_on_packed_weights_up_to_max_rows_and_is_exact_either_way(rng, m, packed):
     x_q = rng.integers(-127, 128, (m, 96)).astype(np.int8)
     w_q = rng.integers(-127, 128, (96, 64)).astype(np.int8)
     w = cpu_int8_dot.pack(jnp.asarray(w_q)) if packed else jnp.asarray(w_q)
     hlo = jax.jit(cpu_int8_dot.fastest_int8_dot).lower(x_q, w).as_text()
-    expect_kernel = packed and m <= cpu_int8_dot.MAX_ROWS and cpu_int8_dot.available()
+    expect_kernel = packed and m <= cpu_int8_dot.max_rows() and cpu_int8_dot.available()
     assert (cpu_int8_dot.TARGET in hlo) == expect_kernel
     np.testing.assert_array_equal(np.asarray(cpu_int8_dot.fastest_int8_dot(x_q, w)), exact(x_q, w_q))
 
 
 def test_more_rows_than_the_kernel_serves_read_the_packed_weight_without_a_copy(rng):
     """Prefill: XLA's dot takes the packed bytes as [N, K]; the compiled program copies no weight."""
-    x_q = rng.integers(-127, 128, (cpu_int8_dot.MAX_ROWS + 1, 576)).astype(np.int8)
+    x_q = rng.integers(-127, 128, (cpu_int8_dot.max_rows() + 1, 576)).astype(np.int8)
     w = cpu_int8_dot.pack(jnp.asarray(rng.integers(-127, 128, (576, 192)).astype(np.int8)))
     compiled = jax.jit(cpu_int8_dot.fastest_int8_dot).lower(x_q, w).compile().as_text()
     weight_copies = [line for line in compiled.splitlines()

@@ -130,7 +130,7 @@ def test_engine_steps_take_the_fused_calls_for_float32_activations(rng, kernel):
     assert all(target in layer_ops_text(routed, jnp.float32) for target in fused_targets)
     unfused = [layer_ops_text(routed, jnp.bfloat16), layer_ops_text(layer, jnp.float32)]
     if kernel.mode == "w8a8":
-        unfused.append(layer_ops_text(routed, jnp.float32, rows=cpu_int8_dot.MAX_ROWS + 1))
+        unfused.append(layer_ops_text(routed, jnp.float32, rows=cpu_int8_dot.max_rows() + 1))
     for text in unfused:
         assert not any(target in text for target in fused_targets)
 

@@ -149,7 +149,8 @@ class CpuKernel:
                             "-o", str(tmp_path)], check=True, capture_output=True, text=True)
             os.replace(tmp_path, library)
         except subprocess.CalledProcessError as error:
-            raise EngineError(f"building the {self.name} failed ({compiler}):\n{compiler_errors(error.stderr)}") from error
+            raise EngineError(
+                f"building the {self.name} failed ({compiler}):\n{compiler_errors(error.stderr)}") from error
         finally:
             tmp_path.unlink(missing_ok=True)
 

@@ -11,9 +11,9 @@
 //       small XLA operations that quantized the activations around each dot; they cost under 2 us
 //       each in a profile, so this took a w8a8 SmolLM2 batch-1 decode only from 59 to 62 tokens/s.
 //   jaxinfer_w8a8_add_norm, jaxinfer_w8a8_qkv_rope, jaxinfer_w8a8_swiglu: W8A8, then the pass over
-//       its rows that cpu_row_passes.h describes, float32 results: a float32 engine's residual add and next RMSNorm, split into heads and
-//       RoPE, or SwiGLU in the call of the matmul before them (x, w_packed, w_sums, w_scale, the
-//       pass's operands, live)
+//       its rows that cpu_row_passes.h describes, float32 results: a float32 engine's residual add
+//       and next RMSNorm, split into heads and RoPE, or SwiGLU in the call of the matmul before them
+//       (x, w_packed, w_sums, w_scale, the pass's operands, live)
 //   w_packed[b, c, k] = w[k, 4 * b + c]: the weight output-major ([N, K], each output's K weights
 //       contiguous), in blocks of 4 outputs, so XLA's own dot reads the same bytes as a free reshape
 //   w_sums[n] = sum over k of w[k, n], made with the packed weight (cpu_int8_dot.pack); the VNNI loop
@@ -356,7 +356,8 @@ bool w8a8_operands(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::S8>& w, ffi::Buffe
   const bool fit =
       packed_for(xd, wd, w_sums) && w_scale.element_count() == wd[0] * kBlockCols && live.element_count() == 1;
   if (fit)
-    *out = {x.typed_data(), w.typed_data(), w_sums.typed_data(), w_scale.typed_data(), xd[0], xd[1], wd[0] * kBlockCols};
+    *out = {x.typed_data(), w.typed_data(), w_sums.typed_data(), w_scale.typed_data(),
+            xd[0], xd[1], wd[0] * kBlockCols};
   return fit;
 }
 
@@ -391,7 +392,8 @@ ffi::Error W8A8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 // (residual + x w, its RMSNorm times norm_weight), float32: an output projection, the residual add
 // and the next norm in one call (cpu_row_passes.h).
 ffi::Error W8A8AddNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                       ffi::Buffer<ffi::S32> w_sums, ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::F32> residual, ffi::AnyBuffer norm_weight,
+                       ffi::Buffer<ffi::S32> w_sums, ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::F32> residual,
+                       ffi::AnyBuffer norm_weight,
                        ffi::Buffer<ffi::S32> live, float eps, ffi::ResultBuffer<ffi::F32> residual_out,
                        ffi::ResultBuffer<ffi::F32> normed) {
   W8A8Operands p;
@@ -405,7 +407,8 @@ ffi::Error W8A8AddNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 // (q, k, v) of x w_qkv, float32, q and k rotated (RoPE): the attention's inputs in one call
 // (cpu_row_passes.h).
 ffi::Error W8A8QkvRope(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                       ffi::Buffer<ffi::S32> w_sums, ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                       ffi::Buffer<ffi::S32> w_sums, ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::F32> cos,
+                       ffi::Buffer<ffi::F32> sin,
                        ffi::Buffer<ffi::S32> live, int64_t kv_heads, int64_t q_per_kv, ffi::ResultBuffer<ffi::F32> q,
                        ffi::ResultBuffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> v) {
   W8A8Operands p;

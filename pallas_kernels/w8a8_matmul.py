@@ -71,7 +71,8 @@ def gpu_has_fp8_dot() -> bool:
 
 
 def _pallas_can_run(w_q: jax.Array) -> bool:
-    return (not cpu_int8_dot.is_packed(w_q) and pallas_supports(*w_q.shape) and (w_q.dtype != jnp.float8_e4m3fn or gpu_has_fp8_dot()))
+    return (not cpu_int8_dot.is_packed(w_q) and pallas_supports(*w_q.shape)
+            and (w_q.dtype != jnp.float8_e4m3fn or gpu_has_fp8_dot()))
 
 
 def _w8a8_kernel(x_ref, *refs, block_k: int, scaled: bool):

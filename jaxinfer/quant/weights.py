@@ -19,8 +19,9 @@ through `jit`, `device_put` and sharding like the plain arrays they replace.
 | W4A8Weight   | "w4a8"        | Int4Weight's fields, G = 32; activations quantized to int8 per group  |
 An int8 `q` may be stored packed for the CPU kernel (a `cpu_int8_dot.PackedInt8`: codes
 `[out/4, 4, in]` and their sums `[out]`, see pallas_kernels.cpu_int8_dot and
-`jaxinfer.quant.apply.pack_for_cpu_kernel`); `shape` and `dequantize` read either layout. So may a W4A8Weight's three arrays (`packed [out/16, in/8, 16, 4]`,
-`scale`/`offset [out/16, in/G, 16]`, see pallas_kernels.cpu_int4_dot).
+`jaxinfer.quant.apply.pack_for_cpu_kernel`); `shape` and `dequantize` read either layout. So may a
+W4A8Weight's three arrays (`packed [out/16, in/8, 16, 4]`, `scale`/`offset [out/16, in/G, 16]`, see
+pallas_kernels.cpu_int4_dot).
 All carry `input_scale [in] f32 | None`: the weight was quantized as `input_scale[:, None] * w`
 (AWQ / SmoothQuant migrate activation range into the weight this way), so `matmul` divides x by it,
 unless the division was folded into the op before the weight (`jaxinfer.quant.apply.fold_input_scales`,

@@ -118,8 +118,8 @@ def _col_spec(operand: jax.Array, block_n: int) -> pl.BlockSpec:
 
 def check_tileable_weight(w) -> None:
     """Raises a ValueError naming a weight the tiled kernels cannot read (one packed for the CPU kernel)."""
-    if not isinstance(w, jax.Array) or w.ndim != 2:
-        got = f"shape {w.shape}" if isinstance(w, jax.Array) else f"a {type(w).__name__}"
+    if getattr(w, "ndim", None) != 2:  # any array type; a cpu_int8_dot.PackedInt8 has no ndim
+        got = f"shape {w.shape}" if hasattr(w, "shape") else f"a {type(w).__name__}"
         raise ValueError(f"the Pallas kernels read a [K, N] weight array, got {got}: a weight packed for the "
                          "CPU kernel (`cpu_int8_dot.unpack` restores it) runs with implementation='xla'")
 

@@ -185,8 +185,12 @@ def test_pallas_kernels_name_a_weight_packed_for_the_cpu_kernel(rng, matmul):
     x = activations(rng, 4, 96)
     w_q, w_scale = int8_weight(rng, 96, 64)
     call = int8_matmul if matmul == "int8" else w8a8_matmul
-    with pytest.raises(ValueError, match="packed for the CPU kernel .* implementation='xla'"):
+    with pytest.raises(ValueError, match="got a PackedInt8: a weight packed for the CPU kernel .* "
+                                         "implementation='xla'"):
         call(x, cpu_int8_dot.pack(w_q), w_scale, implementation=PALLAS_MODE)
+    # The check reads any [K, N] array, numpy's too.
+    np.testing.assert_array_equal(np.asarray(call(x, np.asarray(w_q), w_scale, implementation=PALLAS_MODE)),
+                                  np.asarray(call(x, w_q, w_scale, implementation=PALLAS_MODE)))
 
 
 @pytest.mark.parametrize("m", [5, 40])  # dotted in f32 / in bf16 with f32 accumulation
